@@ -1,0 +1,282 @@
+"""The age-up orchestrator: parent generation in, exported child generation out.
+
+It only calls the stage modules in order (``curriculum`` → ``replay`` → ``train`` →
+``export``) and records what each did. A generation is built in ``gen_NNNN.partial/`` with a
+``state.json`` naming its completed stages; after a crash the next run resumes there and
+skips what is done. Only a complete generation is renamed to ``gen_NNNN/`` and made
+read-only, so a half-written generation never looks finished.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable
+
+from filelock import FileLock, Timeout
+
+from evolution import base as base_model
+from evolution import curriculum as curriculum_mod
+from evolution import export, replay, train
+from evolution.config import AgeUpConfig
+from evolution.errors import EvolutionError, GenerationError
+from evolution.export import GGUF_NAME, HF_DIR, Artifact
+from evolution.fsutil import atomic_write_json, fsync_dir, make_tree_read_only, make_tree_writable
+from evolution.paths import DataRoot, gen_name
+
+log = logging.getLogger(__name__)
+
+EventFn = Callable[[str, int, dict], None]
+"""events(kind, gen, payload): called as stages finish (the ledger listens here)."""
+StageFn = Callable[[str, str], None]
+"""stage_cb(stage, 'start' | 'done' | 'skip')"""
+
+CHILD_STAGES = ("data", "train", "merge", "gguf_f16", "quantize", "smoke", "finalize")
+BASE_STAGES = ("base", "gguf_f16", "quantize", "smoke", "finalize")
+
+
+@dataclass
+class GenerationSummary:
+    """The typed result of building a generation: what the ledger, gate and daemon consume."""
+
+    gen: int
+    parent: int | None
+    base: str
+    gen_dir: str
+    gguf: Artifact
+    artifacts: list[Artifact]
+    quantization: str
+    config_hash: str
+    manifest_hash: str | None
+    stage_seconds: dict[str, float]
+    train: dict | None
+    smoke: dict
+    created_at: str
+    resumed: bool = False
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def load(cls, gen_dir: Path) -> "GenerationSummary":
+        d = json.loads((gen_dir / "generation.json").read_text())
+        d["gguf"] = Artifact(**d["gguf"])
+        d["artifacts"] = [Artifact(**a) for a in d["artifacts"]]
+        return cls(**d)
+
+
+@dataclass
+class _State:
+    """``state.json`` of a generation under construction."""
+
+    path: Path
+    gen: int
+    parent: int | None
+    config: dict
+    completed: list[str] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)
+    info: dict = field(default_factory=dict)
+
+    def save(self) -> None:
+        atomic_write_json(self.path, {k: v for k, v in asdict(self).items() if k != "path"})
+
+    @classmethod
+    def load_or_new(cls, path: Path, gen: int, parent: int | None, config: dict) -> tuple["_State", bool]:
+        if path.is_file():
+            d = json.loads(path.read_text())
+            return cls(path=path, **d), True
+        return cls(path=path, gen=gen, parent=parent, config=config), False
+
+
+def _noop(*_a, **_k) -> None:
+    return None
+
+
+def _run(state: _State, name: str, fn: Callable[[], None], stage_cb: StageFn) -> None:
+    if name in state.completed:
+        stage_cb(name, "skip")
+        return
+    stage_cb(name, "start")
+    t0 = time.perf_counter()
+    fn()
+    state.seconds[name] = round(time.perf_counter() - t0, 3) + state.seconds.get(name, 0.0)
+    state.completed.append(name)
+    state.save()
+    stage_cb(name, "done")
+
+
+def _finalize(root: DataRoot, state: _State, staging: Path, base_name: str) -> GenerationSummary:
+    """Write the generation's metadata, move it into place, make it read-only."""
+    arts = [Artifact.of(staging, GGUF_NAME, "gguf")]
+    for f in sorted((staging / HF_DIR).glob("*.safetensors")):
+        arts.append(Artifact.of(staging, f"{HF_DIR}/{f.name}", "safetensors"))
+    for f in sorted((staging / "adapter").glob("*.safetensors")) if (staging / "adapter").is_dir() else []:
+        arts.append(Artifact.of(staging, f"adapter/{f.name}", "adapter"))
+    cfg = AgeUpConfig.from_dict(state.config)
+    summary = GenerationSummary(
+        gen=state.gen,
+        parent=state.parent,
+        base=base_name,
+        gen_dir=str(root.gen_dir(state.gen)),
+        gguf=arts[0],
+        artifacts=arts,
+        quantization=cfg.export.quantization,
+        config_hash=cfg.digest(),
+        manifest_hash=state.info.get("manifest_hash"),
+        stage_seconds=dict(state.seconds),
+        train=state.info.get("train"),
+        smoke=state.info.get("smoke", {}),
+        created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        resumed=state.info.get("resumed", False),
+    )
+    atomic_write_json(staging / "config.json", state.config)
+    atomic_write_json(staging / "generation.json", summary.to_dict())
+    shutil.rmtree(staging / "work", ignore_errors=True)
+    fsync_dir(staging)
+    final = root.gen_dir(state.gen)
+    staging.rename(final)
+    fsync_dir(final.parent)
+    (final / state.path.name).unlink()  # a crash before this leaves a complete generation plus a stale state.json
+    make_tree_read_only(final)
+    return summary
+
+
+def _export_stages(state: _State, staging: Path, cfg: AgeUpConfig, stage_cb: StageFn) -> None:
+    e = cfg.export
+    _run(state, "gguf_f16", lambda: export.to_gguf_f16(staging / HF_DIR, staging / "model.f16.gguf"), stage_cb)
+
+    def quantize():
+        export.quantize(staging / "model.f16.gguf", staging / GGUF_NAME, e.quantization)
+        export.write_sha256(staging / GGUF_NAME)
+        if not e.keep_f16:
+            (staging / "model.f16.gguf").unlink(missing_ok=True)
+
+    def smoke():
+        export.verify_sha256(staging / GGUF_NAME)
+        state.info["smoke"] = asdict(export.smoke_check(staging / GGUF_NAME, e.smoke_prompt, e.smoke_max_tokens))
+
+    _run(state, "quantize", quantize, stage_cb)
+    _run(state, "smoke", smoke, stage_cb)
+
+
+def _lock(root: DataRoot) -> FileLock:
+    root.checkpoints.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(root.checkpoints / ".ageup.lock"))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise EvolutionError(
+            f"another age-up is running on {root.root} (lock {root.checkpoints / '.ageup.lock'}); "
+            "wait for it to finish — only one age-up runs at a time"
+        ) from None
+    return lock
+
+
+def bootstrap(root: DataRoot, cfg: AgeUpConfig, base: Path | None = None,
+              stage_cb: StageFn = _noop, events: EventFn = _noop) -> GenerationSummary:
+    """Build generation 0 from the embedded model (or ``base``) if it does not exist yet."""
+    if 0 in root.generations():
+        return GenerationSummary.load(root.gen_dir(0))
+    staging = root.staging_dir(0)
+    staging.mkdir(parents=True, exist_ok=True)
+    state, resumed = _State.load_or_new(staging / "state.json", 0, None, cfg.to_dict())
+    state.info["resumed"] = resumed
+
+    def make_base():
+        shutil.rmtree(staging / HF_DIR, ignore_errors=True)
+        info = base_model.materialize(staging / HF_DIR, base)
+        state.info["base"] = asdict(info)
+
+    _run(state, "base", make_base, stage_cb)
+    _export_stages(state, staging, cfg, stage_cb)
+    stage_cb("finalize", "start")
+    summary = _finalize(root, state, staging, state.info["base"]["name"])
+    stage_cb("finalize", "done")
+    events("generation_created", 0, {"parent": None, "base": state.info["base"], "config_hash": summary.config_hash,
+                                     "manifest_hash": None})
+    events("exported", 0, _exported_payload(root, summary))
+    return summary
+
+
+def _exported_payload(root: DataRoot, s: GenerationSummary) -> dict:
+    rel = Path(s.gen_dir).relative_to(root.root)
+    return {
+        "quantization": s.quantization,
+        "artifacts": [asdict(a) | {"path": str(rel / a.path)} for a in s.artifacts],
+        "stage_seconds": s.stage_seconds,
+    }
+
+
+def select_parent(root: DataRoot) -> int:
+    """The generation an age-up starts from: the newest complete one."""
+    gens = root.generations()
+    if not gens:
+        raise GenerationError("no generation exists yet; run `evolve age-up` once to create generation 0")
+    return gens[-1]
+
+
+def age_up(root: DataRoot, cfg: AgeUpConfig, base: Path | None = None, progress: train.ProgressFn | None = None,
+           stage_cb: StageFn = _noop, events: EventFn = _noop, train_callbacks: list | None = None,
+           restart: bool = False) -> GenerationSummary:
+    """Build the next generation: bootstrap generation 0 if needed, then train, merge and export a child."""
+    # Validate the curriculum before anything is created or trained.
+    cur = curriculum_mod.load(cfg.curriculum.path, cfg.curriculum.phases)
+    for w in cur.warnings:
+        log.warning("curriculum: %s", w)
+    with _lock(root):
+        bootstrap(root, cfg, base, stage_cb, events)
+        parent = select_parent(root)
+        child = parent + 1
+        staging = root.staging_dir(child)
+        if restart and staging.exists():
+            make_tree_writable(staging)
+            shutil.rmtree(staging)
+        staging.mkdir(parents=True, exist_ok=True)
+        state, resumed = _State.load_or_new(staging / "state.json", child, parent, cfg.to_dict())
+        if resumed:
+            log.info("resuming %s after stages %s", gen_name(child), ", ".join(state.completed) or "(none)")
+            if state.config != cfg.to_dict():
+                log.warning("resuming with the configuration it started with, not this run's (use --restart to drop it)")
+            cfg = AgeUpConfig.from_dict(state.config)
+        state.info["resumed"] = resumed
+        parent_dir = root.gen_dir(parent)
+        parent_hf = parent_dir / HF_DIR
+        if not (parent_hf / "config.json").is_file():
+            raise GenerationError(f"{parent_dir} has no {HF_DIR}/ weights to train from; it is not a complete generation")
+
+        def data():
+            manifest = replay.materialize(root, cur, child, cfg.curriculum.replay_ratio, cfg.train.seed, staging / "data")
+            state.info["manifest_hash"] = manifest["sha256"]
+            events("generation_created", child, {"parent": parent, "base": str(parent_dir), "config_hash": cfg.digest(),
+                                                 "manifest_hash": manifest["sha256"]})
+
+        def do_train():
+            texts, convs = replay.read(staging / "data")
+            events("training_started", child, {"parent": parent, "cpt_docs": len(texts), "sft_examples": len(convs)})
+            result = train.train(parent_hf, texts, convs, cfg.train, staging / "work", progress, train_callbacks)
+            shutil.rmtree(staging / "adapter", ignore_errors=True)
+            shutil.copytree(result.adapter_dir, staging / "adapter")
+            state.info["train"] = result.to_dict()
+            atomic_write_json(staging / "metrics.json", result.to_dict())
+            events("training_finished", child, {
+                "backend": result.backend,
+                "steps": {"cpt": result.cpt.steps, "sft": result.sft.steps},
+                "losses": {"cpt": [result.cpt.loss_first, result.cpt.loss_last],
+                           "sft": [result.sft.loss_first, result.sft.loss_last]},
+            })
+
+        _run(state, "data", data, stage_cb)
+        _run(state, "train", do_train, stage_cb)
+        _run(state, "merge", lambda: export.merge(parent_hf, staging / "adapter", staging / HF_DIR,
+                                                 cfg.export.merged_dtype), stage_cb)
+        _export_stages(state, staging, cfg, stage_cb)
+        stage_cb("finalize", "start")
+        summary = _finalize(root, state, staging, GenerationSummary.load(parent_dir).base)
+        stage_cb("finalize", "done")
+        events("exported", child, _exported_payload(root, summary))
+        return summary

@@ -1,0 +1,119 @@
+"""`evolve age-up`: run one whole generation now, with progress and a final summary."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from evolution import ageup, config
+from evolution.paths import DataRoot
+
+STAGE_TITLES = {
+    "base": "generation 0: base model → safetensors",
+    "data": "data: curriculum + replay",
+    "train": "train: CPT then SFT (LoRA)",
+    "merge": "merge adapter → safetensors",
+    "gguf_f16": "convert → GGUF f16",
+    "quantize": "quantize + SHA-256",
+    "smoke": "smoke check (llama-cpp-python)",
+    "finalize": "finalize (atomic rename, read-only)",
+}
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+@click.command("age-up")
+@click.option("--quick", is_flag=True, help="Small documented setting: a whole age-up in a few minutes on a 2-core CPU.")
+@click.option("--base", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Local Hugging Face checkpoint for generation 0 [default: embedded SmolLM2-135M-Instruct].")
+@click.option("--curriculum", "curriculum_path", type=click.Path(path_type=Path), help="Curriculum directory.")
+@click.option("--phases", help="Comma-separated phase numbers to train on [default: all].")
+@click.option("--config", "config_file", type=click.Path(path_type=Path), help="TOML config file.")
+@click.option("--quantization", type=click.Choice(config.QUANTIZATIONS), help="GGUF type to serve [default: q8_0].")
+@click.option("--backend", type=click.Choice(["auto", "unsloth", "hf"]), help="Training engine [default: auto].")
+@click.option("--restart", is_flag=True, help="Discard an interrupted age-up instead of resuming it.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+def age_up(quick, base, curriculum_path, phases, config_file, quantization, backend, restart, as_json) -> None:
+    """Run one whole generation now, from the latest generation (creating generation 0 first if needed)."""
+    root = DataRoot.from_env()
+    overrides: dict = {}
+    if curriculum_path:
+        overrides.setdefault("curriculum", {})["path"] = str(curriculum_path.resolve())
+    if phases:
+        try:
+            overrides.setdefault("curriculum", {})["phases"] = [int(p) for p in phases.split(",")]
+        except ValueError:
+            raise click.BadParameter(f"{phases!r}: expected comma-separated numbers such as 1,2", param_hint="--phases")
+    if quantization:
+        overrides.setdefault("export", {})["quantization"] = quantization
+    if backend:
+        overrides.setdefault("train", {})["backend"] = backend
+    cfg = config.resolve(quick=quick, config_file=config_file, overrides=overrides, home=root.root)
+
+    console = Console(stderr=True)
+    started: dict[str, float] = {}
+    progress = Progress(
+        TextColumn("  [bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+        console=console, transient=False,
+    )
+    tasks: dict[str, int] = {}
+
+    def on_step(stage: str, step: int, total: int, loss: float | None) -> None:
+        if stage not in tasks:
+            tasks[stage] = progress.add_task(stage.upper(), total=total, loss="-")
+        progress.update(tasks[stage], completed=step, loss=f"{loss:.3f}" if loss is not None else "-")
+
+    def on_stage(stage: str, what: str) -> None:
+        title = STAGE_TITLES.get(stage, stage)
+        if what == "start":
+            started[stage] = time.perf_counter()
+            console.print(f"[cyan]▶[/] {title}")
+            if stage == "train":
+                progress.start()
+        elif what == "done":
+            if stage == "train":
+                progress.stop()
+            console.print(f"[green]✓[/] {title} [dim]({time.perf_counter() - started[stage]:.1f} s)[/]")
+        else:
+            console.print(f"[dim]· {title}: already done, skipped[/]")
+
+    console.print(f"data root: {root.root}{'  (--quick)' if cfg.quick else ''}")
+    t0 = time.perf_counter()
+    try:
+        summary = ageup.age_up(root, cfg, base=base, progress=on_step, stage_cb=on_stage, restart=restart)
+    finally:
+        progress.stop()
+    wall = time.perf_counter() - t0
+    if as_json:
+        click.echo(json.dumps(summary.to_dict() | {"wall_s": round(wall, 1)}, indent=2, default=str))
+        return
+    table = Table(title=f"generation {summary.gen} (parent {summary.parent})", show_header=False)
+    table.add_row("directory", summary.gen_dir)
+    table.add_row("GGUF", f"{summary.gguf.path}  {_size(summary.gguf.size)}  {summary.quantization}")
+    table.add_row("SHA-256", summary.gguf.sha256)
+    for a in summary.artifacts[1:]:
+        table.add_row(a.kind, f"{a.path}  {_size(a.size)}")
+    if summary.train:
+        for st in ("cpt", "sft"):
+            m = summary.train[st]
+            if not m["skipped"] or m["steps"]:
+                table.add_row(st.upper(), f"{m['steps']} steps, {m['tokens']} tokens, loss {m['loss_first']:.3f} → "
+                              f"{m['loss_last']:.3f}, {m['tokens_per_s']:.0f} tok/s")
+    table.add_row("smoke reply", summary.smoke.get("reply", "")[:100])
+    for stage, secs in summary.stage_seconds.items():
+        table.add_row(f"time: {stage}", f"{secs:.1f} s")
+    table.add_row("wall time", f"{wall:.1f} s")
+    Console().print(table)

@@ -1,0 +1,303 @@
+"""Training: continual pretraining, then SFT, into one LoRA adapter on the parent generation.
+
+One entry point, ``train``. The engine is Unsloth's ``FastLanguageModel`` where a CUDA
+device and the ``unsloth`` package are present, and stock transformers + PEFT otherwise;
+both run through TRL's ``SFTTrainer`` on data we tokenize ourselves (``evolution.tokens``).
+
+Each stage checkpoints every ``save_steps`` into ``<workdir>/<stage>/checkpoint-N`` and
+keeps the last ``save_total_limit``. A checkpoint counts only once the trainer has finished
+writing it (we drop a ``COMPLETE`` marker from ``on_save``), so after a kill -9 the next run
+resumes from the last complete one. A finished stage leaves ``<stage>/adapter`` plus
+``<stage>/metrics.json`` and is never run again.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import math
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from evolution.config import TrainConfig
+from evolution.errors import EvolutionError
+from evolution.fsutil import atomic_write_json, atomic_write_text, fsync_dir
+
+log = logging.getLogger(__name__)
+
+ProgressFn = Callable[[str, int, int, "float | None"], None]
+"""progress(stage, step, total_steps, last_loss)"""
+
+COMPLETE = "COMPLETE"
+STAGES = ("cpt", "sft")
+
+
+@dataclass
+class StageMetrics:
+    """What one training stage did."""
+
+    stage: str
+    steps: int = 0
+    examples: int = 0
+    tokens: int = 0
+    losses: list[float] = field(default_factory=list)
+    wall_s: float = 0.0
+    tokens_per_s: float = 0.0
+    resumed_from_step: int | None = None
+    skipped: bool = False
+
+    @property
+    def loss_first(self) -> float | None:
+        return self.losses[0] if self.losses else None
+
+    @property
+    def loss_last(self) -> float | None:
+        return self.losses[-1] if self.losses else None
+
+
+@dataclass
+class TrainResult:
+    """The trained adapter and what each stage did."""
+
+    backend: str
+    adapter_dir: Path
+    cpt: StageMetrics
+    sft: StageMetrics
+
+    def to_dict(self) -> dict:
+        d = {"backend": self.backend, "adapter_dir": str(self.adapter_dir)}
+        for s in (self.cpt, self.sft):
+            d[s.stage] = asdict(s) | {"loss_first": s.loss_first, "loss_last": s.loss_last}
+        return d
+
+
+def select_backend(requested: str) -> str:
+    import torch
+
+    has_unsloth = importlib.util.find_spec("unsloth") is not None
+    if requested == "unsloth":
+        if not (torch.cuda.is_available() and has_unsloth):
+            raise EvolutionError(
+                "train.backend = 'unsloth' needs a CUDA device and `pip install 'evolution[gpu]'`; "
+                "use backend 'auto' or 'hf' on this machine"
+            )
+        return "unsloth"
+    if requested == "auto" and torch.cuda.is_available() and has_unsloth:
+        return "unsloth"
+    return "hf"
+
+
+def _load_model(parent: Path, cfg: TrainConfig, backend: str):
+    """The parent with a fresh LoRA adapter on it, and its tokenizer."""
+    import torch
+
+    if backend == "unsloth":
+        from unsloth import FastLanguageModel  # must come before trl/peft patch points are used
+
+        model, tokenizer = FastLanguageModel.from_pretrained(
+            model_name=str(parent),
+            max_seq_length=max(cfg.cpt_block_size, cfg.sft_max_len),
+            dtype=None,
+            load_in_4bit=False,
+            local_files_only=True,
+        )
+        model = FastLanguageModel.get_peft_model(
+            model,
+            r=cfg.lora_r,
+            lora_alpha=cfg.lora_alpha,
+            lora_dropout=cfg.lora_dropout,
+            target_modules=cfg.target_modules,
+            bias="none",
+            use_gradient_checkpointing="unsloth",
+            random_state=cfg.seed,
+        )
+        return model, tokenizer
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(parent, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(parent, dtype=torch.float32, local_files_only=True)
+    lora = LoraConfig(
+        r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=cfg.target_modules,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, lora), tokenizer
+
+
+def _load_adapter_weights(model, adapter_dir: Path) -> None:
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    result = set_peft_model_state_dict(model, load_file(adapter_dir / "adapter_model.safetensors"))
+    if getattr(result, "unexpected_keys", None):
+        raise EvolutionError(f"adapter {adapter_dir} does not fit the parent model: {result.unexpected_keys[:3]} …")
+
+
+def last_complete_checkpoint(stage_dir: Path) -> Path | None:
+    """The highest checkpoint the trainer finished writing; incomplete ones are removed."""
+    best = None
+    for ckpt in sorted(stage_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1])):
+        if (ckpt / COMPLETE).is_file():
+            best = ckpt
+        else:
+            log.warning("removing incomplete checkpoint %s (interrupted while saving)", ckpt)
+            shutil.rmtree(ckpt, ignore_errors=True)
+    return best
+
+
+def _callbacks(stage: str, total: int, metrics: StageMetrics, progress: ProgressFn | None):
+    from transformers import TrainerCallback
+
+    class _Track(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kw):
+            if logs and "loss" in logs:
+                metrics.losses.append(float(logs["loss"]))
+
+        def on_step_end(self, args, state, control, **kw):
+            if progress:
+                progress(stage, state.global_step, total, metrics.loss_last)
+
+        def on_save(self, args, state, control, **kw):
+            ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if ckpt.is_dir():
+                atomic_write_text(ckpt / COMPLETE, f"{state.global_step}\n")
+
+    return [_Track()]
+
+
+def _steps(n_rows: int, cfg: TrainConfig, epochs: float, cap: int | None) -> int:
+    per_epoch = math.ceil(n_rows / (cfg.batch_size * cfg.grad_accum))
+    steps = max(1, math.ceil(per_epoch * epochs))
+    return min(steps, cap) if cap else steps
+
+
+def _run_stage(stage: str, model, tokenizer, rows: list[dict], cfg: TrainConfig, stage_dir: Path,
+               lr: float, max_steps: int, backend: str, progress: ProgressFn | None,
+               extra_callbacks: list | None) -> StageMetrics:
+    import torch
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    metrics = StageMetrics(stage=stage, examples=len(rows))
+    resume = last_complete_checkpoint(stage_dir)
+    if resume is not None:
+        metrics.resumed_from_step = int(resume.name.split("-")[1])
+        log.info("%s: resuming from %s", stage, resume.name)
+    use_cuda = torch.cuda.is_available()
+    args = SFTConfig(
+        output_dir=str(stage_dir),
+        max_steps=max_steps,
+        per_device_train_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum,
+        learning_rate=lr,
+        lr_scheduler_type="cosine",
+        warmup_steps=min(cfg.warmup_steps, max_steps // 5),
+        weight_decay=cfg.weight_decay,
+        logging_steps=1,
+        save_strategy="steps",
+        save_steps=cfg.save_steps,
+        save_total_limit=cfg.save_total_limit,
+        report_to="none",
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        bf16=cfg.precision == "bf16",
+        use_cpu=not use_cuda,
+        dataloader_num_workers=0,
+        max_length=None,  # rows are already packed / truncated by evolution.tokens
+        packing=False,
+        disable_tqdm=True,
+        include_num_input_tokens_seen="non_padding",
+    )
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=Dataset.from_list(rows),
+        processing_class=tokenizer,
+        callbacks=_callbacks(stage, max_steps, metrics, progress) + list(extra_callbacks or []),
+    )
+    t0 = time.perf_counter()
+    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    metrics.wall_s = time.perf_counter() - t0
+    metrics.steps = trainer.state.global_step
+    metrics.tokens = int(trainer.state.num_input_tokens_seen)
+    done_steps = metrics.steps - (metrics.resumed_from_step or 0)
+    metrics.tokens_per_s = metrics.tokens / metrics.wall_s * done_steps / max(metrics.steps, 1) if metrics.wall_s else 0.0
+
+    # Write the adapter beside, then rename: a half-saved adapter never looks finished.
+    tmp = stage_dir / "adapter.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    fsync_dir(tmp)
+    shutil.rmtree(stage_dir / "adapter", ignore_errors=True)  # left by a crash before metrics.json
+    tmp.rename(stage_dir / "adapter")
+    atomic_write_json(stage_dir / "metrics.json", asdict(metrics) | {"backend": backend})
+    return metrics
+
+
+def _finished(stage_dir: Path) -> StageMetrics | None:
+    if (stage_dir / "metrics.json").is_file() and (stage_dir / "adapter").is_dir():
+        import json
+
+        d = json.loads((stage_dir / "metrics.json").read_text())
+        d.pop("backend", None)
+        m = StageMetrics(**d)
+        m.skipped = True
+        return m
+    return None
+
+
+def train(parent: Path, cpt_texts: list[str], sft_conversations: list[list[dict]], cfg: TrainConfig,
+          workdir: Path, progress: ProgressFn | None = None, extra_callbacks: list | None = None) -> TrainResult:
+    """Train CPT then SFT on ``parent`` (an HF checkpoint dir) into ``workdir``; resumable.
+
+    Returns the final adapter (``workdir/sft/adapter``, or the CPT adapter when there is no
+    SFT data) and per-stage metrics. Finished stages are not re-run.
+    """
+    import torch
+
+    from evolution.tokens import encode_sft, pack_cpt
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    backend = select_backend(cfg.backend)
+    workdir.mkdir(parents=True, exist_ok=True)
+    results: dict[str, StageMetrics] = {}
+    prev_adapter: Path | None = None
+    for stage in STAGES:
+        stage_dir = workdir / stage
+        done = _finished(stage_dir)
+        if done is not None:
+            log.info("%s: already finished (%d steps), not redone", stage, done.steps)
+            results[stage], prev_adapter = done, stage_dir / "adapter"
+            continue
+        model, tokenizer = _load_model(parent, cfg, backend)
+        if stage == "cpt":
+            rows = [{"input_ids": b} for b in pack_cpt(tokenizer, cpt_texts, cfg.cpt_block_size)]
+            lr, epochs, cap = cfg.cpt_lr, cfg.cpt_epochs, cfg.cpt_max_steps
+        else:
+            rows = [r for conv in sft_conversations if (r := encode_sft(tokenizer, conv, cfg.sft_max_len))]
+            lr, epochs, cap = cfg.sft_lr, cfg.sft_epochs, cfg.sft_max_steps
+        if not rows:
+            log.info("%s: no data, skipped", stage)
+            results[stage] = StageMetrics(stage=stage, skipped=True)
+            continue
+        if prev_adapter is not None:
+            _load_adapter_weights(model, prev_adapter)
+        stage_dir.mkdir(parents=True, exist_ok=True)
+        steps = _steps(len(rows), cfg, epochs, cap)
+        log.info("%s: %d rows, %d steps, backend %s", stage, len(rows), steps, backend)
+        results[stage] = _run_stage(stage, model, tokenizer, rows, cfg, stage_dir, lr, steps, backend,
+                                    progress, extra_callbacks)
+        prev_adapter = stage_dir / "adapter"
+        del model
+    if prev_adapter is None:
+        raise EvolutionError("nothing to train on: the selected curriculum has neither CPT text nor SFT examples")
+    return TrainResult(backend=backend, adapter_dir=prev_adapter, cpt=results["cpt"], sft=results["sft"])

