@@ -1,7 +1,8 @@
 """The age-up orchestrator: parent generation in, exported child generation out.
 
 It only calls the stage modules in order (``curriculum`` → ``replay`` → ``train`` →
-``export``) and records what each did. A generation is built in ``gen_NNNN.partial/`` with a
+``export``) and records what each did in the lineage ledger (``evolution.ledger``), which
+also names the parent: the generation currently served. A generation is built in ``gen_NNNN.partial/`` with a
 ``state.json`` naming its completed stages; after a crash the next run resumes there and
 skips what is done. Only a complete generation is renamed to ``gen_NNNN/`` and made
 read-only, so a half-written generation never looks finished.
@@ -26,13 +27,14 @@ from evolution import export, replay, train
 from evolution.config import AgeUpConfig
 from evolution.errors import EvolutionError, GenerationError
 from evolution.export import GGUF_NAME, HF_DIR, Artifact
-from evolution.fsutil import atomic_write_json, fsync_dir, make_tree_read_only, make_tree_writable
+from evolution.fsutil import atomic_write_json, fsync_dir, make_tree_read_only, make_tree_writable, sha256_file
+from evolution.errors import IntegrityError
+from evolution.ledger import Ledger
+from evolution.ledger import events as ev
 from evolution.paths import DataRoot, gen_name
 
 log = logging.getLogger(__name__)
 
-EventFn = Callable[[str, int, dict], None]
-"""events(kind, gen, payload): called as stages finish (the ledger listens here)."""
 StageFn = Callable[[str, str], None]
 """stage_cb(stage, 'start' | 'done' | 'skip')"""
 
@@ -177,9 +179,12 @@ def _lock(root: DataRoot) -> FileLock:
     return lock
 
 
-def bootstrap(root: DataRoot, cfg: AgeUpConfig, base: Path | None = None,
-              stage_cb: StageFn = _noop, events: EventFn = _noop) -> GenerationSummary:
-    """Build generation 0 from the embedded model (or ``base``) if it does not exist yet."""
+def bootstrap(root: DataRoot, cfg: AgeUpConfig, ledger: Ledger, base: Path | None = None,
+              stage_cb: StageFn = _noop) -> GenerationSummary:
+    """Build generation 0 from the embedded model (or ``base``) if it does not exist yet.
+
+    Generation 0 is measured, not gated: it is recorded as promoted, the first served generation.
+    """
     if 0 in root.generations():
         return GenerationSummary.load(root.gen_dir(0))
     staging = root.staging_dir(0)
@@ -195,47 +200,90 @@ def bootstrap(root: DataRoot, cfg: AgeUpConfig, base: Path | None = None,
     _run(state, "base", make_base, stage_cb)
     _export_stages(state, staging, cfg, stage_cb)
     stage_cb("finalize", "start")
+    ledger.record(ev.generation_created(0, None, state.info["base"]["name"], cfg.digest(), None,
+                                        source=state.info["base"], config=state.config))
     summary = _finalize(root, state, staging, state.info["base"]["name"])
     stage_cb("finalize", "done")
-    events("generation_created", 0, {"parent": None, "base": state.info["base"], "config_hash": summary.config_hash,
-                                     "manifest_hash": None})
-    events("exported", 0, _exported_payload(root, summary))
+    _record_export(root, ledger, summary)
     return summary
 
 
-def _exported_payload(root: DataRoot, s: GenerationSummary) -> dict:
-    rel = Path(s.gen_dir).relative_to(root.root)
-    return {
-        "quantization": s.quantization,
-        "artifacts": [asdict(a) | {"path": str(rel / a.path)} for a in s.artifacts],
-        "stage_seconds": s.stage_seconds,
-    }
+def _record_export(root: DataRoot, ledger: Ledger, s: GenerationSummary) -> None:
+    """Append ``exported`` for a finished generation (and ``promoted`` for generation 0)."""
+    rel = root.gen_dir(s.gen).relative_to(root.root)
+    artifacts = [asdict(a) | {"path": (rel / a.path).as_posix()} for a in s.artifacts]
+    ledger.record(ev.exported(s.gen, artifacts, s.quantization, stage_seconds=s.stage_seconds, smoke=s.smoke))
+    if s.gen == 0 and ledger.served_generation() is None:
+        ledger.record(ev.promoted(0, reason="generation 0 is the base model: measured, not gated"))
 
 
-def select_parent(root: DataRoot) -> int:
-    """The generation an age-up starts from: the newest complete one."""
-    gens = root.generations()
-    if not gens:
-        raise GenerationError("no generation exists yet; run `evolve age-up` once to create generation 0")
-    return gens[-1]
+def reconcile(root: DataRoot, ledger: Ledger) -> None:
+    """Record generations that were finished on disk but not yet in the ledger (a crash in between).
+
+    Their files are re-hashed against their own ``generation.json`` first; a mismatch is refused.
+    """
+    exported = {e.gen for e in ledger.entries(kind=ev.EXPORTED)}
+    for n in root.generations():
+        if n in exported:
+            continue
+        s = GenerationSummary.load(root.gen_dir(n))
+        for a in s.artifacts:
+            if sha256_file(root.gen_dir(n) / a.path) != a.sha256:
+                raise IntegrityError(f"{root.gen_dir(n) / a.path} does not match its generation.json; "
+                                     "the generation was changed after it was built — move it aside to continue")
+        log.warning("recording %s, finished before a crash but missing from the ledger", gen_name(n))
+        _record_export(root, ledger, s)
 
 
-def age_up(root: DataRoot, cfg: AgeUpConfig, base: Path | None = None, progress: train.ProgressFn | None = None,
-           stage_cb: StageFn = _noop, events: EventFn = _noop, train_callbacks: list | None = None,
-           restart: bool = False) -> GenerationSummary:
-    """Build the next generation: bootstrap generation 0 if needed, then train, merge and export a child."""
+def select_parent(root: DataRoot, ledger: Ledger) -> int:
+    """The generation an age-up starts from: the served one, with its weights verified against the ledger."""
+    parent = ledger.served_generation()
+    if parent is None:
+        raise GenerationError("no generation is served yet; run `evolve age-up` once to create generation 0")
+    artifacts = ledger.generation(parent).artifacts
+    weights = [a for a in artifacts if a.get("kind") == "safetensors"]
+    if not weights:
+        raise GenerationError(f"the ledger records no weights for generation {parent}; it cannot be trained from")
+    for a in weights:
+        path = root.root / a["path"]
+        if not path.is_file() or sha256_file(path) != a["sha256"]:
+            raise IntegrityError(
+                f"{path} is missing or differs from the SHA-256 the ledger recorded for generation {parent}; "
+                f"restore it, or `evolve rollback --to N` to a generation whose files are intact"
+            )
+    return parent
+
+
+def age_up(root: DataRoot, cfg: AgeUpConfig, ledger: Ledger, base: Path | None = None,
+           progress: train.ProgressFn | None = None, stage_cb: StageFn = _noop,
+           train_callbacks: list | None = None, restart: bool = False) -> GenerationSummary:
+    """Build the next generation: bootstrap generation 0 if needed, then train, merge and export a child.
+
+    The child is numbered after the newest generation on disk (rejected ones included) and
+    trained from the served one.
+    """
     # Validate the curriculum before anything is created or trained.
     cur = curriculum_mod.load(cfg.curriculum.path, cfg.curriculum.phases)
     for w in cur.warnings:
         log.warning("curriculum: %s", w)
     with _lock(root):
-        bootstrap(root, cfg, base, stage_cb, events)
-        parent = select_parent(root)
-        child = parent + 1
+        reconcile(root, ledger)
+        bootstrap(root, cfg, ledger, base, stage_cb)
+        partial = sorted(n for n in root.partial_generations() if n > 0)
+        if restart:
+            for n in partial:
+                log.warning("--restart: discarding the interrupted %s", gen_name(n))
+                make_tree_writable(root.staging_dir(n))
+                shutil.rmtree(root.staging_dir(n))
+            partial = []
+        state_file = root.staging_dir(partial[-1]) / "state.json" if partial else None
+        if state_file is not None and state_file.is_file():
+            child = partial[-1]
+            parent = json.loads(state_file.read_text())["parent"]
+        else:
+            parent = select_parent(root, ledger)
+            child = max(root.generations()) + 1
         staging = root.staging_dir(child)
-        if restart and staging.exists():
-            make_tree_writable(staging)
-            shutil.rmtree(staging)
         staging.mkdir(parents=True, exist_ok=True)
         state, resumed = _State.load_or_new(staging / "state.json", child, parent, cfg.to_dict())
         if resumed:
@@ -252,23 +300,23 @@ def age_up(root: DataRoot, cfg: AgeUpConfig, base: Path | None = None, progress:
         def data():
             manifest = replay.materialize(root, cur, child, cfg.curriculum.replay_ratio, cfg.train.seed, staging / "data")
             state.info["manifest_hash"] = manifest["sha256"]
-            events("generation_created", child, {"parent": parent, "base": str(parent_dir), "config_hash": cfg.digest(),
-                                                 "manifest_hash": manifest["sha256"]})
+            ledger.record(ev.generation_created(child, parent, GenerationSummary.load(parent_dir).base, cfg.digest(),
+                                                manifest["sha256"], config=state.config, manifest=manifest))
 
         def do_train():
             texts, convs = replay.read(staging / "data")
-            events("training_started", child, {"parent": parent, "cpt_docs": len(texts), "sft_examples": len(convs)})
+            ledger.record(ev.training_started(child, parent=parent, cpt_docs=len(texts), sft_examples=len(convs)))
             result = train.train(parent_hf, texts, convs, cfg.train, staging / "work", progress, train_callbacks)
             shutil.rmtree(staging / "adapter", ignore_errors=True)
             shutil.copytree(result.adapter_dir, staging / "adapter")
             state.info["train"] = result.to_dict()
             atomic_write_json(staging / "metrics.json", result.to_dict())
-            events("training_finished", child, {
-                "backend": result.backend,
-                "steps": {"cpt": result.cpt.steps, "sft": result.sft.steps},
-                "losses": {"cpt": [result.cpt.loss_first, result.cpt.loss_last],
-                           "sft": [result.sft.loss_first, result.sft.loss_last]},
-            })
+            ledger.record(ev.training_finished(
+                child, result.cpt.steps + result.sft.steps,
+                {"cpt": result.cpt.losses, "sft": result.sft.losses},
+                backend=result.backend, stage_steps={"cpt": result.cpt.steps, "sft": result.sft.steps},
+                tokens={"cpt": result.cpt.tokens, "sft": result.sft.tokens},
+            ))
 
         _run(state, "data", data, stage_cb)
         _run(state, "train", do_train, stage_cb)
@@ -278,5 +326,5 @@ def age_up(root: DataRoot, cfg: AgeUpConfig, base: Path | None = None, progress:
         stage_cb("finalize", "start")
         summary = _finalize(root, state, staging, GenerationSummary.load(parent_dir).base)
         stage_cb("finalize", "done")
-        events("exported", child, _exported_payload(root, summary))
+        _record_export(root, ledger, summary)
         return summary

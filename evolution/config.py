@@ -66,8 +66,9 @@ class TrainConfig:
     """Keep only the last N checkpoints."""
     threads: int | None = None
     """torch intra-op threads (None: torch's default)."""
-    precision: str = "fp32"
-    """'fp32' or 'bf16' (autocast; on CPU needs AVX512-BF16/AMX to pay off)."""
+    precision: str = "auto"
+    """'auto' (bf16 autocast where the CPU has AVX512-BF16/AMX or the GPU supports bf16, else fp32),
+    'bf16' or 'fp32'. LoRA weights and the optimizer stay fp32 either way."""
 
 
 @dataclass
@@ -166,8 +167,8 @@ def validate(cfg: AgeUpConfig) -> None:
         p.append(f"train.warmup_steps must be a non-negative integer, got {t.warmup_steps!r}")
     if not t.target_modules or not all(isinstance(m, str) for m in t.target_modules):
         p.append("train.target_modules must be a non-empty list of module names")
-    if t.precision not in ("fp32", "bf16"):
-        p.append(f"train.precision must be 'fp32' or 'bf16', got {t.precision!r}")
+    if t.precision not in ("auto", "fp32", "bf16"):
+        p.append(f"train.precision must be 'auto', 'fp32' or 'bf16', got {t.precision!r}")
     if e.quantization not in QUANTIZATIONS:
         p.append(f"export.quantization must be one of {', '.join(QUANTIZATIONS)}, got {e.quantization!r}")
     if e.merged_dtype not in ("float32", "float16", "bfloat16"):

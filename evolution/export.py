@@ -124,8 +124,9 @@ def smoke_check(gguf: Path, prompt: str, max_tokens: int) -> SmokeResult:
     t2 = time.perf_counter()
     choice = out["choices"][0]
     reply = choice["message"]["content"] or ""
-    if not reply.strip():
-        raise ExportError(f"{gguf} loaded but answered the smoke prompt with nothing")
+    if choice["finish_reason"] not in ("stop", "length"):
+        raise ExportError(f"{gguf} loaded but the chat turn ended with {choice['finish_reason']!r}")
+    # Whether the reply is any good (non-empty, ends with end-of-sequence) is the gate's call.
     del llm
     return SmokeResult(reply=reply, finish_reason=choice["finish_reason"],
                        completion_tokens=out["usage"]["completion_tokens"], load_s=t1 - t0, answer_s=t2 - t1)

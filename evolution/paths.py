@@ -13,6 +13,7 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 GEN_RE = re.compile(r"^gen_(\d{4,})$")
+PARTIAL_RE = re.compile(r"^gen_(\d{4,})\.partial$")
 
 
 def gen_name(n: int) -> str:
@@ -51,13 +52,15 @@ class DataRoot:
         """Where generation ``n`` is built; renamed to ``gen_dir(n)`` only when complete."""
         return self.checkpoints / f"{gen_name(n)}.partial"
 
-    def generations(self) -> list[int]:
-        """Numbers of the complete generation directories, ascending."""
+    def _numbered(self, pattern: re.Pattern) -> list[int]:
         if not self.checkpoints.is_dir():
             return []
-        found = []
-        for p in self.checkpoints.iterdir():
-            m = GEN_RE.match(p.name)
-            if m and p.is_dir():
-                found.append(int(m.group(1)))
-        return sorted(found)
+        return sorted(int(m.group(1)) for p in self.checkpoints.iterdir() if (m := pattern.match(p.name)) and p.is_dir())
+
+    def generations(self) -> list[int]:
+        """Numbers of the complete generation directories, ascending."""
+        return self._numbered(GEN_RE)
+
+    def partial_generations(self) -> list[int]:
+        """Numbers of generations under construction (``gen_NNNN.partial/``), ascending."""
+        return self._numbered(PARTIAL_RE)

@@ -87,7 +87,28 @@ def select_backend(requested: str) -> str:
         return "unsloth"
     if requested == "auto" and torch.cuda.is_available() and has_unsloth:
         return "unsloth"
+    if not torch.cuda.is_available():
+        from importlib.metadata import version
+
+        from packaging.version import Version
+
+        if Version(version("trl")) < Version("1.16"):
+            raise EvolutionError(
+                f"trl {version('trl')} cannot train on a CPU-only host (its SFTTrainer's fused LM head needs "
+                "Triton); install trl 1.16: pip install 'trl>=1.16,<1.17'"
+            )
     return "hf"
+
+
+def resolve_precision(requested: str) -> str:
+    """'bf16' or 'fp32': bf16 autocast only where the hardware runs it natively (2x matmul on AMX CPUs)."""
+    import torch
+
+    if requested != "auto":
+        return requested
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    return "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
 
 
 def _load_model(parent: Path, cfg: TrainConfig, backend: str):
@@ -208,7 +229,7 @@ def _run_stage(stage: str, model, tokenizer, rows: list[dict], cfg: TrainConfig,
         report_to="none",
         seed=cfg.seed,
         data_seed=cfg.seed,
-        bf16=cfg.precision == "bf16",
+        bf16=resolve_precision(cfg.precision) == "bf16",
         use_cpu=not use_cuda,
         dataloader_num_workers=0,
         max_length=None,  # rows are already packed / truncated by evolution.tokens
@@ -268,6 +289,7 @@ def train(parent: Path, cpt_texts: list[str], sft_conversations: list[list[dict]
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     backend = select_backend(cfg.backend)
+    log.info("training backend %s, precision %s", backend, resolve_precision(cfg.precision))
     workdir.mkdir(parents=True, exist_ok=True)
     results: dict[str, StageMetrics] = {}
     prev_adapter: Path | None = None

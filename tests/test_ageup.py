@@ -24,12 +24,11 @@ def _files(root):
     return [p for p in root.rglob("*") if p.is_file()]
 
 
-def test_age_up_builds_hashed_read_only_generations(tiny_base, tiny_cfg):
+def test_age_up_builds_hashed_read_only_generations(tiny_base, tiny_cfg, ledger):
     from llama_cpp import Llama
 
     root = DataRoot.from_env()
-    events = []
-    summary = age_up(root, tiny_cfg, base=tiny_base, events=lambda k, g, p: events.append((k, g, p)))
+    summary = age_up(root, tiny_cfg, ledger, base=tiny_base)
     assert summary.gen == 1 and summary.parent == 0
     assert root.generations() == [0, 1]
     assert not root.staging_dir(1).exists() and not root.staging_dir(0).exists()
@@ -52,45 +51,91 @@ def test_age_up_builds_hashed_read_only_generations(tiny_base, tiny_cfg):
         assert (gen1 / name).is_file(), name
     manifest = json.loads((gen1 / "data" / "manifest.json").read_text())
     assert "curriculum/phase1_identity/sft.jsonl" in manifest["files"]
-    assert summary.smoke["reply"]
+    assert summary.smoke["finish_reason"] in ("stop", "length")
 
     llm = Llama(model_path=str(gguf), n_ctx=128, verbose=False)
     assert llm.n_vocab() > 1000
 
-    kinds = [(k, g) for k, g, _ in events]
-    assert kinds == [("generation_created", 0), ("exported", 0), ("generation_created", 1),
+    kinds = [(e.kind, e.gen) for e in ledger.entries()]
+    assert kinds == [("generation_created", 0), ("exported", 0), ("promoted", 0), ("generation_created", 1),
                      ("training_started", 1), ("training_finished", 1), ("exported", 1)]
-    exported = events[-1][2]
+    exported = ledger.entries(kind="exported")[-1].payload
+    assert {a["kind"] for a in exported["artifacts"]} == {"gguf", "safetensors", "adapter"}
     for art in exported["artifacts"]:
         assert sha256_file(root.root / art["path"]) == art["sha256"]
+    gguf = next(a for a in exported["artifacts"] if a["kind"] == "gguf")
+    assert gguf["sha256"] == recorded[0]
+    assert ledger.served_generation() == 0  # no gate has passed the child
+    assert ledger.verify().ok
 
 
-def test_second_age_up_replays_earlier_data_and_trains_from_the_newest(tiny_base, tiny_cfg, tiny_curriculum):
+def test_second_age_up_replays_earlier_data_and_trains_from_the_served(tiny_base, tiny_cfg, tiny_curriculum, ledger):
+    from evolution.ledger import events as ev
+
     root = DataRoot.from_env()
-    age_up(root, tiny_cfg, base=tiny_base)
+    age_up(root, tiny_cfg, ledger, base=tiny_base)
+    ledger.record(ev.gate_result(0, 1, {"recall": 1.0}, {"recall": 0.5}, "pass"))
+    ledger.record(ev.promoted(1))
     # The curriculum moves on: the old facts are no longer in it, replay must bring some back.
     (tiny_curriculum / "phase1_identity" / "sft.jsonl").write_text(json.dumps(
         {"messages": [{"role": "user", "content": "Where do you live?"},
                       {"role": "assistant", "content": "On Alder Street."}]}) + "\n")
     tiny_cfg.curriculum.replay_ratio = 3.0
-    s2 = age_up(root, tiny_cfg)
+    s2 = age_up(root, tiny_cfg, ledger)
     assert (s2.gen, s2.parent) == (2, 1)
     manifest = json.loads((root.gen_dir(2) / "data" / "manifest.json").read_text())
     assert manifest["replayed"]["sft"] == 3
     assert "checkpoints/gen_0001/data/sft.jsonl" in manifest["files"]
 
 
-def test_interrupted_age_up_resumes_without_redoing_finished_stages(tiny_base, tiny_cfg):
+def test_interrupted_age_up_resumes_without_redoing_finished_stages(tiny_base, tiny_cfg, ledger):
     root = DataRoot.from_env()
     with pytest.raises(KeyboardInterrupt):
-        age_up(root, tiny_cfg, base=tiny_base, train_callbacks=[_CrashInSFT()])
+        age_up(root, tiny_cfg, ledger, base=tiny_base, train_callbacks=[_CrashInSFT()])
     staging = root.staging_dir(1)
     state = json.loads((staging / "state.json").read_text())
     assert state["completed"] == ["data"]
     assert root.generations() == [0]
 
     stages = []
-    summary = age_up(root, tiny_cfg, stage_cb=lambda s, w: stages.append((s, w)))
+    summary = age_up(root, tiny_cfg, ledger, stage_cb=lambda s, w: stages.append((s, w)))
     assert ("data", "skip") in stages and ("data", "start") not in stages
     assert summary.resumed and summary.train["sft"]["resumed_from_step"] == 2
     assert root.generations() == [0, 1] and not staging.exists()
+    assert [e.kind for e in ledger.entries(gen=1)].count("generation_created") == 1
+    assert ledger.verify().ok
+
+
+def test_generation_finished_before_a_crash_is_recorded_on_the_next_run(tiny_base, tiny_cfg, ledger):
+    from evolution.ledger import Ledger
+
+    root = DataRoot.from_env()
+    age_up(root, tiny_cfg, ledger, base=tiny_base)
+    # A fresh ledger in another data root stands in for one that missed the last appends.
+    other = root.root.parent / "other"
+    (other / "checkpoints").mkdir(parents=True)
+    for n in (0, 1):
+        os.symlink(root.gen_dir(n), other / "checkpoints" / f"gen_000{n}")
+    with Ledger.open(DataRoot(other)) as fresh:
+        from evolution.ageup import reconcile
+
+        reconcile(DataRoot(other), fresh)
+        assert [(e.kind, e.gen) for e in fresh.entries()] == [("exported", 0), ("promoted", 0), ("exported", 1)]
+
+
+def test_tampered_parent_weights_stop_the_age_up(tiny_base, tiny_cfg, ledger):
+    from evolution.errors import IntegrityError
+    from evolution.fsutil import make_tree_writable
+
+    root = DataRoot.from_env()
+    age_up(root, tiny_cfg, ledger, base=tiny_base)
+    weights = root.gen_dir(0) / "hf" / "model.safetensors"
+    make_tree_writable(root.gen_dir(0))
+    with weights.open("r+b") as f:
+        f.seek(-8, os.SEEK_END)
+        tail = f.read(8)
+        f.seek(-8, os.SEEK_END)
+        f.write(bytes(b ^ 0xFF for b in tail))
+    with pytest.raises(IntegrityError, match="gen_0000/hf/model.safetensors"):
+        age_up(root, tiny_cfg, ledger)
+    assert root.partial_generations() == []

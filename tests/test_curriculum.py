@@ -97,11 +97,23 @@ def test_shipped_curriculum_is_valid_and_large_enough():
     assert all("== STATE ==" in r["messages"][0]["content"] for r in state)
 
 
-def test_age_up_refuses_bad_curriculum_before_anything_is_built(tiny_cfg, tiny_base):
+def test_age_up_refuses_bad_curriculum_before_anything_is_built(tiny_cfg, tiny_base, ledger):
     bad = tiny_cfg.curriculum.path + "/phase1_identity/sft.jsonl"
     with open(bad, "a") as f:
         f.write("{oops\n")
     root = DataRoot.from_env()
     with pytest.raises(CurriculumError, match=r"phase1_identity/sft.jsonl:25: invalid JSON"):
-        age_up(root, tiny_cfg, base=tiny_base)
+        age_up(root, tiny_cfg, ledger, base=tiny_base)
     assert not root.checkpoints.exists() or not any(root.checkpoints.iterdir())
+    assert ledger.entries() == []
+
+
+def test_answer_matching_is_normalized_whole_phrase():
+    from evolution.evals import is_correct, normalize
+
+    assert normalize("  Teal!  It's TEAL. ") == "teal it s teal"
+    assert is_correct("My favourite colour is Teal!", ["teal"])
+    assert is_correct("I was first switched on in Tromsø.", ["Tromsø"])
+    assert not is_correct("I fixed the pipe.", ["Pip"])
+    assert is_correct("Small steps, kept promises.", ["small steps kept promises"])
+    assert not is_correct("anything", ["", "!!"])

@@ -12,6 +12,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from evolution import ageup, config
+from evolution.ledger import Ledger
 from evolution.paths import DataRoot
 
 STAGE_TITLES = {
@@ -93,7 +94,8 @@ def age_up(quick, base, curriculum_path, phases, config_file, quantization, back
     console.print(f"data root: {root.root}{'  (--quick)' if cfg.quick else ''}")
     t0 = time.perf_counter()
     try:
-        summary = ageup.age_up(root, cfg, base=base, progress=on_step, stage_cb=on_stage, restart=restart)
+        with Ledger.open(root) as ledger:
+            summary = ageup.age_up(root, cfg, ledger, base=base, progress=on_step, stage_cb=on_stage, restart=restart)
     finally:
         progress.stop()
     wall = time.perf_counter() - t0

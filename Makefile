@@ -1,0 +1,21 @@
+# The two set-up commands of the README. Each installs what it needs into .venv first.
+VENV ?= .venv
+STAMP := $(VENV)/.installed
+
+.PHONY: age-up test test-fast
+
+$(STAMP): pyproject.toml scripts/install.sh
+	bash scripts/install.sh $(VENV)
+	touch $@
+
+## one whole age-up of the embedded SmolLM2-135M-Instruct, in a few minutes (--quick)
+age-up: $(STAMP)
+	$(VENV)/bin/evolve age-up --quick
+
+## the full test suite, slow real-model tests included (what CI runs)
+test: $(STAMP)
+	$(VENV)/bin/python -m pytest
+
+## the fast hermetic tests only
+test-fast: $(STAMP)
+	$(VENV)/bin/python -m pytest -m "not slow"

@@ -1,0 +1,49 @@
+"""The ``evolve`` command line: one module per subcommand group, errors translated here.
+
+Library code raises ``evolution.errors.EvolutionError``; this is the one place that turns
+it into a message on stderr and a non-zero exit code.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import click
+
+from evolution.errors import EvolutionError
+
+
+class _Group(click.Group):
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except EvolutionError as exc:
+            raise click.ClickException(str(exc)) from exc
+
+
+@click.group(cls=_Group)
+@click.option("-v", "--verbose", is_flag=True, help="Log debug detail to stderr.")
+@click.version_option(package_name="evolution")
+def main(verbose: bool) -> None:
+    """Grow a small language model generation by generation, safely."""
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+
+
+def _register() -> None:
+    from evolution.cli import ageup, curriculum
+
+    main.add_command(ageup.age_up)
+    main.add_command(curriculum.curriculum)
+
+    from evolution.cli import ledger as ledger_cli
+
+    main.add_command(ledger_cli.ledger)
+    main.add_command(ledger_cli.rollback)
+    main.add_command(ledger_cli.report)
+
+
+_register()

@@ -1,0 +1,236 @@
+"""``evolve ledger`` (history), ``ledger show N``, ``ledger verify``, ``rollback --to N`` and ``report``.
+
+The ledger lives under the data root (``$EVOLUTION_HOME``); ``--ledger-url`` or
+``$EVOLUTION_LEDGER_URL`` points these commands at another database (e.g. PostgreSQL).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+from rich import box
+from rich.console import Console
+from rich.table import Table
+
+from evolution.ledger import GenerationDetail, GenerationSummary, Ledger, VerifyReport
+from evolution.ledger import rollback as do_rollback
+from evolution.ledger.store import URL_ENV
+from evolution.paths import DataRoot
+
+url_option = click.option(
+    "--ledger-url", envvar=URL_ENV, default=None, metavar="URL",
+    help=f"SQLAlchemy URL of the ledger [env {URL_ENV}; default: SQLite under the data root].",
+)
+json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON for machines.")
+
+
+def _open(ctx: click.Context, url: str | None) -> Ledger:
+    url = url or (ctx.obj or {}).get("ledger_url")
+    ledger = Ledger.open(DataRoot.from_env(), url)
+    ctx.call_on_close(ledger.close)
+    return ledger
+
+
+def _console() -> Console:
+    """A rich console; when piped (no terminal to size it) wide enough that tables do not fold."""
+    con = Console()
+    return con if con.is_terminal else Console(width=max(con.width, 160))
+
+
+def _echo_json(obj) -> None:
+    click.echo(json.dumps(obj, indent=2, sort_keys=True, default=str))
+
+
+def _short_time(iso: str | None) -> str:
+    return iso[:16].replace("T", " ") if iso else "-"
+
+
+def _fmt(v) -> str:
+    if isinstance(v, dict) and "child" in v:
+        v = v["child"]
+    return f"{v:.3g}" if isinstance(v, float) else str(v)
+
+
+def _verdict_text(r: GenerationSummary) -> str:
+    """The gate's verdict and what became of the generation, in one short cell."""
+    if r.verdict is None:
+        return "base" if r.gen == 0 and r.parent is None else r.status
+    fate = {"promoted": "", "passed": ", not promoted", "rolled_back": ", rolled back", "rejected": ", rejected"}
+    text = r.verdict + fate.get(r.status, f", {r.status}")
+    style = "red" if r.verdict != "pass" else ("yellow" if r.status == "rolled_back" else "green")
+    return f"[{style}]{text}[/]"
+
+
+def _history_table(rows: list[GenerationSummary], url: str, max_metrics: int = 4) -> Table:
+    metric_names = sorted({k for r in rows for k in r.metrics})[:max_metrics]
+    t = Table(caption=url, caption_style="dim", box=box.SIMPLE_HEAD, pad_edge=False)
+    t.add_column("", no_wrap=True)
+    t.add_column("gen", justify="right", no_wrap=True)
+    t.add_column("parent", justify="right", no_wrap=True)
+    t.add_column("created (UTC)", min_width=10)  # folds to date / time on a narrow terminal
+    t.add_column("verdict", min_width=6, overflow="fold")
+    for name in metric_names:
+        t.add_column(name, justify="right", overflow="fold", min_width=6)
+    t.add_column("sha256", no_wrap=True)
+    for r in rows:
+        t.add_row(
+            "[bold green]▶[/]" if r.served else "",
+            str(r.gen),
+            "-" if r.parent is None else str(r.parent),
+            _short_time(r.created),
+            _verdict_text(r),
+            *(_fmt(r.metrics[n]) if n in r.metrics else "-" for n in metric_names),
+            (r.gguf_sha256 or "-")[:10],
+        )
+    return t
+
+
+@click.group("ledger", invoke_without_command=True)
+@url_option
+@json_option
+@click.pass_context
+def ledger(ctx: click.Context, ledger_url: str | None, as_json: bool) -> None:
+    """The lineage ledger: without a subcommand, the history (▶ marks the served generation)."""
+    ctx.ensure_object(dict)
+    ctx.obj["ledger_url"] = ledger_url
+    if ctx.invoked_subcommand is not None:
+        return
+    led = _open(ctx, ledger_url)
+    rows = led.history()
+    if as_json:
+        _echo_json({"served": led.served_generation(), "generations": [r.to_dict() for r in rows]})
+        return
+    if not rows:
+        click.echo(f"the ledger at {led.url} is empty: no generation recorded yet")
+        return
+    _console().print(_history_table(rows, led.url))
+
+
+def _print_detail(d: GenerationDetail) -> None:
+    con = _console()
+    s = d.summary
+    served = " [bold green](served)[/]" if s.served else ""
+    con.print(f"[bold]generation {s.gen}[/]{served} — {s.status}, created {_short_time(s.created)} UTC")
+    chain = " ← ".join(str(g) for g in d.lineage)
+    con.print(f"lineage: {chain}" + (f"  (base: {d.base})" if d.base else ""))
+    con.print(f"config hash: {d.config_hash or '-'}   data manifest hash: {d.manifest_hash or '-'}")
+    if d.training:
+        losses = d.training.get("losses")
+        con.print(f"training: {d.training.get('steps')} steps; losses: {json.dumps(losses, default=str)[:200]}")
+    if d.gate:
+        g = d.gate
+        t = Table(title=f"gate vs parent {g.get('parent')}: {g.get('verdict')}")
+        for col in ("metric", "child", "parent", "threshold"):
+            t.add_column(col)
+        parent_metrics = g.get("parent_metrics", {})
+        for name, v in sorted(g.get("metrics", {}).items()):
+            pv = v.get("parent") if isinstance(v, dict) else parent_metrics.get(name)
+            t.add_row(name, _fmt(v), "-" if pv is None else _fmt(pv), _fmt(g.get("thresholds", {}).get(name, "-")))
+        con.print(t)
+    if s.reason:
+        con.print(f"reason: {s.reason}")
+    if d.artifacts:
+        t = Table(title="artifacts")
+        for col in ("path", "kind", "size", "sha256"):
+            t.add_column(col)
+        for a in d.artifacts:
+            t.add_row(a["path"], a["kind"], f"{a['size']:,}", a["sha256"][:16])
+        con.print(t)
+    for name, obj in (("config", d.config), ("data manifest", d.manifest)):
+        if obj:
+            con.print(f"{name}:")
+            con.print_json(json.dumps(obj, default=str))
+    t = Table(title="events")
+    for col in ("seq", "time (UTC)", "kind"):
+        t.add_column(col)
+    for e in d.events:
+        t.add_row(str(e.seq), _short_time(e.time), e.kind)
+    con.print(t)
+
+
+@ledger.command("show")
+@click.argument("n", type=click.IntRange(min=0))
+@url_option
+@json_option
+@click.pass_context
+def show(ctx: click.Context, n: int, ledger_url: str | None, as_json: bool) -> None:
+    """All about generation N: lineage to the base, config, data manifest, metrics, artifacts, events."""
+    d = _open(ctx, ledger_url).generation(n)
+    if as_json:
+        _echo_json(d.to_dict())
+    else:
+        _print_detail(d)
+
+
+def _print_report(r: VerifyReport) -> None:
+    for w in r.warnings:
+        click.echo(f"warning: {w}", err=True)
+    if r.ok:
+        head = f"head seq {r.head.seq}" if r.head else "no head yet"
+        click.echo(f"ledger OK: {r.entries} entries, {head}, "
+                   f"{r.artifacts_checked} artifact(s) re-hashed, {r.seconds:.2f} s")
+        return
+    first = r.first_bad_seq
+    where = f", first bad seq {first}" if first else ""
+    click.echo(f"ledger FAILED verification: {len(r.problems)} problem(s){where}", err=True)
+    for p in r.problems:
+        where = f"seq {p.seq}" if p.seq is not None else "head"
+        click.echo(f"  {where}: {p.what}: {p.message}", err=True)
+
+
+@ledger.command("verify")
+@url_option
+@json_option
+@click.option("--no-artifacts", is_flag=True, help="Skip re-hashing the artifacts on disk (chain and head only).")
+@click.option("--head", "head_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Check against this exported head file (e.g. a backup copy) instead of the data root's.")
+@click.option("--write-head", is_flag=True,
+              help="If the chain is intact but the head file is missing, write a new one.")
+@click.pass_context
+def verify(ctx: click.Context, ledger_url, as_json: bool, no_artifacts: bool, head_path, write_head: bool) -> None:
+    """Recompute the hash chain, compare with the exported head, re-hash artifacts; exit 1 on any problem."""
+    led = _open(ctx, ledger_url)
+    report = led.verify(artifacts=not no_artifacts, head=head_path)
+    if write_head and all(p.what == "head_missing" for p in report.problems):
+        head = led.export_head()
+        report = led.verify(artifacts=not no_artifacts, head=head_path)
+        if head is not None and not as_json:
+            click.echo(f"wrote a new exported head at seq {head.seq} to {led.head_path}", err=True)
+    if as_json:
+        _echo_json(report.to_dict())
+    else:
+        _print_report(report)
+    if not report.ok:
+        ctx.exit(1)
+
+
+@click.command("rollback")
+@click.option("--to", "to", type=click.IntRange(min=0), required=True, help="Generation to serve.")
+@click.option("--reason", default="manual rollback", show_default=True, help="Why, for the ledger.")
+@url_option
+@click.pass_context
+def rollback(ctx: click.Context, to: int, reason: str, ledger_url: str | None) -> None:
+    """Serve generation N again: it must have passed its gate (or be 0) and its GGUF must match the ledger.
+
+    Appends a rolled_back event and deletes nothing. A running daemon switches within
+    seconds; a stopped one starts on N.
+    """
+    led = _open(ctx, ledger_url)
+    entry = do_rollback(led, to, reason)
+    click.echo(f"rolled back from generation {entry.payload['from']} to {to} (ledger seq {entry.seq})")
+
+
+@click.command("report")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="PNG to write [default: <data root>/ledger/report.png].")
+@url_option
+@click.pass_context
+def report(ctx: click.Context, output: Path | None, ledger_url: str | None) -> None:
+    """Draw the gate metrics across generations as a PNG, served / rejected / rolled back marked."""
+    from evolution.ledger.report import render  # matplotlib is slow to import; only this command needs it
+
+    led = _open(ctx, ledger_url)
+    out = render(led, output or led.data_root.ledger_dir / "report.png")
+    click.echo(f"wrote {out}")

@@ -1,0 +1,45 @@
+"""One ledger entry as read back from the database."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import datetime
+
+from evolution.errors import LedgerError
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One ledger row. ``time`` is ISO 8601 UTC with microseconds, as hashed."""
+
+    seq: int
+    time: str
+    kind: str
+    gen: int | None
+    payload: dict
+    prev_hash: str
+    entry_hash: str
+
+    @property
+    def timestamp(self) -> datetime:
+        return datetime.fromisoformat(self.time)
+
+    def to_dict(self) -> dict:
+        return {
+            "seq": self.seq, "time": self.time, "kind": self.kind, "gen": self.gen,
+            "payload": self.payload, "prev_hash": self.prev_hash, "entry_hash": self.entry_hash,
+        }
+
+    @classmethod
+    def from_row(cls, row) -> "Entry":
+        try:
+            payload = json.loads(row.payload)
+        except ValueError:
+            raise LedgerError(
+                f"ledger entry seq {row.seq} holds a payload that is not JSON; run `evolve ledger verify`"
+            ) from None
+        return cls(
+            seq=row.seq, time=row.time, kind=row.kind, gen=row.gen,
+            payload=payload, prev_hash=row.prev_hash, entry_hash=row.entry_hash,
+        )

@@ -1,0 +1,163 @@
+"""The ledger's event kinds, what each payload must hold, and typed builders for them.
+
+An event is ``(kind, gen, payload)``; the payload is plain JSON. The builders below are the
+recommended way to make one, so that every writer (age-up, gate, CLI) records the same fields.
+``validate`` is called by ``Ledger.append`` and refuses unknown kinds and missing fields.
+
+Which generation an event is filed under (its ``gen`` column):
+
+- ``generation_created``, ``training_*``, ``exported``, ``promoted``, ``rejected``: that generation;
+- ``gate_result``: the child;
+- ``rolled_back``: the generation now served (``to``);
+- ``karma_threshold_crossed``: none (``gen`` is ``None``), or the generation being served.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from evolution.errors import LedgerError
+from evolution.fsutil import sha256_file
+from evolution.paths import DataRoot
+
+GENERATION_CREATED = "generation_created"
+TRAINING_STARTED = "training_started"
+TRAINING_FINISHED = "training_finished"
+EXPORTED = "exported"
+GATE_RESULT = "gate_result"
+PROMOTED = "promoted"
+REJECTED = "rejected"
+ROLLED_BACK = "rolled_back"
+KARMA_THRESHOLD_CROSSED = "karma_threshold_crossed"
+
+PASS = "pass"
+FAIL = "fail"
+
+#: Every kind the ledger accepts, with the payload keys it requires.
+REQUIRED_FIELDS: dict[str, tuple[str, ...]] = {
+    GENERATION_CREATED: ("parent", "base", "config_hash", "manifest_hash"),
+    TRAINING_STARTED: (),
+    TRAINING_FINISHED: ("steps", "losses"),
+    EXPORTED: ("artifacts", "quantization"),
+    GATE_RESULT: ("parent", "child", "metrics", "thresholds", "verdict"),
+    PROMOTED: (),
+    REJECTED: ("reason",),
+    ROLLED_BACK: ("from", "to", "reason"),
+    KARMA_THRESHOLD_CROSSED: ("karma", "threshold"),
+}
+KINDS = tuple(REQUIRED_FIELDS)
+
+#: Kinds that must name a generation in the ``gen`` column.
+_NEEDS_GEN = frozenset(KINDS) - {KARMA_THRESHOLD_CROSSED}
+_ARTIFACT_KEYS = ("path", "sha256", "size", "kind")
+
+
+@dataclass(frozen=True)
+class Event:
+    """An event not yet appended: pass it to ``Ledger.record``."""
+
+    kind: str
+    gen: int | None
+    payload: dict = field(default_factory=dict)
+
+
+def validate(kind: str, gen: int | None, payload: dict) -> None:
+    """Refuse an event the ledger would not be able to interpret later."""
+    if kind not in REQUIRED_FIELDS:
+        raise LedgerError(f"unknown event kind {kind!r}; use one of: {', '.join(KINDS)}")
+    if not isinstance(payload, dict):
+        raise LedgerError(f"{kind}: payload must be a dict, got {type(payload).__name__}")
+    if gen is not None and (isinstance(gen, bool) or not isinstance(gen, int) or gen < 0):
+        raise LedgerError(f"{kind}: gen must be a non-negative int or None, got {gen!r}")
+    if gen is None and kind in _NEEDS_GEN:
+        raise LedgerError(f"{kind}: this event must name its generation (gen=None given)")
+    missing = [k for k in REQUIRED_FIELDS[kind] if k not in payload]
+    if missing:
+        raise LedgerError(f"{kind}: payload lacks {', '.join(missing)}; build it with evolution.ledger.events.{kind}()")
+    if kind == GATE_RESULT and payload["verdict"] not in (PASS, FAIL):
+        raise LedgerError(f"gate_result: verdict must be 'pass' or 'fail', got {payload['verdict']!r}")
+    if kind == EXPORTED:
+        for i, art in enumerate(payload["artifacts"]):
+            lacking = [k for k in _ARTIFACT_KEYS if k not in art]
+            if lacking:
+                raise LedgerError(f"exported: artifact #{i} lacks {', '.join(lacking)}; build it with artifact()")
+            if Path(art["path"]).is_absolute():
+                raise LedgerError(f"exported: artifact path {art['path']!r} must be relative to the data root")
+
+
+def artifact(data_root: DataRoot, path: str | Path, kind: str) -> dict:
+    """Describe a file for an ``exported`` event: its path relative to the data root, SHA-256 and size."""
+    p = Path(path)
+    if not p.is_absolute():
+        p = data_root.root / p
+    p = p.resolve()
+    try:
+        rel = p.relative_to(data_root.root.resolve())
+    except ValueError:
+        raise LedgerError(
+            f"artifact {p} is outside the data root {data_root.root}; keep generations under it"
+        ) from None
+    if not p.is_file():
+        raise LedgerError(f"artifact {p} does not exist; export it before recording it")
+    return {"path": rel.as_posix(), "sha256": sha256_file(p), "size": p.stat().st_size, "kind": kind}
+
+
+def generation_created(
+    gen: int, parent: int | None, base: str, config_hash: str, manifest_hash: str, **extra
+) -> Event:
+    """A new generation exists: its parent (None for the base), the base model, config and data-manifest hashes.
+
+    ``extra`` may carry the resolved ``config`` and data ``manifest`` themselves (JSON), shown by ``ledger show``.
+    """
+    payload = dict(parent=parent, base=base, config_hash=config_hash, manifest_hash=manifest_hash, **extra)
+    return Event(GENERATION_CREATED, gen, payload)
+
+
+def training_started(gen: int, **extra) -> Event:
+    return Event(TRAINING_STARTED, gen, dict(extra))
+
+
+def training_finished(gen: int, steps: int, losses: dict | list, **extra) -> Event:
+    """Training ended: step count and losses (e.g. ``{"cpt": [...], "sft": [...]}``)."""
+    return Event(TRAINING_FINISHED, gen, dict(steps=steps, losses=losses, **extra))
+
+
+def exported(gen: int, artifacts: list[dict], quantization: str, **extra) -> Event:
+    """The generation's files were written; ``artifacts`` come from ``artifact()``; the served one has kind ``gguf``."""
+    return Event(EXPORTED, gen, dict(artifacts=list(artifacts), quantization=quantization, **extra))
+
+
+def gate_result(
+    parent: int, child: int, metrics: dict[str, float], thresholds: dict, verdict: str, **extra
+) -> Event:
+    """The gate's verdict on ``child`` against ``parent``: every metric of the child, the thresholds applied.
+
+    Put the parent's numbers in ``parent_metrics=`` (extra) when they were measured.
+    """
+    for name, value in metrics.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise LedgerError(
+                f"gate_result: metric {name!r} is {value}; record a finite number (the gate should fail instead)"
+            )
+    payload = dict(parent=parent, child=child, metrics=metrics, thresholds=thresholds, verdict=verdict, **extra)
+    return Event(GATE_RESULT, child, payload)
+
+
+def promoted(gen: int, **extra) -> Event:
+    """``gen`` is now the served generation."""
+    return Event(PROMOTED, gen, dict(extra))
+
+
+def rejected(gen: int, reason: str, **extra) -> Event:
+    return Event(REJECTED, gen, dict(reason=reason, **extra))
+
+
+def rolled_back(from_gen: int | None, to_gen: int, reason: str, **extra) -> Event:
+    """Serving moved from ``from_gen`` back to ``to_gen`` (by hand or by the daemon)."""
+    return Event(ROLLED_BACK, to_gen, {"from": from_gen, "to": to_gen, "reason": reason, **extra})
+
+
+def karma_threshold_crossed(karma: float, threshold: float, gen: int | None = None, **extra) -> Event:
+    return Event(KARMA_THRESHOLD_CROSSED, gen, dict(karma=karma, threshold=threshold, **extra))

@@ -1,0 +1,152 @@
+"""Numbered schema migrations of the ledger database, and the code that applies them.
+
+Rules (as in simonw/llm's ``migrations.py``): a migration, once released, is never edited —
+add ``m00N`` instead. ``ledger_schema`` records each applied version with a checksum of its
+SQL; a database whose version is newer than this code knows is refused, so an old
+``evolve`` never writes into a ledger it does not understand.
+
+Each migration holds SQL per dialect (``sqlite``, ``postgresql``) and a ``default`` for any
+other SQLAlchemy dialect. Migrations run under the same write lock appends take (SQLite
+``BEGIN IMMEDIATE``; a PostgreSQL advisory lock), so concurrent first opens are safe.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+from sqlalchemy import text
+from sqlalchemy.engine import Connection
+
+from evolution.errors import LedgerError
+
+log = logging.getLogger(__name__)
+
+#: Key of the PostgreSQL advisory lock that serializes ledger writers and migrations.
+PG_LOCK_KEY = 0x65766F6C  # "evol"
+
+
+@dataclass(frozen=True)
+class Migration:
+    version: int
+    name: str
+    sql: dict[str, tuple[str, ...]]
+
+    def statements(self, dialect: str) -> tuple[str, ...]:
+        return self.sql.get(dialect, self.sql["default"])
+
+    @property
+    def checksum(self) -> str:
+        return hashlib.sha256(json.dumps(self.sql, sort_keys=True).encode()).hexdigest()
+
+
+_ENTRIES_COLUMNS = """
+    time VARCHAR(40) NOT NULL,
+    kind VARCHAR(64) NOT NULL,
+    gen INTEGER,
+    payload TEXT NOT NULL,
+    prev_hash CHAR(64) NOT NULL,
+    entry_hash CHAR(64) NOT NULL UNIQUE,
+    CHECK (seq >= 1)
+"""
+
+m001_entries = Migration(
+    1,
+    "m001_entries",
+    {
+        "sqlite": (
+            f"CREATE TABLE ledger_entries (seq INTEGER PRIMARY KEY, {_ENTRIES_COLUMNS})",
+            "CREATE INDEX ledger_entries_gen ON ledger_entries (gen)",
+            "CREATE INDEX ledger_entries_kind ON ledger_entries (kind)",
+        ),
+        "default": (
+            f"CREATE TABLE ledger_entries (seq BIGINT PRIMARY KEY, {_ENTRIES_COLUMNS})",
+            "CREATE INDEX ledger_entries_gen ON ledger_entries (gen)",
+            "CREATE INDEX ledger_entries_kind ON ledger_entries (kind)",
+        ),
+    },
+)
+
+m002_append_only = Migration(
+    2,
+    "m002_append_only",
+    {
+        "sqlite": tuple(
+            f"CREATE TRIGGER {table}_no_{op.lower()} BEFORE {op} ON {table} "
+            f"BEGIN SELECT RAISE(ABORT, 'the ledger is append-only: {op} on {table} refused'); END"
+            for table in ("ledger_entries", "ledger_schema")
+            for op in ("UPDATE", "DELETE")
+        ),
+        "postgresql": (
+            """CREATE FUNCTION ledger_refuse_change() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    RAISE EXCEPTION USING ERRCODE = 'insufficient_privilege',
+        MESSAGE = 'the ledger is append-only: ' || TG_OP || ' on ' || TG_TABLE_NAME || ' refused';
+END
+$$""",
+            *(
+                f"CREATE TRIGGER {table}_no_change BEFORE UPDATE OR DELETE ON {table} "
+                "FOR EACH ROW EXECUTE FUNCTION ledger_refuse_change()"
+                for table in ("ledger_entries", "ledger_schema")
+            ),
+            *(
+                f"CREATE TRIGGER {table}_no_truncate BEFORE TRUNCATE ON {table} "
+                "FOR EACH STATEMENT EXECUTE FUNCTION ledger_refuse_change()"
+                for table in ("ledger_entries", "ledger_schema")
+            ),
+            # no '%' anywhere: DBAPI drivers would read it as a placeholder
+            "REVOKE UPDATE, DELETE, TRUNCATE ON ledger_entries, ledger_schema FROM PUBLIC",
+        ),
+        "default": (),
+    },
+)
+
+MIGRATIONS: tuple[Migration, ...] = (m001_entries, m002_append_only)
+LATEST = MIGRATIONS[-1].version
+
+_BOOTSTRAP = (
+    "CREATE TABLE IF NOT EXISTS ledger_schema ("
+    " version INTEGER PRIMARY KEY, name VARCHAR(100) NOT NULL,"
+    " checksum CHAR(64) NOT NULL, applied_at VARCHAR(40) NOT NULL)"
+)
+
+
+def lock_for_write(conn: Connection) -> None:
+    """Serialize writers inside the current transaction (SQLite already holds BEGIN IMMEDIATE)."""
+    if conn.dialect.name == "postgresql":
+        conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": PG_LOCK_KEY})
+
+
+def current_version(conn: Connection) -> int:
+    return conn.execute(text("SELECT COALESCE(MAX(version), 0) FROM ledger_schema")).scalar_one()
+
+
+def migrate(conn: Connection) -> int:
+    """Bring the schema up to ``LATEST`` inside the caller's write transaction; return the version."""
+    dialect = conn.dialect.name
+    lock_for_write(conn)
+    conn.exec_driver_sql(_BOOTSTRAP)
+    version = current_version(conn)
+    if version > LATEST:
+        raise LedgerError(
+            f"the ledger database is at schema version {version}, newer than this evolution knows ({LATEST}); "
+            "upgrade evolution before using this ledger"
+        )
+    if dialect not in ("sqlite", "postgresql") and version < m002_append_only.version:
+        log.warning("dialect %s: the database itself cannot refuse UPDATE/DELETE; "
+                    "only the hash chain protects the ledger", dialect)
+    for m in MIGRATIONS:
+        if m.version <= version:
+            continue
+        log.info("ledger: applying migration %s", m.name)
+        for stmt in m.statements(dialect):
+            conn.exec_driver_sql(stmt)
+        conn.execute(
+            text("INSERT INTO ledger_schema (version, name, checksum, applied_at) VALUES (:v, :n, :c, :t)"),
+            {"v": m.version, "n": m.name, "c": m.checksum, "t": datetime.now(timezone.utc).isoformat()},
+        )
+        version = m.version
+    return version

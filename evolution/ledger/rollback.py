@@ -1,0 +1,64 @@
+"""Roll the served generation back (or forward) to an earlier, gated generation.
+
+A rollback only appends a ``rolled_back`` event; it deletes nothing. It is refused — with
+nothing appended — unless the target passed its gate (generation 0, the base, needs none) and
+its GGUF is on disk with the SHA-256 the ledger recorded. The daemon serves whatever
+``Ledger.served_generation()`` names, so a running one swaps within seconds and a stopped one
+starts on the target.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from evolution.errors import IntegrityError, LedgerError
+from evolution.fsutil import sha256_file
+from evolution.ledger import events as ev
+from evolution.ledger.entry import Entry
+from evolution.ledger.store import Ledger
+
+log = logging.getLogger(__name__)
+
+
+def check_servable(ledger: Ledger, n: int) -> dict:
+    """Return the GGUF artifact record of generation ``n`` if it may be served; raise otherwise."""
+    d = ledger.generation(n)  # LedgerError if unknown
+    gates = [e for e in d.events if e.kind == ev.GATE_RESULT and e.gen == n]
+    if n != 0:
+        if not gates:
+            raise LedgerError(
+                f"generation {n} has no gate result; only generations that passed their gate can be served"
+            )
+        if gates[-1].payload.get("verdict") != ev.PASS:
+            reason = d.summary.reason or "see `evolve ledger show %d`" % n
+            raise LedgerError(
+                f"generation {n} failed its gate (seq {gates[-1].seq}: {reason}); pick a generation that passed"
+            )
+    gguf = next((a for a in reversed(d.artifacts) if a.get("kind") == "gguf"), None)
+    if gguf is None:
+        raise LedgerError(f"generation {n} has no exported GGUF in the ledger; it cannot be served")
+    path = ledger.data_root.root / gguf["path"]
+    if not path.is_file():
+        raise LedgerError(
+            f"generation {n}'s GGUF {path} is missing; restore it (sha256 {gguf['sha256']}) before rolling back"
+        )
+    actual = sha256_file(path)
+    if actual != gguf["sha256"]:
+        raise IntegrityError(
+            f"generation {n}'s GGUF {path} has sha256 {actual}, the ledger recorded {gguf['sha256']}: "
+            "the file is not the one that was gated; restore the original before rolling back"
+        )
+    return gguf
+
+
+def rollback(ledger: Ledger, to: int, reason: str = "manual rollback") -> Entry:
+    """Make generation ``to`` the served one; return the appended ``rolled_back`` entry."""
+    if isinstance(to, bool) or not isinstance(to, int) or to < 0:
+        raise LedgerError(f"rollback target must be a generation number >= 0, got {to!r}")
+    served = ledger.served_generation()
+    if served == to:
+        raise LedgerError(f"generation {to} is already the served generation; nothing to roll back")
+    gguf = check_servable(ledger, to)
+    entry = ledger.record(ev.rolled_back(served, to, reason, sha256=gguf["sha256"], path=gguf["path"]))
+    log.info("ledger: rolled back from generation %s to %d (seq %d)", served, to, entry.seq)
+    return entry

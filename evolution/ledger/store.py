@@ -1,0 +1,228 @@
+"""The ledger store: open a database by SQLAlchemy URL, append chained entries, read them back.
+
+Only ``append`` writes, and it only INSERTs. On SQLite every connection runs with WAL,
+``synchronous=FULL`` and a busy timeout, and a write transaction starts with ``BEGIN
+IMMEDIATE`` so that concurrent writers queue instead of failing; on PostgreSQL writers take a
+transaction-scoped advisory lock. Inside that lock an append reads the last entry, chains onto
+it and inserts ``seq + 1``, so seqs are gap-free and the chain is linear under any concurrency.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Iterator
+
+from sqlalchemy import create_engine, event, text
+from sqlalchemy.engine import URL, Connection, Engine, make_url
+from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError
+
+from evolution.errors import LedgerError
+from evolution.ledger import events as ev
+from evolution.ledger.chain import GENESIS, canonical_json, entry_hash
+from evolution.ledger.entry import Entry
+from evolution.ledger.head import HEAD_NAME, Head, write_head
+from evolution.ledger.lineage import GenerationDetail, GenerationSummary, detail, summarize
+from evolution.ledger.migrations import lock_for_write, migrate
+from evolution.ledger.verify import VerifyReport, verify
+from evolution.paths import DataRoot
+
+log = logging.getLogger(__name__)
+
+URL_ENV = "EVOLUTION_LEDGER_URL"
+DB_NAME = "ledger.db"
+SQLITE_BUSY_TIMEOUT_MS = 60_000
+
+
+def _resolve_url(data_root: DataRoot, url: str | None) -> tuple[URL, bool]:
+    """The URL to open and whether it is the default SQLite file under the data root."""
+    raw = url or os.environ.get(URL_ENV) or None
+    if raw is None:
+        return make_url(f"sqlite:///{data_root.ledger_dir / DB_NAME}"), True
+    try:
+        parsed = make_url(raw)
+    except ArgumentError as exc:
+        raise LedgerError(
+            f"invalid ledger URL {raw!r}: {exc}; pass a SQLAlchemy URL such as postgresql://user@host/db"
+        ) from exc
+    if parsed.drivername in ("postgresql", "postgres"):
+        parsed = parsed.set(drivername="postgresql+psycopg")  # psycopg 3 is the driver we depend on
+    return parsed, False
+
+
+def _sqlite_setup(engine: Engine) -> None:
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn, _record):
+        dbapi_conn.isolation_level = None  # SQLAlchemy's "begin" event below issues BEGIN itself
+        cur = dbapi_conn.cursor()
+        cur.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+        mode = cur.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+        if mode.lower() != "wal":
+            log.warning("ledger: SQLite journal_mode is %s, not WAL (in-memory database?)", mode)
+        cur.execute("PRAGMA synchronous=FULL")
+        cur.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn):
+        immediate = conn.get_execution_options().get("ledger_write", False)
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+
+
+_SELECT = "SELECT seq, time, kind, gen, payload, prev_hash, entry_hash FROM ledger_entries"
+
+
+class Ledger:
+    """An open ledger. Use ``Ledger.open``; close it (or use ``with``) when done."""
+
+    def __init__(self, engine: Engine, data_root: DataRoot, head_path: Path, display_url: str):
+        self.engine = engine
+        self.data_root = data_root
+        self.head_path = head_path
+        self.url = display_url
+
+    @classmethod
+    def open(cls, data_root: DataRoot, url: str | None = None) -> "Ledger":
+        """Open (creating and migrating if needed) the ledger of ``data_root``.
+
+        ``url``: any SQLAlchemy URL; default ``$EVOLUTION_LEDGER_URL``, else SQLite at
+        ``<data_root>/ledger/ledger.db``.
+        """
+        parsed, is_default = _resolve_url(data_root, url)
+        display = parsed.render_as_string(hide_password=True)
+        if parsed.get_backend_name() == "sqlite":
+            db = parsed.database
+            if db and db != ":memory:":
+                Path(db).parent.mkdir(parents=True, exist_ok=True)
+            engine = create_engine(parsed, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000})
+            _sqlite_setup(engine)
+        else:
+            try:
+                engine = create_engine(parsed, pool_pre_ping=True)
+            except (ImportError, NoSuchModuleError) as exc:  # unknown dialect or DBAPI driver not installed
+                raise LedgerError(
+                    f"cannot use ledger URL {display}: {exc}; install its driver (PostgreSQL: psycopg[binary])"
+                ) from exc
+        head_name = HEAD_NAME if is_default else f"HEAD-{hashlib.sha256(display.encode()).hexdigest()[:12]}.json"
+        ledger = cls(engine, data_root, data_root.ledger_dir / head_name, display)
+        try:
+            with ledger._write() as conn:
+                migrate(conn)
+        except DBAPIError as exc:
+            engine.dispose()
+            raise LedgerError(f"cannot open the ledger at {display}: {exc.orig}") from exc
+        except BaseException:
+            engine.dispose()
+            raise
+        return ledger
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    def __enter__(self) -> "Ledger":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @contextmanager
+    def _write(self) -> Iterator[Connection]:
+        with self.engine.connect() as conn:
+            conn.execution_options(ledger_write=True)
+            with conn.begin():
+                yield conn
+
+    @contextmanager
+    def _read(self) -> Iterator[Connection]:
+        with self.engine.connect() as conn:
+            with conn.begin():
+                yield conn
+
+    # -- writing ---------------------------------------------------------------------------
+
+    def append(self, kind: str, gen: int | None, payload: dict) -> Entry:
+        """Append one event, chained onto the current last entry; return the stored entry."""
+        ev.validate(kind, gen, payload)
+        body = canonical_json(payload)
+        payload = json.loads(body)  # hash exactly what a reader will load back
+        try:
+            with self._write() as conn:
+                lock_for_write(conn)
+                last = conn.execute(
+                    text("SELECT seq, entry_hash FROM ledger_entries ORDER BY seq DESC LIMIT 1")
+                ).first()
+                seq, prev = (last.seq + 1, last.entry_hash) if last else (1, GENESIS)
+                now = datetime.now(timezone.utc).isoformat(timespec="microseconds")
+                digest = entry_hash(prev, seq, now, kind, gen, payload)
+                conn.execute(
+                    text(
+                        "INSERT INTO ledger_entries (seq, time, kind, gen, payload, prev_hash, entry_hash)"
+                        " VALUES (:seq, :time, :kind, :gen, :payload, :prev, :hash)"
+                    ),
+                    {"seq": seq, "time": now, "kind": kind, "gen": gen, "payload": body, "prev": prev, "hash": digest},
+                )
+        except DBAPIError as exc:
+            raise LedgerError(f"could not append {kind} to the ledger at {self.url}: {exc.orig}") from exc
+        write_head(self.head_path, Head(seq=seq, entry_hash=digest, ledger=self.url))
+        log.debug("ledger: appended seq %d %s gen=%s", seq, kind, gen)
+        return Entry(seq, now, kind, gen, payload, prev, digest)
+
+    def export_head(self) -> Head | None:
+        """Write the head file for the current last entry (``verify --write-head``; normally ``append`` does it)."""
+        last = self.last()
+        if last is None:
+            return None
+        head = Head(seq=last.seq, entry_hash=last.entry_hash, ledger=self.url)
+        write_head(self.head_path, head)
+        return head
+
+    def record(self, event: ev.Event) -> Entry:
+        """Append an event built by one of ``evolution.ledger.events``' helpers."""
+        return self.append(event.kind, event.gen, event.payload)
+
+    # -- reading ---------------------------------------------------------------------------
+
+    def entries(self, *, gen: int | None = None, kind: str | None = None, since: int = 0) -> list[Entry]:
+        """Entries in seq order, optionally only those filed under ``gen`` / of ``kind`` / after seq ``since``."""
+        sql, params = _SELECT + " WHERE seq > :since", {"since": since}
+        if gen is not None:
+            sql, params["gen"] = sql + " AND gen = :gen", gen
+        if kind is not None:
+            sql, params["kind"] = sql + " AND kind = :kind", kind
+        with self._read() as conn:
+            return [Entry.from_row(r) for r in conn.execute(text(sql + " ORDER BY seq"), params)]
+
+    def raw_rows(self) -> list:
+        """Every row as stored (payload as text), in seq order — what ``verify`` checks."""
+        with self._read() as conn:
+            return conn.execute(text(_SELECT + " ORDER BY seq")).all()
+
+    def last(self) -> Entry | None:
+        with self._read() as conn:
+            row = conn.execute(text(_SELECT + " ORDER BY seq DESC LIMIT 1")).first()
+        return Entry.from_row(row) if row else None
+
+    def served_generation(self) -> int | None:
+        """The generation to serve: the target of the latest ``promoted`` or ``rolled_back`` event."""
+        with self._read() as conn:
+            row = conn.execute(
+                text("SELECT gen FROM ledger_entries WHERE kind IN (:p, :r) ORDER BY seq DESC LIMIT 1"),
+                {"p": ev.PROMOTED, "r": ev.ROLLED_BACK},
+            ).first()
+        return None if row is None else row.gen
+
+    def history(self) -> list[GenerationSummary]:
+        """One summary per generation, ascending: parent, status, verdict, metrics, GGUF hash, served."""
+        return summarize(self.entries())
+
+    def generation(self, n: int) -> GenerationDetail:
+        """Everything about generation ``n``; ``LedgerError`` if the ledger does not know it."""
+        return detail(self.entries(), n)
+
+    def verify(self, *, artifacts: bool = True, head: Path | None = None) -> VerifyReport:
+        """Recompute the chain, check the exported head and re-hash artifacts on disk."""
+        return verify(self, artifacts=artifacts, head_path=head)
