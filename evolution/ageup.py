@@ -23,13 +23,13 @@ from filelock import FileLock, Timeout
 
 from evolution import base as base_model
 from evolution import curriculum as curriculum_mod
-from evolution import export, replay, train
+from evolution import export, gate, replay, train
 from evolution.config import AgeUpConfig
 from evolution.errors import EvolutionError, GenerationError
 from evolution.export import GGUF_NAME, HF_DIR, Artifact
 from evolution.fsutil import atomic_write_json, fsync_dir, make_tree_read_only, make_tree_writable, sha256_file
 from evolution.errors import IntegrityError
-from evolution.ledger import Ledger
+from evolution.ledger import Ledger, check_servable
 from evolution.ledger import events as ev
 from evolution.paths import DataRoot, gen_name
 
@@ -38,8 +38,12 @@ log = logging.getLogger(__name__)
 StageFn = Callable[[str, str], None]
 """stage_cb(stage, 'start' | 'done' | 'skip')"""
 
-CHILD_STAGES = ("data", "train", "merge", "gguf_f16", "quantize", "smoke", "finalize")
-BASE_STAGES = ("base", "gguf_f16", "quantize", "smoke", "finalize")
+CHILD_STAGES = ("data", "train", "merge", "gguf_f16", "quantize", "smoke", "gate", "finalize")
+BASE_STAGES = ("base", "gguf_f16", "quantize", "smoke", "measure", "finalize")
+
+
+class AgeUpsPaused(EvolutionError):
+    """The stop rule paused age-ups; a person must run `evolve resume`."""
 
 
 @dataclass
@@ -60,6 +64,8 @@ class GenerationSummary:
     smoke: dict
     created_at: str
     resumed: bool = False
+    gate: dict | None = None
+    """verdict, reasons, metrics, parent_metrics, thresholds ("measured" for generation 0)."""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -135,6 +141,7 @@ def _finalize(root: DataRoot, state: _State, staging: Path, base_name: str) -> G
         smoke=state.info.get("smoke", {}),
         created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         resumed=state.info.get("resumed", False),
+        gate=state.info.get("gate"),
     )
     atomic_write_json(staging / "config.json", state.config)
     atomic_write_json(staging / "generation.json", summary.to_dict())
@@ -179,8 +186,14 @@ def _lock(root: DataRoot) -> FileLock:
     return lock
 
 
-def bootstrap(root: DataRoot, cfg: AgeUpConfig, ledger: Ledger, base: Path | None = None,
-              stage_cb: StageFn = _noop) -> GenerationSummary:
+def _gate_info(result: gate.GateResult) -> dict:
+    return {"verdict": result.verdict, "reasons": result.reasons, "metrics": result.metrics(),
+            "parent_metrics": result.parent.metrics() if result.parent else None,
+            "parent": result.parent.gen if result.parent else None, "thresholds": result.thresholds}
+
+
+def bootstrap(root: DataRoot, cfg: AgeUpConfig, ledger: Ledger, cur: curriculum_mod.Curriculum,
+              base: Path | None = None, stage_cb: StageFn = _noop) -> GenerationSummary:
     """Build generation 0 from the embedded model (or ``base``) if it does not exist yet.
 
     Generation 0 is measured, not gated: it is recorded as promoted, the first served generation.
@@ -197,42 +210,81 @@ def bootstrap(root: DataRoot, cfg: AgeUpConfig, ledger: Ledger, base: Path | Non
         info = base_model.materialize(staging / HF_DIR, base)
         state.info["base"] = asdict(info)
 
+    def measure():
+        es = gate.eval_set(cur, [])
+        m = gate.measure(staging / GGUF_NAME, 0, es, cfg.gate, cfg.export.smoke_prompt)
+        result = gate.GateResult("measured", [], m, None, {}, None)
+        gate.write_report(result, staging)
+        gate.save_recall_items(es, staging / "data")
+        state.info["gate"] = _gate_info(result)
+
     _run(state, "base", make_base, stage_cb)
     _export_stages(state, staging, cfg, stage_cb)
+    _run(state, "measure", measure, stage_cb)
     stage_cb("finalize", "start")
     ledger.record(ev.generation_created(0, None, state.info["base"]["name"], cfg.digest(), None,
                                         source=state.info["base"], config=state.config))
     summary = _finalize(root, state, staging, state.info["base"]["name"])
     stage_cb("finalize", "done")
-    _record_export(root, ledger, summary)
+    _record_finished(root, ledger, summary, cfg.gate.stop_after)
     return summary
 
 
-def _record_export(root: DataRoot, ledger: Ledger, s: GenerationSummary) -> None:
-    """Append ``exported`` for a finished generation (and ``promoted`` for generation 0)."""
-    rel = root.gen_dir(s.gen).relative_to(root.root)
-    artifacts = [asdict(a) | {"path": (rel / a.path).as_posix()} for a in s.artifacts]
-    ledger.record(ev.exported(s.gen, artifacts, s.quantization, stage_seconds=s.stage_seconds, smoke=s.smoke))
-    if s.gen == 0 and ledger.served_generation() is None:
-        ledger.record(ev.promoted(0, reason="generation 0 is the base model: measured, not gated"))
+def _record_finished(root: DataRoot, ledger: Ledger, s: GenerationSummary, stop_after: int) -> None:
+    """Append what a finished generation still lacks in the ledger: exported, gate result, verdict."""
+    have = {e.kind for e in ledger.entries(gen=s.gen)}
+    if ev.EXPORTED not in have:
+        rel = root.gen_dir(s.gen).relative_to(root.root)
+        artifacts = [asdict(a) | {"path": (rel / a.path).as_posix()} for a in s.artifacts]
+        ledger.record(ev.exported(s.gen, artifacts, s.quantization, stage_seconds=s.stage_seconds, smoke=s.smoke))
+    g = s.gate or {}
+    if s.gen == 0:
+        if ev.PROMOTED not in have and ledger.served_generation() is None:
+            ledger.record(ev.promoted(0, reason="generation 0 is the base model: measured, not gated",
+                                      metrics=g.get("metrics")))
+        return
+    if ev.GATE_RESULT not in have:
+        ledger.record(ev.gate_result(s.parent, s.gen, g["metrics"], g["thresholds"], g["verdict"],
+                                     parent_metrics=g["parent_metrics"], reasons=g["reasons"]))
+    if ev.PROMOTED not in have and ev.REJECTED not in have:
+        if g["verdict"] == gate.PASS:
+            ledger.record(ev.promoted(s.gen, reason=f"passed its gate against generation {s.parent}"))
+        else:
+            ledger.record(ev.rejected(s.gen, "; ".join(g["reasons"])))
+        _apply_stop_rule(ledger, stop_after)
 
 
-def reconcile(root: DataRoot, ledger: Ledger) -> None:
+def _apply_stop_rule(ledger: Ledger, stop_after: int) -> None:
+    since = max((e.seq for e in ledger.entries(kind=ev.AGEUPS_RESUMED)), default=0)
+    results = [e.payload for e in ledger.entries(kind=ev.GATE_RESULT, since=since)]
+    reason = gate.stop_rule(results, stop_after)
+    if reason and paused_reason(ledger) is None:
+        log.warning("pausing age-ups: %s", reason)
+        ledger.record(ev.ageups_paused(reason))
+
+
+def paused_reason(ledger: Ledger) -> str | None:
+    """Why age-ups are paused, or None: the last pause not followed by a resume."""
+    last = [e for e in ledger.entries() if e.kind in (ev.AGEUPS_PAUSED, ev.AGEUPS_RESUMED)]
+    return last[-1].payload["reason"] if last and last[-1].kind == ev.AGEUPS_PAUSED else None
+
+
+def reconcile(root: DataRoot, ledger: Ledger, stop_after: int = 2) -> None:
     """Record generations that were finished on disk but not yet in the ledger (a crash in between).
 
     Their files are re-hashed against their own ``generation.json`` first; a mismatch is refused.
     """
-    exported = {e.gen for e in ledger.entries(kind=ev.EXPORTED)}
     for n in root.generations():
-        if n in exported:
-            continue
         s = GenerationSummary.load(root.gen_dir(n))
+        kinds = {e.kind for e in ledger.entries(gen=n)}
+        if ev.EXPORTED in kinds and (n == 0 or ev.PROMOTED in kinds or ev.REJECTED in kinds):
+            continue
         for a in s.artifacts:
             if sha256_file(root.gen_dir(n) / a.path) != a.sha256:
                 raise IntegrityError(f"{root.gen_dir(n) / a.path} does not match its generation.json; "
                                      "the generation was changed after it was built — move it aside to continue")
         log.warning("recording %s, finished before a crash but missing from the ledger", gen_name(n))
-        _record_export(root, ledger, s)
+        _record_finished(root, ledger, s, stop_after)
 
 
 def select_parent(root: DataRoot, ledger: Ledger) -> int:
@@ -267,8 +319,11 @@ def age_up(root: DataRoot, cfg: AgeUpConfig, ledger: Ledger, base: Path | None =
     for w in cur.warnings:
         log.warning("curriculum: %s", w)
     with _lock(root):
-        reconcile(root, ledger)
-        bootstrap(root, cfg, ledger, base, stage_cb)
+        reconcile(root, ledger, cfg.gate.stop_after)
+        paused = paused_reason(ledger)
+        if paused:
+            raise AgeUpsPaused(f"age-ups are paused: {paused}")
+        bootstrap(root, cfg, ledger, cur, base, stage_cb)
         partial = sorted(n for n in root.partial_generations() if n > 0)
         if restart:
             for n in partial:
@@ -299,6 +354,7 @@ def age_up(root: DataRoot, cfg: AgeUpConfig, ledger: Ledger, base: Path | None =
 
         def data():
             manifest = replay.materialize(root, cur, child, cfg.curriculum.replay_ratio, cfg.train.seed, staging / "data")
+            gate.save_recall_items(gate.eval_set(cur, []), staging / "data")
             state.info["manifest_hash"] = manifest["sha256"]
             ledger.record(ev.generation_created(child, parent, GenerationSummary.load(parent_dir).base, cfg.digest(),
                                                 manifest["sha256"], config=state.config, manifest=manifest))
@@ -323,8 +379,18 @@ def age_up(root: DataRoot, cfg: AgeUpConfig, ledger: Ledger, base: Path | None =
         _run(state, "merge", lambda: export.merge(parent_hf, staging / "adapter", staging / HF_DIR,
                                                  cfg.export.merged_dtype), stage_cb)
         _export_stages(state, staging, cfg, stage_cb)
+
+        def do_gate():
+            parent_gguf = root.root / check_servable(ledger, parent)["path"]  # hash verified against the ledger
+            ancestors = [root.gen_dir(g) / "data" for g in ledger.generation(parent).lineage]
+            es = gate.eval_set(cur, ancestors)
+            result = gate.run(staging / GGUF_NAME, child, parent_gguf, parent, es, cfg.gate, cfg.export.smoke_prompt)
+            gate.write_report(result, staging)
+            state.info["gate"] = _gate_info(result)
+
+        _run(state, "gate", do_gate, stage_cb)
         stage_cb("finalize", "start")
         summary = _finalize(root, state, staging, GenerationSummary.load(parent_dir).base)
         stage_cb("finalize", "done")
-        _record_export(root, ledger, summary)
+        _record_finished(root, ledger, summary, cfg.gate.stop_after)
         return summary

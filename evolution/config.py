@@ -86,10 +86,38 @@ class ExportConfig:
 
 
 @dataclass
+class GateConfig:
+    """When a child may be served. Measured on the quantized GGUF, child against parent.
+
+    Absolute thresholds (``min_recall``, ``max_style_drift``) must be set: with either unset the
+    gate passes nothing. Margins are non-inferiority bounds against the parent; None disables one.
+    Calibration on the embedded model is documented in the README.
+    """
+
+    min_recall: float | None = 0.7
+    """Child recall (fraction of recall items answered correctly) must be at least this."""
+    max_style_drift: float | None = 2.0
+    """Child style drift from the style references, in reference standard deviations, at most this."""
+    recall_margin: float | None = 0.05
+    """Child recall may not fall more than this below the parent's (forgetting)."""
+    generalization_margin: float | None = 0.10
+    """Held-out question accuracy may not fall more than this below the parent's."""
+    max_perplexity_ratio: float | None = 1.5
+    """Held-out text perplexity may be at most this multiple of the parent's."""
+    answer_max_tokens: int = 64
+    """Token budget of each eval answer (temperature 0)."""
+    smoke_max_tokens: int = 128
+    """The smoke prompt must be answered, ending with end-of-sequence, within this many tokens."""
+    stop_after: int = 2
+    """Pause age-ups after this many children in a row failed to improve recall over their parents."""
+
+
+@dataclass
 class AgeUpConfig:
     curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    gate: GateConfig = field(default_factory=GateConfig)
     quick: bool = False
 
     def to_dict(self) -> dict:
@@ -122,14 +150,14 @@ def apply_overrides(cfg: AgeUpConfig, overrides: dict, where: str = "override") 
             continue
         section = getattr(cfg, key, None)
         if not dataclasses.is_dataclass(section) or not isinstance(value, dict):
-            problems.append(f"{where}: unknown section [{key}] (known: curriculum, train, export)")
+            problems.append(f"{where}: unknown section [{key}] (known: curriculum, train, export, gate)")
             continue
         names = {f.name for f in dataclasses.fields(section)}
         for k, v in value.items():
             if k not in names:
                 problems.append(f"{where}: [{key}] has no field {k!r} (known: {', '.join(sorted(names))})")
             else:
-                setattr(section, k, v)
+                setattr(section, k, None if v == "off" else v)  # TOML has no null: "off" unsets a field
     if problems:
         raise ConfigError(problems)
 
@@ -178,6 +206,17 @@ def validate(cfg: AgeUpConfig) -> None:
         p.append(f"curriculum.replay_ratio must be between 0 and 10, got {c.replay_ratio!r}")
     if c.phases is not None and (not isinstance(c.phases, list) or not all(isinstance(x, int) and x >= 0 for x in c.phases)):
         p.append(f"curriculum.phases must be a list of phase numbers, got {c.phases!r}")
+    g = cfg.gate
+    for name in ("min_recall", "recall_margin", "generalization_margin"):
+        v = getattr(g, name)
+        if v is not None and (not isinstance(v, (int, float)) or not 0 <= v <= 1):
+            p.append(f"gate.{name} must be between 0 and 1 (or unset), got {v!r}")
+    for name in ("max_style_drift", "max_perplexity_ratio"):
+        v = getattr(g, name)
+        if v is not None and (not isinstance(v, (int, float)) or v <= 0):
+            p.append(f"gate.{name} must be a positive number (or unset), got {v!r}")
+    for name in ("answer_max_tokens", "smoke_max_tokens", "stop_after"):
+        positive_int(f"gate.{name}", getattr(g, name))
     if not Path(c.path).is_dir():
         p.append(f"curriculum.path {c.path!r} is not a directory (pass --curriculum PATH)")
     if p:

@@ -41,9 +41,7 @@ def tokenizer():
     return load_embedded_tokenizer()
 
 
-@pytest.fixture(scope="session")
-def tiny_base(tmp_path_factory, tokenizer) -> Path:
-    """A 2-layer, 64-wide Llama with the SmolLM2 tokenizer, saved as an HF checkpoint."""
+def _tiny_llama(out: Path, tokenizer, initializer_range: float = 0.02) -> Path:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -60,12 +58,26 @@ def tiny_base(tmp_path_factory, tokenizer) -> Path:
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
+        initializer_range=initializer_range,
     )
     model = LlamaForCausalLM(config)
-    out = tmp_path_factory.mktemp("tiny_base")
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory, tokenizer) -> Path:
+    """A 2-layer, 64-wide Llama with the SmolLM2 tokenizer, saved as an HF checkpoint."""
+    return _tiny_llama(tmp_path_factory.mktemp("tiny_base"), tokenizer)
+
+
+@pytest.fixture(scope="session")
+def learnable_base(tmp_path_factory, tokenizer) -> Path:
+    """The tiny Llama with wider initial weights: its tied, frozen embeddings then give LoRA
+    logits large enough to memorize a few facts in a few dozen steps (at the default 0.02 the
+    loss barely moves)."""
+    return _tiny_llama(tmp_path_factory.mktemp("learnable_base"), tokenizer, initializer_range=0.3)
 
 
 def write_jsonl(path: Path, rows: list) -> None:

@@ -58,14 +58,17 @@ def test_age_up_builds_hashed_read_only_generations(tiny_base, tiny_cfg, ledger)
 
     kinds = [(e.kind, e.gen) for e in ledger.entries()]
     assert kinds == [("generation_created", 0), ("exported", 0), ("promoted", 0), ("generation_created", 1),
-                     ("training_started", 1), ("training_finished", 1), ("exported", 1)]
+                     ("training_started", 1), ("training_finished", 1), ("exported", 1), ("gate_result", 1),
+                     ("rejected", 1)]  # a 6-step child of a random 2-layer model does not pass the gate
     exported = ledger.entries(kind="exported")[-1].payload
     assert {a["kind"] for a in exported["artifacts"]} == {"gguf", "safetensors", "adapter"}
     for art in exported["artifacts"]:
         assert sha256_file(root.root / art["path"]) == art["sha256"]
     gguf = next(a for a in exported["artifacts"] if a["kind"] == "gguf")
     assert gguf["sha256"] == recorded[0]
-    assert ledger.served_generation() == 0  # no gate has passed the child
+    assert ledger.served_generation() == 0
+    for name in ("eval.json", "eval.md"):
+        assert (gen1 / name).is_file()
     assert ledger.verify().ok
 
 
@@ -120,7 +123,8 @@ def test_generation_finished_before_a_crash_is_recorded_on_the_next_run(tiny_bas
         from evolution.ageup import reconcile
 
         reconcile(DataRoot(other), fresh)
-        assert [(e.kind, e.gen) for e in fresh.entries()] == [("exported", 0), ("promoted", 0), ("exported", 1)]
+        assert [(e.kind, e.gen) for e in fresh.entries()] == [
+            ("exported", 0), ("promoted", 0), ("exported", 1), ("gate_result", 1), ("rejected", 1)]
 
 
 def test_tampered_parent_weights_stop_the_age_up(tiny_base, tiny_cfg, ledger):

@@ -34,10 +34,12 @@ def main(verbose: bool) -> None:
 
 
 def _register() -> None:
-    from evolution.cli import ageup, curriculum
+    from evolution.cli import ageup, control, curriculum
 
     main.add_command(ageup.age_up)
     main.add_command(curriculum.curriculum)
+    main.add_command(control.status)
+    main.add_command(control.resume)
 
     from evolution.cli import ledger as ledger_cli
 

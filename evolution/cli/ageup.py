@@ -23,6 +23,8 @@ STAGE_TITLES = {
     "gguf_f16": "convert → GGUF f16",
     "quantize": "quantize + SHA-256",
     "smoke": "smoke check (llama-cpp-python)",
+    "measure": "measure generation 0 (recall, generalization, style)",
+    "gate": "gate: child vs parent on the GGUF (recall, generalization, style drift)",
     "finalize": "finalize (atomic rename, read-only)",
 }
 
@@ -115,6 +117,15 @@ def age_up(quick, base, curriculum_path, phases, config_file, quantization, back
                 table.add_row(st.upper(), f"{m['steps']} steps, {m['tokens']} tokens, loss {m['loss_first']:.3f} → "
                               f"{m['loss_last']:.3f}, {m['tokens_per_s']:.0f} tok/s")
     table.add_row("smoke reply", summary.smoke.get("reply", "")[:100])
+    if summary.gate:
+        g = summary.gate
+        nums = ", ".join(f"{k} {v:.3g}" + (f" (parent {g['parent_metrics'][k]:.3g})" if g.get("parent_metrics") else "")
+                         for k, v in g["metrics"].items() if k != "style_drift_from_parent")
+        verdict = {"pass": "[green]PASS: promoted, now served[/]", "fail": "[red]FAIL: rejected, parent still served[/]"}
+        table.add_row("gate", verdict.get(g["verdict"], g["verdict"]))
+        table.add_row("metrics", nums)
+        for r in g["reasons"]:
+            table.add_row("reason", r)
     for stage, secs in summary.stage_seconds.items():
         table.add_row(f"time: {stage}", f"{secs:.1f} s")
     table.add_row("wall time", f"{wall:.1f} s")

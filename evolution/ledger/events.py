@@ -9,7 +9,8 @@ Which generation an event is filed under (its ``gen`` column):
 - ``generation_created``, ``training_*``, ``exported``, ``promoted``, ``rejected``: that generation;
 - ``gate_result``: the child;
 - ``rolled_back``: the generation now served (``to``);
-- ``karma_threshold_crossed``: none (``gen`` is ``None``), or the generation being served.
+- ``karma_threshold_crossed``: none (``gen`` is ``None``), or the generation being served;
+- ``ageups_paused`` / ``ageups_resumed``: none (the stop rule, and the person who lifts it).
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ PROMOTED = "promoted"
 REJECTED = "rejected"
 ROLLED_BACK = "rolled_back"
 KARMA_THRESHOLD_CROSSED = "karma_threshold_crossed"
+AGEUPS_PAUSED = "ageups_paused"
+AGEUPS_RESUMED = "ageups_resumed"
 
 PASS = "pass"
 FAIL = "fail"
@@ -46,11 +49,13 @@ REQUIRED_FIELDS: dict[str, tuple[str, ...]] = {
     REJECTED: ("reason",),
     ROLLED_BACK: ("from", "to", "reason"),
     KARMA_THRESHOLD_CROSSED: ("karma", "threshold"),
+    AGEUPS_PAUSED: ("reason",),
+    AGEUPS_RESUMED: ("reason",),
 }
 KINDS = tuple(REQUIRED_FIELDS)
 
 #: Kinds that must name a generation in the ``gen`` column.
-_NEEDS_GEN = frozenset(KINDS) - {KARMA_THRESHOLD_CROSSED}
+_NEEDS_GEN = frozenset(KINDS) - {KARMA_THRESHOLD_CROSSED, AGEUPS_PAUSED, AGEUPS_RESUMED}
 _ARTIFACT_KEYS = ("path", "sha256", "size", "kind")
 
 
@@ -161,3 +166,12 @@ def rolled_back(from_gen: int | None, to_gen: int, reason: str, **extra) -> Even
 
 def karma_threshold_crossed(karma: float, threshold: float, gen: int | None = None, **extra) -> Event:
     return Event(KARMA_THRESHOLD_CROSSED, gen, dict(karma=karma, threshold=threshold, **extra))
+
+
+def ageups_paused(reason: str, **extra) -> Event:
+    """The stop rule fired: no more age-ups until a person resumes them."""
+    return Event(AGEUPS_PAUSED, None, dict(reason=reason, **extra))
+
+
+def ageups_resumed(reason: str, **extra) -> Event:
+    return Event(AGEUPS_RESUMED, None, dict(reason=reason, **extra))
