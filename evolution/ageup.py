@@ -200,6 +200,8 @@ def bootstrap(root: DataRoot, cfg: AgeUpConfig, ledger: Ledger, cur: curriculum_
     """
     if 0 in root.generations():
         return GenerationSummary.load(root.gen_dir(0))
+    if base is not None:
+        base_model.check_local(base)
     staging = root.staging_dir(0)
     staging.mkdir(parents=True, exist_ok=True)
     state, resumed = _State.load_or_new(staging / "state.json", 0, None, cfg.to_dict())

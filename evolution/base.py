@@ -79,14 +79,22 @@ def _dequantize_embedded(out_dir: Path) -> BaseInfo:
     return BaseInfo(name=EMBEDDED_NAME, source=str(gguf), source_sha256=sha256_file(gguf))
 
 
+def check_local(base: Path) -> None:
+    """Refuse a --base that cannot be a Hugging Face checkpoint, before anything is built."""
+    base = Path(base)
+    weights = list(base.glob("*.safetensors")) + list(base.glob("*.bin"))
+    if not base.is_dir() or not (base / "config.json").is_file() or not weights:
+        raise BaseModelError(
+            f"--base {base}: not a Hugging Face checkpoint directory (expected config.json, "
+            "*.safetensors weights and a tokenizer)"
+        )
+
+
 def _resave_local(base: Path, out_dir: Path) -> BaseInfo:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if not base.is_dir() or not (base / "config.json").is_file():
-        raise BaseModelError(
-            f"--base {base}: not a Hugging Face checkpoint directory (expected config.json, weights and a tokenizer)"
-        )
+    check_local(base)
     try:
         tokenizer = AutoTokenizer.from_pretrained(base, local_files_only=True)
         model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, local_files_only=True)

@@ -285,5 +285,5 @@ def load(root: str | Path, phases: list[int] | None = None) -> Curriculum:
     if phases is not None and not cur.cpt and not cur.sft:
         problems.append(f"phases {phases}: no training data selected")
     if problems:
-        raise CurriculumError(problems)
+        raise CurriculumError(problems, root)
     return cur

@@ -20,9 +20,10 @@ class ConfigError(EvolutionError):
 class CurriculumError(EvolutionError):
     """One or more curriculum lines are malformed. ``problems`` holds ``file:line: reason`` strings."""
 
-    def __init__(self, problems: list[str]):
+    def __init__(self, problems: list[str], root=None):
         self.problems = list(problems)
-        head = f"{len(self.problems)} problem(s) in the curriculum; nothing was trained:"
+        where = f" at {root}" if root else ""
+        head = f"{len(self.problems)} problem(s) in the curriculum{where} (nothing trains until every line is fixed):"
         super().__init__(head + "\n" + "\n".join(f"  {p}" for p in self.problems))
 
 

@@ -7,6 +7,7 @@ beside it in ``model.gguf.sha256`` (sha256sum format).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import os
@@ -85,6 +86,20 @@ def to_gguf_f16(hf_dir: Path, out: Path) -> None:
     tmp.rename(out)
 
 
+@contextlib.contextmanager
+def _c_stderr_to(path: Path):
+    """Send the C library's stderr (llama.cpp prints a line per tensor) to ``path`` meanwhile."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with open(path, "wb") as sink:
+        os.dup2(sink.fileno(), 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def quantize(f16: Path, out: Path, qtype: str) -> None:
     """Quantize an f16 GGUF through llama-cpp-python (``f16`` copies it unchanged)."""
     tmp = out.with_name(out.name + ".tmp")
@@ -93,17 +108,20 @@ def quantize(f16: Path, out: Path, qtype: str) -> None:
     else:
         import llama_cpp
 
-        logging.getLogger("llama-cpp-python").setLevel(logging.WARNING)  # per-tensor lines otherwise
         ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{qtype.upper()}", None)
         if ftype is None:
             raise ExportError(f"llama-cpp-python has no quantization type {qtype!r}")
         params = llama_cpp.llama_model_quantize_default_params()
         params.ftype = ftype
         params.nthread = os.cpu_count() or 1
-        rc = llama_cpp.llama_model_quantize(str(f16).encode(), str(tmp).encode(), ctypes.byref(params))
+        log_path = out.with_name(out.name + ".quantize.log")
+        with _c_stderr_to(log_path):
+            rc = llama_cpp.llama_model_quantize(str(f16).encode(), str(tmp).encode(), ctypes.byref(params))
+        detail = "\n".join(log_path.read_text(errors="replace").splitlines()[-10:])
+        log_path.unlink(missing_ok=True)
         if rc != 0 or not tmp.is_file():
             tmp.unlink(missing_ok=True)
-            raise ExportError(f"quantizing {f16.name} to {qtype} failed (llama_model_quantize returned {rc})")
+            raise ExportError(f"quantizing {f16.name} to {qtype} failed (llama_model_quantize returned {rc}):\n{detail}")
     fsync_file(tmp)
     tmp.rename(out)
 

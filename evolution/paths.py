@@ -45,6 +45,23 @@ class DataRoot:
     def logs(self) -> Path:
         return self.root / "logs"
 
+    def prepare(self) -> "DataRoot":
+        """Create the data root's folders, or say clearly why it cannot be used."""
+        from evolution.errors import ConfigError
+
+        try:
+            for d in (self.checkpoints, self.ledger_dir):
+                d.mkdir(parents=True, exist_ok=True)
+                probe = d / ".write-test"
+                probe.write_bytes(b"")
+                probe.unlink()
+        except OSError as exc:
+            raise ConfigError([
+                f"data root {self.root} is not usable ({exc.strerror}: {exc.filename}); set EVOLUTION_HOME "
+                "to a writable directory, or unset it to use the repository's checkpoints/ and ledger/"
+            ]) from None
+        return self
+
     def gen_dir(self, n: int) -> Path:
         return self.checkpoints / gen_name(n)
 

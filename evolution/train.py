@@ -244,6 +244,9 @@ def _run_stage(stage: str, model, tokenizer, rows: list[dict], cfg: TrainConfig,
         processing_class=tokenizer,
         callbacks=_callbacks(stage, max_steps, metrics, progress) + list(extra_callbacks or []),
     )
+    from transformers.trainer_callback import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)  # progress and losses go through our callback instead
     t0 = time.perf_counter()
     trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     metrics.wall_s = time.perf_counter() - t0

@@ -143,3 +143,22 @@ def test_tampered_parent_weights_stop_the_age_up(tiny_base, tiny_cfg, ledger):
     with pytest.raises(IntegrityError, match="gen_0000/hf/model.safetensors"):
         age_up(root, tiny_cfg, ledger)
     assert root.partial_generations() == []
+
+
+def test_unusable_data_root_and_bad_base_are_refused_before_anything_is_written(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from evolution.cli import main
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setenv("EVOLUTION_HOME", str(blocker / "home"))
+    result = CliRunner().invoke(main, ["ledger"])
+    assert result.exit_code == 1 and "is not usable" in result.output and "EVOLUTION_HOME" in result.output
+
+    monkeypatch.setenv("EVOLUTION_HOME", str(tmp_path / "home2"))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    result = CliRunner().invoke(main, ["age-up", "--base", str(empty)])
+    assert result.exit_code == 1 and "not a Hugging Face checkpoint directory" in result.output
+    assert not any((tmp_path / "home2" / "checkpoints").iterdir())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import time
 from pathlib import Path
 
@@ -12,6 +13,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from evolution import ageup, config
+from evolution import base as base_model
 from evolution.ledger import Ledger
 from evolution.paths import DataRoot
 
@@ -50,7 +52,9 @@ def _size(n: int) -> str:
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def age_up(quick, base, curriculum_path, phases, config_file, quantization, backend, restart, as_json) -> None:
     """Run one whole generation now, from the latest generation (creating generation 0 first if needed)."""
-    root = DataRoot.from_env()
+    root = DataRoot.from_env().prepare()
+    if base is not None:
+        base_model.check_local(base)
     overrides: dict = {}
     if curriculum_path:
         overrides.setdefault("curriculum", {})["path"] = str(curriculum_path.resolve())
@@ -95,11 +99,22 @@ def age_up(quick, base, curriculum_path, phases, config_file, quantization, back
 
     console.print(f"data root: {root.root}{'  (--quick)' if cfg.quick else ''}")
     t0 = time.perf_counter()
+    def on_sigterm(signum, frame):
+        raise KeyboardInterrupt("SIGTERM")
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
     try:
         with Ledger.open(root) as ledger:
             summary = ageup.age_up(root, cfg, ledger, base=base, progress=on_step, stage_cb=on_stage, restart=restart)
+    except KeyboardInterrupt:
+        progress.stop()
+        raise click.ClickException(
+            "age-up interrupted; finished stages and the last complete checkpoint are kept — "
+            "run `evolve age-up` again to resume (or --restart to start over)"
+        ) from None
     finally:
         progress.stop()
+        signal.signal(signal.SIGTERM, previous)
     wall = time.perf_counter() - t0
     if as_json:
         click.echo(json.dumps(summary.to_dict() | {"wall_s": round(wall, 1)}, indent=2, default=str))

@@ -16,7 +16,7 @@ from evolution.paths import DataRoot
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for machines.")
 def status(as_json: bool) -> None:
     """The served generation, the latest one, an interrupted age-up, and whether age-ups are paused."""
-    root = DataRoot.from_env()
+    root = DataRoot.from_env().prepare()
     with Ledger.open(root) as ledger:
         info = {
             "data_root": str(root.root),
@@ -48,7 +48,7 @@ def status(as_json: bool) -> None:
 @click.option("--reason", default="resumed by hand", show_default=True, help="Recorded in the ledger.")
 def resume(reason: str) -> None:
     """Lift the stop rule: allow age-ups again after they were paused."""
-    with Ledger.open(DataRoot.from_env()) as ledger:
+    with Ledger.open(DataRoot.from_env().prepare()) as ledger:
         if paused_reason(ledger) is None:
             raise click.ClickException("age-ups are not paused; nothing to resume")
         entry = ledger.record(ev.ageups_resumed(reason))

@@ -141,7 +141,7 @@ def migrate(conn: Connection) -> int:
     for m in MIGRATIONS:
         if m.version <= version:
             continue
-        log.info("ledger: applying migration %s", m.name)
+        log.debug("ledger: applying migration %s", m.name)
         for stmt in m.statements(dialect):
             conn.exec_driver_sql(stmt)
         conn.execute(
