@@ -15,12 +15,11 @@ from __future__ import annotations
 
 import fcntl
 import json
-import os
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from evolution.errors import LedgerError
+from evolution.fsutil import atomic_write_json
 
 HEAD_NAME = "HEAD.json"
 
@@ -56,15 +55,7 @@ def write_head(path: Path, head: Head) -> bool:
             current = None
         if current is not None and current.ledger == head.ledger and current.seq >= head.seq:
             return False
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(asdict(head), f, indent=2, sort_keys=True)
-                f.write("\n")
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        # The folder is not fsynced: after a crash the head may be older than the database,
+        # never ahead of it, and verify accepts an older head; it saves ~1 ms per append.
+        atomic_write_json(path, asdict(head), sync_dir=False)
         return True
