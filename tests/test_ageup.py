@@ -162,3 +162,34 @@ def test_unusable_data_root_and_bad_base_are_refused_before_anything_is_written(
     result = CliRunner().invoke(main, ["age-up", "--base", str(empty)])
     assert result.exit_code == 1 and "not a Hugging Face checkpoint directory" in result.output
     assert not any((tmp_path / "home2" / "checkpoints").iterdir())
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral"])
+def test_generation_zero_from_other_model_families(arch, tokenizer, tiny_cfg, ledger, tmp_path):
+    """--base takes a local HF causal LM of another family; it converts, quantizes and loads.
+
+    Qwen and Phi checkpoints convert with their own tokenizers, which cannot be fetched here;
+    llama.cpp's converter refuses the SmolLM2 tokenizer on those architectures, so they are not
+    faked with it.
+    """
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from evolution import curriculum
+    from evolution.ageup import bootstrap
+
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(
+        arch, vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    base = tmp_path / f"tiny-{arch}"
+    AutoModelForCausalLM.from_config(config).save_pretrained(base)
+    tokenizer.save_pretrained(base)
+
+    root = DataRoot.from_env()
+    summary = bootstrap(root, tiny_cfg, ledger, curriculum.load(tiny_cfg.curriculum.path), base=base)
+    assert summary.gen == 0 and summary.base == base.name
+    assert sha256_file(root.gen_dir(0) / "model.gguf") == summary.gguf.sha256
+    assert summary.smoke["finish_reason"] in ("stop", "length")
+    assert ledger.served_generation() == 0

@@ -79,6 +79,10 @@ def age_up(quick, base, curriculum_path, phases, config_file, quantization, back
     tasks: dict[str, int] = {}
 
     def on_step(stage: str, step: int, total: int, loss: float | None) -> None:
+        if not console.is_terminal:  # a log file gets a line every 5 % instead of a live bar
+            if step == total or step % max(1, total // 20) == 0:
+                console.print(f"  {stage.upper()} step {step}/{total} loss {loss if loss is None else round(loss, 3)}")
+            return
         if stage not in tasks:
             tasks[stage] = progress.add_task(stage.upper(), total=total, loss="-")
         progress.update(tasks[stage], completed=step, loss=f"{loss:.3f}" if loss is not None else "-")
