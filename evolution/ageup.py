@@ -10,6 +10,7 @@ read-only, so a half-written generation never looks finished.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import shutil
@@ -17,7 +18,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 from filelock import FileLock, Timeout
 
@@ -173,7 +174,9 @@ def _export_stages(state: _State, staging: Path, cfg: AgeUpConfig, stage_cb: Sta
     _run(state, "smoke", smoke, stage_cb)
 
 
-def _lock(root: DataRoot) -> FileLock:
+@contextlib.contextmanager
+def _lock(root: DataRoot) -> Iterator[None]:
+    """One age-up at a time per data root (an OS file lock: released even if the process dies)."""
     root.checkpoints.mkdir(parents=True, exist_ok=True)
     lock = FileLock(str(root.checkpoints / ".ageup.lock"))
     try:
@@ -183,7 +186,10 @@ def _lock(root: DataRoot) -> FileLock:
             f"another age-up is running on {root.root} (lock {root.checkpoints / '.ageup.lock'}); "
             "wait for it to finish — only one age-up runs at a time"
         ) from None
-    return lock
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def _gate_info(result: gate.GateResult) -> dict:
@@ -224,8 +230,9 @@ def bootstrap(root: DataRoot, cfg: AgeUpConfig, ledger: Ledger, cur: curriculum_
     _export_stages(state, staging, cfg, stage_cb)
     _run(state, "measure", measure, stage_cb)
     stage_cb("finalize", "start")
-    ledger.record(ev.generation_created(0, None, state.info["base"]["name"], cfg.digest(), None,
-                                        source=state.info["base"], config=state.config))
+    if not ledger.entries(gen=0, kind=ev.GENERATION_CREATED):  # a crash may have come after this record
+        ledger.record(ev.generation_created(0, None, state.info["base"]["name"], cfg.digest(), None,
+                                            source=state.info["base"], config=state.config))
     summary = _finalize(root, state, staging, state.info["base"]["name"])
     stage_cb("finalize", "done")
     _record_finished(root, ledger, summary, cfg.gate.stop_after)
@@ -313,8 +320,8 @@ def age_up(root: DataRoot, cfg: AgeUpConfig, ledger: Ledger, base: Path | None =
            train_callbacks: list | None = None, restart: bool = False) -> GenerationSummary:
     """Build the next generation: bootstrap generation 0 if needed, then train, merge and export a child.
 
-    The child is numbered after the newest generation on disk (rejected ones included) and
-    trained from the served one.
+    The child is numbered after every generation on disk or in the ledger (rejected and discarded ones
+    included) and trained from the served one.
     """
     # Validate the curriculum before anything is created or trained.
     cur = curriculum_mod.load(cfg.curriculum.path, cfg.curriculum.phases)
@@ -339,7 +346,8 @@ def age_up(root: DataRoot, cfg: AgeUpConfig, ledger: Ledger, base: Path | None =
             parent = json.loads(state_file.read_text())["parent"]
         else:
             parent = select_parent(root, ledger)
-            child = max(root.generations()) + 1
+            # Never reuse a number the ledger has seen (an attempt discarded with --restart keeps its own).
+            child = max(root.generations() + [e.gen for e in ledger.entries() if e.gen is not None]) + 1
         staging = root.staging_dir(child)
         staging.mkdir(parents=True, exist_ok=True)
         state, resumed = _State.load_or_new(staging / "state.json", child, parent, cfg.to_dict())
@@ -358,8 +366,10 @@ def age_up(root: DataRoot, cfg: AgeUpConfig, ledger: Ledger, base: Path | None =
             manifest = replay.materialize(root, cur, child, cfg.curriculum.replay_ratio, cfg.train.seed, staging / "data")
             gate.save_recall_items(gate.eval_set(cur, []), staging / "data")
             state.info["manifest_hash"] = manifest["sha256"]
-            ledger.record(ev.generation_created(child, parent, GenerationSummary.load(parent_dir).base, cfg.digest(),
-                                                manifest["sha256"], config=state.config, manifest=manifest))
+            if not ledger.entries(gen=child, kind=ev.GENERATION_CREATED):  # once, even if a crash repeats this stage
+                ledger.record(ev.generation_created(child, parent, GenerationSummary.load(parent_dir).base,
+                                                    cfg.digest(), manifest["sha256"], config=state.config,
+                                                    manifest=manifest))
 
         def do_train():
             texts, convs = replay.read(staging / "data")

@@ -193,3 +193,13 @@ def test_generation_zero_from_other_model_families(arch, tokenizer, tiny_cfg, le
     assert sha256_file(root.gen_dir(0) / "model.gguf") == summary.gguf.sha256
     assert summary.smoke["finish_reason"] in ("stop", "length")
     assert ledger.served_generation() == 0
+
+
+def test_restart_discards_the_interrupted_attempt_and_never_reuses_its_number(tiny_base, tiny_cfg, ledger):
+    root = DataRoot.from_env()
+    with pytest.raises(KeyboardInterrupt):
+        age_up(root, tiny_cfg, ledger, base=tiny_base, train_callbacks=[_CrashInSFT()])
+    summary = age_up(root, tiny_cfg, ledger, restart=True)
+    assert summary.gen == 2 and root.partial_generations() == [] and root.generations() == [0, 2]
+    assert [e.kind for e in ledger.entries(gen=1)] == ["generation_created", "training_started"]
+    assert ledger.verify().ok
