@@ -33,7 +33,8 @@ def status(as_json: bool) -> None:
         click.echo(json.dumps(info, indent=2))
         return
     click.echo(f"data root:        {info['data_root']}")
-    click.echo(f"served:           generation {info['served_generation']}")
+    served = info["served_generation"]
+    click.echo(f"served:           {'none yet (run `evolve age-up`)' if served is None else f'generation {served}'}")
     click.echo(f"on disk:          {', '.join(map(str, info['generations_on_disk'])) or 'none'}")
     if info["interrupted_age_up"]:
         click.echo(f"interrupted:      generation {info['interrupted_age_up'][-1]} (`evolve age-up` resumes it)")
