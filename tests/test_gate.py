@@ -125,3 +125,19 @@ def test_paused_age_ups_refuse_until_resumed(tiny_base, tiny_cfg, ledger):
     assert root.generations() == []
     ledger.record(ev.ageups_resumed("curriculum fixed"))
     assert paused_reason(ledger) is None
+
+
+def test_status_and_resume_commands_show_and_lift_the_pause(ledger):
+    from click.testing import CliRunner
+
+    from evolution.cli import main
+
+    runner = CliRunner()
+    assert "age-ups:          active" in runner.invoke(main, ["status"]).output
+    assert runner.invoke(main, ["resume"]).exit_code == 1  # nothing to resume
+    ledger.record(ev.ageups_paused("the last 2 children did not improve recall"))
+    out = runner.invoke(main, ["status", "--json"]).output
+    assert json.loads(out)["paused"].startswith("the last 2 children")
+    result = runner.invoke(main, ["resume", "--reason", "curriculum fixed"])
+    assert result.exit_code == 0, result.output
+    assert ledger.entries()[-1].kind == "ageups_resumed" and paused_reason(ledger) is None
