@@ -104,6 +104,8 @@ def summarize(entries: list[Entry]) -> list[GenerationSummary]:
             continue
         if e.kind == ev.PROMOTED:
             served = e.gen
+            if not g.metrics and isinstance(p.get("metrics"), dict):
+                g.metrics = dict(p["metrics"])  # generation 0: measured, not gated — the baseline
         g.status = _STATUS.get(e.kind, g.status)
     if served is not None:
         get(served).served = True
