@@ -39,10 +39,6 @@ log = logging.getLogger(__name__)
 StageFn = Callable[[str, str], None]
 """stage_cb(stage, 'start' | 'done' | 'skip')"""
 
-CHILD_STAGES = ("data", "train", "merge", "gguf_f16", "quantize", "smoke", "gate", "finalize")
-BASE_STAGES = ("base", "gguf_f16", "quantize", "smoke", "measure", "finalize")
-
-
 class AgeUpsPaused(EvolutionError):
     """The stop rule paused age-ups; a person must run `evolve resume`."""
 

@@ -15,7 +15,7 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 from evolution.errors import ExportError, IntegrityError
@@ -169,36 +169,3 @@ def verify_sha256(path: Path, expected: str | None = None) -> str:
     if actual != expected:
         raise IntegrityError(f"{path} has SHA-256 {actual[:16]}…, expected {expected[:16]}…: the file was changed")
     return actual
-
-
-def export_gguf(hf_dir: Path, gen_dir: Path, qtype: str, keep_f16: bool, smoke_prompt: str,
-                smoke_max_tokens: int, done: set[str] | None = None, mark=None) -> dict:
-    """Convert ``hf_dir`` into ``gen_dir/model.gguf`` and check it; steps in ``done`` are skipped.
-
-    ``mark(step)`` is called after each step so an interrupted export resumes where it stopped.
-    Returns timings and the smoke result.
-    """
-    done = done if done is not None else set()
-    mark = mark or (lambda step: None)
-    f16 = gen_dir / "model.f16.gguf"
-    out = gen_dir / GGUF_NAME
-    timings: dict[str, float] = {}
-    if "gguf_f16" not in done:
-        t = time.perf_counter()
-        to_gguf_f16(hf_dir, f16)
-        timings["gguf_f16"] = time.perf_counter() - t
-        mark("gguf_f16")
-    if "quantize" not in done:
-        t = time.perf_counter()
-        quantize(f16, out, qtype)
-        write_sha256(out)
-        if not keep_f16:
-            f16.unlink(missing_ok=True)
-        timings["quantize"] = time.perf_counter() - t
-        mark("quantize")
-    t = time.perf_counter()
-    verify_sha256(out)
-    smoke = smoke_check(out, smoke_prompt, smoke_max_tokens)
-    timings["smoke"] = time.perf_counter() - t
-    log.info("smoke check: %r (%s, %d tokens)", smoke.reply[:80], smoke.finish_reason, smoke.completion_tokens)
-    return {"timings": timings, "smoke": asdict(smoke)}
