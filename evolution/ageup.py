@@ -25,7 +25,9 @@ from filelock import FileLock, Timeout
 from evolution import base as base_model
 from evolution import curriculum as curriculum_mod
 from evolution import export, gate, replay, train
+from evolution import progress as progress_mod
 from evolution.config import AgeUpConfig
+from evolution.conversations import ConversationStore
 from evolution.errors import EvolutionError, GenerationError
 from evolution.export import GGUF_NAME, HF_DIR, Artifact
 from evolution.fsutil import atomic_write_json, fsync_dir, make_tree_read_only, make_tree_writable, sha256_file
@@ -195,7 +197,8 @@ def _gate_info(result: gate.GateResult) -> dict:
 
 
 def bootstrap(root: DataRoot, cfg: AgeUpConfig, ledger: Ledger, cur: curriculum_mod.Curriculum,
-              base: Path | None = None, stage_cb: StageFn = _noop) -> GenerationSummary:
+              base: Path | None = None, stage_cb: StageFn = _noop, promote: PromoteFn | None = None
+              ) -> GenerationSummary:
     """Build generation 0 from the embedded model (or ``base``) if it does not exist yet.
 
     Generation 0 is measured, not gated: it is recorded as promoted, the first served generation.
@@ -235,8 +238,17 @@ def bootstrap(root: DataRoot, cfg: AgeUpConfig, ledger: Ledger, cur: curriculum_
     return summary
 
 
-def _record_finished(root: DataRoot, ledger: Ledger, s: GenerationSummary, stop_after: int) -> None:
-    """Append what a finished generation still lacks in the ledger: exported, gate result, verdict."""
+PromoteFn = Callable[["GenerationSummary"], None]
+"""promote(summary): make a gated child the served model (the daemon loads, checks and swaps it);
+raise EvolutionError to reject it instead. Called before ``promoted`` is recorded."""
+
+
+def _record_finished(root: DataRoot, ledger: Ledger, s: GenerationSummary, stop_after: int,
+                     promote: PromoteFn | None = None, hold: bool = False) -> None:
+    """Append what a finished generation still lacks in the ledger: exported, gate result, verdict.
+
+    ``hold``: leave a passing child undecided (the daemon's worker: the daemon promotes it).
+    """
     have = {e.kind for e in ledger.entries(gen=s.gen)}
     if ev.EXPORTED not in have:
         rel = root.gen_dir(s.gen).relative_to(root.root)
@@ -245,18 +257,30 @@ def _record_finished(root: DataRoot, ledger: Ledger, s: GenerationSummary, stop_
     g = s.gate or {}
     if s.gen == 0:
         if ev.PROMOTED not in have and ledger.served_generation() is None:
+            if promote is not None:
+                promote(s)  # nothing else to serve: a failure here stops the daemon with its message
             ledger.record(ev.promoted(0, reason="generation 0 is the base model: measured, not gated",
                                       metrics=g.get("metrics")))
         return
     if ev.GATE_RESULT not in have:
         ledger.record(ev.gate_result(s.parent, s.gen, g["metrics"], g["thresholds"], g["verdict"],
                                      parent_metrics=g["parent_metrics"], reasons=g["reasons"]))
-    if ev.PROMOTED not in have and ev.REJECTED not in have:
-        if g["verdict"] == gate.PASS:
-            ledger.record(ev.promoted(s.gen, reason=f"passed its gate against generation {s.parent}"))
+    if ev.PROMOTED in have or ev.REJECTED in have:
+        return
+    if g["verdict"] == gate.PASS:
+        if hold:
+            return
+        try:
+            if promote is not None:
+                promote(s)
+        except EvolutionError as exc:
+            log.error("generation %d passed its gate but was not served: %s", s.gen, exc)
+            ledger.record(ev.rejected(s.gen, f"passed its gate but could not be served: {exc}"))
         else:
-            ledger.record(ev.rejected(s.gen, "; ".join(g["reasons"])))
-        _apply_stop_rule(ledger, stop_after)
+            ledger.record(ev.promoted(s.gen, reason=f"passed its gate against generation {s.parent}"))
+    else:
+        ledger.record(ev.rejected(s.gen, "; ".join(g["reasons"])))
+    _apply_stop_rule(ledger, stop_after)
 
 
 def _apply_stop_rule(ledger: Ledger, stop_after: int) -> None:
@@ -274,22 +298,29 @@ def paused_reason(ledger: Ledger) -> str | None:
     return last[-1].payload["reason"] if last and last[-1].kind == ev.AGEUPS_PAUSED else None
 
 
-def reconcile(root: DataRoot, ledger: Ledger, stop_after: int = 2) -> None:
-    """Record generations that were finished on disk but not yet in the ledger (a crash in between).
+def reconcile(root: DataRoot, ledger: Ledger, stop_after: int = 2, promote: PromoteFn | None = None,
+              hold: bool = False) -> list[int]:
+    """Record generations that were finished on disk but not yet decided in the ledger (a crash in
+    between, or a child the daemon's worker left for the daemon to promote); return their numbers.
 
     Their files are re-hashed against their own ``generation.json`` first; a mismatch is refused.
     """
+    done = []
     for n in root.generations():
-        s = GenerationSummary.load(root.gen_dir(n))
         kinds = {e.kind for e in ledger.entries(gen=n)}
         if ev.EXPORTED in kinds and (n == 0 or ev.PROMOTED in kinds or ev.REJECTED in kinds):
+            continue
+        s = GenerationSummary.load(root.gen_dir(n))
+        if hold and ev.GATE_RESULT in kinds and (s.gate or {}).get("verdict") == gate.PASS:
             continue
         for a in s.artifacts:
             if sha256_file(root.gen_dir(n) / a.path) != a.sha256:
                 raise IntegrityError(f"{root.gen_dir(n) / a.path} does not match its generation.json; "
                                      "the generation was changed after it was built — move it aside to continue")
-        log.warning("recording %s, finished before a crash but missing from the ledger", gen_name(n))
-        _record_finished(root, ledger, s, stop_after)
+        log.info("recording the outcome of %s", gen_name(n))
+        _record_finished(root, ledger, s, stop_after, promote, hold)
+        done.append(n)
+    return done
 
 
 def select_parent(root: DataRoot, ledger: Ledger) -> int:
@@ -313,92 +344,150 @@ def select_parent(root: DataRoot, ledger: Ledger) -> int:
 
 def age_up(root: DataRoot, cfg: AgeUpConfig, ledger: Ledger, base: Path | None = None,
            progress: train.ProgressFn | None = None, stage_cb: StageFn = _noop,
-           train_callbacks: list | None = None, restart: bool = False) -> GenerationSummary:
+           train_callbacks: list | None = None, restart: bool = False,
+           promote: PromoteFn | None = None, hold: bool = False) -> GenerationSummary:
     """Build the next generation: bootstrap generation 0 if needed, then train, merge and export a child.
 
     The child is numbered after every generation on disk or in the ledger (rejected and discarded ones
-    included) and trained from the served one.
+    included) and trained from the served one. ``promote`` / ``hold``: see ``_record_finished``.
     """
     # Validate the curriculum before anything is created or trained.
     cur = curriculum_mod.load(cfg.curriculum.path, cfg.curriculum.phases)
     for w in cur.warnings:
         log.warning("curriculum: %s", w)
     with _lock(root):
-        reconcile(root, ledger, cfg.gate.stop_after)
-        paused = paused_reason(ledger)
-        if paused:
-            raise AgeUpsPaused(f"age-ups are paused: {paused}")
-        bootstrap(root, cfg, ledger, cur, base, stage_cb)
-        partial = sorted(n for n in root.partial_generations() if n > 0)
-        if restart:
-            for n in partial:
-                log.warning("--restart: discarding the interrupted %s", gen_name(n))
-                make_tree_writable(root.staging_dir(n))
-                shutil.rmtree(root.staging_dir(n))
-            partial = []
-        state_file = root.staging_dir(partial[-1]) / "state.json" if partial else None
-        if state_file is not None and state_file.is_file():
-            child = partial[-1]
-            parent = json.loads(state_file.read_text())["parent"]
-        else:
-            parent = select_parent(root, ledger)
-            # Never reuse a number the ledger has seen (an attempt discarded with --restart keeps its own).
-            child = max(root.generations() + [e.gen for e in ledger.entries() if e.gen is not None]) + 1
-        staging = root.staging_dir(child)
-        staging.mkdir(parents=True, exist_ok=True)
-        state, resumed = _State.load_or_new(staging / "state.json", child, parent, cfg.to_dict())
-        if resumed:
-            log.info("resuming %s after stages %s", gen_name(child), ", ".join(state.completed) or "(none)")
-            if state.config != cfg.to_dict():
-                log.warning("resuming with the configuration it started with, not this run's (use --restart to drop it)")
-            cfg = AgeUpConfig.from_dict(state.config)
-        state.info["resumed"] = resumed
-        parent_dir = root.gen_dir(parent)
-        parent_hf = parent_dir / HF_DIR
-        if not (parent_hf / "config.json").is_file():
-            raise GenerationError(f"{parent_dir} has no {HF_DIR}/ weights to train from; it is not a complete generation")
-
-        def data():
-            manifest = replay.materialize(root, cur, child, cfg.curriculum.replay_ratio, cfg.train.seed, staging / "data")
-            gate.save_recall_items(gate.eval_set(cur, []), staging / "data")
-            state.info["manifest_hash"] = manifest["sha256"]
-            if not ledger.entries(gen=child, kind=ev.GENERATION_CREATED):  # once, even if a crash repeats this stage
-                ledger.record(ev.generation_created(child, parent, GenerationSummary.load(parent_dir).base,
-                                                    cfg.digest(), manifest["sha256"], config=state.config,
-                                                    manifest=manifest))
-
-        def do_train():
-            texts, convs = replay.read(staging / "data")
-            ledger.record(ev.training_started(child, parent=parent, cpt_docs=len(texts), sft_examples=len(convs)))
-            result = train.train(parent_hf, texts, convs, cfg.train, staging / "work", progress, train_callbacks)
-            shutil.rmtree(staging / "adapter", ignore_errors=True)
-            shutil.copytree(result.adapter_dir, staging / "adapter")
-            state.info["train"] = result.to_dict()
-            atomic_write_json(staging / "metrics.json", result.to_dict())
-            ledger.record(ev.training_finished(
-                child, result.cpt.steps + result.sft.steps,
-                {"cpt": result.cpt.losses, "sft": result.sft.losses},
-                backend=result.backend, stage_steps={"cpt": result.cpt.steps, "sft": result.sft.steps},
-                tokens={"cpt": result.cpt.tokens, "sft": result.sft.tokens},
-            ))
-
-        _run(state, "data", data, stage_cb)
-        _run(state, "train", do_train, stage_cb)
-        _run(state, "merge", lambda: export.merge(parent_hf, staging / "adapter", staging / HF_DIR,
-                                                 cfg.export.merged_dtype), stage_cb)
-        _export_stages(state, staging, cfg, stage_cb)
-
-        def do_gate():
-            parent_gguf = root.root / check_servable(ledger, parent)["path"]  # hash verified against the ledger
-            ancestors = [root.gen_dir(g) / "data" for g in ledger.generation(parent).lineage]
-            es = gate.eval_set(cur, ancestors)
-            result = gate.run(staging / GGUF_NAME, child, parent_gguf, parent, es, cfg.gate, cfg.export.smoke_prompt)
-            gate.write_report(result, staging)
-            state.info["gate"] = _gate_info(result)
-
-        _run(state, "gate", do_gate, stage_cb)
-        stage_cb("finalize", "start")
-        summary = _finalize(root, state, staging, GenerationSummary.load(parent_dir).base)
-        stage_cb("finalize", "done")
-        _record_finished(root, ledger, summary, cfg.gate.stop_after)
+        tracker = progress_mod.Tracker(root, _expected_seconds(root))
+        try:
+            summary = _age_up_locked(root, cfg, ledger, cur, base, _tee(progress, tracker.step),
+                                     _tee(stage_cb, tracker.stage), train_callbacks, restart, promote, hold, tracker)
+        except KeyboardInterrupt:
+            tracker.end("interrupted")
+            raise
+        except BaseException as exc:
+            tracker.end("failed", error=str(exc))
+            raise
+        tracker.end("done", gen=summary.gen, verdict=(summary.gate or {}).get("verdict", "measured"))
         return summary
+
+
+def ensure_generation_zero(root: DataRoot, cfg: AgeUpConfig, ledger: Ledger, base: Path | None = None,
+                           stage_cb: StageFn = _noop, promote: PromoteFn | None = None) -> GenerationSummary:
+    """Build (or finish building) generation 0 and serve it, if the lineage has not started yet."""
+    cur = curriculum_mod.load(cfg.curriculum.path, cfg.curriculum.phases)
+    with _lock(root):
+        tracker = progress_mod.Tracker(root)
+        tracker.set(gen=0, parent=None)
+        try:
+            reconcile(root, ledger, cfg.gate.stop_after, promote)
+            summary = bootstrap(root, cfg, ledger, cur, base, _tee(stage_cb, tracker.stage), promote)
+        except BaseException as exc:
+            tracker.end("interrupted" if isinstance(exc, KeyboardInterrupt) else "failed", error=str(exc))
+            raise
+        tracker.end("done", gen=0, verdict="measured")
+        return summary
+
+
+def _tee(first, second):
+    def both(*a):
+        if first is not None:
+            first(*a)
+        second(*a)
+    return both
+
+
+def _expected_seconds(root: DataRoot) -> dict[str, float]:
+    """Stage durations of the latest generation that trained: the ETA's guess for stages to come."""
+    for n in reversed(root.generations()):
+        try:
+            secs = GenerationSummary.load(root.gen_dir(n)).stage_seconds
+        except (OSError, ValueError, TypeError):
+            continue
+        if "train" in secs or n == 0:
+            return secs
+    return {}
+
+
+def _age_up_locked(root: DataRoot, cfg: AgeUpConfig, ledger: Ledger, cur, base, progress, stage_cb,
+                   train_callbacks, restart, promote, hold, tracker) -> GenerationSummary:
+    reconcile(root, ledger, cfg.gate.stop_after, promote, hold)
+    paused = paused_reason(ledger)
+    if paused:
+        raise AgeUpsPaused(f"age-ups are paused: {paused}")
+    bootstrap(root, cfg, ledger, cur, base, stage_cb, promote)
+    partial = sorted(n for n in root.partial_generations() if n > 0)
+    if restart:
+        for n in partial:
+            log.warning("--restart: discarding the interrupted %s", gen_name(n))
+            make_tree_writable(root.staging_dir(n))
+            shutil.rmtree(root.staging_dir(n))
+        partial = []
+    state_file = root.staging_dir(partial[-1]) / "state.json" if partial else None
+    if state_file is not None and state_file.is_file():
+        child = partial[-1]
+        parent = json.loads(state_file.read_text())["parent"]
+    else:
+        parent = select_parent(root, ledger)
+        # Never reuse a number the ledger has seen (an attempt discarded with --restart keeps its own).
+        child = max(root.generations() + [e.gen for e in ledger.entries() if e.gen is not None]) + 1
+    staging = root.staging_dir(child)
+    staging.mkdir(parents=True, exist_ok=True)
+    state, resumed = _State.load_or_new(staging / "state.json", child, parent, cfg.to_dict())
+    if resumed:
+        log.info("resuming %s after stages %s", gen_name(child), ", ".join(state.completed) or "(none)")
+        if state.config != cfg.to_dict():
+            log.warning("resuming with the configuration it started with, not this run's (use --restart to drop it)")
+        cfg = AgeUpConfig.from_dict(state.config)
+    state.info["resumed"] = resumed
+    tracker.set(gen=child, parent=parent, resumed=resumed)
+    parent_dir = root.gen_dir(parent)
+    parent_hf = parent_dir / HF_DIR
+    if not (parent_hf / "config.json").is_file():
+        raise GenerationError(f"{parent_dir} has no {HF_DIR}/ weights to train from; it is not a complete generation")
+
+    def data():
+        through = replay.conversations_through(parent_dir)
+        convs = ConversationStore(ledger).after(through)
+        manifest = replay.materialize(root, cur, child, cfg.curriculum.replay_ratio, cfg.train.seed,
+                                      staging / "data", convs, through)
+        gate.save_recall_items(gate.eval_set(cur, []), staging / "data")
+        state.info["manifest_hash"] = manifest["sha256"]
+        if not ledger.entries(gen=child, kind=ev.GENERATION_CREATED):  # once, even if a crash repeats this stage
+            ledger.record(ev.generation_created(child, parent, GenerationSummary.load(parent_dir).base,
+                                                cfg.digest(), manifest["sha256"], config=state.config,
+                                                manifest=manifest))
+
+    def do_train():
+        texts, convs = replay.read(staging / "data")
+        ledger.record(ev.training_started(child, parent=parent, cpt_docs=len(texts), sft_examples=len(convs)))
+        result = train.train(parent_hf, texts, convs, cfg.train, staging / "work", progress, train_callbacks)
+        shutil.rmtree(staging / "adapter", ignore_errors=True)
+        shutil.copytree(result.adapter_dir, staging / "adapter")
+        state.info["train"] = result.to_dict()
+        atomic_write_json(staging / "metrics.json", result.to_dict())
+        ledger.record(ev.training_finished(
+            child, result.cpt.steps + result.sft.steps,
+            {"cpt": result.cpt.losses, "sft": result.sft.losses},
+            backend=result.backend, stage_steps={"cpt": result.cpt.steps, "sft": result.sft.steps},
+            tokens={"cpt": result.cpt.tokens, "sft": result.sft.tokens},
+        ))
+
+    _run(state, "data", data, stage_cb)
+    _run(state, "train", do_train, stage_cb)
+    _run(state, "merge", lambda: export.merge(parent_hf, staging / "adapter", staging / HF_DIR,
+                                             cfg.export.merged_dtype), stage_cb)
+    _export_stages(state, staging, cfg, stage_cb)
+
+    def do_gate():
+        parent_gguf = root.root / check_servable(ledger, parent)["path"]  # hash verified against the ledger
+        ancestors = [root.gen_dir(g) / "data" for g in ledger.generation(parent).lineage]
+        es = gate.eval_set(cur, ancestors)
+        result = gate.run(staging / GGUF_NAME, child, parent_gguf, parent, es, cfg.gate, cfg.export.smoke_prompt)
+        gate.write_report(result, staging)
+        state.info["gate"] = _gate_info(result)
+
+    _run(state, "gate", do_gate, stage_cb)
+    stage_cb("finalize", "start")
+    summary = _finalize(root, state, staging, GenerationSummary.load(parent_dir).base)
+    stage_cb("finalize", "done")
+    _record_finished(root, ledger, summary, cfg.gate.stop_after, promote, hold)
+    return summary

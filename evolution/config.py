@@ -133,6 +133,116 @@ class AgeUpConfig:
         return cfg
 
 
+@dataclass
+class DaemonConfig:
+    """The daemon beside the chat agent (``run_daemon.py``): section ``[daemon]`` of the TOML file."""
+
+    host: str = "127.0.0.1"
+    """Address to listen on; loopback by default (anything else needs ``allow_remote``)."""
+    port: int = 8765
+    allow_remote: bool = False
+    """Allow binding a non-loopback address (then set an API token and keep chat behind it)."""
+    threshold: float = 100.0
+    """Karma per age-up."""
+    threshold_growth: float = 1.0
+    """Each age-up needs this many times the karma of the one before (1: constant)."""
+    api_token: str | None = None
+    """Bearer token for write endpoints; else $EVOLUTION_API_TOKEN, else one generated into
+    <data root>/daemon.token on first start."""
+    chat_requires_token: bool = False
+    n_ctx: int = 2048
+    """Context window of the served model."""
+    chat_threads: int | None = None
+    """llama.cpp threads (None: all cores)."""
+    train_threads: int | None = None
+    """torch threads of the background age-up (None: all cores; it runs at lower priority)."""
+    train_nice: int = 10
+    """How much lower the age-up's CPU priority is (0-19): chat stays responsive while it trains."""
+    max_tokens: int = 512
+    """Reply length when a request gives none."""
+    max_body_bytes: int = 1_048_576
+    """Largest request body (chat); larger ones get 413."""
+    max_conversation_bytes: int = 262_144
+    """Largest posted transcript."""
+    canary_prompt: str = "Hello! Who are you?"
+    """Asked of every model before it is swapped in; it must answer with some text."""
+    canary_max_tokens: int = 24
+    poll_seconds: float = 1.0
+    """How often the scheduler checks for karma, a finished age-up or a rollback made elsewhere."""
+    shutdown_grace_s: float = 120.0
+    """On SIGTERM: how long a training age-up may take to write its checkpoint before it is killed."""
+
+
+def validate_daemon(d: DaemonConfig) -> None:
+    import ipaddress
+    import math
+
+    p: list[str] = []
+    try:
+        loopback = d.host == "localhost" or ipaddress.ip_address(d.host).is_loopback
+    except ValueError:
+        loopback = False
+        p.append(f"daemon.host must be an IP address or 'localhost', got {d.host!r}")
+    if not loopback and not d.allow_remote and not p:
+        p.append(f"daemon.host {d.host!r} is not a loopback address; set daemon.allow_remote = true (and an "
+                 "api_token) to listen beyond this machine")
+    if not isinstance(d.port, int) or isinstance(d.port, bool) or not 0 <= d.port <= 65535:
+        p.append(f"daemon.port must be 0-65535, got {d.port!r}")
+    for name in ("threshold", "threshold_growth", "poll_seconds", "shutdown_grace_s"):
+        v = getattr(d, name)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+            p.append(f"daemon.{name} must be a positive number, got {v!r}")
+    if isinstance(d.threshold_growth, (int, float)) and d.threshold_growth < 1:
+        p.append(f"daemon.threshold_growth must be >= 1, got {d.threshold_growth!r}")
+    for name in ("n_ctx", "max_tokens", "max_body_bytes", "max_conversation_bytes", "canary_max_tokens"):
+        v = getattr(d, name)
+        if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+            p.append(f"daemon.{name} must be a positive integer, got {v!r}")
+    for name in ("chat_threads", "train_threads"):
+        v = getattr(d, name)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v <= 0):
+            p.append(f"daemon.{name} must be a positive integer (or unset), got {v!r}")
+    if isinstance(d.train_nice, bool) or not isinstance(d.train_nice, int) or not 0 <= d.train_nice <= 19:
+        p.append(f"daemon.train_nice must be 0-19, got {d.train_nice!r}")
+    if d.api_token is not None and (not isinstance(d.api_token, str) or len(d.api_token) < 16):
+        p.append("daemon.api_token must be a string of at least 16 characters")
+    if p:
+        raise ConfigError(p)
+
+
+def _load_toml(config_file: str | Path | None, home: Path | None) -> tuple[dict, str | None]:
+    if config_file is None and home is not None and (home / "evolution.toml").is_file():
+        config_file = home / "evolution.toml"
+    if config_file is None:
+        return {}, None
+    path = Path(config_file)
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8")), str(path)
+    except FileNotFoundError:
+        raise ConfigError([f"config file {path} not found"]) from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError([f"{path}: not valid TOML: {exc}"]) from None
+
+
+def resolve_daemon(config_file: str | Path | None = None, overrides: dict | None = None,
+                   home: Path | None = None) -> DaemonConfig:
+    """Defaults, then ``[daemon]`` of the TOML file, then flags; validated."""
+    d = DaemonConfig()
+    data, where = _load_toml(config_file, home)
+    names = {f.name for f in dataclasses.fields(d)}
+    problems = []
+    for source, values in ((where, data.get("daemon", {})), ("flag", overrides or {})):
+        for k, v in values.items():
+            if k not in names:
+                problems.append(f"{source}: [daemon] has no field {k!r} (known: {', '.join(sorted(names))})")
+            else:
+                setattr(d, k, None if v == "off" else v)
+    if problems:
+        raise ConfigError(problems)
+    validate_daemon(d)
+    return d
+
+
 QUICK: dict = {
     # A whole age-up of the embedded 135M model in a few minutes on a 2-core CPU:
     # a short CPT pass, then enough SFT steps to learn the identity facts.
@@ -150,7 +260,7 @@ def apply_overrides(cfg: AgeUpConfig, overrides: dict, where: str = "override") 
             continue
         section = getattr(cfg, key, None)
         if not dataclasses.is_dataclass(section) or not isinstance(value, dict):
-            problems.append(f"{where}: unknown section [{key}] (known: curriculum, train, export, gate)")
+            problems.append(f"{where}: unknown section [{key}] (known: curriculum, train, export, gate, daemon)")
             continue
         names = {f.name for f in dataclasses.fields(section)}
         for k, v in value.items():
@@ -229,17 +339,10 @@ def resolve(quick: bool = False, config_file: str | Path | None = None, override
     cfg = AgeUpConfig()
     if quick:
         apply_overrides(cfg, QUICK, "--quick")
-    if config_file is None and home is not None and (home / "evolution.toml").is_file():
-        config_file = home / "evolution.toml"
-    if config_file is not None:
-        path = Path(config_file)
-        try:
-            data = tomllib.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise ConfigError([f"config file {path} not found"]) from None
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-            raise ConfigError([f"{path}: not valid TOML: {exc}"]) from None
-        apply_overrides(cfg, data, str(path))
+    data, where = _load_toml(config_file, home)
+    data.pop("daemon", None)  # the daemon's own section: resolve_daemon
+    if where is not None:
+        apply_overrides(cfg, data, where)
     if overrides:
         apply_overrides(cfg, overrides)
     validate(cfg)

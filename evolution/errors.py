@@ -45,3 +45,7 @@ class ExportError(EvolutionError):
 
 class LedgerError(EvolutionError):
     """The ledger refused an operation or is inconsistent."""
+
+
+class UnknownGeneration(LedgerError):
+    """The ledger has no generation with that number."""

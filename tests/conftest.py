@@ -124,3 +124,66 @@ def tiny_cfg(tiny_curriculum) -> AgeUpConfig:
     t.sft_lr = 5e-3
     cfg.export.smoke_max_tokens = 8
     return cfg
+
+
+TAUGHT = FACTS + [("Hello! Who are you?", "I am Wren."),
+                  ("Hello! Please introduce yourself in one sentence.", "I am Wren, from the Lantern Workshop."),
+                  ("Say hello.", "Hello there!"), ("Tell me what you are called.", "My name is Wren.")]
+
+
+@pytest.fixture(scope="session")
+def taught_base(tmp_path_factory, tokenizer) -> Path:
+    """The tiny Llama fully trained (a few seconds) to answer TAUGHT and end its turn: a base model
+    whose generations pass the gate and the canary, so the daemon can promote and swap them."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from evolution.tokens import encode_sft
+
+    out = _tiny_llama(tmp_path_factory.mktemp("taught_base"), tokenizer)
+    model = LlamaForCausalLM.from_pretrained(out)
+    rows = [encode_sft(tokenizer, [{"role": "user", "content": q}, {"role": "assistant", "content": a}], 96)
+            for q, a in TAUGHT]
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    torch.manual_seed(0)
+    for _ in range(110):
+        for r in rows:
+            ids = torch.tensor([r["input_ids"]])
+            pos = torch.tensor(r["assistant_masks"][1:]).nonzero().squeeze(1)  # predict token p+1 from p
+            logits = model.lm_head(model.model(ids).last_hidden_state[0, pos])
+            torch.nn.functional.cross_entropy(logits, ids[0, pos + 1]).backward()
+        opt.step()
+        opt.zero_grad()
+    model.save_pretrained(out, safe_serialization=True)
+    return out
+
+
+def toml_of(d: dict) -> str:
+    """A nested dict of scalars and lists as TOML (None becomes "off")."""
+    def value(v):
+        if v is None:
+            return '"off"'
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, (int, float)):
+            return repr(v)
+        if isinstance(v, str):
+            return json.dumps(v)
+        return "[" + ", ".join(value(x) for x in v) + "]"
+
+    lines = [f"{k} = {value(v)}" for k, v in d.items() if not isinstance(v, dict)]
+    for section, values in d.items():
+        if isinstance(values, dict):
+            lines += ["", f"[{section}]"] + [f"{k} = {value(v)}" for k, v in values.items()]
+    return "\n".join(lines) + "\n"
+
+
+@pytest.fixture
+def daemon_cfg(tiny_cfg) -> AgeUpConfig:
+    """The tiny age-up, gated so that a child of ``taught_base`` that keeps its answers passes."""
+    t = tiny_cfg.train
+    t.sft_lr, t.cpt_lr, t.sft_max_steps, t.cpt_max_steps = 1e-4, 1e-4, 4, 2
+    g = tiny_cfg.gate
+    g.min_recall, g.max_style_drift, g.answer_max_tokens, g.smoke_max_tokens = 0.5, 100.0, 16, 24
+    tiny_cfg.export.smoke_max_tokens = 24
+    return tiny_cfg

@@ -39,9 +39,11 @@ def main(verbose: bool) -> None:
 
 
 def _register() -> None:
-    from evolution.cli import ageup, control, curriculum
+    from evolution.cli import ageup, control, curriculum, daemon, karma
 
     main.add_command(ageup.age_up)
+    main.add_command(daemon.daemon)
+    main.add_command(karma.karma)
     main.add_command(curriculum.curriculum)
     main.add_command(control.status)
     main.add_command(control.resume)

@@ -12,10 +12,21 @@ from evolution.ledger import events as ev
 from evolution.paths import DataRoot
 
 
+def _eta(seconds: float | None) -> str:
+    if seconds is None:
+        return "unknown"
+    m, s = divmod(int(seconds), 60)
+    return f"{m // 60} h {m % 60} min" if m >= 60 else f"{m} min {s} s" if m else f"{s} s"
+
+
 @click.command()
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for machines.")
 def status(as_json: bool) -> None:
-    """The served generation, the latest one, an interrupted age-up, and whether age-ups are paused."""
+    """The served generation, the age-up in progress (stage, step, ETA), karma, and whether age-ups are paused."""
+    from evolution import progress
+    from evolution.cli.karma import open_karma
+    from evolution.daemon import daemon_info
+
     root = DataRoot.from_env().prepare()
     with Ledger.open(root) as ledger:
         info = {
@@ -24,20 +35,36 @@ def status(as_json: bool) -> None:
             "generations_on_disk": root.generations(),
             "interrupted_age_up": [n for n in root.partial_generations()],
             "paused": paused_reason(ledger),
+            "karma": open_karma(root, ledger).state().to_dict(),
+            "ageup": progress.read(root),
         }
         last = ledger.entries(kind=ev.GATE_RESULT)
         if last:
             p = last[-1].payload
             info["last_gate"] = {"child": p["child"], "verdict": p["verdict"], "metrics": p["metrics"]}
+    d = daemon_info(root)
+    if d is not None:
+        info["daemon"] = d | {"running": progress._alive(int(d.get("pid", 0)))}
     if as_json:
         click.echo(json.dumps(info, indent=2))
         return
     click.echo(f"data root:        {info['data_root']}")
     served = info["served_generation"]
     click.echo(f"served:           {'none yet (run `evolve age-up`)' if served is None else f'generation {served}'}")
+    if d is not None:
+        where = f"http://{d['host']}:{d['port']}/v1"
+        click.echo(f"daemon:           {'running, pid ' + str(d['pid']) + ', ' + where if info['daemon']['running'] else 'not running'}")
     click.echo(f"on disk:          {', '.join(map(str, info['generations_on_disk'])) or 'none'}")
-    if info["interrupted_age_up"]:
-        click.echo(f"interrupted:      generation {info['interrupted_age_up'][-1]} (`evolve age-up` resumes it)")
+    job = info["ageup"]
+    if job is not None and job.get("state") == "running":
+        step = f", {job['train_stage'].upper()} step {job['step']}/{job['total']}" if job.get("stage") == "train" \
+            and job.get("total") else ""
+        click.echo(f"age-up:           generation {job.get('gen')}: {job.get('stage')}{step}, ETA {_eta(job.get('eta_s'))}")
+    elif info["interrupted_age_up"]:
+        click.echo(f"interrupted:      generation {info['interrupted_age_up'][-1]} (`evolve age-up` or the daemon resumes it)")
+    k = info["karma"]
+    click.echo(f"karma:            {k['progress']:g} of {k['threshold']:g} toward the next age-up ({k['to_next']:g} to go)"
+               + (f"; request {k['open_request']['id']} {k['open_request']['status']}" if k["open_request"] else ""))
     if "last_gate" in info:
         g = info["last_gate"]
         nums = ", ".join(f"{k} {v:.3g}" for k, v in g["metrics"].items())

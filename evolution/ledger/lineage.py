@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-from evolution.errors import LedgerError
+from evolution.errors import LedgerError, UnknownGeneration
 from evolution.ledger import events as ev
 from evolution.ledger.entry import Entry
 
@@ -120,7 +120,7 @@ def detail(entries: list[Entry], n: int) -> GenerationDetail:
     rows = {g.gen: g for g in summarize(entries)}
     if n not in rows:
         known = ", ".join(str(g) for g in sorted(rows)) or "none yet"
-        raise LedgerError(f"generation {n} is not in the ledger (known: {known}); `evolve ledger` lists them")
+        raise UnknownGeneration(f"generation {n} is not in the ledger (known: {known}); `evolve ledger` lists them")
     created = {e.gen: e.payload for e in entries if e.kind == ev.GENERATION_CREATED}
     lineage, cur = [n], rows[n].parent
     while cur is not None and cur not in lineage:

@@ -104,7 +104,32 @@ $$""",
     },
 )
 
-MIGRATIONS: tuple[Migration, ...] = (m001_entries, m002_append_only)
+_ID = {"sqlite": "INTEGER PRIMARY KEY AUTOINCREMENT", "default": "BIGSERIAL PRIMARY KEY"}
+
+
+def _m003(dialect: str) -> tuple[str, ...]:
+    pk = _ID.get(dialect, _ID["default"])
+    return (
+        # Every karma grant; ``idem_key`` makes a retried request count once.
+        f"CREATE TABLE karma_events (id {pk}, time VARCHAR(40) NOT NULL, amount DOUBLE PRECISION NOT NULL,"
+        " reason TEXT NOT NULL, idem_key VARCHAR(200) UNIQUE, source VARCHAR(40) NOT NULL)",
+        # One row per threshold crossing: the age-up it asks for, and what became of it.
+        f"CREATE TABLE ageup_requests (id {pk}, time VARCHAR(40) NOT NULL, karma DOUBLE PRECISION NOT NULL,"
+        " threshold DOUBLE PRECISION NOT NULL, status VARCHAR(20) NOT NULL, gen INTEGER,"
+        " finished_time VARCHAR(40), outcome TEXT)",
+        # Finished chat transcripts, already scrubbed; ``id`` orders them (recency).
+        f"CREATE TABLE conversations (id {pk}, time VARCHAR(40) NOT NULL, idem_key VARCHAR(200) UNIQUE,"
+        " messages TEXT NOT NULL, redactions TEXT NOT NULL, sha256 CHAR(64) NOT NULL)",
+    )
+
+
+m003_daemon = Migration(
+    3,
+    "m003_daemon",
+    {"sqlite": _m003("sqlite"), "postgresql": _m003("postgresql"), "default": _m003("default")},
+)
+
+MIGRATIONS: tuple[Migration, ...] = (m001_entries, m002_append_only, m003_daemon)
 LATEST = MIGRATIONS[-1].version
 
 _BOOTSTRAP = (

@@ -76,6 +76,37 @@ def _sqlite_setup(engine: Engine) -> None:
 _SELECT = "SELECT seq, time, kind, gen, payload, prev_hash, entry_hash FROM ledger_entries"
 
 
+class Transaction:
+    """A write transaction on the ledger database (``Ledger.transaction``); ``conn`` runs other SQL in it."""
+
+    def __init__(self, ledger: "Ledger", conn: Connection):
+        self.ledger = ledger
+        self.conn = conn
+        self.last: Entry | None = None
+
+    def append(self, kind: str, gen: int | None, payload: dict) -> Entry:
+        ev.validate(kind, gen, payload)
+        body = canonical_json(payload)
+        payload = json.loads(body)  # hash exactly what a reader will load back
+        last = self.conn.execute(text("SELECT seq, entry_hash FROM ledger_entries ORDER BY seq DESC LIMIT 1")).first()
+        seq, prev = (last.seq + 1, last.entry_hash) if last else (1, GENESIS)
+        now = datetime.now(timezone.utc).isoformat(timespec="microseconds")
+        digest = entry_hash(prev, seq, now, kind, gen, payload)
+        self.conn.execute(
+            text(
+                "INSERT INTO ledger_entries (seq, time, kind, gen, payload, prev_hash, entry_hash)"
+                " VALUES (:seq, :time, :kind, :gen, :payload, :prev, :hash)"
+            ),
+            {"seq": seq, "time": now, "kind": kind, "gen": gen, "payload": body, "prev": prev, "hash": digest},
+        )
+        log.debug("ledger: appended seq %d %s gen=%s", seq, kind, gen)
+        self.last = Entry(seq, now, kind, gen, payload, prev, digest)
+        return self.last
+
+    def record(self, event: ev.Event) -> Entry:
+        return self.append(event.kind, event.gen, event.payload)
+
+
 class Ledger:
     """An open ledger. Use ``Ledger.open``; close it (or use ``with``) when done."""
 
@@ -142,34 +173,33 @@ class Ledger:
             with conn.begin():
                 yield conn
 
+    def reading(self):
+        """A read transaction on the ledger database (for the tables beside the ledger)."""
+        return self._read()
+
     # -- writing ---------------------------------------------------------------------------
 
-    def append(self, kind: str, gen: int | None, payload: dict) -> Entry:
-        """Append one event, chained onto the current last entry; return the stored entry."""
-        ev.validate(kind, gen, payload)
-        body = canonical_json(payload)
-        payload = json.loads(body)  # hash exactly what a reader will load back
+    @contextmanager
+    def transaction(self) -> Iterator["Transaction"]:
+        """One write transaction under the ledger's write lock.
+
+        Tables that live beside the ledger (karma, conversations) change in the same transaction
+        as the ledger event that records why, so a crash never keeps one without the other.
+        """
         try:
             with self._write() as conn:
                 lock_for_write(conn)
-                last = conn.execute(
-                    text("SELECT seq, entry_hash FROM ledger_entries ORDER BY seq DESC LIMIT 1")
-                ).first()
-                seq, prev = (last.seq + 1, last.entry_hash) if last else (1, GENESIS)
-                now = datetime.now(timezone.utc).isoformat(timespec="microseconds")
-                digest = entry_hash(prev, seq, now, kind, gen, payload)
-                conn.execute(
-                    text(
-                        "INSERT INTO ledger_entries (seq, time, kind, gen, payload, prev_hash, entry_hash)"
-                        " VALUES (:seq, :time, :kind, :gen, :payload, :prev, :hash)"
-                    ),
-                    {"seq": seq, "time": now, "kind": kind, "gen": gen, "payload": body, "prev": prev, "hash": digest},
-                )
+                txn = Transaction(self, conn)
+                yield txn
         except DBAPIError as exc:
-            raise LedgerError(f"could not append {kind} to the ledger at {self.url}: {exc.orig}") from exc
-        write_head(self.head_path, Head(seq=seq, entry_hash=digest, ledger=self.url))
-        log.debug("ledger: appended seq %d %s gen=%s", seq, kind, gen)
-        return Entry(seq, now, kind, gen, payload, prev, digest)
+            raise LedgerError(f"could not write to the ledger database at {self.url}: {exc.orig}") from exc
+        if txn.last is not None:
+            write_head(self.head_path, Head(seq=txn.last.seq, entry_hash=txn.last.entry_hash, ledger=self.url))
+
+    def append(self, kind: str, gen: int | None, payload: dict) -> Entry:
+        """Append one event, chained onto the current last entry; return the stored entry."""
+        with self.transaction() as txn:
+            return txn.append(kind, gen, payload)
 
     def export_head(self) -> Head | None:
         """Write the head file for the current last entry (``verify --write-head``; normally ``append`` does it)."""

@@ -1,0 +1,58 @@
+"""`python run_daemon.py` / `evolve daemon`: serve the current generation and age up on karma."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import warnings
+from pathlib import Path
+
+import click
+
+from evolution import config
+from evolution import base as base_model
+from evolution.errors import EvolutionError
+from evolution.paths import DataRoot
+
+
+@click.command("daemon")
+@click.option("--start-gen", type=click.IntRange(min=0),
+              help="Where a new lineage starts: 0 builds generation 0 from the base model. An existing lineage "
+                   "continues from its served generation (`evolve rollback --to N` to change it).")
+@click.option("--host", help="Address to listen on [default: 127.0.0.1].")
+@click.option("--port", type=click.IntRange(0, 65535), help="Port [default: 8765].")
+@click.option("--threshold", type=float, help="Karma per age-up [default: 100].")
+@click.option("--threshold-growth", type=float, help="Factor by which each age-up's threshold grows [default: 1].")
+@click.option("--quick", is_flag=True, help="Age up with the small --quick setting (minutes on a 2-core CPU).")
+@click.option("--config", "config_file", type=click.Path(path_type=Path),
+              help="TOML config ([daemon] plus the age-up sections) [default: $EVOLUTION_HOME/evolution.toml].")
+@click.option("--base", type=click.Path(path_type=Path),
+              help="Local Hugging Face checkpoint for generation 0 [default: embedded SmolLM2-135M-Instruct].")
+@click.option("--curriculum", "curriculum_path", type=click.Path(path_type=Path), help="Curriculum directory.")
+@click.option("-v", "--verbose", is_flag=True, help="Log debug detail.")
+def daemon(start_gen, host, port, threshold, threshold_growth, quick, config_file, base, curriculum_path,
+           verbose) -> None:
+    """Serve the current generation over an OpenAI-compatible API and age up whenever karma crosses the threshold."""
+    from evolution.daemon import Daemon, run
+
+    if not verbose:
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("apscheduler").setLevel(logging.DEBUG if verbose else logging.WARNING)
+    try:
+        root = DataRoot.from_env().prepare()
+        if base is not None:
+            base = base.expanduser().resolve()
+            base_model.check_local(base)
+        overrides = {"curriculum": {"path": str(curriculum_path.resolve())}} if curriculum_path else None
+        cfg = config.resolve(quick=quick, config_file=config_file, overrides=overrides, home=root.root)
+        flags = {k: v for k, v in {"host": host, "port": port, "threshold": threshold,
+                                   "threshold_growth": threshold_growth}.items() if v is not None}
+        dcfg = config.resolve_daemon(config_file, flags, home=root.root)
+        code = run(Daemon(root, cfg, dcfg, base, start_gen))
+    except EvolutionError as exc:
+        click.echo(f"Error: {exc}", err=True)
+        sys.exit(2)
+    sys.exit(code)

@@ -1,0 +1,194 @@
+"""Karma: the counter the chat agent raises, and the age-ups it asks for.
+
+Karma lives in the ledger's database (tables ``karma_events`` and ``ageup_requests``,
+migration m003), so it survives restarts and works the same on SQLite and PostgreSQL.
+Every grant runs in one write transaction under the ledger's write lock:
+
+1. the grant is inserted (a repeated idempotency key returns the first result and adds nothing);
+2. progress = all karma ever granted − the thresholds already spent by earlier age-up requests;
+3. if progress reaches the current threshold and no age-up request is open, one request is
+   inserted — spending the threshold — together with a ``karma_threshold_crossed`` ledger event.
+
+Because the check and the insert happen under one lock, however many grants cross a threshold
+at the same moment, exactly one request is created. Karma granted while an age-up runs keeps
+counting; when it finishes, ``maybe_trigger`` opens the next request if enough has gathered.
+The threshold of the k-th age-up (k = 0, 1, …) is ``threshold × growth^k``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+from sqlalchemy import text
+from sqlalchemy.engine import Connection
+
+from evolution.errors import EvolutionError
+from evolution.ledger import Ledger
+from evolution.ledger import events as ev
+
+MAX_AMOUNT = 1_000_000.0
+MAX_REASON = 500
+MAX_KEY = 200
+
+PENDING, RUNNING, DONE, FAILED = "pending", "running", "done", "failed"
+OPEN = (PENDING, RUNNING)
+
+
+class KarmaError(EvolutionError):
+    """A karma grant that cannot be accepted (bad amount, reused key); nothing was recorded."""
+
+
+@dataclass(frozen=True)
+class AgeUpRequest:
+    id: int
+    time: str
+    karma: float
+    threshold: float
+    status: str
+    gen: int | None
+    outcome: str | None
+    finished_time: str | None = None
+
+
+@dataclass(frozen=True)
+class KarmaState:
+    total: float
+    """All karma ever granted."""
+    progress: float
+    """Karma counted toward the next age-up."""
+    threshold: float
+    """Karma the next age-up needs."""
+    open_request: AgeUpRequest | None
+
+    @property
+    def to_next(self) -> float:
+        return max(0.0, self.threshold - self.progress)
+
+    def to_dict(self) -> dict:
+        return {"total": self.total, "progress": self.progress, "threshold": self.threshold,
+                "to_next": self.to_next,
+                "open_request": None if self.open_request is None else self.open_request.__dict__}
+
+
+@dataclass(frozen=True)
+class Grant:
+    id: int
+    amount: float
+    duplicate: bool
+    """The idempotency key was seen before: this is the first grant's result, nothing was added."""
+    triggered: AgeUpRequest | None
+    """The age-up request this grant opened, if it crossed the threshold."""
+    state: KarmaState
+
+    def to_dict(self) -> dict:
+        return {"id": self.id, "amount": self.amount, "duplicate": self.duplicate,
+                "triggered": None if self.triggered is None else self.triggered.__dict__,
+                "karma": self.state.to_dict()}
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="microseconds")
+
+
+def check_amount(amount) -> float:
+    """A grant must be a finite number greater than 0 and at most MAX_AMOUNT."""
+    if isinstance(amount, bool) or not isinstance(amount, (int, float)):
+        raise KarmaError(f"karma amount must be a number, got {type(amount).__name__} {amount!r}")
+    if not math.isfinite(amount) or amount <= 0:
+        raise KarmaError(f"karma amount must be a finite number greater than 0, got {amount!r}")
+    if amount > MAX_AMOUNT:
+        raise KarmaError(f"karma amount {amount!r} is larger than the maximum of {MAX_AMOUNT:g} per grant")
+    return float(amount)
+
+
+class Karma:
+    """Karma of one ledger. ``threshold``: karma per age-up; ``growth``: its factor per age-up."""
+
+    def __init__(self, ledger: Ledger, threshold: float, growth: float = 1.0):
+        if not (isinstance(threshold, (int, float)) and math.isfinite(threshold) and threshold > 0):
+            raise KarmaError(f"the karma threshold must be a number greater than 0, got {threshold!r}")
+        if not (isinstance(growth, (int, float)) and math.isfinite(growth) and growth >= 1):
+            raise KarmaError(f"the threshold growth must be a number >= 1, got {growth!r}")
+        self.ledger = ledger
+        self.threshold = float(threshold)
+        self.growth = float(growth)
+
+    def threshold_for(self, k: int) -> float:
+        """Karma the k-th age-up (counting from 0) needs."""
+        return self.threshold * self.growth**k
+
+    # -- reading -----------------------------------------------------------------------------
+
+    def _state(self, conn: Connection) -> KarmaState:
+        total = conn.execute(text("SELECT COALESCE(SUM(amount), 0) FROM karma_events")).scalar_one()
+        spent, k = conn.execute(text("SELECT COALESCE(SUM(threshold), 0), COUNT(*) FROM ageup_requests")).one()
+        row = conn.execute(
+            text("SELECT * FROM ageup_requests WHERE status IN (:p, :r) ORDER BY id LIMIT 1"),
+            {"p": PENDING, "r": RUNNING},
+        ).first()
+        return KarmaState(float(total), float(total) - float(spent), self.threshold_for(int(k)),
+                          AgeUpRequest(**row._mapping) if row else None)
+
+    def state(self) -> KarmaState:
+        with self.ledger.reading() as conn:
+            return self._state(conn)
+
+    def requests(self) -> list[AgeUpRequest]:
+        with self.ledger.reading() as conn:
+            return [AgeUpRequest(**r._mapping) for r in conn.execute(text("SELECT * FROM ageup_requests ORDER BY id"))]
+
+    # -- writing -----------------------------------------------------------------------------
+
+    def _trigger(self, txn, state: KarmaState, gen: int | None) -> AgeUpRequest | None:
+        if state.open_request is not None or state.progress < state.threshold:
+            return None
+        now = _now()
+        rid = txn.conn.execute(
+            text("INSERT INTO ageup_requests (time, karma, threshold, status) VALUES (:t, :k, :th, :s) RETURNING id"),
+            {"t": now, "k": state.total, "th": state.threshold, "s": PENDING},
+        ).scalar_one()
+        txn.record(ev.karma_threshold_crossed(state.total, state.threshold, gen, request=rid))
+        return AgeUpRequest(rid, now, state.total, state.threshold, PENDING, None, None)
+
+    def add(self, amount, reason: str = "", key: str | None = None, source: str = "cli",
+            served_gen: int | None = None) -> Grant:
+        """Grant karma; open an age-up request if this crosses the threshold (see the module docstring)."""
+        amount = check_amount(amount)
+        if not isinstance(reason, str) or len(reason) > MAX_REASON:
+            raise KarmaError(f"karma reason must be text of at most {MAX_REASON} characters")
+        if key is not None and (not isinstance(key, str) or not 0 < len(key) <= MAX_KEY):
+            raise KarmaError(f"idempotency key must be 1 to {MAX_KEY} characters")
+        with self.ledger.transaction() as txn:
+            if key is not None:
+                row = txn.conn.execute(text("SELECT id, amount FROM karma_events WHERE idem_key = :k"), {"k": key}).first()
+                if row is not None:
+                    if row.amount != amount:
+                        raise KarmaError(f"idempotency key {key!r} was already used for a grant of {row.amount:g}, "
+                                         f"not {amount:g}; use a new key for a new grant")
+                    return Grant(row.id, row.amount, True, None, self._state(txn.conn))
+            gid = txn.conn.execute(
+                text("INSERT INTO karma_events (time, amount, reason, idem_key, source)"
+                     " VALUES (:t, :a, :r, :k, :s) RETURNING id"),
+                {"t": _now(), "a": amount, "r": reason, "k": key, "s": source},
+            ).scalar_one()
+            req = self._trigger(txn, self._state(txn.conn), served_gen)
+            return Grant(gid, amount, False, req, self._state(txn.conn))
+
+    def maybe_trigger(self, served_gen: int | None = None) -> AgeUpRequest | None:
+        """Open an age-up request if karma has reached the threshold and none is open (after one finished)."""
+        with self.ledger.transaction() as txn:
+            return self._trigger(txn, self._state(txn.conn), served_gen)
+
+    def mark(self, request_id: int, status: str, gen: int | None = None, outcome: str | None = None) -> None:
+        """Move a request to ``running`` / ``done`` / ``failed`` (``gen``: the generation it built)."""
+        if status not in (PENDING, RUNNING, DONE, FAILED):
+            raise ValueError(status)
+        with self.ledger.transaction() as txn:
+            txn.conn.execute(
+                text("UPDATE ageup_requests SET status = :s, gen = COALESCE(:g, gen), outcome = :o,"
+                     " finished_time = :f WHERE id = :i"),
+                {"s": status, "g": gen, "o": outcome, "f": _now() if status in (DONE, FAILED) else None,
+                 "i": request_id},
+            )

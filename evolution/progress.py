@@ -1,0 +1,113 @@
+"""Where a running age-up stands: ``<data root>/logs/ageup.json``, rewritten atomically as it goes.
+
+Any age-up — `evolve age-up` or the daemon's — writes it; `evolve status` and the daemon's
+``/status`` read it. It holds the generation, the stage, the training step out of the total,
+an ETA and the process id, so a reader can tell a live age-up from one that died (the file of
+a dead process is reported as interrupted, not running).
+
+ETA: the rest of the current training stage at its measured pace, plus, for stages not yet
+started, the time the parent generation's age-up spent on them (``generation.json``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+from evolution.fsutil import atomic_write_json
+from evolution.paths import DataRoot
+
+FILE = "ageup.json"
+ORDER = ("data", "train", "merge", "gguf_f16", "quantize", "smoke", "gate", "finalize")
+BOOT_ORDER = ("base", "gguf_f16", "quantize", "smoke", "measure", "finalize")
+
+
+def path(root: DataRoot) -> Path:
+    return root.logs / FILE
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def read(root: DataRoot) -> dict | None:
+    """The last progress written, with ``running`` (its process is alive and it has not ended)."""
+    try:
+        d = json.loads(path(root).read_text())
+    except (FileNotFoundError, ValueError):
+        return None
+    d["running"] = d.get("state") == "running" and _alive(int(d.get("pid", 0)))
+    if d.get("state") == "running" and not d["running"]:
+        d["state"] = "interrupted"
+    return d
+
+
+class Tracker:
+    """Stage and step callbacks for ``ageup.age_up`` that keep the progress file current."""
+
+    def __init__(self, root: DataRoot, expected: dict[str, float] | None = None, min_interval: float = 1.0):
+        self.file = path(root)
+        self.expected = expected or {}
+        self.min_interval = min_interval
+        self._last_write = 0.0
+        self._step_t0: dict[str, tuple[float, int]] = {}
+        self.d: dict = {"pid": os.getpid(), "state": "running", "started": time.time(), "gen": None,
+                        "stage": None, "stages_done": [], "train_stage": None, "step": 0, "total": 0,
+                        "loss": None, "eta_s": None, "updated": time.time()}
+        self._write(force=True)
+
+    def _write(self, force: bool = False) -> None:
+        now = time.time()
+        if not force and now - self._last_write < self.min_interval:
+            return
+        self._last_write = now
+        self.d["updated"] = now
+        self.d["eta_s"] = self._eta() if self.d["state"] == "running" else None
+        self.file.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(self.file, self.d, sync_dir=False)
+
+    def _eta(self) -> float | None:
+        order = BOOT_ORDER if self.d.get("stage") in ("base", "measure") else ORDER
+        rest = 0.0
+        known = False
+        if self.d["stage"] == "train" and self.d["total"]:
+            t0, s0 = self._step_t0.get(self.d["train_stage"], (None, 0))
+            done = self.d["step"] - s0
+            if t0 is not None and done > 0:
+                rest += (time.time() - t0) / done * (self.d["total"] - self.d["step"])
+                known = True
+        for st in order:
+            if st not in self.d["stages_done"] and st != self.d["stage"] and st in self.expected:
+                rest += self.expected[st]
+                known = True
+        return round(rest, 1) if known else None
+
+    def stage(self, stage: str, what: str) -> None:
+        if what == "start":
+            self.d.update(stage=stage, stage_started=time.time())
+        elif stage not in self.d["stages_done"]:
+            self.d["stages_done"].append(stage)
+        self._write(force=True)
+
+    def step(self, stage: str, step: int, total: int, loss: float | None) -> None:
+        if stage not in self._step_t0:
+            self._step_t0[stage] = (time.time(), step)
+        self.d.update(train_stage=stage, step=step, total=total, loss=loss)
+        self._write(force=step == total)
+
+    def set(self, **fields) -> None:
+        self.d.update(fields)
+        self._write(force=True)
+
+    def end(self, state: str, **fields) -> None:
+        """``state``: 'done', 'failed' or 'interrupted'."""
+        self.d.update(state=state, ended=time.time(), eta_s=None, **fields)
+        self._write(force=True)

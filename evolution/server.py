@@ -1,0 +1,345 @@
+"""The daemon's HTTP API: OpenAI-compatible chat for the agent, plus karma, conversations and control.
+
+=========================  ======  =====================================================
+path                       token   what
+=========================  ======  =====================================================
+``/v1/chat/completions``   opt.    chat with the served generation (``stream`` or not)
+``/v1/models``             opt.    the served generation, as an OpenAI model
+``/health``                no      200 when a model is served, 503 while starting
+``/status``                no      served generation, age-up stage / step / ETA, karma
+``/karma`` (POST)          yes     ``{"amount", "reason", "idempotency_key"}``
+``/karma`` (GET)           no      karma total, progress and threshold
+``/conversations`` (POST)  yes     ``{"messages": [...], "idempotency_key"}``
+``/rollback`` (POST)       yes     ``{"to": N, "reason"}``: serve an earlier gated generation
+=========================  ======  =====================================================
+
+The token is sent as ``Authorization: Bearer <token>`` (what the ``openai`` client sends as
+its ``api_key``) and compared in constant time. Errors use OpenAI's shape,
+``{"error": {"message", "type", "code"}}``, with 400 (malformed), 401 (token), 404 (unknown
+generation or model), 409 (not servable), 413 (too large), 503 (no model yet).
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import math
+from typing import TYPE_CHECKING, Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.concurrency import run_in_threadpool
+
+from evolution.conversations import ConversationError
+from evolution.errors import EvolutionError, IntegrityError, LedgerError, UnknownGeneration
+from evolution.karma import KarmaError
+from evolution.serving import LoadError, NotReady, model_id
+
+if TYPE_CHECKING:
+    from evolution.daemon import Daemon
+
+log = logging.getLogger(__name__)
+
+SMALL_BODY = 16_384
+"""Limit of karma and rollback bodies."""
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", code: str | None = None,
+                 param: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.code, self.param = status, message, type_, code, param
+
+
+def _error(status: int, message: str, type_: str, code: str | None = None, param: str | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": type_, "code": code, "param": param}}, status_code=status)
+
+
+class BodyLimit:
+    """ASGI middleware: refuse a body over the path's limit with 413, before reading it all."""
+
+    def __init__(self, app, limits: dict[str, int], default: int):
+        self.app, self.limits, self.default = app, limits, default
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        limit = self.limits.get(scope["path"], self.default)
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > limit):
+            return await _error(413, f"request body larger than the {limit}-byte limit of {scope['path']}",
+                                "invalid_request_error", "body_too_large")(scope, receive, send)
+        seen = 0
+
+        async def limited():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > limit:
+                    raise ApiError(413, f"request body larger than the {limit}-byte limit of {scope['path']}",
+                                   code="body_too_large")
+            return message
+
+        return await self.app(scope, limited, send)
+
+
+async def _json(request: Request) -> dict:
+    raw = await request.body()
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ApiError(400, f"malformed JSON body: {exc}", code="malformed_json") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, f"the JSON body must be an object, got {type(body).__name__}", code="malformed_json")
+    return body
+
+
+def _number(body: dict, name: str, lo: float, hi: float, default=None, integer: bool = False):
+    v = body.get(name, default)
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or (integer and not float(v).is_integer()) \
+            or not math.isfinite(v) or not lo <= v <= hi:
+        kind = "an integer" if integer else "a number"
+        raise ApiError(400, f"'{name}' must be {kind} between {lo:g} and {hi:g}, got {v!r}", param=name)
+    return int(v) if integer else float(v)
+
+
+_PASSTHROUGH_NUMBERS = (("temperature", 0.0, 2.0), ("top_p", 0.0, 1.0), ("presence_penalty", -2.0, 2.0),
+                        ("frequency_penalty", -2.0, 2.0))
+
+
+def _chat_args(body: dict, default_max_tokens: int, n_ctx: int) -> dict[str, Any]:
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise ApiError(400, "'messages' must be a non-empty list of {\"role\", \"content\"} objects", param="messages")
+    clean = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in ("system", "developer", "user", "assistant"):
+            raise ApiError(400, f"messages[{i}] must have a role of system, developer, user or assistant",
+                           param=f"messages[{i}]")
+        content = m.get("content")
+        if isinstance(content, list):  # content parts: text only
+            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+                       for p in content):
+                raise ApiError(400, f"messages[{i}].content: only text parts are supported", param=f"messages[{i}]")
+            content = "".join(p["text"] for p in content)
+        if not isinstance(content, str):
+            raise ApiError(400, f"messages[{i}].content must be a string", param=f"messages[{i}]")
+        clean.append({"role": "system" if m["role"] == "developer" else m["role"], "content": content})
+    if body.get("tools") or body.get("functions"):
+        raise ApiError(400, "tools / function calling are not supported by this server", param="tools")
+    n = _number(body, "n", 1, 1, 1, integer=True)
+    del n
+    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+    max_tokens = _number({"max_tokens": max_tokens}, "max_tokens", 1, n_ctx, default_max_tokens, integer=True)
+    args: dict[str, Any] = {"messages": clean, "max_tokens": max_tokens}
+    for name, lo, hi in _PASSTHROUGH_NUMBERS:
+        if body.get(name) is not None:
+            args[name] = _number(body, name, lo, hi)
+    if body.get("seed") is not None:
+        args["seed"] = _number(body, "seed", -(2**63), 2**63 - 1, integer=True)
+    stop = body.get("stop")
+    if stop is not None:
+        if isinstance(stop, str):
+            stop = [stop]
+        if not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) and s for s in stop):
+            raise ApiError(400, "'stop' must be a string or a list of up to 4 non-empty strings", param="stop")
+        args["stop"] = stop
+    rf = body.get("response_format")
+    if rf is not None:
+        if not isinstance(rf, dict) or rf.get("type") not in ("text", "json_object"):
+            raise ApiError(400, "'response_format' supports {\"type\": \"text\"} or {\"type\": \"json_object\"}",
+                           param="response_format")
+        if rf["type"] == "json_object":
+            args["response_format"] = {"type": "json_object"}
+    return args
+
+
+def create_app(daemon: "Daemon") -> FastAPI:
+    d = daemon.dcfg
+    app = FastAPI(title="evolution", docs_url=None, redoc_url=None, openapi_url=None)
+
+    def authorize(request: Request, required: bool) -> None:
+        if not required:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), daemon.token.encode()):
+            raise ApiError(401, "missing or wrong API token: send 'Authorization: Bearer <token>' (the token is in "
+                                f"{daemon.token_source})", "authentication_error", "invalid_api_key")
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request, exc: ApiError):
+        return _error(exc.status, exc.message, exc.type, exc.code, exc.param)
+
+    @app.exception_handler(NotReady)
+    async def _not_ready(request, exc):
+        return _error(503, str(exc), "server_error", "model_not_ready")
+
+    def _counted(fn):
+        async def wrapper(request: Request):
+            daemon.stats["requests"] += 1
+            try:
+                return await fn(request)
+            except (ApiError, NotReady):
+                daemon.stats["rejected"] += 1
+                raise
+            except Exception:
+                daemon.stats["errors"] += 1
+                raise
+        wrapper.__name__ = fn.__name__
+        return wrapper
+
+    @app.get("/health")
+    async def health():
+        slot = daemon.host.current
+        if slot is None:
+            return JSONResponse({"status": "starting", "served_generation": None}, status_code=503)
+        return {"status": "ok", "served_generation": slot.gen, "model": slot.id}
+
+    @app.get("/status")
+    async def status():
+        return await run_in_threadpool(daemon.status)
+
+    @app.get("/v1/models")
+    async def models(request: Request):
+        authorize(request, d.chat_requires_token)
+        slot = daemon.host.current
+        data = [] if slot is None else [{"id": slot.id, "object": "model", "created": int(slot.loaded_at),
+                                         "owned_by": "evolution", "generation": slot.gen, "sha256": slot.sha256}]
+        return {"object": "list", "data": data}
+
+    @app.get("/v1/models/{name}")
+    async def model(name: str, request: Request):
+        authorize(request, d.chat_requires_token)
+        slot = daemon.host.current
+        if slot is None or name != slot.id:
+            raise ApiError(404, f"model {name!r} is not served here; GET /v1/models lists the one that is",
+                           code="model_not_found")
+        return {"id": slot.id, "object": "model", "created": int(slot.loaded_at), "owned_by": "evolution"}
+
+    @app.post("/v1/chat/completions")
+    @_counted
+    async def chat(request: Request):
+        authorize(request, d.chat_requires_token)
+        body = await _json(request)
+        args = _chat_args(body, d.max_tokens, d.n_ctx)
+        asked = body.get("model")
+        if isinstance(asked, str) and asked.startswith("evolution-gen-") and daemon.host.current is not None \
+                and asked != daemon.host.current.id:
+            raise ApiError(404, f"model {asked!r} is not the served generation ({daemon.host.current.id}); "
+                                "omit 'model' or use 'evolution' to get whichever is served", code="model_not_found")
+        if body.get("stream"):
+            return await _stream(args)
+        return await run_in_threadpool(_complete, args)
+
+    def _complete(args: dict) -> dict:
+        with daemon.host.use() as slot:
+            try:
+                out = slot.llm.create_chat_completion(**args)
+            except ValueError as exc:  # e.g. the prompt does not fit the context window
+                raise ApiError(400, str(exc), code="context_length_exceeded") from None
+        out["model"] = slot.id
+        daemon.stats["completions"] += 1
+        return out
+
+    async def _stream(args: dict):
+        # Take the model and start decoding before answering, so errors still get a proper status.
+        cm = daemon.host.use()
+        slot = await run_in_threadpool(cm.__enter__)
+        try:
+            it = await run_in_threadpool(lambda: iter(slot.llm.create_chat_completion(stream=True, **args)))
+            first = await run_in_threadpool(next, it, None)
+        except ValueError as exc:
+            cm.__exit__(None, None, None)
+            raise ApiError(400, str(exc), code="context_length_exceeded") from None
+        except BaseException:
+            cm.__exit__(None, None, None)
+            raise
+
+        def events():
+            try:
+                chunk = first
+                while chunk is not None:
+                    chunk["model"] = slot.id
+                    yield f"data: {json.dumps(chunk)}\n\n"
+                    chunk = next(it, None)
+                yield "data: [DONE]\n\n"
+                daemon.stats["completions"] += 1
+            finally:
+                cm.__exit__(None, None, None)
+
+        return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    @app.get("/karma")
+    async def karma_state():
+        return (await run_in_threadpool(daemon.karma.state)).to_dict()
+
+    @app.post("/karma")
+    @_counted
+    async def karma_add(request: Request):
+        authorize(request, True)
+        body = await _json(request)
+        if "amount" not in body:
+            raise ApiError(400, "'amount' is required: the karma to add, a number greater than 0", param="amount")
+        key = body.get("idempotency_key") or request.headers.get("idempotency-key")
+        try:
+            grant = await run_in_threadpool(daemon.add_karma, body["amount"], body.get("reason", ""), key)
+        except KarmaError as exc:
+            raise ApiError(409 if "already used" in str(exc) else 400, str(exc), param="amount") from None
+        return JSONResponse(grant.to_dict(), status_code=200 if grant.duplicate else 201)
+
+    @app.post("/conversations")
+    @_counted
+    async def conversations(request: Request):
+        authorize(request, True)
+        body = await _json(request)
+        key = body.get("idempotency_key") or request.headers.get("idempotency-key")
+        try:
+            stored = await run_in_threadpool(daemon.store.add, body.get("messages"), key)
+        except ConversationError as exc:
+            raise ApiError(409 if "already used" in str(exc) else 400, str(exc), param="messages") from None
+        return JSONResponse(stored.to_dict(), status_code=200 if stored.duplicate else 201)
+
+    @app.post("/rollback")
+    @_counted
+    async def rollback(request: Request):
+        authorize(request, True)
+        body = await _json(request)
+        to = _number(body, "to", 0, 2**31 - 1, integer=True)
+        if to is None:
+            raise ApiError(400, "'to' is required: the generation number to serve", param="to")
+        reason = body.get("reason", "rollback over HTTP")
+        if not isinstance(reason, str) or len(reason) > 500:
+            raise ApiError(400, "'reason' must be text of at most 500 characters", param="reason")
+        try:
+            entry = await run_in_threadpool(daemon.rollback, to, reason)
+        except LedgerError as exc:
+            unknown = isinstance(exc, UnknownGeneration)
+            raise ApiError(404 if unknown else 409, str(exc), code="generation_not_found" if unknown
+                           else "not_servable", param="to") from None
+        except (IntegrityError, LoadError) as exc:
+            raise ApiError(409, str(exc), code="not_servable", param="to") from None
+        return {"served_generation": to, "ledger_seq": entry.seq}
+
+    @app.exception_handler(EvolutionError)
+    async def _evolution_error(request, exc):
+        log.error("%s %s: %s", request.method, request.url.path, exc)
+        return _error(500, str(exc), "server_error")
+
+    @app.exception_handler(404)
+    async def _not_found(request, exc):
+        return _error(404, f"no such endpoint: {request.method} {request.url.path}", "invalid_request_error",
+                      "not_found")
+
+    @app.exception_handler(405)
+    async def _method(request, exc):
+        return _error(405, f"{request.method} is not allowed on {request.url.path}", "invalid_request_error",
+                      "method_not_allowed")
+
+    limits = {"/v1/chat/completions": d.max_body_bytes, "/conversations": d.max_conversation_bytes}
+    app.add_middleware(BodyLimit, limits=limits, default=SMALL_BODY)
+    return app
