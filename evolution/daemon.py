@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import secrets
+import signal
 import socket
 import subprocess
 import sys
@@ -395,6 +396,11 @@ def run(daemon: Daemon) -> int:
     daemon.start_scheduler()
     log.info("serving on http://%s:%d (OpenAI base_url http://%s:%d/v1); write endpoints need the token in %s",
              d.host, daemon.port, d.host, daemon.port, daemon.token_source)
+    # uvicorn handles SIGTERM/SIGINT (stop accepting, drain open requests) and re-raises the signal
+    # to the handler that was installed before it once it is done: ours, so the exit stays clean.
+    stopped_by: list[int] = []
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, frame: stopped_by.append(signum))
     try:
         server.run(sockets=[sock])
     finally:

@@ -4,7 +4,7 @@
 
 A separate process keeps the server responsive and its memory small: training runs at a
 lower CPU priority (``--nice``), gets its own torch thread count, and returns every byte it
-used when it exits. It dies with the daemon (Linux ``PR_SET_PDEATHSIG``), so a killed daemon
+used when it exits. It dies with the daemon (a watchdog on its parent), so a killed daemon
 never leaves an orphan holding the age-up lock; the restarted daemon resumes the age-up.
 
 A passing child is left undecided (``hold``): the daemon loads it, checks it and swaps it in
@@ -19,13 +19,13 @@ Exit codes: 0 done, 1 failed (message on stderr and in the progress file), 3 int
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import logging
 import os
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 
 EXIT_OK, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_PAUSED = 0, 1, 3, 4
@@ -70,13 +70,21 @@ class GracefulStop:
 
 
 def _die_with_parent(parent_pid: int | None) -> None:
-    if sys.platform.startswith("linux"):
-        try:
-            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-        except OSError:
-            pass
-    if parent_pid is not None and os.getppid() != parent_pid:  # the parent died before prctl
-        os._exit(EXIT_INTERRUPTED)
+    """Exit at once when the daemon that started us is gone (kill -9 included).
+
+    A watchdog thread, not ``PR_SET_PDEATHSIG``: that signal follows the parent *thread*, and the
+    daemon starts workers from a scheduler thread that may end while the daemon lives on.
+    """
+    if parent_pid is None:
+        return
+
+    def watch() -> None:
+        while True:
+            if os.getppid() != parent_pid:
+                os.kill(os.getpid(), signal.SIGKILL)
+            time.sleep(0.5)
+
+    threading.Thread(target=watch, name="parent-watchdog", daemon=True).start()
 
 
 def main(argv: list[str] | None = None) -> int:
