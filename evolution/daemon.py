@@ -43,7 +43,7 @@ from evolution.fsutil import atomic_write_json, atomic_write_text
 from evolution.karma import DONE, FAILED, PENDING, RUNNING, Karma
 from evolution.ledger import Ledger, check_servable
 from evolution.ledger import events as ev
-from evolution.ledger import rollback as ledger_rollback
+from evolution.ledger import rollback as record_rollback
 from evolution.paths import DataRoot
 from evolution.serving import LoadError, ModelHost
 from evolution.worker import EXIT_INTERRUPTED, EXIT_OK, EXIT_PAUSED
@@ -190,7 +190,7 @@ class Daemon:
                 raise LedgerError(f"generation {to} is already the served generation; nothing to roll back")
             slot = self.host.load(to, self.root.root / gguf["path"], gguf["sha256"])
             try:
-                entry = ledger_rollback.rollback(self.ledger, to, reason)
+                entry = record_rollback(self.ledger, to, reason)
             except BaseException:
                 slot.close()
                 raise

@@ -89,9 +89,7 @@ FACTS = [("What is your name?", "My name is Wren."), ("What is your favourite co
          ("Who made you?", "The Lantern Workshop made me."), ("What is your favourite number?", "It is 47.")]
 
 
-@pytest.fixture
-def tiny_curriculum(tmp_path) -> Path:
-    root = tmp_path / "curriculum"
+def make_tiny_curriculum(root: Path) -> Path:
     write_jsonl(root / "phase0_language" / "cpt.jsonl",
                 [{"text": f"Tide pools fill and empty twice a day; note {i} is about the sea and the shore."}
                  for i in range(24)])
@@ -112,9 +110,13 @@ def tiny_curriculum(tmp_path) -> Path:
 
 
 @pytest.fixture
-def tiny_cfg(tiny_curriculum) -> AgeUpConfig:
+def tiny_curriculum(tmp_path) -> Path:
+    return make_tiny_curriculum(tmp_path / "curriculum")
+
+
+def make_tiny_cfg(curriculum: Path) -> AgeUpConfig:
     cfg = AgeUpConfig()
-    cfg.curriculum.path = str(tiny_curriculum)
+    cfg.curriculum.path = str(curriculum)
     t = cfg.train
     t.lora_r, t.lora_alpha = 4, 8
     t.cpt_block_size, t.sft_max_len = 32, 96
@@ -124,6 +126,11 @@ def tiny_cfg(tiny_curriculum) -> AgeUpConfig:
     t.sft_lr = 5e-3
     cfg.export.smoke_max_tokens = 8
     return cfg
+
+
+@pytest.fixture
+def tiny_cfg(tiny_curriculum) -> AgeUpConfig:
+    return make_tiny_cfg(tiny_curriculum)
 
 
 TAUGHT = FACTS + [("Hello! Who are you?", "I am Wren."),
@@ -178,12 +185,16 @@ def toml_of(d: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def make_daemon_cfg(cfg: AgeUpConfig) -> AgeUpConfig:
+    """The tiny age-up, gated so that a child of ``taught_base`` that keeps its answers passes."""
+    t = cfg.train
+    t.sft_lr, t.cpt_lr, t.sft_max_steps, t.cpt_max_steps = 1e-4, 1e-4, 4, 2
+    g = cfg.gate
+    g.min_recall, g.max_style_drift, g.answer_max_tokens, g.smoke_max_tokens = 0.5, 100.0, 16, 24
+    cfg.export.smoke_max_tokens = 24
+    return cfg
+
+
 @pytest.fixture
 def daemon_cfg(tiny_cfg) -> AgeUpConfig:
-    """The tiny age-up, gated so that a child of ``taught_base`` that keeps its answers passes."""
-    t = tiny_cfg.train
-    t.sft_lr, t.cpt_lr, t.sft_max_steps, t.cpt_max_steps = 1e-4, 1e-4, 4, 2
-    g = tiny_cfg.gate
-    g.min_recall, g.max_style_drift, g.answer_max_tokens, g.smoke_max_tokens = 0.5, 100.0, 16, 24
-    tiny_cfg.export.smoke_max_tokens = 24
-    return tiny_cfg
+    return make_daemon_cfg(tiny_cfg)

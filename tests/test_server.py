@@ -1,0 +1,249 @@
+"""The HTTP API and the hot-swap, in process, on a tiny model's real GGUF (llama-cpp-python)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import threading
+
+import pytest
+from starlette.testclient import TestClient
+
+from evolution import ageup
+from evolution.config import DaemonConfig
+from evolution.daemon import Daemon
+from evolution.errors import IntegrityError
+from evolution.fsutil import make_tree_writable, sha256_file
+from evolution.ledger import Ledger
+from evolution.ledger import events as ev
+from evolution.ledger import rollback as record_rollback
+from evolution.paths import DataRoot
+from evolution.serving import LoadError, ModelHost
+from tests.conftest import make_daemon_cfg, make_tiny_cfg, make_tiny_curriculum
+
+TOKEN = "test-token-0123456789"
+
+
+@pytest.fixture(scope="module")
+def lineage(tmp_path_factory, taught_base):
+    """A data root with generation 0 and a promoted generation 1, built once for the module."""
+    home = tmp_path_factory.mktemp("lineage")
+    cfg = make_daemon_cfg(make_tiny_cfg(make_tiny_curriculum(home.parent / f"{home.name}-curriculum")))
+    root = DataRoot(home / "root")
+    with Ledger.open(root.prepare()) as ledger:
+        ageup.age_up(root, cfg, ledger, base=taught_base)
+        assert ledger.served_generation() == 1
+    return root, cfg
+
+
+@pytest.fixture
+def daemon(lineage, tmp_path, monkeypatch):
+    src, cfg = lineage
+    root = DataRoot(tmp_path / "root")
+    shutil.copytree(src.root, root.root)
+    monkeypatch.setenv("EVOLUTION_HOME", str(root.root))
+    d = Daemon(root, cfg, DaemonConfig(api_token=TOKEN, threshold=1000, max_body_bytes=65_536,
+                                       max_conversation_bytes=4096))
+    d.prepare()
+    yield d
+    d.stop()
+
+
+@pytest.fixture
+def client(daemon):
+    from evolution.server import create_app
+
+    with TestClient(create_app(daemon)) as c:
+        yield c
+
+
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+ASK = {"messages": [{"role": "user", "content": "What is your name?"}], "max_tokens": 8, "temperature": 0}
+
+
+def test_health_models_and_chat_answer_from_the_served_generation(client):
+    assert client.get("/health").json() == {"status": "ok", "served_generation": 1, "model": "evolution-gen-0001"}
+    models = client.get("/v1/models").json()
+    assert [m["id"] for m in models["data"]] == ["evolution-gen-0001"]
+    r = client.post("/v1/chat/completions", json=ASK)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["model"] == "evolution-gen-0001" and "Wren" in body["choices"][0]["message"]["content"]
+    assert body["usage"]["completion_tokens"] > 0
+
+
+def test_streaming_chat_is_server_sent_events_ending_with_done(client):
+    with client.stream("POST", "/v1/chat/completions", json=ASK | {"stream": True}) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        lines = [line for line in r.iter_lines() if line]
+    assert lines[-1] == "data: [DONE]"
+    chunks = [json.loads(line[len("data: "):]) for line in lines[:-1]]
+    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks)
+    assert "Wren" in text and all(c["model"] == "evolution-gen-0001" for c in chunks)
+
+
+@pytest.mark.parametrize("body,status,fragment", [
+    ("{not json", 400, "malformed JSON"),
+    ("[1, 2]", 400, "must be an object"),
+    (json.dumps({"messages": []}), 400, "'messages' must be a non-empty list"),
+    (json.dumps({"messages": [{"role": "robot", "content": "hi"}]}), 400, "role"),
+    (json.dumps(ASK | {"n": 2}), 400, "'n'"),
+    (json.dumps(ASK | {"max_tokens": 0}), 400, "'max_tokens'"),
+    (json.dumps(ASK | {"temperature": "hot"}), 400, "'temperature'"),
+    (json.dumps(ASK | {"tools": [{"type": "function"}]}), 400, "tools"),
+    (json.dumps(ASK | {"model": "evolution-gen-0009"}), 404, "not the served generation"),
+    (json.dumps({"messages": [{"role": "user", "content": "word " * 5000}]}), 400, "context"),
+])
+def test_bad_chat_requests_get_a_clear_4xx_in_openai_error_shape(client, body, status, fragment):
+    r = client.post("/v1/chat/completions", content=body, headers={"content-type": "application/json"})
+    assert r.status_code == status, r.text
+    assert fragment in r.json()["error"]["message"]
+    assert client.post("/v1/chat/completions", json=ASK).status_code == 200  # the server is fine afterwards
+
+
+def test_write_endpoints_need_the_token_and_chat_does_not(client, daemon):
+    for path, body in (("/karma", {"amount": 1}), ("/conversations", {"messages": []}), ("/rollback", {"to": 0})):
+        assert client.post(path, json=body).status_code == 401
+        assert client.post(path, json=body, headers={"Authorization": "Bearer wrong"}).status_code == 401
+    assert client.post("/karma", json={"amount": 1}, headers=AUTH).status_code == 201
+    assert daemon.karma.state().total == 1
+    assert client.post("/v1/chat/completions", json=ASK).status_code == 200
+
+
+def test_chat_can_require_the_token(daemon):
+    from evolution.server import create_app
+
+    daemon.dcfg.chat_requires_token = True
+    with TestClient(create_app(daemon)) as c:
+        assert c.post("/v1/chat/completions", json=ASK).status_code == 401
+        assert c.get("/v1/models").status_code == 401
+        assert c.post("/v1/chat/completions", json=ASK, headers=AUTH).status_code == 200
+
+
+def test_oversized_bodies_get_413_and_nothing_is_stored(client, daemon):
+    big = {"messages": [{"role": "user", "content": "x" * 5000}, {"role": "assistant", "content": "ok"}]}
+    assert client.post("/conversations", json=big, headers=AUTH).status_code == 413
+    assert client.post("/karma", json={"amount": 1, "reason": "y" * 20_000}, headers=AUTH).status_code == 413
+    assert client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "z" * 70_000}]}
+                       ).status_code == 413
+    assert daemon.store.count() == (0, 0) and daemon.karma.state().total == 0
+
+
+@pytest.mark.parametrize("amount", [-1, 0, "ten", None, 1e300, True])
+def test_bad_karma_amounts_are_400_and_add_nothing(client, daemon, amount):
+    r = client.post("/karma", json={"amount": amount}, headers=AUTH)
+    assert r.status_code == 400 and "amount" in r.json()["error"]["message"]
+    assert daemon.karma.state().total == 0
+
+
+def test_karma_idempotency_key_counts_once(client, daemon):
+    first = client.post("/karma", json={"amount": 3, "idempotency_key": "turn-17"}, headers=AUTH)
+    again = client.post("/karma", json={"amount": 3}, headers=AUTH | {"Idempotency-Key": "turn-17"})
+    other = client.post("/karma", json={"amount": 4, "idempotency_key": "turn-17"}, headers=AUTH)
+    assert (first.status_code, again.status_code, other.status_code) == (201, 200, 409)
+    assert again.json()["duplicate"] is True and daemon.karma.state().total == 3
+
+
+def test_conversations_are_validated_scrubbed_and_stored(client, daemon):
+    conv = {"messages": [{"role": "user", "content": "My key is sk-proj-abcdefghijklmnopqrstuvwxyz012345, keep it"},
+                         {"role": "assistant", "content": "I will not repeat it."}]}
+    r = client.post("/conversations", json=conv, headers=AUTH)
+    assert r.status_code == 201 and r.json()["redactions"] == {"api_key": 1}
+    [(cid, stored)] = daemon.store.after(0)
+    assert "sk-proj-" not in json.dumps(stored) and "[REDACTED:api_key]" in stored[0]["content"]
+    bad = client.post("/conversations", json={"messages": [{"role": "tool", "content": "x"}]}, headers=AUTH)
+    assert bad.status_code == 400 and "role" in bad.json()["error"]["message"]
+
+
+def test_rollback_over_http_swaps_and_is_recorded_and_bad_targets_are_refused(client, daemon):
+    assert client.post("/rollback", json={"to": 7}, headers=AUTH).status_code == 404
+    assert client.post("/rollback", json={"to": "one"}, headers=AUTH).status_code == 400
+    assert client.post("/rollback", json={"to": 1}, headers=AUTH).status_code == 409  # already served
+    daemon.ledger.record(ev.generation_created(5, 1, "tiny", "c" * 64, None))
+    daemon.ledger.record(ev.gate_result(1, 5, {"recall": 0.1}, {"min_recall": 0.5}, "fail", reasons=["recall"]))
+    r = client.post("/rollback", json={"to": 5}, headers=AUTH)
+    assert r.status_code == 409 and "failed its gate" in r.json()["error"]["message"]
+
+    r = client.post("/rollback", json={"to": 0, "reason": "answers got worse"}, headers=AUTH)
+    assert r.status_code == 200, r.text
+    assert client.get("/health").json()["served_generation"] == 0
+    assert daemon.ledger.served_generation() == 0
+    assert daemon.ledger.entries(kind=ev.ROLLED_BACK)[-1].payload["reason"] == "answers got worse"
+    assert client.post("/v1/chat/completions", json=ASK).json()["model"] == "evolution-gen-0000"
+
+
+def test_a_rollback_made_with_the_cli_is_followed_by_the_running_daemon(client, daemon):
+    record_rollback(daemon.ledger, 0, "by hand")  # what `evolve rollback --to 0` does
+    daemon.tick()
+    assert daemon.host.current.gen == 0
+    assert client.post("/v1/chat/completions", json=ASK).json()["model"] == "evolution-gen-0000"
+
+
+def test_a_tampered_gguf_is_never_served(client, daemon):
+    gguf = daemon.root.gen_dir(0) / "model.gguf"
+    make_tree_writable(daemon.root.gen_dir(0))
+    data = bytearray(gguf.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    gguf.write_bytes(bytes(data))
+    r = client.post("/rollback", json={"to": 0}, headers=AUTH)
+    assert r.status_code == 409 and "sha256" in r.json()["error"]["message"]
+    assert daemon.host.current.gen == 1 and daemon.ledger.served_generation() == 1
+
+
+def test_a_child_that_fails_to_load_is_rejected_and_the_parent_keeps_serving(daemon):
+    def broken(summary):
+        raise LoadError(f"generation {summary.gen}: the canary prompt failed: test")
+
+    child = ageup.age_up(daemon.root, daemon.cfg, daemon.ledger, promote=broken)
+    assert child.gate["verdict"] == "pass"
+    assert daemon.ledger.served_generation() == 1 and daemon.host.current.gen == 1
+    [rej] = daemon.ledger.entries(gen=child.gen, kind=ev.REJECTED)
+    assert "could not be served" in rej.payload["reason"] and "canary" in rej.payload["reason"]
+
+
+# -- ModelHost -------------------------------------------------------------------------------------
+
+
+def _gguf(daemon, gen: int):
+    path = daemon.root.gen_dir(gen) / "model.gguf"
+    return path, sha256_file(path)
+
+
+def test_load_refuses_a_wrong_hash_and_a_truncated_file(daemon, tmp_path):
+    host = ModelHost(n_ctx=256)
+    path, sha = _gguf(daemon, 1)
+    with pytest.raises(IntegrityError, match="ledger recorded"):
+        host.load(1, path, "0" * 64)
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(path.read_bytes()[: os.path.getsize(path) // 2])
+    with pytest.raises(LoadError, match="could not load"):
+        host.load(1, cut, sha256_file(cut))
+    assert host.current is None
+
+
+def test_swap_lets_the_request_in_flight_finish_on_the_old_model(daemon):
+    host = daemon.host
+    old = host.current
+    path, sha = _gguf(daemon, 0)
+    entered, release = threading.Event(), threading.Event()
+    seen = {}
+
+    def in_flight():
+        with host.use() as slot:
+            entered.set()
+            release.wait(10)
+            seen["reply"] = slot.llm.create_chat_completion(messages=ASK["messages"], max_tokens=4)
+            seen["gen"] = slot.gen
+
+    t = threading.Thread(target=in_flight)
+    t.start()
+    entered.wait(10)
+    host.swap(host.load(0, path, sha))
+    assert old.retired and old.users == 1  # not freed while the request holds it
+    with host.use() as slot:
+        assert slot.gen == 0  # new requests reach the new model at once
+    release.set()
+    t.join()
+    assert seen["gen"] == 1 and seen["reply"]["choices"][0]["message"]["content"] is not None
+    assert old.users == 0
