@@ -34,6 +34,7 @@ MAX_KEY = 200
 
 PENDING, RUNNING, DONE, FAILED = "pending", "running", "done", "failed"
 OPEN = (PENDING, RUNNING)
+EPSILON = 1e-9
 
 
 class KarmaError(EvolutionError):
@@ -50,6 +51,8 @@ class AgeUpRequest:
     gen: int | None
     outcome: str | None
     finished_time: str | None = None
+    grant_id: int | None = None
+    """The karma grant that crossed the threshold (None: opened after an age-up finished)."""
 
 
 @dataclass(frozen=True)
@@ -64,7 +67,7 @@ class KarmaState:
 
     @property
     def to_next(self) -> float:
-        return max(0.0, self.threshold - self.progress)
+        return max(0.0, round(self.threshold - self.progress, 9))
 
     def to_dict(self) -> dict:
         return {"total": self.total, "progress": self.progress, "threshold": self.threshold,
@@ -77,7 +80,7 @@ class Grant:
     id: int
     amount: float
     duplicate: bool
-    """The idempotency key was seen before: this is the first grant's result, nothing was added."""
+    """The idempotency key was seen before: nothing was added (``triggered`` is still the first call's)."""
     triggered: AgeUpRequest | None
     """The age-up request this grant opened, if it crossed the threshold."""
     state: KarmaState
@@ -95,7 +98,9 @@ def _now() -> str:
 def check_amount(amount) -> float:
     """A grant must be a finite number greater than 0 and at most MAX_AMOUNT."""
     if isinstance(amount, bool) or not isinstance(amount, (int, float)):
-        raise KarmaError(f"karma amount must be a number, got {type(amount).__name__} {amount!r}")
+        raise KarmaError(f"karma amount must be a number, got {type(amount).__name__} {str(amount)[:40]}")
+    if isinstance(amount, int) and amount > MAX_AMOUNT:  # before float(): a huge int overflows it
+        raise KarmaError(f"karma amount {str(amount)[:40]} is larger than the maximum of {MAX_AMOUNT:g} per grant")
     if not math.isfinite(amount) or amount <= 0:
         raise KarmaError(f"karma amount must be a finite number greater than 0, got {amount!r}")
     if amount > MAX_AMOUNT:
@@ -107,7 +112,7 @@ class Karma:
     """Karma of one ledger. ``threshold``: karma per age-up; ``growth``: its factor per age-up."""
 
     def __init__(self, ledger: Ledger, threshold: float, growth: float = 1.0):
-        if not (isinstance(threshold, (int, float)) and math.isfinite(threshold) and threshold > 0):
+        if not (isinstance(threshold, (int, float)) and 0 < threshold <= 1e15 and math.isfinite(threshold)):
             raise KarmaError(f"the karma threshold must be a number greater than 0, got {threshold!r}")
         if not (isinstance(growth, (int, float)) and math.isfinite(growth) and growth >= 1):
             raise KarmaError(f"the threshold growth must be a number >= 1, got {growth!r}")
@@ -141,16 +146,18 @@ class Karma:
 
     # -- writing -----------------------------------------------------------------------------
 
-    def _trigger(self, txn, state: KarmaState, gen: int | None) -> AgeUpRequest | None:
-        if state.open_request is not None or state.progress < state.threshold:
+    def _trigger(self, txn, state: KarmaState, gen: int | None, grant_id: int | None = None) -> AgeUpRequest | None:
+        # Sums of fractional grants carry float error (0.7 + 0.1 + 0.1 + 0.1 < 1): compare with a tolerance.
+        if state.open_request is not None or state.progress < state.threshold * (1 - EPSILON):
             return None
         now = _now()
         rid = txn.conn.execute(
-            text("INSERT INTO ageup_requests (time, karma, threshold, status) VALUES (:t, :k, :th, :s) RETURNING id"),
-            {"t": now, "k": state.total, "th": state.threshold, "s": PENDING},
+            text("INSERT INTO ageup_requests (time, karma, threshold, status, grant_id)"
+                 " VALUES (:t, :k, :th, :s, :g) RETURNING id"),
+            {"t": now, "k": state.total, "th": state.threshold, "s": PENDING, "g": grant_id},
         ).scalar_one()
         txn.record(ev.karma_threshold_crossed(state.total, state.threshold, gen, request=rid))
-        return AgeUpRequest(rid, now, state.total, state.threshold, PENDING, None, None)
+        return AgeUpRequest(rid, now, state.total, state.threshold, PENDING, None, None, None, grant_id)
 
     def add(self, amount, reason: str = "", key: str | None = None, source: str = "cli",
             served_gen: int | None = None) -> Grant:
@@ -167,13 +174,16 @@ class Karma:
                     if row.amount != amount:
                         raise KarmaError(f"idempotency key {key!r} was already used for a grant of {row.amount:g}, "
                                          f"not {amount:g}; use a new key for a new grant")
-                    return Grant(row.id, row.amount, True, None, self._state(txn.conn))
+                    opened = txn.conn.execute(text("SELECT * FROM ageup_requests WHERE grant_id = :g"),
+                                              {"g": row.id}).first()
+                    return Grant(row.id, row.amount, True, AgeUpRequest(**opened._mapping) if opened else None,
+                                 self._state(txn.conn))
             gid = txn.conn.execute(
                 text("INSERT INTO karma_events (time, amount, reason, idem_key, source)"
                      " VALUES (:t, :a, :r, :k, :s) RETURNING id"),
                 {"t": _now(), "a": amount, "r": reason, "k": key, "s": source},
             ).scalar_one()
-            req = self._trigger(txn, self._state(txn.conn), served_gen)
+            req = self._trigger(txn, self._state(txn.conn), served_gen, gid)
             return Grant(gid, amount, False, req, self._state(txn.conn))
 
     def maybe_trigger(self, served_gen: int | None = None) -> AgeUpRequest | None:
@@ -186,9 +196,11 @@ class Karma:
         if status not in (PENDING, RUNNING, DONE, FAILED):
             raise ValueError(status)
         with self.ledger.transaction() as txn:
-            txn.conn.execute(
-                text("UPDATE ageup_requests SET status = :s, gen = COALESCE(:g, gen), outcome = :o,"
+            found = txn.conn.execute(
+                text("UPDATE ageup_requests SET status = :s, gen = COALESCE(:g, gen), outcome = COALESCE(:o, outcome),"
                      " finished_time = :f WHERE id = :i"),
                 {"s": status, "g": gen, "o": outcome, "f": _now() if status in (DONE, FAILED) else None,
                  "i": request_id},
-            )
+            ).rowcount
+            if not found:
+                raise KarmaError(f"no age-up request {request_id}")
