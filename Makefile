@@ -2,7 +2,7 @@
 VENV ?= .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: age-up test test-fast
+.PHONY: age-up daemon test test-fast
 
 $(STAMP): pyproject.toml scripts/install.sh
 	bash scripts/install.sh $(VENV)
@@ -11,6 +11,10 @@ $(STAMP): pyproject.toml scripts/install.sh
 ## one whole age-up of the embedded SmolLM2-135M-Instruct, in a few minutes (--quick)
 age-up: $(STAMP)
 	$(VENV)/bin/evolve age-up --quick
+
+## the daemon beside a chat agent: serves generation 0 (built on first start), ages up on karma
+daemon: $(STAMP)
+	$(VENV)/bin/python run_daemon.py --start-gen 0 --quick
 
 ## the full test suite, slow real-model tests included (what CI runs)
 test: $(STAMP)
