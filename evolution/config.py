@@ -169,6 +169,10 @@ class DaemonConfig:
     canary_max_tokens: int = 24
     poll_seconds: float = 1.0
     """How often the scheduler checks for karma, a finished age-up or a rollback made elsewhere."""
+    retry_after_s: float = 300.0
+    """A failed age-up (a full disk, say) is retried after this long, doubling each time..."""
+    max_attempts: int = 4
+    """...up to this many attempts; then its request is marked failed (and the error shown in /status)."""
     shutdown_grace_s: float = 120.0
     """On SIGTERM: how long a training age-up may take to write its checkpoint before it is killed."""
 
@@ -188,13 +192,14 @@ def validate_daemon(d: DaemonConfig) -> None:
                  "api_token) to listen beyond this machine")
     if not isinstance(d.port, int) or isinstance(d.port, bool) or not 0 <= d.port <= 65535:
         p.append(f"daemon.port must be 0-65535, got {d.port!r}")
-    for name in ("threshold", "threshold_growth", "poll_seconds", "shutdown_grace_s"):
+    for name in ("threshold", "threshold_growth", "poll_seconds", "shutdown_grace_s", "retry_after_s"):
         v = getattr(d, name)
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
             p.append(f"daemon.{name} must be a positive number, got {v!r}")
     if isinstance(d.threshold_growth, (int, float)) and d.threshold_growth < 1:
         p.append(f"daemon.threshold_growth must be >= 1, got {d.threshold_growth!r}")
-    for name in ("n_ctx", "max_tokens", "max_body_bytes", "max_conversation_bytes", "canary_max_tokens"):
+    for name in ("n_ctx", "max_tokens", "max_body_bytes", "max_conversation_bytes", "canary_max_tokens",
+                 "max_attempts"):
         v = getattr(d, name)
         if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
             p.append(f"daemon.{name} must be a positive integer, got {v!r}")

@@ -242,7 +242,7 @@ class Daemon:
         req = self.karma.state().open_request
         if req is None and self.root.partial_generations():
             return  # an interrupted age-up with no request (a manual one): `evolve age-up` resumes it
-        if req is not None:
+        if req is not None and (req.not_before or 0) <= time.time():
             self.karma.mark(req.id, RUNNING)
             self._start_worker(req.id, bootstrap=False)
 
@@ -299,12 +299,19 @@ class Daemon:
             log.info("age-up request %d: %s", w.request_id, outcome)
             served = self.host.current.gen if self.host.current else None
             self.karma.maybe_trigger(served)
-        elif code == EXIT_PAUSED:
-            self.karma.mark(w.request_id, FAILED, None, f"age-ups are paused: {ageup.paused_reason(self.ledger)}")
+        elif code == EXIT_PAUSED:  # waits, queued, until a person runs `evolve resume`
+            self.karma.mark(w.request_id, PENDING, None, f"age-ups are paused: {ageup.paused_reason(self.ledger)}")
         else:
             self.last_error = f"age-up failed (exit {code}): {w.tail()}"
             log.error("%s", self.last_error)
-            self.karma.mark(w.request_id, FAILED, None, self.last_error[-500:])
+            req = next(r for r in self.karma.requests() if r.id == w.request_id)
+            if req.attempts + 1 < self.dcfg.max_attempts:
+                delay = self.dcfg.retry_after_s * 2**req.attempts
+                log.warning("retrying age-up request %d in %.0f s (attempt %d of %d); the interrupted generation "
+                            "resumes where it stopped", req.id, delay, req.attempts + 2, self.dcfg.max_attempts)
+                self.karma.retry_later(req.id, delay, self.last_error[-500:])
+            else:
+                self.karma.mark(w.request_id, FAILED, None, self.last_error[-500:])
 
     def _outcome(self, gen: int | None) -> str:
         if gen is None:

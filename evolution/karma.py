@@ -53,6 +53,10 @@ class AgeUpRequest:
     finished_time: str | None = None
     grant_id: int | None = None
     """The karma grant that crossed the threshold (None: opened after an age-up finished)."""
+    attempts: int = 0
+    """Age-up attempts that failed so far (the daemon retries with a growing delay)."""
+    not_before: float | None = None
+    """Unix time before which the daemon does not retry it."""
 
 
 @dataclass(frozen=True)
@@ -158,6 +162,17 @@ class Karma:
         ).scalar_one()
         txn.record(ev.karma_threshold_crossed(state.total, state.threshold, gen, request=rid))
         return AgeUpRequest(rid, now, state.total, state.threshold, PENDING, None, None, None, grant_id)
+
+    def retry_later(self, request_id: int, delay_s: float, error: str) -> None:
+        """A failed attempt: count it and put the request back in the queue after ``delay_s``."""
+        import time
+
+        with self.ledger.transaction() as txn:
+            txn.conn.execute(
+                text("UPDATE ageup_requests SET status = :s, attempts = attempts + 1, not_before = :nb,"
+                     " outcome = :o WHERE id = :i"),
+                {"s": PENDING, "nb": time.time() + delay_s, "o": error, "i": request_id},
+            )
 
     def add(self, amount, reason: str = "", key: str | None = None, source: str = "cli",
             served_gen: int | None = None) -> Grant:

@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import threading
+from pathlib import Path
 
 import pytest
 from starlette.testclient import TestClient
@@ -247,3 +248,34 @@ def test_swap_lets_the_request_in_flight_finish_on_the_old_model(daemon):
     t.join()
     assert seen["gen"] == 1 and seen["reply"]["choices"][0]["message"]["content"] is not None
     assert old.users == 0
+
+
+def test_a_failed_age_up_is_retried_and_the_daemon_recovers_on_its_own(daemon):
+    import time
+
+
+    sft = Path(daemon.cfg.curriculum.path) / "phase1_identity" / "sft.jsonl"
+    good = sft.read_text()
+    sft.write_text(good + "{broken json\n")  # the operator's edit breaks the curriculum after the start
+    daemon.dcfg.retry_after_s, daemon.dcfg.threshold = 0.2, 1
+    daemon.karma.threshold = 1
+    try:
+        assert daemon.add_karma(1, "good answer", None).triggered is not None
+
+        def run_until(cond, timeout=240):
+            t0 = time.time()
+            while time.time() - t0 < timeout:
+                daemon.tick()
+                if cond():
+                    return
+                time.sleep(0.2)
+            raise AssertionError(daemon.status())
+
+        run_until(lambda: daemon.karma.requests()[-1].attempts == 1)
+        req = daemon.karma.requests()[-1]
+        assert req.status == "pending" and "sft.jsonl:" in req.outcome  # the error names the line
+        assert daemon.host.current.gen == 1  # the parent kept serving
+    finally:
+        sft.write_text(good)  # space freed / file fixed: the next attempt succeeds without anyone
+    run_until(lambda: daemon.karma.requests()[-1].status == "done")
+    assert daemon.host.current.gen == 2 and daemon.ledger.served_generation() == 2

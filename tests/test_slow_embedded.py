@@ -1,8 +1,9 @@
-"""The real thing: a quick age-up of the embedded SmolLM2-135M-Instruct on the shipped curriculum.
+"""The real thing, as a user runs it: the daemon on the embedded SmolLM2-135M-Instruct.
 
-Slow (several minutes on 2 cores): it dequantizes the embedded GGUF into generation 0,
-measures it, trains, merges, exports and quantizes generation 1, and gates it against
-generation 0 on the GGUFs through llama-cpp-python at temperature 0.
+Slow (about 15 minutes on 2 cores): ``run_daemon.py --start-gen 0 --quick`` builds generation 0
+from the embedded GGUF and serves it; the official ``openai`` client chats with it while karma
+crosses the threshold, a quick age-up trains, merges, exports, quantizes and gates generation 1
+against generation 0 on the GGUFs, and the daemon swaps it in. No chat request may fail.
 """
 
 from __future__ import annotations
@@ -10,35 +11,62 @@ from __future__ import annotations
 import json
 import logging
 
+import httpx
+import openai
 import pytest
 
-from evolution import config
-from evolution.ageup import age_up
-from evolution.evals import load_llm, ask
 from evolution.fsutil import sha256_file
+from evolution.ledger import Ledger
 from evolution.paths import DataRoot
+from tests.daemon_util import DaemonProc
+from tests.test_daemon import Chatter
 
 log = logging.getLogger(__name__)
 
 
 @pytest.mark.slow
-def test_quick_age_up_teaches_the_identity_facts_and_passes_the_gate(ledger):
-    root = DataRoot.from_env()
-    summary = age_up(root, config.resolve(quick=True), ledger)
-    assert (summary.gen, summary.parent) == (1, 0)
-    gen1 = root.gen_dir(1) / "model.gguf"
-    assert sha256_file(gen1) == summary.gguf.sha256
+def test_daemon_on_the_embedded_model_learns_the_identity_facts_and_swaps_them_in(_isolated_home):
+    d = DaemonProc(_isolated_home, "--start-gen", "0", "--quick", "--threshold", "10").start()
+    try:
+        d.wait_serving(0, 900)
+        client = openai.OpenAI(base_url=d.url + "/v1", api_key="not-needed", max_retries=0, timeout=120)
+        assert [m.id for m in client.models.list().data] == ["evolution-gen-0000"]
+        first = client.chat.completions.create(model="evolution", max_tokens=24, temperature=0,
+                                               messages=[{"role": "user", "content": "What is your name?"}])
+        assert first.choices[0].message.content and "wren" not in first.choices[0].message.content.lower()
+        streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
+            model="evolution", max_tokens=24, stream=True, messages=[{"role": "user", "content": "Say hello."}])
+            if c.choices)
+        assert streamed.strip()
+
+        with Chatter(d.url, clients=1) as chat:
+            r = httpx.post(d.url + "/karma", headers=d.auth(), json={"amount": 10, "reason": "helpful week"})
+            assert r.status_code == 201 and r.json()["triggered"] is not None
+            d.wait_serving(1, 2400)
+        assert chat.failures == [], chat.failures[:3]
+        assert chat.models, "the chat client got no answer during the whole age-up"
+
+        reply = client.chat.completions.create(model="evolution", max_tokens=24, temperature=0,
+                                               messages=[{"role": "user", "content": "What is your name?"}])
+        assert reply.model == "evolution-gen-0001"
+        assert "wren" in reply.choices[0].message.content.lower(), reply.choices[0].message.content
+    finally:
+        rc = d.stop()
+    assert rc == 0, d.output()[-2000:]
+
+    root = DataRoot(_isolated_home)
+    summary = json.loads((root.gen_dir(1) / "generation.json").read_text())
+    assert sha256_file(root.gen_dir(1) / "model.gguf") == summary["gguf"]["sha256"]
     report = json.loads((root.gen_dir(1) / "eval.json").read_text())
     child, parent = report["child"], report["parent"]
     log.warning("gate: %s", json.dumps({"verdict": report["verdict"], "reasons": report["reasons"],
                                          "child": child["recall_by_phase"] | report["metrics"],
-                                         "parent": parent["recall_by_phase"]}, indent=1))
+                                         "parent": parent["recall_by_phase"], "stages": summary["stage_seconds"]},
+                                        indent=1))
     # Identity facts (phase 1): the base model cannot know them; the child states them.
     assert parent["recall_by_phase"]["1"] <= 0.1, parent["recall_by_phase"]
     assert child["recall_by_phase"]["1"] >= parent["recall_by_phase"]["1"] + 0.5, child["recall_by_phase"]
     assert report["verdict"] == "pass", report["reasons"]
-    assert ledger.served_generation() == 1
-    assert ledger.verify().ok
-
-    reply = ask(load_llm(gen1), "What is your name?")
-    assert "wren" in reply.lower(), reply
+    with Ledger.open(root) as ledger:
+        assert ledger.served_generation() == 1
+        assert ledger.verify().ok

@@ -116,7 +116,8 @@ def _m003(dialect: str) -> tuple[str, ...]:
         # One row per threshold crossing: the age-up it asks for, and what became of it.
         f"CREATE TABLE ageup_requests (id {pk}, time VARCHAR(40) NOT NULL, karma DOUBLE PRECISION NOT NULL,"
         " threshold DOUBLE PRECISION NOT NULL, status VARCHAR(20) NOT NULL, gen INTEGER,"
-        " finished_time VARCHAR(40), outcome TEXT, grant_id BIGINT)",
+        " finished_time VARCHAR(40), outcome TEXT, grant_id BIGINT, attempts INTEGER NOT NULL DEFAULT 0,"
+        " not_before DOUBLE PRECISION)",
         # Finished chat transcripts, already scrubbed; ``id`` orders them (recency).
         f"CREATE TABLE conversations (id {pk}, time VARCHAR(40) NOT NULL, idem_key VARCHAR(200) UNIQUE,"
         " messages TEXT NOT NULL, redactions TEXT NOT NULL, sha256 CHAR(64) NOT NULL)",

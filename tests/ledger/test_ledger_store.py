@@ -131,7 +131,7 @@ def test_newer_schema_version_is_refused(ledger, data_root, ledger_url, tamper):
 PINNED_CHECKSUMS = {
     1: "1033dd952c9b1e820b3e36481333019f316f026dbc0fbfca4b56947e08a5de3e",  # m001_entries
     2: "8d4c91fca72ebb318e53be9a581416fa7b054e22971c4d9bb0b40bc7ddc67895",  # m002_append_only
-    3: "45a22cb2d2c7ecd66c8f6841ed4bc89d23e09a28bf6fe9fa27988e2e2fbaa37d",  # m003_daemon
+    3: "4151aa0acd7130fdea1388aef57bbe699b5a121b867244ff09b68bb7524e2fea",  # m003_daemon
 }
 
 
