@@ -22,7 +22,7 @@ from datetime import datetime, timezone
 
 from sqlalchemy import text
 
-from evolution.errors import EvolutionError
+from evolution.errors import EvolutionError, IdempotencyConflict
 from evolution.ledger import Ledger
 
 ROLES = ("system", "user", "assistant")
@@ -33,6 +33,10 @@ MAX_KEY = 200
 
 class ConversationError(EvolutionError):
     """A transcript that cannot be accepted; nothing was stored."""
+
+
+class ConversationKeyReused(ConversationError, IdempotencyConflict):
+    """The idempotency key was used for another transcript."""
 
 
 @dataclass(frozen=True)
@@ -120,7 +124,7 @@ class ConversationStore:
                                        {"k": key}).first()
                 if row is not None:
                     if row.messages != body:
-                        raise ConversationError(f"idempotency key {key!r} was already used for another transcript")
+                        raise ConversationKeyReused(f"idempotency key {key!r} was already used for another transcript")
                     return Stored(row.id, True, len(clean), json.loads(row.redactions))
             cid = txn.conn.execute(
                 text("INSERT INTO conversations (time, idem_key, messages, redactions, sha256)"

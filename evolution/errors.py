@@ -49,3 +49,7 @@ class LedgerError(EvolutionError):
 
 class UnknownGeneration(LedgerError):
     """The ledger has no generation with that number."""
+
+
+class IdempotencyConflict(EvolutionError):
+    """An idempotency key was reused for a different request (HTTP 409)."""

@@ -24,7 +24,7 @@ from datetime import datetime, timezone
 from sqlalchemy import text
 from sqlalchemy.engine import Connection
 
-from evolution.errors import EvolutionError
+from evolution.errors import EvolutionError, IdempotencyConflict
 from evolution.ledger import Ledger
 from evolution.ledger import events as ev
 
@@ -39,6 +39,10 @@ EPSILON = 1e-9
 
 class KarmaError(EvolutionError):
     """A karma grant that cannot be accepted (bad amount, reused key); nothing was recorded."""
+
+
+class KarmaKeyReused(KarmaError, IdempotencyConflict):
+    """The idempotency key was used for a grant of another amount."""
 
 
 @dataclass(frozen=True)
@@ -187,7 +191,7 @@ class Karma:
                 row = txn.conn.execute(text("SELECT id, amount FROM karma_events WHERE idem_key = :k"), {"k": key}).first()
                 if row is not None:
                     if row.amount != amount:
-                        raise KarmaError(f"idempotency key {key!r} was already used for a grant of {row.amount:g}, "
+                        raise KarmaKeyReused(f"idempotency key {key!r} was already used for a grant of {row.amount:g}, "
                                          f"not {amount:g}; use a new key for a new grant")
                     opened = txn.conn.execute(text("SELECT * FROM ageup_requests WHERE grant_id = :g"),
                                               {"g": row.id}).first()

@@ -32,7 +32,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from evolution.conversations import ConversationError
-from evolution.errors import EvolutionError, IntegrityError, LedgerError, UnknownGeneration
+from evolution.errors import EvolutionError, IdempotencyConflict, IntegrityError, LedgerError, UnknownGeneration
 from evolution.karma import KarmaError
 from evolution.serving import LoadError, NotReady, model_id
 
@@ -274,6 +274,17 @@ def create_app(daemon: "Daemon") -> FastAPI:
 
         return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
+    async def _intake(request: Request, body: dict, param: str, fn, *args):
+        """Store something the agent sent, once per idempotency key: 201 new, 200 repeated, 409 key reused."""
+        key = body.get("idempotency_key") or request.headers.get("idempotency-key")
+        try:
+            result = await run_in_threadpool(fn, *args, key)
+        except IdempotencyConflict as exc:
+            raise ApiError(409, str(exc), param="idempotency_key", code="idempotency_key_reused") from None
+        except (KarmaError, ConversationError) as exc:
+            raise ApiError(400, str(exc), param=param) from None
+        return JSONResponse(result.to_dict(), status_code=200 if result.duplicate else 201)
+
     @app.get("/karma")
     async def karma_state():
         return (await run_in_threadpool(daemon.karma.state)).to_dict()
@@ -285,24 +296,14 @@ def create_app(daemon: "Daemon") -> FastAPI:
         body = await _json(request)
         if "amount" not in body:
             raise ApiError(400, "'amount' is required: the karma to add, a number greater than 0", param="amount")
-        key = body.get("idempotency_key") or request.headers.get("idempotency-key")
-        try:
-            grant = await run_in_threadpool(daemon.add_karma, body["amount"], body.get("reason", ""), key)
-        except KarmaError as exc:
-            raise ApiError(409 if "already used" in str(exc) else 400, str(exc), param="amount") from None
-        return JSONResponse(grant.to_dict(), status_code=200 if grant.duplicate else 201)
+        return await _intake(request, body, "amount", daemon.add_karma, body["amount"], body.get("reason", ""))
 
     @app.post("/conversations")
     @_counted
     async def conversations(request: Request):
         authorize(request, True)
         body = await _json(request)
-        key = body.get("idempotency_key") or request.headers.get("idempotency-key")
-        try:
-            stored = await run_in_threadpool(daemon.store.add, body.get("messages"), key)
-        except ConversationError as exc:
-            raise ApiError(409 if "already used" in str(exc) else 400, str(exc), param="messages") from None
-        return JSONResponse(stored.to_dict(), status_code=200 if stored.duplicate else 201)
+        return await _intake(request, body, "messages", daemon.store.add, body.get("messages"))
 
     @app.post("/rollback")
     @_counted
