@@ -6,7 +6,8 @@ an ETA and the process id, so a reader can tell a live age-up from one that died
 a dead process is reported as interrupted, not running).
 
 ETA: the rest of the current training stage at its measured pace, plus, for stages not yet
-started, the time the parent generation's age-up spent on them (``generation.json``).
+started, the time the latest generation's age-up spent on them (``generation.json``). During
+CPT of the very first age-up the SFT to come is not in it yet (nothing measured it).
 """
 
 from __future__ import annotations
@@ -55,7 +56,9 @@ class Tracker:
 
     def __init__(self, root: DataRoot, expected: dict[str, float] | None = None, min_interval: float = 1.0):
         self.file = path(root)
-        self.expected = expected or {}
+        self.expected = dict(expected or {})
+        if "gate" not in self.expected and "measure" in self.expected:  # measuring gen 0 ~ gating a child
+            self.expected["gate"] = self.expected["measure"]
         self.min_interval = min_interval
         self._last_write = 0.0
         self._step_t0: dict[str, tuple[float, int]] = {}
