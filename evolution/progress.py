@@ -87,6 +87,9 @@ class Tracker:
             if t0 is not None and done > 0:
                 rest += (time.time() - t0) / done * (self.d["total"] - self.d["step"])
                 known = True
+            if self.d["train_stage"] == "cpt" and "train" in self.expected:  # SFT is still to come
+                elapsed = time.time() - self.d.get("stage_started", time.time())
+                rest = max(rest, self.expected["train"] - elapsed)
         for st in order:
             if st not in self.d["stages_done"] and st != self.d["stage"] and st in self.expected:
                 rest += self.expected[st]
