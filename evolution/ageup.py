@@ -294,8 +294,11 @@ def _apply_stop_rule(ledger: Ledger, stop_after: int) -> None:
 
 def paused_reason(ledger: Ledger) -> str | None:
     """Why age-ups are paused, or None: the last pause not followed by a resume."""
-    last = [e for e in ledger.entries() if e.kind in (ev.AGEUPS_PAUSED, ev.AGEUPS_RESUMED)]
-    return last[-1].payload["reason"] if last and last[-1].kind == ev.AGEUPS_PAUSED else None
+    paused = ledger.entries(kind=ev.AGEUPS_PAUSED)  # two indexed lookups: the daemon asks every second
+    if not paused:
+        return None
+    resumed = ledger.entries(kind=ev.AGEUPS_RESUMED, since=paused[-1].seq)
+    return None if resumed else paused[-1].payload["reason"]
 
 
 def reconcile(root: DataRoot, ledger: Ledger, stop_after: int = 2, promote: PromoteFn | None = None,

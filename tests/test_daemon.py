@@ -33,7 +33,8 @@ def _config(tmp_path: Path, cfg, **daemon) -> Path:
 class Chatter:
     """Chat clients that keep asking (plain and streaming, through the official openai client)."""
 
-    def __init__(self, url: str, clients: int = 2):
+    def __init__(self, url: str, clients: int = 2, pause: float = 0.0):
+        self.pause = pause
         self.client = openai.OpenAI(base_url=url + "/v1", api_key="not-needed", max_retries=0, timeout=60)
         self.stop, self.failures, self.models = threading.Event(), [], []
         self.threads = [threading.Thread(target=self._run, args=(i,)) for i in range(clients)]
@@ -53,6 +54,7 @@ class Chatter:
                     self.models.append(r.model)
             except Exception as exc:  # noqa: BLE001 — every failure is the finding
                 self.failures.append(repr(exc))
+            self.stop.wait(self.pause)
 
     def __enter__(self):
         for t in self.threads:

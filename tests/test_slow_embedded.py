@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
+import time
 
 import httpx
 import openai
@@ -39,7 +41,9 @@ def test_daemon_on_the_embedded_model_learns_the_identity_facts_and_swaps_them_i
             if c.choices)
         assert streamed.strip()
 
-        with Chatter(d.url, clients=1) as chat:
+        # A person chatting: a question every couple of seconds (a client that never pauses would
+        # starve the niced training on 2 cores, by design).
+        with Chatter(d.url, clients=1, pause=2.0) as chat:
             r = httpx.post(d.url + "/karma", headers=d.auth(), json={"amount": 10, "reason": "helpful week"})
             assert r.status_code == 201 and r.json()["triggered"] is not None
             d.wait_serving(1, 2400)
@@ -50,9 +54,19 @@ def test_daemon_on_the_embedded_model_learns_the_identity_facts_and_swaps_them_i
                                                messages=[{"role": "user", "content": "What is your name?"}])
         assert reply.model == "evolution-gen-0001"
         assert "wren" in reply.choices[0].message.content.lower(), reply.choices[0].message.content
+
+        # SIGTERM while a long reply is being generated: it still completes, then the daemon exits 0.
+        long_reply = {}
+        t = threading.Thread(target=lambda: long_reply.update(r=client.chat.completions.create(
+            model="evolution", max_tokens=200, temperature=0, messages=[
+                {"role": "user", "content": "Describe a day at the Lantern Workshop in detail."}])))
+        t.start()
+        time.sleep(1.0)
     finally:
         rc = d.stop()
     assert rc == 0, d.output()[-2000:]
+    t.join(60)
+    assert long_reply["r"].choices[0].message.content, "the request in flight at SIGTERM did not finish"
 
     root = DataRoot(_isolated_home)
     summary = json.loads((root.gen_dir(1) / "generation.json").read_text())
