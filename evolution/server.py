@@ -21,10 +21,13 @@ generation or model), 409 (not servable), 413 (too large), 503 (no model yet).
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import json
 import logging
 import math
+import queue
+import threading
 from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Request
@@ -259,31 +262,58 @@ def create_app(daemon: "Daemon") -> FastAPI:
         except BaseException:
             cm.__exit__(None, None, None)
             raise
+        # A thread decodes and hands chunks over; if the client hangs up, ``stop`` ends the decoding
+        # and the model is let go at once (a generator left suspended would hold it until collected).
+        chunks: queue.Queue = queue.Queue(maxsize=32)
+        stop = threading.Event()
 
-        def events():
+        def put(item) -> bool:
+            while not stop.is_set():
+                try:
+                    chunks.put(item, timeout=0.2)
+                    return True
+                except queue.Full:
+                    continue
+            return False
+
+        def decode() -> None:
             try:
                 chunk = first
-                while chunk is not None:
-                    chunk["model"] = slot.id
-                    yield f"data: {json.dumps(chunk)}\n\n"
+                while chunk is not None and put(chunk):
                     chunk = next(it, None)
-                yield "data: [DONE]\n\n"
-                daemon.stats["completions"] += 1
+                put(None)
+            except Exception as exc:  # noqa: BLE001 — reported to the client as a stream error
+                put(exc)
             finally:
+                close = getattr(it, "close", None)
+                if close is not None:
+                    close()
                 cm.__exit__(None, None, None)
+                with contextlib.suppress(queue.Full):  # wakes a reader left waiting by a hang-up
+                    chunks.put_nowait(None)
+
+        threading.Thread(target=decode, name="stream-decode", daemon=True).start()
+
+        async def events():
+            try:
+                while True:
+                    item = await run_in_threadpool(chunks.get)
+                    if item is None:
+                        daemon.stats["completions"] += 1
+                        yield "data: [DONE]\n\n"
+                        return
+                    if isinstance(item, Exception):
+                        daemon.stats["errors"] += 1
+                        log.error("stream failed: %s", item)
+                        err = {"error": {"message": str(item), "type": "server_error", "code": None}}
+                        yield f"data: {json.dumps(err)}\n\n"
+                        return
+                    item["model"] = slot.id
+                    yield f"data: {json.dumps(item)}\n\n"
+            finally:
+                stop.set()
 
         return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-
-    async def _intake(request: Request, body: dict, param: str, fn, *args):
-        """Store something the agent sent, once per idempotency key: 201 new, 200 repeated, 409 key reused."""
-        key = body.get("idempotency_key") or request.headers.get("idempotency-key")
-        try:
-            result = await run_in_threadpool(fn, *args, key)
-        except IdempotencyConflict as exc:
-            raise ApiError(409, str(exc), param="idempotency_key", code="idempotency_key_reused") from None
-        except (KarmaError, ConversationError) as exc:
-            raise ApiError(400, str(exc), param=param) from None
-        return JSONResponse(result.to_dict(), status_code=200 if result.duplicate else 201)
 
     @app.get("/karma")
     async def karma_state():

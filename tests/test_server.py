@@ -279,3 +279,35 @@ def test_a_failed_age_up_is_retried_and_the_daemon_recovers_on_its_own(daemon):
         sft.write_text(good)  # space freed / file fixed: the next attempt succeeds without anyone
     run_until(lambda: daemon.karma.requests()[-1].status == "done")
     assert daemon.host.current.gen == 2 and daemon.ledger.served_generation() == 2
+
+
+def test_a_client_that_hangs_up_mid_stream_does_not_block_the_model(daemon):
+    import time
+
+    import httpx
+    import uvicorn
+
+    from evolution.server import create_app
+
+    server = uvicorn.Server(uvicorn.Config(create_app(daemon), host="127.0.0.1", port=0, log_level="warning"))
+    t = threading.Thread(target=server.run, daemon=True)
+    t.start()
+    while not server.started:
+        time.sleep(0.02)
+    url = f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
+    try:
+        long = {"messages": [{"role": "user", "content": "Tell me everything."}], "max_tokens": 400,
+                "temperature": 1.0, "stream": True}
+        with httpx.stream("POST", url + "/v1/chat/completions", json=long, timeout=30) as r:
+            assert r.status_code == 200
+            next(r.iter_lines())  # one chunk, then hang up
+        t0 = time.perf_counter()
+        r = httpx.post(url + "/v1/chat/completions", json=ASK, timeout=30)
+        assert r.status_code == 200 and time.perf_counter() - t0 < 10
+        deadline = time.time() + 10
+        while daemon.host.current.users and time.time() < deadline:
+            time.sleep(0.05)
+        assert daemon.host.current.users == 0  # the abandoned stream let go of the model
+    finally:
+        server.should_exit = True
+        t.join(10)
