@@ -21,13 +21,10 @@ generation or model), 409 (not servable), 413 (too large), 503 (no model yet).
 
 from __future__ import annotations
 
-import contextlib
 import hmac
 import json
 import logging
 import math
-import queue
-import threading
 from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Request
@@ -35,9 +32,15 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from evolution.conversations import ConversationError
-from evolution.errors import EvolutionError, IdempotencyConflict, IntegrityError, LedgerError, UnknownGeneration
+from evolution.errors import (
+    EvolutionError,
+    IdempotencyConflict,
+    IntegrityError,
+    LedgerError,
+    UnknownGeneration,
+)
 from evolution.karma import KarmaError
-from evolution.serving import LoadError, NotReady, model_id
+from evolution.serving import LoadError, NotReady
 
 if TYPE_CHECKING:
     from evolution.daemon import Daemon
@@ -161,7 +164,7 @@ def _chat_args(body: dict, default_max_tokens: int, n_ctx: int) -> dict[str, Any
     return args
 
 
-def create_app(daemon: "Daemon") -> FastAPI:
+def create_app(daemon: Daemon) -> FastAPI:
     d = daemon.dcfg
     app = FastAPI(title="evolution", docs_url=None, redoc_url=None, openapi_url=None)
 
@@ -240,80 +243,55 @@ def create_app(daemon: "Daemon") -> FastAPI:
         return await run_in_threadpool(_complete, args)
 
     def _complete(args: dict) -> dict:
-        with daemon.host.use() as slot:
+        def run(slot):
             try:
                 out = slot.llm.create_chat_completion(**args)
             except ValueError as exc:  # e.g. the prompt does not fit the context window
                 raise ApiError(400, str(exc), code="context_length_exceeded") from None
-        out["model"] = slot.id
+            out["model"] = slot.id
+            return out
+
+        out = daemon.host.call(run)
         daemon.stats["completions"] += 1
         return out
 
     async def _stream(args: dict):
-        # Take the model and start decoding before answering, so errors still get a proper status.
-        cm = daemon.host.use()
-        slot = await run_in_threadpool(cm.__enter__)
         try:
-            it = await run_in_threadpool(lambda: iter(slot.llm.create_chat_completion(stream=True, **args)))
-            first = await run_in_threadpool(next, it, None)
+            st = await run_in_threadpool(daemon.host.stream,
+                                         lambda slot: slot.llm.create_chat_completion(stream=True, **args))
         except ValueError as exc:
-            cm.__exit__(None, None, None)
             raise ApiError(400, str(exc), code="context_length_exceeded") from None
-        except BaseException:
-            cm.__exit__(None, None, None)
-            raise
-        # A thread decodes and hands chunks over; if the client hangs up, ``stop`` ends the decoding
-        # and the model is let go at once (a generator left suspended would hold it until collected).
-        chunks: queue.Queue = queue.Queue(maxsize=32)
-        stop = threading.Event()
-
-        def put(item) -> bool:
-            while not stop.is_set():
-                try:
-                    chunks.put(item, timeout=0.2)
-                    return True
-                except queue.Full:
-                    continue
-            return False
-
-        def decode() -> None:
-            try:
-                chunk = first
-                while chunk is not None and put(chunk):
-                    chunk = next(it, None)
-                put(None)
-            except Exception as exc:  # noqa: BLE001 — reported to the client as a stream error
-                put(exc)
-            finally:
-                close = getattr(it, "close", None)
-                if close is not None:
-                    close()
-                cm.__exit__(None, None, None)
-                with contextlib.suppress(queue.Full):  # wakes a reader left waiting by a hang-up
-                    chunks.put_nowait(None)
-
-        threading.Thread(target=decode, name="stream-decode", daemon=True).start()
 
         async def events():
             try:
-                while True:
-                    item = await run_in_threadpool(chunks.get)
-                    if item is None:
-                        daemon.stats["completions"] += 1
-                        yield "data: [DONE]\n\n"
-                        return
+                item = st.first
+                while item is not None:
                     if isinstance(item, Exception):
                         daemon.stats["errors"] += 1
                         log.error("stream failed: %s", item)
                         err = {"error": {"message": str(item), "type": "server_error", "code": None}}
                         yield f"data: {json.dumps(err)}\n\n"
                         return
-                    item["model"] = slot.id
+                    item["model"] = st.slot.id
                     yield f"data: {json.dumps(item)}\n\n"
+                    item = await run_in_threadpool(st.get)
+                daemon.stats["completions"] += 1
+                yield "data: [DONE]\n\n"
             finally:
-                stop.set()
+                st.cancel()  # a client that hung up lets the model go at the next chunk
 
         return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    async def _intake(request: Request, body: dict, param: str, fn, *args):
+        """Store something the agent sent, once per idempotency key: 201 new, 200 repeated, 409 key reused."""
+        key = body.get("idempotency_key") or request.headers.get("idempotency-key")
+        try:
+            result = await run_in_threadpool(fn, *args, key)
+        except IdempotencyConflict as exc:
+            raise ApiError(409, str(exc), param="idempotency_key", code="idempotency_key_reused") from None
+        except (KarmaError, ConversationError) as exc:
+            raise ApiError(400, str(exc), param=param) from None
+        return JSONResponse(result.to_dict(), status_code=200 if result.duplicate else 201)
 
     @app.get("/karma")
     async def karma_state():

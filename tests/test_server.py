@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -230,28 +231,28 @@ def test_swap_lets_the_request_in_flight_finish_on_the_old_model(daemon):
     entered, release = threading.Event(), threading.Event()
     seen = {}
 
-    def in_flight():
-        with host.use() as slot:
-            entered.set()
-            release.wait(10)
-            seen["reply"] = slot.llm.create_chat_completion(messages=ASK["messages"], max_tokens=4)
-            seen["gen"] = slot.gen
+    def in_flight(slot):
+        entered.set()
+        release.wait(10)
+        return slot.gen, slot.llm.create_chat_completion(messages=ASK["messages"], max_tokens=4)
 
-    t = threading.Thread(target=in_flight)
+    t = threading.Thread(target=lambda: seen.update(r=host.call(in_flight)))
     t.start()
     entered.wait(10)
-    host.swap(host.load(0, path, sha))
-    assert old.retired and old.users == 1  # not freed while the request holds it
-    with host.use() as slot:
-        assert slot.gen == 0  # new requests reach the new model at once
+    loading = threading.Thread(target=lambda: seen.update(new=host.load(0, path, sha)))
+    loading.start()  # queued behind the request on the llama thread
+    time.sleep(0.3)
     release.set()
-    t.join()
-    assert seen["gen"] == 1 and seen["reply"]["choices"][0]["message"]["content"] is not None
-    assert old.users == 0
+    loading.join(30)
+    host.swap(seen["new"])
+    t.join(30)
+    assert seen["r"][0] == 1 and seen["r"][1]["choices"][0]["message"]["content"] is not None
+    assert old.retired and old.users == 0
+    assert host.call(lambda slot: slot.gen) == 0  # new requests reach the new model
 
 
 def test_a_failed_age_up_is_retried_and_the_daemon_recovers_on_its_own(daemon):
-    import time
+
 
 
     sft = Path(daemon.cfg.curriculum.path) / "phase1_identity" / "sft.jsonl"
@@ -282,7 +283,7 @@ def test_a_failed_age_up_is_retried_and_the_daemon_recovers_on_its_own(daemon):
 
 
 def test_a_client_that_hangs_up_mid_stream_does_not_block_the_model(daemon):
-    import time
+
 
     import httpx
     import uvicorn
