@@ -197,11 +197,9 @@ train.train(Path(sys.argv[1]), [r["text"] for r in cur.cpt][:4], [r["messages"] 
 
 def chat_during_training(server: Server, hf: Path, work: Path, seconds: float) -> list[dict]:
     rows = []
-    from evolution.daemon import worker_env
-
-    cases = (("idle", None, None), ("training, nice 0, OpenMP default", 0, {}),
-             ("training, nice 10, OpenMP default", 10, {}),
-             ("training as the daemon runs it (nice 10, worker env)", 10, worker_env()))
+    cases = (("idle", None, None), ("training at normal priority", 0, {}),
+             ("training at nice 10 (the daemon's worker)", 10, {}),
+             ("training at nice 10, OMP_WAIT_POLICY=PASSIVE", 10, {"OMP_WAIT_POLICY": "PASSIVE"}))
     for label, nice, env in cases:
         proc = None
         if nice is not None:

@@ -55,18 +55,6 @@ TOKEN_FILE = "daemon.token"
 INFO_FILE = "daemon.json"
 
 
-def worker_env() -> dict[str, str]:
-    """Environment of the age-up worker beside the server.
-
-    ``OMP_WAIT_POLICY=PASSIVE``: the worker's OpenMP threads sleep instead of spinning between
-    parallel regions, so they do not take the cores from a chat reply being decoded. Only the
-    worker gets it: llama.cpp decodes 3.2x slower under PASSIVE (27 vs 88 tokens/s on 2 cores,
-    measured), so the server keeps the default. An explicit OMP_WAIT_POLICY in the daemon's
-    environment wins.
-    """
-    return {"OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
-
-
 def daemon_info(root: DataRoot) -> dict | None:
     """What the last daemon started on this data root wrote about itself (address, threshold)."""
     try:
@@ -274,7 +262,7 @@ class Daemon:
         with open(log_path, "ab") as out:
             out.write(f"\n=== {datetime.now().isoformat(timespec='seconds')} {' '.join(cmd[1:])}\n".encode())
             proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                    env=os.environ | worker_env() | {"EVOLUTION_HOME": str(self.root.root)})
+                                    env=os.environ | {"EVOLUTION_HOME": str(self.root.root)})
         self.worker = Worker(proc, request_id, bootstrap, log_path)
         log.info("%s started (pid %d, log %s)", "generation 0 bootstrap" if bootstrap else
                  f"age-up for request {request_id}", proc.pid, log_path)
