@@ -125,7 +125,9 @@ for line in sys.stdin:
 def throughput(server: Server, gguf: Path, runs: int, max_tokens: int) -> dict:
     import json
 
-    direct = subprocess.Popen([sys.executable, "-c", DIRECT, str(gguf), str(os.cpu_count()), json.dumps(PROMPT)],
+    from evolution.serving import default_threads
+
+    direct = subprocess.Popen([sys.executable, "-c", DIRECT, str(gguf), str(default_threads()), json.dumps(PROMPT)],
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     server.client.chat.completions.create(model="evolution", messages=PROMPT, max_tokens=8, temperature=0)
     direct_tok = direct_s = served_tok = served_s = 0.0
@@ -252,7 +254,9 @@ def main() -> None:
     if args.serve:
         serve(args.serve, gguf)
         return
-    print(f"model: {gguf.name}, {os.cpu_count()} CPUs")
+    from evolution.serving import default_threads
+
+    print(f"model: {gguf.name}, {os.cpu_count()} CPUs, llama.cpp threads {default_threads()} (the daemon's default)")
     with tempfile.TemporaryDirectory(prefix="serve-bench-") as tmp:
         server = Server(gguf)
         try:

@@ -153,7 +153,8 @@ class DaemonConfig:
     n_ctx: int = 2048
     """Context window of the served model."""
     chat_threads: int | None = None
-    """llama.cpp threads (None: all cores)."""
+    """llama.cpp threads (None: all cores but one, so a busy neighbour cannot stall every reply;
+    see ``serving.default_threads``)."""
     train_threads: int | None = None
     """torch threads of the background age-up (None: all cores; it runs at lower priority)."""
     train_nice: int = 10

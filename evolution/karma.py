@@ -106,7 +106,7 @@ def _now() -> str:
 def check_amount(amount) -> float:
     """A grant must be a finite number greater than 0 and at most MAX_AMOUNT."""
     if isinstance(amount, bool) or not isinstance(amount, (int, float)):
-        raise KarmaError(f"karma amount must be a number, got {type(amount).__name__} {str(amount)[:40]}")
+        raise KarmaError(f"karma amount must be a number, got {type(amount).__name__} {repr(amount)[:40]}")
     if isinstance(amount, int) and amount > MAX_AMOUNT:  # before float(): a huge int overflows it
         raise KarmaError(f"karma amount {str(amount)[:40]} is larger than the maximum of {MAX_AMOUNT:g} per grant")
     if not math.isfinite(amount) or amount <= 0:

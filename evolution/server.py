@@ -109,7 +109,8 @@ def _number(body: dict, name: str, lo: float, hi: float, default=None, integer: 
     if isinstance(v, bool) or not isinstance(v, (int, float)) or (integer and not float(v).is_integer()) \
             or not math.isfinite(v) or not lo <= v <= hi:
         kind = "an integer" if integer else "a number"
-        raise ApiError(400, f"'{name}' must be {kind} between {lo:g} and {hi:g}, got {v!r}", param=name)
+        bounds = f"{lo:d} and {hi:d}" if integer else f"{lo:g} and {hi:g}"
+        raise ApiError(400, f"'{name}' must be {kind} between {bounds}, got {v!r}", param=name)
     return int(v) if integer else float(v)
 
 

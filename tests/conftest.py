@@ -198,3 +198,52 @@ def make_daemon_cfg(cfg: AgeUpConfig) -> AgeUpConfig:
 @pytest.fixture
 def daemon_cfg(tiny_cfg) -> AgeUpConfig:
     return make_daemon_cfg(tiny_cfg)
+
+
+SERVER_TOKEN = "test-token-0123456789"
+
+
+@pytest.fixture(scope="module")
+def lineage(tmp_path_factory, taught_base):
+    """A data root with generation 0 and a promoted generation 1 of ``taught_base``, built once per module."""
+    from evolution import ageup
+    from evolution.ledger import Ledger
+    from evolution.paths import DataRoot
+
+    home = tmp_path_factory.mktemp("lineage")
+    cfg = make_daemon_cfg(make_tiny_cfg(make_tiny_curriculum(home.parent / f"{home.name}-curriculum")))
+    root = DataRoot(home / "root")
+    with Ledger.open(root.prepare()) as ledger:
+        ageup.age_up(root, cfg, ledger, base=taught_base)
+        assert ledger.served_generation() == 1
+    return root, cfg
+
+
+@pytest.fixture
+def daemon(lineage, tmp_path, monkeypatch):
+    """A prepared (not listening) daemon on a copy of ``lineage``, serving generation 1."""
+    import shutil
+
+    from evolution.config import DaemonConfig
+    from evolution.daemon import Daemon
+    from evolution.paths import DataRoot
+
+    src, cfg = lineage
+    root = DataRoot(tmp_path / "root")
+    shutil.copytree(src.root, root.root)
+    monkeypatch.setenv("EVOLUTION_HOME", str(root.root))
+    d = Daemon(root, cfg, DaemonConfig(api_token=SERVER_TOKEN, threshold=1000, max_body_bytes=65_536,
+                                       max_conversation_bytes=4096))
+    d.prepare()
+    yield d
+    d.stop()
+
+
+@pytest.fixture
+def client(daemon):
+    from starlette.testclient import TestClient
+
+    from evolution.server import create_app
+
+    with TestClient(create_app(daemon)) as c:
+        yield c

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import threading
 import time
 from pathlib import Path
@@ -13,54 +12,16 @@ import pytest
 from starlette.testclient import TestClient
 
 from evolution import ageup
-from evolution.config import DaemonConfig
-from evolution.daemon import Daemon
 from evolution.errors import IntegrityError
 from evolution.fsutil import make_tree_writable, sha256_file
-from evolution.ledger import Ledger
 from evolution.ledger import events as ev
 from evolution.ledger import rollback as record_rollback
-from evolution.paths import DataRoot
 from evolution.serving import LoadError, ModelHost
-from tests.conftest import make_daemon_cfg, make_tiny_cfg, make_tiny_curriculum
-
-TOKEN = "test-token-0123456789"
+from tests.conftest import SERVER_TOKEN
 
 
-@pytest.fixture(scope="module")
-def lineage(tmp_path_factory, taught_base):
-    """A data root with generation 0 and a promoted generation 1, built once for the module."""
-    home = tmp_path_factory.mktemp("lineage")
-    cfg = make_daemon_cfg(make_tiny_cfg(make_tiny_curriculum(home.parent / f"{home.name}-curriculum")))
-    root = DataRoot(home / "root")
-    with Ledger.open(root.prepare()) as ledger:
-        ageup.age_up(root, cfg, ledger, base=taught_base)
-        assert ledger.served_generation() == 1
-    return root, cfg
 
-
-@pytest.fixture
-def daemon(lineage, tmp_path, monkeypatch):
-    src, cfg = lineage
-    root = DataRoot(tmp_path / "root")
-    shutil.copytree(src.root, root.root)
-    monkeypatch.setenv("EVOLUTION_HOME", str(root.root))
-    d = Daemon(root, cfg, DaemonConfig(api_token=TOKEN, threshold=1000, max_body_bytes=65_536,
-                                       max_conversation_bytes=4096))
-    d.prepare()
-    yield d
-    d.stop()
-
-
-@pytest.fixture
-def client(daemon):
-    from evolution.server import create_app
-
-    with TestClient(create_app(daemon)) as c:
-        yield c
-
-
-AUTH = {"Authorization": f"Bearer {TOKEN}"}
+AUTH = {"Authorization": f"Bearer {SERVER_TOKEN}"}
 ASK = {"messages": [{"role": "user", "content": "What is your name?"}], "max_tokens": 8, "temperature": 0}
 
 

@@ -50,12 +50,14 @@ def status(as_json: bool) -> None:
         return
     click.echo(f"data root:        {info['data_root']}")
     served = info["served_generation"]
-    click.echo(f"served:           {'none yet (run `evolve age-up`)' if served is None else f'generation {served}'}")
+    job = info["ageup"]
+    building = job is not None and job.get("state") == "running" and job.get("gen") == 0
+    none_yet = "none yet (generation 0 is being built)" if building else "none yet (run `evolve age-up`)"
+    click.echo(f"served:           {none_yet if served is None else f'generation {served}'}")
     if d is not None:
         where = f"http://{d['host']}:{d['port']}/v1"
         click.echo(f"daemon:           {'running, pid ' + str(d['pid']) + ', ' + where if info['daemon']['running'] else 'not running'}")
     click.echo(f"on disk:          {', '.join(map(str, info['generations_on_disk'])) or 'none'}")
-    job = info["ageup"]
     if job is not None and job.get("state") == "running":
         step = f", {job['train_stage'].upper()} step {job['step']}/{job['total']}" if job.get("stage") == "train" \
             and job.get("total") else ""

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-from evolution.errors import LedgerError, UnknownGeneration
+from evolution.errors import UnknownGeneration
 from evolution.ledger import events as ev
 from evolution.ledger.entry import Entry
 
