@@ -273,7 +273,9 @@ class Daemon:
             return
         self.worker = None
         code = w.proc.returncode
-        log.info("age-up worker exited with %d after %.0f s", code, time.time() - w.started)
+        what = {EXIT_OK: "finished", EXIT_INTERRUPTED: "stopped at a checkpoint (it resumes later)",
+                EXIT_PAUSED: "found age-ups paused"}.get(code, f"failed with exit code {code}")
+        log.info("age-up worker %s after %.0f s", what, time.time() - w.started)
         if code == EXIT_INTERRUPTED or self._stopping.is_set():
             if w.request_id is not None:
                 self.karma.mark(w.request_id, PENDING)  # resumed at the next start

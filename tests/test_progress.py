@@ -48,7 +48,7 @@ def test_karma_add_and_status_from_the_command_line():
     r = runner.invoke(main, ["karma", "add", "60", "--key", "k2"])
     assert "threshold crossed: age-up request 1 is queued" in r.output
     assert "already counted" in runner.invoke(main, ["karma", "add", "60", "--key", "k2"]).output
-    bad = runner.invoke(main, ["karma", "add", "--", "-5"])
+    bad = runner.invoke(main, ["karma", "add", "-5"])
     assert bad.exit_code != 0 and "greater than 0" in bad.output
     info = json.loads(runner.invoke(main, ["status", "--json"]).output)
     assert info["karma"]["total"] == 120 and info["karma"]["open_request"]["status"] == "pending"

@@ -44,7 +44,7 @@ def karma(ctx, as_json: bool) -> None:
                    + (f"  {r.outcome}" if r.outcome else ""))
 
 
-@karma.command("add")
+@karma.command("add", context_settings={"ignore_unknown_options": True})  # "-5" is an amount, refused below
 @click.argument("amount", type=float)
 @click.option("--reason", default="", help="Why (kept with the grant).")
 @click.option("--key", help="Idempotency key: the same key is only counted once.")
