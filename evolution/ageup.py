@@ -358,17 +358,9 @@ def age_up(root: DataRoot, cfg: AgeUpConfig, ledger: Ledger, base: Path | None =
     cur = curriculum_mod.load(cfg.curriculum.path, cfg.curriculum.phases)
     for w in cur.warnings:
         log.warning("curriculum: %s", w)
-    with _lock(root):
-        tracker = progress_mod.Tracker(root, _expected_seconds(root))
-        try:
-            summary = _age_up_locked(root, cfg, ledger, cur, base, _tee(progress, tracker.step),
-                                     _tee(stage_cb, tracker.stage), train_callbacks, restart, promote, hold, tracker)
-        except KeyboardInterrupt:
-            tracker.end("interrupted")
-            raise
-        except BaseException as exc:
-            tracker.end("failed", error=str(exc))
-            raise
+    with _tracked(root, _expected_seconds(root)) as tracker:
+        summary = _age_up_locked(root, cfg, ledger, cur, base, _tee(progress, tracker.step),
+                                 _tee(stage_cb, tracker.stage), train_callbacks, restart, promote, hold, tracker)
         tracker.end("done", gen=summary.gen, verdict=(summary.gate or {}).get("verdict", "measured"))
         return summary
 
@@ -377,17 +369,27 @@ def ensure_generation_zero(root: DataRoot, cfg: AgeUpConfig, ledger: Ledger, bas
                            stage_cb: StageFn = _noop, promote: PromoteFn | None = None) -> GenerationSummary:
     """Build (or finish building) generation 0 and serve it, if the lineage has not started yet."""
     cur = curriculum_mod.load(cfg.curriculum.path, cfg.curriculum.phases)
-    with _lock(root):
-        tracker = progress_mod.Tracker(root)
+    with _tracked(root) as tracker:
         tracker.set(gen=0, parent=None)
-        try:
-            reconcile(root, ledger, cfg.gate.stop_after, promote)
-            summary = bootstrap(root, cfg, ledger, cur, base, _tee(stage_cb, tracker.stage), promote)
-        except BaseException as exc:
-            tracker.end("interrupted" if isinstance(exc, KeyboardInterrupt) else "failed", error=str(exc))
-            raise
+        reconcile(root, ledger, cfg.gate.stop_after, promote)
+        summary = bootstrap(root, cfg, ledger, cur, base, _tee(stage_cb, tracker.stage), promote)
         tracker.end("done", gen=0, verdict="measured")
         return summary
+
+
+@contextlib.contextmanager
+def _tracked(root: DataRoot, expected: dict[str, float] | None = None) -> Iterator[progress_mod.Tracker]:
+    """The age-up lock, and a progress file that ends as interrupted or failed if the body raises."""
+    with _lock(root):
+        tracker = progress_mod.Tracker(root, expected)
+        try:
+            yield tracker
+        except KeyboardInterrupt:
+            tracker.end("interrupted")
+            raise
+        except BaseException as exc:
+            tracker.end("failed", error=str(exc))
+            raise
 
 
 def _tee(first, second):

@@ -46,7 +46,7 @@ from evolution.ledger import events as ev
 from evolution.ledger import rollback as record_rollback
 from evolution.paths import DataRoot
 from evolution.serving import LoadError, ModelHost
-from evolution.worker import EXIT_INTERRUPTED, EXIT_OK, EXIT_PAUSED
+from evolution.worker import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_PAUSED
 
 log = logging.getLogger(__name__)
 
@@ -284,7 +284,7 @@ class Daemon:
         try:
             decided = ageup.reconcile(self.root, self.ledger, self.cfg.gate.stop_after, promote=self._promote)
         except EvolutionError as exc:
-            code, self.last_error = EXIT_OK + 1, str(exc)
+            code, self.last_error = EXIT_FAILED, str(exc)
         if w.bootstrap:
             if code != EXIT_OK or self.ledger.served_generation() is None:
                 self.last_error = f"building generation 0 failed (exit {code}): {w.tail()}"

@@ -101,12 +101,10 @@ def main(argv: list[str] | None = None) -> int:
     _die_with_parent(args.parent_pid)
     if args.nice:
         os.nice(args.nice)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s worker: %(message)s", datefmt="%H:%M:%S")
-    import warnings
+    from evolution import logsetup
 
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", category=DeprecationWarning)
-    warnings.filterwarnings("ignore", category=UserWarning, module=r"(peft|trl|transformers)\.")
+    logsetup.configure(fmt="%(asctime)s %(levelname)s worker: %(message)s")
+    log = logging.getLogger("evolution.worker")
 
     from evolution import ageup
     from evolution.config import AgeUpConfig
@@ -127,15 +125,15 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 s = ageup.age_up(root, cfg, ledger, args.base, stage_cb=stop.on_stage,
                                  train_callbacks=[stop.callback()], hold=True)
-                print(json.dumps({"gen": s.gen, "verdict": (s.gate or {}).get("verdict")}), flush=True)
+                log.info("generation %d built: %s", s.gen, (s.gate or {}).get("verdict"))
     except KeyboardInterrupt:
-        print("worker: interrupted; the age-up resumes from its last checkpoint", file=sys.stderr)
+        log.warning("interrupted; the age-up resumes from its last checkpoint")
         return EXIT_INTERRUPTED
     except ageup.AgeUpsPaused as exc:
-        print(f"worker: {exc}", file=sys.stderr)
+        log.warning("%s", exc)
         return EXIT_PAUSED
     except EvolutionError as exc:
-        print(f"worker: {exc}", file=sys.stderr)
+        log.error("%s", exc)
         return EXIT_FAILED
     return EXIT_OK
 

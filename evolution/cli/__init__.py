@@ -6,11 +6,9 @@ it into a message on stderr and a non-zero exit code.
 
 from __future__ import annotations
 
-import logging
-import warnings
-
 import click
 
+from evolution import logsetup
 from evolution.errors import EvolutionError
 
 
@@ -27,15 +25,7 @@ class _Group(click.Group):
 @click.version_option(package_name="evolution")
 def main(verbose: bool) -> None:
     """Grow a small language model generation by generation, safely."""
-    if not verbose:  # deprecation notices from transformers/trl are for us, not for users
-        warnings.filterwarnings("ignore", category=FutureWarning)
-        warnings.filterwarnings("ignore", category=DeprecationWarning)
-        warnings.filterwarnings("ignore", category=UserWarning, module=r"(peft|trl|transformers)\.")
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
+    logsetup.configure(verbose)
 
 
 def _register() -> None:

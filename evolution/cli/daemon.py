@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import logging
 import sys
-import warnings
 from pathlib import Path
 
 import click
 
-from evolution import config
 from evolution import base as base_model
+from evolution import config, logsetup
 from evolution.errors import EvolutionError
 from evolution.paths import DataRoot
 
@@ -35,12 +33,7 @@ def daemon(start_gen, host, port, threshold, threshold_growth, quick, config_fil
     """Serve the current generation over an OpenAI-compatible API and age up whenever karma crosses the threshold."""
     from evolution.daemon import Daemon, run
 
-    if not verbose:
-        warnings.filterwarnings("ignore", category=FutureWarning)
-        warnings.filterwarnings("ignore", category=DeprecationWarning)
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    logging.getLogger("apscheduler").setLevel(logging.DEBUG if verbose else logging.WARNING)
+    logsetup.configure(verbose)
     try:
         root = DataRoot.from_env().prepare()
         if base is not None:
