@@ -1,0 +1,101 @@
+"""Age-up wall time by stage, quick and default settings, on the embedded model.
+
+    python bench/ageup_bench.py [--skip-default] [--home DIR]
+
+Runs the product's own commands in a fresh data root, as a user would:
+
+1. ``evolve age-up --quick``: builds generation 0 (the bootstrap, reported apart) and a quick child;
+2. ``evolve rollback --to 0``, then ``evolve age-up``: a child of generation 0 with the default settings.
+
+Prints each generation's stage times (from its ``generation.json``), the share of the age-up spent
+around training (data, merge, GGUF export, quantize, smoke, gate), the training throughput and the
+gate's verdict and recall, and how busy the rest of the machine was meanwhile (a figure taken beside
+a busy neighbour is not a figure). Goal: the default age-up in at most 10 minutes on the 2-core CPU,
+at most 15 % of it around training.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from train_bench import Contention
+
+REPO = Path(__file__).resolve().parent.parent
+EVOLVE = [sys.executable, "-c", "from evolution.cli import main; main()"]
+
+
+def _run(home: Path, *args: str) -> tuple[float, float]:
+    """Wall seconds of one command, and the share of CPU other processes used meanwhile."""
+    env = os.environ | {"EVOLUTION_HOME": str(home)}
+    busy, t0 = Contention(), time.perf_counter()
+    proc = subprocess.run([*EVOLVE, *args], cwd=REPO, env=env, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        sys.exit(f"evolve {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return time.perf_counter() - t0, busy.others()
+
+
+def _summary(home: Path, gen: int) -> dict:
+    found = [p for p in home.rglob("generation.json") if json.loads(p.read_text())["gen"] == gen]
+    if not found:
+        sys.exit(f"generation {gen} left no generation.json under {home}")
+    return json.loads(found[0].read_text())
+
+
+def _row(label: str, s: dict, wall: float | None, others: float | None) -> str:
+    st = s["stage_seconds"]
+    total = sum(st.values())
+    trained = st.get("train", 0.0)
+    around = total - trained
+    stages = ", ".join(f"{k} {v:.1f}" for k, v in st.items())
+    tps = ""
+    if s.get("train"):
+        t = s["train"]
+        tps = "; ".join(f"{k.upper()} {t[k]['steps']} steps {t[k]['tokens_per_s']:.0f} tok/s"
+                        for k in ("cpt", "sft") if t.get(k) and not t[k].get("skipped"))
+    gate = s.get("gate") or {}
+    recall = (gate.get("metrics") or {}).get("recall")
+    share = f"{100 * around / total:.1f} %" if trained else "-"
+    return (f"| {label} | {total / 60:.1f} min ({total:.0f} s) | {stages} | {share} | {tps or '-'} | "
+            f"{gate.get('verdict', '-')}, recall {recall if recall is None else f'{recall:.2f}'} | "
+            f"{'-' if others is None else f'{100 * others:.0f} %'} |")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--skip-default", action="store_true", help="only generation 0 and the quick age-up")
+    ap.add_argument("--home", type=Path, help="data root to use (default: a new temporary one)")
+    args = ap.parse_args()
+    home = args.home or Path(tempfile.mkdtemp(prefix="ageup-bench-"))
+    print(f"data root {home}", flush=True)
+
+    wall_q, others_q = _run(home, "age-up", "--quick")
+    gen0, quick = _summary(home, 0), _summary(home, 1)
+    print(f"quick age-up (with generation 0): {wall_q:.0f} s", flush=True)
+    rows = [_row("generation 0 bootstrap", gen0, None, None), _row("quick age-up", quick, wall_q, others_q)]
+    if not args.skip_default:
+        _run(home, "rollback", "--to", "0", "--reason", "ageup bench: default age-up from generation 0")
+        wall_d, others_d = _run(home, "age-up")
+        print(f"default age-up: {wall_d:.0f} s", flush=True)
+        rows.append(_row("default age-up", _summary(home, 2), wall_d, others_d))
+
+    print()
+    print("| run | stages total | stage seconds | around training | training | gate | other load |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for r in rows:
+        print(r)
+    print(f"\n{os.cpu_count()} cores; the quick run's wall time includes generation 0 "
+          f"({sum(gen0['stage_seconds'].values()):.0f} s of it); goal: default at most 10 min, "
+          "at most 15 % around training")
+
+
+if __name__ == "__main__":
+    main()
