@@ -28,9 +28,17 @@ from evolution import export, gate, replay, train
 from evolution import progress as progress_mod
 from evolution.config import AgeUpConfig
 from evolution.conversations import ConversationStore
-from evolution.errors import EvolutionError, GenerationError
+from evolution.errors import DiskFull, EvolutionError, GenerationError
 from evolution.export import GGUF_NAME, HF_DIR, Artifact
-from evolution.fsutil import atomic_write_json, fsync_dir, make_tree_read_only, make_tree_writable, sha256_file
+from evolution.fsutil import (
+    atomic_write_json,
+    free_space,
+    fsync_dir,
+    is_disk_full,
+    make_tree_read_only,
+    make_tree_writable,
+    sha256_file,
+)
 from evolution.errors import IntegrityError
 from evolution.ledger import Ledger, check_servable
 from evolution.ledger import events as ev
@@ -379,17 +387,40 @@ def ensure_generation_zero(root: DataRoot, cfg: AgeUpConfig, ledger: Ledger, bas
 
 @contextlib.contextmanager
 def _tracked(root: DataRoot, expected: dict[str, float] | None = None) -> Iterator[progress_mod.Tracker]:
-    """The age-up lock, and a progress file that ends as interrupted or failed if the body raises."""
+    """The age-up lock, and a progress file that ends as interrupted or failed if the body raises.
+
+    A failure caused by a full disk, however deep it came from, is raised as ``DiskFull`` with a
+    message that says so and what to do."""
     with _lock(root):
-        tracker = progress_mod.Tracker(root, expected)
+        tracker = None
         try:
+            tracker = progress_mod.Tracker(root, expected)
             yield tracker
         except KeyboardInterrupt:
-            tracker.end("interrupted")
+            _end(tracker, "interrupted")
             raise
         except BaseException as exc:
-            tracker.end("failed", error=str(exc))
+            if is_disk_full(exc) and not isinstance(exc, DiskFull):
+                stage = tracker.d["stage"] if tracker else None
+                cause = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+                full = DiskFull(f"the disk is full: {f'the {stage} stage' if stage else 'the age-up'} could not "
+                                f"write its files ({cause}); "
+                                f"{free_space(root.root)}. Free some space there (or move EVOLUTION_HOME to a bigger "
+                                "disk): nothing half-written is used, and the age-up resumes where it stopped")
+                _end(tracker, "failed", error=str(full))
+                raise full from exc
+            _end(tracker, "failed", error=str(exc))
             raise
+
+
+def _end(tracker: progress_mod.Tracker | None, state: str, **fields) -> None:
+    """End the progress file if it can be written (a full disk must not hide the error that ended the age-up)."""
+    if tracker is None:
+        return
+    try:
+        tracker.end(state, **fields)
+    except OSError as exc:
+        log.warning("could not record the age-up as %s in %s: %s", state, tracker.file, exc)
 
 
 def _tee(first, second):

@@ -34,12 +34,17 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-from evolution import ageup, progress
+from evolution import ageup, faults, progress
 from evolution import curriculum as curriculum_mod
 from evolution.config import AgeUpConfig, DaemonConfig
 from evolution.conversations import ConversationStore
 from evolution.errors import ConfigError, EvolutionError, GenerationError
-from evolution.fsutil import atomic_write_json, atomic_write_text
+from evolution.fsutil import (
+    atomic_write_json,
+    atomic_write_text,
+    free_space,
+    nearly_full,
+)
 from evolution.karma import DONE, FAILED, PENDING, RUNNING, Karma
 from evolution.ledger import Ledger, check_servable
 from evolution.ledger import events as ev
@@ -118,7 +123,7 @@ class Daemon:
         self.karma = Karma(self.ledger, self.dcfg.threshold, self.dcfg.threshold_growth)
         self.store = ConversationStore(self.ledger)
         self.token, self.token_source = _token(self.root, self.dcfg)
-        ageup.reconcile(self.root, self.ledger, self.cfg.gate.stop_after, promote=self._promote)
+        decided = ageup.reconcile(self.root, self.ledger, self.cfg.gate.stop_after, promote=self._promote)
         served = self.ledger.served_generation()
         if served is None:
             if self.start_gen not in (None, 0):
@@ -137,7 +142,13 @@ class Daemon:
                             self.start_gen, self.start_gen)
             self._serve(served)
         for r in self.karma.requests():
-            if r.status == RUNNING:  # the daemon died while it ran: run it again (the age-up resumes)
+            if r.status != RUNNING:
+                continue
+            if decided and decided[-1] > 0:  # it had built its child, which was only not recorded yet: done now
+                log.warning("age-up request %d was running when the daemon stopped; its generation %d was finished "
+                            "and is now recorded", r.id, decided[-1])
+                self.karma.mark(r.id, DONE, decided[-1], self._outcome(decided[-1]))
+            else:  # run it again (the age-up resumes)
                 log.warning("age-up request %d was running when the daemon stopped; resuming it", r.id)
                 self.karma.mark(r.id, PENDING)
         self._write_info()
@@ -167,6 +178,7 @@ class Daemon:
         with self._swap_mutex:
             slot = self.host.load(gen, self.root.root / arts[-1]["path"], arts[-1]["sha256"])
             self.host.swap(slot)
+            faults.point("swap")  # swapped in, not yet recorded as promoted (the caller records it)
 
     # -- karma and rollback (called by the HTTP handlers) -----------------------------------
 
@@ -190,6 +202,7 @@ class Daemon:
                 raise LedgerError(f"generation {to} is already the served generation; nothing to roll back")
             slot = self.host.load(to, self.root.root / gguf["path"], gguf["sha256"])
             try:
+                faults.point("swap")  # loaded, not yet recorded as rolled back
                 entry = record_rollback(self.ledger, to, reason)
             except BaseException:
                 slot.close()
@@ -294,7 +307,7 @@ class Daemon:
             return
         if w.request_id is None:
             return
-        if code == EXIT_OK:
+        if code == EXIT_OK or decided:  # decided: it built its child, then died or failed (a full disk) to record it
             gen = decided[-1] if decided else None
             outcome = self._outcome(gen)
             self.karma.mark(w.request_id, DONE, gen, outcome)
@@ -305,6 +318,10 @@ class Daemon:
             self.karma.mark(w.request_id, PENDING, None, f"age-ups are paused: {ageup.paused_reason(self.ledger)}")
         else:
             self.last_error = f"age-up failed (exit {code}): {w.tail()}"
+            if "the disk is full" not in self.last_error and nearly_full(self.root.root):
+                # The worker's own message may not have fitted on the disk; say it here, last (outcomes keep the end).
+                self.last_error += (f"\nthe disk is full: {free_space(self.root.root)}. Free some space there: the "
+                                    "age-up is retried on its own and resumes where it stopped")
             log.error("%s", self.last_error)
             req = next(r for r in self.karma.requests() if r.id == w.request_id)
             if req.attempts + 1 < self.dcfg.max_attempts:

@@ -51,5 +51,9 @@ class UnknownGeneration(LedgerError):
     """The ledger has no generation with that number."""
 
 
+class DiskFull(EvolutionError):
+    """A write failed because the disk (or a quota) is full; the message says where, and what to do."""
+
+
 class IdempotencyConflict(EvolutionError):
     """An idempotency key was reused for a different request (HTTP 409)."""

@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from evolution import faults
 from evolution.errors import ExportError, IntegrityError
 from evolution.fsutil import atomic_write_text, fsync_dir, fsync_file, sha256_file
 
@@ -83,6 +84,7 @@ def to_gguf_f16(hf_dir: Path, out: Path) -> None:
         tail = "\n".join(proc.stderr.strip().splitlines()[-15:])
         raise ExportError(f"GGUF conversion of {hf_dir} failed (exit {proc.returncode}):\n{tail}")
     fsync_file(tmp)
+    faults.point("gguf_export")
     tmp.rename(out)
 
 
@@ -123,6 +125,7 @@ def quantize(f16: Path, out: Path, qtype: str) -> None:
             tmp.unlink(missing_ok=True)
             raise ExportError(f"quantizing {f16.name} to {qtype} failed (llama_model_quantize returned {rc}):\n{detail}")
     fsync_file(tmp)
+    faults.point("gguf_export")
     tmp.rename(out)
 
 

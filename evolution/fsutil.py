@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import shutil
 import stat
 import tempfile
 from pathlib import Path
 
 _CHUNK = 1 << 20
+_FULL = ("No space left on device", "database or disk is full", "Disk quota exceeded", "StorageFull")
+"""How a full disk reads where no errno survives: OSError, SQLite, PostgreSQL, safetensors (Rust)."""
 
 
 def sha256_file(path: str | os.PathLike) -> str:
@@ -85,3 +89,33 @@ def make_tree_writable(root: str | os.PathLike) -> None:
         for name in filenames:
             p = Path(dirpath) / name
             p.chmod(p.stat().st_mode | stat.S_IWUSR)
+
+
+def is_disk_full(exc: BaseException | None) -> bool:
+    """Whether ``exc``, or an exception it was raised from, is a full disk or quota (ENOSPC / EDQUOT)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if any(marker in str(exc) for marker in _FULL):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def nearly_full(path: str | os.PathLike, below: int = 16 << 20) -> bool:
+    """Whether the disk that holds ``path`` has less than ``below`` bytes free (16 MiB: no age-up fits)."""
+    try:
+        return shutil.disk_usage(path).free < below
+    except OSError:
+        return False
+
+
+def free_space(path: str | os.PathLike) -> str:
+    """``"1.2 MiB free of 200.0 MiB on the disk that holds PATH"``, for error messages."""
+    try:
+        usage = shutil.disk_usage(path)
+    except OSError:
+        return f"free space on the disk that holds {path} unknown"
+    return f"{usage.free / 2**20:.1f} MiB free of {usage.total / 2**20:.1f} MiB on the disk that holds {path}"

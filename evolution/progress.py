@@ -17,6 +17,7 @@ import os
 import time
 from pathlib import Path
 
+from evolution import faults
 from evolution.fsutil import atomic_write_json
 from evolution.paths import DataRoot
 
@@ -108,6 +109,7 @@ class Tracker:
             self._step_t0[stage] = (time.time(), step)
         self.d.update(train_stage=stage, step=step, total=total, loss=loss)
         self._write(force=step == total)
+        faults.point("train_step")
 
     def set(self, **fields) -> None:
         self.d.update(fields)

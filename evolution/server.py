@@ -16,7 +16,8 @@ path                       token   what
 The token is sent as ``Authorization: Bearer <token>`` (what the ``openai`` client sends as
 its ``api_key``) and compared in constant time. Errors use OpenAI's shape,
 ``{"error": {"message", "type", "code"}}``, with 400 (malformed), 401 (token), 404 (unknown
-generation or model), 409 (not servable), 413 (too large), 503 (no model yet).
+generation or model), 409 (not servable), 413 (too large), 503 (no model yet), 507 (the disk is full:
+nothing was recorded).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from starlette.concurrency import run_in_threadpool
 
 from evolution.conversations import ConversationError
 from evolution.errors import (
+    DiskFull,
     EvolutionError,
     IdempotencyConflict,
     IntegrityError,
@@ -334,6 +336,11 @@ def create_app(daemon: Daemon) -> FastAPI:
         except (IntegrityError, LoadError) as exc:
             raise ApiError(409, str(exc), code="not_servable", param="to") from None
         return {"served_generation": to, "ledger_seq": entry.seq}
+
+    @app.exception_handler(DiskFull)
+    async def _disk_full(request, exc):
+        log.error("%s %s: %s", request.method, request.url.path, exc)
+        return _error(507, str(exc), "server_error", "insufficient_storage")
 
     @app.exception_handler(EvolutionError)
     async def _evolution_error(request, exc):

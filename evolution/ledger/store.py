@@ -22,7 +22,9 @@ from sqlalchemy import create_engine, event, text
 from sqlalchemy.engine import URL, Connection, Engine, make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError
 
-from evolution.errors import LedgerError
+from evolution import faults
+from evolution.errors import DiskFull, LedgerError
+from evolution.fsutil import free_space, is_disk_full
 from evolution.ledger import events as ev
 from evolution.ledger.chain import GENESIS, canonical_json, entry_hash
 from evolution.ledger.entry import Entry
@@ -99,6 +101,7 @@ class Transaction:
             ),
             {"seq": seq, "time": now, "kind": kind, "gen": gen, "payload": body, "prev": prev, "hash": digest},
         )
+        faults.point("ledger_append")
         log.debug("ledger: appended seq %d %s gen=%s", seq, kind, gen)
         self.last = Entry(seq, now, kind, gen, payload, prev, digest)
         return self.last
@@ -191,10 +194,23 @@ class Ledger:
                 lock_for_write(conn)
                 txn = Transaction(self, conn)
                 yield txn
-        except DBAPIError as exc:
-            raise LedgerError(f"could not write to the ledger database at {self.url}: {exc.orig}") from exc
+        except (DBAPIError, OSError) as exc:
+            detail = exc.orig if isinstance(exc, DBAPIError) else exc
+            if is_disk_full(exc):
+                where = (free_space(Path(self.engine.url.database).parent)
+                         if self.engine.url.get_backend_name() == "sqlite" else "on the database server")
+                raise DiskFull(f"the disk is full: could not write to the ledger at {self.url} ({detail}); nothing "
+                               f"was recorded. Free some space ({where}) and try again") from exc
+            if isinstance(exc, OSError):
+                raise
+            raise LedgerError(f"could not write to the ledger database at {self.url}: {detail}") from exc
         if txn.last is not None:
-            write_head(self.head_path, Head(seq=txn.last.seq, entry_hash=txn.last.entry_hash, ledger=self.url))
+            try:
+                faults.point("ledger_commit")
+                write_head(self.head_path, Head(seq=txn.last.seq, entry_hash=txn.last.entry_hash, ledger=self.url))
+            except OSError as exc:  # committed: failing now would make a caller retry what is recorded
+                log.warning("ledger: seq %d is committed but the exported head %s could not be updated (%s); "
+                            "it lags behind, which verify accepts", txn.last.seq, self.head_path, exc)
 
     def append(self, kind: str, gen: int | None, payload: dict) -> Entry:
         """Append one event, chained onto the current last entry; return the stored entry."""

@@ -41,20 +41,21 @@ def _ok_or_4xx(r) -> dict:
 @given(body=st.one_of(raw_bodies, st.fixed_dictionaries(
     {"amount": json_values, "reason": json_values, "idempotency_key": json_values}).map(
         lambda d: json.dumps(d).encode())))
-def test_karma_takes_any_body_without_a_500_and_counts_only_what_it_accepted(client, daemon, body):
+def test_karma_takes_any_body_without_a_500_and_counts_only_what_it_accepted(client, daemon, body, tally):
+    tally.bad_input("bad input · HTTP fuzz (hypothesis)")
     before = daemon.karma.state().total
     r = client.post("/karma", content=body, headers=AUTH)
     out = _ok_or_4xx(r)
     after = daemon.karma.state().total
-    if r.status_code == 201:
-        assert after == pytest.approx(before + out["amount"])
-    else:
-        assert after == before
+    expected = before + out["amount"] if r.status_code == 201 else before
+    tally.lost("bad input · HTTP fuzz (hypothesis)", int(after != pytest.approx(expected)))
+    assert after == pytest.approx(expected)
 
 
 @FUZZ
 @given(body=st.one_of(raw_bodies, st.fixed_dictionaries({"messages": messages}).map(lambda d: json.dumps(d).encode())))
-def test_conversations_take_any_body_without_a_500_and_store_only_what_they_accepted(client, daemon, body):
+def test_conversations_take_any_body_without_a_500_and_store_only_what_they_accepted(client, daemon, body, tally):
+    tally.bad_input("bad input · HTTP fuzz (hypothesis)")
     before = daemon.store.count()[0]
     r = client.post("/conversations", content=body, headers=AUTH)
     _ok_or_4xx(r)
@@ -65,14 +66,17 @@ def test_conversations_take_any_body_without_a_500_and_store_only_what_they_acce
 @given(body=st.one_of(raw_bodies, st.fixed_dictionaries(
     {"messages": messages, "max_tokens": json_values, "temperature": json_values, "stop": json_values,
      "model": json_values, "stream": st.just(False)}).map(lambda d: json.dumps(d).encode())))
-def test_chat_takes_any_body_without_a_500(client, body):
+def test_chat_takes_any_body_without_a_500(client, body, tally):
+    tally.bad_input("bad input · HTTP fuzz (hypothesis)")
     r = client.post("/v1/chat/completions", content=body, headers={"content-type": "application/json"})
     _ok_or_4xx(r)
 
 
 @FUZZ
 @given(to=json_values, reason=json_values)
-def test_rollback_takes_any_target_without_a_500_and_serves_only_known_gated_generations(client, daemon, to, reason):
+def test_rollback_takes_any_target_without_a_500_and_serves_only_known_gated_generations(client, daemon, to, reason,
+                                                                                        tally):
+    tally.bad_input("bad input · HTTP fuzz (hypothesis)")
     r = client.post("/rollback", content=json.dumps({"to": to, "reason": reason}), headers=AUTH)
     _ok_or_4xx(r)
     assert daemon.host.current.gen in (0, 1) and daemon.ledger.served_generation() == daemon.host.current.gen
@@ -89,7 +93,8 @@ lines = st.one_of(
 @settings(max_examples=200, deadline=None, derandomize=True,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(sft=st.lists(lines, max_size=4), cpt=st.lists(lines, max_size=4))
-def test_any_curriculum_file_loads_or_names_every_bad_line(tiny_curriculum, sft, cpt):
+def test_any_curriculum_file_loads_or_names_every_bad_line(tiny_curriculum, sft, cpt, tally):
+    tally.bad_input("bad input · curriculum fuzz (hypothesis)", len(sft) + len(cpt))
     for name, rows in (("sft.jsonl", sft), ("cpt.jsonl", cpt)):
         (tiny_curriculum / "phase2_fuzz" / name).parent.mkdir(exist_ok=True)
         (tiny_curriculum / "phase2_fuzz" / name).write_bytes(b"\n".join(rows) + (b"\n" if rows else b""))
