@@ -111,14 +111,13 @@ def resolve_precision(requested: str) -> str:
     return "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
 
 
-def _load_model(parent: Path, cfg: TrainConfig, backend: str, stage: str = "cpt"):
+def _load_model(parent: Path, cfg: TrainConfig, backend: str, stage: str):
     """The parent with a fresh LoRA adapter on it, and its tokenizer."""
     import torch
 
     if backend == "unsloth":
-        from unsloth import (
-            FastLanguageModel,  # must come before trl/peft patch points are used
-        )
+        # unsloth must be imported before trl/peft patch points are used
+        from unsloth import FastLanguageModel
 
         model, tokenizer = FastLanguageModel.from_pretrained(
             model_name=str(parent),
@@ -152,8 +151,8 @@ def _load_model(parent: Path, cfg: TrainConfig, backend: str, stage: str = "cpt"
     # kernel's backward handles slowly (430 vs 355 tokens/s; bench/train_bench.py).
     attn = "eager" if stage == "sft" and not torch.cuda.is_available() else "sdpa"
     model = AutoModelForCausalLM.from_pretrained(parent, dtype=dtype, local_files_only=True, attn_implementation=attn)
-    # No KV cache while training: with one, transformers skips the per-sequence attention mask
-    # that padding-free batches (several rows flattened into one) rely on.
+    # No KV cache while training: with one, transformers skips the per-row attention mask that
+    # LaneCollator's lanes (several rows packed into one) rely on.
     model.config.use_cache = False
     lora = LoraConfig(
         r=cfg.lora_r,

@@ -8,10 +8,13 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
+import openai
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -40,7 +43,7 @@ class DaemonProc:
     def auth(self) -> dict:
         return {"Authorization": f"Bearer {self.token}"}
 
-    def start(self) -> "DaemonProc":
+    def start(self) -> DaemonProc:
         env = os.environ | {"EVOLUTION_HOME": str(self.home)}
         self.proc = subprocess.Popen([sys.executable, str(REPO / "run_daemon.py"), "--port", str(self.port), *self.args],
                                      cwd=REPO, env=env, stdout=open(self.log, "ab"), stderr=subprocess.STDOUT)
@@ -88,3 +91,77 @@ class DaemonProc:
             self.proc.wait()
             raise AssertionError(f"the daemon did not stop within {timeout} s after signal {sig}:\n"
                                  + self.output()[-3000:])
+
+
+class Chatter:
+    """Chat clients that keep asking (plain and streaming, through the official openai client).
+
+    Every failure is noted, never raised. ``pause`` between a reply and the next question:
+    clients that never pause keep both cores busy at normal priority, and the niced age-up then
+    (by design) hardly runs.
+    """
+
+    def __init__(self, url: str, clients: int = 2, pause: float = 0.2, max_tokens: int = 8):
+        self.pause, self.max_tokens = pause, max_tokens
+        self.client = openai.OpenAI(base_url=url + "/v1", api_key="not-needed", max_retries=0, timeout=60)
+        self.stop, self.failures, self.models = threading.Event(), [], []
+        self.threads = [threading.Thread(target=self._run, args=(i,)) for i in range(clients)]
+
+    def _run(self, i: int) -> None:
+        msgs = [{"role": "user", "content": "What is your name?"}]
+        while not self.stop.is_set():
+            try:
+                if i % 2:
+                    chunks = list(self.client.chat.completions.create(model="evolution", messages=msgs,
+                                                                      max_tokens=self.max_tokens, stream=True))
+                    assert chunks and chunks[0].model.startswith("evolution-gen-")
+                    assert len({c.model for c in chunks}) == 1  # one model per reply, even mid-swap
+                    self.models.append(chunks[0].model)
+                else:
+                    r = self.client.chat.completions.create(model="evolution", messages=msgs,
+                                                            max_tokens=self.max_tokens)
+                    assert r.choices[0].message.content
+                    self.models.append(r.model)
+            except Exception as exc:  # noqa: BLE001 — every failure is the finding
+                self.failures.append(repr(exc))
+            self.stop.wait(self.pause)
+
+    def __enter__(self):
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        for t in self.threads:
+            t.join(60)
+
+
+@contextmanager
+def serving(daemon):
+    """The daemon's HTTP app on uvicorn in a thread, on a free loopback port; yields its URL."""
+    import uvicorn
+
+    from evolution.server import create_app
+
+    server = uvicorn.Server(uvicorn.Config(create_app(daemon), host="127.0.0.1", port=0, log_level="warning"))
+    t = threading.Thread(target=server.run, daemon=True)
+    t.start()
+    while not server.started:
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        t.join(10)
+
+
+def tick_until(daemon, cond, what: str, timeout: float = 600) -> None:
+    """Run an in-process daemon's scheduler tick until ``cond()`` holds."""
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        daemon.tick()
+        if cond():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}: {daemon.status()}")

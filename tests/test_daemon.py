@@ -5,20 +5,18 @@ from __future__ import annotations
 import json
 import os
 import signal
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
-import openai
 import pytest
 
 from evolution.ledger import Ledger
 from evolution.ledger import events as ev
 from evolution.paths import DataRoot
 from tests.conftest import toml_of
-from tests.daemon_util import DaemonProc
+from tests.daemon_util import Chatter, DaemonProc
 
 
 def _config(tmp_path: Path, cfg, **daemon) -> Path:
@@ -28,47 +26,6 @@ def _config(tmp_path: Path, cfg, **daemon) -> Path:
     path = tmp_path / "evolution-test.toml"
     path.write_text(toml_of(d))
     return path
-
-
-class Chatter:
-    """Chat clients that keep asking (plain and streaming, through the official openai client).
-
-    ``pause`` between a reply and the next question: clients that never pause keep both cores
-    busy at normal priority, and the niced age-up then (by design) hardly runs.
-    """
-
-    def __init__(self, url: str, clients: int = 2, pause: float = 0.2):
-        self.pause = pause
-        self.client = openai.OpenAI(base_url=url + "/v1", api_key="not-needed", max_retries=0, timeout=60)
-        self.stop, self.failures, self.models = threading.Event(), [], []
-        self.threads = [threading.Thread(target=self._run, args=(i,)) for i in range(clients)]
-
-    def _run(self, i: int) -> None:
-        msgs = [{"role": "user", "content": "What is your name?"}]
-        while not self.stop.is_set():
-            try:
-                if i % 2:
-                    chunks = list(self.client.chat.completions.create(model="evolution", messages=msgs, max_tokens=8,
-                                                                      stream=True))
-                    assert chunks and chunks[0].model.startswith("evolution-gen-")
-                    self.models.append(chunks[0].model)
-                else:
-                    r = self.client.chat.completions.create(model="evolution", messages=msgs, max_tokens=8)
-                    assert r.choices[0].message.content
-                    self.models.append(r.model)
-            except Exception as exc:  # noqa: BLE001 — every failure is the finding
-                self.failures.append(repr(exc))
-            self.stop.wait(self.pause)
-
-    def __enter__(self):
-        for t in self.threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.stop.set()
-        for t in self.threads:
-            t.join()
 
 
 def test_karma_past_the_threshold_ages_up_and_swaps_while_chat_never_fails(taught_base, daemon_cfg, tmp_path,

@@ -18,8 +18,7 @@ from evolution.ledger import events as ev
 from evolution.ledger import rollback as record_rollback
 from evolution.serving import LoadError, ModelHost
 from tests.conftest import SERVER_TOKEN
-
-
+from tests.daemon_util import serving, tick_until
 
 AUTH = {"Authorization": f"Bearer {SERVER_TOKEN}"}
 ASK = {"messages": [{"role": "user", "content": "What is your name?"}], "max_tokens": 8, "temperature": 0}
@@ -224,40 +223,20 @@ def test_a_failed_age_up_is_retried_and_the_daemon_recovers_on_its_own(daemon):
     try:
         assert daemon.add_karma(1, "good answer", None).triggered is not None
 
-        def run_until(cond, timeout=240):
-            t0 = time.time()
-            while time.time() - t0 < timeout:
-                daemon.tick()
-                if cond():
-                    return
-                time.sleep(0.2)
-            raise AssertionError(daemon.status())
-
-        run_until(lambda: daemon.karma.requests()[-1].attempts == 1)
+        tick_until(daemon, lambda: daemon.karma.requests()[-1].attempts == 1, "the first attempt to fail", 240)
         req = daemon.karma.requests()[-1]
         assert req.status == "pending" and "sft.jsonl:" in req.outcome  # the error names the line
         assert daemon.host.current.gen == 1  # the parent kept serving
     finally:
         sft.write_text(good)  # space freed / file fixed: the next attempt succeeds without anyone
-    run_until(lambda: daemon.karma.requests()[-1].status == "done")
+    tick_until(daemon, lambda: daemon.karma.requests()[-1].status == "done", "the retry to finish", 240)
     assert daemon.host.current.gen == 2 and daemon.ledger.served_generation() == 2
 
 
 def test_a_client_that_hangs_up_mid_stream_does_not_block_the_model(daemon):
-
-
     import httpx
-    import uvicorn
 
-    from evolution.server import create_app
-
-    server = uvicorn.Server(uvicorn.Config(create_app(daemon), host="127.0.0.1", port=0, log_level="warning"))
-    t = threading.Thread(target=server.run, daemon=True)
-    t.start()
-    while not server.started:
-        time.sleep(0.02)
-    url = f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
-    try:
+    with serving(daemon) as url:
         long = {"messages": [{"role": "user", "content": "Tell me everything."}], "max_tokens": 400,
                 "temperature": 1.0, "stream": True}
         with httpx.stream("POST", url + "/v1/chat/completions", json=long, timeout=30) as r:
@@ -270,6 +249,3 @@ def test_a_client_that_hangs_up_mid_stream_does_not_block_the_model(daemon):
         while daemon.host.current.users and time.time() < deadline:
             time.sleep(0.05)
         assert daemon.host.current.users == 0  # the abandoned stream let go of the model
-    finally:
-        server.should_exit = True
-        t.join(10)

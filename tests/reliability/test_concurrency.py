@@ -11,18 +11,15 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import threading
 import time
 
-import openai
 import pytest
-import uvicorn
 
 from evolution.karma import Karma
 from evolution.ledger import KARMA_THRESHOLD_CROSSED, Ledger
 from evolution.ledger import events as ev
-from evolution.server import create_app
 from tests.conftest import SERVER_TOKEN
+from tests.daemon_util import Chatter, serving
 from tests.ledger.conftest import backend, data_root, ledger_url  # noqa: F401  (fixtures)
 
 pytestmark = pytest.mark.slow
@@ -75,57 +72,15 @@ def test_8_writer_processes_x_1000_grants_give_the_exact_total(data_root, ledger
     print(f"{WRITERS * GRANTS} grants by {WRITERS} processes in {wall:.1f} s")
 
 
-class _Chatters:
-    """Chat clients (the official openai client, plain and streaming) that note every failure."""
-
-    def __init__(self, url: str, clients: int):
-        self.client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
-        self.stop, self.failures, self.models = threading.Event(), [], []
-        self.threads = [threading.Thread(target=self._run, args=(i,)) for i in range(clients)]
-
-    def _run(self, i: int) -> None:
-        msgs = [{"role": "user", "content": "What is your name?"}]
-        while not self.stop.is_set():
-            try:
-                if i % 2:
-                    chunks = list(self.client.chat.completions.create(model="evolution", messages=msgs, max_tokens=6,
-                                                                      stream=True))
-                    assert chunks and len({c.model for c in chunks}) == 1  # one model per reply, even mid-swap
-                    self.models.append(chunks[0].model)
-                else:
-                    r = self.client.chat.completions.create(model="evolution", messages=msgs, max_tokens=6)
-                    assert r.choices[0].message.content
-                    self.models.append(r.model)
-            except Exception as exc:  # noqa: BLE001 — every failure is the finding
-                self.failures.append(repr(exc))
-            self.stop.wait(0.02)
-
-    def __enter__(self):
-        for t in self.threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.stop.set()
-        for t in self.threads:
-            t.join(60)
-
-
 SWAPS, CLIENTS = 12, 8
 
 
 def test_many_chat_clients_during_repeated_swaps_never_fail(daemon, tally):
     import httpx
 
-    server = uvicorn.Server(uvicorn.Config(create_app(daemon), host="127.0.0.1", port=0, log_level="warning"))
-    t = threading.Thread(target=server.run, daemon=True)
-    t.start()
-    while not server.started:
-        time.sleep(0.02)
-    url = f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
     area = f"concurrency · {CLIENTS} chat clients × {SWAPS} swaps"
-    try:
-        with _Chatters(url, CLIENTS) as chat:
+    with serving(daemon) as url:
+        with Chatter(url, CLIENTS, pause=0.02, max_tokens=6) as chat:
             for k in range(SWAPS):
                 to = 0 if k % 2 == 0 else 1  # 1 is served: 0, 1, 0, 1, ...
                 r = httpx.post(url + "/rollback", json={"to": to, "reason": f"swap {k}"}, timeout=60,
@@ -145,6 +100,3 @@ def test_many_chat_clients_during_repeated_swaps_never_fail(daemon, tally):
         assert len(daemon.ledger.entries(kind=ev.ROLLED_BACK)) == SWAPS
         assert daemon.ledger.served_generation() == daemon.host.current.gen == 1
         assert daemon.ledger.verify().ok
-    finally:
-        server.should_exit = True
-        t.join(10)

@@ -11,7 +11,6 @@ its scheduler by hand; its workers are real processes.
 from __future__ import annotations
 
 import shutil
-import time
 
 import pytest
 
@@ -21,21 +20,12 @@ from evolution.daemon import Daemon
 from evolution.ledger import events as ev
 from evolution.paths import DataRoot
 from tests.conftest import SERVER_TOKEN
+from tests.daemon_util import tick_until
 from tests.reliability.conftest import copy_root, fill
 
 pytestmark = pytest.mark.slow
 
 CHILD = 2  # the lineage serves 1
-
-
-def _run_until(daemon: Daemon, cond, what: str, timeout: float = 600) -> None:
-    t0 = time.time()
-    while time.time() - t0 < timeout:
-        daemon.tick()
-        if cond():
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}: {daemon.status()}")
 
 
 def _request(daemon: Daemon):
@@ -86,7 +76,7 @@ def test_enospc_at_each_write_of_an_age_up_fails_it_clearly_and_the_retry_finish
     for n, (spec, area, stage) in enumerate(attempts, start=1):
         with tally.fault(area):
             worker_faults(spec)
-            _run_until(daemon, lambda n=n: _request(daemon).attempts == n, f"attempt {n} to fail")
+            tick_until(daemon, lambda n=n: _request(daemon).attempts == n, f"attempt {n} to fail")
             req = _request(daemon)
             assert req.status == "pending", req
             _says_disk_full(req.outcome)
@@ -101,7 +91,7 @@ def test_enospc_at_each_write_of_an_age_up_fails_it_clearly_and_the_retry_finish
     # The child is finished and moved into place; the worker cannot record it. The daemon can.
     with tally.fault("disk full · ledger append (injected)"):
         worker_faults("ledger_append=enospc@1")
-        _run_until(daemon, lambda: _request(daemon).status == "done", "the request to finish")
+        tick_until(daemon, lambda: _request(daemon).status == "done", "the request to finish")
         assert _request(daemon).gen == CHILD and _request(daemon).attempts == 3
         assert daemon.host.current.gen == CHILD and daemon.ledger.served_generation() == CHILD
         kinds = [e.kind for e in daemon.ledger.entries(gen=CHILD)]
@@ -122,12 +112,12 @@ def test_a_really_full_disk_under_the_data_root(lineage, small_disk, monkeypatch
         with tally.fault("disk full · age-up (tmpfs)"):
             assert d.add_karma(1, "good answer", None).triggered is not None
             # On a disk this full the daemon may not even record the retry: /status says what is wrong.
-            _run_until(d, lambda: "the disk is full" in (d.status()["last_error"] or ""), "the age-up to fail")
+            tick_until(d, lambda: "the disk is full" in (d.status()["last_error"] or ""), "the age-up to fail")
             _says_disk_full(d.status()["last_error"])
             print("what the daemon said:", d.status()["last_error"].splitlines()[-1])
             _parent_still_serves(d, tally, "disk full · age-up (tmpfs)")
             filler.unlink()  # space freed: nobody touches the daemon, it retries by itself
-            _run_until(d, lambda: _request(d).status == "done", "the retry to finish")
+            tick_until(d, lambda: _request(d).status == "done", "the retry to finish")
             assert d.host.current.gen == CHILD and d.ledger.served_generation() == CHILD
             assert d.ledger.verify().ok
             assert shutil.disk_usage(disk).free > 0
