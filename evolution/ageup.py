@@ -28,7 +28,7 @@ from evolution import export, gate, replay, train
 from evolution import progress as progress_mod
 from evolution.config import AgeUpConfig
 from evolution.conversations import ConversationStore
-from evolution.errors import DiskFull, EvolutionError, GenerationError
+from evolution.errors import DiskFull, EvolutionError, GenerationError, IntegrityError
 from evolution.export import GGUF_NAME, HF_DIR, Artifact
 from evolution.fsutil import (
     atomic_write_json,
@@ -39,7 +39,6 @@ from evolution.fsutil import (
     make_tree_writable,
     sha256_file,
 )
-from evolution.errors import IntegrityError
 from evolution.ledger import Ledger, check_servable
 from evolution.ledger import events as ev
 from evolution.paths import DataRoot, gen_name

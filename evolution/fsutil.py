@@ -24,6 +24,26 @@ def sha256_file(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
+def sha256_tree(root: str | os.PathLike, skip: frozenset[str] = frozenset()) -> dict[str, str]:
+    """SHA-256 of every file under ``root`` by POSIX path relative to it (names in ``skip`` left out)."""
+    root = Path(root)
+    return {
+        p.relative_to(root).as_posix(): sha256_file(p)
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and p.relative_to(root).as_posix() not in skip
+    }
+
+
+def tree_mismatches(root: str | os.PathLike, expected: dict[str, str], skip: frozenset[str] = frozenset()) -> list[str]:
+    """What differs between the files under ``root`` and ``expected`` (from ``sha256_tree``); empty if none."""
+    actual = sha256_tree(root, skip)
+    problems = [f"{name}: missing" for name in sorted(expected.keys() - actual.keys())]
+    problems += [f"{name}: not in the manifest" for name in sorted(actual.keys() - expected.keys())]
+    problems += [f"{name}: SHA-256 differs" for name in sorted(expected.keys() & actual.keys())
+                 if expected[name] != actual[name]]
+    return problems
+
+
 def fsync_dir(path: str | os.PathLike) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:

@@ -7,15 +7,26 @@ both run through TRL's ``SFTTrainer`` on data we tokenize ourselves (``evolution
 Each stage checkpoints every ``save_steps`` into ``<workdir>/<stage>/checkpoint-N`` and
 keeps the last ``save_total_limit``. A checkpoint counts only once the trainer has finished
 writing it (we drop a ``COMPLETE`` marker from ``on_save``), so after a kill -9 the next run
-resumes from the last complete one. A finished stage leaves ``<stage>/adapter`` plus
-``<stage>/metrics.json`` and is never run again.
+resumes from the last complete one. The marker holds the SHA-256 of every file of the
+checkpoint: one changed on disk since (a flipped bit, a tampered optimizer state) is moved
+aside to ``<stage>/rejected/`` and the run resumes from the checkpoint before it, or from the
+start. A finished stage leaves ``<stage>/adapter`` plus ``<stage>/metrics.json`` (with the
+adapter's hashes) and is never run again unless its adapter no longer matches them.
+
+Nothing is unpickled from disk: weights are safetensors, and the trainer's optimizer,
+scheduler and RNG states go through ``torch.load(weights_only=True)``, forced for every caller
+in the training process by ``TORCH_FORCE_WEIGHTS_ONLY_LOAD``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import json
 import logging
 import math
+import os
+import pickle
 import shutil
 import time
 from collections.abc import Callable
@@ -24,7 +35,7 @@ from pathlib import Path
 
 from evolution.config import TrainConfig
 from evolution.errors import EvolutionError
-from evolution.fsutil import atomic_write_json, atomic_write_text, fsync_dir
+from evolution.fsutil import atomic_write_json, fsync_dir, sha256_tree, tree_mismatches
 
 log = logging.getLogger(__name__)
 
@@ -174,16 +185,44 @@ def _load_adapter_weights(model, adapter_dir: Path) -> None:
         raise EvolutionError(f"adapter {adapter_dir} does not fit the parent model: {result.unexpected_keys[:3]} …")
 
 
+def _reject(path: Path, why: str) -> None:
+    """Move a checkpoint or adapter that failed its check to ``<stage>/rejected/`` (kept for a post-mortem)."""
+    dest = path.parent / "rejected" / f"{path.name}-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"
+    dest.parent.mkdir(exist_ok=True)
+    log.warning("rejecting %s: %s; moved to %s", path, why, dest)
+    path.rename(dest)
+
+
+def checkpoint_problems(ckpt: Path) -> list[str]:
+    """Why the checkpoint ``ckpt`` (marked complete) cannot be trusted; empty if it can."""
+    try:
+        marker = json.loads((ckpt / COMPLETE).read_text())
+    except (ValueError, UnicodeDecodeError):
+        return [f"{COMPLETE} marker is not the JSON this version writes"]
+    if not isinstance(marker, dict) or not isinstance(marker.get("sha256"), dict):
+        return [f"{COMPLETE} marker has no file hashes"]
+    return tree_mismatches(ckpt, marker["sha256"], skip=frozenset({COMPLETE}))
+
+
 def last_complete_checkpoint(stage_dir: Path) -> Path | None:
-    """The highest checkpoint the trainer finished writing; incomplete ones are removed."""
-    best = None
+    """The highest checkpoint the trainer finished writing whose files still hash as written.
+
+    Incomplete checkpoints (a kill while saving) are removed; complete ones whose files changed
+    since are moved aside to ``<stage>/rejected/``, and the one before them is used.
+    """
+    complete = []
     for ckpt in sorted(stage_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1])):
         if (ckpt / COMPLETE).is_file():
-            best = ckpt
+            complete.append(ckpt)
         else:
             log.warning("removing incomplete checkpoint %s (interrupted while saving)", ckpt)
             shutil.rmtree(ckpt, ignore_errors=True)
-    return best
+    for ckpt in reversed(complete):
+        problems = checkpoint_problems(ckpt)
+        if not problems:
+            return ckpt
+        _reject(ckpt, "its files changed after it was saved (" + "; ".join(problems[:5]) + ")")
+    return None
 
 
 def _callbacks(stage: str, total: int, metrics: StageMetrics, progress: ProgressFn | None):
@@ -204,7 +243,8 @@ def _callbacks(stage: str, total: int, metrics: StageMetrics, progress: Progress
                 from evolution import faults
 
                 faults.point("checkpoint_save")  # test hook (evolution/faults.py): written, not yet marked complete
-                atomic_write_text(ckpt / COMPLETE, f"{state.global_step}\n")
+                marker = {"step": state.global_step, "sha256": sha256_tree(ckpt, skip=frozenset({COMPLETE}))}
+                atomic_write_json(ckpt / COMPLETE, marker)
 
     return [_Track()]
 
@@ -366,7 +406,17 @@ def _run_stage(stage: str, model, tokenizer, rows: list[dict], cfg: TrainConfig,
 
     trainer.remove_callback(PrinterCallback)  # progress and losses go through our callback instead
     t0 = time.perf_counter()
-    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    try:
+        trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    except pickle.UnpicklingError as e:  # weights_only refused a file of the checkpoint: code, not tensors
+        if resume is None:
+            raise
+        _reject(resume, "it holds a pickle that is not plain tensors")
+        raise EvolutionError(
+            f"{resume} holds a pickled object that is not plain tensors, so it was not loaded ({e}). "
+            f"It was moved to {stage_dir / 'rejected'}; run the age-up again to resume from the checkpoint "
+            "before it (the daemon retries on its own)."
+        ) from e
     metrics.wall_s = time.perf_counter() - t0
     metrics.steps = trainer.state.global_step
     metrics.tokens = int(trainer.state.num_input_tokens_seen)
@@ -380,20 +430,26 @@ def _run_stage(stage: str, model, tokenizer, rows: list[dict], cfg: TrainConfig,
     fsync_dir(tmp)
     shutil.rmtree(stage_dir / "adapter", ignore_errors=True)  # left by a crash before metrics.json
     tmp.rename(stage_dir / "adapter")
-    atomic_write_json(stage_dir / "metrics.json", asdict(metrics) | {"backend": backend})
+    atomic_write_json(stage_dir / "metrics.json",
+                      asdict(metrics) | {"backend": backend, "adapter_sha256": sha256_tree(stage_dir / "adapter")})
     return metrics
 
 
 def _finished(stage_dir: Path) -> StageMetrics | None:
-    if (stage_dir / "metrics.json").is_file() and (stage_dir / "adapter").is_dir():
-        import json
-
-        d = json.loads((stage_dir / "metrics.json").read_text())
-        d.pop("backend", None)
-        m = StageMetrics(**d)
-        m.skipped = True
-        return m
-    return None
+    """The metrics of a finished stage whose adapter is as it was written; None to (re)run it."""
+    if not ((stage_dir / "metrics.json").is_file() and (stage_dir / "adapter").is_dir()):
+        return None
+    d = json.loads((stage_dir / "metrics.json").read_text())
+    d.pop("backend", None)
+    hashes = d.pop("adapter_sha256", None)
+    problems = tree_mismatches(stage_dir / "adapter", hashes) if isinstance(hashes, dict) else []
+    if problems:  # run the stage again, from its last good checkpoint
+        _reject(stage_dir / "adapter", "it changed after training (" + "; ".join(problems[:5]) + ")")
+        (stage_dir / "metrics.json").unlink()
+        return None
+    m = StageMetrics(**d)
+    m.skipped = True
+    return m
 
 
 def _keep_freed_memory() -> None:
@@ -413,6 +469,25 @@ def _keep_freed_memory() -> None:
         libc.mallopt(m_trim_threshold, 1 << 30)
     except (OSError, AttributeError):  # not glibc: nothing to tune
         pass
+
+
+@contextlib.contextmanager
+def _weights_only_loads():
+    """Every ``torch.load`` inside refuses pickled code, whatever its caller passes or the environment says.
+
+    Resuming loads the trainer's optimizer, scheduler and RNG states with ``torch.load``; a
+    checkpoint is a file on disk, so it gets no more trust than one.
+    """
+    saved = {k: os.environ.pop(k, None) for k in ("TORCH_FORCE_WEIGHTS_ONLY_LOAD", "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD")}
+    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def train(parent: Path, cpt_texts: list[str], sft_conversations: list[list[dict]], cfg: TrainConfig,
@@ -457,8 +532,9 @@ def train(parent: Path, cpt_texts: list[str], sft_conversations: list[list[dict]
         stage_dir.mkdir(parents=True, exist_ok=True)
         steps = _steps(len(rows), cfg, epochs, cap)
         log.info("%s: %d rows, %d steps, backend %s", stage, len(rows), steps, backend)
-        results[stage] = _run_stage(stage, model, tokenizer, rows, cfg, stage_dir, lr, steps, backend,
-                                    progress, extra_callbacks)
+        with _weights_only_loads():
+            results[stage] = _run_stage(stage, model, tokenizer, rows, cfg, stage_dir, lr, steps, backend,
+                                        progress, extra_callbacks)
         prev_adapter = stage_dir / "adapter"
         del model
     if prev_adapter is None:

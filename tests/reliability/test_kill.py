@@ -38,6 +38,7 @@ from evolution.karma import DONE, RUNNING, Karma
 from evolution.ledger import Ledger
 from evolution.ledger import events as ev
 from evolution.paths import DataRoot
+from evolution.train import checkpoint_problems
 from tests.conftest import toml_of
 from tests.daemon_util import DaemonProc
 from tests.reliability.conftest import copy_root
@@ -68,6 +69,7 @@ def _checkpoints(root: DataRoot) -> tuple[list[Path], list[Path]]:
             incomplete.append(ckpt)
             continue
         complete.append(ckpt)
+        assert not checkpoint_problems(ckpt), ckpt  # every file as the trainer wrote it, per the marker's hashes
         state = json.loads((ckpt / "trainer_state.json").read_text())
         assert state["global_step"] == int(ckpt.name.split("-")[1]), ckpt
         with safe_open(ckpt / "adapter_model.safetensors", "pt") as f:

@@ -1,4 +1,5 @@
-"""Tampered files: a GGUF cut short or swapped for another, an adapter modified after the gate.
+"""Tampered files: a GGUF cut short or swapped for another, an adapter modified after the gate,
+a training checkpoint changed on disk or made to carry pickled code.
 
 Each is caught by ``ledger verify`` and by the hash check before a model is served; the served
 generation never changes to a file that is not the one the ledger recorded. (Edited, deleted and
@@ -8,17 +9,24 @@ truncated ledger entries: ``tests/ledger/test_ledger_verify.py``; a flipped byte
 
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
 
 import pytest
+import torch
 from click.testing import CliRunner
+from safetensors.torch import load_file
+from transformers import TrainerCallback
 
 from evolution.cli import main
 from evolution.config import DaemonConfig
 from evolution.daemon import Daemon
-from evolution.errors import IntegrityError
+from evolution.errors import EvolutionError, IntegrityError
 from evolution.fsutil import make_tree_writable, sha256_file
+from evolution.train import COMPLETE, train
 from tests.conftest import SERVER_TOKEN
+from tests.test_train import CONVS, TEXTS
 
 AUTH = {"Authorization": f"Bearer {SERVER_TOKEN}"}
 ASK = {"messages": [{"role": "user", "content": "What is your name?"}], "max_tokens": 4}
@@ -72,3 +80,86 @@ def test_a_modified_adapter_is_caught_by_verify(client, daemon, tally):
         assert len(changed) == 1 and "gen_0001/adapter/adapter_model.safetensors" in changed[0], changed
         assert recorded[:12] in changed[0]
         assert daemon.host.current.gen == 1  # the adapter is never what is served: the GGUF is
+
+
+# -- training checkpoints: a kill leaves them on disk for days, and the next run loads them --------
+
+
+class _Stop(TrainerCallback):
+    """Ends the run after SFT step ``at`` as a kill would (nothing more is written)."""
+
+    def __init__(self, at: int):
+        self.at = at
+
+    def on_step_end(self, args, state, control, **kw):
+        if args.output_dir.endswith("sft") and state.global_step == self.at:
+            raise KeyboardInterrupt("killed")
+
+
+class _Payload:
+    """A pickle that runs code when loaded: what an attacker would put in a checkpoint."""
+
+    def __init__(self, proof: Path):
+        self.proof = proof
+
+    def __reduce__(self):
+        return (Path.write_text, (self.proof, "unpickled"))
+
+
+def _interrupted(tiny_base, tiny_cfg, work: Path) -> Path:
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_base, TEXTS, CONVS, tiny_cfg.train, work, extra_callbacks=[_Stop(5)])
+    assert sorted(p.name for p in (work / "sft").glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+    return work / "sft" / "checkpoint-4"
+
+
+def _flip(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("name", ["adapter_model.safetensors", "optimizer.pt", "trainer_state.json"])
+def test_a_checkpoint_changed_on_disk_is_set_aside_and_training_resumes_before_it(tiny_base, tiny_cfg, tmp_path,
+                                                                                  name, tally):
+    work = tmp_path / "work"
+    ckpt = _interrupted(tiny_base, tiny_cfg, work)
+    _flip(ckpt / name)  # one bit, the file still parses (or nearly): only its hash tells
+    with tally.fault("tamper · training checkpoint changed"):
+        result = train(tiny_base, TEXTS, CONVS, tiny_cfg.train, work)
+        assert result.sft.resumed_from_step == 2 and result.sft.steps == 6
+        rejected = list((work / "sft" / "rejected").glob("checkpoint-4-*"))
+        assert len(rejected) == 1 and (rejected[0] / name).is_file()  # kept for a post-mortem, not loaded
+        assert load_file(result.adapter_dir / "adapter_model.safetensors")
+
+
+def test_a_checkpoint_holding_pickled_code_is_never_unpickled(tiny_base, tiny_cfg, tmp_path, tally):
+    """Even with its marker rewritten to match (whoever wrote the file knew the format), the code never runs."""
+    work = tmp_path / "work"
+    ckpt = _interrupted(tiny_base, tiny_cfg, work)
+    proof = tmp_path / "pwned"
+    torch.save({"state": _Payload(proof), "param_groups": []}, ckpt / "optimizer.pt")
+    marker = json.loads((ckpt / COMPLETE).read_text())
+    marker["sha256"]["optimizer.pt"] = sha256_file(ckpt / "optimizer.pt")
+    (ckpt / COMPLETE).write_text(json.dumps(marker))
+    with tally.fault("tamper · training checkpoint pickle"):
+        with pytest.raises(EvolutionError, match=r"checkpoint-4 holds a pickled object that is not plain tensors"):
+            train(tiny_base, TEXTS, CONVS, tiny_cfg.train, work)
+        assert not proof.exists()
+        assert not ckpt.exists() and list((work / "sft" / "rejected").glob("checkpoint-4-*"))
+        result = train(tiny_base, TEXTS, CONVS, tiny_cfg.train, work)  # the next attempt: from checkpoint 2
+        assert result.sft.resumed_from_step == 2 and result.sft.steps == 6 and not proof.exists()
+
+
+def test_a_finished_stage_whose_adapter_changed_is_trained_again(tiny_base, tiny_cfg, tmp_path, tally):
+    work = tmp_path / "work"
+    first = train(tiny_base, TEXTS, CONVS, tiny_cfg.train, work)
+    good = sha256_file(first.adapter_dir / "adapter_model.safetensors")
+    _flip(first.adapter_dir / "adapter_model.safetensors")
+    with tally.fault("tamper · finished stage adapter changed"):
+        again = train(tiny_base, TEXTS, CONVS, tiny_cfg.train, work)
+        assert again.cpt.skipped and not again.sft.skipped  # only the changed stage runs again
+        assert list((work / "sft" / "rejected").glob("adapter-*"))
+        # resumed from its last checkpoint, which was the last step: the same weights come back
+        assert again.sft.resumed_from_step == 6
+        assert sha256_file(again.adapter_dir / "adapter_model.safetensors") == good
