@@ -109,6 +109,18 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
 # -- data roots built once for the whole suite ---------------------------------------------------
 
 
+def daemon_config_file(tmp_path: Path, cfg) -> Path:
+    """``cfg`` (an ``AgeUpConfig``) as the TOML file ``run_daemon.py --config`` reads, polling fast."""
+    from tests.conftest import toml_of
+
+    d = cfg.to_dict()
+    d.pop("quick")
+    d["daemon"] = {"poll_seconds": 0.3}
+    path = tmp_path / "evolution-test.toml"
+    path.write_text(toml_of(d))
+    return path
+
+
 def copy_root(src: Path, dst: Path) -> Path:
     """A writable copy of a data root (finished generations are read-only; the copy keeps their modes)."""
     shutil.copytree(src, dst, symlinks=True)

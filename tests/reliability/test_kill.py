@@ -39,9 +39,8 @@ from evolution.ledger import Ledger
 from evolution.ledger import events as ev
 from evolution.paths import DataRoot
 from evolution.train import checkpoint_problems
-from tests.conftest import toml_of
 from tests.daemon_util import DaemonProc
-from tests.reliability.conftest import copy_root
+from tests.reliability.conftest import copy_root, daemon_config_file
 
 pytestmark = pytest.mark.slow
 
@@ -117,15 +116,6 @@ def _daemon(root: DataRoot, conf: Path, spec: str | None = None) -> DaemonProc:
     return d
 
 
-def _daemon_config(tmp_path: Path, cfg: AgeUpConfig) -> Path:
-    d = cfg.to_dict()
-    d.pop("quick")
-    d["daemon"] = {"poll_seconds": 0.3}
-    path = tmp_path / "evolution-test.toml"
-    path.write_text(toml_of(d))
-    return path
-
-
 def test_kill_9_at_every_point_of_an_age_up_loses_nothing_and_the_child_is_served_once(gen0, tmp_path, tally):
     src, base_cfg = gen0
     root = DataRoot(copy_root(src.root, tmp_path / "root"))
@@ -187,7 +177,7 @@ def test_kill_9_at_every_point_of_an_age_up_loses_nothing_and_the_child_is_serve
 
     # The daemon records the rest at its next start. Killed after the swap, before `promoted` is
     # recorded; at the next start the child is loaded, hash-checked and canary-tested again.
-    conf = _daemon_config(tmp_path, cfg)
+    conf = daemon_config_file(tmp_path, cfg)
     for _ in range(SWAP_KILLS):
         with tally.fault("kill -9 · swap"):
             d = _daemon(root, conf, "swap=kill@1")
