@@ -444,7 +444,12 @@ def _expected_seconds(root: DataRoot) -> dict[str, float]:
 
 def _age_up_locked(root: DataRoot, cfg: AgeUpConfig, ledger: Ledger, cur, base, progress, stage_cb,
                    train_callbacks, restart, promote, hold, tracker) -> GenerationSummary:
-    reconcile(root, ledger, cfg.gate.stop_after, promote, hold)
+    recorded = [n for n in reconcile(root, ledger, cfg.gate.stop_after, promote, hold) if n > 0]
+    if recorded:  # the last age-up built its child and stopped before recording it: that child is this one's
+        log.warning("%s was finished by an age-up that stopped before recording it; it is recorded now and is "
+                    "this age-up's result (run again for another)", gen_name(recorded[-1]))
+        tracker.set(gen=recorded[-1], resumed=True)
+        return GenerationSummary.load(root.gen_dir(recorded[-1]))
     paused = paused_reason(ledger)
     if paused:
         raise AgeUpsPaused(f"age-ups are paused: {paused}")

@@ -127,6 +127,32 @@ def test_generation_finished_before_a_crash_is_recorded_on_the_next_run(tiny_bas
             ("exported", 0), ("promoted", 0), ("exported", 1), ("gate_result", 1), ("rejected", 1)]
 
 
+def test_a_child_built_but_not_recorded_is_the_next_age_ups_result_not_a_reason_for_another(
+        tiny_base, tiny_cfg, ledger, monkeypatch):
+    from evolution import ageup
+
+    root = DataRoot.from_env()
+    age_up(root, tiny_cfg, ledger, base=tiny_base)  # generation 0, and 1
+    real = ageup._record_finished
+
+    def crash(root_, ledger_, s, *a, **kw):
+        if s.gen == 2:
+            raise KeyboardInterrupt("killed after the child was finished, before it was recorded")
+        return real(root_, ledger_, s, *a, **kw)
+
+    monkeypatch.setattr(ageup, "_record_finished", crash)
+    with pytest.raises(KeyboardInterrupt):
+        age_up(root, tiny_cfg, ledger)
+    assert root.generations() == [0, 1, 2] and not ledger.entries(gen=2, kind="gate_result")
+    monkeypatch.setattr(ageup, "_record_finished", real)
+
+    summary = age_up(root, tiny_cfg, ledger)  # the user runs `evolve age-up` again
+    assert summary.gen == 2
+    assert root.generations() == [0, 1, 2] and not root.partial_generations()  # no generation 3 was started
+    assert [e.kind for e in ledger.entries(gen=2)][-2:] == ["gate_result", "rejected"]
+    assert ledger.verify().ok
+
+
 def test_tampered_parent_weights_stop_the_age_up(tiny_base, tiny_cfg, ledger):
     from evolution.errors import IntegrityError
     from evolution.fsutil import make_tree_writable
