@@ -314,7 +314,10 @@ def reconcile(root: DataRoot, ledger: Ledger, stop_after: int = 2, promote: Prom
     between, or a child the daemon's worker left for the daemon to promote); return their numbers.
 
     Their files are re-hashed against their own ``generation.json`` first; a mismatch is refused.
+    A ledger whose history does not verify is refused before anything is appended to it (an
+    append would move the exported head onto the changed history).
     """
+    ledger.check_history()
     done = []
     for n in root.generations():
         kinds = {e.kind for e in ledger.entries(gen=n)}

@@ -171,6 +171,7 @@ class Daemon:
     def _promote(self, summary: "ageup.GenerationSummary") -> None:
         """Promote hook of the age-up: load the gated child beside the parent, verify, canary, swap."""
         gen = summary.gen
+        self.ledger.check_history()
         arts = [a for e in self.ledger.entries(gen=gen, kind=ev.EXPORTED) for a in e.payload["artifacts"]
                 if a.get("kind") == "gguf"]
         if not arts:

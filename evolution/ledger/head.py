@@ -53,7 +53,10 @@ def write_head(path: Path, head: Head) -> bool:
             current = read_head(path)
         except LedgerError:
             current = None
-        if current is not None and current.ledger == head.ledger and current.seq >= head.seq:
+        # Whatever ledger URL the current head names (a data root moved or restored elsewhere has
+        # the same ledger under another path), it never moves backwards: cutting entries from the
+        # tail and appending new ones must not re-anchor the head on the shortened history.
+        if current is not None and current.seq >= head.seq:
             return False
         # The folder is not fsynced: after a crash the head may be older than the database,
         # never ahead of it, and verify accepts an older head; it saves ~1 ms per append.

@@ -22,6 +22,7 @@ log = logging.getLogger(__name__)
 
 def check_servable(ledger: Ledger, n: int) -> dict:
     """Return the GGUF artifact record of generation ``n`` if it may be served; raise otherwise."""
+    ledger.check_history()  # the record below is only as good as the chain it sits in
     d = ledger.generation(n)  # LedgerError if unknown
     gates = [e for e in d.events if e.kind == ev.GATE_RESULT and e.gen == n]
     if n != 0:

@@ -23,7 +23,7 @@ from sqlalchemy.engine import URL, Connection, Engine, make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError
 
 from evolution import faults
-from evolution.errors import DiskFull, LedgerError
+from evolution.errors import DiskFull, IntegrityError, LedgerError
 from evolution.fsutil import free_space, is_disk_full
 from evolution.ledger import events as ev
 from evolution.ledger.chain import GENESIS, canonical_json, entry_hash
@@ -272,3 +272,22 @@ class Ledger:
     def verify(self, *, artifacts: bool = True, head: Path | None = None) -> VerifyReport:
         """Recompute the chain, check the exported head and re-hash artifacts on disk."""
         return verify(self, artifacts=artifacts, head_path=head)
+
+    def check_history(self) -> None:
+        """Raise ``IntegrityError`` unless the hash chain and the exported head verify.
+
+        Called before anything is served, rolled back to or trained from on the ledger's word: an
+        entry edited to name another file's SHA-256 would otherwise pass the file's own hash check.
+        (Artifacts are not re-hashed here; each one is hashed where it is used.)
+        """
+        report = self.verify(artifacts=False)
+        if report.ok:
+            return
+        first = report.problems[0]
+        more = f" (and {len(report.problems) - 1} more)" if len(report.problems) > 1 else ""
+        where = f"seq {first.seq}: " if first.seq is not None else ""
+        raise IntegrityError(
+            f"the ledger at {self.url} does not verify: {where}{first.message}{more}. Nothing is served, rolled back "
+            "to or trained from a ledger whose history was changed; `evolve ledger verify` shows every problem; "
+            f"restore the ledger (and {self.head_path}) from a backup"
+        )

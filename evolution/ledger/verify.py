@@ -114,11 +114,16 @@ def _check_chain(rows, report: VerifyReport) -> dict[int, dict]:
     return payloads
 
 
-def _check_head(rows, head_path: Path, report: VerifyReport) -> None:
+def _head_or_error(head_path: Path) -> Head | LedgerError | None:
     try:
-        head = read_head(head_path)
+        return read_head(head_path)
     except LedgerError as exc:
-        report.problems.append(Problem(None, "head_unreadable", str(exc)))
+        return exc
+
+
+def _check_head(rows, head_path: Path, head: Head | LedgerError | None, report: VerifyReport) -> None:
+    if isinstance(head, LedgerError):
+        report.problems.append(Problem(None, "head_unreadable", str(head)))
         return
     report.head = head
     if head is None:
@@ -182,11 +187,17 @@ def verify(ledger: "Ledger", *, artifacts: bool = True, head_path: Path | None =
     start = time.perf_counter()
     head_path = head_path or ledger.head_path
     report = VerifyReport(head_path=str(head_path))
+    # The head is read before the rows: it is written after each commit, so rows read later
+    # always reach it, even while another process appends (the other order would see a
+    # "truncated" ledger whenever an append landed in between).
+    head = _head_or_error(head_path)
     rows = ledger.raw_rows()
+    if head is None and rows:  # the first entry's head may have been written in between
+        head = _head_or_error(head_path)
     report.entries = len(rows)
     report.last_seq = rows[-1].seq if rows else 0
     payloads = _check_chain(rows, report)
-    _check_head(rows, head_path, report)
+    _check_head(rows, head_path, head, report)
     if artifacts:
         _check_artifacts(ledger, rows, payloads, report)
     report.problems.sort(key=lambda p: (p.seq is None, p.seq or 0))

@@ -2,8 +2,10 @@
 a training checkpoint changed on disk or made to carry pickled code.
 
 Each is caught by ``ledger verify`` and by the hash check before a model is served; the served
-generation never changes to a file that is not the one the ledger recorded. (Edited, deleted and
-truncated ledger entries: ``tests/ledger/test_ledger_verify.py``; a flipped byte in a GGUF:
+generation never changes to a file that is not the one the ledger recorded. Ledger entries edited,
+deleted or cut from the tail: no generation is served, rolled back to or trained from until the
+chain verifies (every kind of ledger tampering ``verify`` names: ``tests/ledger/test_ledger_verify.py``;
+a flipped byte in a GGUF:
 ``tests/test_server.py``; an adapter changed between the gate and the promotion: ``test_kill.py``.)
 """
 
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import sqlite3
 from pathlib import Path
 
 import pytest
@@ -163,3 +166,48 @@ def test_a_finished_stage_whose_adapter_changed_is_trained_again(tiny_base, tiny
         # resumed from its last checkpoint, which was the last step: the same weights come back
         assert again.sft.resumed_from_step == 6
         assert sha256_file(again.adapter_dir / "adapter_model.safetensors") == good
+
+
+# -- the ledger itself: an entry edited to vouch for another file, or history cut ----------------
+
+
+def _tamper_ledger(root, *statements: str) -> None:
+    """Change the SQLite ledger as someone with the file would: append-only triggers dropped first."""
+    con = sqlite3.connect(root.ledger_dir / "ledger.db")
+    for name in ("ledger_entries_no_update", "ledger_entries_no_delete"):
+        con.execute(f"DROP TRIGGER IF EXISTS {name}")
+    for s in statements:
+        con.execute(s)
+    con.commit()
+    con.close()
+
+
+@pytest.mark.parametrize("how", ["edited", "deleted", "truncated"])
+def test_a_tampered_ledger_is_never_served_from(client, daemon, how, tally):
+    """``edited``: generation 0's GGUF replaced by another and its ledger entry edited to vouch for it —
+    the file now matches the ledger, so only the hash chain tells."""
+    root = daemon.root
+    exported0 = next(e for e in daemon.ledger.entries(gen=0) if e.kind == "exported")
+    if how == "edited":
+        make_tree_writable(root.gen_dir(0))
+        old, new = sha256_file(root.gen_dir(0) / "model.gguf"), sha256_file(root.gen_dir(1) / "model.gguf")
+        (root.gen_dir(0) / "model.gguf").write_bytes((root.gen_dir(1) / "model.gguf").read_bytes())
+        _tamper_ledger(root, f"UPDATE ledger_entries SET payload = replace(payload, '{old}', '{new}') "
+                             f"WHERE seq = {exported0.seq}")
+    elif how == "deleted":
+        _tamper_ledger(root, f"DELETE FROM ledger_entries WHERE seq = {exported0.seq + 1}")
+    else:
+        last = daemon.ledger.entries()[-1].seq
+        _tamper_ledger(root, f"DELETE FROM ledger_entries WHERE seq >= {last - 1}")
+    with tally.fault(f"tamper · ledger entry {how}"):
+        assert not daemon.ledger.verify(artifacts=False).ok
+        r = client.post("/rollback", json={"to": 0}, headers=AUTH)
+        assert r.status_code == 409 and "does not verify" in r.json()["error"]["message"], r.text
+        assert daemon.host.current.gen == 1  # the model served before the tampering goes on serving
+        assert client.post("/v1/chat/completions", json=ASK).json()["model"] == "evolution-gen-0001"
+        daemon.stop()
+        again = Daemon(daemon.root, daemon.cfg, DaemonConfig(api_token=SERVER_TOKEN))
+        with pytest.raises(IntegrityError, match=r"does not verify: .*restore the ledger"):
+            again.prepare()
+        assert again.host.current is None  # a restart serves nothing from it
+        again.stop()
