@@ -45,8 +45,9 @@ from tests.reliability.conftest import copy_root, daemon_config_file
 pytestmark = pytest.mark.slow
 
 SEED = 6
-SFT_STEPS = 32
-SWAP_KILLS = 3  # each: at a promotion, and at a rollback
+SFT_STEPS = 64
+SWAP_KILLS = 5  # each: at a promotion, and at a rollback
+EXPORT_KILLS = 4  # each: after the f16 GGUF is written, and after the quantized one
 CHILD = 1
 REPO = Path(__file__).resolve().parents[2]
 
@@ -159,11 +160,13 @@ def test_kill_9_at_every_point_of_an_age_up_loses_nothing_and_the_child_is_serve
             assert incomplete, "the save was killed before its COMPLETE marker: that checkpoint must not count"
 
     # Export: the f16 GGUF, then the quantized one, written but not renamed into place.
-    kill("gguf_export=kill@1", "kill -9 · GGUF export")
     staging = root.staging_dir(CHILD)
-    assert (staging / "model.f16.gguf.tmp").is_file() and not (staging / "model.f16.gguf").exists()
-    kill("gguf_export=kill@2", "kill -9 · GGUF export")
-    assert (staging / "model.gguf.tmp").is_file() and not (staging / "model.gguf").exists()
+    for _ in range(EXPORT_KILLS):
+        kill("gguf_export=kill@1", "kill -9 · GGUF export")
+        assert (staging / "model.f16.gguf.tmp").is_file() and not (staging / "model.f16.gguf").exists()
+    for i in range(EXPORT_KILLS):  # the second export of a run; the first, once the f16 one is in place
+        kill(f"gguf_export=kill@{2 if i == 0 else 1}", "kill -9 · GGUF export")
+        assert (staging / "model.gguf.tmp").is_file() and not (staging / "model.gguf").exists()
 
     # The finished child is moved into place, then the kill comes before the ledger hears of it.
     kill("ledger_append=kill@1", "kill -9 · ledger append (worker)")
