@@ -311,7 +311,8 @@ def paused_reason(ledger: Ledger) -> str | None:
 def reconcile(root: DataRoot, ledger: Ledger, stop_after: int = 2, promote: PromoteFn | None = None,
               hold: bool = False) -> list[int]:
     """Record generations that were finished on disk but not yet decided in the ledger (a crash in
-    between, or a child the daemon's worker left for the daemon to promote); return their numbers.
+    between, or a child the daemon's worker left for the daemon to promote); return their numbers
+    (with ``hold``, also those of passing children still waiting for the daemon).
 
     Their files are re-hashed against their own ``generation.json`` first; a mismatch is refused.
     A ledger whose history does not verify is refused before anything is appended to it (an
@@ -325,6 +326,7 @@ def reconcile(root: DataRoot, ledger: Ledger, stop_after: int = 2, promote: Prom
             continue
         s = GenerationSummary.load(root.gen_dir(n))
         if hold and ev.GATE_RESULT in kinds and (s.gate or {}).get("verdict") == gate.PASS:
+            done.append(n)  # gated and waiting for the daemon to promote it: nothing to record here
             continue
         for a in s.artifacts:
             if sha256_file(root.gen_dir(n) / a.path) != a.sha256:
@@ -448,9 +450,9 @@ def _expected_seconds(root: DataRoot) -> dict[str, float]:
 def _age_up_locked(root: DataRoot, cfg: AgeUpConfig, ledger: Ledger, cur, base, progress, stage_cb,
                    train_callbacks, restart, promote, hold, tracker) -> GenerationSummary:
     recorded = [n for n in reconcile(root, ledger, cfg.gate.stop_after, promote, hold) if n > 0]
-    if recorded:  # the last age-up built its child and stopped before recording it: that child is this one's
-        log.warning("%s was finished by an age-up that stopped before recording it; it is recorded now and is "
-                    "this age-up's result (run again for another)", gen_name(recorded[-1]))
+    if recorded:  # the last age-up built its child and stopped before it was promoted: that child is this one's
+        log.warning("%s was finished by an age-up that stopped before it was promoted or rejected; it is this "
+                    "age-up's result (run again for another)", gen_name(recorded[-1]))
         tracker.set(gen=recorded[-1], resumed=True)
         return GenerationSummary.load(root.gen_dir(recorded[-1]))
     paused = paused_reason(ledger)

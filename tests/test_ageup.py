@@ -153,6 +153,19 @@ def test_a_child_built_but_not_recorded_is_the_next_age_ups_result_not_a_reason_
     assert ledger.verify().ok
 
 
+def test_a_passing_child_held_for_the_daemon_is_the_next_held_age_ups_result(taught_base, daemon_cfg, ledger):
+    """The daemon's worker leaves a passing child for the daemon to promote; run again before that
+    happened (the daemon died in between), it must not grow a second child beside it."""
+    root = DataRoot.from_env()
+    first = age_up(root, daemon_cfg, ledger, base=taught_base, hold=True)
+    assert first.gen == 1 and first.gate["verdict"] == "pass"
+    assert not ledger.entries(gen=1, kind="promoted") and ledger.served_generation() == 0
+    again = age_up(root, daemon_cfg, ledger, hold=True)
+    assert again.gen == 1 and root.generations() == [0, 1] and not root.partial_generations()
+    assert not ledger.entries(gen=1, kind="promoted")  # still the daemon's to promote
+    assert [e.kind for e in ledger.entries(gen=1)].count("gate_result") == 1
+
+
 def test_tampered_parent_weights_stop_the_age_up(tiny_base, tiny_cfg, ledger):
     from evolution.errors import IntegrityError
     from evolution.fsutil import make_tree_writable
