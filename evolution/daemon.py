@@ -169,9 +169,10 @@ class Daemon:
             self.host.swap(slot)
 
     def _promote(self, summary: "ageup.GenerationSummary") -> None:
-        """Promote hook of the age-up: load the gated child beside the parent, verify, canary, swap."""
+        """Promote hook of the age-up: load the gated child beside the parent, verify, canary, swap.
+
+        Called only from ``ageup.reconcile``, which has checked the ledger's history first."""
         gen = summary.gen
-        self.ledger.check_history()
         arts = [a for e in self.ledger.entries(gen=gen, kind=ev.EXPORTED) for a in e.payload["artifacts"]
                 if a.get("kind") == "gguf"]
         if not arts:

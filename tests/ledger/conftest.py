@@ -67,20 +67,25 @@ def ledger(data_root, ledger_url):
     led.close()
 
 
+def tamper_sqlite(db: Path, *statements: str) -> None:
+    """Run ``statements`` on the SQLite ledger ``db`` as someone with the file would: append-only triggers dropped."""
+    con = sqlite3.connect(db)
+    for name in ("ledger_entries_no_update", "ledger_entries_no_delete",
+                 "ledger_schema_no_update", "ledger_schema_no_delete"):
+        con.execute(f"DROP TRIGGER IF EXISTS {name}")
+    for s in statements:
+        con.execute(s)
+    con.commit()
+    con.close()
+
+
 @pytest.fixture
 def tamper(backend, data_root, ledger_url):
     """``tamper(*sql)``: run statements on a raw DBAPI connection with the triggers out of the way."""
 
     def run(*statements: str) -> None:
         if backend == "sqlite":
-            con = sqlite3.connect(data_root.ledger_dir / "ledger.db")
-            for name in ("ledger_entries_no_update", "ledger_entries_no_delete",
-                         "ledger_schema_no_update", "ledger_schema_no_delete"):
-                con.execute(f"DROP TRIGGER IF EXISTS {name}")
-            for s in statements:
-                con.execute(s)
-            con.commit()
-            con.close()
+            tamper_sqlite(data_root.ledger_dir / "ledger.db", *statements)
             return
         import psycopg
 

@@ -13,14 +13,12 @@ from __future__ import annotations
 
 import json
 import os
-import sqlite3
 from pathlib import Path
 
 import pytest
 import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
-from transformers import TrainerCallback
 
 from evolution.cli import main
 from evolution.config import DaemonConfig
@@ -29,7 +27,8 @@ from evolution.errors import EvolutionError, IntegrityError
 from evolution.fsutil import make_tree_writable, sha256_file
 from evolution.train import COMPLETE, train
 from tests.conftest import SERVER_TOKEN
-from tests.test_train import CONVS, TEXTS
+from tests.ledger.conftest import tamper_sqlite
+from tests.test_train import CONVS, TEXTS, _Crash
 
 AUTH = {"Authorization": f"Bearer {SERVER_TOKEN}"}
 ASK = {"messages": [{"role": "user", "content": "What is your name?"}], "max_tokens": 4}
@@ -71,13 +70,17 @@ def test_a_served_gguf_cut_short_while_stopped_is_refused_at_the_next_start(daem
         again.stop()
 
 
+def _flip(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
 def test_a_modified_adapter_is_caught_by_verify(client, daemon, tally):
     adapter = daemon.root.gen_dir(1) / "adapter" / "adapter_model.safetensors"
     make_tree_writable(daemon.root.gen_dir(1))
     recorded = sha256_file(adapter)
-    data = bytearray(adapter.read_bytes())
-    data[len(data) // 2] ^= 0x01  # one bit of one weight
-    adapter.write_bytes(bytes(data))
+    _flip(adapter)  # one bit of one weight
     with tally.fault("tamper · adapter modified"):
         changed = _problems(daemon, "artifact_changed")
         assert len(changed) == 1 and "gen_0001/adapter/adapter_model.safetensors" in changed[0], changed
@@ -86,17 +89,6 @@ def test_a_modified_adapter_is_caught_by_verify(client, daemon, tally):
 
 
 # -- training checkpoints: a kill leaves them on disk for days, and the next run loads them --------
-
-
-class _Stop(TrainerCallback):
-    """Ends the run after SFT step ``at`` as a kill would (nothing more is written)."""
-
-    def __init__(self, at: int):
-        self.at = at
-
-    def on_step_end(self, args, state, control, **kw):
-        if args.output_dir.endswith("sft") and state.global_step == self.at:
-            raise KeyboardInterrupt("killed")
 
 
 class _Payload:
@@ -111,15 +103,9 @@ class _Payload:
 
 def _interrupted(tiny_base, tiny_cfg, work: Path) -> Path:
     with pytest.raises(KeyboardInterrupt):
-        train(tiny_base, TEXTS, CONVS, tiny_cfg.train, work, extra_callbacks=[_Stop(5)])
+        train(tiny_base, TEXTS, CONVS, tiny_cfg.train, work, extra_callbacks=[_Crash("sft", 5)])
     assert sorted(p.name for p in (work / "sft").glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
     return work / "sft" / "checkpoint-4"
-
-
-def _flip(path: Path) -> None:
-    data = bytearray(path.read_bytes())
-    data[len(data) // 2] ^= 0x01
-    path.write_bytes(bytes(data))
 
 
 @pytest.mark.parametrize("name", ["adapter_model.safetensors", "optimizer.pt", "trainer_state.json"])
@@ -171,17 +157,6 @@ def test_a_finished_stage_whose_adapter_changed_is_trained_again(tiny_base, tiny
 # -- the ledger itself: an entry edited to vouch for another file, or history cut ----------------
 
 
-def _tamper_ledger(root, *statements: str) -> None:
-    """Change the SQLite ledger as someone with the file would: append-only triggers dropped first."""
-    con = sqlite3.connect(root.ledger_dir / "ledger.db")
-    for name in ("ledger_entries_no_update", "ledger_entries_no_delete"):
-        con.execute(f"DROP TRIGGER IF EXISTS {name}")
-    for s in statements:
-        con.execute(s)
-    con.commit()
-    con.close()
-
-
 @pytest.mark.parametrize("how", ["edited", "deleted", "truncated"])
 def test_a_tampered_ledger_is_never_served_from(client, daemon, how, tally):
     """``edited``: generation 0's GGUF replaced by another and its ledger entry edited to vouch for it —
@@ -192,13 +167,13 @@ def test_a_tampered_ledger_is_never_served_from(client, daemon, how, tally):
         make_tree_writable(root.gen_dir(0))
         old, new = sha256_file(root.gen_dir(0) / "model.gguf"), sha256_file(root.gen_dir(1) / "model.gguf")
         (root.gen_dir(0) / "model.gguf").write_bytes((root.gen_dir(1) / "model.gguf").read_bytes())
-        _tamper_ledger(root, f"UPDATE ledger_entries SET payload = replace(payload, '{old}', '{new}') "
-                             f"WHERE seq = {exported0.seq}")
+        tamper_sqlite(root.ledger_dir / "ledger.db", f"UPDATE ledger_entries SET payload = replace(payload, "
+                      f"'{old}', '{new}') WHERE seq = {exported0.seq}")
     elif how == "deleted":
-        _tamper_ledger(root, f"DELETE FROM ledger_entries WHERE seq = {exported0.seq + 1}")
+        tamper_sqlite(root.ledger_dir / "ledger.db", f"DELETE FROM ledger_entries WHERE seq = {exported0.seq + 1}")
     else:
         last = daemon.ledger.entries()[-1].seq
-        _tamper_ledger(root, f"DELETE FROM ledger_entries WHERE seq >= {last - 1}")
+        tamper_sqlite(root.ledger_dir / "ledger.db", f"DELETE FROM ledger_entries WHERE seq >= {last - 1}")
     with tally.fault(f"tamper · ledger entry {how}"):
         assert not daemon.ledger.verify(artifacts=False).ok
         r = client.post("/rollback", json={"to": 0}, headers=AUTH)
