@@ -398,6 +398,24 @@ class Daemon:
             self.ledger.close()
 
 
+def listen_socket(host: str, port: int) -> socket.socket:
+    """A socket bound to ``host:port`` for the server, or an error that says what to do.
+
+    ``SO_REUSEADDR`` as uvicorn sets it: a daemon restarted right after it stopped must not be
+    refused for the minute its closed connections linger in TIME_WAIT. A port another process
+    is listening on is still refused.
+    """
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise EvolutionError(f"cannot listen on {host}:{port}: {exc.strerror}; choose another port with --port "
+                             "(another daemon may be running: `evolve status`)") from None
+    return sock
+
+
 def run(daemon: Daemon) -> int:
     """Prepare, then serve until SIGTERM / SIGINT; return the exit code."""
     import uvicorn
@@ -405,13 +423,7 @@ def run(daemon: Daemon) -> int:
     from evolution.server import create_app
 
     d = daemon.dcfg
-    sock = socket.socket(socket.AF_INET6 if ":" in d.host else socket.AF_INET)
-    try:
-        sock.bind((d.host, d.port))
-    except OSError as exc:
-        sock.close()
-        raise EvolutionError(f"cannot listen on {d.host}:{d.port}: {exc.strerror}; choose another port with --port "
-                             "(another daemon may be running: `evolve status`)") from None
+    sock = listen_socket(d.host, d.port)
     daemon.port = sock.getsockname()[1]
     try:
         daemon.prepare()

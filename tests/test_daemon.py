@@ -156,3 +156,27 @@ def test_bad_start_stops_with_a_message_that_says_how_to_fix_it(case, tmp_path, 
     assert rc == 2
     assert expect in d.output(), d.output()[-1500:]
     assert "Traceback" not in d.output()
+
+
+def test_a_daemon_restarted_at_once_gets_its_port_back_but_a_port_in_use_is_refused():
+    """Connections the stopped daemon closed linger in TIME_WAIT for a minute; they must not block a restart."""
+    import socket
+
+    from evolution.daemon import listen_socket
+    from evolution.errors import EvolutionError
+
+    old = listen_socket("127.0.0.1", 0)
+    old.listen()
+    port = old.getsockname()[1]
+    client = socket.create_connection(("127.0.0.1", port))
+    conn, _ = old.accept()
+    conn.close()  # the server closes first: its end of the connection waits in TIME_WAIT
+    client.close()
+    old.close()
+    again = listen_socket("127.0.0.1", port)
+    try:
+        again.listen()
+        with pytest.raises(EvolutionError, match=r"cannot listen on 127.0.0.1:\d+: Address already in use"):
+            listen_socket("127.0.0.1", port)  # a daemon is listening there now
+    finally:
+        again.close()
