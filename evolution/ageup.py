@@ -1,11 +1,14 @@
 """The age-up orchestrator: parent generation in, exported child generation out.
 
 It only calls the stage modules in order (``curriculum`` → ``replay`` → ``train`` →
-``export``) and records what each did in the lineage ledger (``evolution.ledger``), which
-also names the parent: the generation currently served. A generation is built in ``gen_NNNN.partial/`` with a
-``state.json`` naming its completed stages; after a crash the next run resumes there and
-skips what is done. Only a complete generation is renamed to ``gen_NNNN/`` and made
-read-only, so a half-written generation never looks finished.
+``export`` → ``gate``) and records what each did in the lineage ledger (``evolution.ledger``),
+which also names the parent: the generation currently served. A generation is built in
+``gen_NNNN.partial/`` with a ``state.json`` naming its completed stages; after a crash the next
+run resumes there and skips what is done. Only a complete generation is renamed to
+``gen_NNNN/`` and made read-only, so a half-written generation never looks finished.
+
+``age_up`` ends when the child is built and its gate result recorded. Whether it is served is
+``evolution.promotion``'s to decide, called by whoever asked for the age-up (the CLI, the daemon).
 """
 
 from __future__ import annotations
@@ -24,11 +27,11 @@ from filelock import FileLock, Timeout
 
 from evolution import base as base_model
 from evolution import curriculum as curriculum_mod
-from evolution import export, gate, replay, train
+from evolution import export, gate, promotion, replay, train
 from evolution import progress as progress_mod
 from evolution.config import AgeUpConfig
 from evolution.conversations import ConversationStore
-from evolution.errors import DiskFull, EvolutionError, GenerationError, IntegrityError
+from evolution.errors import AgeUpsPaused, DiskFull, EvolutionError, GenerationError, IntegrityError
 from evolution.export import GGUF_NAME, HF_DIR, Artifact
 from evolution.fsutil import (
     atomic_write_json,
@@ -39,6 +42,7 @@ from evolution.fsutil import (
     make_tree_writable,
     sha256_file,
 )
+from evolution.generation import GenerationSummary
 from evolution.ledger import Ledger, check_servable
 from evolution.ledger import events as ev
 from evolution.paths import DataRoot, gen_name
@@ -47,42 +51,6 @@ log = logging.getLogger(__name__)
 
 StageFn = Callable[[str, str], None]
 """stage_cb(stage, 'start' | 'done' | 'skip')"""
-
-class AgeUpsPaused(EvolutionError):
-    """The stop rule paused age-ups; a person must run `evolve resume`."""
-
-
-@dataclass
-class GenerationSummary:
-    """The typed result of building a generation: what the ledger, gate and daemon consume."""
-
-    gen: int
-    parent: int | None
-    base: str
-    gen_dir: str
-    gguf: Artifact
-    artifacts: list[Artifact]
-    quantization: str
-    config_hash: str
-    manifest_hash: str | None
-    stage_seconds: dict[str, float]
-    train: dict | None
-    smoke: dict
-    created_at: str
-    resumed: bool = False
-    gate: dict | None = None
-    """verdict, reasons, metrics, parent_metrics, thresholds ("measured" for generation 0)."""
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def load(cls, gen_dir: Path) -> "GenerationSummary":
-        d = json.loads((gen_dir / "generation.json").read_text())
-        d["gguf"] = Artifact(**d["gguf"])
-        d["artifacts"] = [Artifact(**a) for a in d["artifacts"]]
-        return cls(**d)
-
 
 @dataclass
 class _State:
@@ -204,13 +172,15 @@ def _gate_info(result: gate.GateResult) -> dict:
 
 
 def bootstrap(root: DataRoot, cfg: AgeUpConfig, ledger: Ledger, cur: curriculum_mod.Curriculum,
-              base: Path | None = None, stage_cb: StageFn = _noop, promote: PromoteFn | None = None
-              ) -> GenerationSummary:
+              base: Path | None = None, stage_cb: StageFn = _noop) -> GenerationSummary:
     """Build generation 0 from the embedded model (or ``base``) if it does not exist yet.
 
-    Generation 0 is measured, not gated: it is recorded as promoted, the first served generation.
+    Generation 0 is measured, not gated: it starts the lineage, so it is recorded as promoted — the
+    first served generation — as soon as it is built (``promotion.decide``; the daemon serves
+    whatever the ledger names).
     """
     if 0 in root.generations():
+        promotion.decide(root, ledger, 0, cfg.gate.stop_after)  # a crash may have come before its record
         return GenerationSummary.load(root.gen_dir(0))
     if base is not None:
         base_model.check_local(base)
@@ -241,101 +211,8 @@ def bootstrap(root: DataRoot, cfg: AgeUpConfig, ledger: Ledger, cur: curriculum_
                                             source=state.info["base"], config=state.config))
     summary = _finalize(root, state, staging, state.info["base"]["name"])
     stage_cb("finalize", "done")
-    _record_finished(root, ledger, summary, cfg.gate.stop_after)
+    promotion.decide(root, ledger, 0, cfg.gate.stop_after)
     return summary
-
-
-PromoteFn = Callable[["GenerationSummary"], None]
-"""promote(summary): make a gated child the served model (the daemon loads, checks and swaps it);
-raise EvolutionError to reject it instead. Called before ``promoted`` is recorded."""
-
-
-def _record_finished(root: DataRoot, ledger: Ledger, s: GenerationSummary, stop_after: int,
-                     promote: PromoteFn | None = None, hold: bool = False) -> None:
-    """Append what a finished generation still lacks in the ledger: exported, gate result, verdict.
-
-    ``hold``: leave a passing child undecided (the daemon's worker: the daemon promotes it).
-    """
-    have = {e.kind for e in ledger.entries(gen=s.gen)}
-    if ev.EXPORTED not in have:
-        rel = root.gen_dir(s.gen).relative_to(root.root)
-        artifacts = [asdict(a) | {"path": (rel / a.path).as_posix()} for a in s.artifacts]
-        ledger.record(ev.exported(s.gen, artifacts, s.quantization, stage_seconds=s.stage_seconds, smoke=s.smoke))
-    g = s.gate or {}
-    if s.gen == 0:
-        if ev.PROMOTED not in have and ledger.served_generation() is None:
-            if promote is not None:
-                promote(s)  # nothing else to serve: a failure here stops the daemon with its message
-            ledger.record(ev.promoted(0, reason="generation 0 is the base model: measured, not gated",
-                                      metrics=g.get("metrics")))
-        return
-    if ev.GATE_RESULT not in have:
-        ledger.record(ev.gate_result(s.parent, s.gen, g["metrics"], g["thresholds"], g["verdict"],
-                                     parent_metrics=g["parent_metrics"], reasons=g["reasons"]))
-    if ev.PROMOTED in have or ev.REJECTED in have:
-        return
-    if g["verdict"] == gate.PASS:
-        if hold:
-            return
-        try:
-            if promote is not None:
-                promote(s)
-        except EvolutionError as exc:
-            log.error("generation %d passed its gate but was not served: %s", s.gen, exc)
-            ledger.record(ev.rejected(s.gen, f"passed its gate but could not be served: {exc}"))
-        else:
-            ledger.record(ev.promoted(s.gen, reason=f"passed its gate against generation {s.parent}"))
-    else:
-        ledger.record(ev.rejected(s.gen, "; ".join(g["reasons"])))
-    _apply_stop_rule(ledger, stop_after)
-
-
-def _apply_stop_rule(ledger: Ledger, stop_after: int) -> None:
-    since = max((e.seq for e in ledger.entries(kind=ev.AGEUPS_RESUMED)), default=0)
-    results = [e.payload for e in ledger.entries(kind=ev.GATE_RESULT, since=since)]
-    reason = gate.stop_rule(results, stop_after)
-    if reason and paused_reason(ledger) is None:
-        log.warning("pausing age-ups: %s", reason)
-        ledger.record(ev.ageups_paused(reason))
-
-
-def paused_reason(ledger: Ledger) -> str | None:
-    """Why age-ups are paused, or None: the last pause not followed by a resume."""
-    paused = ledger.entries(kind=ev.AGEUPS_PAUSED)  # two indexed lookups: the daemon asks every second
-    if not paused:
-        return None
-    resumed = ledger.entries(kind=ev.AGEUPS_RESUMED, since=paused[-1].seq)
-    return None if resumed else paused[-1].payload["reason"]
-
-
-def reconcile(root: DataRoot, ledger: Ledger, stop_after: int = 2, promote: PromoteFn | None = None,
-              hold: bool = False) -> list[int]:
-    """Record generations that were finished on disk but not yet decided in the ledger (a crash in
-    between, or a child the daemon's worker left for the daemon to promote); return their numbers
-    (with ``hold``, also those of passing children still waiting for the daemon).
-
-    Their files are re-hashed against their own ``generation.json`` first; a mismatch is refused.
-    A ledger whose history does not verify is refused before anything is appended to it (an
-    append would move the exported head onto the changed history).
-    """
-    ledger.check_history()
-    done = []
-    for n in root.generations():
-        kinds = {e.kind for e in ledger.entries(gen=n)}
-        if ev.EXPORTED in kinds and (n == 0 or ev.PROMOTED in kinds or ev.REJECTED in kinds):
-            continue
-        s = GenerationSummary.load(root.gen_dir(n))
-        if hold and ev.GATE_RESULT in kinds and (s.gate or {}).get("verdict") == gate.PASS:
-            done.append(n)  # gated and waiting for the daemon to promote it: nothing to record here
-            continue
-        for a in s.artifacts:
-            if sha256_file(root.gen_dir(n) / a.path) != a.sha256:
-                raise IntegrityError(f"{root.gen_dir(n) / a.path} does not match its generation.json; "
-                                     "the generation was changed after it was built — move it aside to continue")
-        log.info("recording the outcome of %s", gen_name(n))
-        _record_finished(root, ledger, s, stop_after, promote, hold)
-        done.append(n)
-    return done
 
 
 def select_parent(root: DataRoot, ledger: Ledger) -> int:
@@ -359,12 +236,13 @@ def select_parent(root: DataRoot, ledger: Ledger) -> int:
 
 def age_up(root: DataRoot, cfg: AgeUpConfig, ledger: Ledger, base: Path | None = None,
            progress: train.ProgressFn | None = None, stage_cb: StageFn = _noop,
-           train_callbacks: list | None = None, restart: bool = False,
-           promote: PromoteFn | None = None, hold: bool = False) -> GenerationSummary:
-    """Build the next generation: bootstrap generation 0 if needed, then train, merge and export a child.
+           train_callbacks: list | None = None, restart: bool = False) -> GenerationSummary:
+    """Build the next generation: bootstrap generation 0 if needed, then train, merge, export and gate a child.
 
     The child is numbered after every generation on disk or in the ledger (rejected and discarded ones
-    included) and trained from the served one. ``promote`` / ``hold``: see ``_record_finished``.
+    included) and trained from the served one. It ends with the child's ``exported`` and
+    ``gate_result`` recorded; ``promotion.decide`` serves or rejects it. A child that an earlier
+    age-up finished but that is still undecided is returned instead of building another.
     """
     # Validate the curriculum before anything is created or trained.
     cur = curriculum_mod.load(cfg.curriculum.path, cfg.curriculum.phases)
@@ -372,19 +250,19 @@ def age_up(root: DataRoot, cfg: AgeUpConfig, ledger: Ledger, base: Path | None =
         log.warning("curriculum: %s", w)
     with _tracked(root, _expected_seconds(root)) as tracker:
         summary = _age_up_locked(root, cfg, ledger, cur, base, _tee(progress, tracker.step),
-                                 _tee(stage_cb, tracker.stage), train_callbacks, restart, promote, hold, tracker)
+                                 _tee(stage_cb, tracker.stage), train_callbacks, restart, tracker)
         tracker.end("done", gen=summary.gen, verdict=(summary.gate or {}).get("verdict", "measured"))
         return summary
 
 
 def ensure_generation_zero(root: DataRoot, cfg: AgeUpConfig, ledger: Ledger, base: Path | None = None,
-                           stage_cb: StageFn = _noop, promote: PromoteFn | None = None) -> GenerationSummary:
-    """Build (or finish building) generation 0 and serve it, if the lineage has not started yet."""
+                           stage_cb: StageFn = _noop) -> GenerationSummary:
+    """Build (or finish building) generation 0 and record it served, if the lineage has not started yet."""
     cur = curriculum_mod.load(cfg.curriculum.path, cfg.curriculum.phases)
     with _tracked(root) as tracker:
         tracker.set(gen=0, parent=None)
-        reconcile(root, ledger, cfg.gate.stop_after, promote)
-        summary = bootstrap(root, cfg, ledger, cur, base, _tee(stage_cb, tracker.stage), promote)
+        promotion.record_finished(root, ledger)
+        summary = bootstrap(root, cfg, ledger, cur, base, _tee(stage_cb, tracker.stage))
         tracker.end("done", gen=0, verdict="measured")
         return summary
 
@@ -448,17 +326,17 @@ def _expected_seconds(root: DataRoot) -> dict[str, float]:
 
 
 def _age_up_locked(root: DataRoot, cfg: AgeUpConfig, ledger: Ledger, cur, base, progress, stage_cb,
-                   train_callbacks, restart, promote, hold, tracker) -> GenerationSummary:
-    recorded = [n for n in reconcile(root, ledger, cfg.gate.stop_after, promote, hold) if n > 0]
-    if recorded:  # the last age-up built its child and stopped before it was promoted: that child is this one's
+                   train_callbacks, restart, tracker) -> GenerationSummary:
+    waiting = [n for n in promotion.record_finished(root, ledger) if n > 0]
+    if waiting:  # the last age-up built its child and stopped before it was decided: that child is this one's
         log.warning("%s was finished by an age-up that stopped before it was promoted or rejected; it is this "
-                    "age-up's result (run again for another)", gen_name(recorded[-1]))
-        tracker.set(gen=recorded[-1], resumed=True)
-        return GenerationSummary.load(root.gen_dir(recorded[-1]))
-    paused = paused_reason(ledger)
+                    "age-up's result (run again for another)", gen_name(waiting[-1]))
+        tracker.set(gen=waiting[-1], resumed=True)
+        return GenerationSummary.load(root.gen_dir(waiting[-1]))
+    paused = promotion.paused_reason(ledger)
     if paused:
         raise AgeUpsPaused(f"age-ups are paused: {paused}")
-    bootstrap(root, cfg, ledger, cur, base, stage_cb, promote)
+    bootstrap(root, cfg, ledger, cur, base, stage_cb)
     partial = sorted(n for n in root.partial_generations() if n > 0)
     if restart:
         for n in partial:
@@ -534,5 +412,5 @@ def _age_up_locked(root: DataRoot, cfg: AgeUpConfig, ledger: Ledger, cur, base, 
     stage_cb("finalize", "start")
     summary = _finalize(root, state, staging, GenerationSummary.load(parent_dir).base)
     stage_cb("finalize", "done")
-    _record_finished(root, ledger, summary, cfg.gate.stop_after, promote, hold)
+    promotion.record_built(root, ledger, summary)
     return summary

@@ -22,21 +22,15 @@ from datetime import datetime, timezone
 
 from sqlalchemy import text
 
-from evolution.errors import EvolutionError, IdempotencyConflict
+from evolution import messages as messages_mod
+from evolution.errors import ConversationError, ConversationKeyReused, MessageError
 from evolution.ledger import Ledger
 
-ROLES = ("system", "user", "assistant")
 MAX_MESSAGES = 200
 MAX_MESSAGE_CHARS = 32_000
 MAX_KEY = 200
 
 
-class ConversationError(EvolutionError):
-    """A transcript that cannot be accepted; nothing was stored."""
-
-
-class ConversationKeyReused(ConversationError, IdempotencyConflict):
-    """The idempotency key was used for another transcript."""
 
 
 @dataclass(frozen=True)
@@ -50,49 +44,19 @@ class Stored:
         return self.__dict__.copy()
 
 
-def _text(content, where: str) -> str:
-    """Message content: a string, or OpenAI content parts of type text (joined)."""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        parts = []
-        for j, part in enumerate(content):
-            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-                raise ConversationError(f"{where}.content[{j}]: only text parts ({{\"type\": \"text\", \"text\": ...}}) "
-                                        "can be learned from")
-            parts.append(part["text"])
-        return "".join(parts)
-    raise ConversationError(f"{where}.content must be a string, got {type(content).__name__}")
+TRANSCRIPT_RULES = messages_mod.Rules(
+    text_parts=True, parts_error="only text parts ({\"type\": \"text\", \"text\": ...}) can be learned from",
+    allow_empty=False, max_messages=MAX_MESSAGES, max_chars=MAX_MESSAGE_CHARS, system_first_only=True,
+    needs_reply=True)
+"""A posted transcript: text only, bounded, a user message answered by the assistant."""
 
 
 def validate(messages) -> list[dict]:
     """Return the transcript as ``[{"role", "content"}]`` or raise ConversationError saying what is wrong."""
-    if not isinstance(messages, list) or not messages:
-        raise ConversationError("'messages' must be a non-empty list of {\"role\", \"content\"} objects")
-    if len(messages) > MAX_MESSAGES:
-        raise ConversationError(f"a transcript may have at most {MAX_MESSAGES} messages, got {len(messages)}")
-    out = []
-    for i, m in enumerate(messages):
-        where = f"messages[{i}]"
-        if not isinstance(m, dict):
-            raise ConversationError(f"{where} must be an object with 'role' and 'content'")
-        role = m.get("role")
-        if role not in ROLES:
-            raise ConversationError(f"{where}.role must be one of {', '.join(ROLES)}, got {role!r}")
-        content = _text(m.get("content"), where)
-        if not content.strip():
-            raise ConversationError(f"{where}.content is empty")
-        if len(content) > MAX_MESSAGE_CHARS:
-            raise ConversationError(f"{where}.content has {len(content)} characters; the limit is {MAX_MESSAGE_CHARS}")
-        if role == "system" and i != 0:
-            raise ConversationError(f"{where}: a system message may only come first")
-        out.append({"role": role, "content": content})
-    roles = [m["role"] for m in out if m["role"] != "system"]
-    if "user" not in roles or "assistant" not in roles[roles.index("user"):]:
-        raise ConversationError("a transcript needs a user message followed by an assistant reply to learn from")
-    while out[-1]["role"] != "assistant":  # a trailing unanswered user turn teaches nothing
-        out.pop()
-    return out
+    try:
+        return messages_mod.validate(messages, TRANSCRIPT_RULES)
+    except MessageError as exc:
+        raise ConversationError(str(exc)) from None
 
 
 def prompt_key(messages: list[dict]) -> str:

@@ -16,12 +16,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 
-from evolution.errors import CurriculumError
+from evolution import messages as messages_mod
+from evolution.errors import CurriculumError, MessageError
 
 PHASE_RE = re.compile(r"^phase(\d+)_[a-z0-9_]+$")
 TRAIN_FILES = ("cpt.jsonl", "sft.jsonl", "sft.generated.jsonl", "templates.jsonl")
 EVAL_FILES = ("recall.jsonl", "generalization.jsonl", "heldout_text.jsonl", "style.jsonl")
-ROLES = ("system", "user", "assistant")
 MAX_LINE_BYTES = 1 << 20  # one example of a megabyte is a mistake, not data
 
 
@@ -84,31 +84,17 @@ def _nonempty_str(value) -> bool:
     return isinstance(value, str) and value.strip() != ""
 
 
+SFT_RULES = messages_mod.Rules(text_parts=False, allow_empty=False, only_role_and_content=True,
+                               system_first_only=True, alternate=True)
+"""An SFT example: strict user/assistant turns after an optional system message, ending with the assistant."""
+
+
 def validate_messages(messages) -> str | None:
     """Why ``messages`` is not a valid chat example, or None when it is."""
-    if not isinstance(messages, list) or not messages:
-        return "'messages' must be a non-empty list"
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict):
-            return f"messages[{i}] must be an object with 'role' and 'content'"
-        if m.get("role") not in ROLES:
-            return f"messages[{i}].role must be one of {', '.join(ROLES)}, got {m.get('role')!r}"
-        if not _nonempty_str(m.get("content")):
-            return f"messages[{i}].content must be a non-empty string"
-        extra = set(m) - {"role", "content"}
-        if extra:
-            return f"messages[{i}] has unknown keys: {', '.join(sorted(extra))}"
-    turns = messages[1:] if messages[0]["role"] == "system" else messages
-    if any(m["role"] == "system" for m in turns):
-        return "a system message may only come first"
-    if not turns:
-        return "needs at least one user and one assistant message"
-    for i, m in enumerate(turns):
-        want = "user" if i % 2 == 0 else "assistant"
-        if m["role"] != want:
-            return f"turns must alternate user/assistant; turn {i + 1} is {m['role']!r}, expected {want!r}"
-    if turns[-1]["role"] != "assistant":
-        return "the last message must be from the assistant"
+    try:
+        messages_mod.validate(messages, SFT_RULES)
+    except MessageError as exc:
+        return str(exc)
     return None
 
 

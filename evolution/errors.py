@@ -57,3 +57,35 @@ class DiskFull(EvolutionError):
 
 class IdempotencyConflict(EvolutionError):
     """An idempotency key was reused for a different request (HTTP 409)."""
+
+
+class AgeUpsPaused(EvolutionError):
+    """The stop rule paused age-ups; a person must run `evolve resume`."""
+
+
+class NotReady(EvolutionError):
+    """No model is loaded yet (generation 0 is still being built)."""
+
+
+class LoadError(EvolutionError):
+    """A generation's GGUF could not be loaded or failed its canary."""
+
+
+class MessageError(EvolutionError):
+    """Chat messages that break the rules of where they came from (HTTP, a transcript, a curriculum line)."""
+
+
+class KarmaError(EvolutionError):
+    """A karma grant that cannot be accepted (bad amount, reused key); nothing was recorded."""
+
+
+class KarmaKeyReused(KarmaError, IdempotencyConflict):
+    """The idempotency key was used for a grant of another amount."""
+
+
+class ConversationError(EvolutionError):
+    """A transcript that cannot be accepted; nothing was stored."""
+
+
+class ConversationKeyReused(ConversationError, IdempotencyConflict):
+    """The idempotency key was used for another transcript."""

@@ -238,16 +238,3 @@ def write_report(result: GateResult, out_dir: Path) -> None:
               f"{c.smoke['reply'][:200]!r}", "", "## Recall answers", ""]
     lines += [f"- {'✓' if r['correct'] else '✗'} {r['question']} → {r['reply'][:120]!r}" for r in c.replies["recall"]]
     atomic_write_text(out_dir / "eval.md", "\n".join(lines) + "\n")
-
-
-def stop_rule(gate_results: list[dict], stop_after: int) -> str | None:
-    """Why age-ups should pause, if the last ``stop_after`` children did not improve recall over their parents."""
-    recent = gate_results[-stop_after:]
-    if len(recent) < stop_after:
-        return None
-    flat = [(r["child"], r["metrics"]["recall"], r.get("parent_metrics", {}).get("recall")) for r in recent]
-    if all(parent is not None and child_recall <= parent for _, child_recall, parent in flat):
-        detail = ", ".join(f"gen {g}: {c:.2f} vs parent {p:.2f}" for g, c, p in flat)
-        return (f"the last {stop_after} children did not improve recall over their parents ({detail}); "
-                "change the curriculum or the config, then run `evolve resume`")
-    return None

@@ -24,7 +24,7 @@ from datetime import datetime, timezone
 from sqlalchemy import text
 from sqlalchemy.engine import Connection
 
-from evolution.errors import EvolutionError, IdempotencyConflict
+from evolution.errors import KarmaError, KarmaKeyReused
 from evolution.ledger import Ledger
 from evolution.ledger import events as ev
 
@@ -37,12 +37,6 @@ OPEN = (PENDING, RUNNING)
 EPSILON = 1e-9
 
 
-class KarmaError(EvolutionError):
-    """A karma grant that cannot be accepted (bad amount, reused key); nothing was recorded."""
-
-
-class KarmaKeyReused(KarmaError, IdempotencyConflict):
-    """The idempotency key was used for a grant of another amount."""
 
 
 @dataclass(frozen=True)

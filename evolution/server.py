@@ -26,28 +26,61 @@ import hmac
 import json
 import logging
 import math
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from evolution.conversations import ConversationError
+from evolution import messages as messages_mod
+from evolution.config import DaemonConfig
 from evolution.errors import (
+    ConversationError,
     DiskFull,
     EvolutionError,
     IdempotencyConflict,
     IntegrityError,
+    KarmaError,
     LedgerError,
+    LoadError,
+    MessageError,
+    NotReady,
     UnknownGeneration,
 )
-from evolution.karma import KarmaError
-from evolution.serving import LoadError, NotReady
-
-if TYPE_CHECKING:
-    from evolution.daemon import Daemon
+from evolution.serving import Slot, Stream
 
 log = logging.getLogger(__name__)
+
+
+class Service(Protocol):
+    """What the HTTP layer asks of the daemon (``evolution.daemon.core.Daemon`` implements it).
+
+    Blocking methods are called from a worker thread; each raises the domain errors of
+    ``evolution.errors``, which the handlers below turn into statuses.
+    """
+
+    dcfg: DaemonConfig
+    token: str
+    token_source: str
+
+    def served(self) -> Slot | None:
+        """The generation answering chats now (None while generation 0 is built)."""
+
+    def chat(self, args: dict) -> dict:
+        """One chat completion (OpenAI's shape); ValueError when the prompt does not fit; NotReady."""
+
+    def stream(self, args: dict) -> Stream:
+        """A streamed completion whose first chunk has been decoded."""
+
+    def add_karma(self, amount, reason: str, key: str | None): ...
+
+    def karma_state(self): ...
+
+    def add_conversation(self, messages, key: str | None): ...
+
+    def rollback(self, to: int, reason: str): ...
+
+    def status(self) -> dict: ...
 
 SMALL_BODY = 16_384
 """Limit of karma and rollback bodies."""
@@ -121,23 +154,10 @@ _PASSTHROUGH_NUMBERS = (("temperature", 0.0, 2.0), ("top_p", 0.0, 1.0), ("presen
 
 
 def _chat_args(body: dict, default_max_tokens: int, n_ctx: int) -> dict[str, Any]:
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise ApiError(400, "'messages' must be a non-empty list of {\"role\", \"content\"} objects", param="messages")
-    clean = []
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or m.get("role") not in ("system", "developer", "user", "assistant"):
-            raise ApiError(400, f"messages[{i}] must have a role of system, developer, user or assistant",
-                           param=f"messages[{i}]")
-        content = m.get("content")
-        if isinstance(content, list):  # content parts: text only
-            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
-                       for p in content):
-                raise ApiError(400, f"messages[{i}].content: only text parts are supported", param=f"messages[{i}]")
-            content = "".join(p["text"] for p in content)
-        if not isinstance(content, str):
-            raise ApiError(400, f"messages[{i}].content must be a string", param=f"messages[{i}]")
-        clean.append({"role": "system" if m["role"] == "developer" else m["role"], "content": content})
+    try:
+        clean = messages_mod.validate(body.get("messages"), messages_mod.CHAT)
+    except MessageError as exc:
+        raise ApiError(400, str(exc), param="messages") from None
     if body.get("tools") or body.get("functions"):
         raise ApiError(400, "tools / function calling are not supported by this server", param="tools")
     n = _number(body, "n", 1, 1, 1, integer=True)
@@ -167,9 +187,10 @@ def _chat_args(body: dict, default_max_tokens: int, n_ctx: int) -> dict[str, Any
     return args
 
 
-def create_app(daemon: Daemon) -> FastAPI:
+def create_app(daemon: Service) -> FastAPI:
     d = daemon.dcfg
     app = FastAPI(title="evolution", docs_url=None, redoc_url=None, openapi_url=None)
+    stats = {"requests": 0, "completions": 0, "rejected": 0, "errors": 0}
 
     def authorize(request: Request, required: bool) -> None:
         if not required:
@@ -190,33 +211,33 @@ def create_app(daemon: Daemon) -> FastAPI:
 
     def _counted(fn):
         async def wrapper(request: Request):
-            daemon.stats["requests"] += 1
+            stats["requests"] += 1
             try:
                 return await fn(request)
             except (ApiError, NotReady):
-                daemon.stats["rejected"] += 1
+                stats["rejected"] += 1
                 raise
             except Exception:
-                daemon.stats["errors"] += 1
+                stats["errors"] += 1
                 raise
         wrapper.__name__ = fn.__name__
         return wrapper
 
     @app.get("/health")
     async def health():
-        slot = daemon.host.current
+        slot = daemon.served()
         if slot is None:
             return JSONResponse({"status": "starting", "served_generation": None}, status_code=503)
         return {"status": "ok", "served_generation": slot.gen, "model": slot.id}
 
     @app.get("/status")
     async def status():
-        return await run_in_threadpool(daemon.status)
+        return (await run_in_threadpool(daemon.status)) | {"requests": dict(stats)}
 
     @app.get("/v1/models")
     async def models(request: Request):
         authorize(request, d.chat_requires_token)
-        slot = daemon.host.current
+        slot = daemon.served()
         data = [] if slot is None else [{"id": slot.id, "object": "model", "created": int(slot.loaded_at),
                                          "owned_by": "evolution", "generation": slot.gen, "sha256": slot.sha256}]
         return {"object": "list", "data": data}
@@ -224,7 +245,7 @@ def create_app(daemon: Daemon) -> FastAPI:
     @app.get("/v1/models/{name}")
     async def model(name: str, request: Request):
         authorize(request, d.chat_requires_token)
-        slot = daemon.host.current
+        slot = daemon.served()
         if slot is None or name != slot.id:
             raise ApiError(404, f"model {name!r} is not served here; GET /v1/models lists the one that is",
                            code="model_not_found")
@@ -237,31 +258,25 @@ def create_app(daemon: Daemon) -> FastAPI:
         body = await _json(request)
         args = _chat_args(body, d.max_tokens, d.n_ctx)
         asked = body.get("model")
-        if isinstance(asked, str) and asked.startswith("evolution-gen-") and daemon.host.current is not None \
-                and asked != daemon.host.current.id:
-            raise ApiError(404, f"model {asked!r} is not the served generation ({daemon.host.current.id}); "
+        slot = daemon.served()
+        if isinstance(asked, str) and asked.startswith("evolution-gen-") and slot is not None and asked != slot.id:
+            raise ApiError(404, f"model {asked!r} is not the served generation ({slot.id}); "
                                 "omit 'model' or use 'evolution' to get whichever is served", code="model_not_found")
         if body.get("stream"):
             return await _stream(args)
         return await run_in_threadpool(_complete, args)
 
     def _complete(args: dict) -> dict:
-        def run(slot):
-            try:
-                out = slot.llm.create_chat_completion(**args)
-            except ValueError as exc:  # e.g. the prompt does not fit the context window
-                raise ApiError(400, str(exc), code="context_length_exceeded") from None
-            out["model"] = slot.id
-            return out
-
-        out = daemon.host.call(run)
-        daemon.stats["completions"] += 1
+        try:
+            out = daemon.chat(args)
+        except ValueError as exc:  # e.g. the prompt does not fit the context window
+            raise ApiError(400, str(exc), code="context_length_exceeded") from None
+        stats["completions"] += 1
         return out
 
     async def _stream(args: dict):
         try:
-            st = await run_in_threadpool(daemon.host.stream,
-                                         lambda slot: slot.llm.create_chat_completion(stream=True, **args))
+            st = await run_in_threadpool(daemon.stream, args)
         except ValueError as exc:
             raise ApiError(400, str(exc), code="context_length_exceeded") from None
 
@@ -270,7 +285,7 @@ def create_app(daemon: Daemon) -> FastAPI:
                 item = st.first
                 while item is not None:
                     if isinstance(item, Exception):
-                        daemon.stats["errors"] += 1
+                        stats["errors"] += 1
                         log.error("stream failed: %s", item)
                         err = {"error": {"message": str(item), "type": "server_error", "code": None}}
                         yield f"data: {json.dumps(err)}\n\n"
@@ -278,7 +293,7 @@ def create_app(daemon: Daemon) -> FastAPI:
                     item["model"] = st.slot.id
                     yield f"data: {json.dumps(item)}\n\n"
                     item = await run_in_threadpool(st.get)
-                daemon.stats["completions"] += 1
+                stats["completions"] += 1
                 yield "data: [DONE]\n\n"
             finally:
                 st.cancel()  # a client that hung up lets the model go at the next chunk
@@ -298,7 +313,7 @@ def create_app(daemon: Daemon) -> FastAPI:
 
     @app.get("/karma")
     async def karma_state():
-        return (await run_in_threadpool(daemon.karma.state)).to_dict()
+        return (await run_in_threadpool(daemon.karma_state)).to_dict()
 
     @app.post("/karma")
     @_counted
@@ -314,7 +329,7 @@ def create_app(daemon: Daemon) -> FastAPI:
     async def conversations(request: Request):
         authorize(request, True)
         body = await _json(request)
-        return await _intake(request, body, "messages", daemon.store.add, body.get("messages"))
+        return await _intake(request, body, "messages", daemon.add_conversation, body.get("messages"))
 
     @app.post("/rollback")
     @_counted

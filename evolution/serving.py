@@ -1,8 +1,9 @@
-"""The served model: one llama.cpp instance per generation, swapped without dropping a request.
+"""The served model: one loaded generation at a time, swapped without dropping a request.
 
 ``ModelHost.load`` opens a generation's GGUF, checks its SHA-256 against the one the ledger
-recorded, loads it with llama-cpp-python and asks it a canary prompt; only a model that
-answers is returned. ``swap`` then replaces the current model under a short lock: requests
+recorded, loads it through a ``Backend`` (llama-cpp-python by default: ``evolution.llamacpp``;
+another engine is one module implementing ``Backend`` and ``Model``) and asks it a canary
+prompt; only a model that answers is returned. ``swap`` then replaces the current model under a short lock: requests
 that already hold the old model finish on it, new requests get the new one, and the old one
 is freed when its last request ends. A model that fails to load, to hash right or to answer
 never replaces the current one.
@@ -32,20 +33,31 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
-from evolution.errors import EvolutionError, IntegrityError
+from evolution.errors import IntegrityError, LoadError, NotReady
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
-class NotReady(EvolutionError):
-    """No model is loaded yet (generation 0 is still being built)."""
+class Model(Protocol):
+    """A loaded generation that answers OpenAI-shaped chat requests."""
+
+    def chat(self, args: dict) -> dict:
+        """One ``chat.completion``; raise ValueError when the request cannot fit (e.g. the context)."""
+
+    def stream(self, args: dict) -> Iterator[dict]:
+        """The same completion as ``chat.completion.chunk`` dicts."""
+
+    def close(self) -> None: ...
 
 
-class LoadError(EvolutionError):
-    """A generation's GGUF could not be loaded or failed its canary."""
+class Backend(Protocol):
+    """What loads a generation's GGUF for serving (``evolution.llamacpp.LlamaCppBackend`` by default)."""
+
+    def load(self, path: Path, fd: int) -> Model:
+        """Load the file open as ``fd`` (already hash-checked; ``path`` is its name); raise on failure."""
 
 
 def default_threads() -> int:
@@ -68,7 +80,7 @@ class Slot:
     gen: int
     sha256: str
     path: Path
-    llm: object
+    model: Model
     fd: int
     loaded_at: float = field(default_factory=time.time)
     canary_reply: str = ""
@@ -81,7 +93,7 @@ class Slot:
 
     def close(self) -> None:
         with contextlib.suppress(Exception):
-            self.llm.close()
+            self.model.close()
         with contextlib.suppress(OSError):
             os.close(self.fd)
         log.info("freed generation %d", self.gen)
@@ -100,9 +112,12 @@ class ModelHost:
     """Holds the current model; see the module docstring."""
 
     def __init__(self, n_ctx: int = 2048, n_threads: int | None = None, canary_prompt: str = "Hello!",
-                 canary_max_tokens: int = 24):
+                 canary_max_tokens: int = 24, backend: Backend | None = None):
+        from evolution.llamacpp import LlamaCppBackend
+
         self.n_ctx = n_ctx
         self.n_threads = n_threads or default_threads()
+        self.backend = backend or LlamaCppBackend(n_ctx, self.n_threads)
         self.canary_prompt = canary_prompt
         self.canary_max_tokens = canary_max_tokens
         self._current: Slot | None = None
@@ -138,25 +153,21 @@ class ModelHost:
         return slot
 
     def _load(self, gen: int, path: Path, sha256: str, fd: int) -> Slot:
-        from llama_cpp import Llama
-
-        proc = Path(f"/proc/self/fd/{fd}")
         try:
-            llm = Llama(model_path=str(proc if proc.exists() else path), n_ctx=self.n_ctx,
-                        n_threads=self.n_threads, n_threads_batch=self.n_threads, verbose=False)
+            model = self.backend.load(path, fd)
         except Exception as exc:  # llama.cpp says only "Failed to load model from file"
             raise LoadError(f"generation {gen}: llama.cpp could not load {path}: {exc}") from None
         try:
-            out = llm.create_chat_completion(messages=[{"role": "user", "content": self.canary_prompt}],
-                                             max_tokens=self.canary_max_tokens, temperature=0.0)
+            out = model.chat({"messages": [{"role": "user", "content": self.canary_prompt}],
+                              "max_tokens": self.canary_max_tokens, "temperature": 0.0})
             reply = (out["choices"][0]["message"].get("content") or "").strip()
         except Exception as exc:
-            llm.close()
+            model.close()
             raise LoadError(f"generation {gen}: the canary prompt failed: {exc}") from None
         if not reply:
-            llm.close()
+            model.close()
             raise LoadError(f"generation {gen}: gave an empty answer to the canary prompt {self.canary_prompt!r}")
-        return Slot(gen, sha256, path, llm, fd, canary_reply=reply)
+        return Slot(gen, sha256, path, model, fd, canary_reply=reply)
 
     def swap(self, slot: Slot) -> Slot | None:
         """Serve ``slot`` from now on; return the model it replaced (freed once its requests end)."""

@@ -9,8 +9,9 @@ PASSIVE made its gate 2.9x slower (75 → 218 s) for a chat p50 of 1.13x idle in
 the lower priority is what keeps chat responsive (training at nice 0 made it 3.8x). It dies with the daemon (a watchdog on its parent), so a killed daemon
 never leaves an orphan holding the age-up lock; the restarted daemon resumes the age-up.
 
-A passing child is left undecided (``hold``): the daemon loads it, checks it and swaps it in
-before it is recorded as promoted. On SIGTERM the worker finishes the training step it is in,
+The worker ends with the child built and its gate result recorded; the daemon decides its fate
+(``evolution.promotion``): it loads a passing child, checks it and swaps it in before it is
+recorded as promoted. On SIGTERM the worker finishes the training step it is in,
 writes a checkpoint and exits with ``EXIT_INTERRUPTED``; outside training it stops at once
 (the stage reruns on resume).
 
@@ -108,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from evolution import ageup
     from evolution.config import AgeUpConfig
-    from evolution.errors import EvolutionError
+    from evolution.errors import AgeUpsPaused, EvolutionError
     from evolution.ledger import Ledger
     from evolution.paths import DataRoot
 
@@ -124,12 +125,12 @@ def main(argv: list[str] | None = None) -> int:
                 ageup.ensure_generation_zero(root, cfg, ledger, args.base, stop.on_stage)
             else:
                 s = ageup.age_up(root, cfg, ledger, args.base, stage_cb=stop.on_stage,
-                                 train_callbacks=[stop.callback()], hold=True)
-                log.info("generation %d built: %s", s.gen, (s.gate or {}).get("verdict"))
+                                 train_callbacks=[stop.callback()])
+                log.info("generation %d built: %s", s.gen, s.verdict)
     except KeyboardInterrupt:
         log.warning("interrupted; the age-up resumes from its last checkpoint")
         return EXIT_INTERRUPTED
-    except ageup.AgeUpsPaused as exc:
+    except AgeUpsPaused as exc:
         log.warning("%s", exc)
         return EXIT_PAUSED
     except EvolutionError as exc:

@@ -206,7 +206,7 @@ SERVER_TOKEN = "test-token-0123456789"
 @pytest.fixture(scope="module")
 def lineage(tmp_path_factory, taught_base):
     """A data root with generation 0 and a promoted generation 1 of ``taught_base``, built once per module."""
-    from evolution import ageup
+    from tests.lineage_util import grow
     from evolution.ledger import Ledger
     from evolution.paths import DataRoot
 
@@ -214,7 +214,7 @@ def lineage(tmp_path_factory, taught_base):
     cfg = make_daemon_cfg(make_tiny_cfg(make_tiny_curriculum(home.parent / f"{home.name}-curriculum")))
     root = DataRoot(home / "root")
     with Ledger.open(root.prepare()) as ledger:
-        ageup.age_up(root, cfg, ledger, base=taught_base)
+        grow(root, cfg, ledger, base=taught_base)
         assert ledger.served_generation() == 1
     return root, cfg
 

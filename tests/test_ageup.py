@@ -9,9 +9,10 @@ import stat
 import pytest
 from transformers import TrainerCallback
 
-from evolution.ageup import GenerationSummary, age_up
+from evolution.generation import GenerationSummary
 from evolution.fsutil import sha256_file
 from evolution.paths import DataRoot
+from tests.lineage_util import grow
 
 
 class _CrashInSFT(TrainerCallback):
@@ -28,7 +29,7 @@ def test_age_up_builds_hashed_read_only_generations(tiny_base, tiny_cfg, ledger)
     from llama_cpp import Llama
 
     root = DataRoot.from_env()
-    summary = age_up(root, tiny_cfg, ledger, base=tiny_base)
+    summary = grow(root, tiny_cfg, ledger, base=tiny_base)
     assert summary.gen == 1 and summary.parent == 0
     assert root.generations() == [0, 1]
     assert not root.staging_dir(1).exists() and not root.staging_dir(0).exists()
@@ -76,7 +77,7 @@ def test_second_age_up_replays_earlier_data_and_trains_from_the_served(tiny_base
     from evolution.ledger import events as ev
 
     root = DataRoot.from_env()
-    age_up(root, tiny_cfg, ledger, base=tiny_base)
+    grow(root, tiny_cfg, ledger, base=tiny_base)
     ledger.record(ev.gate_result(0, 1, {"recall": 1.0}, {"recall": 0.5}, "pass"))
     ledger.record(ev.promoted(1))
     # The curriculum moves on: the old facts are no longer in it, replay must bring some back.
@@ -84,7 +85,7 @@ def test_second_age_up_replays_earlier_data_and_trains_from_the_served(tiny_base
         {"messages": [{"role": "user", "content": "Where do you live?"},
                       {"role": "assistant", "content": "On Alder Street."}]}) + "\n")
     tiny_cfg.curriculum.replay_ratio = 3.0
-    s2 = age_up(root, tiny_cfg, ledger)
+    s2 = grow(root, tiny_cfg, ledger)
     assert (s2.gen, s2.parent) == (2, 1)
     manifest = json.loads((root.gen_dir(2) / "data" / "manifest.json").read_text())
     assert manifest["replayed"]["sft"] == 3
@@ -94,14 +95,14 @@ def test_second_age_up_replays_earlier_data_and_trains_from_the_served(tiny_base
 def test_interrupted_age_up_resumes_without_redoing_finished_stages(tiny_base, tiny_cfg, ledger):
     root = DataRoot.from_env()
     with pytest.raises(KeyboardInterrupt):
-        age_up(root, tiny_cfg, ledger, base=tiny_base, train_callbacks=[_CrashInSFT()])
+        grow(root, tiny_cfg, ledger, base=tiny_base, train_callbacks=[_CrashInSFT()])
     staging = root.staging_dir(1)
     state = json.loads((staging / "state.json").read_text())
     assert state["completed"] == ["data"]
     assert root.generations() == [0]
 
     stages = []
-    summary = age_up(root, tiny_cfg, ledger, stage_cb=lambda s, w: stages.append((s, w)))
+    summary = grow(root, tiny_cfg, ledger, stage_cb=lambda s, w: stages.append((s, w)))
     assert ("data", "skip") in stages and ("data", "start") not in stages
     assert summary.resumed and summary.train["sft"]["resumed_from_step"] == 2
     assert root.generations() == [0, 1] and not staging.exists()
@@ -113,54 +114,57 @@ def test_generation_finished_before_a_crash_is_recorded_on_the_next_run(tiny_bas
     from evolution.ledger import Ledger
 
     root = DataRoot.from_env()
-    age_up(root, tiny_cfg, ledger, base=tiny_base)
+    grow(root, tiny_cfg, ledger, base=tiny_base)
     # A fresh ledger in another data root stands in for one that missed the last appends.
     other = root.root.parent / "other"
     (other / "checkpoints").mkdir(parents=True)
     for n in (0, 1):
         os.symlink(root.gen_dir(n), other / "checkpoints" / f"gen_000{n}")
     with Ledger.open(DataRoot(other)) as fresh:
-        from evolution.ageup import reconcile
+        from evolution.promotion import reconcile
 
-        reconcile(DataRoot(other), fresh)
+        reconcile(DataRoot(other), fresh, tiny_cfg.gate.stop_after)
         assert [(e.kind, e.gen) for e in fresh.entries()] == [
             ("exported", 0), ("promoted", 0), ("exported", 1), ("gate_result", 1), ("rejected", 1)]
 
 
 def test_a_child_built_but_not_recorded_is_the_next_age_ups_result_not_a_reason_for_another(
         tiny_base, tiny_cfg, ledger, monkeypatch):
-    from evolution import ageup
+    from evolution import promotion
 
     root = DataRoot.from_env()
-    age_up(root, tiny_cfg, ledger, base=tiny_base)  # generation 0, and 1
-    real = ageup._record_finished
+    grow(root, tiny_cfg, ledger, base=tiny_base)  # generation 0, and 1
+    real = promotion.record_built
 
     def crash(root_, ledger_, s, *a, **kw):
         if s.gen == 2:
             raise KeyboardInterrupt("killed after the child was finished, before it was recorded")
         return real(root_, ledger_, s, *a, **kw)
 
-    monkeypatch.setattr(ageup, "_record_finished", crash)
+    monkeypatch.setattr(promotion, "record_built", crash)
     with pytest.raises(KeyboardInterrupt):
-        age_up(root, tiny_cfg, ledger)
+        grow(root, tiny_cfg, ledger)
     assert root.generations() == [0, 1, 2] and not ledger.entries(gen=2, kind="gate_result")
-    monkeypatch.setattr(ageup, "_record_finished", real)
+    monkeypatch.setattr(promotion, "record_built", real)
 
-    summary = age_up(root, tiny_cfg, ledger)  # the user runs `evolve age-up` again
+    summary = grow(root, tiny_cfg, ledger)  # the user runs `evolve age-up` again
     assert summary.gen == 2
     assert root.generations() == [0, 1, 2] and not root.partial_generations()  # no generation 3 was started
     assert [e.kind for e in ledger.entries(gen=2)][-2:] == ["gate_result", "rejected"]
     assert ledger.verify().ok
 
 
-def test_a_passing_child_held_for_the_daemon_is_the_next_held_age_ups_result(taught_base, daemon_cfg, ledger):
-    """The daemon's worker leaves a passing child for the daemon to promote; run again before that
-    happened (the daemon died in between), it must not grow a second child beside it."""
+def test_a_passing_child_left_for_the_daemon_is_the_next_age_ups_result(taught_base, daemon_cfg, ledger):
+    """An age-up ends with its child gated and recorded, not decided: the daemon's worker leaves a
+    passing child for the daemon to promote. Run again before that happened (the daemon died in
+    between), it must not grow a second child beside it."""
+    from evolution.ageup import age_up
+
     root = DataRoot.from_env()
-    first = age_up(root, daemon_cfg, ledger, base=taught_base, hold=True)
+    first = age_up(root, daemon_cfg, ledger, base=taught_base)
     assert first.gen == 1 and first.gate["verdict"] == "pass"
     assert not ledger.entries(gen=1, kind="promoted") and ledger.served_generation() == 0
-    again = age_up(root, daemon_cfg, ledger, hold=True)
+    again = age_up(root, daemon_cfg, ledger)
     assert again.gen == 1 and root.generations() == [0, 1] and not root.partial_generations()
     assert not ledger.entries(gen=1, kind="promoted")  # still the daemon's to promote
     assert [e.kind for e in ledger.entries(gen=1)].count("gate_result") == 1
@@ -171,7 +175,7 @@ def test_tampered_parent_weights_stop_the_age_up(tiny_base, tiny_cfg, ledger):
     from evolution.fsutil import make_tree_writable
 
     root = DataRoot.from_env()
-    age_up(root, tiny_cfg, ledger, base=tiny_base)
+    grow(root, tiny_cfg, ledger, base=tiny_base)
     weights = root.gen_dir(0) / "hf" / "model.safetensors"
     make_tree_writable(root.gen_dir(0))
     with weights.open("r+b") as f:
@@ -180,7 +184,7 @@ def test_tampered_parent_weights_stop_the_age_up(tiny_base, tiny_cfg, ledger):
         f.seek(-8, os.SEEK_END)
         f.write(bytes(b ^ 0xFF for b in tail))
     with pytest.raises(IntegrityError, match="gen_0000/hf/model.safetensors"):
-        age_up(root, tiny_cfg, ledger)
+        grow(root, tiny_cfg, ledger)
     assert root.partial_generations() == []
 
 
@@ -237,8 +241,8 @@ def test_generation_zero_from_other_model_families(arch, tokenizer, tiny_cfg, le
 def test_restart_discards_the_interrupted_attempt_and_never_reuses_its_number(tiny_base, tiny_cfg, ledger):
     root = DataRoot.from_env()
     with pytest.raises(KeyboardInterrupt):
-        age_up(root, tiny_cfg, ledger, base=tiny_base, train_callbacks=[_CrashInSFT()])
-    summary = age_up(root, tiny_cfg, ledger, restart=True)
+        grow(root, tiny_cfg, ledger, base=tiny_base, train_callbacks=[_CrashInSFT()])
+    summary = grow(root, tiny_cfg, ledger, restart=True)
     assert summary.gen == 2 and root.partial_generations() == [] and root.generations() == [0, 2]
     assert [e.kind for e in ledger.entries(gen=1)] == ["generation_created", "training_started"]
     assert ledger.verify().ok

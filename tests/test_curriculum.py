@@ -8,9 +8,9 @@ import random
 import pytest
 
 from evolution import curriculum
-from evolution.ageup import age_up
 from evolution.errors import CurriculumError
 from evolution.paths import REPO_ROOT, DataRoot
+from tests.lineage_util import grow
 from tests.conftest import write_jsonl
 
 GOOD = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]}
@@ -103,7 +103,7 @@ def test_age_up_refuses_bad_curriculum_before_anything_is_built(tiny_cfg, tiny_b
         f.write("{oops\n")
     root = DataRoot.from_env()
     with pytest.raises(CurriculumError, match=r"phase1_identity/sft.jsonl:25: invalid JSON"):
-        age_up(root, tiny_cfg, ledger, base=tiny_base)
+        grow(root, tiny_cfg, ledger, base=tiny_base)
     assert not root.checkpoints.exists() or not any(root.checkpoints.iterdir())
     assert ledger.entries() == []
 

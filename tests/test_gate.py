@@ -7,11 +7,13 @@ import json
 import pytest
 import torch
 
-from evolution import export, gate
-from evolution.ageup import AgeUpsPaused, age_up, paused_reason
+from evolution import export, gate, promotion
+from evolution.errors import AgeUpsPaused
+from evolution.promotion import paused_reason
 from evolution.config import GateConfig
 from evolution.ledger import events as ev
 from evolution.paths import DataRoot
+from tests.lineage_util import grow
 
 def _eval(gen=1, recall=0.9, gen_acc=0.5, ppl=10.0, drift=1.0, smoke_ok=True) -> gate.ModelEval:
     sm = {"ok": smoke_ok, "problem": None if smoke_ok else "did not emit end-of-sequence within 8 tokens",
@@ -51,9 +53,9 @@ def test_stop_rule_needs_two_children_in_a_row_without_recall_gain():
     def res(child, c, p):
         return {"child": child, "metrics": {"recall": c}, "parent_metrics": {"recall": p}}
 
-    assert gate.stop_rule([res(1, 0.8, 0.8)], 2) is None
-    assert gate.stop_rule([res(1, 0.8, 0.8), res(2, 0.9, 0.8)], 2) is None
-    reason = gate.stop_rule([res(1, 0.9, 0.5), res(2, 0.7, 0.9), res(3, 0.9, 0.9)], 2)
+    assert promotion.stop_rule([res(1, 0.8, 0.8)], 2) is None
+    assert promotion.stop_rule([res(1, 0.8, 0.8), res(2, 0.9, 0.8)], 2) is None
+    reason = promotion.stop_rule([res(1, 0.9, 0.5), res(2, 0.7, 0.9), res(3, 0.9, 0.9)], 2)
     assert reason and "gen 2: 0.70 vs parent 0.90" in reason and "evolve resume" in reason
 
 
@@ -73,7 +75,7 @@ def test_child_taught_the_facts_beats_its_parent_and_a_damaged_child_fails(learn
                                                                               tmp_path):
     root = DataRoot.from_env()
     cfg = _learning_cfg
-    summary = age_up(root, cfg, ledger, base=learnable_base)
+    summary = grow(root, cfg, ledger, base=learnable_base)
     g = summary.gate
     assert g["parent_metrics"]["recall"] == 0.0
     assert g["metrics"]["recall"] >= 0.75, g
@@ -110,7 +112,7 @@ def test_child_taught_the_facts_beats_its_parent_and_a_damaged_child_fails(learn
 def test_a_child_that_never_emits_end_of_sequence_fails_the_smoke_check(tiny_base, tiny_cfg, ledger):
     root = DataRoot.from_env()
     tiny_cfg.train.sft_max_steps = 1  # barely trained: still the random model
-    summary = age_up(root, tiny_cfg, ledger, base=tiny_base)
+    summary = grow(root, tiny_cfg, ledger, base=tiny_base)
     assert summary.gate["verdict"] == "fail"
     assert any(r.startswith("smoke: the child") for r in summary.gate["reasons"]), summary.gate["reasons"]
     assert ledger.served_generation() == 0
@@ -121,7 +123,7 @@ def test_paused_age_ups_refuse_until_resumed(tiny_base, tiny_cfg, ledger):
     root = DataRoot.from_env()
     ledger.record(ev.ageups_paused("the last 2 children did not improve recall"))
     with pytest.raises(AgeUpsPaused, match="did not improve recall"):
-        age_up(root, tiny_cfg, ledger, base=tiny_base)
+        grow(root, tiny_cfg, ledger, base=tiny_base)
     assert root.generations() == []
     ledger.record(ev.ageups_resumed("curriculum fixed"))
     assert paused_reason(ledger) is None

@@ -11,12 +11,12 @@ from pathlib import Path
 import pytest
 from starlette.testclient import TestClient
 
-from evolution import ageup
-from evolution.errors import IntegrityError
+from evolution import ageup, promotion
+from evolution.errors import IntegrityError, LoadError
 from evolution.fsutil import make_tree_writable, sha256_file
 from evolution.ledger import events as ev
 from evolution.ledger import rollback as record_rollback
-from evolution.serving import LoadError, ModelHost
+from evolution.serving import ModelHost
 from tests.conftest import SERVER_TOKEN
 from tests.daemon_util import serving, tick_until
 
@@ -154,11 +154,12 @@ def test_a_tampered_gguf_is_never_served(client, daemon):
 
 
 def test_a_child_that_fails_to_load_is_rejected_and_the_parent_keeps_serving(daemon):
-    def broken(summary):
-        raise LoadError(f"generation {summary.gen}: the canary prompt failed: test")
+    def broken(gen, gguf):
+        raise LoadError(f"generation {gen}: the canary prompt failed: test")
 
-    child = ageup.age_up(daemon.root, daemon.cfg, daemon.ledger, promote=broken)
+    child = ageup.age_up(daemon.root, daemon.cfg, daemon.ledger)
     assert child.gate["verdict"] == "pass"
+    assert promotion.decide(daemon.root, daemon.ledger, child.gen, 2, swap=broken) == promotion.REJECTED
     assert daemon.ledger.served_generation() == 1 and daemon.host.current.gen == 1
     [rej] = daemon.ledger.entries(gen=child.gen, kind=ev.REJECTED)
     assert "could not be served" in rej.payload["reason"] and "canary" in rej.payload["reason"]
@@ -194,7 +195,7 @@ def test_swap_lets_the_request_in_flight_finish_on_the_old_model(daemon):
     def in_flight(slot):
         entered.set()
         release.wait(10)
-        return slot.gen, slot.llm.create_chat_completion(messages=ASK["messages"], max_tokens=4)
+        return slot.gen, slot.model.chat(dict(messages=ASK["messages"], max_tokens=4))
 
     t = threading.Thread(target=lambda: seen.update(r=host.call(in_flight)))
     t.start()

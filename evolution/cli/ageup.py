@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from evolution import ageup, config
+from evolution import ageup, config, promotion
 from evolution import base as base_model
 from evolution.ledger import Ledger
 from evolution.paths import DataRoot
@@ -110,6 +110,8 @@ def age_up(quick, base, curriculum_path, phases, config_file, quantization, back
     try:
         with Ledger.open(root) as ledger:
             summary = ageup.age_up(root, cfg, ledger, base=base, progress=on_step, stage_cb=on_stage, restart=restart)
+            # A running daemon follows the ledger: it serves a promoted child within seconds.
+            fate = promotion.decide(root, ledger, summary.gen, cfg.gate.stop_after)
     except KeyboardInterrupt:
         progress.stop()
         raise click.ClickException(
@@ -121,7 +123,7 @@ def age_up(quick, base, curriculum_path, phases, config_file, quantization, back
         signal.signal(signal.SIGTERM, previous)
     wall = time.perf_counter() - t0
     if as_json:
-        click.echo(json.dumps(summary.to_dict() | {"wall_s": round(wall, 1)}, indent=2, default=str))
+        click.echo(json.dumps(summary.to_dict() | {"fate": fate, "wall_s": round(wall, 1)}, indent=2, default=str))
         return
     table = Table(title=f"generation {summary.gen} (parent {summary.parent})", show_header=False)
     table.add_row("directory", summary.gen_dir)
@@ -140,8 +142,10 @@ def age_up(quick, base, curriculum_path, phases, config_file, quantization, back
         g = summary.gate
         nums = ", ".join(f"{k} {v:.3g}" + (f" (parent {g['parent_metrics'][k]:.3g})" if g.get("parent_metrics") else "")
                          for k, v in g["metrics"].items() if k != "style_drift_from_parent")
-        verdict = {"pass": "[green]PASS: promoted, now served[/]", "fail": "[red]FAIL: rejected, parent still served[/]"}
-        table.add_row("gate", verdict.get(g["verdict"], g["verdict"]))
+        verdict = {("pass", promotion.PROMOTED): "[green]PASS: promoted, now served[/]",
+                   ("pass", promotion.REJECTED): "[red]PASS, but it could not be served: rejected, parent still served[/]",
+                   ("fail", promotion.REJECTED): "[red]FAIL: rejected, parent still served[/]"}
+        table.add_row("gate", verdict.get((g["verdict"], fate), f"{g['verdict']} ({fate})"))
         table.add_row("metrics", nums)
         for r in g["reasons"]:
             table.add_row("reason", r)

@@ -6,7 +6,7 @@ import json
 
 import click
 
-from evolution.ageup import paused_reason
+from evolution.promotion import paused_reason
 from evolution.ledger import Ledger
 from evolution.ledger import events as ev
 from evolution.paths import DataRoot

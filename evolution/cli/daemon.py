@@ -47,5 +47,5 @@ def daemon(start_gen, host, port, threshold, threshold_growth, quick, config_fil
         code = run(Daemon(root, cfg, dcfg, base, start_gen))
     except EvolutionError as exc:
         click.echo(f"Error: {exc}", err=True)
-        sys.exit(2)
+        sys.exit(1)  # 2 is click's usage error; see the README's exit codes
     sys.exit(code)

@@ -14,7 +14,7 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from evolution.ledger import GenerationDetail, GenerationSummary, Ledger, VerifyReport
+from evolution.ledger import GenerationDetail, GenerationRow, Ledger, VerifyReport
 from evolution.ledger import rollback as do_rollback
 from evolution.ledger.store import URL_ENV
 from evolution.paths import DataRoot
@@ -53,7 +53,7 @@ def _fmt(v) -> str:
     return f"{v:.3g}" if isinstance(v, float) else str(v)
 
 
-def _verdict_text(r: GenerationSummary) -> str:
+def _verdict_text(r: GenerationRow) -> str:
     """The gate's verdict and what became of the generation, in one short cell."""
     if r.verdict is None:
         return "base" if r.gen == 0 and r.parent is None else r.status
@@ -63,7 +63,7 @@ def _verdict_text(r: GenerationSummary) -> str:
     return f"[{style}]{text}[/]"
 
 
-def _history_table(rows: list[GenerationSummary], url: str, max_metrics: int = 4) -> Table:
+def _history_table(rows: list[GenerationRow], url: str, max_metrics: int = 4) -> Table:
     metric_names = sorted({k for r in rows for k in r.metrics})[:max_metrics]
     t = Table(caption=url, caption_style="dim", box=box.SIMPLE_HEAD, pad_edge=False)
     t.add_column("", no_wrap=True)

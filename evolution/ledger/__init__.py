@@ -28,14 +28,14 @@ from evolution.ledger.events import (
     TRAINING_STARTED,
     Event,
 )
-from evolution.ledger.lineage import GenerationDetail, GenerationSummary
-from evolution.ledger.rollback import check_servable, rollback
+from evolution.ledger.lineage import GenerationDetail, GenerationRow
+from evolution.ledger.rollback import check_servable, record_rollback, rollback
 from evolution.ledger.store import URL_ENV, Ledger
 from evolution.ledger.verify import Problem, VerifyReport
 
 __all__ = [
     "EXPORTED", "GATE_RESULT", "GENERATION_CREATED", "KARMA_THRESHOLD_CROSSED", "KINDS", "PROMOTED",
     "REJECTED", "ROLLED_BACK", "TRAINING_FINISHED", "TRAINING_STARTED", "URL_ENV",
-    "Entry", "Event", "GenerationDetail", "GenerationSummary", "Ledger", "Problem", "VerifyReport",
-    "check_servable", "events", "rollback",
+    "Entry", "Event", "GenerationDetail", "GenerationRow", "Ledger", "Problem", "VerifyReport",
+    "check_servable", "events", "record_rollback", "rollback",
 ]

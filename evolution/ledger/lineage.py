@@ -24,7 +24,7 @@ _STATUS = {
 
 
 @dataclass
-class GenerationSummary:
+class GenerationRow:
     """One row of ``evolve ledger``."""
 
     gen: int
@@ -47,7 +47,7 @@ class GenerationSummary:
 class GenerationDetail:
     """Everything the ledger knows about one generation (``evolve ledger show N``)."""
 
-    summary: GenerationSummary
+    summary: GenerationRow
     lineage: list[int]  # this generation, its parent, ... back to the base
     base: str | None
     config_hash: str | None
@@ -59,22 +59,27 @@ class GenerationDetail:
     gate: dict | None
     events: list[Entry]
 
+    @property
+    def gguf(self) -> dict | None:
+        """The record of the GGUF this generation was exported as (``path``, ``sha256``, ``size``), or None."""
+        return gguf_artifact(self.artifacts)
+
     def to_dict(self) -> dict:
         d = {k: v for k, v in asdict(self).items() if k not in ("summary", "events")}
         return {**self.summary.to_dict(), **d, "events": [e.to_dict() for e in self.events]}
 
 
-def _gguf(artifacts: list[dict]) -> dict | None:
-    ggufs = [a for a in artifacts if a.get("kind") == "gguf"]
-    return ggufs[-1] if ggufs else None
+def gguf_artifact(artifacts: list[dict]) -> dict | None:
+    """The GGUF among a generation's exported artifacts (the last one, if it was exported twice)."""
+    return next((a for a in reversed(artifacts) if a.get("kind") == "gguf"), None)
 
 
-def summarize(entries: list[Entry]) -> list[GenerationSummary]:
-    gens: dict[int, GenerationSummary] = {}
+def summarize(entries: list[Entry]) -> list[GenerationRow]:
+    gens: dict[int, GenerationRow] = {}
     served: int | None = None
 
-    def get(n: int) -> GenerationSummary:
-        return gens.setdefault(n, GenerationSummary(gen=n))
+    def get(n: int) -> GenerationRow:
+        return gens.setdefault(n, GenerationRow(gen=n))
 
     for e in entries:
         p = e.payload
@@ -84,7 +89,7 @@ def summarize(entries: list[Entry]) -> list[GenerationSummary]:
         if e.kind == ev.GENERATION_CREATED:
             g.parent, g.created = p.get("parent"), e.time
         elif e.kind == ev.EXPORTED:
-            art = _gguf(p.get("artifacts", []))
+            art = gguf_artifact(p.get("artifacts", []))
             if art:
                 g.gguf_sha256, g.gguf_path = art.get("sha256"), art.get("path")
             g.quantization = p.get("quantization")

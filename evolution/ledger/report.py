@@ -14,7 +14,7 @@ from pathlib import Path
 
 from evolution.errors import LedgerError
 from evolution.ledger import events as ev
-from evolution.ledger.lineage import GenerationSummary
+from evolution.ledger.lineage import GenerationRow
 from evolution.ledger.store import Ledger
 
 log = logging.getLogger(__name__)
@@ -55,7 +55,7 @@ def render(ledger: Ledger, out: Path, *, dpi: int = 120) -> Path:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    rows: list[GenerationSummary] = ledger.history()
+    rows: list[GenerationRow] = ledger.history()
     if not rows:
         raise LedgerError("the ledger is empty: nothing to plot yet (run an age-up first)")
     names = sorted({k for r in rows for k, v in r.metrics.items() if _value(v) is not None})

@@ -20,9 +20,14 @@ from evolution.ledger.store import Ledger
 log = logging.getLogger(__name__)
 
 
-def check_servable(ledger: Ledger, n: int) -> dict:
-    """Return the GGUF artifact record of generation ``n`` if it may be served; raise otherwise."""
-    ledger.check_history()  # the record below is only as good as the chain it sits in
+def check_servable(ledger: Ledger, n: int, hash_file: bool = True) -> dict:
+    """Return the GGUF artifact record of generation ``n`` if it may be served; raise otherwise.
+
+    The ledger's history is checked first (the record is only as good as the chain it sits in).
+    ``hash_file=False`` when the caller hashes the file itself as it loads it (the daemon's model
+    host reads it once, through the descriptor llama.cpp then maps), so it is hashed once.
+    """
+    ledger.check_history()
     d = ledger.generation(n)  # LedgerError if unknown
     gates = [e for e in d.events if e.kind == ev.GATE_RESULT and e.gen == n]
     if n != 0:
@@ -35,7 +40,7 @@ def check_servable(ledger: Ledger, n: int) -> dict:
             raise LedgerError(
                 f"generation {n} failed its gate (seq {gates[-1].seq}: {reason}); pick a generation that passed"
             )
-    gguf = next((a for a in reversed(d.artifacts) if a.get("kind") == "gguf"), None)
+    gguf = d.gguf
     if gguf is None:
         raise LedgerError(f"generation {n} has no exported GGUF in the ledger; it cannot be served")
     path = ledger.data_root.root / gguf["path"]
@@ -43,23 +48,34 @@ def check_servable(ledger: Ledger, n: int) -> dict:
         raise LedgerError(
             f"generation {n}'s GGUF {path} is missing; restore it (sha256 {gguf['sha256']}) before rolling back"
         )
-    actual = sha256_file(path)
-    if actual != gguf["sha256"]:
-        raise IntegrityError(
-            f"generation {n}'s GGUF {path} has sha256 {actual}, the ledger recorded {gguf['sha256']}: "
-            "the file is not the one that was gated; restore the original before rolling back"
-        )
+    if hash_file:
+        actual = sha256_file(path)
+        if actual != gguf["sha256"]:
+            raise IntegrityError(
+                f"generation {n}'s GGUF {path} has sha256 {actual}, the ledger recorded {gguf['sha256']}: "
+                "the file is not the one that was gated; restore the original before rolling back"
+            )
     return gguf
 
 
-def rollback(ledger: Ledger, to: int, reason: str = "manual rollback") -> Entry:
-    """Make generation ``to`` the served one; return the appended ``rolled_back`` entry."""
+def check_target(ledger: Ledger, to: int, served: int | None) -> None:
+    """Refuse a rollback target that is not a generation number, or that is served already."""
     if isinstance(to, bool) or not isinstance(to, int) or to < 0:
         raise LedgerError(f"rollback target must be a generation number >= 0, got {to!r}")
-    served = ledger.served_generation()
     if served == to:
         raise LedgerError(f"generation {to} is already the served generation; nothing to roll back")
-    gguf = check_servable(ledger, to)
+
+
+def record_rollback(ledger: Ledger, to: int, reason: str, gguf: dict) -> Entry:
+    """Append the ``rolled_back`` event for a target already checked with ``check_servable``."""
+    served = ledger.served_generation()
+    check_target(ledger, to, served)
     entry = ledger.record(ev.rolled_back(served, to, reason, sha256=gguf["sha256"], path=gguf["path"]))
     log.info("ledger: rolled back from generation %s to %d (seq %d)", served, to, entry.seq)
     return entry
+
+
+def rollback(ledger: Ledger, to: int, reason: str = "manual rollback") -> Entry:
+    """Make generation ``to`` the served one (no daemon involved); return the appended ``rolled_back`` entry."""
+    check_target(ledger, to, ledger.served_generation())
+    return record_rollback(ledger, to, reason, check_servable(ledger, to))

@@ -29,7 +29,7 @@ from evolution.ledger import events as ev
 from evolution.ledger.chain import GENESIS, canonical_json, entry_hash
 from evolution.ledger.entry import Entry
 from evolution.ledger.head import HEAD_NAME, Head, write_head
-from evolution.ledger.lineage import GenerationDetail, GenerationSummary, detail, summarize
+from evolution.ledger.lineage import GenerationDetail, GenerationRow, detail, summarize
 from evolution.ledger.migrations import lock_for_write, migrate
 from evolution.ledger.verify import VerifyReport, verify
 from evolution.paths import DataRoot
@@ -261,7 +261,7 @@ class Ledger:
             ).first()
         return None if row is None else row.gen
 
-    def history(self) -> list[GenerationSummary]:
+    def history(self) -> list[GenerationRow]:
         """One summary per generation, ascending: parent, status, verdict, metrics, GGUF hash, served."""
         return summarize(self.entries())
 

@@ -146,14 +146,14 @@ def gen0(tmp_path_factory, taught_base):
 @pytest.fixture(scope="session")
 def lineage(tmp_path_factory, gen0):
     """``tests/conftest.py``'s lineage (generation 1 promoted over 0), built once for this whole suite."""
-    from evolution import ageup
+    from tests.lineage_util import grow
     from evolution.ledger import Ledger
     from evolution.paths import DataRoot
 
     src, cfg = gen0
     root = DataRoot(copy_root(src.root, tmp_path_factory.mktemp("lineage") / "root"))
     with Ledger.open(root) as ledger:
-        ageup.age_up(root, cfg, ledger)
+        grow(root, cfg, ledger)
         assert ledger.served_generation() == 1
     return root, cfg
 

@@ -37,8 +37,8 @@ def _parent_still_serves(daemon: Daemon, tally, area: str) -> None:
     tally.lost(area, len(report.problems) + (_request(daemon).status not in ("pending", "running")))
     assert report.ok, report.problems
     assert daemon.host.current.gen == 1 and daemon.ledger.served_generation() == 1
-    reply = daemon.host.call(lambda slot: slot.llm.create_chat_completion(
-        messages=[{"role": "user", "content": "What is your name?"}], max_tokens=4))
+    reply = daemon.host.call(lambda slot: slot.model.chat(dict(
+        messages=[{"role": "user", "content": "What is your name?"}], max_tokens=4)))
     assert reply["choices"][0]["message"]["content"]
     kinds = {e.kind for e in daemon.ledger.entries(gen=CHILD)}
     assert ev.PROMOTED not in kinds and ev.REJECTED not in kinds

@@ -1,99 +1,42 @@
-"""The daemon: serve the current generation, watch karma, age up in the background, swap safely.
+"""The daemon's core: which generation is served, when an age-up runs, and what its end means.
 
-``python run_daemon.py --start-gen 0`` runs ``main``. The pieces:
-
-- an HTTP server (uvicorn + ``evolution.server``) in the main thread, answering from
-  ``ModelHost`` — never blocked by training;
-- an APScheduler ``BackgroundScheduler`` whose ``tick`` job, every ``poll_seconds`` (and at once
-  when karma crosses the threshold), starts an age-up worker process for an open karma
-  request, collects a finished one (promoting a passing child through the hot-swap), and
-  follows rollbacks made with `evolve rollback` while the daemon runs;
-- the age-up worker (``evolution.worker``), a child process at lower CPU priority.
+``Daemon`` owns the served model (``ModelHost``), the ledger, karma and conversation intake,
+and an APScheduler ``BackgroundScheduler`` whose ``tick`` job, every ``poll_seconds`` (and at
+once when karma crosses the threshold), starts an age-up worker for an open karma request,
+collects a finished one (its child decided through ``evolution.promotion`` with the hot-swap
+as the swap), and follows rollbacks made with `evolve rollback` while the daemon runs. The HTTP
+layer (``evolution.server``) reaches it only through the methods it names in its ``Service``
+protocol.
 
 Crash safety: the ledger says which generation is served; at start the daemon verifies that
-generation's GGUF against it and serves it, records what a crash left unrecorded
-(``ageup.reconcile``), turns a request left ``running`` back to ``pending`` and resumes it —
-the age-up continues from its last completed stage or checkpoint. Generations are built in
-``gen_NNNN.partial/`` and only a complete, gated, loaded and canary-tested child is recorded as
-promoted. SIGTERM: uvicorn stops accepting and drains open requests; the worker writes a
-checkpoint and exits; the daemon exits 0.
+generation's GGUF against it and serves it, records and decides what a crash left undecided
+(``promotion.reconcile``), turns a request left ``running`` back to ``pending`` and resumes it —
+the age-up continues from its last completed stage or checkpoint.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import os
-import secrets
-import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
 from datetime import datetime
 from pathlib import Path
 
-from evolution import ageup, faults, progress
 from evolution import curriculum as curriculum_mod
+from evolution import faults, progress, promotion
 from evolution.config import AgeUpConfig, DaemonConfig
 from evolution.conversations import ConversationStore
-from evolution.errors import ConfigError, EvolutionError, GenerationError
-from evolution.fsutil import (
-    atomic_write_json,
-    atomic_write_text,
-    free_space,
-    nearly_full,
-)
+from evolution.daemon import identity, workers
+from evolution.errors import ConfigError, EvolutionError, LedgerError, LoadError
+from evolution.fsutil import free_space, nearly_full
 from evolution.karma import DONE, FAILED, PENDING, RUNNING, Karma
-from evolution.ledger import Ledger, check_servable
+from evolution.ledger import Ledger, check_servable, record_rollback
+from evolution.ledger.rollback import check_target
 from evolution.ledger import events as ev
-from evolution.ledger import rollback as record_rollback
 from evolution.paths import DataRoot
-from evolution.serving import LoadError, ModelHost
-from evolution.worker import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_PAUSED
+from evolution.serving import ModelHost, Slot, Stream
 
 log = logging.getLogger(__name__)
-
-TOKEN_ENV = "EVOLUTION_API_TOKEN"
-TOKEN_FILE = "daemon.token"
-INFO_FILE = "daemon.json"
-
-
-def daemon_info(root: DataRoot) -> dict | None:
-    """What the last daemon started on this data root wrote about itself (address, threshold)."""
-    try:
-        return json.loads((root.root / INFO_FILE).read_text())
-    except (FileNotFoundError, ValueError):
-        return None
-
-
-def _token(root: DataRoot, dcfg: DaemonConfig) -> tuple[str, str]:
-    if dcfg.api_token:
-        return dcfg.api_token, "the config's daemon.api_token"
-    if os.environ.get(TOKEN_ENV):
-        return os.environ[TOKEN_ENV], f"${TOKEN_ENV}"
-    f = root.root / TOKEN_FILE
-    if not f.is_file():
-        atomic_write_text(f, secrets.token_urlsafe(32) + "\n")
-        f.chmod(0o600)
-        log.info("generated an API token for write endpoints in %s", f)
-    return f.read_text().strip(), str(f)
-
-
-class Worker:
-    """One running age-up worker process."""
-
-    def __init__(self, proc: subprocess.Popen, request_id: int | None, bootstrap: bool, log_path: Path):
-        self.proc, self.request_id, self.bootstrap, self.log_path = proc, request_id, bootstrap, log_path
-        self.started = time.time()
-
-    def tail(self, n: int = 6) -> str:
-        try:
-            lines = self.log_path.read_text(errors="replace").splitlines()
-        except OSError:
-            return ""
-        return "\n".join(lines[-n:])
 
 
 class Daemon:
@@ -102,8 +45,7 @@ class Daemon:
         self.root, self.cfg, self.dcfg, self.base, self.start_gen = root, cfg, dcfg, base, start_gen
         self.ledger: Ledger | None = None
         self.host = ModelHost(dcfg.n_ctx, dcfg.chat_threads, dcfg.canary_prompt, dcfg.canary_max_tokens)
-        self.worker: Worker | None = None
-        self.stats = {"requests": 0, "completions": 0, "rejected": 0, "errors": 0}
+        self.worker: workers.Worker | None = None
         self.started = time.time()
         self.last_error: str | None = None
         self._swap_mutex = threading.Lock()
@@ -122,8 +64,8 @@ class Daemon:
         self.ledger = Ledger.open(self.root)
         self.karma = Karma(self.ledger, self.dcfg.threshold, self.dcfg.threshold_growth)
         self.store = ConversationStore(self.ledger)
-        self.token, self.token_source = _token(self.root, self.dcfg)
-        decided = ageup.reconcile(self.root, self.ledger, self.cfg.gate.stop_after, promote=self._promote)
+        self.token, self.token_source = identity.api_token(self.root, self.dcfg)
+        decided = promotion.reconcile(self.root, self.ledger, self.cfg.gate.stop_after, swap=self._swap_in)
         served = self.ledger.served_generation()
         if served is None:
             if self.start_gen not in (None, 0):
@@ -151,38 +93,50 @@ class Daemon:
             else:  # run it again (the age-up resumes)
                 log.warning("age-up request %d was running when the daemon stopped; resuming it", r.id)
                 self.karma.mark(r.id, PENDING)
-        self._write_info()
-
-    def _write_info(self) -> None:
-        atomic_write_json(self.root.root / INFO_FILE, {
-            "pid": os.getpid(), "host": self.dcfg.host, "port": self.port, "threshold": self.dcfg.threshold,
-            "threshold_growth": self.dcfg.threshold_growth, "started": self.started,
-        })
+        identity.write_info(self.root, self.dcfg, self.port, self.started)
 
     def _serve(self, gen: int) -> None:
         """Load generation ``gen`` as the ledger recorded it and swap it in (raises if it cannot be)."""
-        gguf = check_servable(self.ledger, gen)
+        gguf = check_servable(self.ledger, gen, hash_file=False)  # the host hashes it as it loads it
         with self._swap_mutex:
             if self.host.current is not None and self.host.current.gen == gen:
                 return
             slot = self.host.load(gen, self.root.root / gguf["path"], gguf["sha256"])
             self.host.swap(slot)
 
-    def _promote(self, summary: "ageup.GenerationSummary") -> None:
-        """Promote hook of the age-up: load the gated child beside the parent, verify, canary, swap.
+    def _swap_in(self, gen: int, gguf: dict | None) -> None:
+        """The swap ``promotion`` is given: load the gated child beside the parent, verify, canary, swap.
 
-        Called only from ``ageup.reconcile``, which has checked the ledger's history first."""
-        gen = summary.gen
-        arts = [a for e in self.ledger.entries(gen=gen, kind=ev.EXPORTED) for a in e.payload["artifacts"]
-                if a.get("kind") == "gguf"]
-        if not arts:
-            raise GenerationError(f"generation {gen} has no exported GGUF in the ledger")
+        ``promotion.reconcile`` has checked the ledger's history before it calls this."""
+        if gguf is None:
+            raise LedgerError(f"generation {gen} has no exported GGUF in the ledger; it cannot be served")
         with self._swap_mutex:
-            slot = self.host.load(gen, self.root.root / arts[-1]["path"], arts[-1]["sha256"])
+            slot = self.host.load(gen, self.root.root / gguf["path"], gguf["sha256"])
             self.host.swap(slot)
-            faults.point("swap")  # swapped in, not yet recorded as promoted (the caller records it)
+            faults.point("swap")  # swapped in, not yet recorded as promoted (promotion records it)
 
-    # -- karma and rollback (called by the HTTP handlers) -----------------------------------
+    # -- the HTTP layer's ``Service`` ----------------------------------------------------------
+
+    def served(self) -> Slot | None:
+        return self.host.current
+
+    def chat(self, args: dict) -> dict:
+        """One chat completion from the served model (``ValueError`` when it cannot fit)."""
+        def run(slot: Slot) -> dict:
+            out = slot.model.chat(args)
+            out["model"] = slot.id
+            return out
+
+        return self.host.call(run)
+
+    def stream(self, args: dict) -> Stream:
+        return self.host.stream(lambda slot: slot.model.stream(args))
+
+    def karma_state(self):
+        return self.karma.state()
+
+    def add_conversation(self, messages, key: str | None):
+        return self.store.add(messages, key)
 
     def add_karma(self, amount, reason: str, key: str | None):
         served = self.host.current.gen if self.host.current else None
@@ -194,18 +148,16 @@ class Daemon:
         return grant
 
     def rollback(self, to: int, reason: str):
-        """Load and check generation ``to`` first, then record the rollback, then swap."""
-        with self._swap_mutex:
-            gguf = check_servable(self.ledger, to)
-            current = self.host.current.gen if self.host.current else None
-            if current == to and self.ledger.served_generation() == to:
-                from evolution.errors import LedgerError
+        """Load and check generation ``to`` first, then record the rollback, then swap.
 
-                raise LedgerError(f"generation {to} is already the served generation; nothing to roll back")
+        The chain is checked once (``check_servable``) and the GGUF hashed once, as it is loaded."""
+        with self._swap_mutex:
+            check_target(self.ledger, to, self.ledger.served_generation())
+            gguf = check_servable(self.ledger, to, hash_file=False)
             slot = self.host.load(to, self.root.root / gguf["path"], gguf["sha256"])
             try:
                 faults.point("swap")  # loaded, not yet recorded as rolled back
-                entry = record_rollback(self.ledger, to, reason)
+                entry = record_rollback(self.ledger, to, reason, gguf)
             except BaseException:
                 slot.close()
                 raise
@@ -252,7 +204,7 @@ class Daemon:
         if self.ledger.served_generation() is None:
             self._start_worker(None, bootstrap=True)
             return
-        if ageup.paused_reason(self.ledger):
+        if promotion.paused_reason(self.ledger):
             return
         req = self.karma.state().open_request
         if req is None and self.root.partial_generations():
@@ -262,46 +214,26 @@ class Daemon:
             self._start_worker(req.id, bootstrap=False)
 
     def _start_worker(self, request_id: int | None, bootstrap: bool) -> None:
-        cfg_file = self.root.logs / "worker-config.json"
-        self.root.logs.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(cfg_file, self.cfg.to_dict(), sync_dir=False)
-        cmd = [sys.executable, "-m", "evolution.worker", "--config", str(cfg_file), "--nice",
-               str(self.dcfg.train_nice), "--parent-pid", str(os.getpid())]
-        if self.base is not None:
-            cmd += ["--base", str(self.base)]
-        if bootstrap:
-            cmd.append("--bootstrap")
-        if self.dcfg.train_threads:
-            cmd += ["--threads", str(self.dcfg.train_threads)]
-        log_path = self.root.logs / "worker.log"
-        with open(log_path, "ab") as out:
-            out.write(f"\n=== {datetime.now().isoformat(timespec='seconds')} {' '.join(cmd[1:])}\n".encode())
-            proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                    env=os.environ | {"EVOLUTION_HOME": str(self.root.root)})
-        self.worker = Worker(proc, request_id, bootstrap, log_path)
-        log.info("%s started (pid %d, log %s)", "generation 0 bootstrap" if bootstrap else
-                 f"age-up for request {request_id}", proc.pid, log_path)
+        self.worker = workers.start(self.root, self.cfg, self.dcfg, self.base, request_id, bootstrap)
 
     def _collect_worker(self) -> None:
         w = self.worker
-        if w is None or w.proc.poll() is None:
+        if w is None or not w.finished():
             return
         self.worker = None
-        code = w.proc.returncode
-        what = {EXIT_OK: "finished", EXIT_INTERRUPTED: "stopped at a checkpoint (it resumes later)",
-                EXIT_PAUSED: "found age-ups paused"}.get(code, f"failed with exit code {code}")
-        log.info("age-up worker %s after %.0f s", what, time.time() - w.started)
-        if code == EXIT_INTERRUPTED or self._stopping.is_set():
+        code = w.code
+        log.info("age-up worker %s after %.0f s", workers.describe_exit(code), time.time() - w.started)
+        if code == workers.EXIT_INTERRUPTED or self._stopping.is_set():
             if w.request_id is not None:
                 self.karma.mark(w.request_id, PENDING)  # resumed at the next start
             return
         decided = []
         try:
-            decided = ageup.reconcile(self.root, self.ledger, self.cfg.gate.stop_after, promote=self._promote)
+            decided = promotion.reconcile(self.root, self.ledger, self.cfg.gate.stop_after, swap=self._swap_in)
         except EvolutionError as exc:
-            code, self.last_error = EXIT_FAILED, str(exc)
+            code, self.last_error = workers.EXIT_FAILED, str(exc)
         if w.bootstrap:
-            if code != EXIT_OK or self.ledger.served_generation() is None:
+            if code != workers.EXIT_OK or self.ledger.served_generation() is None:
                 self.last_error = f"building generation 0 failed (exit {code}): {w.tail()}"
                 log.error("%s", self.last_error)
                 return
@@ -309,15 +241,16 @@ class Daemon:
             return
         if w.request_id is None:
             return
-        if code == EXIT_OK or decided:  # decided: it built its child, then died or failed (a full disk) to record it
+        if code == workers.EXIT_OK or decided:  # decided: it built its child, then died or failed (a full disk) to record it
             gen = decided[-1] if decided else None
             outcome = self._outcome(gen)
             self.karma.mark(w.request_id, DONE, gen, outcome)
             log.info("age-up request %d: %s", w.request_id, outcome)
             served = self.host.current.gen if self.host.current else None
             self.karma.maybe_trigger(served)
-        elif code == EXIT_PAUSED:  # waits, queued, until a person runs `evolve resume`
-            self.karma.mark(w.request_id, PENDING, None, f"age-ups are paused: {ageup.paused_reason(self.ledger)}")
+        elif code == workers.EXIT_PAUSED:  # waits, queued, until a person runs `evolve resume`
+            self.karma.mark(w.request_id, PENDING, None,
+                            f"age-ups are paused: {promotion.paused_reason(self.ledger)}")
         else:
             self.last_error = f"age-up failed (exit {code}): {w.tail()}"
             if "the disk is full" not in self.last_error and nearly_full(self.root.root):
@@ -355,9 +288,8 @@ class Daemon:
             "ageup": {"running": self.worker is not None, "request": self.worker.request_id if self.worker else None,
                       "progress": job},
             "karma": k.to_dict(),
-            "paused": ageup.paused_reason(self.ledger),
+            "paused": promotion.paused_reason(self.ledger),
             "conversations": {"stored": n_conv, "last_id": last_conv},
-            "requests": dict(self.stats),
             "swaps": self.host.swaps,
             "last_swap": self.host.last_swap,
             "last_error": self.last_error,
@@ -381,69 +313,10 @@ class Daemon:
         if self.scheduler is not None and self.scheduler.running:
             self.scheduler.shutdown(wait=True)
         w = self.worker
-        if w is not None and w.proc.poll() is None:
-            log.info("stopping the age-up worker (it writes a checkpoint first; up to %.0f s)",
-                     self.dcfg.shutdown_grace_s)
-            w.proc.terminate()
-            try:
-                w.proc.wait(self.dcfg.shutdown_grace_s)
-            except subprocess.TimeoutExpired:
-                log.warning("the worker did not stop in time; killing it (it resumes from its last checkpoint)")
-                w.proc.kill()
-                w.proc.wait()
+        if w is not None:
+            w.stop(self.dcfg.shutdown_grace_s)
         if w is not None and self.ledger is not None:
             self._collect_worker()
         self.host.close()
         if self.ledger is not None:
             self.ledger.close()
-
-
-def listen_socket(host: str, port: int) -> socket.socket:
-    """A socket bound to ``host:port`` for the server, or an error that says what to do.
-
-    ``SO_REUSEADDR`` as uvicorn sets it: a daemon restarted right after it stopped must not be
-    refused for the minute its closed connections linger in TIME_WAIT. A port another process
-    is listening on is still refused.
-    """
-    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host, port))
-    except OSError as exc:
-        sock.close()
-        raise EvolutionError(f"cannot listen on {host}:{port}: {exc.strerror}; choose another port with --port "
-                             "(another daemon may be running: `evolve status`)") from None
-    return sock
-
-
-def run(daemon: Daemon) -> int:
-    """Prepare, then serve until SIGTERM / SIGINT; return the exit code."""
-    import uvicorn
-
-    from evolution.server import create_app
-
-    d = daemon.dcfg
-    sock = listen_socket(d.host, d.port)
-    daemon.port = sock.getsockname()[1]
-    try:
-        daemon.prepare()
-    except BaseException:
-        sock.close()
-        raise
-    app = create_app(daemon)
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=60,
-                                           limit_concurrency=256, access_log=False))
-    daemon.start_scheduler()
-    log.info("serving on http://%s:%d (OpenAI base_url http://%s:%d/v1); write endpoints need the token in %s",
-             d.host, daemon.port, d.host, daemon.port, daemon.token_source)
-    # uvicorn handles SIGTERM/SIGINT (stop accepting, drain open requests) and re-raises the signal
-    # to the handler that was installed before it once it is done: ours, so the exit stays clean.
-    stopped_by: list[int] = []
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda signum, frame: stopped_by.append(signum))
-    try:
-        server.run(sockets=[sock])
-    finally:
-        daemon.stop()
-    log.info("stopped cleanly")
-    return 0

@@ -1,0 +1,63 @@
+"""The daemon's process entry: bind the port, prepare, serve HTTP with uvicorn until SIGTERM / SIGINT."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import socket
+
+from evolution.daemon.core import Daemon
+from evolution.errors import EvolutionError
+
+log = logging.getLogger(__name__)
+
+
+def listen_socket(host: str, port: int) -> socket.socket:
+    """A socket bound to ``host:port`` for the server, or an error that says what to do.
+
+    ``SO_REUSEADDR`` as uvicorn sets it: a daemon restarted right after it stopped must not be
+    refused for the minute its closed connections linger in TIME_WAIT. A port another process
+    is listening on is still refused.
+    """
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise EvolutionError(f"cannot listen on {host}:{port}: {exc.strerror}; choose another port with --port "
+                             "(another daemon may be running: `evolve status`)") from None
+    return sock
+
+
+def run(daemon: Daemon) -> int:
+    """Prepare, then serve until SIGTERM / SIGINT; return the exit code."""
+    import uvicorn
+
+    from evolution.server import create_app
+
+    d = daemon.dcfg
+    sock = listen_socket(d.host, d.port)
+    daemon.port = sock.getsockname()[1]
+    try:
+        daemon.prepare()
+    except BaseException:
+        sock.close()
+        raise
+    app = create_app(daemon)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=60,
+                                           limit_concurrency=256, access_log=False))
+    daemon.start_scheduler()
+    log.info("serving on http://%s:%d (OpenAI base_url http://%s:%d/v1); write endpoints need the token in %s",
+             d.host, daemon.port, d.host, daemon.port, daemon.token_source)
+    # uvicorn handles SIGTERM/SIGINT (stop accepting, drain open requests) and re-raises the signal
+    # to the handler that was installed before it once it is done: ours, so the exit stays clean.
+    stopped_by: list[int] = []
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, frame: stopped_by.append(signum))
+    try:
+        server.run(sockets=[sock])
+    finally:
+        daemon.stop()
+    log.info("stopped cleanly")
+    return 0

@@ -1,0 +1,52 @@
+"""Who the daemon is on a data root: its API token and ``daemon.json`` (address, threshold, pid).
+
+The token guards every write endpoint. It comes from the config (``[daemon] api_token``), else
+``$EVOLUTION_API_TOKEN``, else a file generated on first start (mode 0600) beside the data.
+``daemon.json`` lets `evolve status` find a running daemon.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+
+from evolution.config import DaemonConfig
+from evolution.fsutil import atomic_write_json, atomic_write_text
+from evolution.paths import DataRoot
+
+log = logging.getLogger(__name__)
+
+TOKEN_ENV = "EVOLUTION_API_TOKEN"
+TOKEN_FILE = "daemon.token"
+INFO_FILE = "daemon.json"
+
+
+def daemon_info(root: DataRoot) -> dict | None:
+    """What the last daemon started on this data root wrote about itself (address, threshold)."""
+    try:
+        return json.loads((root.root / INFO_FILE).read_text())
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def write_info(root: DataRoot, dcfg: DaemonConfig, port: int, started: float) -> None:
+    atomic_write_json(root.root / INFO_FILE, {
+        "pid": os.getpid(), "host": dcfg.host, "port": port, "threshold": dcfg.threshold,
+        "threshold_growth": dcfg.threshold_growth, "started": started,
+    })
+
+
+def api_token(root: DataRoot, dcfg: DaemonConfig) -> tuple[str, str]:
+    """The bearer token of write endpoints, and where it came from (said in 401 messages)."""
+    if dcfg.api_token:
+        return dcfg.api_token, "the config's daemon.api_token"
+    if os.environ.get(TOKEN_ENV):
+        return os.environ[TOKEN_ENV], f"${TOKEN_ENV}"
+    f = root.root / TOKEN_FILE
+    if not f.is_file():
+        atomic_write_text(f, secrets.token_urlsafe(32) + "\n")
+        f.chmod(0o600)
+        log.info("generated an API token for write endpoints in %s", f)
+    return f.read_text().strip(), str(f)

@@ -1,0 +1,89 @@
+"""The daemon's age-up worker process: started, watched, stopped (``evolution.worker`` runs inside).
+
+One worker at a time. It runs at a lower CPU priority with the resolved config written beside
+its log, dies with the daemon (a watchdog on its parent), and says how it ended by its exit
+code. What a finished worker means for the karma request it served is the daemon's to decide.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+
+from evolution.config import AgeUpConfig, DaemonConfig
+from evolution.fsutil import atomic_write_json
+from evolution.paths import DataRoot
+from evolution.worker import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_PAUSED
+
+log = logging.getLogger(__name__)
+
+__all__ = ["EXIT_FAILED", "EXIT_INTERRUPTED", "EXIT_OK", "EXIT_PAUSED", "Worker", "describe_exit", "start"]
+
+
+class Worker:
+    """One running age-up worker process."""
+
+    def __init__(self, proc: subprocess.Popen, request_id: int | None, bootstrap: bool, log_path: Path):
+        self.proc, self.request_id, self.bootstrap, self.log_path = proc, request_id, bootstrap, log_path
+        self.started = time.time()
+
+    def finished(self) -> bool:
+        return self.proc.poll() is not None
+
+    @property
+    def code(self) -> int | None:
+        return self.proc.returncode
+
+    def tail(self, n: int = 6) -> str:
+        try:
+            lines = self.log_path.read_text(errors="replace").splitlines()
+        except OSError:
+            return ""
+        return "\n".join(lines[-n:])
+
+    def stop(self, grace_s: float) -> None:
+        """SIGTERM (it writes a checkpoint first), then SIGKILL after ``grace_s``."""
+        if self.finished():
+            return
+        log.info("stopping the age-up worker (it writes a checkpoint first; up to %.0f s)", grace_s)
+        self.proc.terminate()
+        try:
+            self.proc.wait(grace_s)
+        except subprocess.TimeoutExpired:
+            log.warning("the worker did not stop in time; killing it (it resumes from its last checkpoint)")
+            self.proc.kill()
+            self.proc.wait()
+
+
+def describe_exit(code: int) -> str:
+    return {EXIT_OK: "finished", EXIT_INTERRUPTED: "stopped at a checkpoint (it resumes later)",
+            EXIT_PAUSED: "found age-ups paused"}.get(code, f"failed with exit code {code}")
+
+
+def start(root: DataRoot, cfg: AgeUpConfig, dcfg: DaemonConfig, base: Path | None, request_id: int | None,
+          bootstrap: bool) -> Worker:
+    """Start ``python -m evolution.worker`` for one age-up (or the generation-0 bootstrap)."""
+    cfg_file = root.logs / "worker-config.json"
+    root.logs.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(cfg_file, cfg.to_dict(), sync_dir=False)
+    cmd = [sys.executable, "-m", "evolution.worker", "--config", str(cfg_file), "--nice",
+           str(dcfg.train_nice), "--parent-pid", str(os.getpid())]
+    if base is not None:
+        cmd += ["--base", str(base)]
+    if bootstrap:
+        cmd.append("--bootstrap")
+    if dcfg.train_threads:
+        cmd += ["--threads", str(dcfg.train_threads)]
+    log_path = root.logs / "worker.log"
+    with open(log_path, "ab") as out:
+        out.write(f"\n=== {datetime.now().isoformat(timespec='seconds')} {' '.join(cmd[1:])}\n".encode())
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                env=os.environ | {"EVOLUTION_HOME": str(root.root)})
+    log.info("%s started (pid %d, log %s)", "generation 0 bootstrap" if bootstrap else
+             f"age-up for request {request_id}", proc.pid, log_path)
+    return Worker(proc, request_id, bootstrap, log_path)
