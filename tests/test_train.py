@@ -14,6 +14,7 @@ from evolution.train import COMPLETE, train
 CONVS = [[{"role": "user", "content": f"What is your name? {i}"}, {"role": "assistant", "content": "My name is Wren."}]
          for i in range(16)]
 TEXTS = ["Tide pools fill twice a day."] * 30
+DATA = {"cpt": [{"text": t} for t in TEXTS], "sft": [{"messages": c} for c in CONVS]}
 
 
 class _Grab(TrainerCallback):
@@ -37,10 +38,10 @@ class _Crash(TrainerCallback):
 
 def test_lora_weights_change_and_base_weights_do_not(tiny_base, tiny_cfg, tmp_path):
     grab = _Grab()
-    result = train(tiny_base, TEXTS, CONVS, tiny_cfg.train, tmp_path / "work", extra_callbacks=[grab])
+    result = train(tiny_base, DATA, tiny_cfg.train, tmp_path / "work", extra_callbacks=[grab])
     assert result.backend == "hf"
-    assert result.cpt.steps == 2 and result.sft.steps == 6
-    assert result.sft.loss_last < result.sft.loss_first
+    assert result.stages["cpt"].steps == 2 and result.stages["sft"].steps == 6
+    assert result.stages["sft"].loss_last < result.stages["sft"].loss_first
 
     adapter = load_file(result.adapter_dir / "adapter_model.safetensors")
     assert adapter and all("lora_" in k for k in adapter)
@@ -64,7 +65,7 @@ def test_lora_weights_change_and_base_weights_do_not(tiny_base, tiny_cfg, tmp_pa
 def test_interrupted_stage_resumes_from_its_last_complete_checkpoint(tiny_base, tiny_cfg, tmp_path):
     work = tmp_path / "work"
     with pytest.raises(KeyboardInterrupt):
-        train(tiny_base, TEXTS, CONVS, tiny_cfg.train, work, extra_callbacks=[_Crash("sft", 5)])
+        train(tiny_base, DATA, tiny_cfg.train, work, extra_callbacks=[_Crash("sft", 5)])
     assert (work / "cpt" / "adapter").is_dir()  # CPT finished before the crash
     ckpts = sorted(p.name for p in (work / "sft").glob("checkpoint-*"))
     assert ckpts == ["checkpoint-2", "checkpoint-4"]
@@ -74,10 +75,10 @@ def test_interrupted_stage_resumes_from_its_last_complete_checkpoint(tiny_base, 
     partial.mkdir()
     (partial / "adapter_model.safetensors").write_bytes(b"truncated")
 
-    result = train(tiny_base, TEXTS, CONVS, tiny_cfg.train, work)
-    assert result.cpt.skipped and result.cpt.steps == 2  # finished stage not redone
-    assert result.sft.resumed_from_step == 4
-    assert result.sft.steps == 6
+    result = train(tiny_base, DATA, tiny_cfg.train, work)
+    assert result.stages["cpt"].skipped and result.stages["cpt"].steps == 2  # finished stage not redone
+    assert result.stages["sft"].resumed_from_step == 4
+    assert result.stages["sft"].steps == 6
     assert not partial.exists()
     assert (work / "sft" / "adapter" / "adapter_model.safetensors").is_file()
 
@@ -120,10 +121,10 @@ def test_lane_loss_equals_the_loss_of_each_row_on_its_own(tiny_base, tiny_cfg, s
     """No attention leaks between rows sharing a lane, and labels line up with their tokens."""
     from contextlib import nullcontext
 
-    from evolution.train import LaneCollator, _load_model, lane_loss
+    from evolution.train import BY_NAME, LaneCollator, lane_loss, load_model
 
     tiny_cfg.train.precision = "fp32"
-    model, _ = _load_model(tiny_base, tiny_cfg.train, "hf", stage)
+    model, _ = load_model(tiny_base, tiny_cfg.train, "hf", BY_NAME[stage].cpu_attention, 128)
     model.eval()
     rows = _rows([40, 9, 23, 17, 33])
     with torch.no_grad():

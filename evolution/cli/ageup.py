@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from evolution import ageup, config
+from evolution import ageup, config, train
 from evolution import base as base_model
 from evolution.ledger import Ledger
 from evolution.paths import DataRoot
@@ -20,7 +20,7 @@ from evolution.paths import DataRoot
 STAGE_TITLES = {
     "base": "generation 0: base model → safetensors",
     "data": "data: curriculum + replay",
-    "train": "train: CPT then SFT (LoRA)",
+    "train": "train: the configured stages, CPT then SFT by default (LoRA)",
     "merge": "merge adapter → safetensors",
     "gguf_f16": "convert → GGUF f16",
     "quantize": "quantize + SHA-256",
@@ -130,8 +130,7 @@ def age_up(quick, base, curriculum_path, phases, config_file, quantization, back
     for a in summary.artifacts[1:]:
         table.add_row(a.kind, f"{a.path}  {_size(a.size)}")
     if summary.train:
-        for st in ("cpt", "sft"):
-            m = summary.train[st]
+        for st, m in train.stage_dicts(summary.train).items():
             if not m["skipped"] or m["steps"]:
                 table.add_row(st.upper(), f"{m['steps']} steps, {m['tokens']} tokens, loss {m['loss_first']:.3f} → "
                               f"{m['loss_last']:.3f}, {m['tokens_per_s']:.0f} tok/s")
