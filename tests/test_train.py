@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
+from evolution.errors import EvolutionError
 from evolution.train import COMPLETE, train
 
 CONVS = [[{"role": "user", "content": f"What is your name? {i}"}, {"role": "assistant", "content": "My name is Wren."}]
@@ -137,3 +138,30 @@ def test_lane_loss_equals_the_loss_of_each_row_on_its_own(tiny_base, tiny_cfg, s
             total += float(model(input_ids=ids, labels=labels).loss) * n
             count += n
     assert lane.item() == pytest.approx(total / count, rel=1e-4)
+
+
+def test_the_stage_list_decides_what_trains_and_in_which_order(tiny_base, tiny_cfg, tmp_path):
+    t = tiny_cfg.train
+    t.stages = ["sft"]  # a config that runs SFT only: CPT's records are there, and not trained on
+    only = train(tiny_base, DATA, t, tmp_path / "only")
+    assert list(only.stages) == ["sft"] and only.stages["sft"].steps == 6
+    assert not (tmp_path / "only" / "cpt").exists()
+    assert only.adapter_dir == tmp_path / "only" / "sft" / "adapter"
+    assert list(only.to_dict()) == ["backend", "adapter_dir", "sft"]
+
+    t.stages = ["sft", "cpt"]  # reversed: CPT continues the adapter SFT left
+    seen = []
+    result = train(tiny_base, DATA, t, tmp_path / "reversed", progress=lambda stage, *_: seen.append(stage))
+    assert list(result.stages) == ["sft", "cpt"]
+    assert list(dict.fromkeys(seen)) == ["sft", "cpt"]
+    assert result.adapter_dir == tmp_path / "reversed" / "cpt" / "adapter"
+    assert (result.stages["sft"].steps, result.stages["cpt"].steps) == (6, 2)
+    assert result.steps == 8
+
+
+def test_a_stage_without_records_is_skipped_and_the_adapter_is_the_last_trained(tiny_base, tiny_cfg, tmp_path):
+    result = train(tiny_base, {"cpt": DATA["cpt"]}, tiny_cfg.train, tmp_path / "work")
+    assert result.stages["sft"].skipped and result.stages["sft"].steps == 0
+    assert result.adapter_dir == tmp_path / "work" / "cpt" / "adapter"
+    with pytest.raises(EvolutionError, match="nothing to train on"):
+        train(tiny_base, {}, tiny_cfg.train, tmp_path / "empty")
