@@ -146,3 +146,13 @@ def test_every_stage_unit_has_its_config_section():
     sections = config.TrainConfig().stage_sections()
     assert list(sections) == [s.name for s in train.STAGES]
     assert config.TrainConfig().stages == list(sections)
+
+
+def test_age_up_stages_flag_is_validated_with_the_rest(tiny_curriculum):
+    from click.testing import CliRunner
+
+    from evolution.cli import main
+
+    r = CliRunner().invoke(main, ["age-up", "--curriculum", str(tiny_curriculum), "--stages", "sft,dpo"])
+    assert r.exit_code != 0
+    assert "train.stages: unknown stage 'dpo' (known: cpt, sft)" in r.output

@@ -48,9 +48,11 @@ def _size(n: int) -> str:
 @click.option("--config", "config_file", type=click.Path(path_type=Path), help="TOML config file.")
 @click.option("--quantization", type=click.Choice(config.QUANTIZATIONS), help="GGUF type to serve [default: q8_0].")
 @click.option("--backend", type=click.Choice(["auto", "unsloth", "hf"]), help="Training engine [default: auto].")
+@click.option("--stages", help="Comma-separated training stages to run, in order [default: cpt,sft].")
 @click.option("--restart", is_flag=True, help="Discard an interrupted age-up instead of resuming it.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
-def age_up(quick, base, curriculum_path, phases, config_file, quantization, backend, restart, as_json) -> None:
+def age_up(quick, base, curriculum_path, phases, config_file, quantization, backend, stages, restart,
+           as_json) -> None:
     """Run one whole generation now, from the latest generation (creating generation 0 first if needed)."""
     root = DataRoot.from_env().prepare()
     if base is not None:
@@ -67,6 +69,8 @@ def age_up(quick, base, curriculum_path, phases, config_file, quantization, back
         overrides.setdefault("export", {})["quantization"] = quantization
     if backend:
         overrides.setdefault("train", {})["backend"] = backend
+    if stages:
+        overrides.setdefault("train", {})["stages"] = [s.strip() for s in stages.split(",")]
     cfg = config.resolve(quick=quick, config_file=config_file, overrides=overrides, home=root.root)
 
     console = Console(stderr=True)
