@@ -29,6 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from train_bench import Contention
 
+from evolution.train import stage_dicts
+
 REPO = Path(__file__).resolve().parent.parent
 EVOLVE = [sys.executable, "-c", "from evolution.cli import main; main()"]
 
@@ -59,8 +61,8 @@ def _row(label: str, s: dict, wall: float | None, others: float | None) -> str:
     tps = ""
     if s.get("train"):
         t = s["train"]
-        tps = "; ".join(f"{k.upper()} {t[k]['steps']} steps {t[k]['tokens_per_s']:.0f} tok/s"
-                        for k in ("cpt", "sft") if t.get(k) and not t[k].get("skipped"))
+        tps = "; ".join(f"{k.upper()} {m['steps']} steps {m['tokens_per_s']:.0f} tok/s"
+                        for k, m in stage_dicts(t).items() if not m.get("skipped"))
     gate = s.get("gate") or {}
     recall = (gate.get("metrics") or {}).get("recall")
     share = f"{100 * around / total:.1f} %" if trained else "-"

@@ -188,12 +188,12 @@ from evolution.config import AgeUpConfig
 cfg = AgeUpConfig()
 cur = curriculum.load(cfg.curriculum.path)
 t = cfg.train
-t.sft_max_steps, t.cpt_max_steps, t.save_steps, t.precision = 10_000, 1, 10_000, "auto"
+t.sft.max_steps, t.cpt.max_steps, t.save_steps, t.precision = 10_000, 1, 10_000, "auto"
 def progress(stage, step, total, loss):
     if stage == "sft":
         print(json.dumps({"t": time.time(), "step": step}), flush=True)
-train.train(Path(sys.argv[1]), [r["text"] for r in cur.cpt][:4], [r["messages"] for r in cur.sft], t,
-            Path(sys.argv[2]), progress)
+train.train(Path(sys.argv[1]), {"cpt": [{"text": r["text"]} for r in cur.cpt][:4],
+                                "sft": [{"messages": r["messages"]} for r in cur.sft]}, t, Path(sys.argv[2]), progress)
 """
 
 

@@ -156,8 +156,7 @@ def main() -> None:
     ap.add_argument("--base", type=Path, help="an HF checkpoint of the embedded model made earlier (skips ~20 s)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    from evolution.tokens import encode_sft, pack_cpt
-    from evolution.train import resolve_precision, train
+    from evolution.train import BY_NAME, resolve_precision, train
 
     cfg = AgeUpConfig().train
     n = args.warmup + args.steps
@@ -167,9 +166,8 @@ def main() -> None:
           f"({torch.get_num_threads()} threads)", flush=True)
 
     cur = curriculum.load(REPO_ROOT / "curriculum")
-    texts = [r["text"] for r in cur.cpt]
-    convs = [r["messages"] for r in cur.sft]
     stages = [args.only] if args.only else ["cpt", "sft"]
+    records = {name: BY_NAME[name].curriculum(cur) for name in stages}
     results = {"peak_gflops": peak, "threads": torch.get_num_threads(), "stages": {}}
     with tempfile.TemporaryDirectory(prefix="train-bench-") as tmp:
         base = Path(tmp) / "base"
@@ -182,23 +180,22 @@ def main() -> None:
 
         params = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(base)).num_parameters()
         flop_per_token = 4 * params
-        rows = {"cpt": [{"input_ids": b} for b in pack_cpt(tok, texts, cfg.cpt_block_size)],
-                "sft": [r for c in convs if (r := encode_sft(tok, c, cfg.sft_max_len))]}
+        sections = cfg.stage_sections()
+        rows = {name: BY_NAME[name].rows(tok, records[name], sections[name]) for name in stages}
         for stage in stages:
             row: dict = {}
             if not args.skip_baseline:
-                lr = cfg.cpt_lr if stage == "cpt" else cfg.sft_lr
+                lr = sections[stage].lr
                 rate, tokens = plain_loop(base, _batches(rows[stage], n, cfg.batch_size, cfg.seed), cfg, lr,
                                           args.warmup)
                 row["plain"] = {"tokens_per_s": rate, "tokens": tokens}
                 print(f"{stage} plain loop: {rate:.0f} tokens/s", flush=True)
             timer = StepTimer(args.warmup)
             ours = AgeUpConfig().train
-            ours.cpt_max_steps = ours.sft_max_steps = n
+            ours.cpt.max_steps = ours.sft.max_steps = n
             ours.save_steps = 10**6
-            only_texts = texts if stage == "cpt" else []
-            only_convs = convs if stage == "sft" else []
-            train(base, only_texts, only_convs, ours, Path(tmp) / f"work-{stage}", extra_callbacks=[timer.callback()])
+            ours.stages = [stage]
+            train(base, {stage: records[stage]}, ours, Path(tmp) / f"work-{stage}", extra_callbacks=[timer.callback()])
             rate, tokens = timer.rate(stage)
             row["ours"] = {"tokens_per_s": rate, "tokens": tokens, "precision": resolve_precision(ours.precision)}
             print(f"{stage} ours: {rate:.0f} tokens/s", flush=True)

@@ -371,7 +371,7 @@ def _age_up_locked(root: DataRoot, cfg: AgeUpConfig, ledger: Ledger, cur, base, 
         through = replay.conversations_through(parent_dir)
         convs = ConversationStore(ledger).after(through)
         manifest = replay.materialize(root, cur, child, cfg.curriculum.replay_ratio, cfg.train.seed,
-                                      staging / "data", convs, through)
+                                      staging / "data", convs, through, train.stages_of(cfg.train))
         gate.save_recall_items(gate.eval_set(cur, []), staging / "data")
         state.info["manifest_hash"] = manifest["sha256"]
         if not ledger.entries(gen=child, kind=ev.GENERATION_CREATED):  # once, even if a crash repeats this stage
@@ -380,18 +380,18 @@ def _age_up_locked(root: DataRoot, cfg: AgeUpConfig, ledger: Ledger, cur, base, 
                                                 manifest=manifest))
 
     def do_train():
-        texts, convs = replay.read(staging / "data")
-        ledger.record(ev.training_started(child, parent=parent, cpt_docs=len(texts), sft_examples=len(convs)))
-        result = train.train(parent_hf, texts, convs, cfg.train, staging / "work", progress, train_callbacks)
+        data = replay.read(staging / "data", cfg.train.stages)
+        tracker.set(train_stages=list(cfg.train.stages))
+        ledger.record(ev.training_started(child, parent=parent, records={k: len(v) for k, v in data.items()}))
+        result = train.train(parent_hf, data, cfg.train, staging / "work", progress, train_callbacks)
         shutil.rmtree(staging / "adapter", ignore_errors=True)
         shutil.copytree(result.adapter_dir, staging / "adapter")
         state.info["train"] = result.to_dict()
         atomic_write_json(staging / "metrics.json", result.to_dict())
+        stages = result.stages
         ledger.record(ev.training_finished(
-            child, result.cpt.steps + result.sft.steps,
-            {"cpt": result.cpt.losses, "sft": result.sft.losses},
-            backend=result.backend, stage_steps={"cpt": result.cpt.steps, "sft": result.sft.steps},
-            tokens={"cpt": result.cpt.tokens, "sft": result.sft.tokens},
+            child, result.steps, {k: m.losses for k, m in stages.items()}, backend=result.backend,
+            stage_steps={k: m.steps for k, m in stages.items()}, tokens={k: m.tokens for k, m in stages.items()},
         ))
 
     _run(state, "data", data, stage_cb)

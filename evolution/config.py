@@ -11,12 +11,15 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from evolution.errors import ConfigError
 from evolution.paths import REPO_ROOT
+
+log = logging.getLogger(__name__)
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 QUANTIZATIONS = ("f16", "q8_0", "q6_k", "q5_k_m", "q5_0", "q4_k_m", "q4_0")
@@ -34,27 +37,73 @@ class CurriculumConfig:
     """Replay: add this many earlier-generation examples per new example (sampled, deduplicated)."""
 
 
+def _positive_int(name: str, value, allow_none: bool = False) -> list[str]:
+    if value is None and allow_none:
+        return []
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        return [f"{name} must be a positive integer, got {value!r}"]
+    return []
+
+
+def _positive_num(name: str, value) -> list[str]:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
+        return [f"{name} must be a positive number, got {value!r}"]
+    return []
+
+
+@dataclass
+class CptConfig:
+    """``[train.cpt]``: continual pretraining, plain causal-LM loss on raw text packed into blocks."""
+
+    block_size: int = 256
+    """Tokens per packed block."""
+    epochs: float = 1.0
+    max_steps: int | None = None
+    """Caps the stage's optimizer steps (None: epochs decide)."""
+    lr: float = 2e-4
+
+    def problems(self, where: str) -> list[str]:
+        return (_positive_int(f"{where}.block_size", self.block_size) + _positive_num(f"{where}.epochs", self.epochs)
+                + _positive_int(f"{where}.max_steps", self.max_steps, allow_none=True)
+                + _positive_num(f"{where}.lr", self.lr))
+
+
+@dataclass
+class SftConfig:
+    """``[train.sft]``: supervised fine-tuning on chat examples, loss on the assistant's tokens only."""
+
+    max_len: int = 384
+    """Longest rendered conversation in tokens; longer ones are truncated."""
+    epochs: float = 1.5
+    max_steps: int | None = None
+    """Caps the stage's optimizer steps (None: epochs decide)."""
+    lr: float = 1e-3
+
+    def problems(self, where: str) -> list[str]:
+        return (_positive_int(f"{where}.max_len", self.max_len) + _positive_num(f"{where}.epochs", self.epochs)
+                + _positive_int(f"{where}.max_steps", self.max_steps, allow_none=True)
+                + _positive_num(f"{where}.lr", self.lr))
+
+
 @dataclass
 class TrainConfig:
-    """Continual pretraining then SFT into one LoRA adapter on the parent."""
+    """Training stages in order (continual pretraining, then SFT) into one LoRA adapter on the parent.
 
+    Settings shared by every stage live here (``[train]``); each stage has its own section,
+    ``[train.<stage>]``, a field of this class named after the stage (``evolution.train``'s stage
+    units read theirs).
+    """
+
+    stages: list[str] = field(default_factory=lambda: ["cpt", "sft"])
+    """The stages to run, in order; each continues the adapter the one before it left."""
+    cpt: CptConfig = field(default_factory=CptConfig)
+    sft: SftConfig = field(default_factory=SftConfig)
     backend: str = "auto"
     """'auto' (Unsloth when CUDA and unsloth are present, else 'hf'), 'unsloth' or 'hf'."""
     lora_r: int = 16
     lora_alpha: int = 32
     lora_dropout: float = 0.0
     target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
-    cpt_block_size: int = 256
-    """CPT: tokens per packed block."""
-    cpt_epochs: float = 1.0
-    cpt_max_steps: int | None = None
-    """Caps CPT steps (None: epochs decide)."""
-    cpt_lr: float = 2e-4
-    sft_max_len: int = 384
-    """SFT: longest rendered conversation in tokens; longer ones are truncated."""
-    sft_epochs: float = 1.5
-    sft_max_steps: int | None = None
-    sft_lr: float = 1e-3
     batch_size: int = 8
     grad_accum: int = 1
     warmup_steps: int = 5
@@ -72,6 +121,20 @@ class TrainConfig:
     precision: str = "auto"
     """'auto' (bf16 autocast where the CPU has AVX512-BF16/AMX or the GPU supports bf16, else fp32),
     'bf16' or 'fp32'. LoRA weights and the optimizer stay fp32 either way."""
+
+    def stage_sections(self) -> dict[str, CptConfig | SftConfig]:
+        """Every stage's own section, by stage name."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if dataclasses.is_dataclass(getattr(self, f.name))}
+
+
+DEPRECATED_TRAIN_KEYS: dict[str, tuple[str, str]] = {
+    # The flat keys of the time before [train.cpt] / [train.sft]: still read, with a warning.
+    "cpt_block_size": ("cpt", "block_size"), "cpt_epochs": ("cpt", "epochs"),
+    "cpt_max_steps": ("cpt", "max_steps"), "cpt_lr": ("cpt", "lr"),
+    "sft_max_len": ("sft", "max_len"), "sft_epochs": ("sft", "epochs"),
+    "sft_max_steps": ("sft", "max_steps"), "sft_lr": ("sft", "lr"),
+}
 
 
 @dataclass
@@ -256,13 +319,36 @@ QUICK: dict = {
     # A whole age-up of the embedded 135M model in a few minutes on a 2-core CPU:
     # a short CPT pass, then enough SFT steps to learn the identity facts.
     "quick": True,
-    "train": {"cpt_max_steps": 6, "sft_max_steps": 60, "sft_epochs": 1.0, "save_steps": 20},
+    "train": {"cpt": {"max_steps": 6}, "sft": {"max_steps": 60, "epochs": 1.0}, "save_steps": 20},
 }
 
 
+def _set_fields(obj, name: str, values: dict, where: str, problems: list[str]) -> None:
+    """Set the fields of dataclass ``obj`` (section ``name``) from ``values``; a nested table sets a sub-section."""
+    names = {f.name for f in dataclasses.fields(obj)}
+    for k, v in values.items():
+        if name == "train" and k in DEPRECATED_TRAIN_KEYS:
+            stage, field_name = DEPRECATED_TRAIN_KEYS[k]
+            log.warning("%s: train.%s is deprecated; use [train.%s] %s", where, k, stage, field_name)
+            _set_fields(getattr(obj, stage), f"train.{stage}", {field_name: v}, where, problems)
+        elif k not in names:
+            problems.append(f"{where}: [{name}] has no field {k!r} (known: {', '.join(sorted(names))})")
+        elif dataclasses.is_dataclass(getattr(obj, k)):
+            if isinstance(v, dict):
+                _set_fields(getattr(obj, k), f"{name}.{k}", v, where, problems)
+            else:
+                problems.append(f"{where}: [{name}] {k} is a section: write it as [{name}.{k}], got {v!r}")
+        else:
+            setattr(obj, k, None if v == "off" else v)  # TOML has no null: "off" unsets a field
+
+
 def apply_overrides(cfg: AgeUpConfig, overrides: dict, where: str = "override") -> None:
-    """Set fields from a nested dict; unknown sections/keys are collected into a ConfigError."""
-    problems = []
+    """Set fields from a nested dict; unknown sections/keys are collected into a ConfigError.
+
+    Flat keys of old configs (``train.sft_epochs``) are read into their section
+    (``[train.sft] epochs``) with a warning naming the new key.
+    """
+    problems: list[str] = []
     for key, value in overrides.items():
         if key == "quick":
             cfg.quick = bool(value)
@@ -271,12 +357,7 @@ def apply_overrides(cfg: AgeUpConfig, overrides: dict, where: str = "override") 
         if not dataclasses.is_dataclass(section) or not isinstance(value, dict):
             problems.append(f"{where}: unknown section [{key}] (known: curriculum, train, export, gate, daemon)")
             continue
-        names = {f.name for f in dataclasses.fields(section)}
-        for k, v in value.items():
-            if k not in names:
-                problems.append(f"{where}: [{key}] has no field {k!r} (known: {', '.join(sorted(names))})")
-            else:
-                setattr(section, k, None if v == "off" else v)  # TOML has no null: "off" unsets a field
+        _set_fields(section, key, value, where, problems)
     if problems:
         raise ConfigError(problems)
 
@@ -287,25 +368,22 @@ def validate(cfg: AgeUpConfig) -> None:
     t, e, c = cfg.train, cfg.export, cfg.curriculum
 
     def positive_int(name, value, allow_none=False):
-        if value is None and allow_none:
-            return
-        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-            p.append(f"{name} must be a positive integer, got {value!r}")
-
-    def positive_num(name, value):
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
-            p.append(f"{name} must be a positive number, got {value!r}")
+        p.extend(_positive_int(name, value, allow_none))
 
     if t.backend not in ("auto", "unsloth", "hf"):
         p.append(f"train.backend must be 'auto', 'unsloth' or 'hf', got {t.backend!r}")
-    for name in ("lora_r", "lora_alpha", "cpt_block_size", "sft_max_len", "batch_size", "grad_accum",
-                 "save_steps", "save_total_limit"):
+    sections = t.stage_sections()
+    if (not isinstance(t.stages, list) or not t.stages or not all(isinstance(s, str) for s in t.stages)
+            or len(set(t.stages)) != len(t.stages)):
+        p.append(f"train.stages must be a non-empty list of distinct stage names, got {t.stages!r}")
+    else:
+        p += [f"train.stages: unknown stage {s!r} (known: {', '.join(sections)})" for s in t.stages
+              if s not in sections]
+    for name, section in sections.items():
+        p += section.problems(f"train.{name}")
+    for name in ("lora_r", "lora_alpha", "batch_size", "grad_accum", "save_steps", "save_total_limit"):
         positive_int(f"train.{name}", getattr(t, name))
-    positive_int("train.cpt_max_steps", t.cpt_max_steps, allow_none=True)
-    positive_int("train.sft_max_steps", t.sft_max_steps, allow_none=True)
     positive_int("train.threads", t.threads, allow_none=True)
-    for name in ("cpt_lr", "sft_lr", "cpt_epochs", "sft_epochs"):
-        positive_num(f"train.{name}", getattr(t, name))
     if not isinstance(t.seed, int) or t.seed < 0:
         p.append(f"train.seed must be a non-negative integer, got {t.seed!r}")
     if not 0 <= t.lora_dropout < 1:

@@ -7,7 +7,8 @@ a dead process is reported as interrupted, not running).
 
 ETA: the rest of the current training stage at its measured pace, plus, for stages not yet
 started, the time the latest generation's age-up spent on them (``generation.json``). During
-CPT of the very first age-up the SFT to come is not in it yet (nothing measured it).
+the first training stage of the very first age-up the stages to come are not in it yet
+(nothing measured them).
 """
 
 from __future__ import annotations
@@ -88,7 +89,9 @@ class Tracker:
             if t0 is not None and done > 0:
                 rest += (time.time() - t0) / done * (self.d["total"] - self.d["step"])
                 known = True
-            if self.d["train_stage"] == "cpt" and "train" in self.expected:  # SFT is still to come
+            # ``train_stages``: the stages the age-up trains, in order (set as training starts)
+            if self.d["train_stage"] in self.d.get("train_stages", [])[:-1] and "train" in self.expected:
+                # later training stages are still to come: at least the whole train stage's time
                 elapsed = time.time() - self.d.get("stage_started", time.time())
                 rest = max(rest, self.expected["train"] - elapsed)
         for st in order:

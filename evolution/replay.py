@@ -1,15 +1,19 @@
 """The training set of one generation: this curriculum plus a replay sample of earlier generations.
 
-Each generation keeps the exact records it trained on in ``gen_NNNN/data/`` (``cpt.jsonl``,
-``sft.jsonl``). A new age-up trains on the selected curriculum and adds, per new example,
-``replay_ratio`` examples sampled (seeded) from earlier generations' records that are not
-already in the new set — so facts taught once keep being rehearsed after the curriculum or
-the conversation inbox moves on. The manifest names every input file with its SHA-256.
+Each generation keeps the exact records each training stage trained on in ``gen_NNNN/data/``,
+one file per stage named after it (``cpt.jsonl``, ``sft.jsonl``, …). A new age-up takes each
+stage's records from the selected curriculum (and the conversation inbox) and adds, per new
+record, ``replay_ratio`` records sampled (seeded) from the same stage's file of earlier
+generations that are not already in the new set — so facts taught once keep being rehearsed
+after the curriculum or the inbox moves on. Nothing here knows a stage by name: a new stage's
+data replays as soon as generations hold its file. The manifest names every input file with
+its SHA-256, and hashes each stage's file.
 
 **Recency.** New facts may contradict old ones (the user moved; the agent's favourite book
-changed). SFT examples are compared by their prompt (the first user message, case and
-punctuation folded: ``conversations.prompt_key``), and for each prompt only the answers of
-its most authoritative, most recent source are trained on:
+changed). Chat records (those with ``messages``: SFT examples) are compared by their prompt (the
+first user message, case and punctuation folded: ``conversations.prompt_key``), and, within a
+stage, for each prompt only the answers of its most authoritative, most recent source are
+trained on:
 
 1. the curriculum, as it is now (the operator's curated statement of truth, re-read at every
    age-up; the gate's recall questions come from it, so chat cannot overwrite them);
@@ -27,12 +31,14 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+from collections.abc import Sequence
 from pathlib import Path
 
 from evolution.conversations import prompt_key
 from evolution.curriculum import Curriculum
 from evolution.fsutil import atomic_write_json, atomic_write_text, sha256_file
 from evolution.paths import DataRoot
+from evolution.train import STAGES, Stage
 
 
 def _key(record: dict) -> str:
@@ -49,13 +55,19 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
     atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
-def _newest_conversations(conversations: list[tuple[int, list[dict]]], taken: set[str]) -> tuple[list[dict], int]:
-    """One transcript per prompt: the newest (highest id); prompts in ``taken`` are skipped."""
-    keep: dict[str, dict] = {}
-    for _cid, messages in sorted(conversations, key=lambda c: c[0]):
-        keep[prompt_key(messages)] = {"messages": messages}
+def _prompt(record: dict) -> str | None:
+    """The prompt a chat record answers (recency is decided per prompt); None for other records."""
+    return prompt_key(record["messages"]) if "messages" in record else None
+
+
+def _newest_inbox(inbox: list[tuple[int, dict]], taken: set[str]) -> tuple[list[dict], int]:
+    """One inbox record per prompt: the newest (highest id); prompts in ``taken`` are skipped."""
+    keep: dict[str | int, dict] = {}
+    for cid, record in sorted(inbox, key=lambda c: c[0]):
+        p = _prompt(record)
+        keep[cid if p is None else p] = record
     rows = [r for k, r in keep.items() if k not in taken]
-    return rows, len(conversations) - len(rows)
+    return rows, len(inbox) - len(rows)
 
 
 def conversations_through(gen_dir: Path) -> int:
@@ -67,40 +79,48 @@ def conversations_through(gen_dir: Path) -> int:
 
 
 def materialize(root: DataRoot, cur: Curriculum, child: int, replay_ratio: float, seed: int, out: Path,
-                conversations: list[tuple[int, list[dict]]] = (), through: int = 0) -> dict:
-    """Write ``out/cpt.jsonl``, ``out/sft.jsonl`` and ``out/manifest.json``; return the manifest.
+                conversations: list[tuple[int, list[dict]]] = (), through: int = 0,
+                stages: Sequence[Stage] = STAGES) -> dict:
+    """Write ``out/<stage>.jsonl`` for each of ``stages`` and ``out/manifest.json``; return the manifest.
 
     ``conversations``: ``(id, messages)`` received since the parent's data (``through``: the
-    last id the parent took in).
+    last id the parent took in); each stage takes from them what it learns from (``Stage.inbox``).
     """
-    cpt = [{"text": r["text"]} for r in cur.cpt]
-    sft = [{"messages": r["messages"]} for r in cur.sft]
-    taken = {prompt_key(r["messages"]) for r in sft}
-    conv_rows, superseded = _newest_conversations(list(conversations), taken)
-    sft += conv_rows
-    taken |= {prompt_key(r["messages"]) for r in conv_rows}
+    conversations = list(conversations)
     rng = random.Random(seed * 1_000_003 + child)
+    data: dict[str, list[dict]] = {}
     replayed: dict[str, int] = {}
     sources: dict[str, str] = {}
-    for kind, new in (("cpt", cpt), ("sft", sft)):
+    taken_from_inbox = superseded = 0
+    read_inbox = False  # no stage learns from conversations: leave them for a later generation's
+    for stage in stages:
+        new = stage.curriculum(cur)
+        taken = {p for r in new if (p := _prompt(r)) is not None}
+        inbox = stage.inbox(conversations)
+        read_inbox |= bool(inbox)
+        inbox_rows, dropped = _newest_inbox(inbox, taken)
+        new += inbox_rows
+        taken |= {p for r in inbox_rows if (p := _prompt(r)) is not None}
+        taken_from_inbox += len(inbox_rows)
+        superseded += dropped
         have = {_key(r) for r in new}
         pool: list[dict] = []
-        claimed: set[str] = set(taken) if kind == "sft" else set()
+        claimed = set(taken)
         for g in sorted(root.generations(), reverse=True):  # newest generation first: it wins a prompt
             if g >= child:
                 continue
-            f = root.gen_dir(g) / "data" / f"{kind}.jsonl"
+            f = root.gen_dir(g) / "data" / f"{stage.name}.jsonl"
             if f.is_file():
                 sources[str(f.relative_to(root.root))] = sha256_file(f)
             prompts_here: set[str] = set()
             for r in _read_jsonl(f):
                 k = _key(r)
-                if kind == "sft":
-                    pk = prompt_key(r["messages"])
-                    if pk in claimed:
+                p = _prompt(r)
+                if p is not None:
+                    if p in claimed:
                         superseded += k not in have
                         continue
-                    prompts_here.add(pk)
+                    prompts_here.add(p)
                 if k not in have:
                     have.add(k)
                     pool.append(r)
@@ -108,27 +128,27 @@ def materialize(root: DataRoot, cur: Curriculum, child: int, replay_ratio: float
         pool.sort(key=_key)  # the sample must not depend on directory order
         n = min(len(pool), round(replay_ratio * len(new)))
         new += rng.sample(pool, n)
-        replayed[kind] = n
+        replayed[stage.name] = n
+        data[stage.name] = new
     out.mkdir(parents=True, exist_ok=True)
-    _write_jsonl(out / "cpt.jsonl", cpt)
-    _write_jsonl(out / "sft.jsonl", sft)
+    for name, rows in data.items():
+        _write_jsonl(out / f"{name}.jsonl", rows)
     files = {f"curriculum/{k}": v for k, v in cur.manifest()["files"].items()} | sources
     manifest = {
         "curriculum": str(cur.root),
         "files": files,
         "replayed": replayed,
-        "counts": {"cpt": len(cpt), "sft": len(sft)},
-        "conversations": {"taken": len(conv_rows), "through": max([through] + [c for c, _ in conversations]),
+        "counts": {name: len(rows) for name, rows in data.items()},
+        "conversations": {"taken": taken_from_inbox,
+                          "through": max([through] + [c for c, _ in conversations]) if read_inbox else through,
                           "superseded": superseded},
-        "data": {"cpt.jsonl": sha256_file(out / "cpt.jsonl"), "sft.jsonl": sha256_file(out / "sft.jsonl")},
+        "data": {f"{name}.jsonl": sha256_file(out / f"{name}.jsonl") for name in data},
     }
     manifest["sha256"] = hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()
     atomic_write_json(out / "manifest.json", manifest)
     return manifest
 
 
-def read(data_dir: Path) -> tuple[list[str], list[list[dict]]]:
-    """The CPT texts and SFT conversations a generation trains on."""
-    texts = [r["text"] for r in _read_jsonl(data_dir / "cpt.jsonl")]
-    convs = [r["messages"] for r in _read_jsonl(data_dir / "sft.jsonl")]
-    return texts, convs
+def read(data_dir: Path, stages: Sequence[str]) -> dict[str, list[dict]]:
+    """The records each of ``stages`` trains on, by stage name (none for a stage without a file)."""
+    return {name: _read_jsonl(data_dir / f"{name}.jsonl") for name in stages}

@@ -119,11 +119,11 @@ def make_tiny_cfg(curriculum: Path) -> AgeUpConfig:
     cfg.curriculum.path = str(curriculum)
     t = cfg.train
     t.lora_r, t.lora_alpha = 4, 8
-    t.cpt_block_size, t.sft_max_len = 32, 96
+    t.cpt.block_size, t.sft.max_len = 32, 96
     t.batch_size, t.save_steps, t.save_total_limit = 4, 2, 2
-    t.cpt_max_steps, t.sft_max_steps = 2, 6
+    t.cpt.max_steps, t.sft.max_steps = 2, 6
     t.warmup_steps = 0
-    t.sft_lr = 5e-3
+    t.sft.lr = 5e-3
     cfg.export.smoke_max_tokens = 8
     return cfg
 
@@ -188,7 +188,7 @@ def toml_of(d: dict) -> str:
 def make_daemon_cfg(cfg: AgeUpConfig) -> AgeUpConfig:
     """The tiny age-up, gated so that a child of ``taught_base`` that keeps its answers passes."""
     t = cfg.train
-    t.sft_lr, t.cpt_lr, t.sft_max_steps, t.cpt_max_steps = 1e-4, 1e-4, 4, 2
+    t.sft.lr, t.cpt.lr, t.sft.max_steps, t.cpt.max_steps = 1e-4, 1e-4, 4, 2
     g = cfg.gate
     g.min_recall, g.max_style_drift, g.answer_max_tokens, g.smoke_max_tokens = 0.5, 100.0, 16, 24
     cfg.export.smoke_max_tokens = 24

@@ -70,7 +70,7 @@ def test_karma_past_the_threshold_ages_up_and_swaps_while_chat_never_fails(taugh
 
 def test_kill_9_mid_training_then_restart_resumes_and_completes(taught_base, daemon_cfg, tmp_path, _isolated_home):
     # long enough that the kill lands mid-SFT however fast a tiny step is (the restart resumes at >= 4)
-    daemon_cfg.train.sft_epochs, daemon_cfg.train.sft_max_steps, daemon_cfg.train.save_steps = 10, 40, 2
+    daemon_cfg.train.sft.epochs, daemon_cfg.train.sft.max_steps, daemon_cfg.train.save_steps = 10, 40, 2
     conf = _config(tmp_path, daemon_cfg)
     args = ("--start-gen", "0", "--base", str(taught_base), "--threshold", "5", "--config", str(conf))
     d = DaemonProc(_isolated_home, *args).start()
@@ -107,7 +107,7 @@ def test_kill_9_mid_training_then_restart_resumes_and_completes(taught_base, dae
 
 
 def test_sigterm_during_training_writes_a_checkpoint_and_exits_0(taught_base, daemon_cfg, tmp_path, _isolated_home):
-    daemon_cfg.train.sft_max_steps, daemon_cfg.train.save_steps = 40, 100  # no periodic checkpoint before the end
+    daemon_cfg.train.sft.max_steps, daemon_cfg.train.save_steps = 40, 100  # no periodic checkpoint before the end
     conf = _config(tmp_path, daemon_cfg)
     d = DaemonProc(_isolated_home, "--start-gen", "0", "--base", str(taught_base), "--threshold", "1",
                    "--config", str(conf)).start()

@@ -62,8 +62,8 @@ def test_stop_rule_needs_two_children_in_a_row_without_recall_gain():
 @pytest.fixture
 def _learning_cfg(tiny_cfg):
     t = tiny_cfg.train
-    t.lora_r, t.lora_alpha, t.sft_lr, t.sft_max_steps, t.batch_size, t.save_steps = 16, 32, 1e-2, 40, 8, 40
-    t.sft_epochs = 100.0
+    t.lora_r, t.lora_alpha, t.sft.lr, t.sft.max_steps, t.batch_size, t.save_steps = 16, 32, 1e-2, 40, 8, 40
+    t.sft.epochs = 100.0
     g = tiny_cfg.gate
     # A 2-layer model from random weights has no style and no fluency to keep: only recall matters here.
     g.min_recall, g.max_style_drift, g.max_perplexity_ratio, g.generalization_margin = 0.5, 1e6, None, None

@@ -67,3 +67,20 @@ def test_status_shows_the_running_age_up(tmp_path):
     t.step("sft", 2, 40, 1.9)
     out = CliRunner().invoke(main, ["status"]).output
     assert "age-up:           generation 3: train, SFT step 2/40, ETA" in out
+
+
+def test_eta_in_an_earlier_training_stage_counts_the_stages_still_to_come(monkeypatch):
+    root = DataRoot.from_env().prepare()
+    clock = [1000.0]
+    monkeypatch.setattr(progress.time, "time", lambda: clock[0])
+    t = progress.Tracker(root, {"train": 300.0}, min_interval=0)
+    t.stage("train", "start")
+    t.set(train_stages=["cpt", "sft"])
+    t.step("cpt", 0, 10, None)
+    clock[0] += 10
+    t.step("cpt", 5, 10, 2.0)  # 10 s of CPT left, and SFT after it: the last train stage's time bounds it
+    assert progress.read(root)["eta_s"] == 300 - 10
+    t.step("sft", 0, 10, None)
+    clock[0] += 10
+    t.step("sft", 5, 10, 1.0)  # the last stage: its own pace only
+    assert progress.read(root)["eta_s"] == 10

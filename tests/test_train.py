@@ -9,11 +9,13 @@ import torch
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
+from evolution.errors import EvolutionError
 from evolution.train import COMPLETE, train
 
 CONVS = [[{"role": "user", "content": f"What is your name? {i}"}, {"role": "assistant", "content": "My name is Wren."}]
          for i in range(16)]
 TEXTS = ["Tide pools fill twice a day."] * 30
+DATA = {"cpt": [{"text": t} for t in TEXTS], "sft": [{"messages": c} for c in CONVS]}
 
 
 class _Grab(TrainerCallback):
@@ -37,10 +39,10 @@ class _Crash(TrainerCallback):
 
 def test_lora_weights_change_and_base_weights_do_not(tiny_base, tiny_cfg, tmp_path):
     grab = _Grab()
-    result = train(tiny_base, TEXTS, CONVS, tiny_cfg.train, tmp_path / "work", extra_callbacks=[grab])
+    result = train(tiny_base, DATA, tiny_cfg.train, tmp_path / "work", extra_callbacks=[grab])
     assert result.backend == "hf"
-    assert result.cpt.steps == 2 and result.sft.steps == 6
-    assert result.sft.loss_last < result.sft.loss_first
+    assert result.stages["cpt"].steps == 2 and result.stages["sft"].steps == 6
+    assert result.stages["sft"].loss_last < result.stages["sft"].loss_first
 
     adapter = load_file(result.adapter_dir / "adapter_model.safetensors")
     assert adapter and all("lora_" in k for k in adapter)
@@ -64,7 +66,7 @@ def test_lora_weights_change_and_base_weights_do_not(tiny_base, tiny_cfg, tmp_pa
 def test_interrupted_stage_resumes_from_its_last_complete_checkpoint(tiny_base, tiny_cfg, tmp_path):
     work = tmp_path / "work"
     with pytest.raises(KeyboardInterrupt):
-        train(tiny_base, TEXTS, CONVS, tiny_cfg.train, work, extra_callbacks=[_Crash("sft", 5)])
+        train(tiny_base, DATA, tiny_cfg.train, work, extra_callbacks=[_Crash("sft", 5)])
     assert (work / "cpt" / "adapter").is_dir()  # CPT finished before the crash
     ckpts = sorted(p.name for p in (work / "sft").glob("checkpoint-*"))
     assert ckpts == ["checkpoint-2", "checkpoint-4"]
@@ -74,10 +76,10 @@ def test_interrupted_stage_resumes_from_its_last_complete_checkpoint(tiny_base, 
     partial.mkdir()
     (partial / "adapter_model.safetensors").write_bytes(b"truncated")
 
-    result = train(tiny_base, TEXTS, CONVS, tiny_cfg.train, work)
-    assert result.cpt.skipped and result.cpt.steps == 2  # finished stage not redone
-    assert result.sft.resumed_from_step == 4
-    assert result.sft.steps == 6
+    result = train(tiny_base, DATA, tiny_cfg.train, work)
+    assert result.stages["cpt"].skipped and result.stages["cpt"].steps == 2  # finished stage not redone
+    assert result.stages["sft"].resumed_from_step == 4
+    assert result.stages["sft"].steps == 6
     assert not partial.exists()
     assert (work / "sft" / "adapter" / "adapter_model.safetensors").is_file()
 
@@ -120,10 +122,10 @@ def test_lane_loss_equals_the_loss_of_each_row_on_its_own(tiny_base, tiny_cfg, s
     """No attention leaks between rows sharing a lane, and labels line up with their tokens."""
     from contextlib import nullcontext
 
-    from evolution.train import LaneCollator, _load_model, lane_loss
+    from evolution.train import BY_NAME, LaneCollator, lane_loss, load_model
 
     tiny_cfg.train.precision = "fp32"
-    model, _ = _load_model(tiny_base, tiny_cfg.train, "hf", stage)
+    model, _ = load_model(tiny_base, tiny_cfg.train, "hf", BY_NAME[stage].cpu_attention, 128)
     model.eval()
     rows = _rows([40, 9, 23, 17, 33])
     with torch.no_grad():
@@ -136,3 +138,30 @@ def test_lane_loss_equals_the_loss_of_each_row_on_its_own(tiny_base, tiny_cfg, s
             total += float(model(input_ids=ids, labels=labels).loss) * n
             count += n
     assert lane.item() == pytest.approx(total / count, rel=1e-4)
+
+
+def test_the_stage_list_decides_what_trains_and_in_which_order(tiny_base, tiny_cfg, tmp_path):
+    t = tiny_cfg.train
+    t.stages = ["sft"]  # a config that runs SFT only: CPT's records are there, and not trained on
+    only = train(tiny_base, DATA, t, tmp_path / "only")
+    assert list(only.stages) == ["sft"] and only.stages["sft"].steps == 6
+    assert not (tmp_path / "only" / "cpt").exists()
+    assert only.adapter_dir == tmp_path / "only" / "sft" / "adapter"
+    assert list(only.to_dict()) == ["backend", "adapter_dir", "sft"]
+
+    t.stages = ["sft", "cpt"]  # reversed: CPT continues the adapter SFT left
+    seen = []
+    result = train(tiny_base, DATA, t, tmp_path / "reversed", progress=lambda stage, *_: seen.append(stage))
+    assert list(result.stages) == ["sft", "cpt"]
+    assert list(dict.fromkeys(seen)) == ["sft", "cpt"]
+    assert result.adapter_dir == tmp_path / "reversed" / "cpt" / "adapter"
+    assert (result.stages["sft"].steps, result.stages["cpt"].steps) == (6, 2)
+    assert result.steps == 8
+
+
+def test_a_stage_without_records_is_skipped_and_the_adapter_is_the_last_trained(tiny_base, tiny_cfg, tmp_path):
+    result = train(tiny_base, {"cpt": DATA["cpt"]}, tiny_cfg.train, tmp_path / "work")
+    assert result.stages["sft"].skipped and result.stages["sft"].steps == 0
+    assert result.adapter_dir == tmp_path / "work" / "cpt" / "adapter"
+    with pytest.raises(EvolutionError, match="nothing to train on"):
+        train(tiny_base, {}, tiny_cfg.train, tmp_path / "empty")

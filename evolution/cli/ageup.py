@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from evolution import ageup, config, promotion
+from evolution import ageup, config, promotion, train
 from evolution import base as base_model
 from evolution.ledger import Ledger
 from evolution.paths import DataRoot
@@ -20,7 +20,7 @@ from evolution.paths import DataRoot
 STAGE_TITLES = {
     "base": "generation 0: base model → safetensors",
     "data": "data: curriculum + replay",
-    "train": "train: CPT then SFT (LoRA)",
+    "train": "train: the configured stages, CPT then SFT by default (LoRA)",
     "merge": "merge adapter → safetensors",
     "gguf_f16": "convert → GGUF f16",
     "quantize": "quantize + SHA-256",
@@ -48,9 +48,11 @@ def _size(n: int) -> str:
 @click.option("--config", "config_file", type=click.Path(path_type=Path), help="TOML config file.")
 @click.option("--quantization", type=click.Choice(config.QUANTIZATIONS), help="GGUF type to serve [default: q8_0].")
 @click.option("--backend", type=click.Choice(["auto", "unsloth", "hf"]), help="Training engine [default: auto].")
+@click.option("--stages", help="Comma-separated training stages to run, in order [default: cpt,sft].")
 @click.option("--restart", is_flag=True, help="Discard an interrupted age-up instead of resuming it.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
-def age_up(quick, base, curriculum_path, phases, config_file, quantization, backend, restart, as_json) -> None:
+def age_up(quick, base, curriculum_path, phases, config_file, quantization, backend, stages, restart,
+           as_json) -> None:
     """Run one whole generation now, from the latest generation (creating generation 0 first if needed)."""
     root = DataRoot.from_env().prepare()
     if base is not None:
@@ -67,6 +69,8 @@ def age_up(quick, base, curriculum_path, phases, config_file, quantization, back
         overrides.setdefault("export", {})["quantization"] = quantization
     if backend:
         overrides.setdefault("train", {})["backend"] = backend
+    if stages:
+        overrides.setdefault("train", {})["stages"] = [s.strip() for s in stages.split(",")]
     cfg = config.resolve(quick=quick, config_file=config_file, overrides=overrides, home=root.root)
 
     console = Console(stderr=True)
@@ -132,8 +136,7 @@ def age_up(quick, base, curriculum_path, phases, config_file, quantization, back
     for a in summary.artifacts[1:]:
         table.add_row(a.kind, f"{a.path}  {_size(a.size)}")
     if summary.train:
-        for st in ("cpt", "sft"):
-            m = summary.train[st]
+        for st, m in train.stage_dicts(summary.train).items():
             if not m["skipped"] or m["steps"]:
                 table.add_row(st.upper(), f"{m['steps']} steps, {m['tokens']} tokens, loss {m['loss_first']:.3f} → "
                               f"{m['loss_last']:.3f}, {m['tokens_per_s']:.0f} tok/s")

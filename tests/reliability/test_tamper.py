@@ -28,7 +28,7 @@ from evolution.fsutil import make_tree_writable, sha256_file
 from evolution.train import COMPLETE, train
 from tests.conftest import SERVER_TOKEN
 from tests.ledger.conftest import tamper_sqlite
-from tests.test_train import CONVS, TEXTS, _Crash
+from tests.test_train import DATA, _Crash
 
 AUTH = {"Authorization": f"Bearer {SERVER_TOKEN}"}
 ASK = {"messages": [{"role": "user", "content": "What is your name?"}], "max_tokens": 4}
@@ -103,7 +103,7 @@ class _Payload:
 
 def _interrupted(tiny_base, tiny_cfg, work: Path) -> Path:
     with pytest.raises(KeyboardInterrupt):
-        train(tiny_base, TEXTS, CONVS, tiny_cfg.train, work, extra_callbacks=[_Crash("sft", 5)])
+        train(tiny_base, DATA, tiny_cfg.train, work, extra_callbacks=[_Crash("sft", 5)])
     assert sorted(p.name for p in (work / "sft").glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
     return work / "sft" / "checkpoint-4"
 
@@ -115,8 +115,8 @@ def test_a_checkpoint_changed_on_disk_is_set_aside_and_training_resumes_before_i
     ckpt = _interrupted(tiny_base, tiny_cfg, work)
     _flip(ckpt / name)  # one bit, the file still parses (or nearly): only its hash tells
     with tally.fault("tamper · training checkpoint changed"):
-        result = train(tiny_base, TEXTS, CONVS, tiny_cfg.train, work)
-        assert result.sft.resumed_from_step == 2 and result.sft.steps == 6
+        result = train(tiny_base, DATA, tiny_cfg.train, work)
+        assert result.stages["sft"].resumed_from_step == 2 and result.stages["sft"].steps == 6
         rejected = list((work / "sft" / "rejected").glob("checkpoint-4-*"))
         assert len(rejected) == 1 and (rejected[0] / name).is_file()  # kept for a post-mortem, not loaded
         assert load_file(result.adapter_dir / "adapter_model.safetensors")
@@ -133,24 +133,24 @@ def test_a_checkpoint_holding_pickled_code_is_never_unpickled(tiny_base, tiny_cf
     (ckpt / COMPLETE).write_text(json.dumps(marker))
     with tally.fault("tamper · training checkpoint pickle"):
         with pytest.raises(EvolutionError, match=r"checkpoint-4 holds a pickled object that is not plain tensors"):
-            train(tiny_base, TEXTS, CONVS, tiny_cfg.train, work)
+            train(tiny_base, DATA, tiny_cfg.train, work)
         assert not proof.exists()
         assert not ckpt.exists() and list((work / "sft" / "rejected").glob("checkpoint-4-*"))
-        result = train(tiny_base, TEXTS, CONVS, tiny_cfg.train, work)  # the next attempt: from checkpoint 2
-        assert result.sft.resumed_from_step == 2 and result.sft.steps == 6 and not proof.exists()
+        result = train(tiny_base, DATA, tiny_cfg.train, work)  # the next attempt: from checkpoint 2
+        assert result.stages["sft"].resumed_from_step == 2 and result.stages["sft"].steps == 6 and not proof.exists()
 
 
 def test_a_finished_stage_whose_adapter_changed_is_trained_again(tiny_base, tiny_cfg, tmp_path, tally):
     work = tmp_path / "work"
-    first = train(tiny_base, TEXTS, CONVS, tiny_cfg.train, work)
+    first = train(tiny_base, DATA, tiny_cfg.train, work)
     good = sha256_file(first.adapter_dir / "adapter_model.safetensors")
     _flip(first.adapter_dir / "adapter_model.safetensors")
     with tally.fault("tamper · finished stage adapter changed"):
-        again = train(tiny_base, TEXTS, CONVS, tiny_cfg.train, work)
-        assert again.cpt.skipped and not again.sft.skipped  # only the changed stage runs again
+        again = train(tiny_base, DATA, tiny_cfg.train, work)
+        assert again.stages["cpt"].skipped and not again.stages["sft"].skipped  # only the changed stage runs again
         assert list((work / "sft" / "rejected").glob("adapter-*"))
         # resumed from its last checkpoint, which was the last step: the same weights come back
-        assert again.sft.resumed_from_step == 6
+        assert again.stages["sft"].resumed_from_step == 6
         assert sha256_file(again.adapter_dir / "adapter_model.safetensors") == good
 
 

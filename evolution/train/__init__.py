@@ -1,0 +1,50 @@
+"""Training: the configured stages, in order, into one LoRA adapter on the parent generation.
+
+One entry point, ``train``. The stages are data: ``STAGES`` lists every stage unit this package
+has (``cpt``: continual pretraining on raw text; ``sft``: chat examples, assistant-only loss),
+and ``train.stages`` of the config picks which run, in which order. A new training signal is
+one module here (a ``Stage``: its name, its records, its rows, its trainer) and one config
+section ``[train.<name>]`` in ``evolution.config``.
+
+Shared parts: ``backend`` (Unsloth or transformers + PEFT, precision, the LoRA model),
+``checkpoints`` (SHA-256 ``COMPLETE`` markers, resume, rejection, weights-only loads),
+``lanes`` (the packed-lane collator, loss and trainer CPT and SFT use) and ``runner`` (each
+stage in order, resumable, with progress callbacks).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from evolution.config import TrainConfig
+from evolution.train import cpt, sft
+from evolution.train.backend import load_model, resolve_precision, select_backend
+from evolution.train.checkpoints import COMPLETE, checkpoint_problems, last_complete_checkpoint
+from evolution.train.lanes import LaneCollator, lane_loss
+from evolution.train.runner import ProgressFn, run_stages
+from evolution.train.stage import Records, Stage, StageMetrics, TrainResult, stage_dicts
+
+STAGES: tuple[Stage, ...] = (cpt.STAGE, sft.STAGE)
+"""Every stage unit, in the default order."""
+
+BY_NAME: dict[str, Stage] = {s.name: s for s in STAGES}
+
+
+def stages_of(cfg: TrainConfig) -> list[Stage]:
+    """The stage units ``train.stages`` names, in its order (``config.validate`` checked the names)."""
+    return [BY_NAME[name] for name in cfg.stages]
+
+
+def train(parent: Path, data: dict[str, Records], cfg: TrainConfig, workdir: Path,
+          progress: ProgressFn | None = None, extra_callbacks: list | None = None) -> TrainResult:
+    """Train the configured stages on ``parent`` (an HF checkpoint dir) into ``workdir``; resumable.
+
+    ``data``: each stage's records by stage name (``replay.read``). Returns the adapter of the
+    last stage that trained and per-stage metrics. Finished stages are not re-run.
+    """
+    return run_stages(parent, stages_of(cfg), data, cfg, workdir, progress, extra_callbacks)
+
+
+__all__ = ["BY_NAME", "COMPLETE", "STAGES", "LaneCollator", "ProgressFn", "Records", "Stage", "StageMetrics",
+           "TrainResult", "checkpoint_problems", "lane_loss", "last_complete_checkpoint", "load_model",
+           "resolve_precision", "select_backend", "stage_dicts", "stages_of", "train"]

@@ -1,0 +1,177 @@
+"""The stage runner: each stage in order into one LoRA adapter, resumable, with progress callbacks.
+
+Each stage trains the parent with a fresh LoRA adapter that starts from the adapter the stage
+before it left. It checkpoints every ``save_steps`` into ``<workdir>/<stage>/checkpoint-N``
+(keeping the last ``save_total_limit``) and resumes from the last trusted one after a crash
+(``evolution.train.checkpoints``); a finished stage, whose ``<stage>/adapter`` still matches its
+hashes, is never run again. A stage with no rows is skipped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import pickle
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from evolution.config import TrainConfig
+from evolution.errors import EvolutionError
+from evolution.train import backend as engine
+from evolution.train import checkpoints
+from evolution.train.stage import Records, Stage, StageMetrics, TrainResult
+
+log = logging.getLogger(__name__)
+
+ProgressFn = Callable[[str, int, int, "float | None"], None]
+"""progress(stage, step, total_steps, last_loss)"""
+
+
+def _callbacks(stage: str, total: int, metrics: StageMetrics, progress: ProgressFn | None):
+    from transformers import TrainerCallback
+
+    class _Track(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kw):
+            if logs and "loss" in logs:
+                metrics.losses.append(float(logs["loss"]))
+
+        def on_step_end(self, args, state, control, **kw):
+            if progress:
+                progress(stage, state.global_step, total, metrics.loss_last)
+
+        def on_save(self, args, state, control, **kw):
+            ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if ckpt.is_dir():
+                checkpoints.mark_complete(ckpt, state.global_step)
+
+    return [_Track()]
+
+
+def _steps(n_rows: int, cfg: TrainConfig, epochs: float, cap: int | None) -> int:
+    per_epoch = math.ceil(n_rows / (cfg.batch_size * cfg.grad_accum))
+    steps = max(1, math.ceil(per_epoch * epochs))
+    return min(steps, cap) if cap else steps
+
+
+def _checkpointing_arg(cfg: TrainConfig, use_cuda: bool) -> dict:
+    """Activation checkpointing, under the name this transformers knows (renamed in 5.x; TRL turns it on)."""
+    from transformers import TrainingArguments
+
+    on = use_cuda if cfg.gradient_checkpointing is None else cfg.gradient_checkpointing
+    names = {f.name for f in dataclasses.fields(TrainingArguments)}
+    return {"activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing": on}
+
+
+def _training_args(cfg: TrainConfig, stage_dir: Path, lr: float, max_steps: int) -> dict:
+    """The ``TrainingArguments`` every stage shares; the stage's trainer adds its own."""
+    import torch
+
+    use_cuda = torch.cuda.is_available()
+    return dict(
+        output_dir=str(stage_dir),
+        max_steps=max_steps,
+        per_device_train_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum,
+        learning_rate=lr,
+        lr_scheduler_type="cosine",
+        warmup_steps=min(cfg.warmup_steps, max_steps // 5),
+        weight_decay=cfg.weight_decay,
+        logging_steps=1,
+        save_strategy="steps",
+        save_steps=cfg.save_steps,
+        save_total_limit=cfg.save_total_limit,
+        report_to="none",
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        bf16=engine.resolve_precision(cfg.precision) == "bf16",
+        use_cpu=not use_cuda,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+        **_checkpointing_arg(cfg, use_cuda),
+    )
+
+
+def run_stage(stage: Stage, model, tokenizer, rows: list[dict], cfg: TrainConfig, stage_dir: Path,
+              backend: str, progress: ProgressFn | None, extra_callbacks: list | None) -> StageMetrics:
+    """Train one stage on ``rows`` (resuming from its last trusted checkpoint) and save its adapter."""
+    settings = cfg.stage_sections()[stage.name]
+    max_steps = _steps(len(rows), cfg, settings.epochs, settings.max_steps)
+    log.info("%s: %d rows, %d steps, backend %s", stage.name, len(rows), max_steps, backend)
+    metrics = StageMetrics(stage=stage.name, examples=len(rows))
+    resume = checkpoints.last_complete_checkpoint(stage_dir)
+    if resume is not None:
+        metrics.resumed_from_step = int(resume.name.split("-")[1])
+        log.info("%s: resuming from %s", stage.name, resume.name)
+    trainer = stage.trainer(model, tokenizer, rows, _training_args(cfg, stage_dir, settings.lr, max_steps),
+                            _callbacks(stage.name, max_steps, metrics, progress) + list(extra_callbacks or []),
+                            backend)
+    from transformers.trainer_callback import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)  # progress and losses go through our callback instead
+    t0 = time.perf_counter()
+    try:
+        trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    except pickle.UnpicklingError as e:  # weights_only refused a file of the checkpoint: code, not tensors
+        if resume is None:
+            raise
+        checkpoints.reject(resume, "it holds a pickle that is not plain tensors")
+        raise EvolutionError(
+            f"{resume} holds a pickled object that is not plain tensors, so it was not loaded ({e}). "
+            f"It was moved to {stage_dir / 'rejected'}; run the age-up again to resume from the checkpoint "
+            "before it (the daemon retries on its own)."
+        ) from e
+    metrics.wall_s = time.perf_counter() - t0
+    metrics.steps = trainer.state.global_step
+    metrics.tokens = int(trainer.state.num_input_tokens_seen)
+    done_steps = metrics.steps - (metrics.resumed_from_step or 0)
+    metrics.tokens_per_s = metrics.tokens / metrics.wall_s * done_steps / max(metrics.steps, 1) if metrics.wall_s else 0.0
+    checkpoints.save_adapter(model, stage_dir, metrics, backend)
+    return metrics
+
+
+def run_stages(parent: Path, stages: Sequence[Stage], data: dict[str, Records], cfg: TrainConfig, workdir: Path,
+               progress: ProgressFn | None = None, extra_callbacks: list | None = None) -> TrainResult:
+    """Train ``stages`` in order on ``parent`` (an HF checkpoint dir) into ``workdir``; resumable.
+
+    ``data``: each stage's records by stage name. Returns the adapter of the last stage that trained
+    and per-stage metrics. Finished stages are not re-run.
+    """
+    import torch
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    engine.keep_freed_memory()
+    backend = engine.select_backend(cfg.backend)
+    log.info("training backend %s, precision %s", backend, engine.resolve_precision(cfg.precision))
+    sections = cfg.stage_sections()
+    max_seq_length = max(s.seq_len(sections[s.name]) for s in stages)
+    workdir.mkdir(parents=True, exist_ok=True)
+    results: dict[str, StageMetrics] = {}
+    prev_adapter: Path | None = None
+    for stage in stages:
+        stage_dir = workdir / stage.name
+        done = checkpoints.finished(stage_dir)
+        if done is not None:
+            log.info("%s: already finished (%d steps), not redone", stage.name, done.steps)
+            results[stage.name], prev_adapter = done, stage_dir / "adapter"
+            continue
+        model, tokenizer = engine.load_model(parent, cfg, backend, stage.cpu_attention, max_seq_length)
+        rows = stage.rows(tokenizer, data.get(stage.name, []), sections[stage.name])
+        if not rows:
+            log.info("%s: no data, skipped", stage.name)
+            results[stage.name] = StageMetrics(stage=stage.name, skipped=True)
+            continue
+        if prev_adapter is not None:
+            engine.load_adapter_weights(model, prev_adapter)
+        stage_dir.mkdir(parents=True, exist_ok=True)
+        with checkpoints.weights_only_loads():
+            results[stage.name] = run_stage(stage, model, tokenizer, rows, cfg, stage_dir, backend, progress,
+                                            extra_callbacks)
+        prev_adapter = stage_dir / "adapter"
+        del model
+    if prev_adapter is None:
+        raise EvolutionError("nothing to train on: the selected curriculum has no data for any of the stages "
+                             f"{', '.join(s.name for s in stages)}")
+    return TrainResult(backend=backend, adapter_dir=prev_adapter, stages=results)

@@ -1,0 +1,91 @@
+"""Replay is generic over training stages: one data file per stage, earlier generations' records
+replayed by stage name, and the data of generations written before stages were data still read."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from evolution import curriculum, replay
+from evolution.fsutil import sha256_file
+from evolution.paths import DataRoot
+from evolution.train import BY_NAME, STAGES, Stage
+from tests.conftest import write_jsonl
+
+
+@pytest.fixture
+def cur(tiny_curriculum):
+    return curriculum.load(tiny_curriculum)
+
+
+@pytest.fixture
+def root():
+    return DataRoot.from_env()
+
+
+def _lines(path):
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def _old_generation(root: DataRoot, gen: int) -> None:
+    """gen_NNNN/data/ exactly as the age-up wrote it before training stages were data (commit 9ec2af3)."""
+    data = root.gen_dir(gen) / "data"
+    write_jsonl(data / "cpt.jsonl", [{"text": "The lighthouse keeper wrote in the log every night."}])
+    write_jsonl(data / "sft.jsonl", [{"messages": [{"role": "user", "content": "What is your favourite book?"},
+                                                   {"role": "assistant", "content": "Moby-Dick."}]}])
+    write_jsonl(data / "eval_recall.jsonl", [{"id": "f0", "phase": 1, "question": "What is your name?",
+                                              "answers": ["Wren"]}])
+    manifest = {"curriculum": "/somewhere/curriculum", "files": {}, "replayed": {"cpt": 0, "sft": 0},
+                "counts": {"cpt": 1, "sft": 1}, "conversations": {"taken": 0, "through": 3, "superseded": 0},
+                "data": {"cpt.jsonl": sha256_file(data / "cpt.jsonl"), "sft.jsonl": sha256_file(data / "sft.jsonl")}}
+    (data / "manifest.json").write_text(json.dumps(manifest | {"sha256": "0" * 64}))
+
+
+def test_data_written_before_stages_were_data_is_replayed(cur, root, tmp_path):
+    _old_generation(root, 1)
+    out = tmp_path / "child2"
+    m = replay.materialize(root, cur, 2, 10.0, 0, out, [], replay.conversations_through(root.gen_dir(1)))
+    assert m["replayed"] == {"cpt": 1, "sft": 1}
+    assert {"text": "The lighthouse keeper wrote in the log every night."} in _lines(out / "cpt.jsonl")
+    assert any(r["messages"][1]["content"] == "Moby-Dick." for r in _lines(out / "sft.jsonl"))
+    assert {"checkpoints/gen_0001/data/cpt.jsonl", "checkpoints/gen_0001/data/sft.jsonl"} <= set(m["files"])
+    assert m["conversations"]["through"] == 3
+    data = replay.read(out, ["cpt", "sft"])
+    assert len(data["cpt"]) == len(cur.cpt) + 1 and len(data["sft"]) == len(cur.sft) + 1
+
+
+def test_one_file_per_stage_each_hashed_in_the_manifest(cur, root, tmp_path):
+    out = tmp_path / "data"
+    m = replay.materialize(root, cur, 1, 0.0, 0, out)
+    assert sorted(p.name for p in out.iterdir()) == ["cpt.jsonl", "manifest.json", "sft.jsonl"]
+    assert m["data"] == {f"{s.name}.jsonl": sha256_file(out / f"{s.name}.jsonl") for s in STAGES}
+    assert m["counts"] == {"cpt": len(cur.cpt), "sft": len(cur.sft)}
+
+
+def test_only_the_configured_stages_get_data(cur, root, tmp_path):
+    convs = [(4, [{"role": "user", "content": "Where do you live?"}, {"role": "assistant", "content": "Faro."}])]
+    out = tmp_path / "sft-only"
+    m = replay.materialize(root, cur, 1, 0.0, 0, out, convs, 0, [BY_NAME["sft"]])
+    assert not (out / "cpt.jsonl").exists() and list(m["data"]) == ["sft.jsonl"]
+    assert m["conversations"] == {"taken": 1, "through": 4, "superseded": 0}
+    assert replay.read(out, ["sft"])["sft"][-1]["messages"][1]["content"] == "Faro."
+
+    # no stage learns from conversations: they are left for a later generation's data
+    out = tmp_path / "cpt-only"
+    m = replay.materialize(root, cur, 1, 0.0, 0, out, convs, 2, [BY_NAME["cpt"]])
+    assert list(m["data"]) == ["cpt.jsonl"]
+    assert m["conversations"] == {"taken": 0, "through": 2, "superseded": 0}
+
+
+def test_a_new_stage_replays_its_records_without_changes_to_replay(cur, root, tmp_path):
+    notes = Stage(name="notes", rows=lambda tok, records, settings: [], seq_len=lambda settings: 0,
+                  trainer=lambda *a: None, curriculum=lambda cur: [{"note": "new"}])
+    write_jsonl(root.gen_dir(1) / "data" / "notes.jsonl", [{"note": "old one"}, {"note": "old two"}])
+    write_jsonl(root.gen_dir(2) / "data" / "notes.jsonl", [{"note": "old two"}, {"note": "newer"}])
+    out = tmp_path / "child3"
+    m = replay.materialize(root, cur, 3, 10.0, 0, out, [], 0, [*STAGES, notes])
+    assert sorted(r["note"] for r in _lines(out / "notes.jsonl")) == ["new", "newer", "old one", "old two"]
+    assert m["replayed"]["notes"] == 3 and m["counts"]["notes"] == 4
+    assert m["data"]["notes.jsonl"] == sha256_file(out / "notes.jsonl")
+    assert "checkpoints/gen_0002/data/notes.jsonl" in m["files"]
