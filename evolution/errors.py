@@ -57,3 +57,15 @@ class DiskFull(EvolutionError):
 
 class IdempotencyConflict(EvolutionError):
     """An idempotency key was reused for a different request (HTTP 409)."""
+
+
+class ExperienceError(EvolutionError):
+    """A capture or a rating that cannot be accepted (a bad label, correction or karma; HTTP 400); nothing changed."""
+
+
+class UnknownExperience(ExperienceError):
+    """No kept served completion or conversation has that id (HTTP 404); nothing changed."""
+
+
+class ExperienceKeyReused(ExperienceError, IdempotencyConflict):
+    """The idempotency key was used for another rating (HTTP 409); nothing changed."""
