@@ -117,6 +117,16 @@ def test_capture_is_bounded_and_evicts_the_oldest_unrated_first(led, karma):
         "ratings": 2, "capture_max": 3, "capture_failures": 0, "last_capture_failure": None}
 
 
+def test_a_full_store_makes_room_for_the_next_hundredth(led):
+    store = ExperienceStore(led, capture_max=200)
+    for i in range(201):
+        capture(store, i)
+    assert store.counts()["experiences"] == 198  # 1 over, and 2 (1 %) more: not a DELETE at every chat
+    assert store.list(limit=1000)[-1].completion_id == "chatcmpl-3"
+    capture(store, 201), capture(store, 202)
+    assert store.counts()["experiences"] == 200
+
+
 def test_when_every_kept_experience_is_rated_the_oldest_rated_goes(led, karma, caplog):
     store = ExperienceStore(led, karma=karma, capture_max=2)
     capture(store, 0), capture(store, 1)
