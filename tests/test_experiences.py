@@ -433,6 +433,8 @@ def test_cli_experiences_and_feedback(led, evolve):
     conv = ConversationStore(led).add([U("hi"), A("hello")]).id
     out = evolve("feedback", f"conv-{conv}", "bad")
     assert out.exit_code == 0 and f"rated conversation {conv} bad" in out.output
+    assert "experiences:      3 kept (2 good, 0 bad, 1 unrated); 1 labelled conversations" in evolve("status").output
+    assert json.loads(evolve("status", "--json").output)["experiences"]["good"] == 2
 
 
 def test_cli_feedback_errors_exit_non_zero_with_the_message(led, evolve):
