@@ -242,6 +242,14 @@ class DaemonConfig:
     """...up to this many attempts; then its request is marked failed (and the error shown in /status)."""
     shutdown_grace_s: float = 120.0
     """On SIGTERM: how long a training age-up may take to write its checkpoint before it is killed."""
+    capture: bool = True
+    """Keep every served chat completion (scrubbed, like posted conversations) so it can be rated with
+    ``POST /feedback`` or ``evolve feedback``; a request's OpenAI ``store: false`` opts it out."""
+    capture_max: int = 10_000
+    """How many served chats are kept; past it the oldest unrated ones are deleted first. 10,000 is
+    weeks of a chat agent's traffic at hundreds of chats a day (time enough to rate them), tens of MB
+    of SQLite at a few KB per chat, and a bound under which capture stays one INSERT and ``evolve
+    experiences`` stays instant; only rated ones are trained on, so keeping more buys little."""
 
 
 def validate_daemon(d: DaemonConfig) -> None:
@@ -276,6 +284,10 @@ def validate_daemon(d: DaemonConfig) -> None:
             p.append(f"daemon.{name} must be a positive integer (or unset), got {v!r}")
     if isinstance(d.train_nice, bool) or not isinstance(d.train_nice, int) or not 0 <= d.train_nice <= 19:
         p.append(f"daemon.train_nice must be 0-19, got {d.train_nice!r}")
+    if not isinstance(d.capture, bool):
+        p.append(f"daemon.capture must be true or false, got {d.capture!r}")
+    if isinstance(d.capture_max, bool) or not isinstance(d.capture_max, int) or not 0 < d.capture_max <= 10_000_000:
+        p.append(f"daemon.capture_max must be an integer from 1 to 10000000 (served chats kept), got {d.capture_max!r}")
     if d.api_token is not None and (not isinstance(d.api_token, str) or len(d.api_token) < 16):
         p.append("daemon.api_token must be a string of at least 16 characters")
     if p:

@@ -4,7 +4,9 @@ The chat agent posts a transcript (OpenAI-style ``messages``). It is validated (
 sizes), scrubbed of secrets and personal data (``evolution.scrub``: API keys, tokens,
 passwords, private keys, URL credentials, e-mail and IP addresses → ``[REDACTED:<kind>]``)
 and only then stored — the raw text is never written anywhere. Transcripts live in the
-ledger's database (table ``conversations``, migration m003), numbered in arrival order.
+ledger's database (table ``conversations``, migration m003), numbered in arrival order. A
+transcript may carry a ``label`` (good|bad; migration m004) and be rated later like a served
+completion (``evolution.experiences``); its newest label decides how it is trained on.
 
 Each age-up takes the transcripts that arrived after the ones its parent trained on (the
 parent's ``data/manifest.json`` names the last one), so a rejected child's conversations are
@@ -26,6 +28,7 @@ from evolution import messages as messages_mod
 from evolution.errors import ConversationError, ConversationKeyReused, MessageError
 from evolution.ledger import Ledger
 
+LABELS = ("good", "bad")
 MAX_MESSAGES = 200
 MAX_MESSAGE_CHARS = 32_000
 MAX_KEY = 200
@@ -69,10 +72,17 @@ class ConversationStore:
     def __init__(self, ledger: Ledger):
         self.ledger = ledger
 
-    def add(self, messages, key: str | None = None) -> Stored:
-        """Validate, scrub and store a transcript; a repeated idempotency key stores nothing."""
+    def add(self, messages, key: str | None = None, label: str | None = None) -> Stored:
+        """Validate, scrub and store a transcript; a repeated idempotency key stores nothing.
+
+        ``label`` ('good' or 'bad', optional): how the transcript went; it is recorded as the
+        conversation's first rating (``evolution.experiences``), and a 'bad' one is not trained on as SFT.
+        """
         if key is not None and (not isinstance(key, str) or not 0 < len(key) <= MAX_KEY):
             raise ConversationError(f"idempotency key must be 1 to {MAX_KEY} characters")
+        if label is not None and label not in LABELS:
+            raise ConversationError(f"label must be 'good' or 'bad' (or left out), got {repr(label)[:40]}")
+        from evolution.experiences import record_rating
         from evolution.scrub import scrub  # only intake needs it (and its detector plugins)
 
         clean, counts = [], {}
@@ -84,24 +94,36 @@ class ConversationStore:
         body = json.dumps(clean, ensure_ascii=False)
         with self.ledger.transaction() as txn:
             if key is not None:
-                row = txn.conn.execute(text("SELECT id, messages, redactions FROM conversations WHERE idem_key = :k"),
-                                       {"k": key}).first()
+                row = txn.conn.execute(text("SELECT id, messages, redactions, label FROM conversations"
+                                            " WHERE idem_key = :k"), {"k": key}).first()
                 if row is not None:
-                    if row.messages != body:
-                        raise ConversationKeyReused(f"idempotency key {key!r} was already used for another transcript")
+                    if row.messages != body or row.label != label:
+                        raise ConversationKeyReused(f"idempotency key {key!r} was already used for another transcript"
+                                                    " (or another label)")
                     return Stored(row.id, True, len(clean), json.loads(row.redactions))
             cid = txn.conn.execute(
-                text("INSERT INTO conversations (time, idem_key, messages, redactions, sha256)"
-                     " VALUES (:t, :k, :m, :r, :h) RETURNING id"),
+                text("INSERT INTO conversations (time, idem_key, messages, redactions, sha256, label)"
+                     " VALUES (:t, :k, :m, :r, :h, :l) RETURNING id"),
                 {"t": datetime.now(timezone.utc).isoformat(timespec="microseconds"), "k": key, "m": body,
-                 "r": json.dumps(counts), "h": hashlib.sha256(body.encode()).hexdigest()},
+                 "r": json.dumps(counts), "h": hashlib.sha256(body.encode()).hexdigest(), "l": label},
             ).scalar_one()
+            if label is not None:
+                digest = hashlib.sha256(json.dumps({"by": "conversation", "item": str(cid), "label": label},
+                                                   sort_keys=True).encode()).hexdigest()
+                record_rating(txn.conn, "conversation", cid, label, None, {}, None, None, None, digest, "intake")
         return Stored(cid, False, len(clean), counts)
 
     def after(self, last_id: int) -> list[tuple[int, list[dict]]]:
-        """Transcripts stored after ``last_id``, oldest first: ``(id, messages)``."""
+        """Transcripts stored after ``last_id``, oldest first: ``(id, messages)``.
+
+        Left out: those whose newest label is 'bad' or carries a correction (the served reply is not
+        one to imitate); ``ExperienceStore.labelled`` offers them as preference data instead.
+        """
         with self.ledger.reading() as conn:
-            rows = conn.execute(text("SELECT id, messages FROM conversations WHERE id > :i ORDER BY id"), {"i": last_id})
+            rows = conn.execute(text(
+                "SELECT c.id, c.messages FROM conversations c LEFT JOIN experience_ratings r ON r.id = c.rating_id"
+                " WHERE c.id > :i AND (r.id IS NULL OR (r.label = 'good' AND r.correction IS NULL)) ORDER BY c.id"),
+                {"i": last_id})
             return [(r.id, json.loads(r.messages)) for r in rows]
 
     def count(self) -> tuple[int, int]:

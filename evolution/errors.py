@@ -89,3 +89,15 @@ class ConversationError(EvolutionError):
 
 class ConversationKeyReused(ConversationError, IdempotencyConflict):
     """The idempotency key was used for another transcript."""
+
+
+class ExperienceError(EvolutionError):
+    """A capture or a rating that cannot be accepted (a bad label, correction or karma; HTTP 400); nothing changed."""
+
+
+class UnknownExperience(ExperienceError):
+    """No kept served completion or conversation has that id (HTTP 404); nothing changed."""
+
+
+class ExperienceKeyReused(ExperienceError, IdempotencyConflict):
+    """The idempotency key was used for another rating (HTTP 409); nothing changed."""

@@ -175,29 +175,35 @@ class Karma:
     def add(self, amount, reason: str = "", key: str | None = None, source: str = "cli",
             served_gen: int | None = None) -> Grant:
         """Grant karma; open an age-up request if this crosses the threshold (see the module docstring)."""
+        check_amount(amount)  # refuse a bad grant before taking the write lock
+        with self.ledger.transaction() as txn:
+            return self.grant(txn, amount, reason, key, source, served_gen)
+
+    def grant(self, txn, amount, reason: str = "", key: str | None = None, source: str = "cli",
+              served_gen: int | None = None) -> Grant:
+        """``add`` inside the caller's write transaction (a rating and its karma commit together, or neither)."""
         amount = check_amount(amount)
         if not isinstance(reason, str) or len(reason) > MAX_REASON:
             raise KarmaError(f"karma reason must be text of at most {MAX_REASON} characters")
         if key is not None and (not isinstance(key, str) or not 0 < len(key) <= MAX_KEY):
             raise KarmaError(f"idempotency key must be 1 to {MAX_KEY} characters")
-        with self.ledger.transaction() as txn:
-            if key is not None:
-                row = txn.conn.execute(text("SELECT id, amount FROM karma_events WHERE idem_key = :k"), {"k": key}).first()
-                if row is not None:
-                    if row.amount != amount:
-                        raise KarmaKeyReused(f"idempotency key {key!r} was already used for a grant of {row.amount:g}, "
+        if key is not None:
+            row = txn.conn.execute(text("SELECT id, amount FROM karma_events WHERE idem_key = :k"), {"k": key}).first()
+            if row is not None:
+                if row.amount != amount:
+                    raise KarmaKeyReused(f"idempotency key {key!r} was already used for a grant of {row.amount:g}, "
                                          f"not {amount:g}; use a new key for a new grant")
-                    opened = txn.conn.execute(text("SELECT * FROM ageup_requests WHERE grant_id = :g"),
-                                              {"g": row.id}).first()
-                    return Grant(row.id, row.amount, True, AgeUpRequest(**opened._mapping) if opened else None,
-                                 self._state(txn.conn))
-            gid = txn.conn.execute(
-                text("INSERT INTO karma_events (time, amount, reason, idem_key, source)"
-                     " VALUES (:t, :a, :r, :k, :s) RETURNING id"),
-                {"t": _now(), "a": amount, "r": reason, "k": key, "s": source},
-            ).scalar_one()
-            req = self._trigger(txn, self._state(txn.conn), served_gen, gid)
-            return Grant(gid, amount, False, req, self._state(txn.conn))
+                opened = txn.conn.execute(text("SELECT * FROM ageup_requests WHERE grant_id = :g"),
+                                          {"g": row.id}).first()
+                return Grant(row.id, row.amount, True, AgeUpRequest(**opened._mapping) if opened else None,
+                             self._state(txn.conn))
+        gid = txn.conn.execute(
+            text("INSERT INTO karma_events (time, amount, reason, idem_key, source)"
+                 " VALUES (:t, :a, :r, :k, :s) RETURNING id"),
+            {"t": _now(), "a": amount, "r": reason, "k": key, "s": source},
+        ).scalar_one()
+        req = self._trigger(txn, self._state(txn.conn), served_gen, gid)
+        return Grant(gid, amount, False, req, self._state(txn.conn))
 
     def maybe_trigger(self, served_gen: int | None = None) -> AgeUpRequest | None:
         """Open an age-up request if karma has reached the threshold and none is open (after one finished)."""

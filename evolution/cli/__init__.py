@@ -29,7 +29,7 @@ def main(verbose: bool) -> None:
 
 
 def _register() -> None:
-    from evolution.cli import ageup, control, curriculum, daemon, karma
+    from evolution.cli import ageup, control, curriculum, daemon, experiences, feedback, karma
 
     main.add_command(ageup.age_up)
     main.add_command(daemon.daemon)
@@ -37,6 +37,8 @@ def _register() -> None:
     main.add_command(curriculum.curriculum)
     main.add_command(control.status)
     main.add_command(control.resume)
+    main.add_command(experiences.experiences)
+    main.add_command(feedback.feedback)
 
     from evolution.cli import ledger as ledger_cli
 

@@ -6,6 +6,7 @@ import json
 
 import click
 
+from evolution.experiences import ExperienceStore
 from evolution.promotion import paused_reason
 from evolution.ledger import Ledger
 from evolution.ledger import events as ev
@@ -36,6 +37,8 @@ def status(as_json: bool) -> None:
             "interrupted_age_up": [n for n in root.partial_generations()],
             "paused": paused_reason(ledger),
             "karma": open_karma(root, ledger).state().to_dict(),
+            "experiences": {k: v for k, v in ExperienceStore(ledger).counts().items()
+                            if k not in ("capture_max", "capture_failures", "last_capture_failure")},  # /status: the daemon's
             "ageup": progress.read(root),
         }
         last = ledger.entries(kind=ev.GATE_RESULT)
@@ -67,6 +70,9 @@ def status(as_json: bool) -> None:
     k = info["karma"]
     click.echo(f"karma:            {k['progress']:g} of {k['threshold']:g} toward the next age-up ({k['to_next']:g} to go)"
                + (f"; request {k['open_request']['id']} {k['open_request']['status']}" if k["open_request"] else ""))
+    x = info["experiences"]
+    click.echo(f"experiences:      {x['experiences']} kept ({x['good']} good, {x['bad']} bad, "
+               f"{x['unrated']} unrated); {x['labelled_conversations']} labelled conversations")
     if "last_gate" in info:
         g = info["last_gate"]
         nums = ", ".join(f"{k} {v:.3g}" for k, v in g["metrics"].items())

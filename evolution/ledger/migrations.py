@@ -130,7 +130,35 @@ m003_daemon = Migration(
     {"sqlite": _m003("sqlite"), "postgresql": _m003("postgresql"), "default": _m003("default")},
 )
 
-MIGRATIONS: tuple[Migration, ...] = (m001_entries, m002_append_only, m003_daemon)
+
+def _m004(dialect: str) -> tuple[str, ...]:
+    pk = _ID.get(dialect, _ID["default"])
+    return (
+        # Served chats, scrubbed; ``rating_id``: the newest row of experience_ratings about it (None: unrated).
+        f"CREATE TABLE experiences (id {pk}, time VARCHAR(40) NOT NULL, completion_id VARCHAR(200) NOT NULL UNIQUE,"
+        " model_id VARCHAR(200) NOT NULL, sha256 VARCHAR(64), gen INTEGER, finish_reason VARCHAR(40),"
+        " cut_off INTEGER NOT NULL, messages TEXT NOT NULL, reply TEXT NOT NULL, redactions TEXT NOT NULL,"
+        " rating_id BIGINT)",
+        # Every label ever given to a served completion or a posted conversation (the history; the newest counts).
+        f"CREATE TABLE experience_ratings (id {pk}, time VARCHAR(40) NOT NULL, item_kind VARCHAR(16) NOT NULL,"
+        " item_id BIGINT NOT NULL, label VARCHAR(8) NOT NULL, correction TEXT, redactions TEXT NOT NULL,"
+        " karma DOUBLE PRECISION, grant_id BIGINT, idem_key VARCHAR(200) UNIQUE, body_sha256 CHAR(64) NOT NULL,"
+        " source VARCHAR(40) NOT NULL,"
+        " CHECK (item_kind IN ('completion', 'conversation')), CHECK (label IN ('good', 'bad')))",
+        "CREATE INDEX experience_ratings_item ON experience_ratings (item_kind, item_id)",
+        # A transcript may arrive labelled; ``label`` is as posted, ``rating_id`` the newest label (as above).
+        "ALTER TABLE conversations ADD COLUMN label VARCHAR(8)",
+        "ALTER TABLE conversations ADD COLUMN rating_id BIGINT",
+    )
+
+
+m004_experiences = Migration(
+    4,
+    "m004_experiences",
+    {"sqlite": _m004("sqlite"), "postgresql": _m004("postgresql"), "default": _m004("default")},
+)
+
+MIGRATIONS: tuple[Migration, ...] = (m001_entries, m002_append_only, m003_daemon, m004_experiences)
 LATEST = MIGRATIONS[-1].version
 
 _BOOTSTRAP = (

@@ -132,6 +132,7 @@ PINNED_CHECKSUMS = {
     1: "1033dd952c9b1e820b3e36481333019f316f026dbc0fbfca4b56947e08a5de3e",  # m001_entries
     2: "8d4c91fca72ebb318e53be9a581416fa7b054e22971c4d9bb0b40bc7ddc67895",  # m002_append_only
     3: "4151aa0acd7130fdea1388aef57bbe699b5a121b867244ff09b68bb7524e2fea",  # m003_daemon
+    4: "ac47381f12781dc7f2bf0ae232962c8339909a477c28c87ca41a382a0339fd4e",  # m004_experiences
 }
 
 
