@@ -4,8 +4,8 @@ The chat agent posts a transcript (OpenAI-style ``messages``). It is validated (
 sizes), scrubbed of secrets and personal data (``evolution.scrub``: API keys, tokens,
 passwords, private keys, URL credentials, IBANs, payment cards, e-mail and IP addresses,
 phone numbers → ``[REDACTED:<kind>]``) and only then stored — the raw text is never written
-anywhere. Transcripts live in the
-ledger's database (table ``conversations``, migration m003), numbered in arrival order.
+anywhere. Transcripts live in the ledger's database (table ``conversations``, migration m003),
+numbered in arrival order.
 
 Each age-up takes the transcripts that arrived after the ones its parent trained on (the
 parent's ``data/manifest.json`` names the last one), so a rejected child's conversations are

@@ -519,6 +519,22 @@ def test_scrubbing_is_idempotent(parts: list[str], glue: str) -> None:
     assert scrub(once) == (once, [])
 
 
+def test_digits_inside_other_findings_are_left_to_them() -> None:
+    text = (
+        "key sk-proj-4155550100ABCDEFGHIJKLMNOP, login https://bob:4155550100@example.com, "
+        "mail +14155550100@example.org, IBAN GB82 WEST 1234 5698 7654 32, host 10.41.55.50"
+    )
+    out, found = scrub(text)
+    assert [(r.kind, text[r.start : r.end]) for r in found] == [
+        ("api_key", "sk-proj-4155550100ABCDEFGHIJKLMNOP"),
+        ("url_credentials", "bob:4155550100"),
+        ("email", "+14155550100@example.org"),
+        ("iban", "GB82 WEST 1234 5698 7654 32"),
+        ("ip", "10.41.55.50"),
+    ]
+    assert "phone" not in out
+
+
 def test_phone_regions_decide_national_numbers() -> None:
     text = "Ruf an: 030 1234567 oder +44 20 7946 0018."
     assert scrub(text, phone_regions=())[0] == "Ruf an: 030 1234567 oder [REDACTED:phone]."
