@@ -48,12 +48,13 @@ order of precedence when two findings overlap:
     possible length) and carry the trunk prefix where the region requires it, and it must not
     touch a Latin letter, ``%`` or a currency sign. Numbers written with ``+`` (or the
     international prefix of a configured region, ``00``/``011``) are found from any country;
-    national ones (``030 1234567``, ``(650) 253-0000``) only for the regions in ``phone_regions`` (default
-    ``PHONE_REGIONS``: US, GB, DE, FR, IN -- configure the user's own). Stricter leniencies
+    national ones (``030 1234567``, ``(650) 253-0000``) only for the regions in
+    ``phone_regions`` (default ``PHONE_REGIONS``: US, GB, DE, FR, IN; configure the user's
+    own: each region costs time and admits its own national numbers). Stricter leniencies
     (``STRICT_GROUPING``, ``EXACT_GROUPING``) are not used: they drop real numbers written in
     an unusual grouping (``0171 234 56 78``), and a missed number is the worse mistake. Not
-    taken for phone numbers: years, prices, counts, versions, dates (``2026-11-21``, ``21.11.2026``,
-    ``11/21/2026``), times and timestamps, IP addresses, quantities grouped in thousands
+    taken for phone numbers: years, prices, counts, versions, dates (``2026-11-21``,
+    ``21.11.2026``, ``11/21/2026``), times and timestamps, IP addresses, quantities in thousands
     (``8 045 311 447``), card layouts that fail Luhn, numbers of fewer than 7 digits, and
     digits inside another finding (a key, an IBAN, an address: that finding covers them).
     Bare digit runs that are valid numbers (``6502530000``) are redacted.
@@ -737,7 +738,7 @@ def _touches_placeholder(text: str, start: int, end: int) -> bool:
     """
     if text.startswith("[REDACTED:", end):
         return True
-    return start > 0 and text[start - 1] == "]" and _PLACEHOLDER_BEFORE.search(text, max(0, start - 32), start) is not None
+    return text.endswith("]", 0, start) and _PLACEHOLDER_BEFORE.search(text, max(0, start - 32), start) is not None
 
 
 def _luhn(digits: str) -> bool:
@@ -885,11 +886,11 @@ _PHONE_ONE_NUMBER = 32  # characters: "+44 (0) 20 7946 0018 ext 1234" fits
 # ":MM" after a "YYYY-MM-DD HH" candidate to tell a timestamp.
 _PHONE_CONTEXT_AFTER = 3
 # Stretches that are no phone number: dates (2026-11-21, 2026-11-21 14 of a timestamp,
-# 21.11.2026, 11/21/2026), dotted quads (IPv4 addresses, versions such as 10.4.122.7) and
-# quantities in thousands (8 045 311 447, 12.345.678; libphonenumber takes about 1 in 50 of
-# them for a US or Indian number), and card layouts (4-4-4-4, 4-6-5) that failed the Luhn
-# check (4900 2010 0000 0008 is a mistyped card, not a phone number). The price: a national number written 3-3-3 without "+" or
-# a leading 0 (Spanish 612 345 678) is taken for a quantity where its region is configured.
+# 21.11.2026, 11/21/2026), dotted quads (IPv4 addresses, versions such as 10.4.122.7),
+# quantities in thousands (8 045 311 447, 12.345.678: libphonenumber takes about 1 in 50 of
+# them for a US or Indian number) and card layouts (4-4-4-4, 4-6-5) that failed the Luhn check
+# (4900 2010 0000 0008 is a mistyped card). The price: a national number written 3-3-3 without
+# "+" or a leading 0 (Spanish 612 345 678) is taken for a quantity where its region is configured.
 _NOT_A_PHONE = re.compile(
     r"(?:19|20)\d\d([-./])[01]?\d\1[0-3]?\d(?:[ T][0-2]\d)?"
     r"|[0-3]?\d([-./])[0-3]?\d\2(?:19|20)\d\d"

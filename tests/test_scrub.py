@@ -417,7 +417,10 @@ def _luhn_digit(body: str) -> str:
     return str(-total % 10)
 
 
-CARD_PREFIXES = {"4": 16, "51": 16, "55": 16, "2221": 16, "2720": 16, "34": 15, "37": 15, "6011": 16, "35": 16, "62": 19, "36": 14, "81": 16}
+CARD_PREFIXES = {  # issuer prefix: length (Visa, Mastercard, Amex, Discover, JCB, UnionPay, Diners, RuPay)
+    "4": 16, "51": 16, "55": 16, "2221": 16, "2720": 16, "34": 15, "37": 15, "6011": 16, "35": 16, "62": 19, "36": 14,
+    "81": 16,
+}
 CARD_LAYOUTS = {16: [(4, 4, 4, 4), (16,)], 15: [(4, 6, 5), (15,)], 14: [(4, 6, 4), (14,)], 19: [(4, 4, 4, 4, 3), (19,)]}
 
 
@@ -483,10 +486,14 @@ PROSE_NUMBERS = st.one_of(
     DATES.map(lambda d: d.strftime("%m/%d/%Y")),
     st.times().map(lambda t: t.strftime("%H:%M")),  # times
     st.times().map(lambda t: t.strftime("%H:%M:%S")),
-    st.datetimes(datetime.datetime(1900, 1, 1), datetime.datetime(2099, 12, 31)).map(lambda t: t.strftime("%Y-%m-%d %H:%M:%S")),
+    st.datetimes(datetime.datetime(1900, 1, 1), datetime.datetime(2099, 12, 31)).map(
+        lambda t: t.strftime("%Y-%m-%d %H:%M:%S")
+    ),
     st.integers(1, 100).map(lambda n: f"{n}%"),
 )
-NUMBER_SETTINGS = settings(max_examples=300, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+NUMBER_SETTINGS = settings(
+    max_examples=300, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow]
+)
 
 
 @NUMBER_SETTINGS
@@ -513,7 +520,10 @@ def test_invalid_and_prose_numbers_are_kept(before: str, number: str, punct: str
 
 
 @NUMBER_SETTINGS
-@given(parts=st.lists(st.one_of(SENTENCE, NUMBERS, PROSE_NUMBERS, SECRETS), min_size=1, max_size=6), glue=st.sampled_from([" ", "", ", ", "\n"]))
+@given(
+    parts=st.lists(st.one_of(SENTENCE, NUMBERS, PROSE_NUMBERS, SECRETS), min_size=1, max_size=6),
+    glue=st.sampled_from([" ", "", ", ", "\n"]),
+)
 def test_scrubbing_is_idempotent(parts: list[str], glue: str) -> None:
     once, _ = scrub(glue.join(parts))
     assert scrub(once) == (once, [])
