@@ -289,6 +289,22 @@ def _trim_trailing(text: str, start: int, end: int) -> tuple[int, int]:
     return start, end
 
 
+_PLACEHOLDER_BEFORE = re.compile(r"\[REDACTED:[a-z_]{1,20}\]\Z")
+
+
+def _touches_placeholder(text: str, start: int, end: int) -> bool:
+    """Is ``text[start:end]`` glued to an earlier ``[REDACTED:...]`` marker?
+
+    The number and address detectors judge a candidate by its neighbours (``abc4111...`` is
+    no card, ``tel+44...`` no phone number, ``64:ff9b::sk-...`` no address). Scrubbing turns
+    a neighbour into ``]`` or ``[``, so a candidate glued to a marker was judged on its
+    original neighbour already: skipping it keeps scrubbing idempotent.
+    """
+    if text.startswith("[REDACTED:", end):
+        return True
+    return text.endswith("]", 0, start) and _PLACEHOLDER_BEFORE.search(text, max(0, start - 32), start) is not None
+
+
 _REST_OF_LINE_IS_PUNCTUATION = re.compile(r"[ \t\r.,;:!?'\"`)\]}>]*(?:\n|\Z)")
 
 
@@ -685,7 +701,8 @@ def _ipv4(text: str) -> Iterator[Redaction]:
             ipaddress.IPv4Address(m.group())
         except ValueError:
             continue
-        yield Redaction("ip", m.start(), m.end())
+        if not _touches_placeholder(text, m.start(), m.end()):
+            yield Redaction("ip", m.start(), m.end())
 
 
 def _ipv6(text: str) -> Iterator[Redaction]:
@@ -699,7 +716,8 @@ def _ipv6(text: str) -> Iterator[Redaction]:
             ipaddress.IPv6Address(candidate)
         except ValueError:
             continue
-        yield Redaction("ip", m.start(), m.end())
+        if not _touches_placeholder(text, m.start(), m.end()):
+            yield Redaction("ip", m.start(), m.end())
 
 
 def _plausible_ipv6(candidate: str) -> bool:
@@ -723,22 +741,8 @@ def _plausible_ipv6(candidate: str) -> bool:
 # numbers: payment cards, IBANs, phone numbers
 # ---------------------------------------------------------------------------------------------
 
-_PLACEHOLDER_BEFORE = re.compile(r"\[REDACTED:[a-z_]{1,20}\]\Z")
 _DIGITS = re.compile(r"\d+")
 _GLUED_AFTER = re.compile(r"\w|[.,]\d")  # a number that runs on into a word or a fraction
-
-
-def _touches_placeholder(text: str, start: int, end: int) -> bool:
-    """Is ``text[start:end]`` glued to an earlier ``[REDACTED:...]`` marker?
-
-    The number detectors judge a candidate by its neighbours (``abc4111...`` is no card,
-    ``tel+44...`` no phone number). Scrubbing turns a neighbour into ``]`` or ``[``, so a
-    candidate glued to a marker was judged on its original neighbour already: skipping it
-    keeps scrubbing idempotent.
-    """
-    if text.startswith("[REDACTED:", end):
-        return True
-    return text.endswith("]", 0, start) and _PLACEHOLDER_BEFORE.search(text, max(0, start - 32), start) is not None
 
 
 def _luhn(digits: str) -> bool:
