@@ -782,7 +782,6 @@ def _card_ok(digits: str) -> bool:
 # skips ahead to one (5x faster on prose); what follows the run is checked in code, as a
 # lookahead here would make the engine retry from every group.
 _CARD_RUN = re.compile(r"\d(?<![\w+]\d)(?<!\d[.,]\d)\d*(?:[ -]\d+)*")
-_IBAN_HEAD = re.compile(r"(?<![A-Za-z0-9])[A-Za-z]{2}\d{2} \Z")
 
 
 def _cards(text: str) -> Iterator[Redaction]:
@@ -792,12 +791,10 @@ def _cards(text: str) -> Iterator[Redaction]:
         groups = [m.span() for m in _DIGITS.finditer(text, run.start(), run.end())]
         if _GLUED_AFTER.match(text, run.end()):
             groups.pop()  # 4111111111111111abc is part of a longer token
-        if _IBAN_HEAD.search(text, max(0, run.start() - 5), run.start()):
-            continue  # the account number of an IBAN (valid ones are found as such)
         i = 0
         while i < len(groups):
             last = _card_end(text, groups, i)
-            if last is None:
+            if last is None or _in_iban(text, groups[i][0]):
                 i += 1
                 continue
             start, end = groups[i][0], groups[last][1]
@@ -833,6 +830,20 @@ def _card_end(text: str, groups: list[tuple[int, int]], i: int) -> int | None:
         if g_end - g_start < 3:
             break  # a short group can only end a card
     return best
+
+
+# The start of an IBAN written in groups of four, up to a digit group: GB02 AAAA |3000 ...
+_IBAN_HEAD = re.compile(r"(?<![A-Za-z0-9])[A-Za-z]{2}\d{2}(?: [A-Za-z0-9]{4}){0,7} \Z")
+
+
+def _in_iban(text: str, start: int, lo: int = 0) -> bool:
+    """Does the digit group at ``start`` continue an IBAN-shaped token that is no valid IBAN?
+
+    Its digits are an account number that failed mod-97: no card and no phone number either.
+    (Digits after a valid IBAN are judged on their own, as after its marker on a second pass.)
+    """
+    head = _IBAN_HEAD.search(text, max(lo, start - 40), start)
+    return head is not None and _iban_end(text, head.start(), start - 1) is None
 
 
 # Country code, check digits, then 11-30 letters/digits, single spaces allowed anywhere
@@ -923,7 +934,7 @@ def _phones_in(text: str, start: int, end: int, regions: tuple[str, ...], lo: in
     if end - start < _PHONE_MIN_DIGITS or _count_digits(run) < _PHONE_MIN_DIGITS:
         return
     first, last = _digit_span(text, start, end)
-    if first == start and _NOT_A_PHONE.fullmatch(text, first, last):
+    if first == start and (_NOT_A_PHONE.fullmatch(text, first, last) or _in_iban(text, start, lo)):
         return  # (+61 412 340 000 is no quantity)
     lo = max(lo, start - 1)
     window = text[lo : min(hi, end + _PHONE_CONTEXT_AFTER)]
