@@ -931,7 +931,21 @@ def _phones(text: str, regions: tuple[str, ...], taken: list[Redaction]) -> Iter
 
 
 def _phones_in(text: str, start: int, end: int, regions: tuple[str, ...], lo: int, hi: int) -> Iterator[Redaction]:
-    """Phone numbers in the stretch ``text[start:end]``; the matcher may read ``text[lo:hi]`` around it."""
+    """Phone numbers in the stretch ``text[start:end]``; the matcher may read ``text[lo:hi]`` around it.
+
+    Where numbers are found, the pieces between them are read again, as a second pass reads
+    them with each number a marker: the matcher reads 02.01.2000 60 2000-01-01 as one
+    candidate, 60 2000-01-01 alone as another.
+    """
+    found = _merge(_phones_once(text, start, end, regions, lo, hi))
+    yield from found
+    bounds = [start, *itertools.chain.from_iterable((r.start, r.end) for r in found), end]
+    for piece_start, piece_end in zip(bounds[::2], bounds[1::2]) if found else ():
+        for run in _PHONE_RUN.finditer(text, piece_start, piece_end):
+            yield from _phones_in(text, run.start(), run.end(), regions, piece_start, piece_end)
+
+
+def _phones_once(text: str, start: int, end: int, regions: tuple[str, ...], lo: int, hi: int) -> Iterator[Redaction]:
     run = text[start:end]
     if end - start < _PHONE_MIN_DIGITS or _count_digits(run) < _PHONE_MIN_DIGITS:
         return
@@ -953,8 +967,11 @@ def _phones_in(text: str, start: int, end: int, regions: tuple[str, ...], lo: in
             seen.add(m_start)
             digits = _count_digits(m.raw_string)
             left -= digits
-            if digits >= _PHONE_MIN_DIGITS and not _touches_placeholder(text, m_start, m_end):
-                yield Redaction("phone", m_start, m_end)
+            if digits < _PHONE_MIN_DIGITS or _touches_placeholder(text, m_start, m_end):
+                continue
+            if text[m_start].isdigit() and _NOT_A_PHONE.fullmatch(text, *_digit_span(text, m_start, m_end)):
+                continue  # a date inside a longer stretch: 02.01.2000 is a number in Essen
+            yield Redaction("phone", m_start, m_end)
         if left <= 0:
             break
 

@@ -539,6 +539,7 @@ def test_scrubbing_is_idempotent(parts: list[str], glue: str) -> None:
         "x@example.com+44 20 7946 0018",
         "AT18 0000 0000 0000 0000 0.0.0 +12015550000",
         "AT18 0000 0000 0000 0000 4111 1111 1111 1111",
+        "02.01.2000 60 2000-01-01",
     ],
 )
 def test_a_number_glued_to_a_finding_is_judged_once(text: str) -> None:
