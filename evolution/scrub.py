@@ -72,8 +72,11 @@ secret is ever left behind. Patterns start at boundaries and have no nested unbo
 repetition, so run time is linear in the text: on a 2 KB message about 0.3 ms for prose,
 ~1 ms with a few secrets, ~2 ms when dense with them; 100 KB adversarial inputs < 0.3 s.
 Phone numbers run last, in the text between the other findings, and cost the most: about
-0.1-0.5 ms for each stretch of 7+ digits that is not a date, an address or a card, per
-region tried (a stretch starting with ``+`` or longer than one number is tried once).
+0.1 ms (0.3 ms on a busy machine) for each stretch of 7+ digits that is not a date, an
+address or a card, per region tried (a stretch starting with ``+`` or longer than one number
+is tried once). On 100 KB, 2 cores: curriculum prose 84 ms (80 ms without the number
+detectors), a chat dense with secrets, cards, IBANs and phone numbers 177 ms (97 ms), a log
+of dates and 8-10 digit ids 434 ms (41 ms); 32 KB of comma-separated 7-digit ids 1.5 s.
 Beside the stdlib, ``phonenumbers`` and ``schwifty`` hold the numbering metadata; no global
 state of scrub's own: deterministic and thread-safe. Offsets are ``str`` indices (code points).
 
