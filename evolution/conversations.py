@@ -2,11 +2,12 @@
 
 The chat agent posts a transcript (OpenAI-style ``messages``). It is validated (roles, text,
 sizes), scrubbed of secrets and personal data (``evolution.scrub``: API keys, tokens,
-passwords, private keys, URL credentials, e-mail and IP addresses → ``[REDACTED:<kind>]``)
-and only then stored — the raw text is never written anywhere. Transcripts live in the
-ledger's database (table ``conversations``, migration m003), numbered in arrival order. A
-transcript may carry a ``label`` (good|bad; migration m004) and be rated later like a served
-completion (``evolution.experiences``); its newest label decides how it is trained on.
+passwords, private keys, URL credentials, IBANs, payment cards, e-mail and IP addresses,
+phone numbers → ``[REDACTED:<kind>]``) and only then stored — the raw text is never written
+anywhere. Transcripts live in the ledger's database (table ``conversations``, migration m003),
+numbered in arrival order. A transcript may carry a ``label`` (good|bad; migration m004) and be
+rated later like a served completion (``evolution.experiences``); its newest label decides how it
+is trained on.
 
 Each age-up takes the transcripts that arrived after the ones its parent trained on (the
 parent's ``data/manifest.json`` names the last one), so a rejected child's conversations are

@@ -30,9 +30,34 @@ order of precedence when two findings overlap:
 ``url_credentials``
     The ``user:pass`` userinfo of ``scheme://user:pass@host`` (and a token-like userinfo
     without a colon); scheme and host stay.
+``iban``
+    Country code, check digits and BBAN, compact or with single spaces (``DE89 3704 0044 0532
+    0130 00``), any letter case, valid for ``schwifty``: a known country, its length and BBAN
+    format, and the ISO 7064 mod-97-10 check. One that fails the check stays.
+``payment_card``
+    13-19 digits in one block or grouped as cards print them (4-4-4-4, 4-6-5, 4-6-4,
+    4-4-4-4-3; one space or one dash throughout) that pass the Luhn check, unless the issuer
+    range holds no cards (see ``_card_iin_ok``: no table of networks, which would go stale).
+    Not inside a word, a decimal fraction or after ``+``; runs that fail Luhn stay.
 ``email``
     RFC 5322 dot-atom addresses (any atext in the local part, plus-addressing, subdomains,
     punycode TLDs).
+``phone``
+    Numbers found by Google's libphonenumber (``phonenumbers.PhoneNumberMatcher``) at
+    leniency ``VALID``: the number must be valid in its region's metadata (not just of a
+    possible length) and carry the trunk prefix where the region requires it, and it must not
+    touch a Latin letter, ``%`` or a currency sign. Numbers written with ``+`` (or the
+    international prefix of a configured region, ``00``/``011``) are found from any country;
+    national ones (``030 1234567``, ``(650) 253-0000``) only for the regions in
+    ``phone_regions`` (default ``PHONE_REGIONS``: US, GB, DE, FR, IN; configure the user's
+    own: each region costs time and admits its own national numbers). Stricter leniencies
+    (``STRICT_GROUPING``, ``EXACT_GROUPING``) are not used: they drop real numbers written in
+    an unusual grouping (``0171 234 56 78``), and a missed number is the worse mistake. Not
+    taken for phone numbers: years, prices, counts, versions, dates (``2026-11-21``,
+    ``21.11.2026``, ``11/21/2026``), times and timestamps, IP addresses, quantities in thousands
+    (``8 045 311 447``), card layouts that fail Luhn, numbers of fewer than 7 digits, and
+    digits inside another finding (a key, an IBAN, an address: that finding covers them).
+    Bare digit runs that are valid numbers (``6502530000``) are redacted.
 ``ip``
     IPv4 and IPv6 (compressed, zoned ``fe80::1%eth0``, embedded IPv4), validated with the
     stdlib ``ipaddress``.
@@ -46,8 +71,14 @@ takes the highest-precedence kind -- merging rather than dropping, so no fragmen
 secret is ever left behind. Patterns start at boundaries and have no nested unbounded
 repetition, so run time is linear in the text: on a 2 KB message about 0.3 ms for prose,
 ~1 ms with a few secrets, ~2 ms when dense with them; 100 KB adversarial inputs < 0.3 s.
-Pure stdlib (``re``, ``ipaddress``), no global state: deterministic and thread-safe. Offsets
-are ``str`` indices (code points).
+Phone numbers run last, in the text between the other findings, and cost the most: about
+0.1 ms (0.3 ms on a busy machine) for each stretch of 7+ digits that is not a date, an
+address or a card, per region tried (a stretch starting with ``+`` or longer than one number
+is tried once). On 100 KB, 2 cores: curriculum prose 84 ms (80 ms without the number
+detectors), a chat dense with secrets, cards, IBANs and phone numbers 177 ms (97 ms), a log
+of dates and 8-10 digit ids 434 ms (41 ms); 32 KB of comma-separated 7-digit ids 1.5 s.
+Beside the stdlib, ``phonenumbers`` and ``schwifty`` hold the numbering metadata; no global
+state of scrub's own: deterministic and thread-safe. Offsets are ``str`` indices (code points).
 
 Yelp's ``detect-secrets`` was evaluated and is not used: its ad-hoc ``scan_line`` reports
 every word of ordinary English as a "High Entropy String" (the limit is only applied to
@@ -61,21 +92,32 @@ Bias: a redaction of harmless text costs a few tokens of training data; a missed
 a leak into model weights. Where a value is explicitly labelled the checks are lenient;
 where a pattern would fire on prose (``the password is wrong``, ``Bearer bonds``,
 ``the secret is patience``) the value must look like a secret. Not covered: personal names,
-phone numbers, postal addresses, payment cards, passwords that are a single lower-case
-dictionary word in prose (``my password is fluffy``), and secrets split across messages.
+postal addresses, national phone numbers of regions not configured, passwords that are a
+single lower-case dictionary word in prose (``my password is fluffy``), and secrets split
+across messages.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import itertools
 import math
 import re
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
-__all__ = ["KINDS", "Redaction", "scrub"]
+import phonenumbers
+from phonenumbers import Leniency, PhoneNumberMatcher
+from schwifty import IBAN
+from schwifty.exceptions import InvalidCountryCode, SchwiftyException
 
-KINDS = ("private_key", "api_key", "token", "password", "url_credentials", "email", "ip")
+__all__ = ["KINDS", "PHONE_REGIONS", "Redaction", "scrub"]
+
+KINDS = (
+    "private_key", "api_key", "token", "password", "url_credentials", "iban", "payment_card", "email", "phone", "ip",
+)
+# Where phone numbers written without "+" (national format) are looked for; see the docstring.
+PHONE_REGIONS = ("US", "GB", "DE", "FR", "IN")
 _RANK = {kind: rank for rank, kind in enumerate(KINDS)}
 
 
@@ -248,6 +290,22 @@ def _trim_trailing(text: str, start: int, end: int) -> tuple[int, int]:
     while end > start + 1 and text[end - 1] in _TRAILING_PUNCT:
         end -= 1
     return start, end
+
+
+_PLACEHOLDER_BEFORE = re.compile(r"\[REDACTED:[a-z_]{1,20}\]\Z")
+
+
+def _touches_placeholder(text: str, start: int, end: int) -> bool:
+    """Is ``text[start:end]`` glued to an earlier ``[REDACTED:...]`` marker?
+
+    The number and address detectors judge a candidate by its neighbours (``abc4111...`` is
+    no card, ``tel+44...`` no phone number, ``64:ff9b::sk-...`` no address). Scrubbing turns
+    a neighbour into ``]`` or ``[``, so a candidate glued to a marker was judged on its
+    original neighbour already: skipping it keeps scrubbing idempotent.
+    """
+    if text.startswith("[REDACTED:", end):
+        return True
+    return text.endswith("]", 0, start) and _PLACEHOLDER_BEFORE.search(text, max(0, start - 32), start) is not None
 
 
 _REST_OF_LINE_IS_PUNCTUATION = re.compile(r"[ \t\r.,;:!?'\"`)\]}>]*(?:\n|\Z)")
@@ -606,6 +664,8 @@ def _emails(text: str) -> Iterator[Redaction]:
             continue
         if text.startswith(":", end) and end + 1 < len(text) and not text[end + 1].isspace():
             continue  # git@github.com:owner/repo.git
+        if _touches_placeholder(text, start, end) or text.startswith(".[REDACTED:", end):
+            continue  # judged on the first pass by what the marker replaced (a@b.co.COMsk-...)
         yield Redaction("email", start, end)
 
 
@@ -646,7 +706,8 @@ def _ipv4(text: str) -> Iterator[Redaction]:
             ipaddress.IPv4Address(m.group())
         except ValueError:
             continue
-        yield Redaction("ip", m.start(), m.end())
+        if not _touches_placeholder(text, m.start(), m.end()):
+            yield Redaction("ip", m.start(), m.end())
 
 
 def _ipv6(text: str) -> Iterator[Redaction]:
@@ -660,7 +721,8 @@ def _ipv6(text: str) -> Iterator[Redaction]:
             ipaddress.IPv6Address(candidate)
         except ValueError:
             continue
-        yield Redaction("ip", m.start(), m.end())
+        if not _touches_placeholder(text, m.start(), m.end()):
+            yield Redaction("ip", m.start(), m.end())
 
 
 def _plausible_ipv6(candidate: str) -> bool:
@@ -678,6 +740,258 @@ def _plausible_ipv6(candidate: str) -> bool:
     if not any(c.isdigit() for c in address):
         return all(len(g) == 4 for g in groups)
     return any(len(g) >= 3 for g in groups)
+
+
+# ---------------------------------------------------------------------------------------------
+# numbers: payment cards, IBANs, phone numbers
+# ---------------------------------------------------------------------------------------------
+
+_DIGITS = re.compile(r"\d+")
+_GLUED_AFTER = re.compile(r"\w|[.,]\d")  # a number that runs on into a word or a fraction
+
+
+def _luhn(digits: str) -> bool:
+    total = 0
+    for i, c in enumerate(reversed(digits)):
+        d = int(c)
+        if i % 2:
+            d = d * 2 - 9 if d > 4 else d * 2
+        total += d
+    return total % 10 == 0
+
+
+def _card_iin_ok(digits: str) -> bool:
+    """Rule out only the major-industry ranges that hold no payment cards at all.
+
+    MII 0 has none; MII 1 only UATP (15 digits), which keeps out millisecond timestamps and
+    snowflake ids; MII 2 only Mir 2200-2204 and Mastercard 2221-2720, which keeps out runs of
+    years (2019 2020 2021 2022). 3-9 stay whole: national networks there (RuPay 81/82, Troy
+    9792, Humo 9860, ...) keep appearing, and a stale table of issuer prefixes leaks silently.
+    """
+    if digits[0] == "0":
+        return False
+    if digits[0] == "1":
+        return len(digits) == 15
+    if digits[0] == "2":
+        prefix = int(digits[:4])
+        return 2200 <= prefix <= 2204 or 2221 <= prefix <= 2720
+    return True
+
+
+def _card_ok(digits: str) -> bool:
+    return 13 <= len(digits) <= 19 and _card_iin_ok(digits) and _luhn(digits)
+
+
+# Digit groups joined by single spaces or dashes, not inside a word, a "+" phone number or a
+# decimal fraction (0.41111111111111116). The pattern opens with a digit so that the engine
+# skips ahead to one (5x faster on prose); what follows the run is checked in code, as a
+# lookahead here would make the engine retry from every group.
+_CARD_RUN = re.compile(r"\d(?<![\w+]\d)(?<!\d[.,]\d)\d*(?:[ -]\d+)*")
+
+
+def _cards(text: str) -> Iterator[Redaction]:
+    for run in _CARD_RUN.finditer(text):
+        if run.end() - run.start() < 13:
+            continue
+        groups = [m.span() for m in _DIGITS.finditer(text, run.start(), run.end())]
+        if _GLUED_AFTER.match(text, run.end()):
+            groups.pop()  # 4111111111111111abc is part of a longer token
+        i = 0
+        while i < len(groups):
+            last = _card_end(text, groups, i)
+            if last is None or _in_iban(text, groups[i][0]):
+                i += 1
+                continue
+            start, end = groups[i][0], groups[last][1]
+            if not _touches_placeholder(text, start, end):
+                yield Redaction("payment_card", start, end)
+            i = last + 1
+
+
+def _card_end(text: str, groups: list[tuple[int, int]], i: int) -> int | None:
+    """The last group of the longest card number that starts at group ``i``, if any.
+
+    A card is one block of 13-19 digits, or groups written as cards print them: a first group
+    of four, inner groups of 3-6, a last group of 1-6 (4-4-4-4, 4-6-5, 4-6-4, 4-4-4-4-3), all
+    joined by the same separator. The longest that passes Luhn wins, so a card followed by its
+    CVV (4111 1111 1111 1111 123) is found; the price is that a 19-digit 4-4-4-4-3 run that
+    fails Luhn loses its first 16 digits when those pass (1 in 10).
+    """
+    start, end = groups[i]
+    if end - start >= 13:
+        return i if _card_ok(text[start:end]) else None
+    if end - start != 4 or i + 1 == len(groups):
+        return None
+    separator = text[end]
+    digits = text[start:end]
+    best = None
+    for j in range(i + 1, len(groups)):
+        g_start, g_end = groups[j]
+        if text[groups[j - 1][1]] != separator or g_end - g_start > 6:
+            break
+        digits += text[g_start:g_end]
+        if len(digits) > 19:
+            break
+        if _card_ok(digits):
+            best = j
+        if g_end - g_start < 3:
+            break  # a short group can only end a card
+    return best
+
+
+# The start of an IBAN written in groups of four, up to a digit group: GB02 AAAA |3000 ...
+_IBAN_HEAD = re.compile(r"(?<![A-Za-z0-9])[A-Za-z]{2}\d{2}(?: [A-Za-z0-9]{4}){0,7} \Z")
+
+
+def _in_iban(text: str, start: int, lo: int = 0) -> bool:
+    """Does the digit group at ``start`` continue an IBAN-shaped token that is no valid IBAN?
+
+    Its digits are an account number that failed mod-97: no card and no phone number either.
+    (Digits after a valid IBAN are judged on their own, as after its marker on a second pass.)
+    """
+    head = _IBAN_HEAD.search(text, max(lo, start - 40), start)
+    return head is not None and _iban_end(text, head.start(), start - 1) is None
+
+
+# Country code, check digits, then 11-30 letters/digits, single spaces allowed anywhere
+# ("DE89 3704 0044 0532 0130 00", "DE89370400440532013000", "GB82 WEST 1234 5698 7654 32").
+# The match may run on into the next words; _iban_end cuts it to a valid IBAN.
+_IBAN = re.compile(r"(?<![A-Za-z0-9])[A-Za-z]{2}\d{2}(?: ?[A-Za-z0-9]){11,30}")
+
+
+def _ibans(text: str) -> Iterator[Redaction]:
+    pos = 0
+    while (m := _IBAN.search(text, pos)) is not None:
+        end = _iban_end(text, m.start(), m.end())
+        if end is None:
+            pos = m.start() + 1
+            continue
+        if not _touches_placeholder(text, m.start(), end):
+            yield Redaction("iban", m.start(), end)
+        pos = end
+
+
+def _iban_end(text: str, start: int, stop: int) -> int | None:
+    """Where the longest valid IBAN in ``text[start:stop]`` ends (at a space or a word end), if any.
+
+    Valid means what ``schwifty`` checks: a known country, that country's length and BBAN
+    format, and the ISO 7064 mod-97-10 check digits.
+    """
+    ends = [i for i in range(start, stop) if text[i] == " "] + [stop]
+    for end in reversed(ends):
+        if end < len(text) and text[end].isalnum():
+            continue  # the IBAN would end inside a word
+        compact = text[start:end].replace(" ", "")
+        if not 15 <= len(compact) <= 34:
+            continue
+        try:
+            IBAN(compact)
+        except InvalidCountryCode:
+            return None
+        except SchwiftyException:
+            continue
+        return end
+    return None
+
+
+# Phone numbers. Google's libphonenumber (the ``phonenumbers`` port) finds and validates them;
+# scrub only narrows where it looks, because its matcher costs 0.1-0.5 ms per candidate and
+# region. PhoneNumberMatcher judges a candidate by the candidate and the characters right next
+# to it, so it is run on each stretch of the characters a phone number is written with (digits,
+# separators, brackets, "+", "x") that holds at least _PHONE_MIN_DIGITS digits, with a few
+# characters of context: the result is the matcher's own on the whole text.
+_PHONE_RUN = re.compile(
+    r"[+＋(\[（［\d][\d \u00a0\u00ad\u200b\u2060\u3000+＋()\[\]（）［］.\-x‐-―−ー－-／~⁓∼～]*"
+)
+_PHONE_MIN_DIGITS = 7  # the shortest numbers in use: +683 4002 (Niue), 030 1234 (a Berlin line)
+_PHONE_ONE_NUMBER = 32  # characters: "+44 (0) 20 7946 0018 ext 1234" fits
+# A few characters after the stretch: the matcher reads the one right after a candidate, and
+# ":MM" after a "YYYY-MM-DD HH" candidate to tell a timestamp.
+_PHONE_CONTEXT_AFTER = 3
+# Stretches that are no phone number: dates (2026-11-21, 2026-11-21 14 of a timestamp,
+# 21.11.2026, 11/21/2026), dotted quads (IPv4 addresses, versions such as 10.4.122.7),
+# quantities in thousands (8 045 311 447, 12.345.678: libphonenumber takes about 1 in 50 of
+# them for a US or Indian number) and card layouts (4-4-4-4, 4-6-5) that failed the Luhn check
+# (4900 2010 0000 0008 is a mistyped card). The price: a national number written 3-3-3 without
+# "+" or a leading 0 (Spanish 612 345 678) is taken for a quantity where its region is configured.
+_NOT_A_PHONE = re.compile(
+    r"(?:19|20)\d\d([-./])[01]?\d\1[0-3]?\d(?:[ T][0-2]\d)?"
+    r"|[0-3]?\d([-./])[0-3]?\d\2(?:19|20)\d\d"
+    r"|\d{1,3}(?:\.\d{1,3}){3}"
+    r"|[1-9]\d{0,2}([ \u00a0.])\d{3}(?:\3\d{3})+"
+    r"|\d{4}([ -])\d{4}\4\d{4}\4\d{1,4}(?:\4\d{1,3})?|\d{4}([ -])\d{6}\5\d{4,5}"  # card layouts
+)
+
+
+def _phones(text: str, regions: tuple[str, ...], taken: list[Redaction]) -> Iterator[Redaction]:
+    """Phone numbers in the text between ``taken`` (the other findings, sorted).
+
+    The matcher never reads into another finding, so it sees the same text as on a second
+    pass, where that finding is a ``[REDACTED:...]`` marker.
+    """
+    bounds = [0, *itertools.chain.from_iterable((r.start, r.end) for r in taken), len(text)]
+    for gap_start, gap_end in zip(bounds[::2], bounds[1::2]):
+        for run in _PHONE_RUN.finditer(text, gap_start, gap_end):
+            yield from _phones_in(text, run.start(), run.end(), regions, gap_start, gap_end)
+
+
+def _phones_in(text: str, start: int, end: int, regions: tuple[str, ...], lo: int, hi: int) -> Iterator[Redaction]:
+    """Phone numbers in the stretch ``text[start:end]``; the matcher may read ``text[lo:hi]`` around it.
+
+    Where numbers are found, the pieces between them are read again, as a second pass reads
+    them with each number a marker: the matcher reads 02.01.2000 60 2000-01-01 as one
+    candidate, 60 2000-01-01 alone as another.
+    """
+    found = _merge(_phones_once(text, start, end, regions, lo, hi))
+    yield from found
+    bounds = [start, *itertools.chain.from_iterable((r.start, r.end) for r in found), end]
+    for piece_start, piece_end in zip(bounds[::2], bounds[1::2]) if found else ():
+        for run in _PHONE_RUN.finditer(text, piece_start, piece_end):
+            yield from _phones_in(text, run.start(), run.end(), regions, piece_start, piece_end)
+
+
+def _phones_once(text: str, start: int, end: int, regions: tuple[str, ...], lo: int, hi: int) -> Iterator[Redaction]:
+    run = text[start:end]
+    if end - start < _PHONE_MIN_DIGITS or _count_digits(run) < _PHONE_MIN_DIGITS:
+        return
+    first, last = _digit_span(text, start, end)
+    if first == start and (_NOT_A_PHONE.fullmatch(text, first, last) or _in_iban(text, start, lo)):
+        return  # (+61 412 340 000 is no quantity)
+    lo = max(lo, start - 1)
+    window = text[lo : min(hi, end + _PHONE_CONTEXT_AFTER)]
+    # "+" numbers read the same whatever the region, and a long stretch is a list or a table
+    # (1.1.1.1..., 20 numbers in a row): one region each, which bounds the matcher's time.
+    scope = regions[:1] if run[0] in "+＋" or end - start > _PHONE_ONE_NUMBER else regions
+    seen: set[int] = set()
+    left = _count_digits(run)  # digits not yet in a number: when none, stop
+    for region in scope or (None,):  # without a region only "+" numbers parse
+        for m in PhoneNumberMatcher(window, region, leniency=Leniency.VALID):
+            m_start, m_end = lo + m.start, lo + m.end
+            if not start <= m_start < end or m_start in seen:
+                continue  # it starts in the context, or an earlier region found it
+            seen.add(m_start)
+            digits = _count_digits(m.raw_string)
+            left -= digits
+            if digits < _PHONE_MIN_DIGITS or _touches_placeholder(text, m_start, m_end):
+                continue
+            if text[m_start].isdigit() and _NOT_A_PHONE.fullmatch(text, *_digit_span(text, m_start, m_end)):
+                continue  # a date inside a longer stretch: 02.01.2000 is a number in Essen
+            yield Redaction("phone", m_start, m_end)
+        if left <= 0:
+            break
+
+
+def _digit_span(text: str, start: int, end: int) -> tuple[int, int]:
+    """``text[start:end]`` without its leading and trailing non-digits."""
+    while not text[start].isdigit():
+        start += 1
+    while not text[end - 1].isdigit():
+        end -= 1
+    return start, end
+
+
+def _count_digits(value: str) -> int:
+    return sum(c.isdigit() for c in value)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -699,6 +1013,8 @@ _DETECTORS: tuple[Detector, ...] = (
     _emails,
     _ipv4,
     _ipv6,
+    _cards,
+    _ibans,
 )
 
 _PLACEHOLDER_RE = re.compile(r"\[REDACTED:(?:" + "|".join(KINDS) + r")\]")
@@ -740,9 +1056,10 @@ def _merge(found: Iterable[Redaction]) -> list[Redaction]:
     return merged
 
 
-def _find(text: str) -> list[Redaction]:
+def _find(text: str, phone_regions: tuple[str, ...]) -> list[Redaction]:
     """The findings in ``text``: sorted by offset, non-overlapping."""
-    found = (r for detect in _DETECTORS for r in detect(text))
+    found = [r for detect in _DETECTORS for r in detect(text)]
+    found += _phones(text, phone_regions, _merge(found))  # after the rest: it leaves their numbers alone
     return _merge(_outside_placeholders(text, found))
 
 
@@ -757,7 +1074,15 @@ def _render(text: str, findings: Iterable[Redaction]) -> str:
     return "".join(parts)
 
 
-def scrub(text: str) -> tuple[str, list[Redaction]]:
-    """Return the text with every finding replaced by "[REDACTED:<kind>]" and the findings (non-overlapping, sorted)."""
-    findings = _find(text)
+def scrub(text: str, *, phone_regions: Iterable[str] = PHONE_REGIONS) -> tuple[str, list[Redaction]]:
+    """Return the text with every finding replaced by "[REDACTED:<kind>]" and the findings (non-overlapping, sorted).
+
+    ``phone_regions``: ISO 3166 alpha-2 codes of the countries whose national phone-number
+    format is recognised (numbers with "+" are found whatever it holds).
+    """
+    regions = tuple(phone_regions)
+    unknown = [r for r in regions if r not in phonenumbers.SUPPORTED_REGIONS]
+    if unknown:
+        raise ValueError(f"unknown phone region(s) {unknown}: use ISO 3166 alpha-2 codes such as 'US' or 'DE'")
+    findings = _find(text, regions)
     return _render(text, findings), findings
