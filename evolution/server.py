@@ -9,15 +9,20 @@ path                       token   what
 ``/status``                no      served generation, age-up stage / step / ETA, karma
 ``/karma`` (POST)          yes     ``{"amount", "reason", "idempotency_key"}``
 ``/karma`` (GET)           no      karma total, progress and threshold
-``/conversations`` (POST)  yes     ``{"messages": [...], "idempotency_key"}``
+``/conversations`` (POST)  yes     ``{"messages": [...], "label", "idempotency_key"}``
+``/feedback`` (POST)       yes     ``{"completion_id" | "conversation_id", "label", "correction", "karma"}``
 ``/rollback`` (POST)       yes     ``{"to": N, "reason"}``: serve an earlier gated generation
 =========================  ======  =====================================================
 
 The token is sent as ``Authorization: Bearer <token>`` (what the ``openai`` client sends as
 its ``api_key``) and compared in constant time. Errors use OpenAI's shape,
 ``{"error": {"message", "type", "code"}}``, with 400 (malformed), 401 (token), 404 (unknown
-generation or model), 409 (not servable), 413 (too large), 503 (no model yet), 507 (the disk is full:
-nothing was recorded).
+generation, model or rated item), 409 (not servable, idempotency key reused), 413 (too large), 503 (no
+model yet), 507 (the disk is full: nothing was recorded).
+
+Every chat completion served is kept as an experience (scrubbed, after the reply went out)
+unless the request says ``"store": false`` or ``[daemon] capture = false``; a streamed reply only
+once it ran to its end.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from typing import Any, Protocol
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 
 from evolution import messages as messages_mod
@@ -38,6 +44,7 @@ from evolution.errors import (
     ConversationError,
     DiskFull,
     EvolutionError,
+    ExperienceError,
     IdempotencyConflict,
     IntegrityError,
     KarmaError,
@@ -45,6 +52,7 @@ from evolution.errors import (
     LoadError,
     MessageError,
     NotReady,
+    UnknownExperience,
     UnknownGeneration,
 )
 from evolution.serving import Slot, Stream
@@ -66,8 +74,9 @@ class Service(Protocol):
     def served(self) -> Slot | None:
         """The generation answering chats now (None while generation 0 is built)."""
 
-    def chat(self, args: dict) -> dict:
-        """One chat completion (OpenAI's shape); ValueError when the prompt does not fit; NotReady."""
+    def chat(self, args: dict) -> tuple[dict, Slot]:
+        """One chat completion (OpenAI's shape) and the generation that answered it; ValueError when the
+        prompt does not fit; NotReady."""
 
     def stream(self, args: dict) -> Stream:
         """A streamed completion whose first chunk has been decoded."""
@@ -76,7 +85,14 @@ class Service(Protocol):
 
     def karma_state(self): ...
 
-    def add_conversation(self, messages, key: str | None): ...
+    def add_conversation(self, messages, key: str | None, label: str | None): ...
+
+    def capture(self, messages: list[dict], reply: str, completion_id: str, slot: Slot, finish_reason: str | None,
+                cut_off: bool = False) -> None:
+        """Keep a served chat as an experience (scrubbed); never raises."""
+
+    def rate(self, item_id, label, correction, karma, key: str | None, by: str):
+        """Rate a served completion (``by="completion"``) or a posted transcript (``"conversation"``)."""
 
     def rollback(self, to: int, reason: str): ...
 
@@ -262,25 +278,37 @@ def create_app(daemon: Service) -> FastAPI:
         if isinstance(asked, str) and asked.startswith("evolution-gen-") and slot is not None and asked != slot.id:
             raise ApiError(404, f"model {asked!r} is not the served generation ({slot.id}); "
                                 "omit 'model' or use 'evolution' to get whichever is served", code="model_not_found")
+        store = body.get("store")
+        if store is not None and not isinstance(store, bool):
+            raise ApiError(400, f"'store' must be true or false, got {store!r}", param="store")
+        keep = d.capture if store is None else store
         if body.get("stream"):
-            return await _stream(args)
-        return await run_in_threadpool(_complete, args)
+            return await _stream(args, keep)
+        out, slot = await run_in_threadpool(_complete, args)
+        capture = None
+        if keep:  # after the reply is sent: a slow or failing capture never holds up the chat
+            choice = out["choices"][0]
+            capture = BackgroundTask(daemon.capture, args["messages"], choice["message"].get("content") or "",
+                                     out["id"], slot, choice.get("finish_reason"))
+        return JSONResponse(out, background=capture)
 
-    def _complete(args: dict) -> dict:
+    def _complete(args: dict) -> tuple[dict, Slot]:
         try:
-            out = daemon.chat(args)
+            out, slot = daemon.chat(args)
         except ValueError as exc:  # e.g. the prompt does not fit the context window
             raise ApiError(400, str(exc), code="context_length_exceeded") from None
         stats["completions"] += 1
-        return out
+        return out, slot
 
-    async def _stream(args: dict):
+    async def _stream(args: dict, keep: bool):
         try:
             st = await run_in_threadpool(daemon.stream, args)
         except ValueError as exc:
             raise ApiError(400, str(exc), code="context_length_exceeded") from None
 
         async def events():
+            parts: list[str] = []
+            finish, completion_id = None, None
             try:
                 item = st.first
                 while item is not None:
@@ -291,23 +319,35 @@ def create_app(daemon: Service) -> FastAPI:
                         yield f"data: {json.dumps(err)}\n\n"
                         return
                     item["model"] = st.slot.id
+                    completion_id = item.get("id", completion_id)
+                    for choice in item.get("choices") or []:
+                        parts.append((choice.get("delta") or {}).get("content") or "")
+                        finish = choice.get("finish_reason") or finish
                     yield f"data: {json.dumps(item)}\n\n"
                     item = await run_in_threadpool(st.get)
                 stats["completions"] += 1
                 yield "data: [DONE]\n\n"
             finally:
                 st.cancel()  # a client that hung up lets the model go at the next chunk
+            # Only a stream that ran to its end is kept: one cut off by a client that hung up
+            # (the generator is closed at a yield above) never reaches this line.
+            if keep and completion_id:
+                await run_in_threadpool(daemon.capture, args["messages"], "".join(parts), completion_id, st.slot,
+                                        finish)
 
         return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
-    async def _intake(request: Request, body: dict, param: str, fn, *args):
-        """Store something the agent sent, once per idempotency key: 201 new, 200 repeated, 409 key reused."""
+    async def _intake(request: Request, body: dict, param: str, fn):
+        """Store something the agent sent (``fn(idempotency_key)``), once per idempotency key: 201 new,
+        200 repeated, 409 key reused, 404 an unknown item to rate."""
         key = body.get("idempotency_key") or request.headers.get("idempotency-key")
         try:
-            result = await run_in_threadpool(fn, *args, key)
+            result = await run_in_threadpool(fn, key)
         except IdempotencyConflict as exc:
             raise ApiError(409, str(exc), param="idempotency_key", code="idempotency_key_reused") from None
-        except (KarmaError, ConversationError) as exc:
+        except UnknownExperience as exc:
+            raise ApiError(404, str(exc), param=param, code="not_found") from None
+        except (KarmaError, ConversationError, ExperienceError) as exc:
             raise ApiError(400, str(exc), param=param) from None
         return JSONResponse(result.to_dict(), status_code=200 if result.duplicate else 201)
 
@@ -322,14 +362,33 @@ def create_app(daemon: Service) -> FastAPI:
         body = await _json(request)
         if "amount" not in body:
             raise ApiError(400, "'amount' is required: the karma to add, a number greater than 0", param="amount")
-        return await _intake(request, body, "amount", daemon.add_karma, body["amount"], body.get("reason", ""))
+        return await _intake(request, body, "amount",
+                             lambda key: daemon.add_karma(body["amount"], body.get("reason", ""), key))
 
     @app.post("/conversations")
     @_counted
     async def conversations(request: Request):
         authorize(request, True)
         body = await _json(request)
-        return await _intake(request, body, "messages", daemon.add_conversation, body.get("messages"))
+        return await _intake(request, body, "messages",
+                             lambda key: daemon.add_conversation(body.get("messages"), key, body.get("label")))
+
+    @app.post("/feedback")
+    @_counted
+    async def feedback(request: Request):
+        authorize(request, True)
+        body = await _json(request)
+        unknown = set(body) - {"completion_id", "conversation_id", "label", "correction", "karma", "idempotency_key"}
+        if unknown:
+            raise ApiError(400, f"unknown field(s) {', '.join(sorted(unknown))}; /feedback takes completion_id or "
+                                "conversation_id, label, correction, karma, idempotency_key", param=sorted(unknown)[0])
+        if ("completion_id" in body) == ("conversation_id" in body):
+            raise ApiError(400, "give exactly one of 'completion_id' (a chatcmpl-… id this server returned) or "
+                                "'conversation_id' (from POST /conversations)", param="completion_id")
+        by = "completion" if "completion_id" in body else "conversation"
+        item = body[f"{by}_id"]
+        return await _intake(request, body, "label", lambda key: daemon.rate(
+            item, body.get("label"), body.get("correction"), body.get("karma"), key, by))
 
     @app.post("/rollback")
     @_counted
@@ -372,6 +431,7 @@ def create_app(daemon: Service) -> FastAPI:
         return _error(405, f"{request.method} is not allowed on {request.url.path}", "invalid_request_error",
                       "method_not_allowed")
 
-    limits = {"/v1/chat/completions": d.max_body_bytes, "/conversations": d.max_conversation_bytes}
+    limits = {"/v1/chat/completions": d.max_body_bytes, "/conversations": d.max_conversation_bytes,
+              "/feedback": d.max_conversation_bytes}
     app.add_middleware(BodyLimit, limits=limits, default=SMALL_BODY)
     return app

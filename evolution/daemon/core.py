@@ -26,6 +26,7 @@ from evolution import curriculum as curriculum_mod
 from evolution import faults, progress, promotion
 from evolution.config import AgeUpConfig, DaemonConfig
 from evolution.conversations import ConversationStore
+from evolution.experiences import ExperienceStore
 from evolution.daemon import identity, workers
 from evolution.errors import ConfigError, EvolutionError, LedgerError, LoadError
 from evolution.fsutil import free_space, nearly_full
@@ -64,6 +65,7 @@ class Daemon:
         self.ledger = Ledger.open(self.root)
         self.karma = Karma(self.ledger, self.dcfg.threshold, self.dcfg.threshold_growth)
         self.store = ConversationStore(self.ledger)
+        self.experiences = ExperienceStore(self.ledger, karma=self.karma, capture_max=self.dcfg.capture_max)
         self.token, self.token_source = identity.api_token(self.root, self.dcfg)
         decided = promotion.reconcile(self.root, self.ledger, self.cfg.gate.stop_after, swap=self._swap_in)
         served = self.ledger.served_generation()
@@ -120,12 +122,13 @@ class Daemon:
     def served(self) -> Slot | None:
         return self.host.current
 
-    def chat(self, args: dict) -> dict:
-        """One chat completion from the served model (``ValueError`` when it cannot fit)."""
-        def run(slot: Slot) -> dict:
+    def chat(self, args: dict) -> tuple[dict, Slot]:
+        """One chat completion from the served model and the generation that answered it
+        (``ValueError`` when it cannot fit)."""
+        def run(slot: Slot) -> tuple[dict, Slot]:
             out = slot.model.chat(args)
             out["model"] = slot.id
-            return out
+            return out, slot
 
         return self.host.call(run)
 
@@ -135,8 +138,22 @@ class Daemon:
     def karma_state(self):
         return self.karma.state()
 
-    def add_conversation(self, messages, key: str | None):
-        return self.store.add(messages, key)
+    def add_conversation(self, messages, key: str | None, label: str | None = None):
+        return self.store.add(messages, key, label)
+
+    def capture(self, messages: list[dict], reply: str, completion_id: str, slot: Slot, finish_reason: str | None,
+                cut_off: bool = False) -> None:
+        """Keep a served chat as an experience; never raises (a failure is counted in /status)."""
+        self.experiences.capture_safely(messages, reply, completion_id, slot.id, slot.sha256, slot.gen,
+                                        finish_reason, cut_off)
+
+    def rate(self, item_id, label, correction, karma, key: str | None, by: str):
+        served = self.host.current.gen if self.host.current else None
+        rating = self.experiences.rate(item_id, label, correction, karma, key, by=by, served_gen=served)
+        if rating.triggered is not None:
+            log.info("feedback karma crossed the threshold: age-up request %d", rating.triggered.id)
+            self.wake()
+        return rating
 
     def add_karma(self, amount, reason: str, key: str | None):
         served = self.host.current.gen if self.host.current else None
@@ -290,6 +307,7 @@ class Daemon:
             "karma": k.to_dict(),
             "paused": promotion.paused_reason(self.ledger),
             "conversations": {"stored": n_conv, "last_id": last_conv},
+            "experiences": self.experiences.counts(),
             "swaps": self.host.swaps,
             "last_swap": self.host.last_swap,
             "last_error": self.last_error,
