@@ -27,9 +27,9 @@ from sqlalchemy import text
 
 from evolution import messages as messages_mod
 from evolution.errors import ConversationError, ConversationKeyReused, MessageError
+from evolution.experiences import LABELS, record_rating
 from evolution.ledger import Ledger
 
-LABELS = ("good", "bad")
 MAX_MESSAGES = 200
 MAX_MESSAGE_CHARS = 32_000
 MAX_KEY = 200
@@ -83,7 +83,6 @@ class ConversationStore:
             raise ConversationError(f"idempotency key must be 1 to {MAX_KEY} characters")
         if label is not None and label not in LABELS:
             raise ConversationError(f"label must be 'good' or 'bad' (or left out), got {repr(label)[:40]}")
-        from evolution.experiences import record_rating
         from evolution.scrub import scrub  # only intake needs it (and its detector plugins)
 
         clean, counts = [], {}

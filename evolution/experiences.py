@@ -42,7 +42,6 @@ from datetime import datetime, timezone
 from sqlalchemy import text
 from sqlalchemy.engine import Connection
 
-from evolution.conversations import LABELS
 from evolution.errors import ExperienceError, ExperienceKeyReused, KarmaError, UnknownExperience
 from evolution.karma import AgeUpRequest, Karma, check_amount
 from evolution.ledger import Ledger
@@ -52,6 +51,7 @@ MAX_CORRECTION_CHARS = 32_000
 MAX_KEY = 200
 MAX_ID_CHARS = 200
 DEFAULT_CAPTURE_MAX = 10_000
+LABELS = ("good", "bad")
 
 log = logging.getLogger(__name__)
 
