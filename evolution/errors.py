@@ -101,3 +101,11 @@ class UnknownExperience(ExperienceError):
 
 class ExperienceKeyReused(ExperienceError, IdempotencyConflict):
     """The idempotency key was used for another rating (HTTP 409); nothing changed."""
+
+
+class ProbeError(EvolutionError):
+    """A probe that cannot be accepted (HTTP 400); nothing was stored."""
+
+
+class ProbeKeyReused(ProbeError, IdempotencyConflict):
+    """The idempotency key was used for another probe (HTTP 409)."""

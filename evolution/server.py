@@ -10,6 +10,7 @@ path                       token   what
 ``/karma`` (POST)          yes     ``{"amount", "reason", "idempotency_key"}``
 ``/karma`` (GET)           no      karma total, progress and threshold
 ``/conversations`` (POST)  yes     ``{"messages": [...], "label", "idempotency_key"}``
+``/probes`` (POST)         yes     ``{"question", "answers": [...]}``: asked by every later gate, never trained on
 ``/feedback`` (POST)       yes     ``{"completion_id" | "conversation_id", "label", "correction", "karma"}``
 ``/rollback`` (POST)       yes     ``{"to": N, "reason"}``: serve an earlier gated generation
 =========================  ======  =====================================================
@@ -52,6 +53,7 @@ from evolution.errors import (
     LoadError,
     MessageError,
     NotReady,
+    ProbeError,
     UnknownExperience,
     UnknownGeneration,
 )
@@ -86,6 +88,8 @@ class Service(Protocol):
     def karma_state(self): ...
 
     def add_conversation(self, messages, key: str | None, label: str | None): ...
+
+    def add_probe(self, question, answers, key: str | None): ...
 
     def capture(self, messages: list[dict], reply: str, completion_id: str, slot: Slot, finish_reason: str | None,
                 cut_off: bool = False) -> None:
@@ -347,7 +351,7 @@ def create_app(daemon: Service) -> FastAPI:
             raise ApiError(409, str(exc), param="idempotency_key", code="idempotency_key_reused") from None
         except UnknownExperience as exc:
             raise ApiError(404, str(exc), param=param, code="not_found") from None
-        except (KarmaError, ConversationError, ExperienceError) as exc:
+        except (KarmaError, ConversationError, ExperienceError, ProbeError) as exc:
             raise ApiError(400, str(exc), param=param) from None
         return JSONResponse(result.to_dict(), status_code=200 if result.duplicate else 201)
 
@@ -372,6 +376,14 @@ def create_app(daemon: Service) -> FastAPI:
         body = await _json(request)
         return await _intake(request, body, "messages",
                              lambda key: daemon.add_conversation(body.get("messages"), key, body.get("label")))
+
+    @app.post("/probes")
+    @_counted
+    async def probes(request: Request):
+        authorize(request, True)
+        body = await _json(request)
+        return await _intake(request, body, "question",
+                             lambda key: daemon.add_probe(body.get("question"), body.get("answers"), key))
 
     @app.post("/feedback")
     @_counted

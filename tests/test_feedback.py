@@ -148,3 +148,20 @@ def test_bad_feedback_is_refused_and_changes_nothing(client, daemon, body, statu
     assert _snapshot(daemon) == before
     assert client.post("/feedback", json={"completion_id": cid, "label": "good"}).status_code == 401
     assert _snapshot(daemon) == before
+
+
+def test_probes_are_stored_scrubbed_once_per_key_and_bad_ones_refused(client, daemon):
+    probe = {"question": f"What is my dog called? (my key is {SECRET})", "answers": ["Bramble"],
+             "idempotency_key": "probe-1"}
+    r = client.post("/probes", json=probe, headers=AUTH)
+    assert r.status_code == 201 and r.json()["redactions"] == {"api_key": 1}
+    assert client.post("/probes", json=probe, headers=AUTH).status_code == 200
+    assert client.post("/probes", json=probe | {"answers": ["Rex"]}, headers=AUTH).status_code == 409
+    [item] = daemon.probes.items()
+    assert item["answers"] == ["Bramble"] and SECRET not in item["question"]
+    for bad, fragment in (({"question": "", "answers": ["x"]}, "question"), ({"question": "Q?", "answers": []}, "answers"),
+                          ({"question": "Q?", "answers": ["ok", 3]}, "answers"), ({"question": "Q?"}, "answers")):
+        r = client.post("/probes", json=bad, headers=AUTH)
+        assert r.status_code == 400 and fragment in r.json()["error"]["message"], r.text
+    assert client.post("/probes", json={"question": "Q?", "answers": ["a"]}).status_code == 401
+    assert daemon.probes.count() == 1 and client.get("/status").json()["probes"] == 1

@@ -27,6 +27,7 @@ from evolution import faults, progress, promotion
 from evolution.config import AgeUpConfig, DaemonConfig
 from evolution.conversations import ConversationStore
 from evolution.experiences import ExperienceStore
+from evolution.probes import ProbeStore
 from evolution.daemon import identity, workers
 from evolution.errors import ConfigError, EvolutionError, LedgerError, LoadError
 from evolution.fsutil import free_space, nearly_full
@@ -66,6 +67,7 @@ class Daemon:
         self.karma = Karma(self.ledger, self.dcfg.threshold, self.dcfg.threshold_growth)
         self.store = ConversationStore(self.ledger)
         self.experiences = ExperienceStore(self.ledger, karma=self.karma, capture_max=self.dcfg.capture_max)
+        self.probes = ProbeStore(self.ledger)
         self.token, self.token_source = identity.api_token(self.root, self.dcfg)
         decided = promotion.reconcile(self.root, self.ledger, self.cfg.gate.stop_after, swap=self._swap_in)
         served = self.ledger.served_generation()
@@ -140,6 +142,9 @@ class Daemon:
 
     def add_conversation(self, messages, key: str | None, label: str | None = None):
         return self.store.add(messages, key, label)
+
+    def add_probe(self, question, answers, key: str | None):
+        return self.probes.add(question, answers, key)
 
     def capture(self, messages: list[dict], reply: str, completion_id: str, slot: Slot, finish_reason: str | None,
                 cut_off: bool = False) -> None:
@@ -308,6 +313,7 @@ class Daemon:
             "paused": promotion.paused_reason(self.ledger),
             "conversations": {"stored": n_conv, "last_id": last_conv},
             "experiences": self.experiences.counts(),
+            "probes": self.probes.count(),
             "swaps": self.host.swaps,
             "last_swap": self.host.last_swap,
             "last_error": self.last_error,

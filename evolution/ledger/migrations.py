@@ -158,7 +158,23 @@ m004_experiences = Migration(
     {"sqlite": _m004("sqlite"), "postgresql": _m004("postgresql"), "default": _m004("default")},
 )
 
-MIGRATIONS: tuple[Migration, ...] = (m001_entries, m002_append_only, m003_daemon, m004_experiences)
+def _m005(dialect: str) -> tuple[str, ...]:
+    pk = _ID.get(dialect, _ID["default"])
+    return (
+        # Questions the agent posts to check a taught fact in other words: asked by every later gate,
+        # never trained on. Scrubbed like transcripts; ``idem_key`` makes a retried post count once.
+        f"CREATE TABLE probes (id {pk}, time VARCHAR(40) NOT NULL, idem_key VARCHAR(200) UNIQUE,"
+        " question TEXT NOT NULL, answers TEXT NOT NULL, redactions TEXT NOT NULL, sha256 CHAR(64) NOT NULL)",
+    )
+
+
+m005_probes = Migration(
+    5,
+    "m005_probes",
+    {"sqlite": _m005("sqlite"), "postgresql": _m005("postgresql"), "default": _m005("default")},
+)
+
+MIGRATIONS: tuple[Migration, ...] = (m001_entries, m002_append_only, m003_daemon, m004_experiences, m005_probes)
 LATEST = MIGRATIONS[-1].version
 
 _BOOTSTRAP = (

@@ -133,6 +133,7 @@ PINNED_CHECKSUMS = {
     2: "8d4c91fca72ebb318e53be9a581416fa7b054e22971c4d9bb0b40bc7ddc67895",  # m002_append_only
     3: "4151aa0acd7130fdea1388aef57bbe699b5a121b867244ff09b68bb7524e2fea",  # m003_daemon
     4: "ac47381f12781dc7f2bf0ae232962c8339909a477c28c87ca41a382a0339fd4e",  # m004_experiences
+    5: "409f65c2fcbf1002ef2abb91c02ab2e40f1b4c74f26631f20f8dbf02bbd4ef67",  # m005_probes
 }
 
 
