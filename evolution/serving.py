@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from evolution.errors import EvolutionError, IntegrityError
+from evolution.llamacpp import open_llama
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -138,12 +139,9 @@ class ModelHost:
         return slot
 
     def _load(self, gen: int, path: Path, sha256: str, fd: int) -> Slot:
-        from llama_cpp import Llama
-
         proc = Path(f"/proc/self/fd/{fd}")
         try:
-            llm = Llama(model_path=str(proc if proc.exists() else path), n_ctx=self.n_ctx,
-                        n_threads=self.n_threads, n_threads_batch=self.n_threads, verbose=False)
+            llm = open_llama(proc if proc.exists() else path, n_ctx=self.n_ctx, n_threads=self.n_threads)
         except Exception as exc:  # llama.cpp says only "Failed to load model from file"
             raise LoadError(f"generation {gen}: llama.cpp could not load {path}: {exc}") from None
         try:
