@@ -173,7 +173,8 @@ def _export_stages(state: _State, staging: Path, cfg: AgeUpConfig, stage_cb: Sta
 
     def smoke():
         export.verify_sha256(staging / GGUF_NAME)
-        state.info["smoke"] = asdict(export.smoke_check(staging / GGUF_NAME, e.smoke_prompt, e.smoke_max_tokens))
+        result = export.smoke_check(staging / GGUF_NAME, e.smoke_prompt, cfg.gate.smoke_max_tokens)
+        state.info["smoke"] = asdict(result)
 
     _run(state, "quantize", quantize, stage_cb)
     _run(state, "smoke", smoke, stage_cb)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +19,7 @@ from pathlib import Path
 from evolution.errors import ConfigError
 from evolution.paths import REPO_ROOT
 
+log = logging.getLogger(__name__)
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 QUANTIZATIONS = ("f16", "q8_0", "q6_k", "q5_k_m", "q5_0", "q4_k_m", "q4_0")
 
@@ -85,7 +87,7 @@ class ExportConfig:
     keep_f16: bool = False
     """Keep the intermediate f16 GGUF in the generation directory."""
     smoke_prompt: str = "Hello! Please introduce yourself in one sentence."
-    smoke_max_tokens: int = 64
+    """Asked of every exported GGUF (load check) and by the gate's smoke rule, within ``gate.smoke_max_tokens``."""
 
 
 @dataclass
@@ -110,7 +112,8 @@ class GateConfig:
     answer_max_tokens: int = 64
     """Token budget of each eval answer (temperature 0)."""
     smoke_max_tokens: int = 128
-    """The smoke prompt must be answered, ending with end-of-sequence, within this many tokens."""
+    """The smoke prompt must be answered, ending with end-of-sequence, within this many tokens (the one smoke
+    budget: export's load check asks within it too; ``[export] smoke_max_tokens`` is read, warned about and ignored)."""
     stop_after: int = 2
     """Pause age-ups after this many children in a row failed to improve recall over their parents."""
 
@@ -260,8 +263,16 @@ QUICK: dict = {
 }
 
 
+RETIRED: dict[tuple[str, str], str] = {
+    # Fields that older config files and generations' stored config.json still carry: warned about, ignored.
+    ("export", "smoke_max_tokens"): "the smoke budget is gate.smoke_max_tokens alone (export's load check "
+                                    "and the gate's smoke rule ask the same prompt within it)",
+}
+
+
 def apply_overrides(cfg: AgeUpConfig, overrides: dict, where: str = "override") -> None:
-    """Set fields from a nested dict; unknown sections/keys are collected into a ConfigError."""
+    """Set fields from a nested dict; unknown sections/keys are collected into a ConfigError, retired ones
+    (``RETIRED``) are logged and skipped."""
     problems = []
     for key, value in overrides.items():
         if key == "quick":
@@ -273,7 +284,9 @@ def apply_overrides(cfg: AgeUpConfig, overrides: dict, where: str = "override") 
             continue
         names = {f.name for f in dataclasses.fields(section)}
         for k, v in value.items():
-            if k not in names:
+            if (key, k) in RETIRED:
+                log.warning("%s: [%s] %s is no longer used and is ignored: %s", where, key, k, RETIRED[key, k])
+            elif k not in names:
                 problems.append(f"{where}: [{key}] has no field {k!r} (known: {', '.join(sorted(names))})")
             else:
                 setattr(section, k, None if v == "off" else v)  # TOML has no null: "off" unsets a field
@@ -322,7 +335,6 @@ def validate(cfg: AgeUpConfig) -> None:
         p.append(f"export.quantization must be one of {', '.join(QUANTIZATIONS)}, got {e.quantization!r}")
     if e.merged_dtype not in ("float32", "float16", "bfloat16"):
         p.append(f"export.merged_dtype must be float32, float16 or bfloat16, got {e.merged_dtype!r}")
-    positive_int("export.smoke_max_tokens", e.smoke_max_tokens)
     if not isinstance(c.replay_ratio, (int, float)) or not 0 <= c.replay_ratio <= 10:
         p.append(f"curriculum.replay_ratio must be between 0 and 10, got {c.replay_ratio!r}")
     if c.phases is not None and (not isinstance(c.phases, list) or not all(isinstance(x, int) and x >= 0 for x in c.phases)):

@@ -131,7 +131,10 @@ def quantize(f16: Path, out: Path, qtype: str) -> None:
 
 
 def smoke_check(gguf: Path, prompt: str, max_tokens: int) -> SmokeResult:
-    """Load the GGUF with llama-cpp-python and answer one chat turn at temperature 0."""
+    """Load the GGUF with llama-cpp-python and answer one chat turn at temperature 0.
+
+    The age-up passes ``gate.smoke_max_tokens``, the one smoke budget: the gate's smoke rule asks the same.
+    """
     t0 = time.perf_counter()
     try:
         llm = open_llama(gguf, n_ctx=512, seed=0)
