@@ -199,9 +199,7 @@ def _lock(root: DataRoot) -> Iterator[None]:
 
 
 def _gate_info(result: gate.GateResult) -> dict:
-    return {"verdict": result.verdict, "reasons": result.reasons, "metrics": result.metrics(),
-            "parent_metrics": result.parent.metrics() if result.parent else None,
-            "parent": result.parent.gen if result.parent else None, "thresholds": result.thresholds}
+    return result.summary()
 
 
 def bootstrap(root: DataRoot, cfg: AgeUpConfig, ledger: Ledger, cur: curriculum_mod.Curriculum,
@@ -228,7 +226,7 @@ def bootstrap(root: DataRoot, cfg: AgeUpConfig, ledger: Ledger, cur: curriculum_
     def measure():
         es = gate.eval_set(cur, [])
         m = gate.measure(staging / GGUF_NAME, 0, es, cfg.gate, cfg.export.smoke_prompt)
-        result = gate.GateResult("measured", [], m, None, {}, None)
+        result = gate.GateResult("measured", [], m, None, {})
         gate.write_report(result, staging)
         gate.save_recall_items(es, staging / "data")
         state.info["gate"] = _gate_info(result)
@@ -272,7 +270,9 @@ def _record_finished(root: DataRoot, ledger: Ledger, s: GenerationSummary, stop_
         return
     if ev.GATE_RESULT not in have:
         ledger.record(ev.gate_result(s.parent, s.gen, g["metrics"], g["thresholds"], g["verdict"],
-                                     parent_metrics=g["parent_metrics"], reasons=g["reasons"]))
+                                     parent_metrics=g["parent_metrics"], reasons=g["reasons"],
+                                     # a generation gated before the metric table has neither:
+                                     **{k: g[k] for k in ("checks", "metric_versions") if k in g}))
     if ev.PROMOTED in have or ev.REJECTED in have:
         return
     if g["verdict"] == gate.PASS:

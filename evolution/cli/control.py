@@ -69,7 +69,7 @@ def status(as_json: bool) -> None:
                + (f"; request {k['open_request']['id']} {k['open_request']['status']}" if k["open_request"] else ""))
     if "last_gate" in info:
         g = info["last_gate"]
-        nums = ", ".join(f"{k} {v:.3g}" for k, v in g["metrics"].items())
+        nums = ", ".join(f"{k} {'-' if v is None else f'{v:.3g}'}" for k, v in g["metrics"].items())
         click.echo(f"last gate:        generation {g['child']} {g['verdict']} ({nums})")
     click.echo(f"age-ups:          {'PAUSED: ' + info['paused'] if info['paused'] else 'active'}")
 
