@@ -141,7 +141,8 @@ def _export_stages(state: _State, staging: Path, cfg: AgeUpConfig, stage_cb: Sta
 
     def smoke():
         export.verify_sha256(staging / GGUF_NAME)
-        state.info["smoke"] = asdict(export.smoke_check(staging / GGUF_NAME, e.smoke_prompt, e.smoke_max_tokens))
+        result = export.smoke_check(staging / GGUF_NAME, e.smoke_prompt, cfg.gate.smoke_max_tokens)
+        state.info["smoke"] = asdict(result)
 
     _run(state, "quantize", quantize, stage_cb)
     _run(state, "smoke", smoke, stage_cb)
@@ -166,9 +167,7 @@ def _lock(root: DataRoot) -> Iterator[None]:
 
 
 def _gate_info(result: gate.GateResult) -> dict:
-    return {"verdict": result.verdict, "reasons": result.reasons, "metrics": result.metrics(),
-            "parent_metrics": result.parent.metrics() if result.parent else None,
-            "parent": result.parent.gen if result.parent else None, "thresholds": result.thresholds}
+    return result.summary()
 
 
 def bootstrap(root: DataRoot, cfg: AgeUpConfig, ledger: Ledger, cur: curriculum_mod.Curriculum,
@@ -197,7 +196,7 @@ def bootstrap(root: DataRoot, cfg: AgeUpConfig, ledger: Ledger, cur: curriculum_
     def measure():
         es = gate.eval_set(cur, [])
         m = gate.measure(staging / GGUF_NAME, 0, es, cfg.gate, cfg.export.smoke_prompt)
-        result = gate.GateResult("measured", [], m, None, {}, None)
+        result = gate.GateResult("measured", [], m, None, {})
         gate.write_report(result, staging)
         gate.save_recall_items(es, staging / "data")
         state.info["gate"] = _gate_info(result)

@@ -148,7 +148,7 @@ class ExportConfig:
     keep_f16: bool = False
     """Keep the intermediate f16 GGUF in the generation directory."""
     smoke_prompt: str = "Hello! Please introduce yourself in one sentence."
-    smoke_max_tokens: int = 64
+    """Asked of every exported GGUF (load check) and by the gate's smoke rule, within ``gate.smoke_max_tokens``."""
 
 
 @dataclass
@@ -173,7 +173,8 @@ class GateConfig:
     answer_max_tokens: int = 64
     """Token budget of each eval answer (temperature 0)."""
     smoke_max_tokens: int = 128
-    """The smoke prompt must be answered, ending with end-of-sequence, within this many tokens."""
+    """The smoke prompt must be answered, ending with end-of-sequence, within this many tokens (the one smoke
+    budget: export's load check asks within it too; ``[export] smoke_max_tokens`` is read, warned about and ignored)."""
     stop_after: int = 2
     """Pause age-ups after this many children in a row failed to improve recall over their parents."""
 
@@ -339,7 +340,9 @@ def _set_fields(obj, name: str, values: dict, where: str, problems: list[str]) -
     """Set the fields of dataclass ``obj`` (section ``name``) from ``values``; a nested table sets a sub-section."""
     names = {f.name for f in dataclasses.fields(obj)}
     for k, v in values.items():
-        if name == "train" and k in DEPRECATED_TRAIN_KEYS:
+        if (name, k) in RETIRED:
+            log.warning("%s: [%s] %s is no longer used and is ignored: %s", where, name, k, RETIRED[name, k])
+        elif name == "train" and k in DEPRECATED_TRAIN_KEYS:
             stage, field_name = DEPRECATED_TRAIN_KEYS[k]
             log.warning("%s: train.%s is deprecated; use [train.%s] %s", where, k, stage, field_name)
             _set_fields(getattr(obj, stage), f"train.{stage}", {field_name: v}, where, problems)
@@ -354,13 +357,21 @@ def _set_fields(obj, name: str, values: dict, where: str, problems: list[str]) -
             setattr(obj, k, None if v == "off" else v)  # TOML has no null: "off" unsets a field
 
 
+RETIRED: dict[tuple[str, str], str] = {
+    # Fields that older config files and generations' stored config.json still carry: warned about, ignored.
+    ("export", "smoke_max_tokens"): "the smoke budget is gate.smoke_max_tokens alone (export's load check "
+                                    "and the gate's smoke rule ask the same prompt within it)",
+}
+
+
 def apply_overrides(cfg: AgeUpConfig, overrides: dict, where: str = "override") -> None:
-    """Set fields from a nested dict; unknown sections/keys are collected into a ConfigError.
+    """Set fields from a nested dict; unknown sections/keys are collected into a ConfigError, retired ones
+    (``RETIRED``) are logged and skipped.
 
     Flat keys of old configs (``train.sft_epochs``) are read into their section
     (``[train.sft] epochs``) with a warning naming the new key.
     """
-    problems: list[str] = []
+    problems = []
     for key, value in overrides.items():
         if key == "quick":
             cfg.quick = bool(value)
@@ -412,7 +423,6 @@ def validate(cfg: AgeUpConfig) -> None:
         p.append(f"export.quantization must be one of {', '.join(QUANTIZATIONS)}, got {e.quantization!r}")
     if e.merged_dtype not in ("float32", "float16", "bfloat16"):
         p.append(f"export.merged_dtype must be float32, float16 or bfloat16, got {e.merged_dtype!r}")
-    positive_int("export.smoke_max_tokens", e.smoke_max_tokens)
     if not isinstance(c.replay_ratio, (int, float)) or not 0 <= c.replay_ratio <= 10:
         p.append(f"curriculum.replay_ratio must be between 0 and 10, got {c.replay_ratio!r}")
     if c.phases is not None and (not isinstance(c.phases, list) or not all(isinstance(x, int) and x >= 0 for x in c.phases)):

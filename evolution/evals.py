@@ -9,10 +9,8 @@ are not letters or digits (any script) to one space, and trims — so "Teal!" ma
 
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import dataclass
-from pathlib import Path
 
 _NON_WORD = re.compile(r"[\W_]+", re.UNICODE)
 
@@ -34,12 +32,6 @@ class ItemResult:
     correct: bool
 
 
-def load_llm(gguf: Path, n_ctx: int = 1024):
-    from llama_cpp import Llama
-
-    return Llama(model_path=str(gguf), n_ctx=n_ctx, n_threads=os.cpu_count() or 1, seed=0, verbose=False)
-
-
 def ask(llm, question: str, system: str | None = None, max_tokens: int = 64) -> str:
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": question}]
     out = llm.create_chat_completion(messages=messages, temperature=0.0, max_tokens=max_tokens, seed=0)
@@ -54,14 +46,6 @@ def recall(llm, items: list[dict], max_tokens: int = 64) -> tuple[float, list[It
         results.append(ItemResult(item["id"], item["question"], reply, is_correct(reply, item["answers"])))
     score = sum(r.correct for r in results) / len(results) if results else 0.0
     return score, results
-
-
-def load_scorer(gguf: Path, n_ctx: int = 1024):
-    """A Llama that keeps the logits of every position (for perplexity)."""
-    from llama_cpp import Llama
-
-    return Llama(model_path=str(gguf), n_ctx=n_ctx, n_threads=os.cpu_count() or 1, seed=0,
-                 logits_all=True, verbose=False)
 
 
 def perplexity(scorer, texts: list[str]) -> float:

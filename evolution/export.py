@@ -21,6 +21,7 @@ from pathlib import Path
 from evolution import faults
 from evolution.errors import ExportError, IntegrityError
 from evolution.fsutil import atomic_write_text, fsync_dir, fsync_file, sha256_file
+from evolution.llamacpp import open_llama
 
 log = logging.getLogger(__name__)
 
@@ -130,12 +131,13 @@ def quantize(f16: Path, out: Path, qtype: str) -> None:
 
 
 def smoke_check(gguf: Path, prompt: str, max_tokens: int) -> SmokeResult:
-    """Load the GGUF with llama-cpp-python and answer one chat turn at temperature 0."""
-    from llama_cpp import Llama
+    """Load the GGUF with llama-cpp-python and answer one chat turn at temperature 0.
 
+    The age-up passes ``gate.smoke_max_tokens``, the one smoke budget: the gate's smoke rule asks the same.
+    """
     t0 = time.perf_counter()
     try:
-        llm = Llama(model_path=str(gguf), n_ctx=512, n_threads=os.cpu_count() or 1, seed=0, verbose=False)
+        llm = open_llama(gguf, n_ctx=512, seed=0)
     except (ValueError, RuntimeError) as exc:
         raise ExportError(f"llama-cpp-python cannot load {gguf}: {exc}") from exc
     t1 = time.perf_counter()

@@ -1,71 +1,85 @@
 """The eval gate: is the child's GGUF measurably better at what it was taught, and no worse at the rest?
 
 Everything is measured on the quantized GGUF through llama-cpp-python — the exact file that
-would be served — for child and parent alike, deterministically (temperature 0, seed 0):
-
-- **recall**: fraction of recall items answered correctly (``evolution.evals.is_correct``). The
-  items are the curriculum's plus those every ancestor generation was gated on, so forgetting
-  an earlier generation's facts shows.
-- **generalization**: fraction of held-out paraphrased questions answered correctly, and the
-  perplexity of held-out text (lower is better).
-- **style drift**: distance of the child's replies to the style prompts from the style
-  references, in reference standard deviations (``evolution.evals.style_drift``); the drift
-  from the parent's replies is reported too.
-- **smoke**: the child answers a chat turn with a non-empty reply that ends with
-  end-of-sequence within ``gate.smoke_max_tokens`` tokens.
-
-``decide`` applies ``GateConfig``: absolute thresholds plus non-inferiority margins against
-the parent. With no thresholds configured it passes nothing. Every failed rule is a reason
-naming its metric.
+would be served — for child and parent alike, deterministically (temperature 0, seed 0). The
+gate is a table of metric units (``evolution.metrics.TABLE``: smoke, recall, generalization,
+style drift, perplexity); each says how it is measured and which rules of ``GateConfig`` it
+must meet. ``decide`` applies them: absolute thresholds plus non-inferiority margins against
+the parent. With a required threshold unset it passes nothing. Every failed rule is a reason
+naming its metric; a metric without enough data to measure is skipped, with its note, and does
+not block.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import math
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from evolution import evals
 from evolution.config import GateConfig
 from evolution.curriculum import Curriculum
 from evolution.fsutil import atomic_write_json, atomic_write_text
+from evolution.ledger.events import FAIL, PASS
+from evolution.metrics import TABLE, Check, EvalSet, Inputs, Measured, Metric, Models
+from evolution.metrics.common import N_CTX
 
 log = logging.getLogger(__name__)
 
-PASS, FAIL = "pass", "fail"
+__all__ = ["FAIL", "PASS", "EvalSet", "GateResult", "ModelEval", "cached_eval", "decide", "eval_set",
+           "evalset_hash", "measure", "run", "save_recall_items", "stop_rule", "write_report"]
+
 RECALL_FILE = "eval_recall.jsonl"  # in gen_NNNN/data/: the recall items this generation was gated on
-
-
-@dataclass
-class EvalSet:
-    recall: list[dict]
-    generalization: list[dict]
-    heldout_text: list[str]
-    style_prompts: list[str]
-    style_references: list[str]
+REPORT_LAYOUT = 2  # eval.json: 1 had fixed fields per metric (recall, perplexity, ...), 2 the metric table
 
 
 @dataclass
 class ModelEval:
-    """One GGUF's numbers on an ``EvalSet``."""
+    """One GGUF's numbers on an ``EvalSet``: a value per metric (None: not enough data) and its details."""
 
     gen: int
-    recall: float
-    recall_by_phase: dict[str, float]
-    generalization: float
-    perplexity: float
-    style_drift: float
-    smoke: dict
-    replies: dict = field(default_factory=dict)
+    metrics: dict[str, float | None]
+    details: dict[str, dict] = field(default_factory=dict)
+    notes: dict[str, str] = field(default_factory=dict)
+    """Why a metric has no value."""
+    versions: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
     evalset_hash: str = ""
-    """Which eval set and settings produced these numbers (a parent's may be reused when equal)."""
+    """Which eval set, metrics and settings produced these numbers (a parent's may be reused when equal)."""
 
-    def metrics(self) -> dict[str, float]:
-        return {"recall": self.recall, "generalization": self.generalization, "perplexity": self.perplexity,
-                "style_drift": self.style_drift}
+    @classmethod
+    def of(cls, gen: int, measured: dict[str, Measured], table: Sequence[Metric] = TABLE, **kw) -> "ModelEval":
+        return cls(gen, {n: m.value for n, m in measured.items()}, {n: m.details for n, m in measured.items()},
+                   {n: m.note for n, m in measured.items() if m.note}, {u.name: u.version for u in table}, **kw)
+
+    def measured(self, name: str) -> Measured | None:
+        if name not in self.metrics:
+            return None
+        return Measured(self.metrics[name], self.details.get(name, {}), self.notes.get(name))
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelEval":
+        """From ``eval.json`` of either layout (layout 1, before the metric table, is converted)."""
+        if "metrics" in d:
+            return cls(**d)
+        return _from_layout_1(d)
+
+
+def _from_layout_1(d: dict) -> ModelEval:
+    """A ``ModelEval`` of the fixed-field layout: recall, recall_by_phase, generalization, perplexity, style_drift,
+    smoke, replies. Its hash belongs to that layout, so ``cached_eval`` never reuses it: it is re-measured."""
+    replies, ppl = d["replies"], d["perplexity"]
+    metrics = {"smoke": 1.0 if d["smoke"]["ok"] else 0.0, "recall": d["recall"],
+               "generalization": d["generalization"], "style_drift": d["style_drift"],
+               "perplexity": None if math.isnan(ppl) else ppl}  # layout 1 wrote NaN for "no held-out text"
+    details = {"smoke": d["smoke"], "recall": {"by_phase": d["recall_by_phase"], "items": replies["recall"]},
+               "generalization": {"items": replies["generalization"]}, "style_drift": {"replies": replies["style"]}}
+    notes = {} if metrics["perplexity"] is not None else {"perplexity": "no held-out text"}
+    return ModelEval(d["gen"], metrics, details, notes, {}, d["seconds"], d["evalset_hash"])
 
 
 @dataclass
@@ -75,16 +89,23 @@ class GateResult:
     child: ModelEval
     parent: ModelEval | None
     thresholds: dict
-    drift_from_parent: float | None
+    checks: list[Check] = field(default_factory=list)
+    """Every rule applied (or skipped, with why), in table order."""
+    versus_parent: dict[str, float] = field(default_factory=dict)
+    """Numbers comparing child and parent (``style_drift_from_parent``)."""
 
-    def metrics(self) -> dict[str, float]:
-        m = self.child.metrics()
-        if self.drift_from_parent is not None:
-            m["style_drift_from_parent"] = self.drift_from_parent
-        return m
+    def metrics(self) -> dict[str, float | None]:
+        return self.child.metrics | self.versus_parent
 
     def to_dict(self) -> dict:
-        return asdict(self) | {"metrics": self.metrics()}
+        return asdict(self) | {"metrics": self.metrics(), "layout": REPORT_LAYOUT}
+
+    def summary(self) -> dict:
+        """What the age-up keeps and the ledger's ``gate_result`` records."""
+        return {"verdict": self.verdict, "reasons": self.reasons, "metrics": self.metrics(),
+                "parent_metrics": self.parent.metrics if self.parent else None,
+                "parent": self.parent.gen if self.parent else None, "thresholds": self.thresholds,
+                "checks": [asdict(c) for c in self.checks], "metric_versions": dict(self.child.versions)}
 
 
 def eval_set(cur: Curriculum, ancestor_data_dirs: list[Path]) -> EvalSet:
@@ -100,25 +121,26 @@ def eval_set(cur: Curriculum, ancestor_data_dirs: list[Path]) -> EvalSet:
     )
 
 
-def evalset_hash(es: EvalSet, cfg: GateConfig, smoke_prompt: str) -> str:
-    import hashlib
-
-    key = {"es": asdict(es), "answer_max_tokens": cfg.answer_max_tokens,
-           "smoke_max_tokens": cfg.smoke_max_tokens, "smoke_prompt": smoke_prompt}
+def evalset_hash(es: EvalSet, cfg: GateConfig, smoke_prompt: str, table: Sequence[Metric] = TABLE) -> str:
+    """The eval set, and every metric's name, version and settings: equal hashes mean equal numbers."""
+    inputs = Inputs(es, cfg, smoke_prompt)
+    key = {"es": asdict(es), "n_ctx": N_CTX,
+           "metrics": [{"name": u.name, "version": u.version, "settings": u.settings(inputs)} for u in table]}
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
 
 
 def cached_eval(gen_dir: Path, want_hash: str) -> ModelEval | None:
-    """The numbers a generation's own gate measured for it, if taken on the same eval set.
+    """The numbers a generation's own gate measured for it, if taken on the same eval set and metrics.
 
     Evaluation is deterministic (temperature 0, seed 0) and the GGUF is hash-verified before
-    use, so re-measuring a parent on an unchanged eval set would only repeat them.
+    use, so re-measuring a parent on an unchanged eval set would only repeat them. A report
+    from before a metric changed (or from the fixed-field layout) has another hash: re-measured.
     """
     path = gen_dir / "eval.json"
     if not path.is_file():
         return None
-    child = json.loads(path.read_text())["child"]
-    return ModelEval(**child) if child.get("evalset_hash") == want_hash else None
+    child = ModelEval.from_dict(json.loads(path.read_text())["child"])
+    return child if child.evalset_hash == want_hash else None
 
 
 def save_recall_items(es: EvalSet, data_dir: Path) -> None:
@@ -133,108 +155,104 @@ def _read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def smoke(llm, prompt: str, max_tokens: int) -> dict:
-    out = llm.create_chat_completion(messages=[{"role": "user", "content": prompt}], temperature=0.0,
-                                     max_tokens=max_tokens, seed=0)
-    choice = out["choices"][0]
-    reply = choice["message"]["content"] or ""
-    problem = None
-    if not reply.strip():
-        problem = "answered with an empty reply"
-    elif choice["finish_reason"] != "stop":
-        problem = f"did not emit end-of-sequence within {max_tokens} tokens"
-    return {"reply": reply, "finish_reason": choice["finish_reason"],
-            "completion_tokens": out["usage"]["completion_tokens"], "ok": problem is None, "problem": problem}
-
-
-def measure(gguf: Path, gen: int, es: EvalSet, cfg: GateConfig, smoke_prompt: str) -> ModelEval:
-    """Every number of one GGUF on ``es`` (about a minute for the embedded model on 2 cores)."""
+def measure(gguf: Path, gen: int, es: EvalSet, cfg: GateConfig, smoke_prompt: str,
+            table: Sequence[Metric] = TABLE) -> ModelEval:
+    """Every metric of ``table`` on one GGUF (about a minute for the embedded model on 2 cores)."""
     t0 = time.perf_counter()
-    llm = evals.load_llm(gguf)
-    sm = smoke(llm, smoke_prompt, cfg.smoke_max_tokens)
-    rec, rec_items = evals.recall(llm, es.recall, cfg.answer_max_tokens)
-    by_phase: dict[str, list[bool]] = {}
-    for item, r in zip(es.recall, rec_items):
-        by_phase.setdefault(str(item.get("phase", "-")), []).append(r.correct)
-    gen_score, gen_items = evals.recall(llm, es.generalization, cfg.answer_max_tokens)
-    style_replies = [evals.ask(llm, p, None, cfg.answer_max_tokens * 2) for p in es.style_prompts]
-    del llm
-    mu, sd = evals.style_scale(es.style_references)
-    drift = evals.style_drift(style_replies, mu, sd) if style_replies else 0.0
-    ppl = evals.perplexity(evals.load_scorer(gguf), es.heldout_text) if es.heldout_text else float("nan")
-    return ModelEval(
-        gen=gen, recall=rec, recall_by_phase={k: sum(v) / len(v) for k, v in sorted(by_phase.items())},
-        generalization=gen_score, perplexity=ppl, style_drift=drift, smoke=sm,
-        replies={"recall": [asdict(r) for r in rec_items], "generalization": [asdict(r) for r in gen_items],
-                 "style": style_replies},
-        seconds=time.perf_counter() - t0, evalset_hash=evalset_hash(es, cfg, smoke_prompt),
-    )
+    inputs = Inputs(es, cfg, smoke_prompt)
+    with Models(gguf) as models:
+        measured = {u.name: u.measure(models, inputs) for u in table}
+    return ModelEval.of(gen, measured, table, seconds=time.perf_counter() - t0,
+                        evalset_hash=evalset_hash(es, cfg, smoke_prompt, table))
 
 
-def decide(child: ModelEval, parent: ModelEval | None, cfg: GateConfig) -> tuple[str, list[str]]:
+def check(child: ModelEval, parent: ModelEval | None, cfg: GateConfig, table: Sequence[Metric] = TABLE) -> list[Check]:
+    """Every rule of every unit applied to ``child``; a metric without a value (child or parent) is skipped."""
+    checks = []
+    for u in table:
+        c = child.measured(u.name)
+        p = parent.measured(u.name) if parent is not None else None
+        if c is None or c.value is None:
+            why = c.note if c is not None else "not measured"
+            checks.append(Check(u.name, "", "", None, f"{u.name}: not enough data ({why})"))
+            continue
+        if p is not None and p.value is None:
+            checks.append(Check(u.name, "", "", None, f"{u.name}: the parent has no value ({p.note}): "
+                                                        "no rule against the parent"))
+            p = None
+        elif parent is not None and p is None:
+            checks.append(Check(u.name, "", "", None, f"{u.name}: the parent was not measured on it: "
+                                                        "no rule against the parent"))
+        checks += u.rules(c, p, cfg)
+    return checks
+
+
+def _unset_required(cfg: GateConfig, table: Sequence[Metric]) -> str | None:
+    required = [f for u in table for f in u.required]
+    if all(getattr(cfg, f) is not None for f in required):
+        return None
+    names = " and ".join(f"gate.{f}" for f in required)
+    each = {1: "", 2: "both "}.get(len(required), "all ")
+    return f"thresholds: {names} must {each}be configured; with no thresholds the gate passes nothing"
+
+
+def decide(child: ModelEval, parent: ModelEval | None, cfg: GateConfig,
+           table: Sequence[Metric] = TABLE) -> tuple[str, list[str]]:
     """The verdict and, for a fail, every reason (each names its metric)."""
-    reasons = []
-    if cfg.min_recall is None or cfg.max_style_drift is None:
-        reasons.append("thresholds: gate.min_recall and gate.max_style_drift must both be configured; "
-                       "with no thresholds the gate passes nothing")
-    if not child.smoke["ok"]:
-        reasons.append(f"smoke: the child {child.smoke['problem']}")
-    if cfg.min_recall is not None and child.recall < cfg.min_recall:
-        reasons.append(f"recall {child.recall:.3f} < {cfg.min_recall} (gate.min_recall)")
-    if cfg.max_style_drift is not None and child.style_drift > cfg.max_style_drift:
-        reasons.append(f"style_drift {child.style_drift:.2f} > {cfg.max_style_drift} (gate.max_style_drift)")
-    if parent is not None:
-        if cfg.recall_margin is not None and child.recall < parent.recall - cfg.recall_margin:
-            reasons.append(f"recall {child.recall:.3f} fell below the parent's {parent.recall:.3f} "
-                           f"by more than {cfg.recall_margin} (gate.recall_margin)")
-        if cfg.generalization_margin is not None and \
-                child.generalization < parent.generalization - cfg.generalization_margin:
-            reasons.append(f"generalization {child.generalization:.3f} fell below the parent's "
-                           f"{parent.generalization:.3f} by more than {cfg.generalization_margin} "
-                           "(gate.generalization_margin)")
-        if cfg.max_perplexity_ratio is not None and not child.perplexity <= parent.perplexity * cfg.max_perplexity_ratio:
-            reasons.append(f"perplexity {child.perplexity:.2f} > {cfg.max_perplexity_ratio} x the parent's "
-                           f"{parent.perplexity:.2f} (gate.max_perplexity_ratio)")
+    unset = _unset_required(cfg, table)
+    reasons = ([unset] if unset else []) + [c.message for c in check(child, parent, cfg, table) if c.passed is False]
     return (FAIL if reasons else PASS), reasons
 
 
 def run(child_gguf: Path, child_gen: int, parent_gguf: Path | None, parent_gen: int | None, es: EvalSet,
-        cfg: GateConfig, smoke_prompt: str) -> GateResult:
+        cfg: GateConfig, smoke_prompt: str, table: Sequence[Metric] = TABLE) -> GateResult:
     """Measure child and parent (the parent's numbers reused from its own report when the eval set is unchanged)."""
-    child = measure(child_gguf, child_gen, es, cfg, smoke_prompt)
+    child = measure(child_gguf, child_gen, es, cfg, smoke_prompt, table)
     parent = None
     if parent_gguf is not None:
         parent = cached_eval(parent_gguf.parent, child.evalset_hash)
         if parent is None:
-            parent = measure(parent_gguf, parent_gen, es, cfg, smoke_prompt)
+            parent = measure(parent_gguf, parent_gen, es, cfg, smoke_prompt, table)
         else:
             log.info("gate: reusing generation %s's own measurements (same eval set)", parent_gen)
-    verdict, reasons = decide(child, parent, cfg)
-    drift_parent = None
-    if parent is not None and es.style_references:
-        _, sd = evals.style_scale(es.style_references)
-        drift_parent = evals.style_drift(child.replies["style"], evals.style_mean(parent.replies["style"]), sd)
+    verdict, reasons = decide(child, parent, cfg, table)
+    versus: dict[str, float] = {}
+    if parent is not None:
+        inputs = Inputs(es, cfg, smoke_prompt)
+        for u in table:
+            c, p = child.measured(u.name), parent.measured(u.name)
+            if c.value is not None and p.value is not None:
+                versus |= u.versus_parent(c, p, inputs)
     log.info("gate gen %d vs %s: %s %s", child_gen, parent_gen, verdict, "; ".join(reasons))
-    return GateResult(verdict=verdict, reasons=reasons, child=child, parent=parent,
-                      thresholds=asdict(cfg), drift_from_parent=drift_parent)
+    return GateResult(verdict=verdict, reasons=reasons, child=child, parent=parent, thresholds=asdict(cfg),
+                      checks=check(child, parent, cfg, table), versus_parent=versus)
 
 
-def write_report(result: GateResult, out_dir: Path) -> None:
+def _cell(v) -> str:
+    return "-" if v is None else f"{v:.3f}"
+
+
+def write_report(result: GateResult, out_dir: Path, table: Sequence[Metric] = TABLE) -> None:
     """``eval.json`` (every number and reply) and ``eval.md`` (a readable summary) in ``out_dir``."""
     atomic_write_json(out_dir / "eval.json", result.to_dict())
     c, p = result.child, result.parent
-    rows = [("recall", c.recall, p and p.recall), ("generalization", c.generalization, p and p.generalization),
-            ("perplexity (held-out text)", c.perplexity, p and p.perplexity),
-            ("style drift (ref. SDs)", c.style_drift, p and p.style_drift)]
-    rows += [(f"recall, phase {k}", v, p and p.recall_by_phase.get(k)) for k, v in c.recall_by_phase.items()]
+    units = [(u, c.measured(u.name), p.measured(u.name) if p else None) for u in table]
+    units = [(u, cm, pm) for u, cm, pm in units if cm is not None]
     lines = [f"# Gate: generation {c.gen}" + (f" vs parent {p.gen}" if p else " (measured, not gated)"), "",
              f"**Verdict: {result.verdict.upper()}**", ""]
     lines += [f"- {r}" for r in result.reasons] + ([""] if result.reasons else [])
+    if result.checks:  # gated: each skipped rule says why
+        skipped = [k.message for k in result.checks if k.passed is None]
+    else:  # measured only (generation 0)
+        skipped = [f"{name}: not enough data ({note})" for name, note in c.notes.items()]
+    lines += [f"- skipped: {s}" for s in skipped] + ([""] if skipped else [])
     lines += ["| metric | child | parent |", "| --- | --- | --- |"]
-    lines += [f"| {name} | {cv:.3f} | {'-' if pv is None else f'{pv:.3f}'} |" for name, cv, pv in rows]
-    if result.drift_from_parent is not None:
-        lines.append(f"| style drift from parent | {result.drift_from_parent:.3f} | - |")
-    lines += ["", f"Smoke reply ({c.smoke['finish_reason']}, {c.smoke['completion_tokens']} tokens): "
-              f"{c.smoke['reply'][:200]!r}", "", "## Recall answers", ""]
-    lines += [f"- {'✓' if r['correct'] else '✗'} {r['question']} → {r['reply'][:120]!r}" for r in c.replies["recall"]]
-    atomic_write_text(out_dir / "eval.md", "\n".join(lines) + "\n")
+    for u, cm, pm in units:
+        rows = u.rows(cm, pm) if cm.value is not None else [(u.label or u.name, None, pm.value if pm else None)]
+        lines += [f"| {name} | {_cell(cv)} | {_cell(pv)} |" for name, cv, pv in rows]
+    lines += [f"| {name.replace('_', ' ')} | {v:.3f} | - |" for name, v in result.versus_parent.items()]
+    lines.append("")
+    for u, cm, _ in units:
+        if cm.value is not None:
+            lines += u.markdown(cm)
+    atomic_write_text(out_dir / "eval.md", "\n".join(lines).rstrip("\n") + "\n")

@@ -14,11 +14,14 @@ from pathlib import Path
 
 
 def open_llama(path: str | Path, *, n_ctx: int, n_threads: int | None = None, logits_all: bool = False,
-               seed: int | None = 0):
-    """A ``llama_cpp.Llama`` for the GGUF at ``path``: quiet, all cores unless ``n_threads``.
+               seed: int | None = None):
+    """A ``llama_cpp.Llama`` for the GGUF at ``path`` (may be ``/proc/self/fd/N``): quiet, all cores
+    unless ``n_threads``, for prompt batches and generation alike.
 
-    ``seed=0`` for measuring (evals, the smoke check: the same numbers every run); ``None`` keeps
-    llama.cpp's random default, for serving, where a request may bring its own ``seed``.
+    ``logits_all`` keeps the logits of every position (perplexity needs them; chat does not).
+    ``seed`` None keeps llama.cpp's random default, for serving, where a request may bring its own;
+    measuring (the gate, export's load check) passes 0 so that it is repeatable. llama.cpp's own
+    errors (a ``ValueError`` for a file it cannot load) are left to each caller to translate.
     """
     from llama_cpp import Llama
 

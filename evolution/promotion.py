@@ -44,7 +44,9 @@ def record_built(root: DataRoot, ledger: Ledger, s: GenerationSummary) -> None:
     g = s.gate or {}
     if s.gen != 0 and ev.GATE_RESULT not in have:
         ledger.record(ev.gate_result(s.parent, s.gen, g["metrics"], g["thresholds"], g["verdict"],
-                                     parent_metrics=g["parent_metrics"], reasons=g["reasons"]))
+                                     parent_metrics=g["parent_metrics"], reasons=g["reasons"],
+                                     # a generation gated before the metric table has neither:
+                                     **{k: g[k] for k in ("checks", "metric_versions") if k in g}))
 
 
 def fate(ledger: Ledger, gen: int) -> str:

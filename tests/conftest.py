@@ -124,7 +124,6 @@ def make_tiny_cfg(curriculum: Path) -> AgeUpConfig:
     t.cpt.max_steps, t.sft.max_steps = 2, 6
     t.warmup_steps = 0
     t.sft.lr = 5e-3
-    cfg.export.smoke_max_tokens = 8
     return cfg
 
 
@@ -191,7 +190,6 @@ def make_daemon_cfg(cfg: AgeUpConfig) -> AgeUpConfig:
     t.sft.lr, t.cpt.lr, t.sft.max_steps, t.cpt.max_steps = 1e-4, 1e-4, 4, 2
     g = cfg.gate
     g.min_recall, g.max_style_drift, g.answer_max_tokens, g.smoke_max_tokens = 0.5, 100.0, 16, 24
-    cfg.export.smoke_max_tokens = 24
     return cfg
 
 

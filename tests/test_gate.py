@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,13 +13,17 @@ from evolution.errors import AgeUpsPaused
 from evolution.promotion import paused_reason
 from evolution.config import GateConfig
 from evolution.ledger import events as ev
+from evolution.metrics import Measured, Metric
+from evolution.metrics.common import at_least, not_below_parent
 from evolution.paths import DataRoot
 from tests.lineage_util import grow
 
 def _eval(gen=1, recall=0.9, gen_acc=0.5, ppl=10.0, drift=1.0, smoke_ok=True) -> gate.ModelEval:
     sm = {"ok": smoke_ok, "problem": None if smoke_ok else "did not emit end-of-sequence within 8 tokens",
           "reply": "x", "finish_reason": "stop" if smoke_ok else "length", "completion_tokens": 3}
-    return gate.ModelEval(gen, recall, {}, gen_acc, ppl, drift, sm)
+    metrics = {"smoke": float(smoke_ok), "recall": recall, "generalization": gen_acc, "style_drift": drift,
+               "perplexity": ppl}
+    return gate.ModelEval(gen, metrics, {"smoke": sm, "recall": {"by_phase": {}, "items": []}})
 
 
 def test_decide_passes_a_child_that_meets_every_rule():
@@ -59,6 +64,161 @@ def test_stop_rule_needs_two_children_in_a_row_without_recall_gain():
     assert reason and "gen 2: 0.70 vs parent 0.90" in reason and "evolve resume" in reason
 
 
+# --- the metric table, hermetically: units that measure without a model ---------------------------
+
+class _Given(Metric):
+    """A metric whose value is given (None: not enough data); it counts how often it was measured."""
+
+    def __init__(self, name: str, value: float | None, version: int = 1, note: str | None = None):
+        self.name, self.value, self.version, self.note, self.calls = name, value, version, note, 0
+
+    def measure(self, models, inputs):
+        self.calls += 1
+        return Measured(self.value, {"call": self.calls}, self.note)
+
+    def rules(self, child, parent, cfg):  # min_recall as its threshold, recall_margin against the parent
+        return at_least(self.name, child.value, cfg, "min_recall") + \
+            not_below_parent(self.name, child.value, parent, cfg, "recall_margin")
+
+
+_ES = gate.EvalSet(recall=[], generalization=[], heldout_text=[], style_prompts=[], style_references=[])
+_NOWHERE = Path("/nonexistent/model.gguf")  # no unit here opens a model: Models opens nothing
+
+
+def test_the_unit_table_drives_measure_and_decide():
+    table = (_Given("probe_recall", 0.9), _Given("experience_similarity", 0.2))
+    child = gate.measure(_NOWHERE, 1, _ES, GateConfig(), "hi", table)
+    assert child.metrics == {"probe_recall": 0.9, "experience_similarity": 0.2}
+    assert child.versions == {"probe_recall": 1, "experience_similarity": 1}
+    assert gate.decide(child, None, GateConfig(), table) == \
+        ("fail", ["experience_similarity 0.200 < 0.7 (gate.min_recall)"])
+    assert gate.decide(child, None, GateConfig(), table[:1]) == ("pass", [])
+    parent = gate.measure(_NOWHERE, 0, _ES, GateConfig(), "hi", (_Given("probe_recall", 1.0),))
+    verdict, reasons = gate.decide(child, parent, GateConfig(), table[:1])
+    assert verdict == "fail" and reasons == ["probe_recall 0.900 fell below the parent's 1.000 by more than 0.05 "
+                                             "(gate.recall_margin)"]
+
+
+def test_a_metric_without_enough_data_is_skipped_with_its_note_and_does_not_block(tmp_path):
+    table = (_Given("recall", 0.9), _Given("probe_recall", None, note="2 probes, at least 5 needed"))
+    child = gate.measure(_NOWHERE, 1, _ES, GateConfig(), "hi", table)
+    parent = gate.measure(_NOWHERE, 0, _ES, GateConfig(), "hi", table)
+    assert gate.decide(child, parent, GateConfig(), table) == ("pass", [])
+    checks = gate.check(child, parent, GateConfig(), table)
+    skipped = [c for c in checks if c.passed is None]
+    assert [c.metric for c in skipped] == ["probe_recall"] and "2 probes, at least 5 needed" in skipped[0].message
+    # A child that can measure what its parent could not: only the rule against the parent is skipped.
+    table2 = (_Given("probe_recall", 0.75),)
+    child2 = gate.measure(_NOWHERE, 1, _ES, GateConfig(), "hi", table2)
+    checks = gate.check(child2, parent, GateConfig(), table2)
+    assert [(c.setting, c.passed) for c in checks] == [("", None), ("gate.min_recall", True)]
+    assert "the parent has no value (2 probes" in checks[0].message
+    # ... and the reports say so, with no number invented.
+    result = gate.GateResult("pass", [], child, parent, {}, checks=gate.check(child, parent, GateConfig(), table))
+    gate.write_report(result, tmp_path, table)
+    md = (tmp_path / "eval.md").read_text()
+    assert "skipped: probe_recall: not enough data (2 probes, at least 5 needed)" in md
+    assert "| probe_recall | - | - |" in md
+    report = json.loads((tmp_path / "eval.json").read_text())
+    assert report["metrics"]["probe_recall"] is None and report["child"]["notes"]["probe_recall"].startswith("2 probes")
+    ev.gate_result(0, 1, result.metrics(), {}, "pass")  # the ledger takes a None metric
+
+
+def test_real_table_not_enough_data_does_not_block_but_missing_recall_still_fails():
+    cfg = GateConfig()
+    child, parent = _eval(ppl=None), _eval(gen=0, recall=0.5)
+    child.notes["perplexity"] = "no held-out text in eval/heldout_text.jsonl"
+    assert gate.decide(child, parent, cfg) == ("pass", [])
+    assert gate.decide(_eval(recall=0.0), None, cfg)[1] == ["recall 0.000 < 0.7 (gate.min_recall)"]
+
+
+def _write_parent_report(gen_dir: Path, parent: gate.ModelEval, table) -> None:
+    gen_dir.mkdir(parents=True, exist_ok=True)
+    gate.write_report(gate.GateResult("measured", [], parent, None, {}), gen_dir, table)
+
+
+def test_a_parent_is_reused_only_when_measured_with_the_same_metrics(tmp_path):
+    parent_gguf = tmp_path / "gen_0000" / "model.gguf"
+    cfg = GateConfig()
+    unit = _Given("recall", 0.8)
+    _write_parent_report(parent_gguf.parent, gate.measure(parent_gguf, 0, _ES, cfg, "hi", (unit,)), (unit,))
+    unit.calls = 0
+    result = gate.run(_NOWHERE, 1, parent_gguf, 0, _ES, cfg, "hi", (unit,))
+    assert unit.calls == 1 and result.parent.details["recall"] == {"call": 1}  # the child only: parent reused
+
+    bumped = _Given("recall", 0.8, version=2)  # the metric changed: the cached numbers are stale
+    result = gate.run(_NOWHERE, 1, parent_gguf, 0, _ES, cfg, "hi", (bumped,))
+    assert bumped.calls == 2 and result.parent.versions == {"recall": 2}
+    added = (_Given("recall", 0.8), _Given("probe_recall", 0.5))  # a metric was added: re-measured too
+    result = gate.run(_NOWHERE, 1, parent_gguf, 0, _ES, cfg, "hi", added)
+    assert added[1].calls == 2 and set(result.parent.metrics) == {"recall", "probe_recall"}
+    assert gate.evalset_hash(_ES, GateConfig(answer_max_tokens=32), "hi") != gate.evalset_hash(_ES, cfg, "hi")
+
+
+def _layout_1_report(es: gate.EvalSet, cfg: GateConfig, smoke_prompt: str) -> dict:
+    """eval.json as the gate wrote it before the metric table (fixed fields, its own hash)."""
+    import hashlib
+    from dataclasses import asdict
+
+    key = {"es": asdict(es), "answer_max_tokens": cfg.answer_max_tokens,
+           "smoke_max_tokens": cfg.smoke_max_tokens, "smoke_prompt": smoke_prompt}
+    old_hash = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+    child = {"gen": 0, "recall": 0.125, "recall_by_phase": {"1": 0.0, "2": 0.25}, "generalization": 0.03,
+             "perplexity": 54.4, "style_drift": 5.0,
+             "smoke": {"reply": "Hi", "finish_reason": "stop", "completion_tokens": 2, "ok": True, "problem": None},
+             "replies": {"recall": [{"id": "f0", "question": "Who?", "reply": "Me", "correct": False}],
+                         "generalization": [], "style": ["Hello!"]},
+             "seconds": 84.0, "evalset_hash": old_hash}
+    metrics = {k: child[k] for k in ("recall", "generalization", "perplexity", "style_drift")}
+    return {"verdict": "measured", "reasons": [], "child": child, "parent": None, "thresholds": {},
+            "drift_from_parent": None, "metrics": metrics}
+
+
+def test_an_old_eval_json_is_read_and_its_parent_re_measured(tmp_path):
+    es = gate.EvalSet(recall=[{"id": "f0", "question": "Who?", "answers": ["Wren"]}], generalization=[],
+                      heldout_text=["Quiet harbour."], style_prompts=["Say hello."], style_references=["Hello there!"])
+    cfg, prompt = GateConfig(), "Hello! Please introduce yourself in one sentence."
+    parent_dir = tmp_path / "gen_0000"
+    parent_dir.mkdir()
+    (parent_dir / "eval.json").write_text(json.dumps(_layout_1_report(es, cfg, prompt)))
+
+    old = gate.ModelEval.from_dict(json.loads((parent_dir / "eval.json").read_text())["child"])
+    assert old.metrics == {"smoke": 1.0, "recall": 0.125, "generalization": 0.03, "style_drift": 5.0,
+                           "perplexity": 54.4}
+    assert old.details["recall"]["by_phase"] == {"1": 0.0, "2": 0.25}
+    assert old.details["style_drift"]["replies"] == ["Hello!"] and old.versions == {}
+    # The same eval set, but numbers from before the table: never reused, never compared.
+    assert gate.cached_eval(parent_dir, gate.evalset_hash(es, cfg, prompt)) is None
+    unit = _Given("recall", 0.5)
+    result = gate.run(_NOWHERE, 1, parent_dir / "model.gguf", 0, es, cfg, prompt, (unit,))
+    assert unit.calls == 2 and result.parent.metrics == {"recall": 0.5}
+
+
+def test_retired_export_smoke_max_tokens_warns_and_the_gate_budget_is_the_one_used(tmp_path, caplog):
+    from evolution.config import AgeUpConfig, resolve
+
+    toml = tmp_path / "evolution.toml"
+    toml.write_text("[export]\nsmoke_max_tokens = 64\n[gate]\nsmoke_max_tokens = 96\n")
+    cfg = resolve(config_file=toml, overrides={"curriculum": {"path": str(tmp_path)}})
+    assert cfg.gate.smoke_max_tokens == 96 and "smoke_max_tokens" not in cfg.to_dict()["export"]
+    assert any("[export] smoke_max_tokens is no longer used" in r.getMessage() for r in caplog.records)
+    old = AgeUpConfig().to_dict()
+    old["export"]["smoke_max_tokens"] = 64  # a generation's config.json written before there was one budget
+    assert AgeUpConfig.from_dict(old).gate.smoke_max_tokens == 128
+
+
+def test_one_pass_fail_and_one_place_that_constructs_a_llama():
+    import re
+
+    import evolution
+
+    assert (gate.PASS, gate.FAIL) == (ev.PASS, ev.FAIL) and "PASS =" not in Path(gate.__file__).read_text()
+    pkg = Path(evolution.__file__).parent
+    constructing = sorted(str(f.relative_to(pkg)) for f in pkg.rglob("*.py")
+                          if re.search(r"\bLlama\(", f.read_text()) or "from llama_cpp import Llama" in f.read_text())
+    assert constructing == ["llamacpp.py"]
+
+
 @pytest.fixture
 def _learning_cfg(tiny_cfg):
     t = tiny_cfg.train
@@ -84,7 +244,8 @@ def test_child_taught_the_facts_beats_its_parent_and_a_damaged_child_fails(learn
     assert all(r.startswith("smoke") for r in g["reasons"]), g["reasons"]
     assert [e.kind for e in ledger.entries(gen=1)][-2:] == ["gate_result", "promoted" if not g["reasons"] else "rejected"]
     report = json.loads((root.gen_dir(1) / "eval.json").read_text())
-    assert report["child"]["recall"] == g["metrics"]["recall"] and (root.gen_dir(1) / "eval.md").is_file()
+    assert report["child"]["metrics"]["recall"] == g["metrics"]["recall"]
+    assert (root.gen_dir(1) / "eval.md").is_file()
 
     # Damage the child's weights, export that, and gate it against the good child.
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -31,6 +31,10 @@ STAGE_TITLES = {
 }
 
 
+def _num(v: float | None) -> str:
+    return "-" if v is None else f"{v:.3g}"  # None: the metric had not enough data to measure
+
+
 def _size(n: int) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024 or unit == "GiB":
@@ -143,8 +147,9 @@ def age_up(quick, base, curriculum_path, phases, config_file, quantization, back
     table.add_row("smoke reply", summary.smoke.get("reply", "")[:100])
     if summary.gate:
         g = summary.gate
-        nums = ", ".join(f"{k} {v:.3g}" + (f" (parent {g['parent_metrics'][k]:.3g})" if g.get("parent_metrics") else "")
-                         for k, v in g["metrics"].items() if k != "style_drift_from_parent")
+        parent = g.get("parent_metrics") or {}
+        nums = ", ".join(f"{k} {_num(v)}" + (f" (parent {_num(parent[k])})" if k in parent else "")
+                         for k, v in g["metrics"].items())
         verdict = {("pass", promotion.PROMOTED): "[green]PASS: promoted, now served[/]",
                    ("pass", promotion.REJECTED): "[red]PASS, but it could not be served: rejected, parent still served[/]",
                    ("fail", promotion.REJECTED): "[red]FAIL: rejected, parent still served[/]"}

@@ -75,7 +75,7 @@ def status(as_json: bool) -> None:
                f"{x['unrated']} unrated); {x['labelled_conversations']} labelled conversations")
     if "last_gate" in info:
         g = info["last_gate"]
-        nums = ", ".join(f"{k} {v:.3g}" for k, v in g["metrics"].items())
+        nums = ", ".join(f"{k} {'-' if v is None else f'{v:.3g}'}" for k, v in g["metrics"].items())
         click.echo(f"last gate:        generation {g['child']} {g['verdict']} ({nums})")
     click.echo(f"age-ups:          {'PAUSED: ' + info['paused'] if info['paused'] else 'active'}")
 

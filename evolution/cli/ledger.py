@@ -12,11 +12,14 @@ from pathlib import Path
 import click
 from rich import box
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from evolution.ledger import GenerationDetail, GenerationRow, Ledger, VerifyReport
 from evolution.ledger import rollback as do_rollback
+from evolution.ledger.lineage import gate_rows
 from evolution.ledger.store import URL_ENV
+from evolution.metrics import TABLE
 from evolution.paths import DataRoot
 
 url_option = click.option(
@@ -50,7 +53,15 @@ def _short_time(iso: str | None) -> str:
 def _fmt(v) -> str:
     if isinstance(v, dict) and "child" in v:
         v = v["child"]
+    if v is None:
+        return "-"  # not enough data to measure it
     return f"{v:.3g}" if isinstance(v, float) else str(v)
+
+
+def _metric_order(names) -> list[str]:
+    """The gate's metric table first, in its order; then names it no longer has (older entries), sorted."""
+    known = [u.name for u in TABLE]
+    return [n for n in known if n in names] + sorted(set(names) - set(known))
 
 
 def _verdict_text(r: GenerationRow) -> str:
@@ -63,8 +74,8 @@ def _verdict_text(r: GenerationRow) -> str:
     return f"[{style}]{text}[/]"
 
 
-def _history_table(rows: list[GenerationRow], url: str, max_metrics: int = 4) -> Table:
-    metric_names = sorted({k for r in rows for k in r.metrics})[:max_metrics]
+def _history_table(rows: list[GenerationRow], url: str, max_metrics: int = 5) -> Table:
+    metric_names = _metric_order({k for r in rows for k in r.metrics})[:max_metrics]
     t = Table(caption=url, caption_style="dim", box=box.SIMPLE_HEAD, pad_edge=False)
     t.add_column("", no_wrap=True)
     t.add_column("gen", justify="right", no_wrap=True)
@@ -122,12 +133,14 @@ def _print_detail(d: GenerationDetail) -> None:
     if d.gate:
         g = d.gate
         t = Table(title=f"gate vs parent {g.get('parent')}: {g.get('verdict')}")
-        for col in ("metric", "child", "parent", "threshold"):
+        for col in ("metric", "child", "parent", "rule"):
             t.add_column(col)
-        parent_metrics = g.get("parent_metrics", {})
-        for name, v in sorted(g.get("metrics", {}).items()):
-            pv = v.get("parent") if isinstance(v, dict) else parent_metrics.get(name)
-            t.add_row(name, _fmt(v), "-" if pv is None else _fmt(pv), _fmt(g.get("thresholds", {}).get(name, "-")))
+        rows = {r["metric"]: r for r in gate_rows(g)}
+        for name in _metric_order(rows):
+            r = rows[name]
+            rules = [x["rule"] + {True: "", False: " [red]✗[/]", None: ""}[x["passed"]] for x in r["rules"]]
+            rules += [f"[dim]skipped: {escape(why)}[/]" for why in r["skipped"]]
+            t.add_row(name, _fmt(r["child"]), _fmt(r["parent"]), "\n".join(rules) or "-")
         con.print(t)
     if s.reason:
         con.print(f"reason: {s.reason}")

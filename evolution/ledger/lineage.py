@@ -72,6 +72,32 @@ class GenerationDetail:
 def gguf_artifact(artifacts: list[dict]) -> dict | None:
     """The GGUF among a generation's exported artifacts (the last one, if it was exported twice)."""
     return next((a for a in reversed(artifacts) if a.get("kind") == "gguf"), None)
+def gate_rows(gate: dict) -> list[dict]:
+    """One row per metric of a ``gate_result`` payload: child and parent value, the rules applied, skipped ones.
+
+    ``rules`` are the checks the gate recorded for the metric (``checks``, written from the metric
+    table); a payload from before the table has none, and a threshold recorded under the metric's
+    own name stands in. ``skipped`` holds why a rule was not applied (not enough data).
+    """
+    parents = gate.get("parent_metrics") or {}
+    checks = gate.get("checks")
+    rows = []
+    for name, v in gate.get("metrics", {}).items():
+        child, parent = (v.get("child"), v.get("parent")) if isinstance(v, dict) else (v, parents.get(name))
+        if checks is None:
+            t = gate.get("thresholds", {}).get(name)
+            rules, skipped = ([] if t is None else [{"rule": str(t), "passed": None}]), []
+        else:
+            mine = [c for c in checks if c.get("metric") == name]
+            rules = [{"rule": c["rule"], "passed": c["passed"]} for c in mine if c["passed"] is not None]
+            skipped = [c["message"] for c in mine if c["passed"] is None]
+        rows.append({"metric": name, "child": child, "parent": parent, "rules": rules, "skipped": skipped})
+    return rows
+
+
+def _gguf(artifacts: list[dict]) -> dict | None:
+    ggufs = [a for a in artifacts if a.get("kind") == "gguf"]
+    return ggufs[-1] if ggufs else None
 
 
 def summarize(entries: list[Entry]) -> list[GenerationRow]:

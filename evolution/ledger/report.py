@@ -41,10 +41,16 @@ def _value(v) -> float | None:
 
 
 def _thresholds(ledger: Ledger) -> dict[str, float]:
-    gates = ledger.entries(kind=ev.GATE_RESULT)
+    """Each metric's latest absolute threshold: from the checks the gate recorded (one per rule of its metric
+    table), or, in an entry from before the table, a threshold recorded under the metric's own name."""
     found = {}
-    for g in gates:
-        for name, t in g.payload.get("thresholds", {}).items():
+    for g in ledger.entries(kind=ev.GATE_RESULT):
+        checks = g.payload.get("checks")
+        if checks is None:
+            pairs = g.payload.get("thresholds", {}).items()
+        else:
+            pairs = [(c["metric"], c.get("limit")) for c in checks]
+        for name, t in pairs:
             if _value(t) is not None:
                 found[name] = _value(t)
     return found

@@ -1,0 +1,168 @@
+"""What every gate metric shares: the eval set, the opened model, a measurement, a rule check, the unit base.
+
+A metric is one ``Metric`` unit: a name and a version, how it is measured on a GGUF
+(``measure``: the opened llama.cpp objects and the eval set in, a ``Measured`` out) and the
+rules it must meet against ``GateConfig`` (``rules``: absolute thresholds and non-inferiority
+against the parent, each a ``Check``). A unit that has too few items to say anything returns
+``Measured(None, note=...)``: the gate then skips its rules, names the note in the report, and
+does not block on it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from evolution.config import GateConfig
+from evolution.llamacpp import open_llama
+
+N_CTX = 1024
+"""Context window every metric is measured with (part of the eval-set hash)."""
+
+
+@dataclass
+class EvalSet:
+    """The items the gate asks a model: the curriculum's eval files plus the ancestors' recall items."""
+
+    recall: list[dict]
+    generalization: list[dict]
+    heldout_text: list[str]
+    style_prompts: list[str]
+    style_references: list[str]
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """What a metric is measured with."""
+
+    es: EvalSet
+    cfg: GateConfig
+    smoke_prompt: str
+    """``[export] smoke_prompt``: the chat turn the smoke check asks."""
+
+
+@dataclass
+class Measured:
+    """One metric of one GGUF: its value (None: not enough data, ``note`` says why) and per-item details (JSON)."""
+
+    value: float | None
+    details: dict = field(default_factory=dict)
+    note: str | None = None
+
+
+@dataclass(frozen=True)
+class Check:
+    """One rule applied to the child: passed True / False, or None when skipped (``message`` says why)."""
+
+    metric: str
+    setting: str
+    """The config field that sets the rule, e.g. ``gate.min_recall``."""
+    rule: str
+    """The rule in words, e.g. ``>= 0.7`` or ``>= parent - 0.05``."""
+    passed: bool | None
+    message: str = ""
+    """Why it failed (a gate reason, naming its metric), or why it was skipped."""
+    limit: float | None = None
+    """An absolute threshold (drawn on ``evolve report``); None for a rule against the parent."""
+
+
+class Models:
+    """One GGUF opened through llama.cpp on first use: ``llm`` to chat, ``scorer`` for every position's logits.
+
+    Only one of the two is held at a time (asking for one closes the other), so measuring never
+    holds two copies of the weights. Metrics that need neither open nothing.
+    """
+
+    def __init__(self, gguf: Path, n_ctx: int = N_CTX):
+        self.gguf, self.n_ctx = gguf, n_ctx
+        self._llm = self._scorer = None
+
+    @property
+    def llm(self):
+        if self._llm is None:
+            self.close()
+            self._llm = open_llama(self.gguf, n_ctx=self.n_ctx, seed=0)
+        return self._llm
+
+    @property
+    def scorer(self):
+        if self._scorer is None:
+            self.close()
+            self._scorer = open_llama(self.gguf, n_ctx=self.n_ctx, seed=0, logits_all=True)
+        return self._scorer
+
+    def close(self) -> None:
+        for m in (self._llm, self._scorer):
+            if m is not None:
+                m.close()
+        self._llm = self._scorer = None
+
+    def __enter__(self) -> "Models":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class Metric:
+    """A gate metric. Set ``name`` (and bump ``version`` whenever its numbers would change) and implement
+    ``measure``; the rest has defaults. ``TABLE`` in ``evolution.metrics`` lists the units the gate runs."""
+
+    name: str = ""
+    version: int = 1
+    label: str = ""
+    """Its row in ``eval.md`` (default: the name)."""
+    required: tuple[str, ...] = ()
+    """``GateConfig`` fields that must be set: with one unset the gate passes nothing."""
+
+    def settings(self, inputs: Inputs) -> dict:
+        """Settings beyond the eval set that change the measured numbers (hashed with the eval set)."""
+        return {}
+
+    def measure(self, models: Models, inputs: Inputs) -> Measured:
+        raise NotImplementedError(f"metric {self.name!r} has no measure()")
+
+    def rules(self, child: Measured, parent: Measured | None, cfg: GateConfig) -> list[Check]:
+        """Each rule set in ``cfg``, applied to a measured child (``parent`` None: not gated against one)."""
+        return []
+
+    def versus_parent(self, child: Measured, parent: Measured, inputs: Inputs) -> dict[str, float]:
+        """Numbers comparing the child with its parent, reported beside the metrics (no rule uses them)."""
+        return {}
+
+    def rows(self, child: Measured, parent: Measured | None) -> list[tuple[str, float | None, float | None]]:
+        """``(label, child, parent)`` rows of the report's table."""
+        return [(self.label or self.name, child.value, parent.value if parent else None)]
+
+    def markdown(self, child: Measured) -> list[str]:
+        """Extra lines of ``eval.md`` (e.g. every answer)."""
+        return []
+
+
+def at_least(metric: str, value: float, cfg: GateConfig, setting: str, digits: int = 3) -> list[Check]:
+    limit = getattr(cfg, setting)
+    if limit is None:
+        return []
+    ok = value >= limit
+    return [Check(metric, f"gate.{setting}", f">= {limit}", ok,
+                  "" if ok else f"{metric} {value:.{digits}f} < {limit} (gate.{setting})", limit=limit)]
+
+
+def at_most(metric: str, value: float, cfg: GateConfig, setting: str, digits: int = 2) -> list[Check]:
+    limit = getattr(cfg, setting)
+    if limit is None:
+        return []
+    ok = value <= limit
+    return [Check(metric, f"gate.{setting}", f"<= {limit}", ok,
+                  "" if ok else f"{metric} {value:.{digits}f} > {limit} (gate.{setting})", limit=limit)]
+
+
+def not_below_parent(metric: str, value: float, parent: Measured | None, cfg: GateConfig, setting: str) -> list[Check]:
+    """Non-inferiority: ``value`` no more than ``cfg.<setting>`` below the parent's."""
+    margin = getattr(cfg, setting)
+    if margin is None or parent is None:
+        return []
+    ok = value >= parent.value - margin
+    return [Check(metric, f"gate.{setting}", f">= parent - {margin}", ok,
+                  "" if ok else f"{metric} {value:.3f} fell below the parent's {parent.value:.3f} by more than "
+                                f"{margin} (gate.{setting})")]

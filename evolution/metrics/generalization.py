@@ -1,0 +1,29 @@
+"""generalization: the fraction of held-out paraphrased questions (never trained on) answered correctly.
+
+Scored like recall. With no items it is not measured (nothing to say, nothing to block on).
+Rule: ``gate.generalization_margin`` below the parent.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+
+from evolution import evals
+from evolution.config import GateConfig
+from evolution.metrics.common import Check, Inputs, Measured, Metric, Models, not_below_parent
+
+
+class Generalization(Metric):
+    name = "generalization"
+
+    def settings(self, inputs: Inputs) -> dict:
+        return {"answer_max_tokens": inputs.cfg.answer_max_tokens}
+
+    def measure(self, models: Models, inputs: Inputs) -> Measured:
+        if not inputs.es.generalization:
+            return Measured(None, note="no held-out questions in eval/generalization.jsonl")
+        score, results = evals.recall(models.llm, inputs.es.generalization, inputs.cfg.answer_max_tokens)
+        return Measured(score, {"items": [asdict(r) for r in results]})
+
+    def rules(self, child: Measured, parent: Measured | None, cfg: GateConfig) -> list[Check]:
+        return not_below_parent(self.name, child.value, parent, cfg, "generalization_margin")

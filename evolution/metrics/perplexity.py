@@ -1,0 +1,35 @@
+"""perplexity: exp(mean token negative log-likelihood) of held-out prose, from llama.cpp's logits.
+
+Lower is better. With no held-out text (or none of two tokens or more) it is not measured.
+Rule: at most ``gate.max_perplexity_ratio`` times the parent's.
+"""
+
+from __future__ import annotations
+
+import math
+
+from evolution import evals
+from evolution.config import GateConfig
+from evolution.metrics.common import Check, Inputs, Measured, Metric, Models
+
+
+class Perplexity(Metric):
+    name = "perplexity"
+    label = "perplexity (held-out text)"
+
+    def measure(self, models: Models, inputs: Inputs) -> Measured:
+        if not inputs.es.heldout_text:
+            return Measured(None, note="no held-out text in eval/heldout_text.jsonl")
+        ppl = evals.perplexity(models.scorer, inputs.es.heldout_text)
+        if math.isnan(ppl):
+            return Measured(None, note="no held-out text of two tokens or more")
+        return Measured(ppl)
+
+    def rules(self, child: Measured, parent: Measured | None, cfg: GateConfig) -> list[Check]:
+        ratio = cfg.max_perplexity_ratio
+        if ratio is None or parent is None:
+            return []
+        ok = child.value <= parent.value * ratio
+        return [Check(self.name, "gate.max_perplexity_ratio", f"<= {ratio} x parent", ok,
+                      "" if ok else f"perplexity {child.value:.2f} > {ratio} x the parent's {parent.value:.2f} "
+                                    "(gate.max_perplexity_ratio)")]

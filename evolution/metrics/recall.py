@@ -1,0 +1,47 @@
+"""recall: the fraction of recall items answered correctly, overall and per curriculum phase.
+
+The items are the curriculum's plus those every ancestor generation was gated on, so
+forgetting an earlier generation's facts shows. An answer counts as in
+``evolution.evals.is_correct``. With no items the value is 0.0, which fails ``gate.min_recall``:
+the gate's first purpose is recall, and it passes nothing it cannot measure it on.
+Rules: ``gate.min_recall`` (required) and ``gate.recall_margin`` below the parent.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+
+from evolution import evals
+from evolution.config import GateConfig
+from evolution.metrics.common import Check, Inputs, Measured, Metric, Models, at_least, not_below_parent
+
+
+class Recall(Metric):
+    name = "recall"
+    required = ("min_recall",)
+
+    def settings(self, inputs: Inputs) -> dict:
+        return {"answer_max_tokens": inputs.cfg.answer_max_tokens}
+
+    def measure(self, models: Models, inputs: Inputs) -> Measured:
+        items = inputs.es.recall
+        score, results = evals.recall(models.llm, items, inputs.cfg.answer_max_tokens)
+        by_phase: dict[str, list[bool]] = {}
+        for item, r in zip(items, results):
+            by_phase.setdefault(str(item.get("phase", "-")), []).append(r.correct)
+        return Measured(score, {"by_phase": {k: sum(v) / len(v) for k, v in sorted(by_phase.items())},
+                                "items": [asdict(r) for r in results]})
+
+    def rules(self, child: Measured, parent: Measured | None, cfg: GateConfig) -> list[Check]:
+        return (at_least(self.name, child.value, cfg, "min_recall")
+                + not_below_parent(self.name, child.value, parent, cfg, "recall_margin"))
+
+    def rows(self, child, parent):
+        parent_phases = parent.details["by_phase"] if parent else {}
+        return super().rows(child, parent) + [(f"recall, phase {k}", v, parent_phases.get(k))
+                                              for k, v in child.details["by_phase"].items()]
+
+    def markdown(self, child: Measured) -> list[str]:
+        answers = [f"- {'✓' if r['correct'] else '✗'} {r['question']} → {r['reply'][:120]!r}"
+                   for r in child.details["items"]]
+        return ["## Recall answers", ""] + answers
