@@ -43,6 +43,7 @@ from evolution.fsutil import (
     sha256_file,
 )
 from evolution.generation import GenerationSummary
+from evolution.probes import ProbeStore
 from evolution.ledger import Ledger, check_servable
 from evolution.ledger import events as ev
 from evolution.paths import DataRoot, gen_name
@@ -194,7 +195,7 @@ def bootstrap(root: DataRoot, cfg: AgeUpConfig, ledger: Ledger, cur: curriculum_
         state.info["base"] = asdict(info)
 
     def measure():
-        es = gate.eval_set(cur, [])
+        es = gate.eval_set(cur, [], ProbeStore(ledger).items())
         m = gate.measure(staging / GGUF_NAME, 0, es, cfg.gate, cfg.export.smoke_prompt)
         result = gate.GateResult("measured", [], m, None, {})
         gate.write_report(result, staging)
@@ -402,7 +403,7 @@ def _age_up_locked(root: DataRoot, cfg: AgeUpConfig, ledger: Ledger, cur, base, 
     def do_gate():
         parent_gguf = root.root / check_servable(ledger, parent)["path"]  # hash verified against the ledger
         ancestors = [root.gen_dir(g) / "data" for g in ledger.generation(parent).lineage]
-        es = gate.eval_set(cur, ancestors)
+        es = gate.eval_set(cur, ancestors, ProbeStore(ledger).items())  # every probe, at every later gate
         result = gate.run(staging / GGUF_NAME, child, parent_gguf, parent, es, cfg.gate, cfg.export.smoke_prompt)
         gate.write_report(result, staging)
         state.info["gate"] = _gate_info(result)

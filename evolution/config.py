@@ -170,6 +170,13 @@ class GateConfig:
     """Held-out question accuracy may not fall more than this below the parent's."""
     max_perplexity_ratio: float | None = 1.5
     """Held-out text perplexity may be at most this multiple of the parent's."""
+    min_probe_items: int = 5
+    """``probe_recall`` needs at least this many probes (``POST /probes``) to count; with fewer it says
+    "not enough data" and does not block. One item in five is the coarsest step worth a rule."""
+    probe_margin: float | None = 0.2
+    """Probe recall may not fall more than this below the parent's: a taught fact forgotten shows. 0.2 is
+    one probe in the minimum five; a child that learns new facts is never held back by it (the parent
+    mostly did not know them). Uncalibrated on a learn benchmark yet (see the README)."""
     answer_max_tokens: int = 64
     """Token budget of each eval answer (temperature 0)."""
     smoke_max_tokens: int = 128
@@ -428,7 +435,7 @@ def validate(cfg: AgeUpConfig) -> None:
     if c.phases is not None and (not isinstance(c.phases, list) or not all(isinstance(x, int) and x >= 0 for x in c.phases)):
         p.append(f"curriculum.phases must be a list of phase numbers, got {c.phases!r}")
     g = cfg.gate
-    for name in ("min_recall", "recall_margin", "generalization_margin"):
+    for name in ("min_recall", "recall_margin", "generalization_margin", "probe_margin"):
         v = getattr(g, name)
         if v is not None and (not isinstance(v, (int, float)) or not 0 <= v <= 1):
             p.append(f"gate.{name} must be between 0 and 1 (or unset), got {v!r}")
@@ -436,7 +443,7 @@ def validate(cfg: AgeUpConfig) -> None:
         v = getattr(g, name)
         if v is not None and (not isinstance(v, (int, float)) or v <= 0):
             p.append(f"gate.{name} must be a positive number (or unset), got {v!r}")
-    for name in ("answer_max_tokens", "smoke_max_tokens", "stop_after"):
+    for name in ("answer_max_tokens", "smoke_max_tokens", "stop_after", "min_probe_items"):
         positive_int(f"gate.{name}", getattr(g, name))
     if not Path(c.path).is_dir():
         p.append(f"curriculum.path {c.path!r} is not a directory (pass --curriculum PATH)")

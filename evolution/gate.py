@@ -108,8 +108,9 @@ class GateResult:
                 "checks": [asdict(c) for c in self.checks], "metric_versions": dict(self.child.versions)}
 
 
-def eval_set(cur: Curriculum, ancestor_data_dirs: list[Path]) -> EvalSet:
-    """The curriculum's eval items, with the recall items of every ancestor added (the curriculum wins on id)."""
+def eval_set(cur: Curriculum, ancestor_data_dirs: list[Path], probes: Sequence[dict] = ()) -> EvalSet:
+    """The curriculum's eval items, with the recall items of every ancestor added (the curriculum wins on id),
+    and the agent's probes."""
     recall = {item["id"]: item for d in ancestor_data_dirs for item in _read_jsonl(d / RECALL_FILE)}
     recall.update({item["id"]: item for item in cur.recall})
     return EvalSet(
@@ -118,6 +119,7 @@ def eval_set(cur: Curriculum, ancestor_data_dirs: list[Path]) -> EvalSet:
         heldout_text=[t["text"] for t in cur.heldout_text],
         style_prompts=[s["prompt"] for s in cur.style],
         style_references=[s["reference"] for s in cur.style],
+        probes=list(probes),
     )
 
 

@@ -124,6 +124,45 @@ def test_a_metric_without_enough_data_is_skipped_with_its_note_and_does_not_bloc
     ev.gate_result(0, 1, result.metrics(), {}, "pass")  # the ledger takes a None metric
 
 
+class _Answers:
+    """A stand-in llama.cpp chat model that answers each question from a table."""
+
+    def __init__(self, replies: dict[str, str]):
+        self.replies = replies
+
+    def create_chat_completion(self, messages, **kw):
+        return {"choices": [{"message": {"content": self.replies.get(messages[-1]["content"], "I do not know.")}}]}
+
+
+class _Opened:
+    def __init__(self, replies):
+        self.llm = _Answers(replies)
+
+
+def _probes(n):
+    return [{"id": f"probe-{i}", "question": f"Who is friend {i}?", "answers": [f"Name{i}"]} for i in range(n)]
+
+
+def test_probe_recall_counts_right_answers_and_needs_enough_probes():
+    from evolution.metrics import Inputs
+    from evolution.metrics.probe_recall import ProbeRecall
+
+    es = gate.EvalSet([], [], [], [], [], probes=_probes(5))
+    replies = {"Who is friend 0?": "That is Name0.", "Who is friend 1?": "name1!", "Who is friend 2?": "Name22",
+               "Who is friend 3?": "It is Name3, I think."}
+    m = ProbeRecall().measure(_Opened(replies), Inputs(es, GateConfig(), "hi"))
+    assert m.value == pytest.approx(3 / 5)  # 0, 1 and 3 right; "Name22" is not "Name2"; 4 unanswered
+    assert [r["correct"] for r in m.details["items"]] == [True, True, False, True, False]
+    few = ProbeRecall().measure(_Opened(replies), Inputs(gate.EvalSet([], [], [], [], [], probes=_probes(4)),
+                                                         GateConfig(), "hi"))
+    assert few.value is None and "4 probe(s) posted, at least 5 needed" in few.note
+    # The rule: no more than gate.probe_margin (0.2) below the parent — one forgotten probe in five is allowed.
+    checks = ProbeRecall().rules(Measured(0.6), Measured(0.8), GateConfig())
+    assert [c.passed for c in checks] == [True]
+    checks = ProbeRecall().rules(Measured(0.4), Measured(0.8), GateConfig())
+    assert [c.passed for c in checks] == [False] and "probe_recall 0.400 fell below the parent's 0.800" in checks[0].message
+
+
 def test_real_table_not_enough_data_does_not_block_but_missing_recall_still_fails():
     cfg = GateConfig()
     child, parent = _eval(ppl=None), _eval(gen=0, recall=0.5)

@@ -10,10 +10,11 @@ one llama.cpp context (its prompt cache carries from one to the next), so keep i
 from evolution.metrics.common import Check, EvalSet, Inputs, Measured, Metric, Models
 from evolution.metrics.generalization import Generalization
 from evolution.metrics.perplexity import Perplexity
+from evolution.metrics.probe_recall import ProbeRecall
 from evolution.metrics.recall import Recall
 from evolution.metrics.smoke import Smoke
 from evolution.metrics.style_drift import StyleDrift
 
-TABLE: tuple[Metric, ...] = (Smoke(), Recall(), Generalization(), StyleDrift(), Perplexity())
+TABLE: tuple[Metric, ...] = (Smoke(), Recall(), Generalization(), StyleDrift(), ProbeRecall(), Perplexity())
 
 __all__ = ["TABLE", "Check", "EvalSet", "Inputs", "Measured", "Metric", "Models"]

@@ -29,6 +29,8 @@ class EvalSet:
     heldout_text: list[str]
     style_prompts: list[str]
     style_references: list[str]
+    probes: list[dict] = field(default_factory=list)
+    """Questions the agent posted (``POST /probes``) to check taught facts in other words; never trained on."""
 
 
 @dataclass(frozen=True)
@@ -162,7 +164,7 @@ def not_below_parent(metric: str, value: float, parent: Measured | None, cfg: Ga
     margin = getattr(cfg, setting)
     if margin is None or parent is None:
         return []
-    ok = value >= parent.value - margin
+    ok = value >= parent.value - margin - 1e-9  # at the boundary exactly, 0.8 - 0.2 is 0.6000000000000001
     return [Check(metric, f"gate.{setting}", f">= parent - {margin}", ok,
                   "" if ok else f"{metric} {value:.3f} fell below the parent's {parent.value:.3f} by more than "
                                 f"{margin} (gate.{setting})")]

@@ -1,0 +1,39 @@
+"""probe_recall: the fraction of the agent's probes answered correctly — did the lessons reach the child?
+
+Probes are questions the chat agent posts (``POST /probes``, ``evolution.probes``) to check a fact
+it taught in other words than it taught it. They are never trained on, and every later gate asks
+all of them again, so a fact the lineage forgets shows as a drop against the parent. Scored like
+``recall`` (``evolution.evals.is_correct``). With fewer than ``gate.min_probe_items`` probes the
+value is None ("not enough data") and nothing is blocked. Rule: ``gate.probe_margin`` below the parent.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+
+from evolution import evals
+from evolution.config import GateConfig
+from evolution.metrics.common import Check, Inputs, Measured, Metric, Models, not_below_parent
+
+
+class ProbeRecall(Metric):
+    name = "probe_recall"
+    label = "probe recall"
+
+    def settings(self, inputs: Inputs) -> dict:
+        return {"answer_max_tokens": inputs.cfg.answer_max_tokens, "min_items": inputs.cfg.min_probe_items}
+
+    def measure(self, models: Models, inputs: Inputs) -> Measured:
+        items, least = inputs.es.probes, inputs.cfg.min_probe_items
+        if len(items) < least:
+            return Measured(None, note=f"{len(items)} probe(s) posted, at least {least} needed (gate.min_probe_items)")
+        score, results = evals.recall(models.llm, items, inputs.cfg.answer_max_tokens)
+        return Measured(score, {"items": [asdict(r) for r in results]})
+
+    def rules(self, child: Measured, parent: Measured | None, cfg: GateConfig) -> list[Check]:
+        return not_below_parent(self.name, child.value, parent, cfg, "probe_margin")
+
+    def markdown(self, child: Measured) -> list[str]:
+        answers = [f"- {'✓' if r['correct'] else '✗'} {r['question']} → {r['reply'][:120]!r}"
+                   for r in child.details["items"]]
+        return ["## Probe answers", ""] + answers
