@@ -245,3 +245,19 @@ def client(daemon):
 
     with TestClient(create_app(daemon)) as c:
         yield c
+
+
+@pytest.fixture
+def cur(tiny_curriculum):
+    """The tiny curriculum, loaded."""
+    from evolution import curriculum
+
+    return curriculum.load(tiny_curriculum)
+
+
+@pytest.fixture
+def root():
+    """The test's data root (``EVOLUTION_HOME`` points at a temp dir)."""
+    from evolution.paths import DataRoot
+
+    return DataRoot.from_env()

@@ -7,7 +7,6 @@ import json
 import pytest
 from sqlalchemy import text
 
-from evolution import curriculum
 from evolution.conversations import (
     MAX_MESSAGE_CHARS,
     MAX_MESSAGES,
@@ -16,7 +15,6 @@ from evolution.conversations import (
     prompt_key,
     validate,
 )
-from evolution.paths import DataRoot
 from evolution.replay import conversations_through, materialize
 from tests.conftest import write_jsonl
 
@@ -209,16 +207,6 @@ def _answers(out, question):
     key = prompt_key([U(question)])
     return [next(m["content"] for m in msgs if m["role"] == "assistant")
             for msgs in _sft(out) if prompt_key(msgs) == key]
-
-
-@pytest.fixture
-def cur(tiny_curriculum):
-    return curriculum.load(tiny_curriculum)
-
-
-@pytest.fixture
-def root():
-    return DataRoot.from_env()
 
 
 def test_newest_conversation_wins_a_prompt(ledger, cur, root, tmp_path):

@@ -7,21 +7,11 @@ import json
 
 import pytest
 
-from evolution import curriculum, replay
+from evolution import replay
 from evolution.fsutil import sha256_file
 from evolution.paths import DataRoot
 from evolution.train import BY_NAME, STAGES, Stage
 from tests.conftest import write_jsonl
-
-
-@pytest.fixture
-def cur(tiny_curriculum):
-    return curriculum.load(tiny_curriculum)
-
-
-@pytest.fixture
-def root():
-    return DataRoot.from_env()
 
 
 def _lines(path):
