@@ -57,14 +57,42 @@ def perplexity(scorer, texts: list[str]) -> float:
         tokens = scorer.tokenize(text.encode("utf-8"), add_bos=False, special=False)[: scorer.n_ctx()]
         if len(tokens) < 2:
             continue
-        scorer.reset()
-        scorer.eval(tokens)
-        logits = np.asarray(scorer.scores[: len(tokens) - 1], dtype=np.float64)
-        logits -= logits.max(axis=1, keepdims=True)
-        logprobs = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
-        nll -= float(logprobs[np.arange(len(tokens) - 1), tokens[1:]].sum())
+        nll -= float(_logprobs(scorer, tokens).sum())
         count += len(tokens) - 1
     return float(np.exp(nll / count)) if count else float("nan")
+
+
+def _logprobs(scorer, tokens: list[int]):
+    """log p(token i | tokens before i) for i = 1 .. len-1, from one llama.cpp pass over ``tokens``."""
+    import numpy as np
+
+    scorer.reset()
+    scorer.eval(tokens)
+    logits = np.asarray(scorer.scores[: len(tokens) - 1], dtype=np.float64)
+    logits -= logits.max(axis=1, keepdims=True)
+    logprobs = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
+    return logprobs[np.arange(len(tokens) - 1), tokens[1:]]
+
+
+def render_prompt(scorer, messages: list[dict]) -> str:
+    """``messages`` rendered with the GGUF's own chat template, up to the assistant's turn (as at serve time)."""
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+    special = {"eos_token": scorer.detokenize([scorer.token_eos()], special=True).decode("utf-8", "replace"),
+               "bos_token": scorer.detokenize([scorer.token_bos()], special=True).decode("utf-8", "replace")}
+    return Jinja2ChatFormatter(template=scorer.metadata["tokenizer.chat_template"], **special)(
+        messages=messages).prompt
+
+
+def reply_logprob(scorer, messages: list[dict], reply: str) -> float | None:
+    """Mean per-token log-likelihood of ``reply`` as the assistant's answer to ``messages`` (None: no tokens)."""
+    prompt = scorer.tokenize(render_prompt(scorer, messages).encode("utf-8"), add_bos=False, special=True)
+    answer = scorer.tokenize(reply.encode("utf-8"), add_bos=False, special=False)
+    tokens = (prompt + answer)[: scorer.n_ctx()]
+    n = len(tokens) - len(prompt)
+    if n < 1 or len(prompt) < 1:
+        return None
+    return float(_logprobs(scorer, tokens)[-n:].mean())
 
 
 # --- style drift -------------------------------------------------------------------------------

@@ -1,0 +1,56 @@
+"""experience_similarity: how close the model's replies come to the replies its user approved.
+
+Asked on the prompts of the good and corrected experiences (and good conversations) the child
+trained on (``data/preference.jsonl``: a good reply, or a correction, is the reference), at
+temperature 0, and scored with ROUGE-L F1 (Google's ``rouge-score``) against the reference; the
+value is the mean. Child and parent answer the same prompts, so the difference is what the
+child took from its experience. With fewer than ``gate.min_experience_items`` items it says "not
+enough data" and does not block. Rule: ``gate.experience_margin`` below the parent.
+"""
+
+from __future__ import annotations
+
+from evolution.config import GateConfig
+from evolution.metrics.common import Check, Inputs, Measured, Metric, Models, not_below_parent
+
+_SCORER = None
+
+
+def rouge_l(reply: str, reference: str) -> float:
+    """ROUGE-L F1 of ``reply`` against ``reference`` (rouge-score's tokenizer: lower case, words only)."""
+    global _SCORER
+    if _SCORER is None:
+        from rouge_score import rouge_scorer
+
+        _SCORER = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+    return _SCORER.score(reference, reply)["rougeL"].fmeasure
+
+
+class ExperienceSimilarity(Metric):
+    name = "experience_similarity"
+    label = "experience similarity (ROUGE-L)"
+
+    def settings(self, inputs: Inputs) -> dict:
+        return {"answer_max_tokens": inputs.cfg.answer_max_tokens, "min_items": inputs.cfg.min_experience_items}
+
+    def measure(self, models: Models, inputs: Inputs) -> Measured:
+        items, least = inputs.es.experiences, inputs.cfg.min_experience_items
+        if len(items) < least:
+            return Measured(None, note=f"{len(items)} approved or corrected replies trained on, at least {least} "
+                                       "needed (gate.min_experience_items)")
+        rows = []
+        for item in items:
+            out = models.llm.create_chat_completion(messages=item["prompt"], temperature=0.0, seed=0,
+                                                    max_tokens=inputs.cfg.answer_max_tokens)
+            reply = out["choices"][0]["message"]["content"] or ""
+            rows.append({"prompt": item["prompt"][-1]["content"], "reference": item["reference"], "reply": reply,
+                         "score": rouge_l(reply, item["reference"])})
+        return Measured(sum(r["score"] for r in rows) / len(rows), {"items": rows})
+
+    def rules(self, child: Measured, parent: Measured | None, cfg: GateConfig) -> list[Check]:
+        return not_below_parent(self.name, child.value, parent, cfg, "experience_margin")
+
+    def markdown(self, child: Measured) -> list[str]:
+        lines = [f"- {r['score']:.2f} {r['prompt'][:80]!r} → {r['reply'][:100]!r} (wanted {r['reference'][:80]!r})"
+                 for r in child.details["items"]]
+        return ["## Experience replies (ROUGE-L against the approved reply)", ""] + lines
