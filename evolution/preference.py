@@ -181,7 +181,8 @@ class PreferenceMetrics:
         return {k: sum(h[k] for h in tail if k in h) / sum(1 for h in tail if k in h) for k in sorted(keys)}
 
 
-def choose_method(cfg: PreferenceConfig, ratings: Sequence[Rating], corrections: Sequence[Correction]) -> tuple[str, str]:
+def choose_method(cfg: PreferenceConfig, ratings: Sequence[Rating],
+                  corrections: Sequence[Correction]) -> tuple[str, str]:
     """('kto' | 'dpo' | 'skip', why) for this data under ``cfg.method``."""
     n_pairs, n_ratings = len(corrections), len(ratings)
     n_good = sum(r.good for r in ratings) + n_pairs
@@ -442,5 +443,6 @@ def train_preference(parent: Path, adapter: Path | None, ratings: Sequence[Ratin
     fsync_dir(tmp)
     shutil.rmtree(stage_dir / "adapter", ignore_errors=True)
     tmp.rename(stage_dir / "adapter")
-    atomic_write_json(stage_dir / "metrics.json", asdict(metrics) | {"adapter_sha256": sha256_tree(stage_dir / "adapter")})
+    atomic_write_json(stage_dir / "metrics.json",
+                      asdict(metrics) | {"adapter_sha256": sha256_tree(stage_dir / "adapter")})
     return metrics

@@ -3,6 +3,8 @@ parent as reference; the method is chosen by the data at hand; an interrupted st
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -26,7 +28,8 @@ CORRECTIONS = [Correction(p, GOOD, BAD) for p in PROMPTS]
 
 
 def _cfg(**kw) -> PreferenceConfig:
-    return PreferenceConfig(**({"lr": 5e-3, "batch_size": 4, "grad_accum": 1, "max_steps": 6, "max_len": 96, "epochs": 2.0} | kw))
+    tiny = {"lr": 5e-3, "batch_size": 4, "grad_accum": 1, "max_steps": 6, "max_len": 96, "epochs": 2.0}
+    return PreferenceConfig(**(tiny | kw))
 
 
 class _Grab(TrainerCallback):
@@ -48,29 +51,30 @@ class _Crash(TrainerCallback):
             raise KeyboardInterrupt("simulated crash")
 
 
-def _mean_logprob(model, tokenizer, prompt: list[dict], reply: str) -> float:
-    """Mean per-token log-probability of the rendered assistant turn (reply + end of turn) after ``prompt``."""
+def _token_logprobs(model, tokenizer, prompt: list[dict], reply: str) -> torch.Tensor:
+    """Log-probabilities of the rendered assistant turn's tokens (reply + end of turn) after ``prompt``."""
     before = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
     full = tokenizer.apply_chat_template(prompt + [{"role": "assistant", "content": reply}], tokenize=False)
     n = len(tokenizer(before, add_special_tokens=False)["input_ids"])
     ids = torch.tensor([tokenizer(full, add_special_tokens=False)["input_ids"]])
     with torch.no_grad():
         logp = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), -1)
-    return logp[n - 1:].gather(1, ids[0, n:, None]).mean().item()
+    return logp[n - 1:].gather(1, ids[0, n:, None]).squeeze(1)
 
 
-def _margin(base_dir, adapter_dir=None) -> float:
-    """Mean over PROMPTS of (mean logprob of GOOD) - (mean logprob of BAD), for the parent or parent + adapter."""
+def _model(base_dir, adapter_dir=None):
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
-    tokenizer = AutoTokenizer.from_pretrained(base_dir)
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-    if adapter_dir is not None:
-        model = PeftModel.from_pretrained(model, adapter_dir)
-    model.eval()
-    return sum(_mean_logprob(model, tokenizer, p, GOOD) - _mean_logprob(model, tokenizer, p, BAD)
-               for p in PROMPTS) / len(PROMPTS)
+    return (PeftModel.from_pretrained(model, adapter_dir) if adapter_dir else model).eval()
+
+
+def _margin(tokenizer, base_dir, adapter_dir=None) -> float:
+    """Mean over PROMPTS of (mean logprob of GOOD) - (mean logprob of BAD), for the parent or parent + adapter."""
+    model = _model(base_dir, adapter_dir)
+    return sum(_token_logprobs(model, tokenizer, p, GOOD).mean().item()
+               - _token_logprobs(model, tokenizer, p, BAD).mean().item() for p in PROMPTS) / len(PROMPTS)
 
 
 @pytest.mark.parametrize(("method", "n_good", "n_bad", "n_pairs", "want", "why"), [
@@ -114,15 +118,16 @@ def test_skipped_stage_trains_nothing_and_records_why(tiny_base, tiny_cfg, tmp_p
     assert not (tmp_path / "pref").exists()
 
 
-def test_kto_raises_the_good_reply_margin_and_trains_only_lora(learnable_base, tiny_cfg, tmp_path):
+def test_kto_raises_the_good_reply_margin_and_trains_only_lora(learnable_base, tokenizer, tiny_cfg, tmp_path):
     grab = _Grab()
     m = train_preference(learnable_base, None, RATINGS, [], _cfg(), tiny_cfg.train, tmp_path / "pref",
                          extra_callbacks=[grab])
     assert (m.method, m.steps, m.examples) == ("kto", 6, 16)
     assert (m.desirable_weight, m.undesirable_weight) == (1.0, 1.0)
-    assert len(m.history) == 6 and {"rewards/chosen", "rewards/rejected", "rewards/margins", "kl"} <= m.history[-1].keys()
+    assert len(m.history) == 6
+    assert {"rewards/chosen", "rewards/rejected", "rewards/margins", "kl"} <= m.history[-1].keys()
     assert m.summary()["rewards/margins"] > 0
-    assert _margin(learnable_base, tmp_path / "pref" / "adapter") > _margin(learnable_base) + 0.5
+    assert _margin(tokenizer, learnable_base, tmp_path / "pref" / "adapter") > _margin(tokenizer, learnable_base) + 0.5
 
     adapter = load_file(tmp_path / "pref" / "adapter" / "adapter_model.safetensors")
     assert adapter and all("lora_" in k for k in adapter)
@@ -136,16 +141,16 @@ def test_kto_raises_the_good_reply_margin_and_trains_only_lora(learnable_base, t
         torch.testing.assert_close(trained[name], parent[name].to(trained[name].dtype), rtol=0, atol=0)
 
 
-def test_dpo_raises_the_chosen_reply_margin(learnable_base, tiny_cfg, tmp_path):
+def test_dpo_raises_the_chosen_reply_margin(learnable_base, tokenizer, tiny_cfg, tmp_path):
     m = train_preference(learnable_base, None, [], CORRECTIONS, _cfg(max_steps=4, grad_accum=1), tiny_cfg.train,
                          tmp_path / "pref")
     assert (m.method, m.steps, m.examples) == ("dpo", 4, 8)
     assert {"rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"} <= m.history[-1].keys()
     assert m.losses[-1] < m.losses[0]
-    assert _margin(learnable_base, tmp_path / "pref" / "adapter") > _margin(learnable_base) + 0.5
+    assert _margin(tokenizer, learnable_base, tmp_path / "pref" / "adapter") > _margin(tokenizer, learnable_base) + 0.5
 
 
-def test_reference_is_the_parent_not_the_adapter_the_stage_starts_from(learnable_base, tiny_cfg, tmp_path):
+def test_reference_is_the_parent_not_the_adapter_the_stage_starts_from(learnable_base, tokenizer, tiny_cfg, tmp_path):
     """Starting from a trained adapter, the first step's rewards are beta * log(adapter / parent), not zero."""
     from evolution.train import _load_model
 
@@ -164,24 +169,9 @@ def test_reference_is_the_parent_not_the_adapter_the_stage_starts_from(learnable
     assert abs(first["rewards/chosen"]) > 1e-3
     # logps/chosen is the adapter's summed log-probability; rewards/chosen = beta * (that - the parent's)
     ref_chosen = first["logps/chosen"] - first["rewards/chosen"] / beta
-    assert ref_chosen == pytest.approx(_summed_parent_logprob(learnable_base, CORRECTIONS[:4]), rel=1e-3)
-
-
-def _summed_parent_logprob(base_dir, corrections) -> float:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(base_dir)
-    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
-    total = 0.0
-    for c in corrections:
-        before = tokenizer.apply_chat_template(c.prompt, tokenize=False, add_generation_prompt=True)
-        full = tokenizer.apply_chat_template(c.prompt + [{"role": "assistant", "content": c.chosen}], tokenize=False)
-        n = len(tokenizer(before, add_special_tokens=False)["input_ids"])
-        ids = torch.tensor([tokenizer(full, add_special_tokens=False)["input_ids"]])
-        with torch.no_grad():
-            logp = torch.log_softmax(model(input_ids=ids).logits[0, :-1], -1)
-        total += logp[n - 1:].gather(1, ids[0, n:, None]).sum().item()
-    return total / len(corrections)
+    parent = _model(learnable_base)
+    want = sum(_token_logprobs(parent, tokenizer, c.prompt, c.chosen).sum().item() for c in CORRECTIONS[:4]) / 4
+    assert ref_chosen == pytest.approx(want, rel=1e-3)
 
 
 def test_interrupted_stage_resumes_from_its_last_complete_checkpoint(tiny_base, tiny_cfg, tmp_path):
@@ -195,11 +185,16 @@ def test_interrupted_stage_resumes_from_its_last_complete_checkpoint(tiny_base, 
     partial = stage / "kto" / "checkpoint-5"  # cut short by the kill: never resumed from
     partial.mkdir()
     (partial / "adapter_model.safetensors").write_bytes(b"truncated")
+    changed = stage / "kto" / "checkpoint-6"  # marked complete, but a file changed since: set aside
+    shutil.copytree(stage / "kto" / "checkpoint-4", changed)
+    weights = changed / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1] + b"\0")
 
     m = train_preference(tiny_base, None, RATINGS, [], _cfg(), tiny_cfg.train, stage)
     assert m.resumed_from_step == 4 and m.steps == 6
     assert [h["step"] for h in m.history] == [5, 6]
     assert not partial.exists()
+    assert [p.name[:13] for p in (stage / "kto" / "rejected").iterdir()] == ["checkpoint-6-"]
     assert (stage / "adapter" / "adapter_model.safetensors").is_file()
 
     again = train_preference(tiny_base, None, RATINGS, [], _cfg(), tiny_cfg.train, stage)
