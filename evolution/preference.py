@@ -199,7 +199,8 @@ def choose_method(cfg: PreferenceConfig, ratings: Sequence[Rating],
             return "skip", f"method 'kto' needs at least 2 rated replies; {counts}"
         return "kto", f"method 'kto': {counts}"
     if n_pairs >= cfg.min_pairs and 2 * n_pairs >= n_ratings:
-        return "dpo", f"auto: {counts}; corrections >= min_pairs {cfg.min_pairs} and at least half the ratings"
+        unused = f" (the {n_ratings} plain ratings are not used)" if n_ratings else ""
+        return "dpo", f"auto: {counts}; corrections >= min_pairs {cfg.min_pairs} and at least half the ratings{unused}"
     if n_good + n_bad >= cfg.min_labelled and n_good and n_bad:
         return "kto", f"auto: {counts}; >= min_labelled {cfg.min_labelled} with both labels"
     why = (f"fewer than min_pairs {cfg.min_pairs} corrections" if n_pairs < cfg.min_pairs
@@ -332,9 +333,13 @@ def train_preference(parent: Path, adapter: Path | None, ratings: Sequence[Ratin
     """Run the preference stage on ``parent`` (an HF checkpoint dir) starting from ``adapter`` (the SFT
     adapter dir, or None for a fresh LoRA); resumable, and not redone once finished.
 
-    Uses ``train_cfg`` for the LoRA shape, precision, seed, threads, checkpoint cadence and activation
-    checkpointing, ``cfg`` for the rest. Returns the metrics; unless ``skipped`` with ``method == 'skip'``,
-    the trained adapter is ``stage_dir / 'adapter'``.
+    Uses ``train_cfg`` for the LoRA shape (it must match the adapter's), precision, seed, threads, checkpoint
+    cadence and activation checkpointing, ``cfg`` for the rest. Returns the metrics; unless ``method == 'skip'``
+    the trained adapter is ``stage_dir / 'adapter'``. In the age-up, after SFT::
+
+        m = train_preference(parent, workdir / "sft" / "adapter", ratings, corrections, cfg.preference, cfg,
+                             workdir / "preference", progress, extra_callbacks)
+        adapter = workdir / "sft" / "adapter" if m.method == "skip" else workdir / "preference" / "adapter"
     """
     import torch
     from datasets import Dataset

@@ -119,9 +119,10 @@ def test_skipped_stage_trains_nothing_and_records_why(tiny_base, tiny_cfg, tmp_p
 
 
 def test_kto_raises_the_good_reply_margin_and_trains_only_lora(learnable_base, tokenizer, tiny_cfg, tmp_path):
-    grab = _Grab()
+    grab, seen = _Grab(), []
     m = train_preference(learnable_base, None, RATINGS, [], _cfg(), tiny_cfg.train, tmp_path / "pref",
-                         extra_callbacks=[grab])
+                         progress=lambda *a: seen.append(a), extra_callbacks=[grab])
+    assert [s[:3] for s in seen] == [("preference", i, 6) for i in range(1, 7)] and seen[-1][3] in m.losses
     assert (m.method, m.steps, m.examples) == ("kto", 6, 16)
     assert (m.desirable_weight, m.undesirable_weight) == (1.0, 1.0)
     assert len(m.history) == 6
