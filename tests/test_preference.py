@@ -120,8 +120,8 @@ def test_skipped_stage_trains_nothing_and_records_why(tiny_base, tiny_cfg, tmp_p
 
 def test_kto_raises_the_good_reply_margin_and_trains_only_lora(learnable_base, tokenizer, tiny_cfg, tmp_path):
     grab, seen = _Grab(), []
-    m = train_preference(learnable_base, None, RATINGS, [], _cfg(), tiny_cfg.train, tmp_path / "pref",
-                         progress=lambda *a: seen.append(a), extra_callbacks=[grab])
+    m = train_preference(learnable_base, None, RATINGS, [], _cfg(precompute_ref_log_probs=True), tiny_cfg.train,
+                         tmp_path / "pref", progress=lambda *a: seen.append(a), extra_callbacks=[grab])
     assert [s[:3] for s in seen] == [("preference", i, 6) for i in range(1, 7)] and seen[-1][3] in m.losses
     assert (m.method, m.steps, m.examples) == ("kto", 6, 16)
     assert (m.desirable_weight, m.undesirable_weight) == (1.0, 1.0)
@@ -176,9 +176,11 @@ def test_reference_is_the_parent_not_the_adapter_the_stage_starts_from(learnable
 
 
 def test_interrupted_stage_resumes_from_its_last_complete_checkpoint(tiny_base, tiny_cfg, tmp_path):
+    """With the parent's log-probs precomputed, which a resumed run computes again."""
     stage = tmp_path / "pref"
+    cfg = _cfg(precompute_ref_log_probs=True)
     with pytest.raises(KeyboardInterrupt):
-        train_preference(tiny_base, None, RATINGS, [], _cfg(), tiny_cfg.train, stage, extra_callbacks=[_Crash(4)])
+        train_preference(tiny_base, None, RATINGS, [], cfg, tiny_cfg.train, stage, extra_callbacks=[_Crash(4)])
     ckpts = sorted(p.name for p in (stage / "kto").glob("checkpoint-*"))
     assert ckpts == ["checkpoint-2", "checkpoint-4"]
     assert all((stage / "kto" / c / COMPLETE).is_file() for c in ckpts)
@@ -191,12 +193,12 @@ def test_interrupted_stage_resumes_from_its_last_complete_checkpoint(tiny_base, 
     weights = changed / "adapter_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-1] + b"\0")
 
-    m = train_preference(tiny_base, None, RATINGS, [], _cfg(), tiny_cfg.train, stage)
+    m = train_preference(tiny_base, None, RATINGS, [], cfg, tiny_cfg.train, stage)
     assert m.resumed_from_step == 4 and m.steps == 6
     assert [h["step"] for h in m.history] == [5, 6]
     assert not partial.exists()
     assert [p.name[:13] for p in (stage / "kto" / "rejected").iterdir()] == ["checkpoint-6-"]
     assert (stage / "adapter" / "adapter_model.safetensors").is_file()
 
-    again = train_preference(tiny_base, None, RATINGS, [], _cfg(), tiny_cfg.train, stage)
+    again = train_preference(tiny_base, None, RATINGS, [], cfg, tiny_cfg.train, stage)
     assert again.skipped and again.method == "kto" and again.steps == 6  # finished: not redone
