@@ -28,7 +28,7 @@ CORRECTIONS = [Correction(p, GOOD, BAD) for p in PROMPTS]
 
 
 def _cfg(**kw) -> PreferenceConfig:
-    tiny = {"lr": 5e-3, "batch_size": 4, "grad_accum": 1, "max_steps": 6, "max_len": 96, "epochs": 2.0}
+    tiny = {"lr": 5e-3, "batch_size": 4, "grad_accum": 1, "max_steps": 4, "max_len": 96}
     return PreferenceConfig(**(tiny | kw))
 
 
@@ -122,10 +122,10 @@ def test_kto_raises_the_good_reply_margin_and_trains_only_lora(learnable_base, t
     grab, seen = _Grab(), []
     m = train_preference(learnable_base, None, RATINGS, [], _cfg(precompute_ref_log_probs=True), tiny_cfg.train,
                          tmp_path / "pref", progress=lambda *a: seen.append(a), extra_callbacks=[grab])
-    assert [s[:3] for s in seen] == [("preference", i, 6) for i in range(1, 7)] and seen[-1][3] in m.losses
-    assert (m.method, m.steps, m.examples) == ("kto", 6, 16)
+    assert [s[:3] for s in seen] == [("preference", i, 4) for i in range(1, 5)] and seen[-1][3] in m.losses
+    assert (m.method, m.steps, m.examples) == ("kto", 4, 16)
     assert (m.desirable_weight, m.undesirable_weight) == (1.0, 1.0)
-    assert len(m.history) == 6
+    assert len(m.history) == 4
     assert {"rewards/chosen", "rewards/rejected", "rewards/margins", "kl"} <= m.history[-1].keys()
     assert m.summary()["rewards/margins"] > 0
     assert _margin(tokenizer, learnable_base, tmp_path / "pref" / "adapter") > _margin(tokenizer, learnable_base) + 0.5
@@ -143,9 +143,9 @@ def test_kto_raises_the_good_reply_margin_and_trains_only_lora(learnable_base, t
 
 
 def test_dpo_raises_the_chosen_reply_margin(learnable_base, tokenizer, tiny_cfg, tmp_path):
-    m = train_preference(learnable_base, None, [], CORRECTIONS, _cfg(max_steps=4, grad_accum=1), tiny_cfg.train,
+    m = train_preference(learnable_base, None, [], CORRECTIONS, _cfg(max_steps=2), tiny_cfg.train,
                          tmp_path / "pref")
-    assert (m.method, m.steps, m.examples) == ("dpo", 4, 8)
+    assert (m.method, m.steps, m.examples) == ("dpo", 2, 8)
     assert {"rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"} <= m.history[-1].keys()
     assert m.losses[-1] < m.losses[0]
     assert _margin(tokenizer, learnable_base, tmp_path / "pref" / "adapter") > _margin(tokenizer, learnable_base) + 0.5
@@ -180,25 +180,24 @@ def test_interrupted_stage_resumes_from_its_last_complete_checkpoint(tiny_base, 
     stage = tmp_path / "pref"
     cfg = _cfg(precompute_ref_log_probs=True)
     with pytest.raises(KeyboardInterrupt):
-        train_preference(tiny_base, None, RATINGS, [], cfg, tiny_cfg.train, stage, extra_callbacks=[_Crash(4)])
-    ckpts = sorted(p.name for p in (stage / "kto").glob("checkpoint-*"))
-    assert ckpts == ["checkpoint-2", "checkpoint-4"]
-    assert all((stage / "kto" / c / COMPLETE).is_file() for c in ckpts)
+        train_preference(tiny_base, None, RATINGS, [], cfg, tiny_cfg.train, stage, extra_callbacks=[_Crash(2)])
+    assert [p.name for p in (stage / "kto").glob("checkpoint-*")] == ["checkpoint-2"]
+    assert (stage / "kto" / "checkpoint-2" / COMPLETE).is_file()
     assert not (stage / "adapter").exists()
-    partial = stage / "kto" / "checkpoint-5"  # cut short by the kill: never resumed from
+    partial = stage / "kto" / "checkpoint-3"  # cut short by the kill: never resumed from
     partial.mkdir()
     (partial / "adapter_model.safetensors").write_bytes(b"truncated")
-    changed = stage / "kto" / "checkpoint-6"  # marked complete, but a file changed since: set aside
-    shutil.copytree(stage / "kto" / "checkpoint-4", changed)
+    changed = stage / "kto" / "checkpoint-4"  # marked complete, but a file changed since: set aside
+    shutil.copytree(stage / "kto" / "checkpoint-2", changed)
     weights = changed / "adapter_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-1] + b"\0")
 
     m = train_preference(tiny_base, None, RATINGS, [], cfg, tiny_cfg.train, stage)
-    assert m.resumed_from_step == 4 and m.steps == 6
-    assert [h["step"] for h in m.history] == [5, 6]
+    assert m.resumed_from_step == 2 and m.steps == 4
+    assert [h["step"] for h in m.history] == [3, 4]
     assert not partial.exists()
-    assert [p.name[:13] for p in (stage / "kto" / "rejected").iterdir()] == ["checkpoint-6-"]
+    assert [p.name[:13] for p in (stage / "kto" / "rejected").iterdir()] == ["checkpoint-4-"]
     assert (stage / "adapter" / "adapter_model.safetensors").is_file()
 
     again = train_preference(tiny_base, None, RATINGS, [], cfg, tiny_cfg.train, stage)
-    assert again.skipped and again.method == "kto" and again.steps == 6  # finished: not redone
+    assert again.skipped and again.method == "kto" and again.steps == 4  # finished: not redone
