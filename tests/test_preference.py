@@ -1,5 +1,6 @@
 """Preference training on a tiny model: KTO and DPO move the adapter towards the good replies, against the
-parent as reference; the method is chosen by the data at hand; an interrupted stage resumes."""
+parent as reference; the method is chosen by the data at hand; an interrupted stage resumes. The stage runs
+through the shared runner (``evolution.train.run_stages``) as CPT and SFT do."""
 
 from __future__ import annotations
 
@@ -10,26 +11,27 @@ import torch
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
-from evolution.preference import (
-    Correction,
-    PreferenceConfig,
-    Rating,
-    choose_method,
-    kto_weights,
-    problems,
-    train_preference,
-)
-from evolution.train import COMPLETE
+from evolution.config import PreferenceConfig
+from evolution.train import BY_NAME, COMPLETE, StageMetrics, checkpoints, load_model, run_stages
+from evolution.train.preference import choose_method, kto_weights, plan
 
 GOOD, BAD = "My name is Wren.", "I do not know."
 PROMPTS = [[{"role": "user", "content": f"What is your name? {i}"}] for i in range(8)]
-RATINGS = [Rating(p, GOOD, True) for p in PROMPTS] + [Rating(p, BAD, False) for p in PROMPTS]
-CORRECTIONS = [Correction(p, GOOD, BAD) for p in PROMPTS]
+RATINGS = ([{"prompt": p, "reply": GOOD, "label": "good"} for p in PROMPTS]
+           + [{"prompt": p, "reply": BAD, "label": "bad"} for p in PROMPTS])
+CORRECTIONS = [{"prompt": p, "chosen": GOOD, "rejected": BAD} for p in PROMPTS]
 
 
 def _cfg(**kw) -> PreferenceConfig:
     tiny = {"lr": 5e-3, "batch_size": 4, "grad_accum": 1, "max_steps": 4, "max_len": 96}
     return PreferenceConfig(**(tiny | kw))
+
+
+def _train(base, records, pref: PreferenceConfig, tiny_cfg, workdir, stages=("preference",), **kw):
+    """Run ``stages`` (the preference stage last) through the shared runner; the preference stage's metrics."""
+    tiny_cfg.train.preference = pref
+    result = run_stages(base, [BY_NAME[s] for s in stages], {"preference": records}, tiny_cfg.train, workdir, **kw)
+    return result.stages["preference"]
 
 
 class _Grab(TrainerCallback):
@@ -84,7 +86,7 @@ def _margin(tokenizer, base_dir, adapter_dir=None) -> float:
     ("auto", 14, 0, 2, "kto", "both labels"),            # corrections bring the bad replies
     ("auto", 20, 0, 0, "skip", "only one label"),
     ("auto", 3, 3, 1, "skip", "fewer than min_labelled"),
-    ("auto", 0, 0, 0, "skip", "fewer than min_pairs"),
+    ("auto", 0, 0, 0, "skip", "no rated replies"),
     ("off", 20, 20, 20, "skip", "'off'"),
     ("dpo", 20, 20, 0, "skip", "needs corrections"),
     ("dpo", 0, 0, 1, "dpo", "method 'dpo'"),
@@ -92,8 +94,8 @@ def _margin(tokenizer, base_dir, adapter_dir=None) -> float:
     ("kto", 5, 0, 0, "kto", "method 'kto'"),
 ])
 def test_method_is_chosen_by_the_data_at_hand_and_says_why(method, n_good, n_bad, n_pairs, want, why):
-    ratings = [Rating(PROMPTS[0], GOOD, True)] * n_good + [Rating(PROMPTS[0], BAD, False)] * n_bad
-    got, reason = choose_method(PreferenceConfig(method=method), ratings, CORRECTIONS[:1] * n_pairs)
+    records = RATINGS[:1] * n_good + RATINGS[-1:] * n_bad + CORRECTIONS[:1] * n_pairs
+    got, reason = choose_method(PreferenceConfig(method=method), records)
     assert got == want
     assert why in reason
 
@@ -106,31 +108,39 @@ def test_kto_weights_balance_the_classes_unless_set():
 
 def test_bad_config_fields_are_all_reported():
     bad = PreferenceConfig(method="ppo", batch_size=1, lr=0, max_steps=0, desirable_weight=-1)
-    found = "\n".join(problems(bad))
+    found = "\n".join(bad.problems("train.preference"))
     for name in ("method", "batch_size", "lr", "max_steps", "desirable_weight"):
         assert f"train.preference.{name}" in found
-    assert problems(PreferenceConfig()) == []
+    assert PreferenceConfig().problems("train.preference") == []
 
 
 def test_skipped_stage_trains_nothing_and_records_why(tiny_base, tiny_cfg, tmp_path):
-    m = train_preference(tiny_base, None, RATINGS[:3], [], PreferenceConfig(), tiny_cfg.train, tmp_path / "pref")
-    assert m.skipped and m.method == "skip" and "fewer than min_labelled" in m.reason
-    assert not (tmp_path / "pref").exists()
+    """After a stage that trained, a skipped preference stage leaves that stage's adapter the result."""
+    tiny_cfg.train.preference = PreferenceConfig()
+    result = run_stages(tiny_base, [BY_NAME["cpt"], BY_NAME["preference"]],
+                        {"cpt": [{"text": "The sea is wide and the shore is long. " * 4}] * 8,
+                         "preference": RATINGS[:3]}, tiny_cfg.train, tmp_path / "work")
+    m = result.stages["preference"]
+    assert m.skipped and m.method == "skip" and "fewer than min_labelled" in m.reason and m.steps == 0
+    assert result.adapter_dir == tmp_path / "work" / "cpt" / "adapter"
+    assert not (tmp_path / "work" / "preference").exists()
+    assert plan([], PreferenceConfig()) == ("skip", "no rated replies since the parent")
 
 
 def test_kto_raises_the_good_reply_margin_and_trains_only_lora(learnable_base, tokenizer, tiny_cfg, tmp_path):
     grab, seen = _Grab(), []
-    m = train_preference(learnable_base, None, RATINGS, [], _cfg(precompute_ref_log_probs=True), tiny_cfg.train,
-                         tmp_path / "pref", progress=lambda *a: seen.append(a), extra_callbacks=[grab])
+    m = _train(learnable_base, RATINGS, _cfg(precompute_ref_log_probs=True), tiny_cfg, tmp_path / "work",
+               progress=lambda *a: seen.append(a), extra_callbacks=[grab])
+    pref = tmp_path / "work" / "preference"
     assert [s[:3] for s in seen] == [("preference", i, 4) for i in range(1, 5)] and seen[-1][3] in m.losses
     assert (m.method, m.steps, m.examples) == ("kto", 4, 16)
-    assert (m.desirable_weight, m.undesirable_weight) == (1.0, 1.0)
-    assert len(m.history) == 4
-    assert {"rewards/chosen", "rewards/rejected", "rewards/margins", "kl"} <= m.history[-1].keys()
-    assert m.summary()["rewards/margins"] > 0
-    assert _margin(tokenizer, learnable_base, tmp_path / "pref" / "adapter") > _margin(tokenizer, learnable_base) + 0.5
+    assert "KTO weights: good 1, bad 1" in m.reason
+    assert len(m.losses) == 4
+    assert {"rewards/chosen", "rewards/rejected", "rewards/margins", "kl", "loss"} <= m.summary.keys()
+    assert m.summary["rewards/margins"] > 0
+    assert _margin(tokenizer, learnable_base, pref / "adapter") > _margin(tokenizer, learnable_base) + 0.5
 
-    adapter = load_file(tmp_path / "pref" / "adapter" / "adapter_model.safetensors")
+    adapter = load_file(pref / "adapter" / "adapter_model.safetensors")
     assert adapter and all("lora_" in k for k in adapter)
     assert all(v.abs().sum() > 0 for k, v in adapter.items() if "lora_B" in k)  # B starts at zero: it moved
     parent = load_file(learnable_base / "model.safetensors")
@@ -143,61 +153,62 @@ def test_kto_raises_the_good_reply_margin_and_trains_only_lora(learnable_base, t
 
 
 def test_dpo_raises_the_chosen_reply_margin(learnable_base, tokenizer, tiny_cfg, tmp_path):
-    m = train_preference(learnable_base, None, [], CORRECTIONS, _cfg(max_steps=2), tiny_cfg.train,
-                         tmp_path / "pref")
+    m = _train(learnable_base, CORRECTIONS, _cfg(max_steps=2), tiny_cfg, tmp_path / "work")
     assert (m.method, m.steps, m.examples) == ("dpo", 2, 8)
-    assert {"rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"} <= m.history[-1].keys()
+    assert {"rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"} <= m.summary.keys()
     assert m.losses[-1] < m.losses[0]
-    assert _margin(tokenizer, learnable_base, tmp_path / "pref" / "adapter") > _margin(tokenizer, learnable_base) + 0.5
+    adapter = tmp_path / "work" / "preference" / "adapter"
+    assert _margin(tokenizer, learnable_base, adapter) > _margin(tokenizer, learnable_base) + 0.5
 
 
 def test_reference_is_the_parent_not_the_adapter_the_stage_starts_from(learnable_base, tokenizer, tiny_cfg, tmp_path):
-    """Starting from a trained adapter, the first step's rewards are beta * log(adapter / parent), not zero."""
-    from evolution.train import _load_model
-
+    """Starting from a trained adapter (an SFT stage finished before it), the first step's rewards are
+    beta * log(adapter / parent), not zero."""
     tiny_cfg.train.precision = "fp32"
-    model, _ = _load_model(learnable_base, tiny_cfg.train, "hf", "preference")
+    model, _ = load_model(learnable_base, tiny_cfg.train, "hf", "sdpa", 96)
     torch.manual_seed(1)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.3)
-    model.save_pretrained(tmp_path / "sft_adapter")
+    (tmp_path / "work" / "sft").mkdir(parents=True)
+    checkpoints.save_adapter(model, tmp_path / "work" / "sft", StageMetrics("sft", steps=1), "hf")
     beta = 0.1
-    m = train_preference(learnable_base, tmp_path / "sft_adapter", [], CORRECTIONS[:4],
-                         _cfg(method="dpo", max_steps=1, beta=beta), tiny_cfg.train, tmp_path / "pref")
-    first = m.history[0]
-    assert abs(first["rewards/chosen"]) > 1e-3
+    m = _train(learnable_base, CORRECTIONS[:4], _cfg(method="dpo", max_steps=1, beta=beta), tiny_cfg,
+               tmp_path / "work", stages=("sft", "preference"))
+    first = m.summary  # one step: its own numbers
+    assert m.steps == 1 and abs(first["rewards/chosen"]) > 1e-3
     # logps/chosen is the adapter's summed log-probability; rewards/chosen = beta * (that - the parent's)
     ref_chosen = first["logps/chosen"] - first["rewards/chosen"] / beta
     parent = _model(learnable_base)
-    want = sum(_token_logprobs(parent, tokenizer, c.prompt, c.chosen).sum().item() for c in CORRECTIONS[:4]) / 4
+    want = sum(_token_logprobs(parent, tokenizer, c["prompt"], c["chosen"]).sum().item()
+               for c in CORRECTIONS[:4]) / 4
     assert ref_chosen == pytest.approx(want, rel=1e-3)
 
 
 def test_interrupted_stage_resumes_from_its_last_complete_checkpoint(tiny_base, tiny_cfg, tmp_path):
     """With the parent's log-probs precomputed, which a resumed run computes again."""
-    stage = tmp_path / "pref"
+    work, stage = tmp_path / "work", tmp_path / "work" / "preference"
     cfg = _cfg(precompute_ref_log_probs=True)
     with pytest.raises(KeyboardInterrupt):
-        train_preference(tiny_base, None, RATINGS, [], cfg, tiny_cfg.train, stage, extra_callbacks=[_Crash(2)])
-    assert [p.name for p in (stage / "kto").glob("checkpoint-*")] == ["checkpoint-2"]
-    assert (stage / "kto" / "checkpoint-2" / COMPLETE).is_file()
+        _train(tiny_base, RATINGS, cfg, tiny_cfg, work, extra_callbacks=[_Crash(2)])
+    assert [p.name for p in stage.glob("checkpoint-*")] == ["checkpoint-2"]
+    assert (stage / "checkpoint-2" / COMPLETE).is_file()
     assert not (stage / "adapter").exists()
-    partial = stage / "kto" / "checkpoint-3"  # cut short by the kill: never resumed from
+    partial = stage / "checkpoint-3"  # cut short by the kill: never resumed from
     partial.mkdir()
     (partial / "adapter_model.safetensors").write_bytes(b"truncated")
-    changed = stage / "kto" / "checkpoint-4"  # marked complete, but a file changed since: set aside
-    shutil.copytree(stage / "kto" / "checkpoint-2", changed)
+    changed = stage / "checkpoint-4"  # marked complete, but a file changed since: set aside
+    shutil.copytree(stage / "checkpoint-2", changed)
     weights = changed / "adapter_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-1] + b"\0")
 
-    m = train_preference(tiny_base, None, RATINGS, [], cfg, tiny_cfg.train, stage)
+    m = _train(tiny_base, RATINGS, cfg, tiny_cfg, work)
     assert m.resumed_from_step == 2 and m.steps == 4
-    assert [h["step"] for h in m.history] == [3, 4]
+    assert len(m.losses) == 2  # steps 3 and 4
     assert not partial.exists()
-    assert [p.name[:13] for p in (stage / "kto" / "rejected").iterdir()] == ["checkpoint-4-"]
+    assert [p.name[:13] for p in (stage / "rejected").iterdir()] == ["checkpoint-4-"]
     assert (stage / "adapter" / "adapter_model.safetensors").is_file()
 
-    again = train_preference(tiny_base, None, RATINGS, [], cfg, tiny_cfg.train, stage)
+    again = _train(tiny_base, RATINGS, cfg, tiny_cfg, work)
     assert again.skipped and again.method == "kto" and again.steps == 4  # finished: not redone
