@@ -398,7 +398,9 @@ QUICK: dict = {
     # A whole age-up of the embedded 135M model in a few minutes on a 2-core CPU:
     # a short CPT pass, then enough SFT steps to learn the identity facts.
     "quick": True,
-    "train": {"cpt": {"max_steps": 6}, "sft": {"max_steps": 60, "epochs": 1.0}, "save_steps": 20},
+    # Preference steps are capped too: each runs the parent beside the child (a reference forward).
+    "train": {"cpt": {"max_steps": 6}, "sft": {"max_steps": 60, "epochs": 1.0}, "preference": {"max_steps": 20},
+              "save_steps": 20},
 }
 
 

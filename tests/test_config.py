@@ -90,6 +90,7 @@ def test_quick_preset_uses_the_stage_sections(tiny_curriculum):
     assert cfg.quick and cfg.train.cpt.max_steps == 6
     assert (cfg.train.sft.max_steps, cfg.train.sft.epochs, cfg.train.save_steps) == (60, 1.0, 20)
     assert QUICK["train"]["sft"] == {"max_steps": 60, "epochs": 1.0}
+    assert cfg.train.preference.max_steps == 20 and cfg.train.stages == ["cpt", "sft", "preference"]
 
 
 def test_flags_override_a_stage_field(tmp_path, tiny_curriculum):
