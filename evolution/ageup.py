@@ -384,7 +384,7 @@ def _age_up_locked(root: DataRoot, cfg: AgeUpConfig, ledger: Ledger, cur, base, 
 
     def do_train():
         data = replay.read(staging / "data", cfg.train.stages)
-        tracker.set(train_stages=list(cfg.train.stages))
+        tracker.set(train_stages=train.planned(cfg.train, data))  # a stage that will skip has no steps to wait for
         ledger.record(ev.training_started(child, parent=parent, records={k: len(v) for k, v in data.items()}))
         result = train.train(parent_hf, data, cfg.train, staging / "work", progress, train_callbacks)
         shutil.rmtree(staging / "adapter", ignore_errors=True)

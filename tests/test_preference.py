@@ -212,3 +212,14 @@ def test_interrupted_stage_resumes_from_its_last_complete_checkpoint(tiny_base, 
 
     again = _train(tiny_base, RATINGS, cfg, tiny_cfg, work)
     assert again.skipped and again.method == "kto" and again.steps == 4  # finished: not redone
+
+
+def test_progress_waits_only_for_the_stages_that_will_run():
+    from evolution.config import TrainConfig
+    from evolution.train import planned
+
+    cfg = TrainConfig()
+    assert planned(cfg, {"cpt": [{"text": "x"}], "sft": [], "preference": []}) == ["cpt", "sft"]
+    assert planned(cfg, {"preference": RATINGS}) == ["cpt", "sft", "preference"]
+    cfg.preference.method = "off"
+    assert planned(cfg, {"preference": RATINGS}) == ["cpt", "sft"]

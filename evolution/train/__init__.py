@@ -36,6 +36,12 @@ def stages_of(cfg: TrainConfig) -> list[Stage]:
     return [BY_NAME[name] for name in cfg.stages]
 
 
+def planned(cfg: TrainConfig, data: dict[str, Records]) -> list[str]:
+    """The stages of ``train.stages`` whose ``plan`` runs them on ``data`` (for progress: the rest are skipped)."""
+    sections = cfg.stage_sections()
+    return [s.name for s in stages_of(cfg) if s.plan(data.get(s.name, []), sections[s.name])[0] != "skip"]
+
+
 def train(parent: Path, data: dict[str, Records], cfg: TrainConfig, workdir: Path,
           progress: ProgressFn | None = None, extra_callbacks: list | None = None) -> TrainResult:
     """Train the configured stages on ``parent`` (an HF checkpoint dir) into ``workdir``; resumable.
@@ -48,4 +54,4 @@ def train(parent: Path, data: dict[str, Records], cfg: TrainConfig, workdir: Pat
 
 __all__ = ["BY_NAME", "COMPLETE", "STAGES", "Inbox", "LaneCollator", "ProgressFn", "Records", "Stage", "StageMetrics",
            "TrainResult", "checkpoint_problems", "lane_loss", "last_complete_checkpoint", "load_model",
-           "resolve_precision", "select_backend", "stage_dicts", "stage_record", "stages_of", "train"]
+           "resolve_precision", "planned", "select_backend", "stage_dicts", "stage_record", "stages_of", "train"]
