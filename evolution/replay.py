@@ -39,12 +39,16 @@ import json
 import random
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from evolution.conversations import prompt_key
 from evolution.curriculum import Curriculum
 from evolution.fsutil import atomic_write_json, atomic_write_text, sha256_file
 from evolution.paths import DataRoot
 from evolution.train import STAGES, Inbox, Stage
+
+if TYPE_CHECKING:
+    from evolution.experiences import Labelled
 
 
 def _key(record: dict) -> str:
@@ -102,7 +106,7 @@ def _not_to_imitate(inbox: Inbox) -> set[str]:
 
 def materialize(root: DataRoot, cur: Curriculum, child: int, replay_ratio: float, seed: int, out: Path,
                 conversations: list[tuple[int, list[dict]]] = (), through: int = 0,
-                stages: Sequence[Stage] = STAGES, labelled=None, ratings_since: int = 0) -> dict:
+                stages: Sequence[Stage] = STAGES, labelled: Labelled | None = None, ratings_since: int = 0) -> dict:
     """Write ``out/<stage>.jsonl`` for each of ``stages`` and ``out/manifest.json``; return the manifest.
 
     ``conversations``: ``(id, messages)`` received since the parent's data (``through``: the last id the
@@ -121,7 +125,7 @@ def materialize(root: DataRoot, cur: Curriculum, child: int, replay_ratio: float
     for stage in stages:
         new = [r for r in stage.curriculum(cur) if _key(r) not in banned]
         taken = {p for r in new if (p := _prompt(r)) is not None}
-        received = stage.inbox(inbox)
+        received = [(order, r) for order, r in stage.inbox(inbox) if _key(r) not in banned]
         read_inbox |= bool(stage.inbox(Inbox(conversations=conversations)))
         read_ratings |= bool(stage.inbox(Inbox(examples=inbox.examples, pairs=inbox.pairs)))
         inbox_rows, dropped = _newest_inbox(received, taken)

@@ -1,11 +1,12 @@
 """What a training stage is: a small unit of data, and what one stage run did.
 
 A stage (``Stage``) is one training signal: CPT on raw text, SFT on chat examples, preference
-learning on rated replies, and whatever comes next. It names itself (the name is its config section ``[train.<name>]``, its data file
-``gen_NNNN/data/<name>.jsonl``, its working folder and its key in ``TrainResult``), says where
-its records come from (the curriculum, what the chat agent sent: ``Inbox``), whether and how it
-runs on them (``plan``), how they become rows, and which trainer runs them (with arguments of its
-own over the shared ones, and the parent at hand as a reference model). Everything else —
+learning on rated replies, and whatever comes next. It names itself (the name is its config
+section ``[train.<name>]``, its data file ``gen_NNNN/data/<name>.jsonl``, its working folder and
+its key in ``TrainResult``), says where its records come from (the curriculum, what the chat agent
+sent: ``Inbox``), whether and how it runs on them (``plan``), how they become rows, and which
+trainer runs them (with arguments of its own over the shared ones, and the parent at hand as a
+reference model). Everything else —
 checkpoints, resume, precision, the adapter handed from stage to stage — is shared
 (``evolution.train.runner``). The stages an age-up runs, in order, are ``train.stages`` of the config.
 """
