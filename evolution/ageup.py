@@ -374,7 +374,7 @@ def _age_up_locked(root: DataRoot, cfg: AgeUpConfig, ledger: Ledger, cur, base, 
         rated_since = replay.experiences_through(parent_dir)
         manifest = replay.materialize(root, cur, child, cfg.curriculum.replay_ratio, cfg.train.seed,
                                       staging / "data", convs, through, train.stages_of(cfg.train),
-                                      ExperienceStore(ledger).labelled(rated_since), rated_since)
+                                      ExperienceStore(ledger).labelled(), rated_since)
         gate.save_recall_items(gate.eval_set(cur, []), staging / "data")
         state.info["manifest_hash"] = manifest["sha256"]
         if not ledger.entries(gen=child, kind=ev.GENERATION_CREATED):  # once, even if a crash repeats this stage

@@ -110,12 +110,19 @@ def materialize(root: DataRoot, cur: Curriculum, child: int, replay_ratio: float
     """Write ``out/<stage>.jsonl`` for each of ``stages`` and ``out/manifest.json``; return the manifest.
 
     ``conversations``: ``(id, messages)`` received since the parent's data (``through``: the last id the
-    parent took in); ``labelled``: the replies rated since (``ExperienceStore.labelled(ratings_since)``, the
-    parent's cursor). Each stage takes from them what it learns from (``Stage.inbox``).
+    parent took in); ``labelled``: every rated reply with its newest label (``ExperienceStore.labelled()``),
+    of which those rated after ``ratings_since`` (the parent's cursor) are new. Each stage takes from the
+    new ones what it learns from (``Stage.inbox``); every reply rated bad or corrected, new or not, is kept
+    out of the chat records (an earlier generation may have learned it before it was rated).
     """
     conversations = list(conversations)
-    inbox = Inbox(conversations, labelled.examples, labelled.pairs) if labelled else Inbox(conversations)
-    banned = _not_to_imitate(inbox)
+    inbox = Inbox(conversations)
+    if labelled is not None:
+        banned = _not_to_imitate(Inbox((), labelled.examples, labelled.pairs))
+        inbox = Inbox(conversations, [e for e in labelled.examples if e.rating_id > ratings_since],
+                      [p for p in labelled.pairs if p.rating_id > ratings_since])
+    else:
+        banned = set()
     rng = random.Random(seed * 1_000_003 + child)
     data: dict[str, list[dict]] = {}
     replayed: dict[str, int] = {}

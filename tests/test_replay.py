@@ -131,6 +131,13 @@ def test_ratings_become_preference_records_and_only_good_replies_sft_examples(cu
     assert m["experiences"] == {"taken": 4, "through": 7}
     assert m["data"]["preference.jsonl"] == sha256_file(out / "preference.jsonl")
 
+    # rated before the parent's cursor: not new data, but still never replayed as an SFT example
+    out = tmp_path / "later"
+    m = replay.materialize(root, cur, 2, 10.0, 0, out, [], 0, labelled=_labelled(), ratings_since=7)
+    assert _lines(out / "preference.jsonl") == [] and m["experiences"] == {"taken": 0, "through": 7}
+    sft_replies = [r["messages"][-1]["content"] for r in _lines(out / "sft.jsonl")]
+    assert "Green." in sft_replies and "Go away." not in sft_replies and "I live in Faro." not in sft_replies
+
     # without a stage that learns from ratings they are left for a later generation: the cursor stays
     out = tmp_path / "cpt-only"
     m = replay.materialize(root, cur, 2, 0.0, 0, out, [], 0, [BY_NAME["cpt"]], labelled=_labelled(), ratings_since=2)
