@@ -31,6 +31,7 @@ from evolution import export, gate, promotion, replay, train
 from evolution import progress as progress_mod
 from evolution.config import AgeUpConfig
 from evolution.conversations import ConversationStore
+from evolution.experiences import ExperienceStore
 from evolution.errors import AgeUpsPaused, DiskFull, EvolutionError, GenerationError, IntegrityError
 from evolution.export import GGUF_NAME, HF_DIR, Artifact
 from evolution.fsutil import (
@@ -370,8 +371,10 @@ def _age_up_locked(root: DataRoot, cfg: AgeUpConfig, ledger: Ledger, cur, base, 
     def data():
         through = replay.conversations_through(parent_dir)
         convs = ConversationStore(ledger).after(through)
+        rated_since = replay.experiences_through(parent_dir)
         manifest = replay.materialize(root, cur, child, cfg.curriculum.replay_ratio, cfg.train.seed,
-                                      staging / "data", convs, through, train.stages_of(cfg.train))
+                                      staging / "data", convs, through, train.stages_of(cfg.train),
+                                      ExperienceStore(ledger).labelled(), rated_since)
         gate.save_recall_items(gate.eval_set(cur, []), staging / "data")
         state.info["manifest_hash"] = manifest["sha256"]
         if not ledger.entries(gen=child, kind=ev.GENERATION_CREATED):  # once, even if a crash repeats this stage
@@ -381,7 +384,7 @@ def _age_up_locked(root: DataRoot, cfg: AgeUpConfig, ledger: Ledger, cur, base, 
 
     def do_train():
         data = replay.read(staging / "data", cfg.train.stages)
-        tracker.set(train_stages=list(cfg.train.stages))
+        tracker.set(train_stages=train.planned(cfg.train, data))  # a stage that will skip has no steps to wait for
         ledger.record(ev.training_started(child, parent=parent, records={k: len(v) for k, v in data.items()}))
         result = train.train(parent_hf, data, cfg.train, staging / "work", progress, train_callbacks)
         shutil.rmtree(staging / "adapter", ignore_errors=True)
@@ -392,6 +395,7 @@ def _age_up_locked(root: DataRoot, cfg: AgeUpConfig, ledger: Ledger, cur, base, 
         ledger.record(ev.training_finished(
             child, result.steps, {k: m.losses for k, m in stages.items()}, backend=result.backend,
             stage_steps={k: m.steps for k, m in stages.items()}, tokens={k: m.tokens for k, m in stages.items()},
+            stages={k: train.stage_record(m) for k, m in stages.items()},
         ))
 
     _run(state, "data", data, stage_cb)

@@ -24,6 +24,12 @@ trained on:
 
 Dropped examples are counted in the manifest (``superseded``). Paraphrases of one question are
 different prompts here; a contradiction phrased differently is left to the gate.
+
+**Ratings.** Served replies rated since the parent (``ExperienceStore.labelled``) reach the stages
+through their ``inbox`` like transcripts (a good reply or a correction is an SFT example; every
+rated reply is a preference record). A reply rated bad, or corrected, is never trained on as a chat
+record, from any source: the curriculum, the inbox or replay. The manifest records the newest
+rating taken (``experiences.through``) so the next generation takes only newer ones.
 """
 
 from __future__ import annotations
@@ -33,12 +39,16 @@ import json
 import random
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from evolution.conversations import prompt_key
 from evolution.curriculum import Curriculum
 from evolution.fsutil import atomic_write_json, atomic_write_text, sha256_file
 from evolution.paths import DataRoot
-from evolution.train import STAGES, Stage
+from evolution.train import STAGES, Inbox, Stage
+
+if TYPE_CHECKING:
+    from evolution.experiences import Labelled
 
 
 def _key(record: dict) -> str:
@@ -70,35 +80,62 @@ def _newest_inbox(inbox: list[tuple[int, dict]], taken: set[str]) -> tuple[list[
     return rows, len(inbox) - len(rows)
 
 
-def conversations_through(gen_dir: Path) -> int:
-    """The id of the last conversation a generation's data took in (0: none)."""
+def _through(gen_dir: Path, source: str) -> int:
     manifest = gen_dir / "data" / "manifest.json"
     if not manifest.is_file():
         return 0
-    return int(json.loads(manifest.read_text()).get("conversations", {}).get("through", 0))
+    return int(json.loads(manifest.read_text()).get(source, {}).get("through", 0))
+
+
+def conversations_through(gen_dir: Path) -> int:
+    """The id of the last conversation a generation's data took in (0: none)."""
+    return _through(gen_dir, "conversations")
+
+
+def experiences_through(gen_dir: Path) -> int:
+    """The id of the last rating a generation's data took in (0: none; ``ExperienceStore.labelled(since=)``)."""
+    return _through(gen_dir, "experiences")
+
+
+def _not_to_imitate(inbox: Inbox) -> set[str]:
+    """The chat records (by ``_key``) of every reply rated bad or corrected: never trained on as SFT."""
+    bad = [(e.prompt, e.reply) for e in inbox.examples if e.label == "bad"] + [(p.prompt, p.rejected)
+                                                                              for p in inbox.pairs]
+    return {_key({"messages": prompt + [{"role": "assistant", "content": reply}]}) for prompt, reply in bad}
 
 
 def materialize(root: DataRoot, cur: Curriculum, child: int, replay_ratio: float, seed: int, out: Path,
                 conversations: list[tuple[int, list[dict]]] = (), through: int = 0,
-                stages: Sequence[Stage] = STAGES) -> dict:
+                stages: Sequence[Stage] = STAGES, labelled: Labelled | None = None, ratings_since: int = 0) -> dict:
     """Write ``out/<stage>.jsonl`` for each of ``stages`` and ``out/manifest.json``; return the manifest.
 
-    ``conversations``: ``(id, messages)`` received since the parent's data (``through``: the
-    last id the parent took in); each stage takes from them what it learns from (``Stage.inbox``).
+    ``conversations``: ``(id, messages)`` received since the parent's data (``through``: the last id the
+    parent took in); ``labelled``: every rated reply with its newest label (``ExperienceStore.labelled()``),
+    of which those rated after ``ratings_since`` (the parent's cursor) are new. Each stage takes from the
+    new ones what it learns from (``Stage.inbox``); every reply rated bad or corrected, new or not, is kept
+    out of the chat records (an earlier generation may have learned it before it was rated).
     """
     conversations = list(conversations)
+    inbox = Inbox(conversations)
+    if labelled is not None:
+        banned = _not_to_imitate(Inbox((), labelled.examples, labelled.pairs))
+        inbox = Inbox(conversations, [e for e in labelled.examples if e.rating_id > ratings_since],
+                      [p for p in labelled.pairs if p.rating_id > ratings_since])
+    else:
+        banned = set()
     rng = random.Random(seed * 1_000_003 + child)
     data: dict[str, list[dict]] = {}
     replayed: dict[str, int] = {}
     sources: dict[str, str] = {}
     taken_from_inbox = superseded = 0
-    read_inbox = False  # no stage learns from conversations: leave them for a later generation's
+    read_inbox = read_ratings = False  # no stage learns from them: leave them for a later generation's
     for stage in stages:
-        new = stage.curriculum(cur)
+        new = [r for r in stage.curriculum(cur) if _key(r) not in banned]
         taken = {p for r in new if (p := _prompt(r)) is not None}
-        inbox = stage.inbox(conversations)
-        read_inbox |= bool(inbox)
-        inbox_rows, dropped = _newest_inbox(inbox, taken)
+        received = [(order, r) for order, r in stage.inbox(inbox) if _key(r) not in banned]
+        read_inbox |= bool(stage.inbox(Inbox(conversations=conversations)))
+        read_ratings |= bool(stage.inbox(Inbox(examples=inbox.examples, pairs=inbox.pairs)))
+        inbox_rows, dropped = _newest_inbox(received, taken)
         new += inbox_rows
         taken |= {p for r in inbox_rows if (p := _prompt(r)) is not None}
         taken_from_inbox += len(inbox_rows)
@@ -115,6 +152,9 @@ def materialize(root: DataRoot, cur: Curriculum, child: int, replay_ratio: float
             prompts_here: set[str] = set()
             for r in _read_jsonl(f):
                 k = _key(r)
+                if k in banned:
+                    superseded += 1
+                    continue
                 p = _prompt(r)
                 if p is not None:
                     if p in claimed:
@@ -142,6 +182,8 @@ def materialize(root: DataRoot, cur: Curriculum, child: int, replay_ratio: float
         "conversations": {"taken": taken_from_inbox,
                           "through": max([through] + [c for c, _ in conversations]) if read_inbox else through,
                           "superseded": superseded},
+        "experiences": {"taken": len(inbox.examples) + len(inbox.pairs) if read_ratings else 0,
+                        "through": labelled.through if read_ratings else ratings_since},
         "data": {f"{name}.jsonl": sha256_file(out / f"{name}.jsonl") for name in data},
     }
     manifest["sha256"] = hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()

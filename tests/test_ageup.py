@@ -71,6 +71,11 @@ def test_age_up_builds_hashed_read_only_generations(tiny_base, tiny_cfg, ledger)
     for name in ("eval.json", "eval.md"):
         assert (gen1 / name).is_file()
     assert ledger.verify().ok
+    # no ratings: the preference stage is skipped and says why; the adapter is SFT's, as before
+    assert summary.train["preference"] | {"summary": None} == summary.train["preference"] | {
+        "method": "skip", "reason": "no rated replies since the parent", "steps": 0, "skipped": True, "summary": None}
+    assert summary.train["sft"]["steps"] == 6 and summary.train["adapter_dir"].endswith("sft/adapter")
+    assert ledger.entries(kind="training_finished")[-1].payload["stages"]["preference"]["method"] == "skip"
 
 
 def test_second_age_up_replays_earlier_data_and_trains_from_the_served(tiny_base, tiny_cfg, tiny_curriculum, ledger):
@@ -246,3 +251,76 @@ def test_restart_discards_the_interrupted_attempt_and_never_reuses_its_number(ti
     assert summary.gen == 2 and root.partial_generations() == [] and root.generations() == [0, 2]
     assert [e.kind for e in ledger.entries(gen=1)] == ["generation_created", "training_started"]
     assert ledger.verify().ok
+
+
+WEATHER = [f"What is the weather like in town {i}?" for i in range(8)]
+GOOD_REPLY, BAD_REPLY = "It is sunny and warm today.", "I refuse to answer that."
+
+
+def _reply_margin(hf_dir, tokenizer) -> float:
+    """Mean over WEATHER of (mean log-prob of GOOD_REPLY) - (mean log-prob of BAD_REPLY) under ``hf_dir``."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+
+    def logp(prompt, reply):
+        msgs = [{"role": "user", "content": prompt}]
+        n = len(tokenizer(tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True),
+                          add_special_tokens=False)["input_ids"])
+        full = tokenizer.apply_chat_template(msgs + [{"role": "assistant", "content": reply}], tokenize=False)
+        ids = torch.tensor([tokenizer(full, add_special_tokens=False)["input_ids"]])
+        with torch.no_grad():
+            lp = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), -1)
+        return lp[n - 1:].gather(1, ids[0, n:, None]).mean().item()
+
+    return sum(logp(q, GOOD_REPLY) - logp(q, BAD_REPLY) for q in WEATHER) / len(WEATHER)
+
+
+def test_age_up_trains_on_the_ratings_since_the_parent(learnable_base, tokenizer, tiny_cfg, ledger):
+    """Rated replies: the preference stage runs (KTO: good and bad ratings), the child prefers the good reply
+    more than its parent did, a bad reply is never an SFT example, and the next child takes only newer ratings."""
+    from click.testing import CliRunner
+
+    from evolution.cli import main
+    from evolution.experiences import ExperienceStore
+
+    root = DataRoot.from_env()
+    store = ExperienceStore(ledger)
+    for i, q in enumerate(WEATHER):
+        for label, reply in (("good", GOOD_REPLY), ("bad", BAD_REPLY)):
+            eid = store.capture([{"role": "user", "content": q}], reply, f"chatcmpl-{label}-{i}", "evolution-gen-0",
+                                None, 0, "stop", False)
+            store.rate(eid, label)
+    p = tiny_cfg.train.preference
+    p.lr, p.batch_size, p.grad_accum, p.max_steps, p.max_len = 5e-3, 4, 1, 4, 96
+    summary = grow(root, tiny_cfg, ledger, base=learnable_base)
+
+    gen1 = root.gen_dir(1)
+    pref = summary.train["preference"]
+    assert (pref["method"], pref["steps"], pref["examples"], pref["skipped"]) == ("kto", 4, 16, False)
+    assert "rewards/margins" in pref["summary"] and "16 ratings (8 good and 8 bad replies" in pref["reason"]
+    assert _reply_margin(gen1 / "hf", tokenizer) > _reply_margin(root.gen_dir(0) / "hf", tokenizer) + 0.5
+
+    records = [json.loads(line) for line in (gen1 / "data" / "preference.jsonl").read_text().splitlines()]
+    assert len(records) == 16 and {r["label"] for r in records} == {"good", "bad"}
+    sft = (gen1 / "data" / "sft.jsonl").read_text()
+    assert sft.count(GOOD_REPLY) == 8 and BAD_REPLY not in sft  # a reply rated bad is never an SFT example
+    manifest = json.loads((gen1 / "data" / "manifest.json").read_text())
+    assert manifest["experiences"] == {"taken": 16, "through": 16}
+    assert manifest["data"]["preference.jsonl"] == sha256_file(gen1 / "data" / "preference.jsonl")
+    assert json.loads((gen1 / "metrics.json").read_text())["preference"]["method"] == "kto"
+    finished = ledger.entries(kind="training_finished")[-1].payload
+    assert finished["stages"]["preference"]["method"] == "kto" and finished["stage_steps"]["preference"] == 4
+    shown = CliRunner().invoke(main, ["ledger", "show", "1"], catch_exceptions=False).output
+    assert "preference: kto, 4 steps" in shown and "rewards/margins" in shown
+
+    # nothing rated since: the next child's preference stage is skipped, and says why
+    from evolution.ledger import events as ev
+
+    ledger.record(ev.gate_result(0, 1, {"recall": 1.0}, {"recall": 0.5}, "pass"))
+    ledger.record(ev.promoted(1))
+    s2 = grow(root, tiny_cfg, ledger)
+    assert s2.train["preference"]["method"] == "skip" and s2.train["preference"]["steps"] == 0
+    assert s2.train["preference"]["reason"] == "no rated replies since the parent"
+    assert (root.gen_dir(2) / "data" / "preference.jsonl").read_text() == ""

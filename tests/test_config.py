@@ -60,7 +60,7 @@ def test_flat_keys_of_an_older_config_still_work_with_a_warning_naming_the_new_k
         cfg = _resolve(tmp_path, FLAT, overrides={"curriculum": {"path": str(tiny_curriculum)}})
     t = cfg.train
     assert (t.cpt.block_size, t.cpt.max_steps, t.sft.epochs, t.sft.lr, t.sft.max_len) == (128, 3, 2.5, 0.0005, 200)
-    assert t.lora_r == 8 and t.stages == ["cpt", "sft"]
+    assert t.lora_r == 8 and t.stages == ["cpt", "sft", "preference"]  # no stage list: today's default
     messages = [r.getMessage() for r in caplog.records]
     assert any("train.sft_epochs is deprecated; use [train.sft] epochs" in m for m in messages)
     assert any("train.cpt_block_size is deprecated; use [train.cpt] block_size" in m for m in messages)
@@ -80,7 +80,7 @@ def test_a_config_stored_by_an_older_version_loads(caplog):
     train["sft_max_steps"] = 60
     with caplog.at_level(logging.WARNING, logger="evolution.config"):
         cfg = AgeUpConfig.from_dict(old)
-    assert cfg.train.sft.max_steps == 60 and cfg.train.stages == ["cpt", "sft"]
+    assert cfg.train.sft.max_steps == 60 and cfg.train.stages == ["cpt", "sft", "preference"]
     assert cfg.train.cpt == CptConfig()
     assert "deprecated" in caplog.text
 
@@ -90,6 +90,7 @@ def test_quick_preset_uses_the_stage_sections(tiny_curriculum):
     assert cfg.quick and cfg.train.cpt.max_steps == 6
     assert (cfg.train.sft.max_steps, cfg.train.sft.epochs, cfg.train.save_steps) == (60, 1.0, 20)
     assert QUICK["train"]["sft"] == {"max_steps": 60, "epochs": 1.0}
+    assert cfg.train.preference.max_steps == 20 and cfg.train.stages == ["cpt", "sft", "preference"]
 
 
 def test_flags_override_a_stage_field(tmp_path, tiny_curriculum):
@@ -109,7 +110,7 @@ def test_validation_reports_every_bad_field_at_once(tiny_curriculum):
     with pytest.raises(ConfigError) as exc:
         config.validate(cfg)
     assert exc.value.problems == [
-        "train.stages: unknown stage 'dpo' (known: cpt, sft)",
+        "train.stages: unknown stage 'dpo' (known: cpt, sft, preference)",
         "train.cpt.block_size must be a positive integer, got 0",
         "train.sft.max_steps must be a positive integer, got 0",
         "train.sft.lr must be a positive number, got -1.0",
@@ -155,4 +156,36 @@ def test_age_up_stages_flag_is_validated_with_the_rest(tiny_curriculum):
 
     r = CliRunner().invoke(main, ["age-up", "--curriculum", str(tiny_curriculum), "--stages", "sft,dpo"])
     assert r.exit_code != 0
-    assert "train.stages: unknown stage 'dpo' (known: cpt, sft)" in r.output
+    assert "train.stages: unknown stage 'dpo' (known: cpt, sft, preference)" in r.output
+
+
+def test_preference_section_is_read_nested_and_validated_with_the_rest(tmp_path, tiny_curriculum):
+    text = ("[train]\nstages = [\"sft\", \"preference\"]\n\n[train.preference]\nmethod = \"kto\"\nbeta = 0.2\n"
+            "max_steps = 3\ndesirable_weight = \"off\"\n")
+    cfg = _resolve(tmp_path, text, overrides={"curriculum": {"path": str(tiny_curriculum)}})
+    p = cfg.train.preference
+    assert (p.method, p.beta, p.max_steps, p.desirable_weight, p.lr) == ("kto", 0.2, 3, None, 5e-5)
+    assert cfg.train.stages == ["sft", "preference"]
+    assert AgeUpConfig.from_dict(cfg.to_dict()) == cfg  # stored with the generation, read back
+
+    cfg.train.preference.method = "ppo"
+    cfg.train.preference.batch_size = 1
+    cfg.train.sft.lr = 0
+    with pytest.raises(ConfigError) as exc:
+        config.validate(cfg)
+    assert exc.value.problems == [
+        "train.sft.lr must be a positive number, got 0",
+        "train.preference.method must be one of auto, kto, dpo, off, got 'ppo'",
+        "train.preference.batch_size must be an integer of at least 2 (KTO's KL estimate pairs examples within a "
+        "batch), got 1",
+    ]
+
+
+def test_preference_fields_are_not_flat_keys_of_train(tmp_path):
+    with pytest.raises(ConfigError) as exc:
+        _resolve(tmp_path, "[train]\npreference = \"kto\"\npreference_method = \"kto\"\n")
+    assert len(exc.value.problems) == 2
+    assert "[train] preference is a section: write it as [train.preference]" in exc.value.problems[0]
+    assert "[train] has no field 'preference_method'" in exc.value.problems[1]
+    with pytest.raises(ConfigError, match=r"\[train.preference\] has no field 'methods'"):
+        _resolve(tmp_path, "[train.preference]\nmethods = \"kto\"\n")

@@ -36,11 +36,12 @@ def test_data_written_before_stages_were_data_is_replayed(cur, root, tmp_path):
     _old_generation(root, 1)
     out = tmp_path / "child2"
     m = replay.materialize(root, cur, 2, 10.0, 0, out, [], replay.conversations_through(root.gen_dir(1)))
-    assert m["replayed"] == {"cpt": 1, "sft": 1}
+    assert m["replayed"] == {"cpt": 1, "sft": 1, "preference": 0}
     assert {"text": "The lighthouse keeper wrote in the log every night."} in _lines(out / "cpt.jsonl")
     assert any(r["messages"][1]["content"] == "Moby-Dick." for r in _lines(out / "sft.jsonl"))
     assert {"checkpoints/gen_0001/data/cpt.jsonl", "checkpoints/gen_0001/data/sft.jsonl"} <= set(m["files"])
     assert m["conversations"]["through"] == 3
+    assert replay.experiences_through(root.gen_dir(1)) == 0 and m["experiences"] == {"taken": 0, "through": 0}
     data = replay.read(out, ["cpt", "sft"])
     assert len(data["cpt"]) == len(cur.cpt) + 1 and len(data["sft"]) == len(cur.sft) + 1
 
@@ -48,9 +49,9 @@ def test_data_written_before_stages_were_data_is_replayed(cur, root, tmp_path):
 def test_one_file_per_stage_each_hashed_in_the_manifest(cur, root, tmp_path):
     out = tmp_path / "data"
     m = replay.materialize(root, cur, 1, 0.0, 0, out)
-    assert sorted(p.name for p in out.iterdir()) == ["cpt.jsonl", "manifest.json", "sft.jsonl"]
+    assert sorted(p.name for p in out.iterdir()) == ["cpt.jsonl", "manifest.json", "preference.jsonl", "sft.jsonl"]
     assert m["data"] == {f"{s.name}.jsonl": sha256_file(out / f"{s.name}.jsonl") for s in STAGES}
-    assert m["counts"] == {"cpt": len(cur.cpt), "sft": len(cur.sft)}
+    assert m["counts"] == {"cpt": len(cur.cpt), "sft": len(cur.sft), "preference": 0}
 
 
 def test_only_the_configured_stages_get_data(cur, root, tmp_path):
@@ -79,3 +80,71 @@ def test_a_new_stage_replays_its_records_without_changes_to_replay(cur, root, tm
     assert m["replayed"]["notes"] == 3 and m["counts"]["notes"] == 4
     assert m["data"]["notes.jsonl"] == sha256_file(out / "notes.jsonl")
     assert "checkpoints/gen_0002/data/notes.jsonl" in m["files"]
+
+
+def _chat(q: str, a: str) -> list[dict]:
+    return [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+
+
+def _labelled(through: int = 7):
+    from evolution.experiences import Example, Labelled, Pair
+
+    ask = [{"role": "user", "content": "Where do you live?"}]
+    return Labelled(
+        examples=[Example("completion:1", 3, ask, "I live in Faro.", "good"),
+                  Example("completion:2", 4, [{"role": "user", "content": "What is your name?"}], "I am Bob.", "bad"),
+                  Example("completion:5", 6, [{"role": "user", "content": "Say hello."}], "Go away.", "bad")],
+        pairs=[Pair("completion:3", 5, [{"role": "user", "content": "What do you read?"}], "Sea stories.",
+                    "Nobody.", "bad")],
+        through=through)
+
+
+def test_ratings_become_preference_records_and_only_good_replies_sft_examples(cur, root, tmp_path):
+    # An earlier generation was taught a reply that is now rated bad: it is not replayed either.
+    write_jsonl(root.gen_dir(1) / "data" / "sft.jsonl", [{"messages": _chat("Say hello.", "Go away.")},
+                                                         {"messages": _chat("Favourite tea?", "Green.")}])
+    out = tmp_path / "child2"
+    m = replay.materialize(root, cur, 2, 10.0, 0, out, [], 0, labelled=_labelled(), ratings_since=2)
+    pref = _lines(out / "preference.jsonl")
+    assert pref == [
+        {"prompt": [{"role": "user", "content": "Where do you live?"}], "reply": "I live in Faro.", "label": "good"},
+        {"prompt": [{"role": "user", "content": "What is your name?"}], "reply": "I am Bob.", "label": "bad"},
+        {"prompt": [{"role": "user", "content": "What do you read?"}], "chosen": "Sea stories.",
+         "rejected": "Nobody."},
+        {"prompt": [{"role": "user", "content": "Say hello."}], "reply": "Go away.", "label": "bad"},
+    ]  # in the order they were rated
+    sft_replies = [r["messages"][-1]["content"] for r in _lines(out / "sft.jsonl")]
+    assert "I live in Faro." in sft_replies and "Sea stories." in sft_replies  # good, and the correction
+    assert "Green." in sft_replies  # replayed
+    for bad in ("I am Bob.", "Go away.", "Nobody."):
+        assert bad not in sft_replies
+    assert m["experiences"] == {"taken": 4, "through": 7}
+    assert m["data"]["preference.jsonl"] == sha256_file(out / "preference.jsonl")
+
+    # rated before the parent's cursor: not new data, but still never replayed as an SFT example
+    out = tmp_path / "later"
+    m = replay.materialize(root, cur, 2, 10.0, 0, out, [], 0, labelled=_labelled(), ratings_since=7)
+    assert _lines(out / "preference.jsonl") == [] and m["experiences"] == {"taken": 0, "through": 7}
+    sft_replies = [r["messages"][-1]["content"] for r in _lines(out / "sft.jsonl")]
+    assert "Green." in sft_replies and "Go away." not in sft_replies and "I live in Faro." not in sft_replies
+
+    # without a stage that learns from ratings they are left for a later generation: the cursor stays
+    out = tmp_path / "cpt-only"
+    m = replay.materialize(root, cur, 2, 0.0, 0, out, [], 0, [BY_NAME["cpt"]], labelled=_labelled(), ratings_since=2)
+    assert m["experiences"] == {"taken": 0, "through": 2}
+
+
+def test_earlier_generations_ratings_are_replayed_with_new_ones(cur, root, tmp_path):
+    old = [{"prompt": [{"role": "user", "content": f"Question {i}?"}], "reply": f"Answer {i}.", "label": "good"}
+           for i in range(3)]
+    write_jsonl(root.gen_dir(1) / "data" / "preference.jsonl", old)
+    out = tmp_path / "child2"
+    m = replay.materialize(root, cur, 2, 10.0, 0, out, [], 0, labelled=_labelled(), ratings_since=0)
+    rows = _lines(out / "preference.jsonl")
+    assert m["replayed"]["preference"] == 3 and all(r in rows for r in old) and len(rows) == 7
+    assert "checkpoints/gen_0001/data/preference.jsonl" in m["files"]
+
+    # with nothing rated since the parent, nothing is replayed: the stage has no data and is skipped
+    out = tmp_path / "child2-none"
+    m = replay.materialize(root, cur, 2, 10.0, 0, out, [], 0)
+    assert m["counts"]["preference"] == 0 and _lines(out / "preference.jsonl") == []

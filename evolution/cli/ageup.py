@@ -142,8 +142,11 @@ def age_up(quick, base, curriculum_path, phases, config_file, quantization, back
     if summary.train:
         for st, m in train.stage_dicts(summary.train).items():
             if not m["skipped"] or m["steps"]:
-                table.add_row(st.upper(), f"{m['steps']} steps, {m['tokens']} tokens, loss {m['loss_first']:.3f} → "
-                              f"{m['loss_last']:.3f}, {m['tokens_per_s']:.0f} tok/s")
+                method = f"{m['method']}: " if m.get("method") else ""
+                table.add_row(st.upper(), f"{method}{m['steps']} steps, {m['tokens']} tokens, "
+                              f"loss {m['loss_first']:.3f} → {m['loss_last']:.3f}, {m['tokens_per_s']:.0f} tok/s")
+            elif m.get("reason"):
+                table.add_row(st.upper(), f"skipped: {m['reason']}")
     table.add_row("smoke reply", summary.smoke.get("reply", "")[:100])
     if summary.gate:
         g = summary.gate

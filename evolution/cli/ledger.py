@@ -119,6 +119,17 @@ def ledger(ctx: click.Context, ledger_url: str | None, as_json: bool) -> None:
     _console().print(_history_table(rows, led.url))
 
 
+def _stage_line(st: dict) -> str:
+    """One training stage as recorded in ``training_finished``: method, steps, loss, the trainer's numbers."""
+    parts = [st["method"]] if st.get("method") else []
+    parts.append(f"{st.get('steps', 0)} steps" + (" (skipped)" if st.get("skipped") and not st.get("steps") else ""))
+    if st.get("loss_first") is not None:
+        parts.append(f"loss {st['loss_first']:.4g} → {st['loss_last']:.4g}")
+    parts += [f"{k} {v:.4g}" for k, v in (st.get("summary") or {}).items() if k.startswith("rewards/")]
+    line = ", ".join(parts)
+    return line + (f" — {st['reason']}" if st.get("reason") else "")
+
+
 def _print_detail(d: GenerationDetail) -> None:
     con = _console()
     s = d.summary
@@ -130,6 +141,8 @@ def _print_detail(d: GenerationDetail) -> None:
     if d.training:
         losses = d.training.get("losses")
         con.print(f"training: {d.training.get('steps')} steps; losses: {json.dumps(losses, default=str)[:200]}")
+        for name, st in (d.training.get("stages") or {}).items():
+            con.print(f"  {name}: {_stage_line(st)}")
     if d.gate:
         g = d.gate
         t = Table(title=f"gate vs parent {g.get('parent')}: {g.get('verdict')}")

@@ -1,10 +1,11 @@
 """Training: the configured stages, in order, into one LoRA adapter on the parent generation.
 
 One entry point, ``train``. The stages are data: ``STAGES`` lists every stage unit this package
-has (``cpt``: continual pretraining on raw text; ``sft``: chat examples, assistant-only loss),
-and ``train.stages`` of the config picks which run, in which order. A new training signal is
-one module here (a ``Stage``: its name, its records, its rows, its trainer) and one config
-section ``[train.<name>]`` in ``evolution.config``.
+has (``cpt``: continual pretraining on raw text; ``sft``: chat examples, assistant-only loss;
+``preference``: KTO / DPO on rated replies, the parent as reference), and ``train.stages`` of the
+config picks which run, in which order. A new training signal is one module here (a ``Stage``: its
+name, its records, its plan, its rows, its trainer) and one config section ``[train.<name>]`` in
+``evolution.config``.
 
 Shared parts: ``backend`` (Unsloth or transformers + PEFT, precision, the LoRA model),
 ``checkpoints`` (SHA-256 ``COMPLETE`` markers, resume, rejection, weights-only loads),
@@ -17,14 +18,14 @@ from __future__ import annotations
 from pathlib import Path
 
 from evolution.config import TrainConfig
-from evolution.train import cpt, sft
+from evolution.train import cpt, preference, sft
 from evolution.train.backend import load_model, resolve_precision, select_backend
 from evolution.train.checkpoints import COMPLETE, checkpoint_problems, last_complete_checkpoint
 from evolution.train.lanes import LaneCollator, lane_loss
 from evolution.train.runner import ProgressFn, run_stages
-from evolution.train.stage import Records, Stage, StageMetrics, TrainResult, stage_dicts
+from evolution.train.stage import Inbox, Records, Stage, StageMetrics, TrainResult, stage_dicts, stage_record
 
-STAGES: tuple[Stage, ...] = (cpt.STAGE, sft.STAGE)
+STAGES: tuple[Stage, ...] = (cpt.STAGE, sft.STAGE, preference.STAGE)
 """Every stage unit, in the default order."""
 
 BY_NAME: dict[str, Stage] = {s.name: s for s in STAGES}
@@ -33,6 +34,12 @@ BY_NAME: dict[str, Stage] = {s.name: s for s in STAGES}
 def stages_of(cfg: TrainConfig) -> list[Stage]:
     """The stage units ``train.stages`` names, in its order (``config.validate`` checked the names)."""
     return [BY_NAME[name] for name in cfg.stages]
+
+
+def planned(cfg: TrainConfig, data: dict[str, Records]) -> list[str]:
+    """The stages of ``train.stages`` whose ``plan`` runs them on ``data`` (for progress: the rest are skipped)."""
+    sections = cfg.stage_sections()
+    return [s.name for s in stages_of(cfg) if s.plan(data.get(s.name, []), sections[s.name])[0] != "skip"]
 
 
 def train(parent: Path, data: dict[str, Records], cfg: TrainConfig, workdir: Path,
@@ -45,6 +52,6 @@ def train(parent: Path, data: dict[str, Records], cfg: TrainConfig, workdir: Pat
     return run_stages(parent, stages_of(cfg), data, cfg, workdir, progress, extra_callbacks)
 
 
-__all__ = ["BY_NAME", "COMPLETE", "STAGES", "LaneCollator", "ProgressFn", "Records", "Stage", "StageMetrics",
+__all__ = ["BY_NAME", "COMPLETE", "STAGES", "Inbox", "LaneCollator", "ProgressFn", "Records", "Stage", "StageMetrics",
            "TrainResult", "checkpoint_problems", "lane_loss", "last_complete_checkpoint", "load_model",
-           "resolve_precision", "select_backend", "stage_dicts", "stages_of", "train"]
+           "resolve_precision", "planned", "select_backend", "stage_dicts", "stage_record", "stages_of", "train"]

@@ -95,9 +95,10 @@ def _lane_trainer_class():
     return LaneTrainer
 
 
-def trainer(model, tokenizer, rows: list[dict], args: dict, callbacks: list, backend: str):
+def trainer(model, tokenizer, rows: list[dict], args: dict, callbacks: list, backend: str, parent=None):
     """TRL's SFTTrainer over ``rows`` (already tokenized, packed or truncated by ``evolution.tokens``):
-    the lane collator and loss on the ``hf`` backend, TRL's own on Unsloth."""
+    the lane collator and loss on the ``hf`` backend, TRL's own on Unsloth. (No reference model: ``parent``
+    is not used.)"""
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 

@@ -4,7 +4,8 @@ Each stage trains the parent with a fresh LoRA adapter that starts from the adap
 before it left. It checkpoints every ``save_steps`` into ``<workdir>/<stage>/checkpoint-N``
 (keeping the last ``save_total_limit``) and resumes from the last trusted one after a crash
 (``evolution.train.checkpoints``); a finished stage, whose ``<stage>/adapter`` still matches its
-hashes, is never run again. A stage with no rows is skipped.
+hashes, is never run again. A stage whose ``plan`` says 'skip', or with no rows, is skipped, and
+its metrics say why.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from evolution.config import TrainConfig
 from evolution.errors import EvolutionError
 from evolution.train import backend as engine
 from evolution.train import checkpoints
-from evolution.train.stage import Records, Stage, StageMetrics, TrainResult
+from evolution.train.stage import Records, Stage, StageMetrics, TrainResult, summarize
 
 log = logging.getLogger(__name__)
 
@@ -29,13 +30,15 @@ ProgressFn = Callable[[str, int, int, "float | None"], None]
 """progress(stage, step, total_steps, last_loss)"""
 
 
-def _callbacks(stage: str, total: int, metrics: StageMetrics, progress: ProgressFn | None):
+def _callbacks(stage: str, total: int, metrics: StageMetrics, history: list[dict], progress: ProgressFn | None):
     from transformers import TrainerCallback
 
     class _Track(TrainerCallback):
         def on_log(self, args, state, control, logs=None, **kw):
             if logs and "loss" in logs:
                 metrics.losses.append(float(logs["loss"]))
+                history.append({k: float(v) for k, v in logs.items()
+                                if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "epoch"})
 
         def on_step_end(self, args, state, control, **kw):
             if progress:
@@ -49,8 +52,8 @@ def _callbacks(stage: str, total: int, metrics: StageMetrics, progress: Progress
     return [_Track()]
 
 
-def _steps(n_rows: int, cfg: TrainConfig, epochs: float, cap: int | None) -> int:
-    per_epoch = math.ceil(n_rows / (cfg.batch_size * cfg.grad_accum))
+def _steps(n_rows: int, per_step: int, epochs: float, cap: int | None) -> int:
+    per_epoch = math.ceil(n_rows / per_step)
     steps = max(1, math.ceil(per_epoch * epochs))
     return min(steps, cap) if cap else steps
 
@@ -64,19 +67,18 @@ def _checkpointing_arg(cfg: TrainConfig, use_cuda: bool) -> dict:
     return {"activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing": on}
 
 
-def _training_args(cfg: TrainConfig, stage_dir: Path, lr: float, max_steps: int) -> dict:
-    """The ``TrainingArguments`` every stage shares; the stage's trainer adds its own."""
+def _training_args(cfg: TrainConfig, stage_dir: Path, lr: float) -> dict:
+    """The ``TrainingArguments`` every stage shares (but ``max_steps`` and ``warmup_steps``, which follow
+    from the rows); ``Stage.args`` and the stage's trainer add their own."""
     import torch
 
     use_cuda = torch.cuda.is_available()
     return dict(
         output_dir=str(stage_dir),
-        max_steps=max_steps,
         per_device_train_batch_size=cfg.batch_size,
         gradient_accumulation_steps=cfg.grad_accum,
         learning_rate=lr,
         lr_scheduler_type="cosine",
-        warmup_steps=min(cfg.warmup_steps, max_steps // 5),
         weight_decay=cfg.weight_decay,
         logging_steps=1,
         save_strategy="steps",
@@ -94,19 +96,25 @@ def _training_args(cfg: TrainConfig, stage_dir: Path, lr: float, max_steps: int)
 
 
 def run_stage(stage: Stage, model, tokenizer, rows: list[dict], cfg: TrainConfig, stage_dir: Path,
-              backend: str, progress: ProgressFn | None, extra_callbacks: list | None) -> StageMetrics:
+              backend: str, progress: ProgressFn | None, extra_callbacks: list | None, parent: Path,
+              metrics: StageMetrics) -> StageMetrics:
     """Train one stage on ``rows`` (resuming from its last trusted checkpoint) and save its adapter."""
     settings = cfg.stage_sections()[stage.name]
-    max_steps = _steps(len(rows), cfg, settings.epochs, settings.max_steps)
-    log.info("%s: %d rows, %d steps, backend %s", stage.name, len(rows), max_steps, backend)
-    metrics = StageMetrics(stage=stage.name, examples=len(rows))
+    args = _training_args(cfg, stage_dir, settings.lr) | stage.args(settings)
+    max_steps = _steps(len(rows), args["per_device_train_batch_size"] * args["gradient_accumulation_steps"],
+                       settings.epochs, settings.max_steps)
+    args |= {"max_steps": max_steps, "warmup_steps": min(cfg.warmup_steps, max_steps // 5)}
+    log.info("%s: %d rows, %d steps, backend %s%s", stage.name, len(rows), max_steps, backend,
+             f" ({metrics.reason})" if metrics.reason else "")
+    metrics.examples = len(rows)
+    history: list[dict] = []
     resume = checkpoints.last_complete_checkpoint(stage_dir)
     if resume is not None:
         metrics.resumed_from_step = int(resume.name.split("-")[1])
         log.info("%s: resuming from %s", stage.name, resume.name)
-    trainer = stage.trainer(model, tokenizer, rows, _training_args(cfg, stage_dir, settings.lr, max_steps),
-                            _callbacks(stage.name, max_steps, metrics, progress) + list(extra_callbacks or []),
-                            backend)
+    trainer = stage.trainer(model, tokenizer, rows, args,
+                            _callbacks(stage.name, max_steps, metrics, history, progress) + list(extra_callbacks or []),
+                            backend, parent)
     from transformers.trainer_callback import PrinterCallback
 
     trainer.remove_callback(PrinterCallback)  # progress and losses go through our callback instead
@@ -124,6 +132,7 @@ def run_stage(stage: Stage, model, tokenizer, rows: list[dict], cfg: TrainConfig
         ) from e
     metrics.wall_s = time.perf_counter() - t0
     metrics.steps = trainer.state.global_step
+    metrics.summary = summarize(history)
     metrics.tokens = int(trainer.state.num_input_tokens_seen)
     done_steps = metrics.steps - (metrics.resumed_from_step or 0)
     metrics.tokens_per_s = metrics.tokens / metrics.wall_s * done_steps / max(metrics.steps, 1) if metrics.wall_s else 0.0
@@ -157,18 +166,25 @@ def run_stages(parent: Path, stages: Sequence[Stage], data: dict[str, Records], 
             log.info("%s: already finished (%d steps), not redone", stage.name, done.steps)
             results[stage.name], prev_adapter = done, stage_dir / "adapter"
             continue
+        records = data.get(stage.name, [])
+        method, reason = stage.plan(records, sections[stage.name])
+        metrics = StageMetrics(stage=stage.name, method=method, reason=reason)
+        if method == "skip":
+            log.info("%s: skipped: %s", stage.name, reason)
+            results[stage.name] = dataclasses.replace(metrics, skipped=True)
+            continue
         model, tokenizer = engine.load_model(parent, cfg, backend, stage.cpu_attention, max_seq_length)
-        rows = stage.rows(tokenizer, data.get(stage.name, []), sections[stage.name])
+        rows = stage.rows(tokenizer, records, sections[stage.name])
         if not rows:
             log.info("%s: no data, skipped", stage.name)
-            results[stage.name] = StageMetrics(stage=stage.name, skipped=True)
+            results[stage.name] = dataclasses.replace(metrics, skipped=True, reason=reason or "no data")
             continue
         if prev_adapter is not None:
             engine.load_adapter_weights(model, prev_adapter)
         stage_dir.mkdir(parents=True, exist_ok=True)
         with checkpoints.weights_only_loads():
             results[stage.name] = run_stage(stage, model, tokenizer, rows, cfg, stage_dir, backend, progress,
-                                            extra_callbacks)
+                                            extra_callbacks, parent, metrics)
         prev_adapter = stage_dir / "adapter"
         del model
     if prev_adapter is None:

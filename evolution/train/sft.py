@@ -1,15 +1,16 @@
 """Supervised fine-tuning on chat examples, rendered with the model's own chat template, loss on the
 assistant's tokens only; conversations longer than ``[train.sft] max_len`` tokens are truncated.
 
-Records: ``{"messages": [...]}`` (the curriculum's ``sft.jsonl`` lines, and the transcripts
-received from the chat agent since the parent generation).
+Records: ``{"messages": [...]}`` (the curriculum's ``sft.jsonl`` lines, and what the chat agent sent
+since the parent generation: transcripts, served replies rated good, and corrected replies with the
+correction as the assistant's turn; a reply rated bad is never one).
 """
 
 from __future__ import annotations
 
 from evolution.config import SftConfig
 from evolution.train import lanes
-from evolution.train.stage import Records, Stage
+from evolution.train.stage import Inbox, Records, Stage
 
 
 def rows(tokenizer, records: Records, settings: SftConfig) -> list[dict]:
@@ -18,12 +19,21 @@ def rows(tokenizer, records: Records, settings: SftConfig) -> list[dict]:
     return [r for rec in records if (r := encode_sft(tokenizer, rec["messages"], settings.max_len))]
 
 
+def inbox(received: Inbox) -> list[tuple[tuple[int, int], dict]]:
+    """Transcripts, then rated replies (a rating is the more deliberate word on a prompt: it wins over a
+    transcript of the same prompt); bad replies are left out, corrections trained on as corrected."""
+    return ([((0, cid), {"messages": messages}) for cid, messages in received.conversations]
+            + [((1, e.rating_id), {"messages": e.prompt + [{"role": "assistant", "content": e.reply}]})
+               for e in received.examples if e.label == "good"]
+            + [((1, p.rating_id), {"messages": p.sft}) for p in received.pairs])
+
+
 STAGE = Stage(
     name="sft",
     rows=rows,
     seq_len=lambda settings: settings.max_len,
     trainer=lanes.trainer,
     curriculum=lambda cur: [{"messages": r["messages"]} for r in cur.sft],
-    inbox=lambda conversations: [(cid, {"messages": messages}) for cid, messages in conversations],
+    inbox=inbox,
     cpu_attention="eager",  # several rows a lane: a block mask, whose backward SDPA's fused kernel runs slowly
 )
