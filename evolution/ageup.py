@@ -374,7 +374,8 @@ def _age_up_locked(root: DataRoot, cfg: AgeUpConfig, ledger: Ledger, cur, base, 
         rated_since = replay.experiences_through(parent_dir)
         manifest = replay.materialize(root, cur, child, cfg.curriculum.replay_ratio, cfg.train.seed,
                                       staging / "data", convs, through, train.stages_of(cfg.train),
-                                      ExperienceStore(ledger).labelled(), rated_since)
+                                      ExperienceStore(ledger).labelled(), rated_since,
+                                      cfg.curriculum.experience_heldout)
         gate.save_recall_items(gate.eval_set(cur, []), staging / "data")
         state.info["manifest_hash"] = manifest["sha256"]
         if not ledger.entries(gen=child, kind=ev.GENERATION_CREATED):  # once, even if a crash repeats this stage
@@ -407,7 +408,8 @@ def _age_up_locked(root: DataRoot, cfg: AgeUpConfig, ledger: Ledger, cur, base, 
     def do_gate():
         parent_gguf = root.root / check_servable(ledger, parent)["path"]  # hash verified against the ledger
         ancestors = [root.gen_dir(g) / "data" for g in ledger.generation(parent).lineage]
-        es = gate.eval_set(cur, ancestors, ProbeStore(ledger).items())  # every probe, at every later gate
+        # every probe, at every later gate; the experience this child's data holds
+        es = gate.eval_set(cur, ancestors, ProbeStore(ledger).items(), staging / "data")
         result = gate.run(staging / GGUF_NAME, child, parent_gguf, parent, es, cfg.gate, cfg.export.smoke_prompt)
         gate.write_report(result, staging)
         state.info["gate"] = _gate_info(result)

@@ -35,6 +35,9 @@ class CurriculumConfig:
     """Phase numbers to train on; None trains on every phaseN_* folder."""
     replay_ratio: float = 0.25
     """Replay: add this many earlier-generation examples per new example (sampled, deduplicated)."""
+    experience_heldout: float = 0.2
+    """Share of the newly rated experiences held out from every training stage (seeded), for the gate's
+    ``preference_margin``, once at least ``EXPERIENCE_HELDOUT_MIN`` (10) are new; 0 holds out none."""
 
 
 def _positive_int(name: str, value, allow_none: bool = False) -> list[str]:
@@ -244,6 +247,18 @@ class GateConfig:
     """Probe recall may not fall more than this below the parent's: a taught fact forgotten shows. 0.2 is
     one probe in the minimum five; a child that learns new facts is never held back by it (the parent
     mostly did not know them). Uncalibrated on a learn benchmark yet (see the README)."""
+    min_experience_items: int = 5
+    """``experience_similarity`` needs this many approved or corrected replies the child trained on."""
+    experience_margin: float | None = 0.0
+    """The child's replies to its experiences' prompts may not be further (ROUGE-L) from the approved replies
+    than its parent's: it trained on them. 0 is non-inferiority; a required gain awaits calibration on the
+    learn benchmark (a child that ignored its experience scores about its parent's and still passes)."""
+    min_preference_items: int = 4
+    """``preference_margin`` needs this many held-out rated replies, good and bad among them."""
+    preference_margin_drop: float | None = 0.05
+    """The child's margin (nats per token, good minus bad replies it never trained on) may fall at most this
+    far below its parent's: a child that learned the replies rated bad loses margin. 0.05 allows the
+    drift of training on other data; uncalibrated on the learn benchmark yet."""
     answer_max_tokens: int = 64
     """Token budget of each eval answer (temperature 0)."""
     smoke_max_tokens: int = 128
@@ -499,20 +514,26 @@ def validate(cfg: AgeUpConfig) -> None:
         p.append(f"export.quantization must be one of {', '.join(QUANTIZATIONS)}, got {e.quantization!r}")
     if e.merged_dtype not in ("float32", "float16", "bfloat16"):
         p.append(f"export.merged_dtype must be float32, float16 or bfloat16, got {e.merged_dtype!r}")
+    if not isinstance(c.experience_heldout, (int, float)) or not 0 <= c.experience_heldout <= 0.5:
+        p.append(f"curriculum.experience_heldout must be between 0 and 0.5, got {c.experience_heldout!r}")
     if not isinstance(c.replay_ratio, (int, float)) or not 0 <= c.replay_ratio <= 10:
         p.append(f"curriculum.replay_ratio must be between 0 and 10, got {c.replay_ratio!r}")
     if c.phases is not None and (not isinstance(c.phases, list) or not all(isinstance(x, int) and x >= 0 for x in c.phases)):
         p.append(f"curriculum.phases must be a list of phase numbers, got {c.phases!r}")
     g = cfg.gate
-    for name in ("min_recall", "recall_margin", "generalization_margin", "probe_margin"):
+    for name in ("min_recall", "recall_margin", "generalization_margin", "probe_margin", "experience_margin"):
         v = getattr(g, name)
         if v is not None and (not isinstance(v, (int, float)) or not 0 <= v <= 1):
             p.append(f"gate.{name} must be between 0 and 1 (or unset), got {v!r}")
+    if g.preference_margin_drop is not None and (not isinstance(g.preference_margin_drop, (int, float))
+                                                 or g.preference_margin_drop < 0):
+        p.append(f"gate.preference_margin_drop must be a number >= 0 (or unset), got {g.preference_margin_drop!r}")
     for name in ("max_style_drift", "max_perplexity_ratio"):
         v = getattr(g, name)
         if v is not None and (not isinstance(v, (int, float)) or v <= 0):
             p.append(f"gate.{name} must be a positive number (or unset), got {v!r}")
-    for name in ("answer_max_tokens", "smoke_max_tokens", "stop_after", "min_probe_items"):
+    for name in ("answer_max_tokens", "smoke_max_tokens", "stop_after", "min_probe_items", "min_experience_items",
+                 "min_preference_items"):
         positive_int(f"gate.{name}", getattr(g, name))
     if not Path(c.path).is_dir():
         p.append(f"curriculum.path {c.path!r} is not a directory (pass --curriculum PATH)")

@@ -24,6 +24,7 @@ from pathlib import Path
 from evolution.config import GateConfig
 from evolution.curriculum import Curriculum
 from evolution.fsutil import atomic_write_json, atomic_write_text
+from evolution.generation import HELDOUT_FILE
 from evolution.ledger.events import FAIL, PASS
 from evolution.metrics import TABLE, Check, EvalSet, Inputs, Measured, Metric, Models
 from evolution.metrics.common import N_CTX
@@ -108,9 +109,10 @@ class GateResult:
                 "checks": [asdict(c) for c in self.checks], "metric_versions": dict(self.child.versions)}
 
 
-def eval_set(cur: Curriculum, ancestor_data_dirs: list[Path], probes: Sequence[dict] = ()) -> EvalSet:
+def eval_set(cur: Curriculum, ancestor_data_dirs: list[Path], probes: Sequence[dict] = (),
+             child_data: Path | None = None) -> EvalSet:
     """The curriculum's eval items, with the recall items of every ancestor added (the curriculum wins on id),
-    and the agent's probes."""
+    the agent's probes, and the experience the child's data holds (``child_data``: its ``data/``)."""
     recall = {item["id"]: item for d in ancestor_data_dirs for item in _read_jsonl(d / RECALL_FILE)}
     recall.update({item["id"]: item for item in cur.recall})
     return EvalSet(
@@ -120,7 +122,19 @@ def eval_set(cur: Curriculum, ancestor_data_dirs: list[Path], probes: Sequence[d
         style_prompts=[s["prompt"] for s in cur.style],
         style_references=[s["reference"] for s in cur.style],
         probes=list(probes),
+        experiences=experience_items(child_data) if child_data else [],
+        preference_heldout=_read_jsonl(child_data / HELDOUT_FILE) if child_data else [],
     )
+
+
+def experience_items(data_dir: Path) -> list[dict]:
+    """The approved replies a generation trained on: good ratings and corrections in its ``preference.jsonl``."""
+    items = []
+    for r in _read_jsonl(data_dir / "preference.jsonl"):
+        reference = r.get("chosen") or (r.get("reply") if r.get("label") == "good" else None)
+        if reference:
+            items.append({"prompt": r["prompt"], "reference": reference})
+    return items
 
 
 def evalset_hash(es: EvalSet, cfg: GateConfig, smoke_prompt: str, table: Sequence[Metric] = TABLE) -> str:

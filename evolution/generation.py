@@ -17,6 +17,8 @@ from evolution.export import Artifact
 from evolution.fsutil import sha256_file
 
 SUMMARY_FILE = "generation.json"
+HELDOUT_FILE = "preference_heldout.jsonl"
+"""In ``data/``: rated replies held out of every training stage, for the gate's ``preference_margin``."""
 
 
 @dataclass

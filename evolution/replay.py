@@ -44,6 +44,7 @@ from typing import TYPE_CHECKING
 from evolution.conversations import prompt_key
 from evolution.curriculum import Curriculum
 from evolution.fsutil import atomic_write_json, atomic_write_text, sha256_file
+from evolution.generation import HELDOUT_FILE
 from evolution.paths import DataRoot
 from evolution.train import STAGES, Inbox, Stage
 
@@ -104,9 +105,33 @@ def _not_to_imitate(inbox: Inbox) -> set[str]:
     return {_key({"messages": prompt + [{"role": "assistant", "content": reply}]}) for prompt, reply in bad}
 
 
+HELDOUT_MIN = 10
+
+
+def heldout_record(item) -> dict:
+    """A held-out rating in ``preference.jsonl``'s record format."""
+    if hasattr(item, "chosen"):
+        return {"prompt": item.prompt, "chosen": item.chosen, "rejected": item.rejected}
+    return {"prompt": item.prompt, "reply": item.reply, "label": item.label}
+
+
+def _hold_out(inbox: Inbox, share: float, rng: random.Random) -> tuple[Inbox, list[dict]]:
+    """Take a seeded ``share`` of the new ratings out of ``inbox``: no stage trains on them."""
+    items = [("e", i) for i in range(len(inbox.examples))] + [("p", i) for i in range(len(inbox.pairs))]
+    chosen = set(rng.sample(items, max(1, round(share * len(items)))))
+    taken = [inbox.examples[i] if k == "e" else inbox.pairs[i] for k, i in sorted(chosen)]
+    # A rated transcript is also a posted conversation: held out, it is no chat record either.
+    convs = {t.item for t in taken if t.item.startswith("conversation:")}
+    keep = Inbox([c for c in inbox.conversations if f"conversation:{c[0]}" not in convs],
+                 [e for i, e in enumerate(inbox.examples) if ("e", i) not in chosen],
+                 [p for i, p in enumerate(inbox.pairs) if ("p", i) not in chosen])
+    return keep, [heldout_record(t) for t in taken]
+
+
 def materialize(root: DataRoot, cur: Curriculum, child: int, replay_ratio: float, seed: int, out: Path,
                 conversations: list[tuple[int, list[dict]]] = (), through: int = 0,
-                stages: Sequence[Stage] = STAGES, labelled: Labelled | None = None, ratings_since: int = 0) -> dict:
+                stages: Sequence[Stage] = STAGES, labelled: Labelled | None = None, ratings_since: int = 0,
+                heldout: float = 0.0) -> dict:
     """Write ``out/<stage>.jsonl`` for each of ``stages`` and ``out/manifest.json``; return the manifest.
 
     ``conversations``: ``(id, messages)`` received since the parent's data (``through``: the last id the
@@ -114,6 +139,8 @@ def materialize(root: DataRoot, cur: Curriculum, child: int, replay_ratio: float
     of which those rated after ``ratings_since`` (the parent's cursor) are new. Each stage takes from the
     new ones what it learns from (``Stage.inbox``); every reply rated bad or corrected, new or not, is kept
     out of the chat records (an earlier generation may have learned it before it was rated).
+    ``heldout``: the share of the new ratings (seeded; once at least ``HELDOUT_MIN`` are new) written to
+    ``out/preference_heldout.jsonl`` instead of any stage: the gate's ``preference_margin`` asks them.
     """
     conversations = list(conversations)
     inbox = Inbox(conversations)
@@ -124,6 +151,9 @@ def materialize(root: DataRoot, cur: Curriculum, child: int, replay_ratio: float
     else:
         banned = set()
     rng = random.Random(seed * 1_000_003 + child)
+    held: list[dict] = []
+    if labelled is not None and heldout > 0 and len(inbox.examples) + len(inbox.pairs) >= HELDOUT_MIN:
+        inbox, held = _hold_out(inbox, heldout, random.Random(seed * 1_000_003 + child + 7))
     data: dict[str, list[dict]] = {}
     replayed: dict[str, int] = {}
     sources: dict[str, str] = {}
@@ -173,6 +203,8 @@ def materialize(root: DataRoot, cur: Curriculum, child: int, replay_ratio: float
     out.mkdir(parents=True, exist_ok=True)
     for name, rows in data.items():
         _write_jsonl(out / f"{name}.jsonl", rows)
+    if held:
+        _write_jsonl(out / HELDOUT_FILE, held)
     files = {f"curriculum/{k}": v for k, v in cur.manifest()["files"].items()} | sources
     manifest = {
         "curriculum": str(cur.root),
@@ -184,7 +216,8 @@ def materialize(root: DataRoot, cur: Curriculum, child: int, replay_ratio: float
                           "superseded": superseded},
         "experiences": {"taken": len(inbox.examples) + len(inbox.pairs) if read_ratings else 0,
                         "through": labelled.through if read_ratings else ratings_since},
-        "data": {f"{name}.jsonl": sha256_file(out / f"{name}.jsonl") for name in data},
+        "heldout": {HELDOUT_FILE: len(held)},
+        "data": {f: sha256_file(out / f) for f in [f"{name}.jsonl" for name in data] + ([HELDOUT_FILE] if held else [])},
     }
     manifest["sha256"] = hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()
     atomic_write_json(out / "manifest.json", manifest)

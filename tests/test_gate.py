@@ -343,3 +343,54 @@ def test_status_and_resume_commands_show_and_lift_the_pause(ledger):
     result = runner.invoke(main, ["resume", "--reason", "curriculum fixed"])
     assert result.exit_code == 0, result.output
     assert ledger.entries()[-1].kind == "ageups_resumed" and paused_reason(ledger) is None
+
+
+def test_experience_similarity_is_rouge_l_of_the_replies_against_the_approved_ones():
+    from evolution.metrics import Inputs
+    from evolution.metrics.experience_similarity import ExperienceSimilarity, rouge_l
+
+    # ROUGE-L F1 by hand: "your dog is called bramble" vs "the dog is bramble": LCS "dog is bramble" = 3 words,
+    # P = 3/4, R = 3/5, F = 2PR/(P+R) = 2/3.
+    assert rouge_l("The dog is Bramble", "Your dog is called Bramble.") == pytest.approx(2 / 3)
+    assert rouge_l("Your dog is called Bramble.", "your dog is called bramble") == pytest.approx(1.0)
+    items = [{"prompt": [{"role": "user", "content": f"q{i}"}], "reference": "Your dog is called Bramble."}
+             for i in range(5)]
+    replies = {"q0": "Your dog is called Bramble.", "q1": "The dog is Bramble", "q2": "No idea."}
+    es = gate.EvalSet([], [], [], [], [], experiences=items)
+    m = ExperienceSimilarity().measure(_Opened(replies), Inputs(es, GateConfig(), "hi"))
+    assert m.value == pytest.approx((1.0 + 2 / 3 + 0 + 0 + 0) / 5)  # "I do not know." shares no word
+    few = ExperienceSimilarity().measure(_Opened(replies), Inputs(gate.EvalSet([], [], [], [], [], experiences=items[:4]),
+                                                                  GateConfig(), "hi"))
+    assert few.value is None and "at least 5 needed" in few.note
+    assert [c.passed for c in ExperienceSimilarity().rules(Measured(0.3), Measured(0.3), GateConfig())] == [True]
+    assert [c.passed for c in ExperienceSimilarity().rules(Measured(0.2), Measured(0.3), GateConfig())] == [False]
+
+
+def test_preference_margin_is_good_minus_bad_log_likelihood_on_held_out_replies(monkeypatch):
+    from evolution import evals
+    from evolution.metrics import Inputs
+    from evolution.metrics.preference_margin import PreferenceMargin, margin, scored_replies
+
+    p = [{"role": "user", "content": "hi"}]
+    held = [{"prompt": p, "reply": "good one", "label": "good"}, {"prompt": p, "reply": "bad one", "label": "bad"},
+            {"prompt": p, "chosen": "fixed", "rejected": "served"}]
+    assert [(r, g) for _, r, g in scored_replies(held)] == [("good one", True), ("bad one", False), ("fixed", True),
+                                                            ("served", False)]
+    # good: -1.0 and -2.0 (mean -1.5); bad: -3.0 and -4.0 (mean -3.5): margin 2.0
+    lp = {"good one": -1.0, "bad one": -3.0, "fixed": -2.0, "served": -4.0}
+    assert margin([(lp[r], g) for _, r, g in scored_replies(held)]) == pytest.approx(2.0)
+    monkeypatch.setattr(evals, "reply_logprob", lambda scorer, prompt, reply: lp[reply])
+
+    class _Scorer:
+        scorer = None
+
+    m = PreferenceMargin().measure(_Scorer(), Inputs(gate.EvalSet([], [], [], [], [], preference_heldout=held),
+                                                     GateConfig(), "hi"))
+    assert m.value == pytest.approx(2.0) and len(m.details["items"]) == 4
+    only_good = [held[0], held[0], held[0], held[0]]
+    none = PreferenceMargin().measure(_Scorer(), Inputs(gate.EvalSet([], [], [], [], [], preference_heldout=only_good),
+                                                        GateConfig(), "hi"))
+    assert none.value is None and "both labels" in none.note
+    rules = PreferenceMargin().rules
+    assert [c.passed for c in rules(Measured(1.96), Measured(2.0), GateConfig())] == [True]  # within 0.05
+    assert [c.passed for c in rules(Measured(1.5), Measured(2.0), GateConfig())] == [False]  # learned the bad ones

@@ -148,3 +148,29 @@ def test_earlier_generations_ratings_are_replayed_with_new_ones(cur, root, tmp_p
     out = tmp_path / "child2-none"
     m = replay.materialize(root, cur, 2, 10.0, 0, out, [], 0)
     assert m["counts"]["preference"] == 0 and _lines(out / "preference.jsonl") == []
+
+
+def test_a_seeded_share_of_new_ratings_is_held_out_of_every_stage_for_the_gate(cur, root, tmp_path):
+    from evolution.experiences import Example, Labelled, Pair
+
+    examples = [Example(f"completion:{i}", i, [{"role": "user", "content": f"Question {i}?"}], f"Answer {i}.",
+                        "good" if i % 2 else "bad") for i in range(1, 10)]
+    pairs = [Pair("conversation:4", 10, [{"role": "user", "content": "Question 10?"}], "Fixed 10.", "Answer 10.",
+                  "bad")]
+    labelled = Labelled(examples, pairs, through=10)
+    conversation = (4, _chat("Question 10?", "Answer 10."))
+    runs = [replay.materialize(root, cur, 2, 0.0, 0, tmp_path / name, [conversation], 0, labelled=labelled,
+                               ratings_since=0, heldout=0.2) for name in ("a", "b")]
+    held = _lines(tmp_path / "a" / "preference_heldout.jsonl")
+    assert len(held) == 2 and held == _lines(tmp_path / "b" / "preference_heldout.jsonl")  # 20 % of 10, seeded
+    assert runs[0]["heldout"] == {"preference_heldout.jsonl": 2}
+    assert runs[0]["data"]["preference_heldout.jsonl"] == sha256_file(tmp_path / "a" / "preference_heldout.jsonl")
+    trained = json.dumps([_lines(tmp_path / "a" / f) for f in ("preference.jsonl", "sft.jsonl", "cpt.jsonl")])
+    for r in held:  # never trained on, in any stage
+        for reply in (r.get("reply"), r.get("chosen"), r.get("rejected")):
+            if reply:
+                assert json.dumps(reply) not in trained, reply
+    assert len(_lines(tmp_path / "a" / "preference.jsonl")) == 8
+    few = replay.materialize(root, cur, 2, 0.0, 0, tmp_path / "few", [], 0, labelled=Labelled(examples[:9], [], 9),
+                             ratings_since=0, heldout=0.2)
+    assert few["heldout"] == {"preference_heldout.jsonl": 0}  # fewer than 10 new ratings: all are trained on

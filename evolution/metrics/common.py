@@ -31,6 +31,10 @@ class EvalSet:
     style_references: list[str]
     probes: list[dict] = field(default_factory=list)
     """Questions the agent posted (``POST /probes``) to check taught facts in other words; never trained on."""
+    experiences: list[dict] = field(default_factory=list)
+    """``{"prompt": messages, "reference": reply}``: the approved (good or corrected) replies the child trained on."""
+    preference_heldout: list[dict] = field(default_factory=list)
+    """Rated replies held out of the child's training (``data/preference_heldout.jsonl`` records)."""
 
 
 @dataclass(frozen=True)
