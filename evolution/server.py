@@ -21,7 +21,7 @@ its ``api_key``) and compared in constant time. Errors use OpenAI's shape,
 generation, model or rated item), 409 (not servable, idempotency key reused), 413 (too large), 503 (no
 model yet), 507 (the disk is full: nothing was recorded).
 
-Every chat completion served is kept as an experience (scrubbed, after the reply went out)
+Every chat completion served is kept as an experience (scrubbed, as the reply is finished)
 unless the request says ``"store": false`` or ``[daemon] capture = false``; a streamed reply only
 once it ran to its end.
 """
@@ -36,7 +36,6 @@ from typing import Any, Protocol
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
-from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 
 from evolution import messages as messages_mod
@@ -288,21 +287,21 @@ def create_app(daemon: Service) -> FastAPI:
         keep = d.capture if store is None else store
         if body.get("stream"):
             return await _stream(args, keep)
-        out, slot = await run_in_threadpool(_complete, args)
-        capture = None
-        if keep:  # after the reply is sent: a slow or failing capture never holds up the chat
-            choice = out["choices"][0]
-            capture = BackgroundTask(daemon.capture, args["messages"], choice["message"].get("content") or "",
-                                     out["id"], slot, choice.get("finish_reason"))
-        return JSONResponse(out, background=capture)
+        return await run_in_threadpool(_complete, args, keep)
 
-    def _complete(args: dict) -> tuple[dict, Slot]:
+    def _complete(args: dict, keep: bool) -> dict:
         try:
             out, slot = daemon.chat(args)
         except ValueError as exc:  # e.g. the prompt does not fit the context window
             raise ApiError(400, str(exc), code="context_length_exceeded") from None
         stats["completions"] += 1
-        return out, slot
+        if keep:
+            # Kept before the reply goes out, so the agent can rate it the moment it has the id (a few ms
+            # against a reply's hundreds); a capture that fails is counted, never raised.
+            choice = out["choices"][0]
+            daemon.capture(args["messages"], choice["message"].get("content") or "", out["id"], slot,
+                           choice.get("finish_reason"))
+        return out
 
     async def _stream(args: dict, keep: bool):
         try:
@@ -330,14 +329,14 @@ def create_app(daemon: Service) -> FastAPI:
                     yield f"data: {json.dumps(item)}\n\n"
                     item = await run_in_threadpool(st.get)
                 stats["completions"] += 1
+                # Only a stream that ran to its end is kept (one cut off by a client that hung up is closed
+                # at a yield above), and before [DONE]: the agent may rate it as soon as the stream ends.
+                if keep and completion_id:
+                    await run_in_threadpool(daemon.capture, args["messages"], "".join(parts), completion_id,
+                                            st.slot, finish)
                 yield "data: [DONE]\n\n"
             finally:
                 st.cancel()  # a client that hung up lets the model go at the next chunk
-            # Only a stream that ran to its end is kept: one cut off by a client that hung up
-            # (the generator is closed at a yield above) never reaches this line.
-            if keep and completion_id:
-                await run_in_threadpool(daemon.capture, args["messages"], "".join(parts), completion_id, st.slot,
-                                        finish)
 
         return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 

@@ -165,7 +165,7 @@ def taught_base(tmp_path_factory, tokenizer) -> Path:
 
 
 def toml_of(d: dict) -> str:
-    """A nested dict of scalars and lists as TOML (None becomes "off")."""
+    """A nested dict of scalars and lists as TOML, sub-dicts as [section.sub] tables (None becomes "off")."""
     def value(v):
         if v is None:
             return '"off"'
@@ -177,11 +177,15 @@ def toml_of(d: dict) -> str:
             return json.dumps(v)
         return "[" + ", ".join(value(x) for x in v) + "]"
 
-    lines = [f"{k} = {value(v)}" for k, v in d.items() if not isinstance(v, dict)]
-    for section, values in d.items():
-        if isinstance(values, dict):
-            lines += ["", f"[{section}]"] + [f"{k} = {value(v)}" for k, v in values.items()]
-    return "\n".join(lines) + "\n"
+    def table(name: str, values: dict) -> list[str]:
+        lines = ([f"[{name}]"] if name else []) + [f"{k} = {value(v)}" for k, v in values.items()
+                                                   if not isinstance(v, dict)]
+        for k, v in values.items():
+            if isinstance(v, dict):
+                lines += [""] + table(f"{name}.{k}" if name else k, v)
+        return lines
+
+    return "\n".join(table("", d)) + "\n"
 
 
 def make_daemon_cfg(cfg: AgeUpConfig) -> AgeUpConfig:
