@@ -42,6 +42,7 @@ from datetime import datetime, timezone
 from sqlalchemy import text
 from sqlalchemy.engine import Connection
 
+from evolution import faults
 from evolution.conversations import LABELS
 from evolution.errors import ExperienceError, ExperienceKeyReused, KarmaError, UnknownExperience
 from evolution.karma import AgeUpRequest, Karma, check_amount
@@ -239,6 +240,7 @@ class ExperienceStore:
                  "red": json.dumps(counts)},
             ).scalar_one()
             self._evict(txn.conn, eid)
+            faults.point("capture")  # test hook (evolution/faults.py): inserted, not yet committed
         return eid
 
     def _evict(self, conn: Connection, newest: int) -> None:
