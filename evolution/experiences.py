@@ -42,6 +42,7 @@ from datetime import datetime, timezone
 from sqlalchemy import text
 from sqlalchemy.engine import Connection
 
+from evolution import faults
 from evolution.errors import ExperienceError, ExperienceKeyReused, KarmaError, UnknownExperience
 from evolution.karma import AgeUpRequest, Karma, check_amount
 from evolution.ledger import Ledger
@@ -50,6 +51,8 @@ BY = ("completion", "conversation")
 MAX_CORRECTION_CHARS = 32_000
 MAX_KEY = 200
 MAX_ID_CHARS = 200
+MAX_ROW_ID = 2**63 - 1
+"""The largest id SQLite and PostgreSQL store (a larger number can name no kept item)."""
 DEFAULT_CAPTURE_MAX = 10_000
 LABELS = ("good", "bad")
 
@@ -172,6 +175,15 @@ def _split(messages: list[dict]) -> tuple[list[dict], str]:
     return messages[:last], messages[last]["content"]
 
 
+def _number(item_id) -> int | None:
+    """An item id given as a number: an int, or a string of ASCII digits (``int()`` also reads "²"-like ones)."""
+    if isinstance(item_id, int) and not isinstance(item_id, bool):
+        return item_id
+    if isinstance(item_id, str) and item_id.isascii() and item_id.isdigit() and len(item_id) <= MAX_ID_CHARS:
+        return int(item_id)
+    return None
+
+
 def record_rating(conn: Connection, kind: str, item: int, label: str, correction: str | None, redactions: dict,
                   karma: float | None, grant_id: int | None, key: str | None, digest: str, source: str) -> int:
     """Insert one rating and make it the item's newest label (inside the caller's write transaction)."""
@@ -239,6 +251,7 @@ class ExperienceStore:
                  "red": json.dumps(counts)},
             ).scalar_one()
             self._evict(txn.conn, eid)
+            faults.point("capture")  # test hook (evolution/faults.py): inserted, not yet committed
         return eid
 
     def _evict(self, conn: Connection, newest: int) -> None:
@@ -279,19 +292,22 @@ class ExperienceStore:
 
     def _find(self, conn: Connection, by: str, item_id) -> tuple[int, str | None]:
         """(id, completion id) of the item rated, or UnknownExperience."""
+        number = _number(item_id)
+        in_range = number is not None and 0 < number <= MAX_ROW_ID  # no row has another id; the driver refuses one
         if by == "completion":
-            if isinstance(item_id, str) and not item_id.isdigit():
+            if number is None:
                 row = conn.execute(text("SELECT id, completion_id FROM experiences WHERE completion_id = :c"),
                                    {"c": item_id}).first()
             else:
                 row = conn.execute(text("SELECT id, completion_id FROM experiences WHERE id = :i"),
-                                   {"i": int(item_id)}).first()
+                                   {"i": number}).first() if in_range else None
             if row is None:
                 raise UnknownExperience(
                     f"no served completion {item_id!r} is kept: use the 'id' of a /v1/chat/completions reply "
                     f"(chatcmpl-…); `evolve experiences` lists the ones kept (the newest {self.capture_max})")
             return row.id, row.completion_id
-        row = conn.execute(text("SELECT id FROM conversations WHERE id = :i"), {"i": int(item_id)}).first()
+        row = conn.execute(text("SELECT id FROM conversations WHERE id = :i"), {"i": number}).first() if in_range \
+            else None
         if row is None:
             raise UnknownExperience(f"no conversation {item_id!r}: use the 'id' that POST /conversations returned")
         return row.id, None
@@ -312,9 +328,9 @@ class ExperienceStore:
         """Label an item good or bad (see the module docstring); all of it commits together, or nothing does."""
         if by not in BY:
             raise ExperienceError(f"by must be 'completion' or 'conversation', got {repr(by)[:40]}")
-        valid_id = (isinstance(item_id, int) and not isinstance(item_id, bool) and item_id > 0) or (
-            isinstance(item_id, str) and 0 < len(item_id) <= MAX_ID_CHARS
-            and (by == "completion" or item_id.isdigit()))
+        number = _number(item_id)
+        valid_id = (number is not None and number > 0) or (
+            by == "completion" and isinstance(item_id, str) and 0 < len(item_id) <= MAX_ID_CHARS)
         if not valid_id:
             what = ("a completion id (chatcmpl-…) or an experience number" if by == "completion"
                     else "a conversation id (a positive integer)")

@@ -20,7 +20,9 @@ The points (``POINTS``):
 - ``ledger_append``: a ledger entry is inserted, its transaction not yet committed;
 - ``ledger_commit``: committed, the exported head not yet written (``evolution.ledger.store``);
 - ``swap``: the daemon has loaded a generation (and, when promoting, swapped it in) but not yet
-  recorded it as promoted or rolled back (``evolution.daemon``).
+  recorded it as promoted or rolled back (``evolution.daemon``);
+- ``capture``: a served chat is inserted as an experience, its transaction not yet committed
+  (``evolution.experiences.ExperienceStore.capture``).
 
 The variable is read once per process, at the first point reached; when it is unset a point
 costs a dictionary lookup. A malformed value is an error at once, so a misspelt test cannot
@@ -35,7 +37,7 @@ import signal
 import threading
 
 ENV = "EVOLUTION_FAULTS"
-POINTS = ("train_step", "checkpoint_save", "gguf_export", "ledger_append", "ledger_commit", "swap")
+POINTS = ("train_step", "checkpoint_save", "gguf_export", "ledger_append", "ledger_commit", "swap", "capture")
 ACTIONS = ("kill", "enospc")
 
 _plan: dict[str, tuple[str, int]] | None = None

@@ -1,4 +1,5 @@
-"""Concurrency at full scale: 8 writer processes × 1,000 karma grants, and chat during repeated swaps.
+"""Concurrency at full scale: 8 writer processes × 1,000 karma grants, chat during repeated swaps, and
+8 clients rating while 8 chat clients chat (each chat captured once, each rating and its karma recorded once).
 
 Writers are separate processes (what several agents, the CLI and the daemon are), each with
 its own connections; on SQLite they contend for the database file's lock. The total must come
@@ -11,9 +12,11 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
+from sqlalchemy import text
 
 from evolution.karma import Karma
 from evolution.ledger import KARMA_THRESHOLD_CROSSED, Ledger
@@ -100,3 +103,108 @@ def test_many_chat_clients_during_repeated_swaps_never_fail(daemon, tally):
         assert len(daemon.ledger.entries(kind=ev.ROLLED_BACK)) == SWAPS
         assert daemon.ledger.served_generation() == daemon.host.current.gen == 1
         assert daemon.ledger.verify().ok
+
+
+RATERS, RATINGS, CHATTERS, POOL = 8, 25, 8, 16
+
+
+def _wait(cond, what: str, timeout: float = 60) -> None:
+    t0 = time.time()
+    while not cond():
+        assert time.time() - t0 < timeout, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def test_8_raters_while_8_chat_clients_chat_record_each_rating_and_capture_once(daemon, tally):
+    """Ratings with karma and idempotency keys (every third one retried, as after a lost reply) against
+    completions kept before, while plain and streaming chats are captured: both write the same database."""
+    import httpx
+    import openai
+
+    area = f"concurrency · {RATERS} raters × {RATINGS} ratings, {CHATTERS} chat clients"
+    auth = {"Authorization": f"Bearer {SERVER_TOKEN}"}
+    msgs = [{"role": "user", "content": "What is your name?"}]
+    with serving(daemon) as url:
+        oc = openai.OpenAI(base_url=url + "/v1", api_key="not-needed", max_retries=0, timeout=60)
+        pool = [oc.chat.completions.create(model="evolution", messages=msgs, max_tokens=4).id for _ in range(POOL)]
+        convs = [httpx.post(url + "/conversations", headers=auth, timeout=30, json={"messages": msgs + [
+            {"role": "assistant", "content": f"I am {k}."}]}).json()["id"] for k in range(4)]
+        _wait(lambda: daemon.experiences.counts()["experiences"] == POOL, "the pool to be kept")
+
+        stop, failures, served, answers = threading.Event(), [], [], {}
+
+        def chat(i: int) -> None:
+            while not stop.is_set():
+                try:
+                    if i % 2:
+                        chunks = list(oc.chat.completions.create(model="evolution", messages=msgs, max_tokens=6,
+                                                                 stream=True))
+                        assert chunks and "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+                        served.append(chunks[0].id)
+                    else:
+                        r = oc.chat.completions.create(model="evolution", messages=msgs, max_tokens=6)
+                        assert r.choices[0].message.content
+                        served.append(r.id)
+                except Exception as exc:  # noqa: BLE001 - every failure is the finding
+                    failures.append(f"chat {i}: {exc!r}")
+                stop.wait(0.02)
+
+        def rate(i: int) -> None:
+            with httpx.Client(base_url=url, headers=auth, timeout=60) as c:
+                for j in range(RATINGS):
+                    key = f"r{i}-{j}"
+                    target = ({"conversation_id": convs[j % len(convs)]} if j % 5 == 4
+                              else {"completion_id": pool[(i * RATINGS + j) % POOL]})
+                    body = target | {"label": ("good", "bad")[j % 2], "karma": 1 + j % 3}
+                    try:
+                        r = c.post("/feedback", json=body | {"idempotency_key": key})
+                        assert r.status_code == 201 and not r.json()["duplicate"], r.text
+                        answers[key] = (r.json()["id"], body["karma"])
+                        if j % 3 == 0:  # the reply was lost: the client sends it again, key in the header
+                            again = c.post("/feedback", json=body, headers={"Idempotency-Key": key})
+                            assert again.status_code == 200 and again.json()["duplicate"], again.text
+                            assert again.json()["id"] == r.json()["id"], (again.text, r.text)
+                    except Exception as exc:  # noqa: BLE001
+                        failures.append(f"rating {key}: {exc!r}")
+
+        chatters = [threading.Thread(target=chat, args=(i,)) for i in range(CHATTERS)]
+        raters = [threading.Thread(target=rate, args=(i,)) for i in range(RATERS)]
+        t0 = time.perf_counter()
+        for t in chatters + raters:
+            t.start()
+        for t in raters:
+            t.join(600)
+        stop.set()
+        for t in chatters:
+            t.join(60)
+        wall = time.perf_counter() - t0
+        # A chat is captured after its reply went out: give the last ones a moment.
+        _wait(lambda: daemon.experiences.counts()["experiences"] >= POOL + len(served), "the last captures")
+    tally.trial(area)
+    with daemon.ledger.reading() as conn:
+        kept = dict(conn.execute(text("SELECT completion_id, COUNT(*) FROM experiences GROUP BY completion_id")).all())
+        ratings = dict(conn.execute(text("SELECT idem_key, COUNT(*) FROM experience_ratings GROUP BY idem_key")).all())
+        grants = conn.execute(text("SELECT COUNT(*) FROM karma_events WHERE source = 'feedback'")).scalar_one()
+    total = daemon.karma.state().total
+    expected = sum(k for _, k in answers.values())
+    lost = (RATERS * RATINGS - len(ratings)) + sum(kept.get(cid, 0) != 1 for cid in pool + served) \
+        + int(total != expected)
+    tally.lost(area, lost)
+    assert failures == [], failures[:5]
+    assert len(answers) == len(ratings) == grants == RATERS * RATINGS and set(ratings.values()) == {1}
+    assert total == expected == sum(1 + j % 3 for j in range(RATINGS)) * RATERS  # exact, to the unit
+    assert len(served) == len(set(served)) and all(kept.get(cid) == 1 for cid in pool + served)
+    assert sum(kept.values()) == POOL + len(served)
+    assert daemon.experiences.counts()["capture_failures"] == 0
+    for by, items in (("completion", pool), ("conversation", convs)):  # each item holds exactly its ratings
+        want = {}
+        for i in range(RATERS):
+            for j in range(RATINGS):
+                if (by == "conversation") == (j % 5 == 4):
+                    item = convs[j % len(convs)] if by == "conversation" else pool[(i * RATINGS + j) % POOL]
+                    want[item] = want.get(item, 0) + 1
+        assert {it: len(daemon.experiences.history(it, by)) for it in items} == want
+    report = daemon.ledger.verify()
+    assert report.ok, report.problems
+    print(f"{RATERS * RATINGS} ratings (+{sum(j % 3 == 0 for j in range(RATINGS)) * RATERS} retries) and "
+          f"{len(served)} chats in {wall:.1f} s, none failed")

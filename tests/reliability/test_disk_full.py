@@ -6,13 +6,21 @@ worker (each attempt a different one: a ledger append, a checkpoint save, the GG
 ledger append after the child is finished), and a real size-limited filesystem (tmpfs) under the
 whole data root, filled to the brim and then emptied. The daemon runs in this process and ticks
 its scheduler by hand; its workers are real processes.
+
+A full disk while served chats are captured: ENOSPC injected at the ``capture`` point (the
+experience inserted, not yet committed), and a real tmpfs under the ledger filled to the brim.
+Chat keeps answering, each lost capture is counted in ``/status``, captures resume once space is
+freed, and nothing half-written is kept.
 """
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import pytest
+from sqlalchemy import text
+from starlette.testclient import TestClient
 
 from evolution import faults
 from evolution.config import DaemonConfig
@@ -21,7 +29,8 @@ from evolution.ledger import events as ev
 from evolution.paths import DataRoot
 from tests.conftest import SERVER_TOKEN
 from tests.daemon_util import tick_until
-from tests.reliability.conftest import copy_root, fill
+from evolution.server import create_app
+from tests.reliability.conftest import copy_root, fill, tmpfs, umount
 
 pytestmark = pytest.mark.slow
 
@@ -123,3 +132,125 @@ def test_a_really_full_disk_under_the_data_root(lineage, small_disk, monkeypatch
             assert shutil.disk_usage(disk).free > 0
     finally:
         d.stop()
+
+
+# -- a full disk while served chats are captured --------------------------------------------------------------------
+
+CHAT = {"messages": [{"role": "user", "content": "What is your name?"}], "max_tokens": 4}
+
+
+@pytest.fixture
+def capture_faults(monkeypatch):
+    """``capture_faults(spec)``: this process's fault plan from now on (None: space freed)."""
+    def set_plan(spec: str | None) -> None:
+        if spec is None:
+            monkeypatch.delenv(faults.ENV, raising=False)
+        else:
+            monkeypatch.setenv(faults.ENV, spec)
+        faults.reset()
+
+    yield set_plan
+    monkeypatch.delenv(faults.ENV, raising=False)
+    faults.reset()
+
+
+def _kept(daemon: Daemon) -> list[dict]:
+    with daemon.ledger.reading() as conn:
+        return [dict(r._mapping) for r in conn.execute(text("SELECT * FROM experiences ORDER BY id"))]
+
+
+def _chat(client, stream: bool = False) -> tuple[str, str]:
+    """One chat that must be answered in full: (completion id, reply)."""
+    r = client.post("/v1/chat/completions", json=CHAT | {"stream": stream})
+    assert r.status_code == 200, r.text[:500]
+    if not stream:
+        return r.json()["id"], r.json()["choices"][0]["message"]["content"]
+    assert r.text.rstrip().endswith("data: [DONE]"), r.text[-500:]
+    chunks = [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: {")]
+    assert not any("error" in c for c in chunks), chunks
+    return chunks[0]["id"], "".join((c["choices"][0].get("delta") or {}).get("content") or "" for c in chunks)
+
+
+def _nothing_half_written(daemon: Daemon, served: dict[str, str]) -> int:
+    """Every kept experience is a chat served, whole and kept once; returns how many were kept."""
+    rows = _kept(daemon)
+    ids = [r["completion_id"] for r in rows]
+    assert len(ids) == len(set(ids)) and set(ids) <= set(served), ids
+    for r in rows:
+        assert json.loads(r["messages"]) == CHAT["messages"] and r["reply"] == served[r["completion_id"]], r
+    with daemon.ledger.reading() as conn:
+        assert conn.execute(text("PRAGMA integrity_check")).scalar_one() == "ok"
+    report = daemon.ledger.verify()
+    assert report.ok, report.problems
+    return len(rows)
+
+
+def test_enospc_at_capture_keeps_the_chat_answering_counts_the_loss_and_resumes(client, daemon, capture_faults,
+                                                                                tally):
+    area = "disk full · capture (injected)"
+    served: dict[str, str] = {}
+    with tally.fault(area, 2):
+        capture_faults("capture=enospc")
+        for stream in (False, True):  # each answered in full; neither kept
+            cid, reply = _chat(client, stream)
+            assert reply
+            served[cid] = reply
+        exp = client.get("/status").json()["experiences"]
+        assert exp["capture_failures"] == 2 and exp["experiences"] == 0, exp
+        assert "the disk is full" in exp["last_capture_failure"], exp
+        capture_faults(None)  # space freed
+        for stream in (False, True):
+            cid, reply = _chat(client, stream)
+            served[cid] = reply
+        kept = _nothing_half_written(daemon, served)
+        tally.lost(area, 2 - kept)
+        assert [r["completion_id"] for r in _kept(daemon)] == list(served)[2:]
+        assert client.get("/status").json()["experiences"]["capture_failures"] == 2
+
+
+def test_a_really_full_disk_under_the_ledger_during_capture(lineage, tmp_path, monkeypatch, tally):
+    area = "disk full · capture (tmpfs)"
+    src, cfg = lineage
+    root = DataRoot(copy_root(src.root, tmp_path / "root"))
+    saved = tmp_path / "ledger-files"
+    shutil.move(root.ledger_dir, saved)
+    disk = tmpfs(root.ledger_dir, "8m")
+    try:
+        for f in saved.iterdir():
+            shutil.copy2(f, disk / f.name)
+        monkeypatch.setenv("EVOLUTION_HOME", str(root.root))
+        d = Daemon(root, cfg, DaemonConfig(api_token=SERVER_TOKEN, threshold=1000))
+        d.prepare()
+        try:
+            with TestClient(create_app(d)) as client, tally.fault(area):
+                served: dict[str, str] = {}
+                for i in range(3):
+                    cid, served[cid] = _chat(client, i % 2 == 1)
+                assert len(_kept(d)) == 3
+                filler = fill(disk)
+                n = 0
+                while client.get("/status").json()["experiences"]["capture_failures"] == 0:
+                    assert n < 300, "the filled disk never refused a capture"
+                    cid, served[cid] = _chat(client, n % 2 == 1)  # answered in full, kept or not
+                    n += 1
+                for i in range(4):  # still full: still answered, each loss counted
+                    cid, served[cid] = _chat(client, i % 2 == 1)
+                exp = client.get("/status").json()["experiences"]
+                print(f"{n} capture(s) fit after the fill; then: {exp['last_capture_failure']}")
+                assert "the disk is full" in exp["last_capture_failure"] and str(disk) in exp["last_capture_failure"]
+                failures = exp["capture_failures"]
+                assert failures >= 5
+                filler.unlink()  # space freed: the next chats are kept again
+                resumed = []
+                for i in range(2):
+                    cid, served[cid] = _chat(client, i % 2 == 1)
+                    resumed.append(cid)
+                kept = _nothing_half_written(d, served)
+                tally.lost(area, len(served) - failures - kept)
+                assert kept == len(served) - failures
+                assert [r["completion_id"] for r in _kept(d)][-2:] == resumed
+                assert client.get("/status").json()["experiences"]["capture_failures"] == failures
+        finally:
+            d.stop()
+    finally:
+        umount(disk)
