@@ -122,9 +122,9 @@ def _record_if_needed(root: DataRoot, ledger: Ledger, n: int) -> bool:
     kinds = {e.kind for e in ledger.entries(gen=n)}
     if ev.EXPORTED in kinds and fate(ledger, n) != UNDECIDED:
         return False
+    s = GenerationSummary.load(root.gen_dir(n))
+    s.check_files(root.gen_dir(n))  # changed since it was built (and gated): never recorded, decided or served
     if not (ev.EXPORTED in kinds and (n == 0 or ev.GATE_RESULT in kinds)):
-        s = GenerationSummary.load(root.gen_dir(n))
-        s.check_files(root.gen_dir(n))
         log.info("recording the outcome of %s", gen_name(n))
         record_built(root, ledger, s)
     return True

@@ -294,6 +294,7 @@ def test_age_up_trains_on_the_ratings_since_the_parent(learnable_base, tokenizer
             store.rate(eid, label)
     p = tiny_cfg.train.preference
     p.lr, p.batch_size, p.grad_accum, p.max_steps, p.max_len = 5e-3, 4, 1, 4, 96
+    tiny_cfg.curriculum.experience_heldout = 0.0  # all 16 train here (the held-out share: tests/test_replay.py)
     summary = grow(root, tiny_cfg, ledger, base=learnable_base)
 
     gen1 = root.gen_dir(1)
@@ -310,6 +311,12 @@ def test_age_up_trains_on_the_ratings_since_the_parent(learnable_base, tokenizer
     assert manifest["experiences"] == {"taken": 16, "through": 16}
     assert manifest["data"]["preference.jsonl"] == sha256_file(gen1 / "data" / "preference.jsonl")
     assert json.loads((gen1 / "metrics.json").read_text())["preference"]["method"] == "kto"
+    # The gate asked child and parent the 8 prompts whose good reply the child trained on (ROUGE-L), and
+    # said there was nothing held out to measure a preference margin on.
+    gate_report = json.loads((gen1 / "eval.json").read_text())
+    assert 0.0 <= gate_report["metrics"]["experience_similarity"] <= 1.0
+    assert gate_report["metrics"]["preference_margin"] is None
+    assert len(gate_report["child"]["details"]["experience_similarity"]["items"]) == 8
     finished = ledger.entries(kind="training_finished")[-1].payload
     assert finished["stages"]["preference"]["method"] == "kto" and finished["stage_steps"]["preference"] == 4
     shown = CliRunner().invoke(main, ["ledger", "show", "1"], catch_exceptions=False).output

@@ -165,3 +165,20 @@ def test_probes_are_stored_scrubbed_once_per_key_and_bad_ones_refused(client, da
         assert r.status_code == 400 and fragment in r.json()["error"]["message"], r.text
     assert client.post("/probes", json={"question": "Q?", "answers": ["a"]}).status_code == 401
     assert daemon.probes.count() == 1 and client.get("/status").json()["probes"] == 1
+
+
+def test_a_reply_is_scored_by_the_served_gguf_after_its_prompt_in_the_chat_template(daemon):
+    """preference_margin's scorer on a real GGUF: the model's own greedy reply is far likelier than noise."""
+    from evolution import evals
+    from evolution.llamacpp import open_llama
+
+    scorer = open_llama(daemon.root.gen_dir(1) / "model.gguf", n_ctx=512, seed=0, logits_all=True)
+    try:
+        prompt = [{"role": "user", "content": "What is your name?"}]
+        assert evals.render_prompt(scorer, prompt).endswith("<|im_start|>assistant\n")  # ChatML, as served
+        own = daemon.chat({"messages": prompt, "max_tokens": 8, "temperature": 0})[0]["choices"][0]["message"]
+        mine = evals.reply_logprob(scorer, prompt, own["content"])
+        noise = evals.reply_logprob(scorer, prompt, "zebra quantum marmalade ossify")
+        assert mine is not None and noise is not None and mine < 0 and noise < mine - 1.0
+    finally:
+        scorer.close()

@@ -101,7 +101,7 @@ class Daemon:
 
     def _serve(self, gen: int) -> None:
         """Load generation ``gen`` as the ledger recorded it and swap it in (raises if it cannot be)."""
-        gguf = check_servable(self.ledger, gen, hash_file=False)  # the host hashes it as it loads it
+        gguf = check_servable(self.ledger, gen)  # at start: a changed file is named with what to do
         with self._swap_mutex:
             if self.host.current is not None and self.host.current.gen == gen:
                 return
@@ -174,8 +174,8 @@ class Daemon:
 
         The chain is checked once (``check_servable``) and the GGUF hashed once, as it is loaded."""
         with self._swap_mutex:
+            gguf = check_servable(self.ledger, to, hash_file=False)  # the chain first: a changed ledger says so
             check_target(self.ledger, to, self.ledger.served_generation())
-            gguf = check_servable(self.ledger, to, hash_file=False)
             slot = self.host.load(to, self.root.root / gguf["path"], gguf["sha256"])
             try:
                 faults.point("swap")  # loaded, not yet recorded as rolled back
