@@ -32,10 +32,20 @@ class ItemResult:
     correct: bool
 
 
-def ask(llm, question: str, system: str | None = None, max_tokens: int = 64) -> str:
-    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": question}]
+def reply(llm, messages: list[dict], max_tokens: int = 64) -> str:
+    """The model's answer to ``messages`` at temperature 0, seed 0 (the same every run)."""
     out = llm.create_chat_completion(messages=messages, temperature=0.0, max_tokens=max_tokens, seed=0)
     return out["choices"][0]["message"]["content"] or ""
+
+
+def ask(llm, question: str, system: str | None = None, max_tokens: int = 64) -> str:
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": question}]
+    return reply(llm, messages, max_tokens)
+
+
+def answer_lines(items: list[dict]) -> list[str]:
+    """One report line per asked item (``ItemResult`` as a dict): right or wrong, question, reply."""
+    return [f"- {'✓' if r['correct'] else '✗'} {r['question']} → {r['reply'][:120]!r}" for r in items]
 
 
 def recall(llm, items: list[dict], max_tokens: int = 64) -> tuple[float, list[ItemResult]]:

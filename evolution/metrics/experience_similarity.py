@@ -10,6 +10,7 @@ enough data" and does not block. Rule: ``gate.experience_margin`` below the pare
 
 from __future__ import annotations
 
+from evolution import evals
 from evolution.config import GateConfig
 from evolution.metrics.common import Check, Inputs, Measured, Metric, Models, not_below_parent
 
@@ -40,9 +41,7 @@ class ExperienceSimilarity(Metric):
                                        "needed (gate.min_experience_items)")
         rows = []
         for item in items:
-            out = models.llm.create_chat_completion(messages=item["prompt"], temperature=0.0, seed=0,
-                                                    max_tokens=inputs.cfg.answer_max_tokens)
-            reply = out["choices"][0]["message"]["content"] or ""
+            reply = evals.reply(models.llm, item["prompt"], inputs.cfg.answer_max_tokens)
             rows.append({"prompt": item["prompt"][-1]["content"], "reference": item["reference"], "reply": reply,
                          "score": rouge_l(reply, item["reference"])})
         return Measured(sum(r["score"] for r in rows) / len(rows), {"items": rows})

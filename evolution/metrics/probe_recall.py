@@ -34,6 +34,4 @@ class ProbeRecall(Metric):
         return not_below_parent(self.name, child.value, parent, cfg, "probe_margin")
 
     def markdown(self, child: Measured) -> list[str]:
-        answers = [f"- {'✓' if r['correct'] else '✗'} {r['question']} → {r['reply'][:120]!r}"
-                   for r in child.details["items"]]
-        return ["## Probe answers", ""] + answers
+        return ["## Probe answers", ""] + evals.answer_lines(child.details["items"])

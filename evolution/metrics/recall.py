@@ -42,6 +42,4 @@ class Recall(Metric):
                                               for k, v in child.details["by_phase"].items()]
 
     def markdown(self, child: Measured) -> list[str]:
-        answers = [f"- {'✓' if r['correct'] else '✗'} {r['question']} → {r['reply'][:120]!r}"
-                   for r in child.details["items"]]
-        return ["## Recall answers", ""] + answers
+        return ["## Recall answers", ""] + evals.answer_lines(child.details["items"])
