@@ -11,9 +11,10 @@ through its HTTP API, chats with the official ``openai`` client):
    per fact (``POST /probes``: never trained on);
 2. grants karma up to the threshold (``POST /karma``): the daemon ages up in its worker (the default
    setting, or ``--quick``) and promotes or rejects the child;
-3. prints, child against parent: exact question recall, paraphrase recall (each reply from the GGUF
-   through llama.cpp at temperature 0, scored as the gate's recall: ``evals.is_correct``),
-   ``preference_margin`` and curriculum ``recall`` (from the child's ``eval.json``), and the age-up
+3. prints, child against parent: exact question recall (each reply from the GGUF through llama.cpp at
+   temperature 0, 32 tokens, scored as the gate's recall: ``evals.is_correct``), paraphrase recall (the
+   gate's own ``probe_recall`` replies to this round's probes, 64 tokens), ``preference_margin`` and
+   curriculum ``recall`` (all three from the child's ``eval.json``), and the age-up
    time (the generation's stage seconds, and the wall time from the karma grant to the verdict);
 4. repeats with other facts for ``--rounds`` - 1 more age-ups and prints the first round's facts'
    recall after each.
@@ -150,9 +151,19 @@ def recall(gguf: Path, items: list[dict]) -> tuple[float, list]:
 
     llm = open_llama(gguf, n_ctx=1024, seed=0)
     try:
-        return evals.recall(llm, items, max_tokens=64)
+        return evals.recall(llm, items, max_tokens=32)
     finally:
         llm.close()
+
+
+def probes(measured: dict, batch: list[dict]) -> tuple[float | None, list]:
+    """Paraphrase recall of ``batch`` as the gate measured it (``probe_recall`` asks every probe posted so far,
+    at temperature 0, scored as recall), from one side (child or parent) of ``eval.json``."""
+    asked = {evals.normalize(q["question"]) for q in items(batch, True)}
+    got = [evals.ItemResult(i["id"], i["question"], i["reply"], i["correct"])
+           for i in (measured["details"].get("probe_recall") or {}).get("items", [])
+           if evals.normalize(i["question"]) in asked]
+    return (sum(g.correct for g in got) / len(got) if got else None), got
 
 
 def items(batch: list[dict], paraphrased: bool) -> list[dict]:
@@ -207,13 +218,14 @@ def main() -> None:
             wall = time.time() - t0
             ev = json.loads((ckpt / f"gen_{child:04d}" / "eval.json").read_text())
             served = d.served()
-            pgguf, cgguf = ckpt / f"gen_{parent:04d}" / "model.gguf", ckpt / f"gen_{child:04d}" / "model.gguf"
+            cgguf = ckpt / f"gen_{child:04d}" / "model.gguf"
             exact_c, exact_res = recall(cgguf, items(batch, False))
-            para_c, para_res = recall(cgguf, items(batch, True))
-            exact_p, _ = recall(pgguf, items(batch, False))
-            para_p, _ = recall(pgguf, items(batch, True))
-            first_now, _ = recall(ckpt / f"gen_{served:04d}" / "model.gguf", items(rounds[0], False))
-            first_para, _ = recall(ckpt / f"gen_{served:04d}" / "model.gguf", items(rounds[0], True))
+            exact_p, _ = recall(ckpt / f"gen_{parent:04d}" / "model.gguf", items(batch, False))
+            para_c, para_res = probes(ev["child"], batch)
+            para_p, _ = probes(ev["parent"], batch)
+            first_now = (exact_c if served == child else exact_p) if r == 0 else \
+                recall(ckpt / f"gen_{served:04d}" / "model.gguf", items(rounds[0], False))[0]
+            first_para = probes(ev["child"] if served == child else ev["parent"], rounds[0])[0]
             leaked = sum(evals.normalize(i["question"]) in trained_questions(ckpt / f"gen_{child:04d}")
                          for i in items(batch, True))
             manifest = json.loads((ckpt / f"gen_{child:04d}" / "data" / "manifest.json").read_text())
@@ -248,15 +260,13 @@ def main() -> None:
             shutil.rmtree(home, ignore_errors=True)
     print(f"\n{'round':>5} {'verdict':>7} {'exact c/p':>11} {'para c/p':>11} {'curric c/p':>11} "
           f"{'pref margin c/p':>17} {'stage s':>8} {'wall s':>7} {'1st exact':>9} {'1st para':>8}")
+    fmt = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
     for row in report["rounds"]:
-        pm = row["preference_margin"]
-        fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
-        print(f"{row['round']:>5} {row['verdict']:>7} {row['exact']['child']:>5.2f}/{row['exact']['parent']:<5.2f} "
-              f"{row['paraphrase']['child']:>5.2f}/{row['paraphrase']['parent']:<5.2f} "
-              f"{row['curriculum_recall']['child']:>5.2f}/{row['curriculum_recall']['parent']:<5.2f} "
-              f"{fmt(pm['child']):>8}/{fmt(pm['parent']):<8} {row['ageup_stage_s']:>8.0f} {row['ageup_wall_s']:>7.0f} "
-              f"{row['first_round_exact_on_served']:>9.2f} {row['first_round_paraphrase_on_served']:>8.2f}")
-
+        cp = lambda k: f"{fmt(row[k]['child'])}/{fmt(row[k]['parent'])}"  # noqa: E731
+        print(f"{row['round']:>5} {row['verdict']:>7} {cp('exact'):>11} {cp('paraphrase'):>11} "
+              f"{cp('curriculum_recall'):>11} {cp('preference_margin'):>17} {row['ageup_stage_s']:>8.0f} "
+              f"{row['ageup_wall_s']:>7.0f} {fmt(row['first_round_exact_on_served']):>9} "
+              f"{fmt(row['first_round_paraphrase_on_served']):>8}")
 
 if __name__ == "__main__":
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

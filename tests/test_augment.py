@@ -91,3 +91,17 @@ def test_a_variant_is_replayed_as_its_source_and_dropped_once_its_reply_is_rated
     bad = Labelled([Example("conversation:1", 1, convs[0][1][:1], "Your dog is called Bramble.", "bad")], [], 1)
     replay.materialize(root, cur, 2, 10.0, 0, tmp_path / "g2c", [], 1, labelled=bad, ratings_since=1)
     assert "Bramble" not in json.dumps(_sft(tmp_path / "g2c"))
+
+
+def test_bad_variant_settings_are_reported_together():
+    import pytest
+
+    from evolution import config
+    from evolution.errors import ConfigError
+
+    cfg = config.AgeUpConfig()
+    assert (cfg.curriculum.experience_variants, cfg.curriculum.experience_variant_share) == (12, 0.15)
+    cfg.curriculum.experience_variants, cfg.curriculum.experience_variant_share = -1, "lots"
+    with pytest.raises(ConfigError) as exc:
+        config.validate(cfg)
+    assert "curriculum.experience_variants" in str(exc.value) and "curriculum.experience_variant_share" in str(exc.value)
