@@ -7,7 +7,8 @@ through its HTTP API, chats with the official ``openai`` client):
 
 1. teaches ``--facts`` invented facts (names, places, favourites no pre-training holds): most as posted
    transcripts (``POST /conversations``), some as corrections of the served model's own wrong reply
-   (``POST /feedback`` bad + ``correction``); rates 20 other replies bad; posts two paraphrased probes
+   (``POST /feedback`` bad + ``correction``); rates 20 other replies bad and 10 good (``--good``: without
+   good ones the held-out share of the ratings has no good reply to measure a margin on); posts two paraphrased probes
    per fact (``POST /probes``: never trained on);
 2. grants karma up to the threshold (``POST /karma``): the daemon ages up in its worker (the default
    setting, or ``--quick``) and promotes or rejects the child;
@@ -81,6 +82,10 @@ BAD_PROMPTS = ["Say something about the weather.", "Tell me a joke.", "Describe 
                "Describe a city at night.", "Tell me about snow.", "What makes a good friend?"]
 
 
+GOOD_PROMPTS = ["What is your name?", "Who made you?", "Hello!", "Thank you!", "Good morning!", "Who are you?",
+                "Are you there?", "Can you help me?", "Good night!", "How are you today?"]
+
+
 def facts(n_total: int, seed: int = 0) -> list[dict]:
     """``n_total`` invented facts, kinds interleaved, each with its question, answer, statement and paraphrases."""
     rng = random.Random(seed)
@@ -115,9 +120,10 @@ class Agent:
                                                  messages=[{"role": "user", "content": question}])
 
 
-def teach(agent: Agent, batch: list[dict], bad_prompts: list[str], corrections: int) -> dict:
-    """Transcripts for most facts, a correction for the last ``corrections``; bad ratings; paraphrase probes."""
-    counts = {"transcripts": 0, "corrections": 0, "bad": 0, "probes": 0}
+def teach(agent: Agent, batch: list[dict], bad_prompts: list[str], corrections: int, good_prompts: list[str]) -> dict:
+    """Transcripts for most facts, a correction for the last ``corrections``; bad and good ratings; paraphrase
+    probes."""
+    counts = {"transcripts": 0, "corrections": 0, "bad": 0, "good": 0, "probes": 0}
     for i, f in enumerate(batch):
         if i >= len(batch) - corrections:
             reply = agent.ask(f["question"])
@@ -133,6 +139,9 @@ def teach(agent: Agent, batch: list[dict], bad_prompts: list[str], corrections: 
     for prompt in bad_prompts:
         agent.post("/feedback", {"completion_id": agent.ask(prompt).id, "label": "bad"})
         counts["bad"] += 1
+    for prompt in good_prompts:
+        agent.post("/feedback", {"completion_id": agent.ask(prompt).id, "label": "good"})
+        counts["good"] += 1
     return counts
 
 
@@ -185,7 +194,10 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=4, help="age-ups, each with new facts")
     ap.add_argument("--corrections", type=int, default=6, help="facts per round taught as corrections")
     ap.add_argument("--bad", type=int, default=20, help="replies rated bad per round")
-    ap.add_argument("--variants", type=int, default=None, help="[curriculum] experience_variants (default: the config's)")
+    ap.add_argument("--good", type=int, default=10, help="replies rated good per round (so that the held-out share "
+                    "of the ratings has both labels and preference_margin is measured)")
+    ap.add_argument("--variants", type=int, default=None,
+                    help="[curriculum] experience_variants (default: the config's; 0 measures the age-up without)")
     ap.add_argument("--home", type=Path, default=None, help="data root (default: a temp dir, removed)")
     ap.add_argument("--json", type=Path, default=None, help="also write the figures here")
     args = ap.parse_args()
@@ -198,7 +210,7 @@ def main() -> None:
     (home / "evolution.toml").write_text(toml)
     all_facts = facts(args.facts * args.rounds)
     rounds = [all_facts[r * args.facts:(r + 1) * args.facts] for r in range(args.rounds)]
-    bad = (BAD_PROMPTS * (args.bad // len(BAD_PROMPTS) + 1))
+    bad = BAD_PROMPTS * (args.bad // len(BAD_PROMPTS) + 2)  # each round starts 3 further on
     d = DaemonProc(home, "--start-gen", "0", "--threshold", str(THRESHOLD), *(["--quick"] if args.quick else []))
     d.start()
     report: dict = {"quick": args.quick, "facts": args.facts, "rounds": []}
@@ -209,8 +221,8 @@ def main() -> None:
         for r, batch in enumerate(rounds):
             parent, child = r, r + 1
             t0 = time.time()
-            counts = teach(agent, batch, bad[r * 3 % len(BAD_PROMPTS):][:args.bad] if r else bad[:args.bad],
-                           args.corrections)
+            counts = teach(agent, batch, bad[r * 3 % len(BAD_PROMPTS):][:args.bad], args.corrections,
+                           (GOOD_PROMPTS * (args.good // len(GOOD_PROMPTS) + 1))[:args.good])
             print(f"round {child}: taught {counts} in {time.time() - t0:.0f} s", flush=True)
             t0 = time.time()
             agent.post("/karma", {"amount": THRESHOLD, "reason": f"learn bench round {child}"})
@@ -234,7 +246,8 @@ def main() -> None:
             row = {
                 "round": child, "verdict": ev["verdict"], "reasons": ev["reasons"], "served": served,
                 "exact": {"child": exact_c, "parent": exact_p}, "paraphrase": {"child": para_c, "parent": para_p},
-                "curriculum_recall": {"child": ev["child"]["metrics"]["recall"], "parent": ev["parent"]["metrics"]["recall"]},
+                "curriculum_recall": {"child": ev["child"]["metrics"]["recall"],
+                                      "parent": ev["parent"]["metrics"]["recall"]},
                 "preference_margin": {"child": ev["child"]["metrics"].get("preference_margin"),
                                       "parent": ev["parent"]["metrics"].get("preference_margin")},
                 "probe_recall": {"child": ev["child"]["metrics"].get("probe_recall"),

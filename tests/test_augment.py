@@ -104,4 +104,5 @@ def test_bad_variant_settings_are_reported_together():
     cfg.curriculum.experience_variants, cfg.curriculum.experience_variant_share = -1, "lots"
     with pytest.raises(ConfigError) as exc:
         config.validate(cfg)
-    assert "curriculum.experience_variants" in str(exc.value) and "curriculum.experience_variant_share" in str(exc.value)
+    problems = " ".join(exc.value.problems)
+    assert "curriculum.experience_variants" in problems and "curriculum.experience_variant_share" in problems
