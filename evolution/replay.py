@@ -191,6 +191,7 @@ def materialize(root: DataRoot, cur: Curriculum, child: int, replay_ratio: float
         new = [r for r in stage.curriculum(cur) if _key(r) not in banned]
         n_curriculum = len(new)
         taken = {p for r in new if (p := _prompt(r)) is not None}
+        curriculum_prompts = set(taken)
         received = [(order, r) for order, r in stage.inbox(inbox) if not _banned(r, banned)]
         read_inbox |= bool(stage.inbox(Inbox(conversations=conversations)))
         read_ratings |= bool(stage.inbox(Inbox(examples=inbox.examples, pairs=inbox.pairs)))
@@ -230,7 +231,8 @@ def materialize(root: DataRoot, cur: Curriculum, child: int, replay_ratio: float
         replayed[stage.name] = n
         extra = _variants(inbox_rows, variants, int(variant_share * n_curriculum),
                           random.Random(seed * 1_000_003 + child + 11), augment.system_prompts(new[:n_curriculum]))
-        extra = [r for r in extra if _key(r) not in have]
+        # the curriculum answers its own prompts: no variant may reword a question into one of them
+        extra = [r for r in extra if _key(r) not in have and prompt_key(r["messages"]) not in curriculum_prompts]
         made[stage.name] = len(extra)
         new += extra
         data[stage.name] = new

@@ -106,3 +106,12 @@ def test_bad_variant_settings_are_reported_together():
         config.validate(cfg)
     problems = " ".join(exc.value.problems)
     assert "curriculum.experience_variants" in problems and "curriculum.experience_variant_share" in problems
+
+
+def test_no_variant_rewords_a_question_into_one_the_curriculum_answers(cur, root, tmp_path):
+    cur.sft.append({"messages": _chat("Quick question: Where is my bike?", "In the shed.")})
+    convs = [(1, _chat("Where is my bike?", "Your bike is at the station."))]
+    m = replay.materialize(root, cur, 1, 0.0, 0, tmp_path / "c", convs, 0, variants=50, variant_share=100.0)
+    made = [r for r in _sft(tmp_path / "c") if "variant_of" in r]
+    assert m["variants"]["sft"] == len(made) > 5
+    assert "quick question where is my bike" not in {prompt_key(r["messages"]) for r in made}
