@@ -34,6 +34,7 @@ import json
 import os
 import random
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -262,6 +263,8 @@ def main() -> None:
                 "missed_paraphrase": [f"{x.question} -> {x.reply[:60]!r}" for x in para_res if not x.correct][:10],
             }
             report["rounds"].append(row)
+            if args.json:  # after every round: a long run stopped early keeps what it measured
+                args.json.write_text(json.dumps(report, indent=1))
             print(json.dumps({k: v for k, v in row.items() if not k.startswith("missed")}), flush=True)
             print("  missed exact:", *row["missed_exact"], sep="\n    ", flush=True)
             print("  missed paraphrase (first 10):", *row["missed_paraphrase"], sep="\n    ", flush=True)
@@ -271,16 +274,23 @@ def main() -> None:
             args.json.write_text(json.dumps(report, indent=1))
         if args.home is None:
             shutil.rmtree(home, ignore_errors=True)
-    print(f"\n{'round':>5} {'verdict':>7} {'exact c/p':>11} {'para c/p':>11} {'curric c/p':>11} "
-          f"{'pref margin c/p':>17} {'stage s':>8} {'wall s':>7} {'1st exact':>9} {'1st para':>8}")
+    print(table(report["rounds"]))
+
+
+def table(rows: list[dict]) -> str:
+    """The rounds, child/parent side by side."""
     fmt = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
-    for row in report["rounds"]:
+    lines = [f"\n{'round':>5} {'verdict':>7} {'exact c/p':>11} {'para c/p':>11} {'curric c/p':>11} "
+             f"{'pref margin c/p':>17} {'stage s':>8} {'wall s':>7} {'1st exact':>9} {'1st para':>8}"]
+    for row in rows:
         cp = lambda k: f"{fmt(row[k]['child'])}/{fmt(row[k]['parent'])}"  # noqa: E731
-        print(f"{row['round']:>5} {row['verdict']:>7} {cp('exact'):>11} {cp('paraphrase'):>11} "
-              f"{cp('curriculum_recall'):>11} {cp('preference_margin'):>17} {row['ageup_stage_s']:>8.0f} "
-              f"{row['ageup_wall_s']:>7.0f} {fmt(row['first_round_exact_on_served']):>9} "
-              f"{fmt(row['first_round_paraphrase_on_served']):>8}")
+        lines.append(f"{row['round']:>5} {row['verdict']:>7} {cp('exact'):>11} {cp('paraphrase'):>11} "
+                     f"{cp('curriculum_recall'):>11} {cp('preference_margin'):>17} {row['ageup_stage_s']:>8.0f} "
+                     f"{row['ageup_wall_s']:>7.0f} {fmt(row['first_round_exact_on_served']):>9} "
+                     f"{fmt(row['first_round_paraphrase_on_served']):>8}")
+    return "\n".join(lines)
 
 if __name__ == "__main__":
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a stopped bench still stops its daemon
     main()
