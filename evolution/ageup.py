@@ -375,7 +375,8 @@ def _age_up_locked(root: DataRoot, cfg: AgeUpConfig, ledger: Ledger, cur, base, 
         manifest = replay.materialize(root, cur, child, cfg.curriculum.replay_ratio, cfg.train.seed,
                                       staging / "data", convs, through, train.stages_of(cfg.train),
                                       ExperienceStore(ledger).labelled(), rated_since,
-                                      cfg.curriculum.experience_heldout)
+                                      cfg.curriculum.experience_heldout, cfg.curriculum.experience_variants,
+                                      cfg.curriculum.experience_variant_share)
         gate.save_recall_items(gate.eval_set(cur, []), staging / "data")
         state.info["manifest_hash"] = manifest["sha256"]
         if not ledger.entries(gen=child, kind=ev.GENERATION_CREATED):  # once, even if a crash repeats this stage

@@ -38,6 +38,14 @@ class CurriculumConfig:
     experience_heldout: float = 0.2
     """Share of the newly rated experiences held out from every training stage (seeded), for the gate's
     ``preference_margin``, once at least ``EXPERIENCE_HELDOUT_MIN`` (10) are new; 0 holds out none."""
+    experience_variants: int = 12
+    """Each question the agent's user asked since the parent (in a transcript, a reply rated good, a correction)
+    is also trained on in this many variants (``evolution.augment``: rewordings, framings, system prompts, the
+    answer confirmed), kept in the generation's data so replay rehearses them; 0 turns it off. One record
+    among ~1,500, seen 1.5 times, taught the form of an answer but not the fact (issue 15)."""
+    experience_variant_share: float = 0.15
+    """The variants of one age-up are at most this share of the SFT curriculum's records (fewer per question
+    past it), so a large inbox does not make an age-up much longer: about this much more SFT time at most."""
 
 
 def _positive_int(name: str, value, allow_none: bool = False) -> list[str]:
@@ -516,6 +524,11 @@ def validate(cfg: AgeUpConfig) -> None:
         p.append(f"export.merged_dtype must be float32, float16 or bfloat16, got {e.merged_dtype!r}")
     if not isinstance(c.experience_heldout, (int, float)) or not 0 <= c.experience_heldout <= 0.5:
         p.append(f"curriculum.experience_heldout must be between 0 and 0.5, got {c.experience_heldout!r}")
+    if not isinstance(c.experience_variants, int) or isinstance(c.experience_variants, bool) \
+            or not 0 <= c.experience_variants <= 100:
+        p.append(f"curriculum.experience_variants must be an integer from 0 to 100, got {c.experience_variants!r}")
+    if not isinstance(c.experience_variant_share, (int, float)) or not 0 <= c.experience_variant_share <= 10:
+        p.append(f"curriculum.experience_variant_share must be between 0 and 10, got {c.experience_variant_share!r}")
     if not isinstance(c.replay_ratio, (int, float)) or not 0 <= c.replay_ratio <= 10:
         p.append(f"curriculum.replay_ratio must be between 0 and 10, got {c.replay_ratio!r}")
     if c.phases is not None and (not isinstance(c.phases, list) or not all(isinstance(x, int) and x >= 0 for x in c.phases)):

@@ -41,6 +41,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from evolution import augment
 from evolution.conversations import prompt_key
 from evolution.curriculum import Curriculum
 from evolution.fsutil import atomic_write_json, atomic_write_text, sha256_file
@@ -67,8 +68,30 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
 
 
 def _prompt(record: dict) -> str | None:
-    """The prompt a chat record answers (recency is decided per prompt); None for other records."""
+    """The prompt a chat record answers (recency is decided per prompt; a variant answers its source's
+    prompt); None for other records."""
+    if "variant_of" in record:
+        return record["variant_of"]
     return prompt_key(record["messages"]) if "messages" in record else None
+
+
+def _banned(record: dict, banned: set[str]) -> bool:
+    """A record of a reply rated bad or corrected, or a variant made from one."""
+    return _key(record) in banned or record.get("source") in banned
+
+
+def _variants(rows: list[dict], n: int, budget: int, rng: random.Random, systems: list[str]) -> list[dict]:
+    """``augment.variants`` of the new chat records ``rows``, ``n`` per exchange, fewer per record when
+    all of them would pass ``budget`` records; each names its source (``variant_of``, ``source``)."""
+    chats = [r for r in rows if "messages" in r]
+    exchanges = sum(len(augment.exchanges(r["messages"])) for r in chats)
+    if exchanges and n * exchanges > budget:
+        n = budget // exchanges
+    out: list[dict] = []
+    for r in chats if n > 0 else []:
+        out += [{"messages": m, "variant_of": _prompt(r), "source": _key(r)}
+                for m in augment.variants(r["messages"], n, rng, systems)]
+    return out
 
 
 def _newest_inbox(inbox: list[tuple[int, dict]], taken: set[str]) -> tuple[list[dict], int]:
@@ -131,7 +154,7 @@ def _hold_out(inbox: Inbox, share: float, rng: random.Random) -> tuple[Inbox, li
 def materialize(root: DataRoot, cur: Curriculum, child: int, replay_ratio: float, seed: int, out: Path,
                 conversations: list[tuple[int, list[dict]]] = (), through: int = 0,
                 stages: Sequence[Stage] = STAGES, labelled: Labelled | None = None, ratings_since: int = 0,
-                heldout: float = 0.0) -> dict:
+                heldout: float = 0.0, variants: int = 0, variant_share: float = 0.0) -> dict:
     """Write ``out/<stage>.jsonl`` for each of ``stages`` and ``out/manifest.json``; return the manifest.
 
     ``conversations``: ``(id, messages)`` received since the parent's data (``through``: the last id the
@@ -141,6 +164,10 @@ def materialize(root: DataRoot, cur: Curriculum, child: int, replay_ratio: float
     out of the chat records (an earlier generation may have learned it before it was rated).
     ``heldout``: the share of the new ratings (seeded; once at least ``HELDOUT_MIN`` are new) written to
     ``out/preference_heldout.jsonl`` instead of any stage: the gate's ``preference_margin`` asks them.
+    ``variants``: per exchange of each new chat record a stage takes from the inbox, this many variants
+    (``evolution.augment``, seeded) join it, at most ``variant_share`` × the stage's curriculum records in
+    all (fewer per record past that); counted in the manifest (``variants``). Replay is sampled per record
+    before them, so they do not grow it.
     """
     conversations = list(conversations)
     inbox = Inbox(conversations)
@@ -156,13 +183,16 @@ def materialize(root: DataRoot, cur: Curriculum, child: int, replay_ratio: float
         inbox, held = _hold_out(inbox, heldout, random.Random(seed * 1_000_003 + child + 7))
     data: dict[str, list[dict]] = {}
     replayed: dict[str, int] = {}
+    made: dict[str, int] = {}
     sources: dict[str, str] = {}
     taken_from_inbox = superseded = 0
     read_inbox = read_ratings = False  # no stage learns from them: leave them for a later generation's
     for stage in stages:
         new = [r for r in stage.curriculum(cur) if _key(r) not in banned]
+        n_curriculum = len(new)
         taken = {p for r in new if (p := _prompt(r)) is not None}
-        received = [(order, r) for order, r in stage.inbox(inbox) if _key(r) not in banned]
+        curriculum_prompts = set(taken)
+        received = [(order, r) for order, r in stage.inbox(inbox) if not _banned(r, banned)]
         read_inbox |= bool(stage.inbox(Inbox(conversations=conversations)))
         read_ratings |= bool(stage.inbox(Inbox(examples=inbox.examples, pairs=inbox.pairs)))
         inbox_rows, dropped = _newest_inbox(received, taken)
@@ -182,7 +212,7 @@ def materialize(root: DataRoot, cur: Curriculum, child: int, replay_ratio: float
             prompts_here: set[str] = set()
             for r in _read_jsonl(f):
                 k = _key(r)
-                if k in banned:
+                if _banned(r, banned):
                     superseded += 1
                     continue
                 p = _prompt(r)
@@ -199,6 +229,12 @@ def materialize(root: DataRoot, cur: Curriculum, child: int, replay_ratio: float
         n = min(len(pool), round(replay_ratio * len(new)))
         new += rng.sample(pool, n)
         replayed[stage.name] = n
+        extra = _variants(inbox_rows, variants, int(variant_share * n_curriculum),
+                          random.Random(seed * 1_000_003 + child + 11), augment.system_prompts(new[:n_curriculum]))
+        # the curriculum answers its own prompts: no variant may reword a question into one of them
+        extra = [r for r in extra if _key(r) not in have and prompt_key(r["messages"]) not in curriculum_prompts]
+        made[stage.name] = len(extra)
+        new += extra
         data[stage.name] = new
     out.mkdir(parents=True, exist_ok=True)
     for name, rows in data.items():
@@ -210,6 +246,7 @@ def materialize(root: DataRoot, cur: Curriculum, child: int, replay_ratio: float
         "curriculum": str(cur.root),
         "files": files,
         "replayed": replayed,
+        "variants": made,
         "counts": {name: len(rows) for name, rows in data.items()},
         "conversations": {"taken": taken_from_inbox,
                           "through": max([through] + [c for c, _ in conversations]) if read_inbox else through,

@@ -1,0 +1,117 @@
+"""Variants of new experience (``evolution.augment``) and how ``replay.materialize`` adds them: seeded,
+counted in the manifest, never of a reply rated bad or held out, superseded with their source."""
+
+from __future__ import annotations
+
+import json
+import random
+
+from evolution import augment, replay
+from evolution.conversations import prompt_key
+from tests.test_replay import _chat, _labelled, _lines
+
+
+def test_a_common_question_shape_is_reworded_and_framed():
+    reworded, framed = augment.question_forms("What is my dog called?")
+    assert reworded[:2] == ["What's the name of my dog?", "What is my dog's name?"]
+    assert "Quick question: What is my dog called?" in framed and "what is my dog called?" in framed
+    assert "What is my dog called?" not in reworded + framed
+    assert augment.question_forms("Who is my best friend?")[0][0] == "Do you know who my best friend is?"
+
+
+def test_variants_keep_the_answer_take_rewordings_first_and_follow_the_seed():
+    msgs = _chat("What is my dog called?", "Your dog is called Bramble.")
+    a = augment.variants(msgs, 8, random.Random(3), ["You are Wren."])
+    assert a == augment.variants(msgs, 8, random.Random(3), ["You are Wren."])
+    assert a != augment.variants(msgs, 8, random.Random(4), ["You are Wren."])
+    assert len(a) == 8 and [v[-1]["role"] for v in a] == ["assistant"] * 8
+    assert all("Bramble" in v[-1]["content"] for v in a)
+    assert [v[0]["content"] for v in a[:4]] == augment.question_forms("What is my dog called?")[0]
+    # a transcript of two exchanges: variants of each; only user/assistant pairs count
+    two = msgs + _chat("Where did I grow up?", "In Veldmoor.")
+    assert len(augment.variants(two, 3, random.Random(0), [])) == 6
+    assert augment.exchanges([{"role": "system", "content": "s"}] + msgs) == [(msgs[0]["content"], msgs[1]["content"])]
+
+
+def _sft(path):
+    return _lines(path / "sft.jsonl")
+
+
+def test_materialize_adds_counted_seeded_variants_of_new_chat_records_only(cur, root, tmp_path):
+    convs = [(1, _chat("What is my dog called?", "Your dog is called Bramble.")),
+             (2, _chat("Where did I grow up?", "You grew up in Veldmoor."))]
+    runs = [replay.materialize(root, cur, 1, 0.0, 0, tmp_path / n, convs, 0, variants=5, variant_share=10.0)
+            for n in ("a", "b")]
+    plain = replay.materialize(root, cur, 1, 0.0, 0, tmp_path / "plain", convs, 0)
+    assert _sft(tmp_path / "a") == _sft(tmp_path / "b")  # deterministic given the seed
+    assert runs[0]["variants"]["sft"] == 10 and plain["variants"]["sft"] == 0
+    assert runs[0]["counts"]["sft"] == plain["counts"]["sft"] + 10
+    made = [r for r in _sft(tmp_path / "a") if "variant_of" in r]
+    assert {r["variant_of"] for r in made} == {prompt_key(m) for _, m in convs}
+    assert all(r["messages"][-1]["content"].endswith(("Bramble.", "Veldmoor.")) for r in made)
+    assert runs[0]["data"]["sft.jsonl"] != plain["data"]["sft.jsonl"]  # the manifest hashes them
+    # the budget: at most variant_share x the curriculum's SFT records, fewer per record
+    small = replay.materialize(root, cur, 1, 0.0, 0, tmp_path / "small", convs, 0, variants=5, variant_share=0.0)
+    assert small["variants"]["sft"] == 0
+
+
+def test_no_variant_of_a_bad_reply_nor_of_a_held_out_rating(cur, root, tmp_path):
+    from evolution.experiences import Example, Labelled
+
+    m = replay.materialize(root, cur, 1, 0.0, 0, tmp_path / "r", [], 0, labelled=_labelled(), ratings_since=0,
+                           variants=4, variant_share=10.0)
+    made = [r for r in _sft(tmp_path / "r") if "variant_of" in r]
+    assert m["variants"]["sft"] == len(made) == 8  # the good reply and the correction, 4 each
+    assert {r["messages"][-1]["content"].removeprefix("Yes. ") for r in made} == {"I live in Faro.", "Sea stories."}
+    text = json.dumps(_sft(tmp_path / "r"))
+    assert "I am Bob." not in text and "Go away." not in text and "Nobody." not in text
+    examples = [Example(f"completion:{i}", i, [{"role": "user", "content": f"Question {i}?"}], f"Answer {i}.",
+                        "good" if i % 2 else "bad") for i in range(1, 13)]
+    m = replay.materialize(root, cur, 1, 0.0, 0, tmp_path / "h", [], 0, labelled=Labelled(examples, [], 12),
+                           ratings_since=0, heldout=0.2, variants=3, variant_share=10.0)
+    held = {r["reply"] for r in _lines(tmp_path / "h" / "preference_heldout.jsonl")}
+    assert held
+    for reply in held:
+        assert reply not in json.dumps(_sft(tmp_path / "h"))
+
+
+def test_a_variant_is_replayed_as_its_source_and_dropped_once_its_reply_is_rated_bad(cur, root, tmp_path):
+    from evolution.experiences import Example, Labelled
+
+    convs = [(1, _chat("What is my dog called?", "Your dog is called Bramble."))]
+    replay.materialize(root, cur, 1, 0.0, 0, root.gen_dir(1) / "data", convs, 0, variants=4, variant_share=10.0)
+    # the next generation replays them ...
+    replay.materialize(root, cur, 2, 10.0, 0, tmp_path / "g2", [], 1)
+    assert sum("variant_of" in r for r in _sft(tmp_path / "g2")) == 4
+    # ... unless a newer answer to the same question supersedes them ...
+    newer = [(2, _chat("What is my dog called?", "Your dog is called Moss."))]
+    replay.materialize(root, cur, 2, 10.0, 0, tmp_path / "g2b", newer, 1)
+    assert "Bramble" not in json.dumps(_sft(tmp_path / "g2b"))
+    # ... or the reply they were made from is rated bad
+    bad = Labelled([Example("conversation:1", 1, convs[0][1][:1], "Your dog is called Bramble.", "bad")], [], 1)
+    replay.materialize(root, cur, 2, 10.0, 0, tmp_path / "g2c", [], 1, labelled=bad, ratings_since=1)
+    assert "Bramble" not in json.dumps(_sft(tmp_path / "g2c"))
+
+
+def test_bad_variant_settings_are_reported_together():
+    import pytest
+
+    from evolution import config
+    from evolution.errors import ConfigError
+
+    cfg = config.AgeUpConfig()
+    assert (cfg.curriculum.experience_variants, cfg.curriculum.experience_variant_share) == (12, 0.15)
+    cfg.curriculum.experience_variants, cfg.curriculum.experience_variant_share = -1, "lots"
+    with pytest.raises(ConfigError) as exc:
+        config.validate(cfg)
+    problems = " ".join(exc.value.problems)
+    assert "curriculum.experience_variants" in problems and "curriculum.experience_variant_share" in problems
+
+
+def test_no_variant_rewords_a_question_into_one_the_curriculum_answers(cur, root, tmp_path):
+    cur.sft.append({"messages": _chat("Quick question: Where is my bike?", "In the shed.")})
+    convs = [(1, _chat("Where is my bike?", "Your bike is at the station."))]
+    m = replay.materialize(root, cur, 1, 0.0, 0, tmp_path / "c", convs, 0, variants=50, variant_share=100.0)
+    made = [r for r in _sft(tmp_path / "c") if "variant_of" in r]
+    assert m["variants"]["sft"] == len(made) > 5
+    assert "quick question where is my bike" not in {prompt_key(r["messages"]) for r in made}
