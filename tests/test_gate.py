@@ -383,10 +383,12 @@ def test_preference_margin_is_good_minus_bad_log_likelihood_on_held_out_replies(
 
     class _Scorer:
         scorer = None
+        llm = _Answers({"hi": "Hello! How can I help?"})  # each model's own answer, for the report
 
     m = PreferenceMargin().measure(_Scorer(), Inputs(gate.EvalSet([], [], [], [], [], preference_heldout=held),
                                                      GateConfig(), "hi"))
     assert m.value == pytest.approx(2.0) and len(m.details["items"]) == 4
+    assert {r["answer"] for r in m.details["items"]} == {"Hello! How can I help?"}
     only_good = [held[0], held[0], held[0], held[0]]
     none = PreferenceMargin().measure(_Scorer(), Inputs(gate.EvalSet([], [], [], [], [], preference_heldout=only_good),
                                                         GateConfig(), "hi"))
