@@ -318,5 +318,5 @@ def write_report(result: GateResult, out_dir: Path, table: Sequence[Metric] = TA
         if cm.value is not None:
             lines += u.markdown(cm)
     for u, found in lessons(c, p, table):
-        lines += _lesson_lines(u, found)
+        lines += ([""] if lines[-1] else []) + _lesson_lines(u, found)
     atomic_write_text(out_dir / "eval.md", "\n".join(lines).rstrip("\n") + "\n")

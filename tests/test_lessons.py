@@ -111,6 +111,7 @@ def test_eval_md_lists_the_lessons_escaped_and_truncated(result, tmp_path):
     experience = _rows(md, "## Lessons: experience")
     held = _rows(md, "## Lessons: held-out rated replies")
     assert (len(probes), len(experience), len(held)) == (2, 5, 4)
+    assert md.count("\n\n## Lessons: ") == 3  # each a section of its own
     assert "2 item(s): 1 learned, 1 forgotten" in md
     assert probes[0].startswith("| 1 | Can you remind me of my dog's name? | Bramble | I do not know. | 0.000 | "
                                 "It is Bramble. | 1.000 | learned |")
