@@ -12,6 +12,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from evolution.untrusted import markdown_cell
+
 _NON_WORD = re.compile(r"[\W_]+", re.UNICODE)
 
 
@@ -44,8 +46,10 @@ def ask(llm, question: str, system: str | None = None, max_tokens: int = 64) -> 
 
 
 def answer_lines(items: list[dict]) -> list[str]:
-    """One report line per asked item (``ItemResult`` as a dict): right or wrong, question, reply."""
-    return [f"- {'✓' if r['correct'] else '✗'} {r['question']} → {r['reply'][:120]!r}" for r in items]
+    """One Markdown line per asked item (``ItemResult`` as a dict): right or wrong, question, reply (escaped:
+    a reply is untrusted text)."""
+    return [f"- {'✓' if r['correct'] else '✗'} {markdown_cell(r['question'], 120)} → "
+            f"{markdown_cell(r['reply'], 120)}" for r in items]
 
 
 def recall(llm, items: list[dict], max_tokens: int = 64) -> tuple[float, list[ItemResult]]:

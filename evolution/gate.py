@@ -7,7 +7,10 @@ style drift, perplexity); each says how it is measured and which rules of ``Gate
 must meet. ``decide`` applies them: absolute thresholds plus non-inferiority margins against
 the parent. With a required threshold unset it passes nothing. Every failed rule is a reason
 naming its metric; a metric without enough data to measure is skipped, with its note, and does
-not block.
+not block. The report (``eval.md``) lists the lessons of the metrics measured item by item on what
+the agent taught — every experience, probe and held-out rated reply, with the parent's and the
+child's reply and score — from the details ``eval.json`` keeps; ``evolve ledger show`` reads them
+from there too (``report_lessons``).
 """
 
 from __future__ import annotations
@@ -27,12 +30,13 @@ from evolution.fsutil import atomic_write_json, atomic_write_text
 from evolution.generation import HELDOUT_FILE
 from evolution.ledger.events import FAIL, PASS
 from evolution.metrics import TABLE, Check, EvalSet, Inputs, Measured, Metric, Models
-from evolution.metrics.common import N_CTX
+from evolution.metrics.common import N_CTX, Lesson
+from evolution.untrusted import markdown_cell
 
 log = logging.getLogger(__name__)
 
 __all__ = ["FAIL", "PASS", "EvalSet", "GateResult", "ModelEval", "cached_eval", "decide", "eval_set",
-           "evalset_hash", "measure", "run", "save_recall_items", "stop_rule", "write_report"]
+           "evalset_hash", "lessons", "measure", "report_lessons", "run", "save_recall_items", "write_report"]
 
 RECALL_FILE = "eval_recall.jsonl"  # in gen_NNNN/data/: the recall items this generation was gated on
 REPORT_LAYOUT = 2  # eval.json: 1 had fixed fields per metric (recall, perplexity, ...), 2 the metric table
@@ -244,6 +248,48 @@ def run(child_gguf: Path, child_gen: int, parent_gguf: Path | None, parent_gen: 
                       checks=check(child, parent, cfg, table), versus_parent=versus)
 
 
+def lessons(child: ModelEval, parent: ModelEval | None,
+            table: Sequence[Metric] = TABLE) -> list[tuple[Metric, list[Lesson]]]:
+    """Each metric's lessons (its items, child beside parent), for the metrics that measured any, in table order."""
+    out = []
+    for u in table:
+        c = child.measured(u.name)
+        if c is None or c.value is None:
+            continue
+        found = u.lessons(c, parent.measured(u.name) if parent is not None else None)
+        if found:
+            out.append((u, found))
+    return out
+
+
+def report_lessons(report: dict, table: Sequence[Metric] = TABLE) -> list[tuple[Metric, list[Lesson]]]:
+    """``lessons`` of a gate report as ``eval.json`` holds it (any layout; one from before lessons has none)."""
+    child = ModelEval.from_dict(report["child"])
+    parent = ModelEval.from_dict(report["parent"]) if report.get("parent") else None
+    return lessons(child, parent, table)
+
+
+LESSON_CHARS = {"asked": 80, "wanted": 80, "reply": 100}
+"""How much of each text a report shows (``eval.json`` keeps it whole)."""
+
+
+def _lesson_lines(u: Metric, found: list[Lesson]) -> list[str]:
+    asked, wanted, score = u.lessons_columns
+    counts: dict[str, int] = {}
+    for lesson in found:
+        counts[lesson.outcome] = counts.get(lesson.outcome, 0) + 1
+    lines = [f"## Lessons: {u.lessons_title}", "",
+             f"{len(found)} item(s): " + ", ".join(f"{n} {word}" for word, n in counts.items()), "",
+             f"| # | {asked} | {wanted} | parent's reply | parent {score} | child's reply | child {score} | change |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    c = LESSON_CHARS
+    for i, x in enumerate(found, 1):
+        lines.append(f"| {i} | {markdown_cell(x.asked, c['asked'])} | {markdown_cell(x.wanted, c['wanted'])} | "
+                     f"{markdown_cell(x.parent_reply, c['reply'])} | {_cell(x.parent_score)} | "
+                     f"{markdown_cell(x.child_reply, c['reply'])} | {_cell(x.child_score)} | {x.outcome} |")
+    return lines + [""]
+
+
 def _cell(v) -> str:
     return "-" if v is None else f"{v:.3f}"
 
@@ -271,4 +317,6 @@ def write_report(result: GateResult, out_dir: Path, table: Sequence[Metric] = TA
     for u, cm, _ in units:
         if cm.value is not None:
             lines += u.markdown(cm)
+    for u, found in lessons(c, p, table):
+        lines += ([""] if lines[-1] else []) + _lesson_lines(u, found)
     atomic_write_text(out_dir / "eval.md", "\n".join(lines).rstrip("\n") + "\n")

@@ -321,6 +321,8 @@ def test_age_up_trains_on_the_ratings_since_the_parent(learnable_base, tokenizer
     assert finished["stages"]["preference"]["method"] == "kto" and finished["stage_steps"]["preference"] == 4
     shown = CliRunner().invoke(main, ["ledger", "show", "1"], catch_exceptions=False).output
     assert "preference: kto, 4 steps" in shown and "rewards/margins" in shown
+    # ... and its lessons: the 8 prompts, parent's and child's reply and ROUGE-L, read from gen_0001/eval.json.
+    assert "lessons: experience" in shown and f" | {WEATHER[0]} | {GOOD_REPLY} | " in (gen1 / "eval.md").read_text()
 
     # nothing rated since: the next child's preference stage is skipped, and says why
     from evolution.ledger import events as ev

@@ -383,10 +383,12 @@ def test_preference_margin_is_good_minus_bad_log_likelihood_on_held_out_replies(
 
     class _Scorer:
         scorer = None
+        llm = _Answers({"hi": "Hello! How can I help?"})  # each model's own answer, for the report
 
     m = PreferenceMargin().measure(_Scorer(), Inputs(gate.EvalSet([], [], [], [], [], preference_heldout=held),
                                                      GateConfig(), "hi"))
     assert m.value == pytest.approx(2.0) and len(m.details["items"]) == 4
+    assert {r["answer"] for r in m.details["items"]} == {"Hello! How can I help?"}
     only_good = [held[0], held[0], held[0], held[0]]
     none = PreferenceMargin().measure(_Scorer(), Inputs(gate.EvalSet([], [], [], [], [], preference_heldout=only_good),
                                                         GateConfig(), "hi"))
@@ -394,3 +396,62 @@ def test_preference_margin_is_good_minus_bad_log_likelihood_on_held_out_replies(
     rules = PreferenceMargin().rules
     assert [c.passed for c in rules(Measured(1.96), Measured(2.0), GateConfig())] == [True]  # within 0.05
     assert [c.passed for c in rules(Measured(1.5), Measured(2.0), GateConfig())] == [False]  # learned the bad ones
+
+
+def test_preference_margin_needs_min_items_with_both_labels_and_fitting_replies(monkeypatch):
+    from evolution import evals
+    from evolution.metrics import Inputs
+    from evolution.metrics.preference_margin import PreferenceMargin
+
+    p = [{"role": "user", "content": "hi"}]
+    three = [{"prompt": p, "chosen": "fixed", "rejected": "served"}, {"prompt": p, "reply": "ok", "label": "good"}]
+
+    class _Models:
+        scorer = None
+        llm = _Answers({})
+
+    def measure(held, cfg=GateConfig()):
+        return PreferenceMargin().measure(_Models(), Inputs(gate.EvalSet([], [], [], [], [], preference_heldout=held),
+                                                            cfg, "hi"))
+
+    monkeypatch.setattr(evals, "reply_logprob", lambda scorer, prompt, reply: {"fixed": -1.0, "ok": -2.0}.get(reply))
+    few = measure(three)  # 3 replies (2 good, 1 bad): fewer than gate.min_preference_items (4)
+    assert few.value is None and few.note.startswith("3 held-out rated replies (2 good), at least 4")
+    # Enough, but the bad reply does not fit the context window (no tokens to score): nothing to compare.
+    unfit = measure(three, GateConfig(min_preference_items=3))
+    assert unfit.value is None and "did not fit the context window" in unfit.note
+
+
+def test_experience_rules_in_the_real_table_skip_without_data_and_block_past_their_margins():
+    """Through ``gate.decide`` with the real metric table and the [gate] defaults: probe_margin 0.2,
+    experience_margin 0.0, preference_margin_drop 0.05 against the parent; "not enough data" never blocks."""
+    cfg = GateConfig()
+
+    def with_experience(ev: gate.ModelEval, probe, similarity, margin) -> gate.ModelEval:
+        ev.metrics |= {"probe_recall": probe, "experience_similarity": similarity, "preference_margin": margin}
+        ev.notes |= {n: "too few items" for n, v in (("probe_recall", probe), ("experience_similarity", similarity),
+                                                     ("preference_margin", margin)) if v is None}
+        return ev
+
+    parent = with_experience(_eval(gen=0), 0.8, 0.30, 0.50)
+    # The child has too few items for each: skipped with the note, the child passes on the rest.
+    none = with_experience(_eval(), None, None, None)
+    assert gate.decide(none, parent, cfg) == ("pass", [])
+    skipped = [c.message for c in gate.check(none, parent, cfg) if c.metric in ("probe_recall", "experience_similarity",
+                                                                              "preference_margin")]
+    assert skipped == [f"{n}: not enough data (too few items)" for n in ("probe_recall", "experience_similarity",
+                                                                         "preference_margin")]
+    # At each margin exactly: passes (0.8 - 0.2, 0.30 - 0, 0.50 - 0.05).
+    assert gate.decide(with_experience(_eval(), 0.6, 0.30, 0.45), parent, cfg) == ("pass", [])
+    # Just past each: fails, every reason naming its metric and setting.
+    verdict, reasons = gate.decide(with_experience(_eval(), 0.59, 0.29, 0.44), parent, cfg)
+    assert verdict == "fail" and reasons == [
+        "probe_recall 0.590 fell below the parent's 0.800 by more than 0.2 (gate.probe_margin)",
+        "experience_similarity 0.290 fell below the parent's 0.300 by more than 0.0 (gate.experience_margin)",
+        "preference_margin 0.440 fell below the parent's 0.500 by more than 0.05 (gate.preference_margin_drop)"]
+    # A parent without enough data: no rule against it, whatever the child scored.
+    empty_parent = with_experience(_eval(gen=0), None, None, None)
+    assert gate.decide(with_experience(_eval(), 0.0, 0.0, -5.0), empty_parent, cfg) == ("pass", [])
+    # A margin set "off" (None): no rule.
+    off = GateConfig(probe_margin=None, experience_margin=None, preference_margin_drop=None)
+    assert gate.decide(with_experience(_eval(), 0.0, 0.0, -5.0), parent, off) == ("pass", [])

@@ -2,11 +2,16 @@
 
 The ledger lives under the data root (``$EVOLUTION_HOME``); ``--ledger-url`` or
 ``$EVOLUTION_LEDGER_URL`` points these commands at another database (e.g. PostgreSQL).
+``ledger show N`` adds the generation's lessons (every experience, probe and held-out rated reply,
+parent beside child) from the ``eval.json`` beside its GGUF, when that file is on this machine and
+agrees with the ledger's gate result.
 """
 
 from __future__ import annotations
 
 import json
+import math
+from dataclasses import asdict
 from pathlib import Path
 
 import click
@@ -14,6 +19,7 @@ from rich import box
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from evolution.ledger import GenerationDetail, GenerationRow, Ledger, VerifyReport
 from evolution.ledger import rollback as do_rollback
@@ -21,6 +27,7 @@ from evolution.ledger.lineage import gate_rows
 from evolution.ledger.store import URL_ENV
 from evolution.metrics import TABLE
 from evolution.paths import DataRoot
+from evolution.untrusted import terminal
 
 url_option = click.option(
     "--ledger-url", envvar=URL_ENV, default=None, metavar="URL",
@@ -130,7 +137,56 @@ def _stage_line(st: dict) -> str:
     return line + (f" — {st['reason']}" if st.get("reason") else "")
 
 
-def _print_detail(d: GenerationDetail) -> None:
+def _lessons(led: Ledger, d: GenerationDetail) -> tuple[list, str | None]:
+    """The generation's lessons from its ``eval.json`` (``gate.report_lessons``), or none and why not.
+
+    ``eval.json`` is not a hashed artifact, so its numbers are checked against the ledger's gate result
+    before its items are shown: a report that does not match what the ledger recorded is not shown.
+    """
+    from evolution import gate  # llama.cpp and the metric units: only this command needs them
+
+    if not d.gate or d.gate.get("verdict") not in ("pass", "fail"):
+        return [], None  # measured, not gated (generation 0), or never gated: nothing was taught to it
+    gguf = d.gguf
+    gen_dir = (led.data_root.root / gguf["path"]).parent if gguf else led.data_root.gen_dir(d.summary.gen)
+    path = gen_dir / "eval.json"
+    try:
+        report = json.loads(path.read_text())
+        found = gate.report_lessons(report)
+    except FileNotFoundError:
+        return [], (f"no {path} on this machine: the lessons are in the eval.md where generation {d.summary.gen} "
+                    "was built")
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return [], f"{path} could not be read ({exc.__class__.__name__}: {exc})"
+    recorded = d.gate.get("metrics", {})
+    for u, _ in found:
+        mine, theirs = report.get("metrics", {}).get(u.name), recorded.get(u.name)
+        if isinstance(theirs, dict):
+            theirs = theirs.get("child")
+        if mine is None or theirs is None or not math.isclose(mine, theirs, rel_tol=1e-9, abs_tol=1e-12):
+            return [], (f"{path} does not match the ledger's gate result ({u.name} {mine} there, {theirs} in the "
+                        "ledger): its lessons are not shown")
+    return found, None
+
+
+def _print_lessons(found: list, problem: str | None) -> None:
+    con = _console()
+    if problem:
+        con.print(Text(f"lessons: {problem}", style="yellow"))
+    for u, items in found:
+        asked, wanted, score = u.lessons_columns
+        t = Table(title=Text(f"lessons: {u.lessons_title}"), show_lines=True)
+        for col in ("#", asked, wanted, "parent's reply", f"parent {score}", "child's reply", f"child {score}",
+                    "change"):
+            t.add_column(col, overflow="fold")
+        for i, x in enumerate(items, 1):
+            t.add_row(str(i), Text(terminal(x.asked, 60)), Text(terminal(x.wanted, 60)),
+                      Text(terminal(x.parent_reply, 80)), _fmt(x.parent_score), Text(terminal(x.child_reply, 80)),
+                      _fmt(x.child_score), x.outcome)
+        con.print(t)
+
+
+def _print_detail(d: GenerationDetail, lessons: list = (), lessons_problem: str | None = None) -> None:
     con = _console()
     s = d.summary
     served = " [bold green](served)[/]" if s.served else ""
@@ -157,6 +213,7 @@ def _print_detail(d: GenerationDetail) -> None:
         con.print(t)
     if s.reason:
         con.print(f"reason: {s.reason}")
+    _print_lessons(lessons, lessons_problem)
     if d.artifacts:
         t = Table(title="artifacts")
         for col in ("path", "kind", "size", "sha256"):
@@ -182,12 +239,16 @@ def _print_detail(d: GenerationDetail) -> None:
 @json_option
 @click.pass_context
 def show(ctx: click.Context, n: int, ledger_url: str | None, as_json: bool) -> None:
-    """All about generation N: lineage to the base, config, data manifest, metrics, artifacts, events."""
-    d = _open(ctx, ledger_url).generation(n)
+    """All about generation N: lineage to the base, config, data manifest, metrics, artifacts, events, and
+    its lessons: each experience, probe and held-out rated reply with the parent's and the child's reply."""
+    led = _open(ctx, ledger_url)
+    d = led.generation(n)
+    found, problem = _lessons(led, d)
     if as_json:
-        _echo_json(d.to_dict())
+        _echo_json(d.to_dict() | {"lessons": {u.name: [asdict(x) for x in items] for u, items in found},
+                                  "lessons_problem": problem})
     else:
-        _print_detail(d)
+        _print_detail(d, found, problem)
 
 
 def _print_report(r: VerifyReport) -> None:

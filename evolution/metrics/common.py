@@ -5,7 +5,9 @@ A metric is one ``Metric`` unit: a name and a version, how it is measured on a G
 rules it must meet against ``GateConfig`` (``rules``: absolute thresholds and non-inferiority
 against the parent, each a ``Check``). A unit that has too few items to say anything returns
 ``Measured(None, note=...)``: the gate then skips its rules, names the note in the report, and
-does not block on it.
+does not block on it. A unit measured item by item on what the agent taught (experience, probes,
+rated replies) also lists its ``lessons``: each item with the parent's and the child's reply and
+score side by side, which ``eval.md`` and ``evolve ledger show`` print.
 """
 
 from __future__ import annotations
@@ -110,6 +112,39 @@ class Models:
         self.close()
 
 
+@dataclass(frozen=True)
+class Lesson:
+    """One item a metric asked, child beside parent (None: that model has no measurement of it)."""
+
+    asked: str
+    """The prompt or question (its last user turn)."""
+    wanted: str
+    """What counts as right: the approved reply, the accepted answers, or the rated reply with its label."""
+    parent_reply: str | None
+    parent_score: float | None
+    child_reply: str | None
+    child_score: float | None
+    outcome: str
+    """The change in words: e.g. 'learned', 'forgotten', 'closer', 'further', 'same', '-' (nothing to compare)."""
+
+
+def change(child: float | None, parent: float | None, higher_is_better: bool = True,
+           words: tuple[str, str, str] = ("better", "worse", "same"), tolerance: float = 1e-6) -> str:
+    """``words`` (gain, loss, tie) for the child's score against the parent's; '-' when either is missing."""
+    if child is None or parent is None:
+        return "-"
+    d = (child - parent) if higher_is_better else (parent - child)
+    return words[2] if abs(d) <= tolerance else words[0] if d > 0 else words[1]
+
+
+def pair_items(child: Measured, parent: Measured | None, key) -> list[tuple[dict, dict | None]]:
+    """Each of the child's ``details["items"]`` with the parent's item of the same ``key(item)`` (None: none)."""
+    theirs: dict = {}
+    for item in (parent.details.get("items", []) if parent is not None else []):
+        theirs.setdefault(key(item), []).append(item)
+    return [(item, (theirs.get(key(item)) or [None]).pop(0)) for item in child.details.get("items", [])]
+
+
 class Metric:
     """A gate metric. Set ``name`` (and bump ``version`` whenever its numbers would change) and implement
     ``measure``; the rest has defaults. ``TABLE`` in ``evolution.metrics`` lists the units the gate runs."""
@@ -120,6 +155,10 @@ class Metric:
     """Its row in ``eval.md`` (default: the name)."""
     required: tuple[str, ...] = ()
     """``GateConfig`` fields that must be set: with one unset the gate passes nothing."""
+    lessons_title: str = ""
+    """The heading of its lessons in ``eval.md`` and ``evolve ledger show`` (a metric with lessons sets it)."""
+    lessons_columns: tuple[str, str, str] = ("asked", "wanted", "score")
+    """Names of the asked, wanted and score columns of its lessons."""
 
     def settings(self, inputs: Inputs) -> dict:
         """Settings beyond the eval set that change the measured numbers (hashed with the eval set)."""
@@ -142,6 +181,10 @@ class Metric:
 
     def markdown(self, child: Measured) -> list[str]:
         """Extra lines of ``eval.md`` (e.g. every answer)."""
+        return []
+
+    def lessons(self, child: Measured, parent: Measured | None) -> list[Lesson]:
+        """Each item it measured on the child, beside the parent's measurement of the same item (reports only)."""
         return []
 
 

@@ -5,14 +5,16 @@ trained on (``data/preference.jsonl``: a good reply, or a correction, is the ref
 temperature 0, and scored with ROUGE-L F1 (Google's ``rouge-score``) against the reference; the
 value is the mean. Child and parent answer the same prompts, so the difference is what the
 child took from its experience. With fewer than ``gate.min_experience_items`` items it says "not
-enough data" and does not block. Rule: ``gate.experience_margin`` below the parent.
+enough data" and does not block. Rule: ``gate.experience_margin`` below the parent. Its lessons: each
+prompt with the approved reply, the parent's and the child's reply and their ROUGE-L.
 """
 
 from __future__ import annotations
 
 from evolution import evals
 from evolution.config import GateConfig
-from evolution.metrics.common import Check, Inputs, Measured, Metric, Models, not_below_parent
+from evolution.metrics.common import (Check, Inputs, Lesson, Measured, Metric, Models, change, not_below_parent,
+                                      pair_items)
 
 _SCORER = None
 
@@ -30,6 +32,8 @@ def rouge_l(reply: str, reference: str) -> float:
 class ExperienceSimilarity(Metric):
     name = "experience_similarity"
     label = "experience similarity (ROUGE-L)"
+    lessons_title = "experience (the approved replies the child trained on; ROUGE-L against each)"
+    lessons_columns = ("prompt", "approved reply", "ROUGE-L")
 
     def settings(self, inputs: Inputs) -> dict:
         return {"answer_max_tokens": inputs.cfg.answer_max_tokens, "min_items": inputs.cfg.min_experience_items}
@@ -49,7 +53,7 @@ class ExperienceSimilarity(Metric):
     def rules(self, child: Measured, parent: Measured | None, cfg: GateConfig) -> list[Check]:
         return not_below_parent(self.name, child.value, parent, cfg, "experience_margin")
 
-    def markdown(self, child: Measured) -> list[str]:
-        lines = [f"- {r['score']:.2f} {r['prompt'][:80]!r} → {r['reply'][:100]!r} (wanted {r['reference'][:80]!r})"
-                 for r in child.details["items"]]
-        return ["## Experience replies (ROUGE-L against the approved reply)", ""] + lines
+    def lessons(self, child: Measured, parent: Measured | None) -> list[Lesson]:
+        return [Lesson(c["prompt"], c["reference"], p and p["reply"], p and p["score"], c["reply"], c["score"],
+                       change(c["score"], p and p["score"], words=("closer", "further", "same")))
+                for c, p in pair_items(child, parent, lambda r: (r["prompt"], r["reference"]))]

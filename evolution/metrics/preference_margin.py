@@ -7,14 +7,19 @@ logits on the GGUF, each reply scored as the assistant's answer to its own promp
 the model's chat template. In nats per token; higher is better. A child that learned the replies
 rated bad loses margin against its parent. With fewer than ``gate.min_preference_items`` held-out
 replies, or without both a good and a bad one, it says "not enough data" and does not block.
-Rule: ``gate.preference_margin_drop`` below the parent's.
+Rule: ``gate.preference_margin_drop`` below the parent's. Its lessons: each held-out rated reply with its
+label, the log-likelihood parent and child give it, and what each of them answers to its prompt itself
+(temperature 0; asked for the report, no rule uses it).
 """
 
 from __future__ import annotations
 
+import json
+
 from evolution import evals
 from evolution.config import GateConfig
-from evolution.metrics.common import Check, Inputs, Measured, Metric, Models, not_below_parent
+from evolution.metrics.common import (Check, Inputs, Lesson, Measured, Metric, Models, change, not_below_parent,
+                                      pair_items)
 
 
 def scored_replies(items: list[dict]) -> list[tuple[list[dict], str, bool]]:
@@ -38,9 +43,12 @@ def margin(scores: list[tuple[float, bool]]) -> float:
 class PreferenceMargin(Metric):
     name = "preference_margin"
     label = "preference margin (nats/token)"
+    lessons_title = ("held-out rated replies (never trained on; mean log-likelihood per token of the rated reply: "
+                     "higher is better for a good one, lower for a bad one; each model's own answer beside it)")
+    lessons_columns = ("prompt", "rated reply", "log-lik.")
 
     def settings(self, inputs: Inputs) -> dict:
-        return {"min_items": inputs.cfg.min_preference_items}
+        return {"min_items": inputs.cfg.min_preference_items, "answer_max_tokens": inputs.cfg.answer_max_tokens}
 
     def measure(self, models: Models, inputs: Inputs) -> Measured:
         replies, least = scored_replies(inputs.es.preference_heldout), inputs.cfg.min_preference_items
@@ -48,11 +56,17 @@ class PreferenceMargin(Metric):
         if len(replies) < least or kinds != {True, False}:
             return Measured(None, note=f"{len(replies)} held-out rated replies ({sum(g for *_, g in replies)} good), "
                                        f"at least {least} with both labels needed (gate.min_preference_items)")
+        answers: dict[str, str] = {}  # the model's own answer to each prompt, asked before the scorer is opened
+        for prompt, _, _ in replies:
+            key = json.dumps(prompt, sort_keys=True)
+            if key not in answers:
+                answers[key] = evals.reply(models.llm, prompt, inputs.cfg.answer_max_tokens)
         rows = []
         for prompt, reply, good in replies:
             lp = evals.reply_logprob(models.scorer, prompt, reply)
             if lp is not None:
-                rows.append({"prompt": prompt[-1]["content"], "reply": reply, "good": good, "logprob": lp})
+                rows.append({"prompt": prompt[-1]["content"], "reply": reply, "good": good, "logprob": lp,
+                             "answer": answers[json.dumps(prompt, sort_keys=True)]})
         if {r["good"] for r in rows} != {True, False}:
             return Measured(None, note="the held-out replies did not fit the context window")
         return Measured(margin([(r["logprob"], r["good"]) for r in rows]), {"items": rows})
@@ -60,7 +74,8 @@ class PreferenceMargin(Metric):
     def rules(self, child: Measured, parent: Measured | None, cfg: GateConfig) -> list[Check]:
         return not_below_parent(self.name, child.value, parent, cfg, "preference_margin_drop")
 
-    def markdown(self, child: Measured) -> list[str]:
-        lines = [f"- {'good' if r['good'] else 'bad '} {r['logprob']:.3f} {r['prompt'][:60]!r} → {r['reply'][:80]!r}"
-                 for r in child.details["items"]]
-        return ["## Held-out rated replies (mean log-likelihood per token)", ""] + lines
+    def lessons(self, child: Measured, parent: Measured | None) -> list[Lesson]:
+        return [Lesson(c["prompt"], f"{'good' if c['good'] else 'bad'}: {c['reply']}", p and p.get("answer"),
+                       p and p["logprob"], c.get("answer"), c["logprob"],
+                       change(c["logprob"], p and p["logprob"], higher_is_better=c["good"], tolerance=1e-4))
+                for c, p in pair_items(child, parent, lambda r: (r["prompt"], r["reply"], r["good"]))]

@@ -5,6 +5,7 @@ it taught in other words than it taught it. They are never trained on, and every
 all of them again, so a fact the lineage forgets shows as a drop against the parent. Scored like
 ``recall`` (``evolution.evals.is_correct``). With fewer than ``gate.min_probe_items`` probes the
 value is None ("not enough data") and nothing is blocked. Rule: ``gate.probe_margin`` below the parent.
+Its lessons: each probe with its accepted answers, the parent's and the child's answer, right or wrong.
 """
 
 from __future__ import annotations
@@ -13,12 +14,14 @@ from dataclasses import asdict
 
 from evolution import evals
 from evolution.config import GateConfig
-from evolution.metrics.common import Check, Inputs, Measured, Metric, Models, not_below_parent
+from evolution.metrics.common import Check, Inputs, Lesson, Measured, Metric, Models, not_below_parent, pair_items
 
 
 class ProbeRecall(Metric):
     name = "probe_recall"
     label = "probe recall"
+    lessons_title = "probes (questions the agent posted, never trained on; 1 = answered right)"
+    lessons_columns = ("question", "accepted answers", "right")
 
     def settings(self, inputs: Inputs) -> dict:
         return {"answer_max_tokens": inputs.cfg.answer_max_tokens, "min_items": inputs.cfg.min_probe_items}
@@ -28,10 +31,19 @@ class ProbeRecall(Metric):
         if len(items) < least:
             return Measured(None, note=f"{len(items)} probe(s) posted, at least {least} needed (gate.min_probe_items)")
         score, results = evals.recall(models.llm, items, inputs.cfg.answer_max_tokens)
-        return Measured(score, {"items": [asdict(r) for r in results]})
+        return Measured(score, {"items": [asdict(r) | {"answers": list(i["answers"])}
+                                          for i, r in zip(items, results)]})
 
     def rules(self, child: Measured, parent: Measured | None, cfg: GateConfig) -> list[Check]:
         return not_below_parent(self.name, child.value, parent, cfg, "probe_margin")
 
-    def markdown(self, child: Measured) -> list[str]:
-        return ["## Probe answers", ""] + evals.answer_lines(child.details["items"])
+    def lessons(self, child: Measured, parent: Measured | None) -> list[Lesson]:
+        return [Lesson(c["question"], " / ".join(c.get("answers", [])) or "-", p and p["reply"],
+                       None if p is None else float(p["correct"]), c["reply"], float(c["correct"]),
+                       "-" if p is None else _OUTCOME[c["correct"], p["correct"]])
+                for c, p in pair_items(child, parent, lambda r: r["id"])]
+
+
+_OUTCOME = {(True, False): "learned", (False, True): "forgotten", (True, True): "still right",
+            (False, False): "still wrong"}
+"""(child right, parent right): the probe's outcome in words."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from evolution.config import GateConfig
 from evolution.metrics.common import Check, Inputs, Measured, Metric, Models
+from evolution.untrusted import markdown_cell
 
 
 def ask(llm, prompt: str, max_tokens: int) -> dict:
@@ -45,4 +46,5 @@ class Smoke(Metric):
 
     def markdown(self, child: Measured) -> list[str]:
         d = child.details
-        return [f"Smoke reply ({d['finish_reason']}, {d['completion_tokens']} tokens): {d['reply'][:200]!r}", ""]
+        reply = markdown_cell(d["reply"], 200)
+        return [f"Smoke reply ({d['finish_reason']}, {d['completion_tokens']} tokens): {reply}", ""]
