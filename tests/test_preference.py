@@ -223,3 +223,23 @@ def test_progress_waits_only_for_the_stages_that_will_run():
     assert planned(cfg, {"preference": RATINGS}) == ["cpt", "sft", "preference"]
     cfg.preference.method = "off"
     assert planned(cfg, {"preference": RATINGS}) == ["cpt", "sft"]
+
+
+def _rendered_len(tokenizer, prompt: list[dict], reply: str) -> int:
+    return len(tokenizer.apply_chat_template(prompt + [{"role": "assistant", "content": reply}], tokenize=True,
+                                             return_dict=False))
+
+
+@pytest.mark.parametrize("records, method", [(CORRECTIONS, "dpo"), (RATINGS, "kto")])
+def test_tokens_per_s_counts_the_real_tokens_of_the_batches(records, method, tiny_base, tokenizer, tiny_cfg, tmp_path):
+    """Every row is seen once (one epoch): the tokens counted are those of each rendered prompt + reply (both
+    replies of a DPO pair), no padding."""
+    m = _train(tiny_base, records, _cfg(method=method, max_steps=None), tiny_cfg, tmp_path / "work")
+    assert m.method == method and m.steps == len(records) // 4
+    want = sum(_rendered_len(tokenizer, r["prompt"], r["chosen"]) + _rendered_len(tokenizer, r["prompt"], r["rejected"])
+               if "chosen" in r else _rendered_len(tokenizer, r["prompt"], r["reply"]) for r in records)
+    assert m.tokens == want > 0
+    assert m.tokens_per_s > 0
+    from evolution.train import stage_record
+
+    assert stage_record(m)["tokens_per_s"] == m.tokens_per_s

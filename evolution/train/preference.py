@@ -142,6 +142,9 @@ def args(cfg: PreferenceConfig) -> dict:
         "precompute_ref_batch_size": 2 * cfg.batch_size,  # no gradients kept: a larger batch fits
         "desirable_weight": cfg.desirable_weight,  # KTO only (trainer below)
         "undesirable_weight": cfg.undesirable_weight,
+        # The batches' real tokens (prompt + completion; chosen and rejected for DPO), as counted from their attention
+        # masks: what tokens/s in metrics.json and the ledger is made of. (The KL rows KTO also runs are not counted.)
+        "include_num_input_tokens_seen": "non_padding",
     }
 
 
