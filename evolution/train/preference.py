@@ -16,6 +16,12 @@ The reference policy is the parent, loaded as a frozen model of its own (``_refe
 are rendered by TRL with the tokenizer's own chat template (the one the GGUF carries and llama.cpp
 renders at serve time); a completion is the rendered assistant turn, the reply and its end-of-turn
 tokens. Checkpoints, resume, progress and the adapter handed on are the runner's, as for CPT and SFT.
+
+On the ``hf`` backend the trainers' log-probabilities (policy, reference, KTO's KL rows) come from
+``evolution.train.logprobs``: the padded batch packed into lanes and the LM head run on the reply
+tokens only, where TRL's CPU path runs the padding and projects every position
+(``bench/train_bench.py`` measures it against stock TRL). With ``precompute_ref_log_probs`` the
+parent's log-probabilities are computed once by TRL's own forward, before the trainer is patched.
 """
 
 from __future__ import annotations
@@ -204,6 +210,13 @@ def trainer(model, tokenizer, rows: list[dict], args: dict, callbacks: list, bac
         ref = _reference(parent, model)
         built = cls(model=model, ref_model=ref, args=config, train_dataset=Dataset.from_list(rows),
                     processing_class=tokenizer, callbacks=callbacks)
+    if backend == "hf":  # padding-free, the LM head on the reply tokens only (TRL's CPU path scores every position)
+        from evolution.train import logprobs
+
+        logprobs.install(built.model.get_base_model(), built.accelerator.autocast,
+                         ("log_probs", "entropy", "mean_logits", "is_top1"))
+        if built.ref_model is not None:
+            logprobs.install(built.ref_model, built.accelerator.autocast)
     if config.precompute_ref_log_probs:
         built.ref_model = None  # its log-probs are in the dataset now; training never calls it
     return built
