@@ -261,11 +261,16 @@ def main() -> None:
     ap.add_argument("--only", choices=STAGES, action="append", help="this stage only (repeatable)")
     ap.add_argument("--skip-baseline", action="store_true", help="no plain loop")
     ap.add_argument("--skip-trl", action="store_true", help="no stock TRL (with --skip-baseline: ours only, for trying levers)")
+    ap.add_argument("--preference-attention", choices=("eager", "sdpa"),
+                    help="try this attention for our preference stage on the CPU (a lever; default: the stage's own)")
     ap.add_argument("--json", type=Path, help="also write the figures here")
     ap.add_argument("--base", type=Path, help="an HF checkpoint of the embedded model made earlier (skips ~20 s)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     from evolution.train import BY_NAME, resolve_precision, train
+
+    if args.preference_attention:
+        BY_NAME["preference"] = dataclasses.replace(BY_NAME["preference"], cpu_attention=args.preference_attention)
 
     cfg = AgeUpConfig().train
     n = args.warmup + args.steps
@@ -316,7 +321,8 @@ def main() -> None:
             if result.stages[name].method not in (None, stage):
                 raise RuntimeError(f"{stage}: our preference stage chose {result.stages[name].method}")
             rate, tokens = timer.rate()
-            row["ours"] = {"tokens_per_s": rate, "tokens": tokens, "precision": resolve_precision(ours.precision)}
+            row["ours"] = {"tokens_per_s": rate, "tokens": tokens, "precision": resolve_precision(ours.precision),
+                           "attention": BY_NAME[name].cpu_attention}
             print(f"{stage} ours: {rate:.0f} tokens/s", flush=True)
             results["stages"][stage] = row
 
@@ -334,7 +340,7 @@ def main() -> None:
             vs_trl = f"{r['tokens_per_s'] / trl:.2f}x" if trl else "-"
             if name == "ours" and trl:
                 row["ours_vs_trl"] = r["tokens_per_s"] / trl
-            label = labels[name] if name in labels else f"ours ({r['precision']})"
+            label = labels[name] if name in labels else f"ours ({r['precision']}, {r['attention']})"
             print(f"| {stage} | {label} | {r['tokens_per_s']:.0f} | {gf:.0f} | {100 * gf / peak['fp32']:.0f} % "
                   f"| {100 * gf / peak['bf16']:.0f} % | {vs} | {vs_trl} |")
     ratios = {stage: row["ours_vs_trl"] for stage, row in results["stages"].items() if "ours_vs_trl" in row}

@@ -238,5 +238,5 @@ STAGE = Stage(
     inbox=inbox,
     plan=plan,
     args=args,
-    cpu_attention="sdpa",  # TRL pads each row: a plain causal mask with padding
+    cpu_attention="eager",  # lanes of several rows (evolution.train.logprobs): a block mask, as SFT's
 )
