@@ -231,10 +231,17 @@ def _rendered_len(tokenizer, prompt: list[dict], reply: str) -> int:
 
 
 @pytest.mark.parametrize("records, method", [(CORRECTIONS, "dpo"), (RATINGS, "kto")])
-def test_tokens_per_s_counts_the_real_tokens_of_the_batches(records, method, tiny_base, tokenizer, tiny_cfg, tmp_path):
+def test_tokens_per_s_counts_the_real_tokens_of_the_batches(records, method, tiny_base, tokenizer, tiny_cfg, tmp_path,
+                                                            monkeypatch):
     """Every row is seen once (one epoch): the tokens counted are those of each rendered prompt + reply (both
-    replies of a DPO pair), no padding."""
+    replies of a DPO pair), no padding. The log-probabilities come from the packed forward, for policy and parent."""
+    from evolution.train import logprobs
+
+    calls, packed = [], logprobs.packed
+    monkeypatch.setattr(logprobs, "packed", lambda model, *a: calls.append(type(model).__name__) or packed(model, *a))
     m = _train(tiny_base, records, _cfg(method=method, max_steps=None), tiny_cfg, tmp_path / "work")
+    per_step = 4 if method == "kto" else 2  # KTO: KL rows and completions, policy and parent; DPO: policy and parent
+    assert len(calls) == per_step * m.steps
     assert m.method == method and m.steps == len(records) // 4
     want = sum(_rendered_len(tokenizer, r["prompt"], r["chosen"]) + _rendered_len(tokenizer, r["prompt"], r["rejected"])
                if "chosen" in r else _rendered_len(tokenizer, r["prompt"], r["reply"]) for r in records)
