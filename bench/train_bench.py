@@ -243,8 +243,8 @@ def stock_trl(stage: str, base: Path, tok, records: list[dict], cfg: TrainConfig
             n_good = sum(r["label"] for r in rows)
             extra = dict(zip(("desirable_weight", "undesirable_weight"),
                              preference.kto_weights(pref_cfg, n_good, len(rows) - n_good)))
-        conf = conf_cls(**common, per_device_train_batch_size=pref.batch_size, gradient_accumulation_steps=pref.grad_accum,
-                        max_length=pref.max_len, beta=pref.beta, include_num_input_tokens_seen="non_padding", **extra)
+        conf = conf_cls(**common, per_device_train_batch_size=pref.batch_size,
+                        gradient_accumulation_steps=pref.grad_accum, max_length=pref.max_len, beta=pref.beta, include_num_input_tokens_seen="non_padding", **extra)
         trainer = cls(model=model, args=conf, train_dataset=Dataset.from_list(rows), processing_class=tok,
                       peft_config=_lora(cfg), callbacks=[timer.callback()])
     from transformers.trainer_callback import PrinterCallback
@@ -260,7 +260,8 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3, help="untimed steps first (default 3)")
     ap.add_argument("--only", choices=STAGES, action="append", help="this stage only (repeatable)")
     ap.add_argument("--skip-baseline", action="store_true", help="no plain loop")
-    ap.add_argument("--skip-trl", action="store_true", help="no stock TRL (with --skip-baseline: ours only, for trying levers)")
+    ap.add_argument("--skip-trl", action="store_true",
+                    help="no stock TRL (with --skip-baseline: ours only, for trying levers)")
     ap.add_argument("--preference-attention", choices=("eager", "sdpa"),
                     help="try this attention for our preference stage on the CPU (a lever; default: the stage's own)")
     ap.add_argument("--json", type=Path, help="also write the figures here")
@@ -305,7 +306,8 @@ def main() -> None:
                 row["plain"] = {"tokens_per_s": rate, "tokens": tokens}
                 print(f"{stage} plain loop: {rate:.0f} tokens/s", flush=True)
             if not args.skip_trl:
-                rate, tokens = stock_trl(stage, base, tok, records[stage], cfg, n, args.warmup, Path(tmp) / f"trl-{stage}")
+                rate, tokens = stock_trl(stage, base, tok, records[stage], cfg, n, args.warmup,
+                                         Path(tmp) / f"trl-{stage}")
                 row["trl"] = {"tokens_per_s": rate, "tokens": tokens}
                 print(f"{stage} stock TRL: {rate:.0f} tokens/s", flush=True)
             timer = StepTimer(args.warmup)

@@ -82,7 +82,7 @@ def packed(model, input_ids, attention_mask, labels, autocast, outputs: tuple[st
     unknown = set(outputs) - {"log_probs", "entropy", "mean_logits", "is_top1"}
     if unknown:
         raise ValueError(f"packed log-probs cannot compute {sorted(unknown)}")
-    full = {k: (torch.zeros(mask.shape, dtype=v.dtype, device=v.device).masked_scatter(mask, v)) for k, v in per.items()}
+    full = {k: torch.zeros(mask.shape, dtype=v.dtype, device=v.device).masked_scatter(mask, v) for k, v in per.items()}
     log_probs = full["log_probs"]
     return FusedCausalLMOutput(loss=-log_probs.sum() / mask.sum().clamp(min=1), log_probs=log_probs,
                                entropy=full.get("entropy"), mean_logits=full.get("mean_logits"),

@@ -131,7 +131,8 @@ class TrainResult:
 def stage_record(m: StageMetrics) -> dict:
     """What the ledger keeps of a stage (``training_finished``): its outcome and summarized numbers."""
     return {"steps": m.steps, "skipped": m.skipped, "method": m.method, "reason": m.reason,
-            "tokens": m.tokens, "tokens_per_s": m.tokens_per_s, "loss_first": m.loss_first, "loss_last": m.loss_last, "summary": m.summary}
+            "tokens": m.tokens, "tokens_per_s": m.tokens_per_s, "loss_first": m.loss_first, "loss_last": m.loss_last,
+            "summary": m.summary}
 
 
 def stage_dicts(train_info: dict) -> dict[str, dict]:

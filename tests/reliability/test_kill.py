@@ -293,7 +293,7 @@ def test_kill_9_during_the_preference_stage_resumes_to_a_child_that_matches_the_
     kill(f"train_step=kill@{before + 3}", "kill -9 · preference step")
     work = root.staging_dir(CHILD) / "work"
     assert (work / "sft" / "adapter").is_dir() and not (work / "preference" / "adapter").exists()
-    while _stage_left(root, "preference", PREF_STEPS) > 2:  # CPT and SFT are finished: every hit is the preference stage's
+    while _stage_left(root, "preference", PREF_STEPS) > 2:  # CPT and SFT finished: every hit is the preference stage's
         if rng.random() < 0.5:
             kill(f"train_step=kill@{rng.randint(2, 3)}", "kill -9 · preference step")
         else:
