@@ -1,11 +1,18 @@
 """Age-up wall time by stage, quick and default settings, on the embedded model.
 
-    python bench/ageup_bench.py [--skip-default] [--home DIR]
+    python bench/ageup_bench.py [--skip-default] [--home DIR] [--ratings 50]
 
 Runs the product's own commands in a fresh data root, as a user would:
 
 1. ``evolve age-up --quick``: builds generation 0 (the bootstrap, reported apart) and a quick child;
 2. ``evolve rollback --to 0``, then ``evolve age-up``: a child of generation 0 with the default settings.
+
+``--ratings N`` first keeps N served-style replies as experiences and rates them through
+``ExperienceStore`` (as ``POST /feedback`` does): the prompts and answers of the curriculum's SFT
+examples, half rated good with their own answer, half rated bad with another example's answer
+(a seeded derangement). Both age-ups then have a preference stage (a child of generation 0 takes
+every rating since it; the default settings hold a share out for the gate, as they would), and
+the preference stage's seconds and share of each age-up are printed.
 
 Prints each generation's stage times (from its ``generation.json``), the share of the age-up spent
 around training (data, merge, GGUF export, quantize, smoke, gate), the training throughput and the
@@ -52,6 +59,44 @@ def _summary(home: Path, gen: int) -> dict:
     return json.loads(found[0].read_text())
 
 
+def rate_replies(home: Path, n: int, seed: int = 0) -> tuple[int, int]:
+    """Keep ``n`` served-style replies as experiences of generation 0 and rate them; (good, bad)."""
+    import random
+
+    from evolution import curriculum
+    from evolution.experiences import ExperienceStore
+    from evolution.ledger import Ledger
+    from evolution.paths import DataRoot
+
+    sft = curriculum.load(REPO / "curriculum").sft
+    picked = random.Random(seed).sample(range(len(sft)), n)
+    answers = [sft[i]["messages"][-1]["content"] for i in picked]
+    good = bad = 0
+    with Ledger.open(DataRoot(home).prepare()) as led:
+        store = ExperienceStore(led)
+        for k, i in enumerate(picked):
+            label = "good" if k % 2 == 0 else "bad"
+            reply = answers[k] if label == "good" else answers[(k + 1) % n]  # another example's answer
+            eid = store.capture(sft[i]["messages"][:-1], reply, f"chatcmpl-bench-{k}", "evolution-gen-0", None, 0,
+                                "stop", False)
+            store.rate(eid, label)
+            good, bad = good + (label == "good"), bad + (label == "bad")
+    return good, bad
+
+
+def _preference(label: str, s: dict, wall: float | None) -> str | None:
+    pref = stage_dicts(s.get("train") or {}).get("preference")
+    if pref is None:
+        return None
+    total = sum(s["stage_seconds"].values())
+    if pref.get("skipped"):
+        return f"{label}: preference stage skipped ({pref.get('reason')})"
+    line = (f"{label}: preference stage ({pref['method']}, {pref['steps']} steps, {pref['examples']} rows, "
+            f"{pref['tokens_per_s']:.0f} tokens/s) {pref['wall_s']:.1f} s = {100 * pref['wall_s'] / total:.1f} % "
+            f"of the age-up's stages ({total:.0f} s)")
+    return line + (f", {100 * pref['wall_s'] / wall:.1f} % of the command's wall time ({wall:.0f} s)" if wall else "")
+
+
 def _row(label: str, s: dict, wall: float | None, others: float | None) -> str:
     st = s["stage_seconds"]
     total = sum(st.values())
@@ -75,19 +120,25 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--skip-default", action="store_true", help="only generation 0 and the quick age-up")
     ap.add_argument("--home", type=Path, help="data root to use (default: a new temporary one)")
+    ap.add_argument("--ratings", type=int, default=0, help="rate this many served replies first (half good, half bad)")
     args = ap.parse_args()
     home = args.home or Path(tempfile.mkdtemp(prefix="ageup-bench-"))
     print(f"data root {home}", flush=True)
+    if args.ratings:
+        good, bad = rate_replies(home, args.ratings)
+        print(f"rated {args.ratings} served replies: {good} good, {bad} bad", flush=True)
 
     wall_q, others_q = _run(home, "age-up", "--quick")
     gen0, quick = _summary(home, 0), _summary(home, 1)
     print(f"quick age-up (with generation 0): {wall_q:.0f} s", flush=True)
     rows = [_row("generation 0 bootstrap", gen0, None, None), _row("quick age-up", quick, wall_q, others_q)]
+    prefs = [_preference("quick age-up", quick, None)]
     if not args.skip_default:
         _run(home, "rollback", "--to", "0", "--reason", "ageup bench: default age-up from generation 0")
         wall_d, others_d = _run(home, "age-up")
         print(f"default age-up: {wall_d:.0f} s", flush=True)
         rows.append(_row("default age-up", _summary(home, 2), wall_d, others_d))
+        prefs.append(_preference("default age-up", _summary(home, 2), wall_d))
 
     print()
     print("| run | stages total | stage seconds | around training | training | gate | other load |")
@@ -97,6 +148,8 @@ def main() -> None:
     print(f"\n{os.cpu_count()} cores; the quick run's wall time includes generation 0 "
           f"({sum(gen0['stage_seconds'].values()):.0f} s of it); goal: default at most 10 min, "
           "at most 15 % around training")
+    for line in filter(None, prefs):
+        print(line)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,14 @@ trained on:
 3. replayed records of earlier generations — the newest generation holding a prompt wins;
    older generations' answers to it are no longer replayed.
 
+Rated replies (preference records: ``prompt`` and a reply with its label, or a chosen/rejected
+pair) follow the same rule by their prompt, with one difference: within one source every rating
+of a prompt is kept (several replies to one prompt, rated good and bad, are what KTO contrasts; a
+re-rated reply already has one newest label, ``ExperienceStore.labelled``). So the ratings of a
+prompt received since the parent replace every older generation's ratings of it, and a newer
+generation's ratings of a prompt replace an older one's; a new rating held out for the gate
+(``heldout``) supersedes the older ones all the same, though no stage trains on it.
+
 Dropped examples are counted in the manifest (``superseded``). Paraphrases of one question are
 different prompts here; a contradiction phrased differently is left to the gate.
 
@@ -68,11 +76,13 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
 
 
 def _prompt(record: dict) -> str | None:
-    """The prompt a chat record answers (recency is decided per prompt; a variant answers its source's
-    prompt); None for other records."""
+    """The prompt a record answers (recency is decided per prompt): a chat record's or a rated reply's (a variant
+    answers its source's prompt); None for other records (raw text)."""
     if "variant_of" in record:
         return record["variant_of"]
-    return prompt_key(record["messages"]) if "messages" in record else None
+    if "messages" in record:
+        return prompt_key(record["messages"])
+    return prompt_key(record["prompt"]) if "prompt" in record else None
 
 
 def _banned(record: dict, banned: set[str]) -> bool:
@@ -95,12 +105,13 @@ def _variants(rows: list[dict], n: int, budget: int, rng: random.Random, systems
 
 
 def _newest_inbox(inbox: list[tuple[int, dict]], taken: set[str]) -> tuple[list[dict], int]:
-    """One inbox record per prompt: the newest (highest id); prompts in ``taken`` are skipped."""
-    keep: dict[str | int, dict] = {}
-    for cid, record in sorted(inbox, key=lambda c: c[0]):
+    """The inbox records whose prompt is not in ``taken``: for chat records, one per prompt, the newest (highest
+    order); every rated reply (a source's ratings of one prompt are kept together)."""
+    keep: dict = {}
+    for order, record in sorted(inbox, key=lambda c: c[0]):
         p = _prompt(record)
-        keep[cid if p is None else p] = record
-    rows = [r for k, r in keep.items() if k not in taken]
+        keep[order if p is None or "messages" not in record else p] = record
+    rows = [r for r in keep.values() if _prompt(r) not in taken]
     return rows, len(inbox) - len(rows)
 
 
@@ -138,8 +149,9 @@ def heldout_record(item) -> dict:
     return {"prompt": item.prompt, "reply": item.reply, "label": item.label}
 
 
-def _hold_out(inbox: Inbox, share: float, rng: random.Random) -> tuple[Inbox, list[dict]]:
-    """Take a seeded ``share`` of the new ratings out of ``inbox``: no stage trains on them."""
+def _hold_out(inbox: Inbox, share: float, rng: random.Random) -> tuple[Inbox, Inbox]:
+    """Take a seeded ``share`` of the new ratings out of ``inbox``: no stage trains on them. Returns (the rest, the
+    ratings taken out)."""
     items = [("e", i) for i in range(len(inbox.examples))] + [("p", i) for i in range(len(inbox.pairs))]
     chosen = set(rng.sample(items, max(1, round(share * len(items)))))
     taken = [inbox.examples[i] if k == "e" else inbox.pairs[i] for k, i in sorted(chosen)]
@@ -148,7 +160,9 @@ def _hold_out(inbox: Inbox, share: float, rng: random.Random) -> tuple[Inbox, li
     keep = Inbox([c for c in inbox.conversations if f"conversation:{c[0]}" not in convs],
                  [e for i, e in enumerate(inbox.examples) if ("e", i) not in chosen],
                  [p for i, p in enumerate(inbox.pairs) if ("p", i) not in chosen])
-    return keep, [heldout_record(t) for t in taken]
+    held = Inbox((), [e for i, e in enumerate(inbox.examples) if ("e", i) in chosen],
+                 [p for i, p in enumerate(inbox.pairs) if ("p", i) in chosen])
+    return keep, held
 
 
 def materialize(root: DataRoot, cur: Curriculum, child: int, replay_ratio: float, seed: int, out: Path,
@@ -178,9 +192,10 @@ def materialize(root: DataRoot, cur: Curriculum, child: int, replay_ratio: float
     else:
         banned = set()
     rng = random.Random(seed * 1_000_003 + child)
-    held: list[dict] = []
+    held_inbox = Inbox()
     if labelled is not None and heldout > 0 and len(inbox.examples) + len(inbox.pairs) >= HELDOUT_MIN:
-        inbox, held = _hold_out(inbox, heldout, random.Random(seed * 1_000_003 + child + 7))
+        inbox, held_inbox = _hold_out(inbox, heldout, random.Random(seed * 1_000_003 + child + 7))
+    held = [heldout_record(t) for t in [*held_inbox.examples, *held_inbox.pairs]]
     data: dict[str, list[dict]] = {}
     replayed: dict[str, int] = {}
     made: dict[str, int] = {}
@@ -198,6 +213,8 @@ def materialize(root: DataRoot, cur: Curriculum, child: int, replay_ratio: float
         inbox_rows, dropped = _newest_inbox(received, taken)
         new += inbox_rows
         taken |= {p for r in inbox_rows if (p := _prompt(r)) is not None}
+        # held out for the gate, not trained on, but newer than what earlier generations hold for these prompts
+        taken |= {p for _, r in stage.inbox(held_inbox) if (p := _prompt(r)) is not None}
         taken_from_inbox += len(inbox_rows)
         superseded += dropped
         have = {_key(r) for r in new}

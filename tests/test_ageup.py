@@ -311,6 +311,7 @@ def test_age_up_trains_on_the_ratings_since_the_parent(learnable_base, tokenizer
     assert manifest["experiences"] == {"taken": 16, "through": 16}
     assert manifest["data"]["preference.jsonl"] == sha256_file(gen1 / "data" / "preference.jsonl")
     assert json.loads((gen1 / "metrics.json").read_text())["preference"]["method"] == "kto"
+    assert json.loads((gen1 / "metrics.json").read_text())["preference"]["tokens_per_s"] > 0
     # The gate asked child and parent the 8 prompts whose good reply the child trained on (ROUGE-L), and
     # said there was nothing held out to measure a preference margin on.
     gate_report = json.loads((gen1 / "eval.json").read_text())
@@ -323,6 +324,7 @@ def test_age_up_trains_on_the_ratings_since_the_parent(learnable_base, tokenizer
     assert "preference: kto, 4 steps" in shown and "rewards/margins" in shown
     # ... and its lessons: the 8 prompts, parent's and child's reply and ROUGE-L, read from gen_0001/eval.json.
     assert "lessons: experience" in shown and f" | {WEATHER[0]} | {GOOD_REPLY} | " in (gen1 / "eval.md").read_text()
+    assert finished["stages"]["preference"]["tokens_per_s"] > 0 and " tokens/s" in shown.split("preference:")[1]
 
     # nothing rated since: the next child's preference stage is skipped, and says why
     from evolution.ledger import events as ev

@@ -223,3 +223,67 @@ def test_progress_waits_only_for_the_stages_that_will_run():
     assert planned(cfg, {"preference": RATINGS}) == ["cpt", "sft", "preference"]
     cfg.preference.method = "off"
     assert planned(cfg, {"preference": RATINGS}) == ["cpt", "sft"]
+
+
+def _rendered_len(tokenizer, prompt: list[dict], reply: str) -> int:
+    return len(tokenizer.apply_chat_template(prompt + [{"role": "assistant", "content": reply}], tokenize=True,
+                                             return_dict=False))
+
+
+@pytest.mark.parametrize("records, method", [(CORRECTIONS, "dpo"), (RATINGS, "kto")])
+def test_tokens_per_s_counts_the_real_tokens_of_the_batches(records, method, tiny_base, tokenizer, tiny_cfg, tmp_path,
+                                                            monkeypatch):
+    """Every row is seen once (one epoch): the tokens counted are those of each rendered prompt + reply (both
+    replies of a DPO pair), no padding. The log-probabilities come from the packed forward, for policy and parent."""
+    from evolution.train import logprobs
+
+    calls, packed = [], logprobs.packed
+    monkeypatch.setattr(logprobs, "packed", lambda model, *a: calls.append(type(model).__name__) or packed(model, *a))
+    m = _train(tiny_base, records, _cfg(method=method, max_steps=None), tiny_cfg, tmp_path / "work")
+    per_step = 4 if method == "kto" else 2  # KTO: KL rows and completions, policy and parent; DPO: policy and parent
+    assert len(calls) == per_step * m.steps
+    assert m.method == method and m.steps == len(records) // 4
+    want = sum(_rendered_len(tokenizer, r["prompt"], r["chosen"]) + _rendered_len(tokenizer, r["prompt"], r["rejected"])
+               if "chosen" in r else _rendered_len(tokenizer, r["prompt"], r["reply"]) for r in records)
+    assert m.tokens == want > 0
+    assert m.tokens_per_s > 0
+    from evolution.train import stage_record
+
+    assert stage_record(m)["tokens_per_s"] == m.tokens_per_s
+
+
+def test_packed_log_probs_equal_trls_fused_head_on_a_padded_batch(tiny_base):
+    """The preference stage's forward (rows packed into lanes, the LM head on labelled positions only) gives the
+    per-token numbers TRL's own fused LM head gives on the same right-padded batch, and the same gradients."""
+    import contextlib
+
+    from transformers import AutoModelForCausalLM
+    from trl.trainer.utils import add_fused_lm_head
+
+    from evolution.train import logprobs
+
+    fields = ("log_probs", "entropy", "mean_logits", "is_top1")
+    torch.manual_seed(0)
+    lengths, width = [9, 130, 4, 17, 130, 12], 130  # two lanes of 160, three rows each
+    ids = torch.randint(3, 200, (len(lengths), width))
+    mask = (torch.arange(width)[None] < torch.tensor(lengths)[:, None]).long()
+    ids = ids.masked_fill(mask == 0, 2)
+    labels = ids.masked_fill(mask == 0, -100)
+    labels[:, :3] = -100  # the prompt: no labels
+    got = {}
+    for name in ("trl", "ours"):
+        model = AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.float32, attn_implementation="eager")
+        if name == "trl":
+            add_fused_lm_head(model, outputs=fields)
+        else:
+            logprobs.install(model, contextlib.nullcontext, fields)
+        out = model(input_ids=ids, attention_mask=mask, labels=labels, fused_lm_head=True)
+        out.log_probs.sum().backward()
+        got[name] = out, model.model.layers[0].self_attn.q_proj.weight.grad.clone()
+    (trl, trl_grad), (ours, our_grad) = got["trl"], got["ours"]
+    assert torch.equal(ours.label_mask, trl.label_mask)
+    for f in ("log_probs", "entropy", "mean_logits"):
+        torch.testing.assert_close(getattr(ours, f), getattr(trl, f), rtol=1e-4, atol=1e-4)
+    assert torch.equal(ours.is_top1 & ours.label_mask, trl.is_top1.bool() & trl.label_mask)
+    torch.testing.assert_close(our_grad, trl_grad, rtol=1e-3, atol=1e-5)
+    assert logprobs._lanes(lengths) == (160, [(1, 130), (0, 0), (1, 139), (0, 130), (1, 0), (0, 147)])

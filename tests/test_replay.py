@@ -174,3 +174,47 @@ def test_a_seeded_share_of_new_ratings_is_held_out_of_every_stage_for_the_gate(c
     few = replay.materialize(root, cur, 2, 0.0, 0, tmp_path / "few", [], 0, labelled=Labelled(examples[:9], [], 9),
                              ratings_since=0, heldout=0.2)
     assert few["heldout"] == {"preference_heldout.jsonl": 0}  # fewer than 10 new ratings: all are trained on
+
+
+def test_newer_ratings_of_a_prompt_supersede_older_generations_ratings_of_it(cur, root, tmp_path):
+    """Ratings follow the recency rule by prompt: the ratings received since the parent replace what earlier
+    generations hold for the same prompt, and a newer generation's replace an older one's; all the ratings of one
+    prompt from one source are kept together (good and bad replies to it are what KTO contrasts)."""
+    from evolution.experiences import Example, Labelled
+
+    live = [{"role": "user", "content": "Where do you live?"}]
+    tea = [{"role": "user", "content": "Favourite tea?"}]
+    book = [{"role": "user", "content": "Favourite book?"}]
+    write_jsonl(root.gen_dir(1) / "data" / "preference.jsonl", [
+        {"prompt": live, "reply": "I live in Lisbon.", "label": "good"},
+        {"prompt": live, "reply": "I live in Faro.", "label": "bad"},
+        {"prompt": tea, "reply": "Green.", "label": "good"},
+        {"prompt": book, "chosen": "Moby-Dick.", "rejected": "None."}])
+    write_jsonl(root.gen_dir(2) / "data" / "preference.jsonl", [
+        {"prompt": tea, "reply": "Black.", "label": "good"},
+        {"prompt": tea, "reply": "Green.", "label": "bad"}])
+    new = Labelled([Example("completion:9", 20, [{"role": "user", "content": "where do you LIVE"}],
+                            "I live in Faro.", "good"),
+                    Example("completion:10", 21, live, "I live in Lisbon.", "bad")], [], through=21)
+    out = tmp_path / "child3"
+    m = replay.materialize(root, cur, 3, 10.0, 0, out, [], 0, labelled=new, ratings_since=7)
+    rows = _lines(out / "preference.jsonl")
+    assert rows[:2] == [{"prompt": [{"role": "user", "content": "where do you LIVE"}], "reply": "I live in Faro.",
+                         "label": "good"}, {"prompt": live, "reply": "I live in Lisbon.", "label": "bad"}]
+    replayed = rows[2:]
+    assert sorted(json.dumps(r, sort_keys=True) for r in replayed) == sorted(json.dumps(r, sort_keys=True) for r in [
+        {"prompt": tea, "reply": "Black.", "label": "good"}, {"prompt": tea, "reply": "Green.", "label": "bad"},
+        {"prompt": book, "chosen": "Moby-Dick.", "rejected": "None."}])  # generation 2's tea, not generation 1's
+    assert m["replayed"]["preference"] == 3 and m["conversations"]["superseded"] >= 3
+
+    # a new rating held out for the gate supersedes the older ones all the same
+    many = Labelled([Example(f"completion:{i}", 30 + i, [{"role": "user", "content": f"Q{i}?"}], "A.", "good")
+                     for i in range(9)] + [Example("completion:99", 50, tea, "Oolong.", "good")], [], through=50)
+    for seed in range(40):
+        out = tmp_path / f"held-{seed}"
+        replay.materialize(root, cur, 3, 10.0, seed, out, [], 0, labelled=many, ratings_since=7, heldout=0.1)
+        if "Oolong." in (out / "preference_heldout.jsonl").read_text():
+            break
+    else:
+        pytest.fail("no seed held the tea rating out")
+    assert "Favourite tea" not in (out / "preference.jsonl").read_text()

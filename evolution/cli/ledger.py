@@ -132,6 +132,8 @@ def _stage_line(st: dict) -> str:
     parts.append(f"{st.get('steps', 0)} steps" + (" (skipped)" if st.get("skipped") and not st.get("steps") else ""))
     if st.get("loss_first") is not None:
         parts.append(f"loss {st['loss_first']:.4g} → {st['loss_last']:.4g}")
+    if st.get("tokens_per_s"):
+        parts.append(f"{st['tokens_per_s']:.0f} tokens/s")
     parts += [f"{k} {v:.4g}" for k, v in (st.get("summary") or {}).items() if k.startswith("rewards/")]
     line = ", ".join(parts)
     return line + (f" — {st['reason']}" if st.get("reason") else "")

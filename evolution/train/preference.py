@@ -16,6 +16,12 @@ The reference policy is the parent, loaded as a frozen model of its own (``_refe
 are rendered by TRL with the tokenizer's own chat template (the one the GGUF carries and llama.cpp
 renders at serve time); a completion is the rendered assistant turn, the reply and its end-of-turn
 tokens. Checkpoints, resume, progress and the adapter handed on are the runner's, as for CPT and SFT.
+
+On the ``hf`` backend the trainers' log-probabilities (policy, reference, KTO's KL rows) come from
+``evolution.train.logprobs``: the padded batch packed into lanes and the LM head run on the reply
+tokens only, where TRL's CPU path runs the padding and projects every position
+(``bench/train_bench.py`` measures it against stock TRL). With ``precompute_ref_log_probs`` the
+parent's log-probabilities are computed once by TRL's own forward, before the trainer is patched.
 """
 
 from __future__ import annotations
@@ -142,6 +148,9 @@ def args(cfg: PreferenceConfig) -> dict:
         "precompute_ref_batch_size": 2 * cfg.batch_size,  # no gradients kept: a larger batch fits
         "desirable_weight": cfg.desirable_weight,  # KTO only (trainer below)
         "undesirable_weight": cfg.undesirable_weight,
+        # The batches' real tokens (prompt + completion; chosen and rejected for DPO), as counted from their attention
+        # masks: what tokens/s in metrics.json and the ledger is made of. (The KL rows KTO also runs are not counted.)
+        "include_num_input_tokens_seen": "non_padding",
     }
 
 
@@ -201,6 +210,13 @@ def trainer(model, tokenizer, rows: list[dict], args: dict, callbacks: list, bac
         ref = _reference(parent, model)
         built = cls(model=model, ref_model=ref, args=config, train_dataset=Dataset.from_list(rows),
                     processing_class=tokenizer, callbacks=callbacks)
+    if backend == "hf":  # padding-free, the LM head on the reply tokens only (TRL's CPU path scores every position)
+        from evolution.train import logprobs
+
+        logprobs.install(built.model.get_base_model(), built.accelerator.autocast,
+                         ("log_probs", "entropy", "mean_logits", "is_top1"))
+        if built.ref_model is not None:
+            logprobs.install(built.ref_model, built.accelerator.autocast)
     if config.precompute_ref_log_probs:
         built.ref_model = None  # its log-probs are in the dataset now; training never calls it
     return built
@@ -222,5 +238,5 @@ STAGE = Stage(
     inbox=inbox,
     plan=plan,
     args=args,
-    cpu_attention="sdpa",  # TRL pads each row: a plain causal mask with padding
+    cpu_attention="eager",  # lanes of several rows (evolution.train.logprobs): a block mask, as SFT's
 )

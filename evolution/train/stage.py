@@ -56,8 +56,9 @@ class Stage:
     curriculum: Callable[[Any], Records]
     """curriculum(cur): its records in the curriculum (``evolution.curriculum.Curriculum``)."""
     inbox: Callable[[Inbox], list[tuple[Any, dict]]] = lambda inbox: []
-    """inbox(inbox): its ``(order, record)`` from what the chat agent sent since the parent; for records
-    that answer the same prompt, the one of the highest ``order`` wins (``evolution.replay``)."""
+    """inbox(inbox): its ``(order, record)`` from what the chat agent sent since the parent; for chat records
+    that answer the same prompt, the one of the highest ``order`` wins; rated replies of one prompt are all kept,
+    and replace older generations' ratings of it (``evolution.replay``, Recency)."""
     plan: Callable[[Records, Any], tuple[str | None, str]] = _runs
     """plan(records, settings): (method, why) before any model is loaded; method 'skip' skips the stage and
     records why, None runs it with no method to name (a stage with no rows is skipped all the same)."""
@@ -130,7 +131,8 @@ class TrainResult:
 def stage_record(m: StageMetrics) -> dict:
     """What the ledger keeps of a stage (``training_finished``): its outcome and summarized numbers."""
     return {"steps": m.steps, "skipped": m.skipped, "method": m.method, "reason": m.reason,
-            "loss_first": m.loss_first, "loss_last": m.loss_last, "summary": m.summary}
+            "tokens": m.tokens, "tokens_per_s": m.tokens_per_s, "loss_first": m.loss_first, "loss_last": m.loss_last,
+            "summary": m.summary}
 
 
 def stage_dicts(train_info: dict) -> dict[str, dict]:

@@ -14,6 +14,10 @@ target and recording the rollback. After every kill, before the next start:
 
 In the end the child is served, its training says it resumed from a checkpoint, and the ledger
 holds each of its events exactly once.
+
+The preference stage (KTO on rated replies, the parent as reference) is killed the same way in a
+second story: at its training steps and its checkpoint saves, until the resumed age-up finishes
+with a child whose adapter and GGUF hash as the ledger records them.
 """
 
 from __future__ import annotations
@@ -33,7 +37,8 @@ from safetensors import safe_open
 
 from evolution import faults, progress
 from evolution.config import AgeUpConfig
-from evolution.fsutil import make_tree_writable
+from evolution.experiences import ExperienceStore
+from evolution.fsutil import make_tree_writable, sha256_file
 from evolution.karma import DONE, RUNNING, Karma
 from evolution.ledger import Ledger
 from evolution.ledger import events as ev
@@ -48,6 +53,7 @@ SEED = 6
 SFT_STEPS = 64
 SWAP_KILLS = 5  # each: at a promotion, and at a rollback
 EXPORT_KILLS = 4  # each: after the f16 GGUF is written, and after the quantized one
+PREF_STEPS = 12
 CHILD = 1
 REPO = Path(__file__).resolve().parents[2]
 
@@ -238,3 +244,81 @@ def test_kill_9_at_every_point_of_an_age_up_loses_nothing_and_the_child_is_serve
     finally:
         assert d.stop() == 0
     print("worker runs (fault plan, seconds):", timings)
+
+
+def _stage_left(root: DataRoot, stage: str, steps: int) -> int:
+    """Steps of ``stage`` still to train after its last complete checkpoint (0 once it has finished)."""
+    d = root.staging_dir(CHILD) / "work" / stage
+    if (d / "metrics.json").is_file():
+        return 0
+    done = [json.loads((c / "trainer_state.json").read_text())["global_step"] for c in d.glob("checkpoint-*")
+            if (c / "COMPLETE").is_file()]
+    return steps - max(done, default=0)
+
+
+def test_kill_9_during_the_preference_stage_resumes_to_a_child_that_matches_the_ledger(gen0, tmp_path, tally):
+    src, base_cfg = gen0
+    root = DataRoot(copy_root(src.root, tmp_path / "root"))
+    cfg = AgeUpConfig.from_dict(base_cfg.to_dict())
+    p = cfg.train.preference
+    p.method, p.batch_size, p.grad_accum, p.max_len, p.lr = "kto", 4, 1, 96, 5e-3
+    p.epochs, p.max_steps = 10, PREF_STEPS  # the step cap ends the stage
+    cfg.train.save_steps, cfg.train.save_total_limit = 2, 2
+    cfg.curriculum.experience_heldout = 0.0
+    cfg_file = tmp_path / "worker-config.json"
+    cfg_file.write_text(json.dumps(cfg.to_dict()))
+    rng = random.Random(SEED)
+    with Ledger.open(root) as led:  # 16 rated replies to train on, and the karma request the age-up runs for
+        store = ExperienceStore(led)
+        for i in range(8):
+            for label, reply in (("good", "It is sunny and warm today."), ("bad", "I refuse to answer that.")):
+                eid = store.capture([{"role": "user", "content": f"What is the weather like in town {i}?"}], reply,
+                                    f"chatcmpl-{label}-{i}", "evolution-gen-0", None, 0, "stop", False)
+                store.rate(eid, label)
+        karma = Karma(led, threshold=1)
+        request = karma.add(1, key="kill-preference").triggered
+        karma.mark(request.id, RUNNING)
+        entries = len(led.entries())
+
+    def kill(spec: str, area: str) -> None:
+        nonlocal entries
+        with tally.fault(area):
+            proc = _worker(root, cfg_file, spec)
+            assert proc.returncode == -signal.SIGKILL, f"{spec}: exit {proc.returncode}\n{proc.stderr[-3000:]}"
+            assert progress.read(root)["train_stage"] == "preference", spec  # the kill came in the preference stage
+            entries = _check_after_kill(root, entries, tally, area)
+
+    # CPT and SFT finish, then the first kill comes at the preference stage's third step (after its first save).
+    before = cfg.train.cpt.max_steps + cfg.train.sft.max_steps
+    kill(f"train_step=kill@{before + 3}", "kill -9 · preference step")
+    work = root.staging_dir(CHILD) / "work"
+    assert (work / "sft" / "adapter").is_dir() and not (work / "preference" / "adapter").exists()
+    while _stage_left(root, "preference", PREF_STEPS) > 2:  # CPT and SFT finished: every hit is the preference stage's
+        if rng.random() < 0.5:
+            kill(f"train_step=kill@{rng.randint(2, 3)}", "kill -9 · preference step")
+        else:
+            kill(f"checkpoint_save=kill@{rng.randint(1, 2)}", "kill -9 · preference checkpoint save")
+            _, incomplete = _checkpoints(root)
+            assert incomplete, "the save was killed before its COMPLETE marker: that checkpoint must not count"
+
+    proc = _worker(root, cfg_file, None)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((root.gen_dir(CHILD) / "generation.json").read_text())
+    pref = summary["train"]["preference"]
+    assert (pref["method"], pref["steps"]) == ("kto", PREF_STEPS) and pref["resumed_from_step"] >= 2
+    assert summary["train"]["sft"]["resumed_from_step"] is None  # finished before the kills: never redone
+    with Ledger.open(root) as led:
+        report = led.verify()
+        tally.lost("kill -9 · preference step", max(0, entries - len(led.entries())) + len(report.problems))
+        assert report.ok, report.problems
+        [exported] = led.entries(gen=CHILD, kind=ev.EXPORTED)
+        artifacts = exported.payload["artifacts"]
+        assert {a["kind"] for a in artifacts} >= {"gguf", "adapter"}, artifacts
+        for a in artifacts:  # the child on disk is the child the ledger names
+            assert sha256_file(root.root / a["path"]) == a["sha256"], a["path"]
+        kinds = [e.kind for e in led.entries(gen=CHILD) if e.kind != ev.TRAINING_STARTED]
+        assert sorted(kinds) == sorted([ev.GENERATION_CREATED, ev.TRAINING_FINISHED, ev.EXPORTED, ev.GATE_RESULT])
+        finished = led.entries(gen=CHILD, kind=ev.TRAINING_FINISHED)[0].payload
+        assert finished["stages"]["preference"]["steps"] == PREF_STEPS
+        assert finished["stages"]["preference"]["tokens_per_s"] > 0
+        assert [r.label for r in ExperienceStore(led).list(limit=100)].count("good") == 8  # the ratings are all kept
