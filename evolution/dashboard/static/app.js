@@ -201,7 +201,7 @@ function chart(container, title, xs, series, xLabel) {
   const opts = {
     title, width, height: 220,
     scales: { x: { time: false } },
-    axes: [{ label: xLabel }, {}],
+    axes: [{ label: xLabel, incrs: [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000] }, {}],
     series: [{ label: xLabel }, ...series.map((s, i) => ({ label: s.label, stroke: COLORS[i % COLORS.length], width: 2,
       points: { show: true, size: 6 } }))],
   };
@@ -223,26 +223,26 @@ function metricNames(rows) {
 
 function rollbackButton(r) {
   if (readonly() || !r.rollback_target) return null;
-  return el("button", { class: "rollback", data: { gen: r.gen }, on: { click: () => confirmRollback(r.gen) } }, "roll back to " + r.gen + "…");
+  return el("button", { class: "rollback", data: { gen: r.gen }, title: "roll back: serve generation " + r.gen, on: { click: () => confirmRollback(r.gen) } }, "serve…");
 }
 
 async function pageLineage() {
   lineage = await getJSON("/ui/api/lineage");
   const rows = lineage.generations;
-  const names = metricNames(rows);
+  const names = metricNames(rows).filter((n) => rows.some((r) => r.metrics[n] !== null && r.metrics[n] !== undefined));
   const table = el("table", { id: "lineage" },
-    el("thead", {}, el("tr", {}, ["", "gen", "parent", "created (UTC)", "verdict", ...names, "sha256", "GGUF", "stage times", ""].map((h) => el("th", {}, h)))),
+    el("thead", {}, el("tr", {}, ["", "gen", "parent", "created (UTC)", "verdict", ...names, "sha256", "GGUF", "age-up time"].map((h) => el("th", {}, h)))),
     el("tbody", {}, rows.map((r) => el("tr", { class: r.served ? "served" : "", data: { gen: r.gen } },
-      el("td", {}, r.served ? el("span", { class: "badge ok", title: "served now" }, "▶ served") : ""),
+      el("td", {}, r.served ? el("span", { class: "badge ok", title: "served now" }, "▶ served") : rollbackButton(r)),
       el("td", { class: "num" }, el("a", { href: "#/gen/" + r.gen }, String(r.gen))),
       el("td", { class: "num" }, r.parent === null ? "–" : String(r.parent)),
       el("td", {}, when(r.created)),
-      el("td", {}, verdictBadge(r), r.reason ? el("div", { class: "muted" }, r.reason) : null),
+      el("td", {}, verdictBadge(r), r.reason && (r.status === "rolled_back" || r.status === "rejected") ? el("div", { class: "muted" }, r.reason) : null),
       names.map((n) => el("td", { class: "num" }, fmt(r.metrics[n]), r.deltas[n] !== undefined ? [" ", fmtDelta(n, r.deltas[n])] : null)),
       el("td", { class: "mono", title: r.gguf_sha256 || "" }, r.gguf_sha256 ? r.gguf_sha256.slice(0, 12) : "–"),
       el("td", { class: "num" }, fmtBytes(r.gguf_size), r.quantization ? el("div", { class: "muted" }, r.quantization) : null),
-      el("td", { class: "muted" }, Object.entries(r.stage_seconds || {}).map(([k, v]) => `${k} ${fmtSeconds(v)}`).join(", ") || "–"),
-      el("td", {}, rollbackButton(r))))));
+      el("td", { class: "num muted", title: Object.entries(r.stage_seconds || {}).map(([k, v]) => `${k} ${fmtSeconds(v)}`).join("\n") },
+        Object.keys(r.stage_seconds || {}).length ? fmtSeconds(Object.values(r.stage_seconds).reduce((a, b) => a + (b || 0), 0)) : "–")))));
   const chartsBox = el("div", { class: "charts" });
   main(el("h1", {}, "Lineage"), el("p", { class: "muted" }, `${rows.length} generation(s); ledger ${lineage.ledger}; deltas against each one's parent`),
     rows.length ? table : el("p", { class: "muted" }, "the ledger is empty: no generation recorded yet"), chartsBox);
