@@ -77,6 +77,33 @@ def test_evolve_ui_serves_the_lineage_read_only_with_no_actions(lineage):
         assert c.get("/ui/static/../server.py").status_code == 404
 
 
+def test_post_resume_lifts_the_stop_rule_with_the_token_only(client, daemon):
+    from evolution.ledger import events as ev
+    from evolution.promotion import paused_reason
+    from tests.conftest import SERVER_TOKEN
+
+    auth = {"Authorization": f"Bearer {SERVER_TOKEN}"}
+    assert client.post("/resume", json={}, headers=auth).status_code == 409  # not paused
+    daemon.ledger.record(ev.ageups_paused("the last 3 children did not improve recall"))
+    assert client.get("/status").json()["paused"]
+    assert client.post("/resume", json={}).status_code == 401
+    assert client.post("/resume", json={}, headers={"Authorization": "Bearer wrong"}).status_code == 401
+    assert paused_reason(daemon.ledger) is not None
+    r = client.post("/resume", json={"reason": "curriculum fixed"}, headers=auth)
+    assert r.status_code == 200 and r.json()["resumed"] is True
+    assert paused_reason(daemon.ledger) is None
+    assert daemon.ledger.entries(kind=ev.AGEUPS_RESUMED)[-1].payload["reason"] == "curriculum fixed"
+
+
+def test_the_daemon_serves_the_dashboard_beside_the_api(client):
+    page = client.get("/")
+    assert page.status_code == 200 and "<title>evolution" in page.text
+    assert "frame-ancestors 'none'" in page.headers["content-security-policy"]
+    live = client.get("/ui/api/live").json()
+    assert live["served"]["generation"] == 1 and "readonly" not in live
+    assert client.get("/ui/static/vendor/uPlot.iife.min.js").status_code == 200
+
+
 # -- in the browser, against a real daemon ---------------------------------------------------------
 
 
@@ -216,6 +243,28 @@ def test_rating_a_captured_chat_in_the_page_records_the_label(daemon_proc, page)
     page.wait_for_selector("#experiences tbody tr >> nth=0 >> .badge.ok")
     items = httpx.get(daemon_proc.url + "/ui/api/experience").json()["experiences"]
     assert next(e for e in items if e["completion_id"] == cid)["label"] == "good"
+    assert page.console.take() == []
+
+
+def test_resume_in_the_page_lifts_the_stop_rule(daemon_proc, page):
+    from evolution.ledger import Ledger
+    from evolution.ledger import events as ev
+    from evolution.paths import DataRoot
+    from evolution.promotion import paused_reason
+
+    with Ledger.open(DataRoot(daemon_proc.home)) as ledger:
+        ledger.record(ev.ageups_paused("the last 3 children did not improve recall (a test)"))
+    _open(page, daemon_proc)
+    page.fill("#token", daemon_proc.token)
+    page.click("#token-form button[type=submit]")
+    page.wait_for_selector("#live-stop:has-text('PAUSED')")
+    page.click("#resume")
+    page.wait_for_selector("#confirm[open]")
+    _shot(page, "resume-confirm")
+    page.click("#confirm-ok")
+    page.wait_for_selector("#live-stop:has-text('age-ups active')")
+    with Ledger.open(DataRoot(daemon_proc.home)) as ledger:
+        assert paused_reason(ledger) is None
     assert page.console.take() == []
 
 
