@@ -287,3 +287,15 @@ def test_a_rollback_through_the_page_changes_what_v1_models_serves(daemon_proc, 
     assert "not-the-token" not in page.url and daemon_proc.token not in page.url
     assert page.context.cookies() == []
     assert page.console.take() == []
+
+
+def test_the_page_follows_a_rollback_made_elsewhere_without_a_reload(daemon_proc, page):
+    _open(page, daemon_proc)
+    page.wait_for_selector("#lineage tbody tr[data-gen='0'].served")  # where the previous test left it
+    page.evaluate("window.__same_page = true")
+    r = httpx.post(daemon_proc.url + "/rollback", headers=daemon_proc.auth(), json={"to": 1, "reason": "elsewhere"})
+    assert r.status_code == 200, r.text
+    page.wait_for_selector("#live-served:has-text('evolution-gen-0001')")
+    page.wait_for_selector("#lineage tbody tr[data-gen='1'].served", timeout=15_000)
+    assert page.evaluate("window.__same_page") is True
+    assert page.console.take() == []

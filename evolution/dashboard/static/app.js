@@ -226,8 +226,8 @@ function rollbackButton(r) {
   return el("button", { class: "rollback", data: { gen: r.gen }, title: "roll back: serve generation " + r.gen, on: { click: () => confirmRollback(r.gen) } }, "serve…");
 }
 
-async function pageLineage() {
-  lineage = await getJSON("/ui/api/lineage");
+async function pageLineage(known) {
+  lineage = known || await getJSON("/ui/api/lineage");
   const rows = lineage.generations;
   const names = metricNames(rows).filter((n) => rows.some((r) => r.metrics[n] !== null && r.metrics[n] !== undefined));
   const table = el("table", { id: "lineage" },
@@ -463,6 +463,15 @@ async function route() {
   }
 }
 
+async function refreshLineage() {
+  // A new generation, a verdict or a rollback shows without a reload; an unchanged ledger redraws nothing.
+  if ((location.hash || "#/") !== "#/" || document.getElementById("confirm").open) return;
+  try {
+    const fresh = await getJSON("/ui/api/lineage");
+    if (JSON.stringify(fresh) !== JSON.stringify(lineage)) await pageLineage(fresh);
+  } catch (e) { /* the live panel already says the server is unreachable */ }
+}
+
 function setupToken() {
   const form = document.getElementById("token-form");
   const input = document.getElementById("token");
@@ -486,7 +495,7 @@ async function start() {
   refreshVerify();
   setInterval(refreshLive, 2000);
   setInterval(() => refreshVerify(false), 30000);
-  setInterval(() => { if ((location.hash || "#/") === "#/" && lineage && live && live.served && live.served.generation !== lineage.served) route(); }, 2000);
+  setInterval(refreshLineage, 5000);
 }
 
 document.addEventListener("DOMContentLoaded", start);
