@@ -299,3 +299,52 @@ def test_the_page_follows_a_rollback_made_elsewhere_without_a_reload(daemon_proc
     page.wait_for_selector("#lineage tbody tr[data-gen='1'].served", timeout=15_000)
     assert page.evaluate("window.__same_page") is True
     assert page.console.take() == []
+
+
+@pytest.fixture
+def ui_server(lineage, tmp_path):
+    """`evolve ui`'s app on uvicorn (a thread, a free loopback port) over a copy of the lineage, with an
+    age-up in progress: its progress file names this (live) process."""
+    import json
+    import os
+    import threading
+    import time
+
+    import uvicorn
+
+    from evolution.cli.ui import create_app
+    from evolution.ledger import Ledger
+    from evolution.paths import DataRoot
+
+    src, _ = lineage
+    root = DataRoot(tmp_path / "copy")
+    shutil.copytree(src.root, root.root)
+    now = time.time()
+    (root.logs).mkdir(parents=True, exist_ok=True)
+    (root.logs / "ageup.json").write_text(json.dumps({
+        "pid": os.getpid(), "state": "running", "started": now - 60, "gen": 2, "stage": "train",
+        "stages_done": ["data"], "train_stage": "sft", "train_stages": ["cpt", "sft"], "step": 3, "total": 10,
+        "loss": 1.25, "eta_s": 95.0, "updated": now}))
+    with Ledger.open(root) as ledger:
+        server = uvicorn.Server(uvicorn.Config(create_app(root, ledger), host="127.0.0.1", port=0, log_level="warning"))
+        t = threading.Thread(target=server.run, daemon=True)
+        t.start()
+        while not server.started:
+            time.sleep(0.02)
+        try:
+            yield f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
+        finally:
+            server.should_exit = True
+            t.join(10)
+
+
+def test_evolve_ui_in_the_browser_shows_the_age_up_progress_read_only(ui_server, page):
+    page.goto(ui_server + "/")
+    page.wait_for_selector("#lineage tbody tr")
+    ageup = page.locator("#live-ageup")
+    assert "SFT step 3/10" in ageup.inner_text() and "ETA 1 min 35 s" in ageup.inner_text()
+    assert ageup.locator("[role=progressbar]").get_attribute("aria-valuenow") == "30"
+    assert page.locator("button.rollback").count() == 0 and not page.locator("#token-form").is_visible()
+    assert "read-only" in page.locator("#mode").inner_text()
+    _shot(page, "evolve-ui-ageup")
+    assert page.console.take() == []
