@@ -15,7 +15,6 @@ from pathlib import Path
 
 from evolution import progress
 from evolution.conversations import ConversationStore
-from evolution.errors import UnknownGeneration
 from evolution.experiences import ExperienceStore
 from evolution.ledger import Ledger
 from evolution.ledger import events as ev
@@ -68,8 +67,10 @@ class View:
     # -- one generation ---------------------------------------------------------------------
 
     def generation(self, n: int) -> dict:
-        """``evolve ledger show N`` plus the gate's rows, the failed rules, both models' replies and losses."""
-        d = self.ledger.generation(n)  # UnknownGeneration
+        """``evolve ledger show N`` plus the gate's rows, the failed rules, both models' replies and losses.
+
+        Raises ``UnknownGeneration`` for a generation the ledger does not have."""
+        d = self.ledger.generation(n)
         out = d.to_dict()
         out["gate_rows"] = gate_rows(d.gate) if d.gate else []
         out["failed"] = [c for c in (d.gate or {}).get("checks") or [] if c.get("passed") is False]
@@ -192,5 +193,3 @@ def _series(seq) -> dict:
             losses.append(p)
     return {"step": steps, "loss": losses}
 
-
-__all__ = ["View", "UnknownGeneration"]
