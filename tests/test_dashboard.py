@@ -348,3 +348,12 @@ def test_evolve_ui_in_the_browser_shows_the_age_up_progress_read_only(ui_server,
     assert "read-only" in page.locator("#mode").inner_text()
     _shot(page, "evolve-ui-ageup")
     assert page.console.take() == []
+
+
+def test_evolve_ui_refuses_a_non_loopback_host_unless_allowed():
+    from click.testing import CliRunner
+
+    from evolution.cli import main
+
+    r = CliRunner().invoke(main, ["ui", "--host", "0.0.0.0"])
+    assert r.exit_code == 2 and "not a loopback address" in r.output
