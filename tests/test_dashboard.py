@@ -357,3 +357,99 @@ def test_evolve_ui_refuses_a_non_loopback_host_unless_allowed():
 
     r = CliRunner().invoke(main, ["ui", "--host", "0.0.0.0"])
     assert r.exit_code == 2 and "not a loopback address" in r.output
+
+
+# -- a hand-made ledger: a rejected child, its failed rules and replies (no model needed) ------------
+
+
+def _hand_made_lineage(root, ledger) -> None:
+    """Generation 0 (served) and a rejected generation 1 whose eval report holds curriculum text with markup."""
+    import json
+
+    from evolution.ledger import events as ev
+
+    def gguf(gen: int) -> dict:
+        d = root.gen_dir(gen)
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "model.gguf").write_bytes(f"gguf {gen}".encode())
+        return ev.artifact(root, d / "model.gguf", "gguf")
+
+    ledger.record(ev.generation_created(0, None, "base", "c0", "m0"))
+    ledger.record(ev.exported(0, [gguf(0)], quantization="q8_0"))
+    ledger.record(ev.promoted(0, metrics={"recall": 0.5, "style_drift": 0.3}))
+    ledger.record(ev.generation_created(1, 0, "base", "c1", "m1", manifest={
+        "curriculum": "curriculum/", "conversations": {"taken": 3, "superseded": 1}}))
+    ledger.record(ev.training_finished(1, steps=4, losses={"cpt": [3.0, 2.5], "sft": [2.0, 1.5, 1.2]}))
+    ledger.record(ev.exported(1, [gguf(1)], quantization="q8_0"))
+    checks = [{"metric": "recall", "rule": ">= 0.7", "passed": False, "message": "recall 0.25 is below 0.7"},
+              {"metric": "style_drift", "rule": "<= 2.0", "passed": True, "message": ""}]
+    ledger.record(ev.gate_result(0, 1, {"recall": 0.25, "style_drift": 0.2}, {"min_recall": 0.7}, "fail",
+                                 parent_metrics={"recall": 0.5, "style_drift": 0.3}, checks=checks,
+                                 reasons=["recall 0.25 is below 0.7"]))
+    ledger.record(ev.rejected(1, reason="recall 0.25 is below 0.7"))
+    hostile = "What is <img src=x onerror=\"window.__pwned = 'curriculum'\"> called?"
+    item = {"id": "q1", "question": hostile}
+    (root.gen_dir(1) / "eval.json").write_text(json.dumps({
+        "child": {"gen": 1, "details": {"recall": {"items": [item | {"reply": "<b>no</b>", "correct": False}]}}},
+        "parent": {"gen": 0, "details": {"recall": {"items": [item | {"reply": "Wren", "correct": True}]}}}}))
+
+
+def test_the_view_names_failed_rules_pairs_replies_and_computes_deltas(ledger, root):
+    from evolution.dashboard import View
+
+    _hand_made_lineage(root, ledger)
+    v = View(root, ledger)
+    gens = v.lineage()["generations"]
+    assert [g["gen"] for g in gens] == [0, 1] and gens[0]["served"] and gens[1]["status"] == "rejected"
+    assert gens[1]["deltas"]["recall"] == pytest.approx(-0.25)
+    assert not gens[1]["rollback_target"] and not gens[0]["rollback_target"]  # rejected; served already
+    g = v.generation(1)
+    assert [c["metric"] for c in g["failed"]] == ["recall"] and g["reasons"] == ["recall 0.25 is below 0.7"]
+    assert g["replies"] == [{"metric": "recall", "id": "q1", "question": g["replies"][0]["question"],
+                             "child": {"reply": "<b>no</b>", "correct": False},
+                             "parent": {"reply": "Wren", "correct": True}}]
+    assert g["losses"] == {"cpt": {"step": [0, 1], "loss": [3.0, 2.5]}, "sft": {"step": [0, 1, 2], "loss": [2.0, 1.5, 1.2]}}
+    assert g["manifest"]["conversations"] == {"taken": 3, "superseded": 1}
+    from evolution.errors import UnknownGeneration
+
+    with pytest.raises(UnknownGeneration):
+        v.generation(5)
+
+
+@pytest.fixture
+def hand_made_ui(ledger, root):
+    """`evolve ui`'s app on uvicorn over the hand-made lineage."""
+    import threading
+    import time
+
+    import uvicorn
+
+    from evolution.cli.ui import create_app
+
+    _hand_made_lineage(root, ledger)
+    server = uvicorn.Server(uvicorn.Config(create_app(root, ledger), host="127.0.0.1", port=0, log_level="warning"))
+    t = threading.Thread(target=server.run, daemon=True)
+    t.start()
+    while not server.started:
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        t.join(10)
+
+
+def test_a_rejected_generation_names_its_failed_rules_and_shows_curriculum_text_as_text(hand_made_ui, page):
+    page.goto(hand_made_ui + "/#/gen/1")
+    page.wait_for_selector("#replies tbody tr")
+    assert page.locator("#gate-verdict").inner_text() == "fail"
+    assert "recall: >= 0.7 — recall 0.25 is below 0.7" in page.locator("#failed-rules").inner_text()
+    row = page.locator("#replies tbody tr").first
+    assert "onerror=" in row.inner_text() and "<b>no</b>" in row.locator("td.child").inner_text()
+    assert "wrong" in row.inner_text() and "right" in row.inner_text()
+    assert page.locator("#replies img, #replies b").count() == 0
+    page.wait_for_selector("#losses .uplot")
+    page.wait_for_timeout(300)
+    assert page.evaluate("window.__pwned") is None
+    _shot(page, "rejected-generation")
+    assert page.console.take() == []

@@ -315,13 +315,13 @@ async function pageGeneration(n) {
 
   out.push(el("h2", {}, "Training"));
   const lossBox = el("div", { class: "charts", id: "losses" });
-  if (g.training) {
-    const stages = g.training.stages || {};
+  if (g.training && Object.keys(g.training.stages || {}).length) {
+    const stages = g.training.stages;
     out.push(el("table", {}, el("thead", {}, el("tr", {}, ["stage", "method", "steps", "loss first → last", "seconds", "note"].map((h) => el("th", {}, h)))),
       el("tbody", {}, Object.entries(stages).map(([name, st]) => el("tr", {}, el("td", {}, name), el("td", {}, st.method || "–"),
         el("td", { class: "num" }, fmt(st.steps)), el("td", { class: "num" }, st.loss_first != null ? `${fmt(st.loss_first, 4)} → ${fmt(st.loss_last, 4)}` : "–"),
         el("td", { class: "num" }, fmt(st.seconds)), el("td", { class: "muted" }, st.reason || ""))))));
-  } else {
+  } else if (!g.training) {
     out.push(el("p", { class: "muted" }, "no training recorded (generation 0 is the base model)"));
   }
   out.push(lossBox);
