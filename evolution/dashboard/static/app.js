@@ -166,6 +166,13 @@ function renderLive() {
         el("ul", {}, v.problems.slice(0, 5).map((x) => el("li", {}, `seq ${fmt(x.seq)}: ${x.what}: ${x.message}`)))],
     el("button", { id: "verify-artifacts", on: { click: () => refreshVerify(true) } }, "re-hash artifacts")));
 
+  const x = live.experiences;
+  if (x) {
+    cards.push(el("div", { class: "card", id: "live-experience" }, el("h3", {}, "experience"),
+      el("div", {}, `${x.experiences} chats kept: ${x.good} good, ${x.bad} bad, ${x.unrated} unrated`),
+      el("div", { class: "muted" }, `${live.conversations ? live.conversations.stored : 0} conversations posted · `,
+        el("a", { href: "#/experience" }, "see them"))));
+  }
   cards.push(el("div", { class: "card", id: "live-error" }, el("h3", {}, "last error"),
     live.last_error ? el("pre", { class: "bad" }, live.last_error) : el("div", { class: "muted" }, "none")));
   box.replaceChildren(el("div", { class: "cards" }, cards));
