@@ -126,6 +126,16 @@ class ConversationStore:
                 {"i": last_id})
             return [(r.id, json.loads(r.messages)) for r in rows]
 
+    def recent(self, limit: int = 30) -> list[dict]:
+        """The newest transcripts first: id, time, messages, redactions and the newest label and correction."""
+        with self.ledger.reading() as conn:
+            rows = conn.execute(text(
+                "SELECT c.id, c.time, c.messages, c.redactions, r.label, r.correction FROM conversations c"
+                " LEFT JOIN experience_ratings r ON r.id = c.rating_id ORDER BY c.id DESC LIMIT :n"),
+                {"n": int(limit)}).all()
+        return [{"id": r.id, "time": r.time, "messages": json.loads(r.messages), "redactions": json.loads(r.redactions),
+                 "label": r.label, "corrected": r.correction is not None} for r in rows]
+
     def count(self) -> tuple[int, int]:
         """(number stored, id of the newest or 0)."""
         with self.ledger.reading() as conn:

@@ -13,6 +13,8 @@ path                       token   what
 ``/probes`` (POST)         yes     ``{"question", "answers": [...]}``: asked by every later gate, never trained on
 ``/feedback`` (POST)       yes     ``{"completion_id" | "conversation_id", "label", "correction", "karma"}``
 ``/rollback`` (POST)       yes     ``{"to": N, "reason"}``: serve an earlier gated generation
+``/resume`` (POST)         yes     ``{"reason"}``: lift the stop rule (as `evolve resume`)
+``/`` and ``/ui/...``      no      the lineage dashboard (``evolution.dashboard``), read-only pages
 =========================  ======  =====================================================
 
 The token is sent as ``Authorization: Bearer <token>`` (what the ``openai`` client sends as
@@ -38,6 +40,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
+from evolution import dashboard
 from evolution import messages as messages_mod
 from evolution.config import DaemonConfig
 from evolution.errors import (
@@ -56,6 +59,8 @@ from evolution.errors import (
     UnknownExperience,
     UnknownGeneration,
 )
+from evolution.ledger import Ledger
+from evolution.paths import DataRoot
 from evolution.serving import Slot, Stream
 
 log = logging.getLogger(__name__)
@@ -71,6 +76,9 @@ class Service(Protocol):
     dcfg: DaemonConfig
     token: str
     token_source: str
+    root: DataRoot
+    ledger: Ledger
+    """Read by the dashboard's pages (``evolution.dashboard.View``); written only through the methods below."""
 
     def served(self) -> Slot | None:
         """The generation answering chats now (None while generation 0 is built)."""
@@ -98,6 +106,9 @@ class Service(Protocol):
         """Rate a served completion (``by="completion"``) or a posted transcript (``"conversation"``)."""
 
     def rollback(self, to: int, reason: str): ...
+
+    def resume(self, reason: str):
+        """Lift the stop rule (``ageups_resumed``); ``LedgerError`` when age-ups are not paused."""
 
     def status(self) -> dict: ...
 
@@ -421,6 +432,22 @@ def create_app(daemon: Service) -> FastAPI:
         except (IntegrityError, LoadError) as exc:
             raise ApiError(409, str(exc), code="not_servable", param="to") from None
         return {"served_generation": to, "ledger_seq": entry.seq}
+
+    @app.post("/resume")
+    @_counted
+    async def resume(request: Request):
+        authorize(request, True)
+        body = await _json(request)
+        reason = body.get("reason", "resumed over HTTP")
+        if not isinstance(reason, str) or len(reason) > 500:
+            raise ApiError(400, "'reason' must be text of at most 500 characters", param="reason")
+        try:
+            entry = await run_in_threadpool(daemon.resume, reason)
+        except LedgerError as exc:
+            raise ApiError(409, str(exc), code="not_paused") from None
+        return {"resumed": True, "ledger_seq": entry.seq}
+
+    app.include_router(dashboard.router(dashboard.View(daemon.root, daemon.ledger), daemon.status))
 
     @app.exception_handler(DiskFull)
     async def _disk_full(request, exc):

@@ -186,6 +186,15 @@ class Daemon:
             self.host.swap(slot)
             return entry
 
+    def resume(self, reason: str):
+        """Lift the stop rule, as `evolve resume` does; the next tick starts a queued age-up."""
+        if promotion.paused_reason(self.ledger) is None:
+            raise LedgerError("age-ups are not paused; nothing to resume")
+        entry = self.ledger.record(ev.ageups_resumed(reason))
+        log.info("age-ups resumed over HTTP (ledger seq %d): %s", entry.seq, reason)
+        self.wake()
+        return entry
+
     # -- the scheduler's job -----------------------------------------------------------------
 
     def wake(self) -> None:

@@ -1,0 +1,69 @@
+"""The dashboard's HTTP routes (FastAPI), over a ``View`` and a live-status function."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from fastapi import APIRouter, HTTPException, Query
+from fastapi.responses import FileResponse, JSONResponse
+
+from evolution.dashboard.data import View
+from evolution.errors import UnknownGeneration
+
+STATIC = Path(__file__).parent / "static"
+FILES = {"app.js": "text/javascript", "app.css": "text/css", "vendor/uPlot.iife.min.js": "text/javascript",
+         "vendor/uPlot.min.css": "text/css"}
+"""Everything the page loads; nothing else under ``static/`` is served."""
+
+CSP = ("default-src 'none'; script-src 'self'; style-src 'self' 'unsafe-inline'; connect-src 'self'; "
+       "img-src 'self' data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+"""Only the dashboard's own files run: an injected ``<script>`` or ``onerror`` would be refused even if
+a string ever reached the page as markup. Inline styles are allowed for the chart library."""
+
+HEADERS = {"Content-Security-Policy": CSP, "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer",
+           "Cache-Control": "no-store"}
+
+
+def _json(obj) -> JSONResponse:
+    return JSONResponse(obj, headers={"Cache-Control": "no-store"})
+
+
+def router(view: View, live: Callable[[], dict]) -> APIRouter:
+    r = APIRouter()
+
+    @r.get("/", include_in_schema=False)
+    def index():
+        return FileResponse(STATIC / "index.html", media_type="text/html", headers=HEADERS)
+
+    @r.get("/ui/static/{name:path}", include_in_schema=False)
+    def static(name: str):
+        if name not in FILES:
+            raise HTTPException(404)
+        return FileResponse(STATIC / name, media_type=FILES[name], headers=HEADERS | {"Cache-Control": "max-age=300"})
+
+    @r.get("/ui/api/lineage")
+    def lineage():
+        return _json(view.lineage())
+
+    @r.get("/ui/api/generation/{n}")
+    def generation(n: int):
+        try:
+            return _json(view.generation(n))
+        except UnknownGeneration as exc:
+            return JSONResponse({"error": {"message": str(exc), "type": "invalid_request_error",
+                                           "code": "generation_not_found"}}, status_code=404)
+
+    @r.get("/ui/api/live")
+    def live_state():
+        return _json(live())
+
+    @r.get("/ui/api/verify")
+    def verify(artifacts: bool = Query(False)):
+        return _json(view.verify(artifacts))
+
+    @r.get("/ui/api/experience")
+    def experience(limit: int = Query(30, ge=1, le=200)):
+        return _json(view.experience(limit))
+
+    return r
