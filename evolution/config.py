@@ -25,7 +25,7 @@ LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 QUANTIZATIONS = ("f16", "q8_0", "q6_k", "q5_k_m", "q5_0", "q4_k_m", "q4_0")
 
 
-@dataclass
+@dataclass(slots=True)
 class CurriculumConfig:
     """What to learn from."""
 
@@ -62,7 +62,7 @@ def _positive_num(name: str, value) -> list[str]:
     return []
 
 
-@dataclass
+@dataclass(slots=True)
 class CptConfig:
     """``[train.cpt]``: continual pretraining, plain causal-LM loss on raw text packed into blocks."""
 
@@ -79,7 +79,7 @@ class CptConfig:
                 + _positive_num(f"{where}.lr", self.lr))
 
 
-@dataclass
+@dataclass(slots=True)
 class SftConfig:
     """``[train.sft]``: supervised fine-tuning on chat examples, loss on the assistant's tokens only."""
 
@@ -99,7 +99,7 @@ class SftConfig:
 PREFERENCE_METHODS = ("auto", "kto", "dpo", "off")
 
 
-@dataclass
+@dataclass(slots=True)
 class PreferenceConfig:
     """``[train.preference]``: preference learning on the ratings of served replies (KTO or DPO), with the
     parent as the reference policy (``evolution.train.preference``)."""
@@ -162,7 +162,7 @@ class PreferenceConfig:
         return p
 
 
-@dataclass
+@dataclass(slots=True)
 class TrainConfig:
     """Training stages in order (continual pretraining, SFT, preference) into one LoRA adapter on the parent.
 
@@ -215,7 +215,7 @@ DEPRECATED_TRAIN_KEYS: dict[str, tuple[str, str]] = {
 }
 
 
-@dataclass
+@dataclass(slots=True)
 class ExportConfig:
     """Merge, convert, quantize and check."""
 
@@ -229,7 +229,7 @@ class ExportConfig:
     """Asked of every exported GGUF (load check) and by the gate's smoke rule, within ``gate.smoke_max_tokens``."""
 
 
-@dataclass
+@dataclass(slots=True)
 class GateConfig:
     """When a child may be served. Measured on the quantized GGUF, child against parent.
 
@@ -276,7 +276,7 @@ class GateConfig:
     """Pause age-ups after this many children in a row failed to improve recall over their parents."""
 
 
-@dataclass
+@dataclass(slots=True)
 class AgeUpConfig:
     curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -297,7 +297,7 @@ class AgeUpConfig:
         return cfg
 
 
-@dataclass
+@dataclass(slots=True)
 class DaemonConfig:
     """The daemon beside the chat agent (``run_daemon.py``): section ``[daemon]`` of the TOML file."""
 

@@ -311,7 +311,7 @@ def test_child_taught_the_facts_beats_its_parent_and_a_damaged_child_fails(learn
 
 def test_a_child_that_never_emits_end_of_sequence_fails_the_smoke_check(tiny_base, tiny_cfg, ledger):
     root = DataRoot.from_env()
-    tiny_cfg.train.sft_max_steps = 1  # barely trained: still the random model
+    tiny_cfg.train.sft.max_steps = 1  # barely trained: still the random model
     summary = grow(root, tiny_cfg, ledger, base=tiny_base)
     assert summary.gate["verdict"] == "fail"
     assert any(r.startswith("smoke: the child") for r in summary.gate["reasons"]), summary.gate["reasons"]

@@ -127,7 +127,7 @@ def test_kill_9_at_every_point_of_an_age_up_loses_nothing_and_the_child_is_serve
     src, base_cfg = gen0
     root = DataRoot(copy_root(src.root, tmp_path / "root"))
     cfg = AgeUpConfig.from_dict(base_cfg.to_dict())
-    cfg.train.sft_epochs, cfg.train.sft_max_steps = 10, SFT_STEPS  # the step cap, not the epochs, ends SFT
+    cfg.train.sft.epochs, cfg.train.sft.max_steps = 10, SFT_STEPS  # the step cap, not the epochs, ends SFT
     cfg.train.save_steps, cfg.train.save_total_limit = 2, 2
     cfg_file = tmp_path / "worker-config.json"
     cfg_file.write_text(json.dumps(cfg.to_dict()))
