@@ -140,11 +140,18 @@ class Chatter:
 @contextmanager
 def serving(daemon):
     """The daemon's HTTP app on uvicorn in a thread, on a free loopback port; yields its URL."""
-    import uvicorn
-
     from evolution.server import create_app
 
-    server = uvicorn.Server(uvicorn.Config(create_app(daemon), host="127.0.0.1", port=0, log_level="warning"))
+    with serving_app(create_app(daemon)) as url:
+        yield url
+
+
+@contextmanager
+def serving_app(app):
+    """An ASGI app on uvicorn in a thread, on a free loopback port; yields its URL."""
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
     t = threading.Thread(target=server.run, daemon=True)
     t.start()
     while not server.started:

@@ -17,7 +17,7 @@ import pytest
 
 from evolution.dashboard import routes
 from tests.conftest import toml_of
-from tests.daemon_util import DaemonProc
+from tests.daemon_util import DaemonProc, serving_app
 from tests.dashboard_util import Console, artifacts_dir, need_browser
 
 STATIC = routes.STATIC
@@ -307,10 +307,7 @@ def ui_server(lineage, tmp_path):
     age-up in progress: its progress file names this (live) process."""
     import json
     import os
-    import threading
     import time
-
-    import uvicorn
 
     from evolution.cli.ui import create_app
     from evolution.ledger import Ledger
@@ -326,16 +323,8 @@ def ui_server(lineage, tmp_path):
         "stages_done": ["data"], "train_stage": "sft", "train_stages": ["cpt", "sft"], "step": 3, "total": 10,
         "loss": 1.25, "eta_s": 95.0, "updated": now}))
     with Ledger.open(root) as ledger:
-        server = uvicorn.Server(uvicorn.Config(create_app(root, ledger), host="127.0.0.1", port=0, log_level="warning"))
-        t = threading.Thread(target=server.run, daemon=True)
-        t.start()
-        while not server.started:
-            time.sleep(0.02)
-        try:
-            yield f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
-        finally:
-            server.should_exit = True
-            t.join(10)
+        with serving_app(create_app(root, ledger)) as url:
+            yield url
 
 
 def test_evolve_ui_in_the_browser_shows_the_age_up_progress_read_only(ui_server, page):
@@ -419,24 +408,11 @@ def test_the_view_names_failed_rules_pairs_replies_and_computes_deltas(ledger, r
 @pytest.fixture
 def hand_made_ui(ledger, root):
     """`evolve ui`'s app on uvicorn over the hand-made lineage."""
-    import threading
-    import time
-
-    import uvicorn
-
     from evolution.cli.ui import create_app
 
     _hand_made_lineage(root, ledger)
-    server = uvicorn.Server(uvicorn.Config(create_app(root, ledger), host="127.0.0.1", port=0, log_level="warning"))
-    t = threading.Thread(target=server.run, daemon=True)
-    t.start()
-    while not server.started:
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        t.join(10)
+    with serving_app(create_app(root, ledger)) as url:
+        yield url
 
 
 def test_a_rejected_generation_names_its_failed_rules_and_shows_curriculum_text_as_text(hand_made_ui, page):
