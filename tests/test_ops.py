@@ -66,3 +66,122 @@ def test_log_bounds_are_validated(field, value, message):
 def test_default_log_bound_is_tens_of_megabytes():
     d = config.DaemonConfig()
     assert (d.log_backups + 1) * d.log_max_bytes <= 64 * 2**20
+
+
+# -- GET /metrics ------------------------------------------------------------------------------
+
+def scrape(client) -> dict[tuple, float]:
+    """``GET /metrics`` parsed with prometheus_client's own parser: {(sample name, sorted labels): value}."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    r = client.get("/metrics")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain; version=")
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for fam in text_string_to_metric_families(r.text) for s in fam.samples}
+
+
+def value(samples: dict, name: str, **labels) -> float:
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+IDLE = {"served_generation": None, "swaps": 0, "karma": {"total": 0.0, "progress": 0.0, "threshold": 100.0},
+        "captures": {"written": 0, "failed": 0}, "ageups": {"promoted": 0, "rejected": 0, "failed": 0},
+        "ageup_running": False, "stage_seconds": {}, "last_stage_seconds": {}}
+
+
+def test_requests_are_labelled_by_route_template_not_by_raw_path():
+    from fastapi import FastAPI
+    from starlette.testclient import TestClient
+
+    from evolution import monitoring
+
+    app = FastAPI()
+    metrics = monitoring.Metrics(lambda: IDLE)
+
+    @app.get("/items/{item}")
+    async def item(item: str):
+        return {"item": item}
+
+    @app.get("/metrics")
+    async def m():
+        from fastapi.responses import Response
+        return Response(metrics.render(), media_type=monitoring.CONTENT_TYPE_LATEST)
+
+    app.add_middleware(monitoring.HttpMetrics, metrics=metrics, router=app.router)
+    with TestClient(app) as c:
+        for i in range(5):
+            assert c.get(f"/items/{i}").status_code == 200
+            assert c.get(f"/no/such/{i}").status_code == 404
+        assert c.post("/items/9").status_code == 405
+        assert c.request("BREW", "/items/9").status_code == 405
+        s = scrape(c)
+    assert value(s, "evolution_http_requests_total", route="/items/{item}", method="GET", status="200") == 5
+    assert value(s, "evolution_http_requests_total", route="(unmatched)", method="GET", status="404") == 5
+    assert value(s, "evolution_http_requests_total", route="/items/{item}", method="POST", status="405") == 1
+    assert value(s, "evolution_http_requests_total", route="/items/{item}", method="other", status="405") == 1
+    assert value(s, "evolution_http_request_duration_seconds_count", route="/items/{item}", method="GET") == 5
+    routes = {dict(labels).get("route") for (_, labels) in s} - {None}
+    assert routes == {"/items/{item}", "(unmatched)"}  # no raw path became a label
+    assert value(s, "evolution_served_generation") == 0 and ("evolution_served_generation", ()) not in s
+    assert value(s, "evolution_karma_threshold") == 100
+
+
+AUTH_ASK = {"messages": [{"role": "user", "content": "What is your name?"}], "max_tokens": 8, "temperature": 0}
+
+
+def test_metrics_move_after_a_chat_a_capture_a_karma_grant_a_swap_and_an_ageup(client, daemon, monkeypatch):
+    import json
+
+    from tests.conftest import SERVER_TOKEN
+
+    auth = {"Authorization": f"Bearer {SERVER_TOKEN}"}
+    s0 = scrape(client)  # no token: read-only, like /status
+    assert value(s0, "evolution_served_generation") == 1
+    assert value(s0, "evolution_karma_threshold") == 1000 and value(s0, "evolution_karma_progress") == 0
+
+    r = client.post("/v1/chat/completions", json=AUTH_ASK)
+    assert r.status_code == 200
+    s1 = scrape(client)
+    tokens = r.json()["usage"]["completion_tokens"]
+    assert tokens > 0 and value(s1, "evolution_tokens_generated_total") == tokens
+    assert value(s1, "evolution_captures_total", result="written") == 1
+    chat = {"route": "/v1/chat/completions", "method": "POST"}
+    assert value(s1, "evolution_http_requests_total", status="200", **chat) == 1
+    assert value(s1, "evolution_http_request_duration_seconds_count", **chat) == 1
+    assert value(s1, "evolution_http_requests_total", route="/metrics", method="GET", status="200") == 1
+
+    with client.stream("POST", "/v1/chat/completions", json=AUTH_ASK | {"stream": True}) as st:
+        chunks = [json.loads(line[6:]) for line in st.iter_lines() if line.startswith("data: {")]
+    streamed = sum(bool(c["choices"][0]["delta"].get("content")) for c in chunks)
+    monkeypatch.setattr(daemon.experiences, "capture", lambda *a, **k: (_ for _ in ()).throw(OSError(28, "full")))
+    assert client.post("/v1/chat/completions", json=AUTH_ASK | {"max_tokens": 2}).status_code == 200
+    s2 = scrape(client)
+    assert value(s2, "evolution_tokens_generated_total") >= tokens + streamed + 1
+    assert value(s2, "evolution_captures_total", result="written") == 2  # the stream's
+    assert value(s2, "evolution_captures_total", result="failed") == 1
+    assert value(s2, "evolution_http_requests_total", status="200", **chat) == 3
+
+    assert client.post("/karma", json={"amount": 7}, headers=auth).status_code == 201
+    assert client.post("/karma", json={"amount": 7}).status_code == 401
+    assert client.post("/rollback", json={"to": 0}, headers=auth).status_code == 200
+    s3 = scrape(client)
+    assert value(s3, "evolution_karma_granted_total") == 7 and value(s3, "evolution_karma_progress") == 7
+    assert value(s3, "evolution_http_requests_total", route="/karma", method="POST", status="401") == 1
+    assert value(s3, "evolution_model_swaps_total") == value(s0, "evolution_model_swaps_total") + 1
+    assert value(s3, "evolution_served_generation") == 0
+
+    # How the daemon counts an age-up its worker finished (a real one runs in tests/test_daemon.py).
+    from evolution.generation import GenerationSummary
+
+    daemon._count_ageup("promoted", 1)
+    daemon._count_ageup("failed", None)
+    s4 = scrape(client)
+    assert value(s4, "evolution_ageups_total", outcome="promoted") == 1
+    assert value(s4, "evolution_ageups_total", outcome="failed") == 1
+    assert value(s4, "evolution_ageups_total", outcome="rejected") == 0
+    stages = GenerationSummary.load(daemon.root.gen_dir(1)).stage_seconds
+    assert stages and "train" in stages
+    for stage, secs in stages.items():
+        assert value(s4, "evolution_ageup_stage_seconds_count", stage=stage) == 1
+        assert value(s4, "evolution_ageup_stage_seconds_sum", stage=stage) == pytest.approx(secs)
+        assert value(s4, "evolution_ageup_last_stage_seconds", stage=stage) == pytest.approx(secs)
