@@ -68,6 +68,41 @@ def test_default_log_bound_is_tens_of_megabytes():
     assert (d.log_backups + 1) * d.log_max_bytes <= 64 * 2**20
 
 
+# -- the systemd unit ---------------------------------------------------------------------------
+
+def _unit() -> dict[str, dict[str, str]]:
+    import configparser
+
+    parser = configparser.ConfigParser(interpolation=None, strict=True)
+    parser.optionxform = str  # systemd keys are case-sensitive
+    parser.read(REPO / "deploy" / "evolution.service")
+    return {name: dict(parser[name]) for name in parser.sections()}
+
+
+def test_the_systemd_unit_restarts_on_failure_and_leaves_time_for_a_clean_stop():
+    service = _unit()["Service"]
+    assert service["Restart"] == "on-failure" and service["KillSignal"] == "SIGTERM"
+    assert service["KillMode"] == "mixed"  # SIGTERM to the daemon alone: a second one would skip the checkpoint
+    assert service["ExecStart"].endswith("run_daemon.py") and "--start-gen" not in service["ExecStart"]
+    drain = 60  # uvicorn's timeout_graceful_shutdown in evolution/daemon/entry.py
+    assert int(service["TimeoutStopSec"]) > drain + config.DaemonConfig().shutdown_grace_s
+
+
+def test_the_systemd_unit_passes_systemd_analyze_verify(tmp_path):
+    import shutil
+    import subprocess
+
+    if shutil.which("systemd-analyze") is None:
+        pytest.skip("systemd-analyze is not installed")
+    text = (REPO / "deploy" / "evolution.service").read_text()
+    unit = tmp_path / "evolution.service"  # its paths made real, as a user would edit them
+    unit.write_text(text.replace("%h/evolution/.venv/bin/python", sys.executable).replace("%h/evolution", str(REPO)))
+    r = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True, timeout=60)
+    if "Failed to initialize manager" in r.stderr:  # a container without the runtime directories it needs
+        pytest.skip(r.stderr.strip())
+    assert r.returncode == 0 and str(unit) not in r.stderr + r.stdout, r.stderr + r.stdout
+
+
 # -- GET /metrics ------------------------------------------------------------------------------
 
 def scrape(client) -> dict[tuple, float]:
