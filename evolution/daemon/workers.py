@@ -45,7 +45,10 @@ class Worker:
         if self.proc.poll() is None:
             return False
         if self.pump is not None:
-            self.pump.join(10)  # its last lines (the error ``tail`` shows) are in the log file first
+            # Its last lines (the error ``tail`` shows) reach the file first; waited for once (a process it
+            # left behind could hold the pipe open).
+            self.pump.join(10)
+            self.pump = None
         return True
 
     @property
@@ -109,7 +112,7 @@ def spawn_logged(cmd: list[str], env: dict, log_path: Path, max_bytes: int,
 
     def pump() -> None:
         try:
-            for line in proc.stdout:
+            for line in iter(lambda: proc.stdout.readline(65_536), b""):  # a line without end is cut, not held
                 handler.emit(_record(line.decode("utf-8", "replace").rstrip("\n")))
         finally:
             proc.stdout.close()
