@@ -348,6 +348,11 @@ class DaemonConfig:
     weeks of a chat agent's traffic at hundreds of chats a day (time enough to rate them), tens of MB
     of SQLite at a few KB per chat, and a bound under which capture stays one INSERT and ``evolve
     experiences`` stays instant; only rated ones are trained on, so keeping more buys little."""
+    log_max_bytes: int = 10_485_760
+    """Size at which ``<data root>/logs/daemon.log`` and ``worker.log`` are rotated (10 MiB)..."""
+    log_backups: int = 3
+    """...and how many rotated files each keeps (``daemon.log.1`` … ``.3``): at most about
+    ``(log_backups + 1) * log_max_bytes`` per log, 40 MiB by default, weeks of a busy daemon's lines."""
 
 
 def validate_daemon(d: DaemonConfig) -> None:
@@ -386,6 +391,11 @@ def validate_daemon(d: DaemonConfig) -> None:
         p.append(f"daemon.capture must be true or false, got {d.capture!r}")
     if isinstance(d.capture_max, bool) or not isinstance(d.capture_max, int) or not 0 < d.capture_max <= 10_000_000:
         p.append(f"daemon.capture_max must be an integer from 1 to 10000000 (served chats kept), got {d.capture_max!r}")
+    if isinstance(d.log_max_bytes, bool) or not isinstance(d.log_max_bytes, int) or d.log_max_bytes < 4096:
+        p.append(f"daemon.log_max_bytes must be an integer of at least 4096 (bytes), got {d.log_max_bytes!r}")
+    if isinstance(d.log_backups, bool) or not isinstance(d.log_backups, int) or not 1 <= d.log_backups <= 100:
+        # 0 would make RotatingFileHandler never rotate: an unbounded log
+        p.append(f"daemon.log_backups must be an integer from 1 to 100, got {d.log_backups!r}")
     if d.api_token is not None and (not isinstance(d.api_token, str) or len(d.api_token) < 16):
         p.append("daemon.api_token must be a string of at least 16 characters")
     if p:

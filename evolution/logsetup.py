@@ -1,9 +1,16 @@
-"""How every entry point (``evolve``, ``run_daemon.py``, the age-up worker) sets up its output."""
+"""How every entry point (``evolve``, ``run_daemon.py``, the age-up worker) sets up its output.
+
+The daemon also keeps its log in ``<data root>/logs/daemon.log`` and the age-up worker's output
+in ``worker.log`` beside it, each rotated by size (``[daemon] log_max_bytes`` / ``log_backups``)
+so that months of running take a bounded amount of disk.
+"""
 
 from __future__ import annotations
 
 import logging
+import logging.handlers
 import warnings
+from pathlib import Path
 
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
@@ -20,3 +27,24 @@ def configure(verbose: bool = False, fmt: str = FORMAT) -> None:
         warnings.filterwarnings("ignore", category=UserWarning, module=r"(peft|trl|transformers)\.")
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format=fmt, datefmt="%H:%M:%S")
     logging.getLogger("apscheduler").setLevel(logging.DEBUG if verbose else logging.WARNING)
+
+
+def rotating_file(path: Path, max_bytes: int, backups: int, fmt: str | None = "%(asctime)s %(levelname)s "
+                  "%(name)s: %(message)s") -> logging.handlers.RotatingFileHandler:
+    """A handler writing to ``path``, renamed to ``path.1`` (… ``path.<backups>``) when it would pass
+    ``max_bytes``: the files together stay under about ``(backups + 1) * max_bytes``.
+
+    ``fmt=None`` writes each message as it is (the worker's output, already formatted by the worker)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.handlers.RotatingFileHandler(path, maxBytes=max_bytes, backupCount=backups,
+                                                   encoding="utf-8", errors="backslashreplace")
+    handler.setFormatter(logging.Formatter(fmt or "%(message)s", datefmt="%Y-%m-%d %H:%M:%S"))
+    return handler
+
+
+def to_file(path: Path, max_bytes: int, backups: int) -> logging.Handler:
+    """Also send every record the root logger passes to a size-rotated ``path`` (the daemon's log)."""
+    handler = rotating_file(path, max_bytes, backups)
+    handler.setLevel(logging.getLogger().level)
+    logging.getLogger().addHandler(handler)
+    return handler

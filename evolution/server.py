@@ -7,6 +7,7 @@ path                       token   what
 ``/v1/models``             opt.    the served generation, as an OpenAI model
 ``/health``                no      200 when a model is served, 503 while starting
 ``/status``                no      served generation, age-up stage / step / ETA, karma
+``/metrics``               no      the same state and request counts in the Prometheus text format (``evolution.monitoring``)
 ``/karma`` (POST)          yes     ``{"amount", "reason", "idempotency_key"}``
 ``/karma`` (GET)           no      karma total, progress and threshold
 ``/conversations`` (POST)  yes     ``{"messages": [...], "label", "idempotency_key"}``
@@ -37,10 +38,10 @@ import math
 from typing import Any, Protocol
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from evolution import dashboard
+from evolution import dashboard, monitoring
 from evolution import messages as messages_mod
 from evolution.config import DaemonConfig
 from evolution.errors import (
@@ -111,6 +112,9 @@ class Service(Protocol):
         """Lift the stop rule (``ageups_resumed``); ``LedgerError`` when age-ups are not paused."""
 
     def status(self) -> dict: ...
+
+    def telemetry(self) -> dict:
+        """What ``GET /metrics`` shows of the daemon (``evolution.monitoring.DaemonCollector`` reads it)."""
 
 SMALL_BODY = 16_384
 """Limit of karma and rollback bodies."""
@@ -221,6 +225,7 @@ def create_app(daemon: Service) -> FastAPI:
     d = daemon.dcfg
     app = FastAPI(title="evolution", docs_url=None, redoc_url=None, openapi_url=None)
     stats = {"requests": 0, "completions": 0, "rejected": 0, "errors": 0}
+    metrics = monitoring.Metrics(daemon.telemetry)
 
     def authorize(request: Request, required: bool) -> None:
         if not required:
@@ -264,6 +269,11 @@ def create_app(daemon: Service) -> FastAPI:
     async def status():
         return (await run_in_threadpool(daemon.status)) | {"requests": dict(stats)}
 
+    @app.get("/metrics")
+    async def prometheus_metrics():
+        # Read-only and open like /status (which shows the same state): a scraper needs no token.
+        return Response(await run_in_threadpool(metrics.render), media_type=monitoring.CONTENT_TYPE_LATEST)
+
     @app.get("/v1/models")
     async def models(request: Request):
         authorize(request, d.chat_requires_token)
@@ -306,6 +316,7 @@ def create_app(daemon: Service) -> FastAPI:
         except ValueError as exc:  # e.g. the prompt does not fit the context window
             raise ApiError(400, str(exc), code="context_length_exceeded") from None
         stats["completions"] += 1
+        metrics.tokens.inc((out.get("usage") or {}).get("completion_tokens") or 0)
         if keep:
             # Kept before the reply goes out, so the agent can rate it the moment it has the id (a few ms
             # against a reply's hundreds); a capture that fails is counted, never raised.
@@ -336,6 +347,8 @@ def create_app(daemon: Service) -> FastAPI:
                     completion_id = item.get("id", completion_id)
                     for choice in item.get("choices") or []:
                         parts.append((choice.get("delta") or {}).get("content") or "")
+                        if parts[-1]:
+                            metrics.tokens.inc()  # llama.cpp streams a chunk per token (a few merged when a stop string is held back)
                         finish = choice.get("finish_reason") or finish
                     yield f"data: {json.dumps(item)}\n\n"
                     item = await run_in_threadpool(st.get)
@@ -472,4 +485,5 @@ def create_app(daemon: Service) -> FastAPI:
     limits = {"/v1/chat/completions": d.max_body_bytes, "/conversations": d.max_conversation_bytes,
               "/feedback": d.max_conversation_bytes}
     app.add_middleware(BodyLimit, limits=limits, default=SMALL_BODY)
+    app.add_middleware(monitoring.HttpMetrics, metrics=metrics, router=app.router)  # outermost: a 413 is counted too
     return app

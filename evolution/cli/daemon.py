@@ -44,6 +44,7 @@ def daemon(start_gen, host, port, threshold, threshold_growth, quick, config_fil
         flags = {k: v for k, v in {"host": host, "port": port, "threshold": threshold,
                                    "threshold_growth": threshold_growth}.items() if v is not None}
         dcfg = config.resolve_daemon(config_file, flags, home=root.root)
+        logsetup.to_file(root.logs / "daemon.log", dcfg.log_max_bytes, dcfg.log_backups)  # beside stderr
         code = run(Daemon(root, cfg, dcfg, base, start_gen))
     except EvolutionError as exc:
         click.echo(f"Error: {exc}", err=True)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import Counter
 from datetime import datetime
 from pathlib import Path
 
@@ -31,6 +32,7 @@ from evolution.probes import ProbeStore
 from evolution.daemon import identity, workers
 from evolution.errors import ConfigError, EvolutionError, LedgerError, LoadError
 from evolution.fsutil import free_space, nearly_full
+from evolution.generation import GenerationSummary
 from evolution.karma import DONE, FAILED, PENDING, RUNNING, Karma
 from evolution.ledger import Ledger, check_servable, record_rollback
 from evolution.ledger.rollback import check_target
@@ -39,6 +41,10 @@ from evolution.paths import DataRoot
 from evolution.serving import ModelHost, Slot, Stream
 
 log = logging.getLogger(__name__)
+
+PROMOTED, REJECTED, FAILED_AGEUP = "promoted", "rejected", "failed"
+AGEUP_OUTCOMES = (PROMOTED, REJECTED, FAILED_AGEUP)
+"""How an age-up this daemon ran ended, as /metrics counts them (an interrupted one is resumed, not counted)."""
 
 
 class Daemon:
@@ -56,6 +62,11 @@ class Daemon:
         self.scheduler = None
         self.token, self.token_source = "", ""
         self.port = dcfg.port
+        # For GET /metrics: counts since this process started (Prometheus counters start at 0 with it).
+        self._tally_lock = threading.Lock()
+        self._tally: Counter[str] = Counter()
+        self._stage_seconds: dict[str, list[float]] = {}  # stage -> [age-ups that ran it, seconds in all]
+        self._last_stage_seconds: dict[str, float] = {}
 
     # -- start -------------------------------------------------------------------------------
 
@@ -149,8 +160,11 @@ class Daemon:
     def capture(self, messages: list[dict], reply: str, completion_id: str, slot: Slot, finish_reason: str | None,
                 cut_off: bool = False) -> None:
         """Keep a served chat as an experience; never raises (a failure is counted in /status)."""
-        self.experiences.capture_safely(messages, reply, completion_id, slot.id, slot.sha256, slot.gen,
-                                        finish_reason, cut_off)
+        kept = self.experiences.capture_safely(messages, reply, completion_id, slot.id, slot.sha256, slot.gen,
+                                               finish_reason, cut_off)
+        if kept is not None:
+            with self._tally_lock:
+                self._tally["captures_written"] += 1
 
     def rate(self, item_id, label, correction, karma, key: str | None, by: str):
         served = self.host.current.gen if self.host.current else None
@@ -275,6 +289,9 @@ class Daemon:
         if code == workers.EXIT_OK or decided:  # decided: it built its child, then died or failed (a full disk) to record it
             gen = decided[-1] if decided else None
             outcome = self._outcome(gen)
+            if gen is not None:
+                self._count_ageup(PROMOTED if ev.PROMOTED in {e.kind for e in self.ledger.entries(gen=gen)}
+                                  else REJECTED, gen)
             self.karma.mark(w.request_id, DONE, gen, outcome)
             log.info("age-up request %d: %s", w.request_id, outcome)
             served = self.host.current.gen if self.host.current else None
@@ -289,6 +306,7 @@ class Daemon:
                 self.last_error += (f"\nthe disk is full: {free_space(self.root.root)}. Free some space there: the "
                                     "age-up is retried on its own and resumes where it stopped")
             log.error("%s", self.last_error)
+            self._count_ageup(FAILED_AGEUP, None)
             req = next(r for r in self.karma.requests() if r.id == w.request_id)
             if req.attempts + 1 < self.dcfg.max_attempts:
                 delay = self.dcfg.retry_after_s * 2**req.attempts
@@ -297,6 +315,23 @@ class Daemon:
                 self.karma.retry_later(req.id, delay, self.last_error[-500:])
             else:
                 self.karma.mark(w.request_id, FAILED, None, self.last_error[-500:])
+
+    def _count_ageup(self, outcome: str, gen: int | None) -> None:
+        """Count one age-up's end for /metrics, with its generation's stage durations when it built one."""
+        seconds: dict[str, float] = {}
+        if gen is not None:
+            try:
+                seconds = GenerationSummary.load(self.root.gen_dir(gen)).stage_seconds
+            except (OSError, ValueError, TypeError, KeyError) as exc:  # counted all the same; only its timing is missing
+                log.warning("no stage durations for generation %d: %s", gen, exc)
+        with self._tally_lock:
+            self._tally[f"ageups_{outcome}"] += 1
+            for stage, secs in seconds.items():
+                c = self._stage_seconds.setdefault(stage, [0, 0.0])
+                c[0] += 1
+                c[1] += secs
+            if seconds:
+                self._last_stage_seconds = dict(seconds)
 
     def _outcome(self, gen: int | None) -> str:
         if gen is None:
@@ -327,6 +362,25 @@ class Daemon:
             "last_swap": self.host.last_swap,
             "last_error": self.last_error,
             "uptime_s": round(time.time() - self.started, 1),
+        }
+
+    def telemetry(self) -> dict:
+        """The numbers ``GET /metrics`` shows: counts since this process started, and state read now."""
+        slot = self.host.current
+        k = self.karma.state()
+        with self._tally_lock:
+            tally = dict(self._tally)
+            stages = {name: (int(c[0]), c[1]) for name, c in self._stage_seconds.items()}
+            last = dict(self._last_stage_seconds)
+        return {
+            "served_generation": None if slot is None else slot.gen,
+            "swaps": self.host.swaps,
+            "karma": {"total": k.total, "progress": k.progress, "threshold": k.threshold},
+            "captures": {"written": tally.get("captures_written", 0), "failed": self.experiences.failures},
+            "ageups": {o: tally.get(f"ageups_{o}", 0) for o in AGEUP_OUTCOMES},
+            "ageup_running": self.worker is not None,
+            "stage_seconds": stages,
+            "last_stage_seconds": last,
         }
 
     # -- run ---------------------------------------------------------------------------------

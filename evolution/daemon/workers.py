@@ -3,6 +3,11 @@
 One worker at a time. It runs at a lower CPU priority with the resolved config written beside
 its log, dies with the daemon (a watchdog on its parent), and says how it ended by its exit
 code. What a finished worker means for the karma request it served is the daemon's to decide.
+
+Its stdout and stderr (its log lines, and whatever a library prints or a crash leaves) come
+through a pipe that a thread of the daemon copies into ``<data root>/logs/worker.log``, rotated
+by size (``[daemon] log_max_bytes`` / ``log_backups``): a file the worker held open itself could
+not be rotated under it.
 """
 
 from __future__ import annotations
@@ -11,10 +16,12 @@ import logging
 import os
 import subprocess
 import sys
+import threading
 import time
 from datetime import datetime
 from pathlib import Path
 
+from evolution import logsetup
 from evolution.config import AgeUpConfig, DaemonConfig
 from evolution.fsutil import atomic_write_json
 from evolution.paths import DataRoot
@@ -28,12 +35,21 @@ __all__ = ["EXIT_FAILED", "EXIT_INTERRUPTED", "EXIT_OK", "EXIT_PAUSED", "Worker"
 class Worker:
     """One running age-up worker process."""
 
-    def __init__(self, proc: subprocess.Popen, request_id: int | None, bootstrap: bool, log_path: Path):
+    def __init__(self, proc: subprocess.Popen, request_id: int | None, bootstrap: bool, log_path: Path,
+                 pump: threading.Thread | None = None):
         self.proc, self.request_id, self.bootstrap, self.log_path = proc, request_id, bootstrap, log_path
+        self.pump = pump
         self.started = time.time()
 
     def finished(self) -> bool:
-        return self.proc.poll() is not None
+        if self.proc.poll() is None:
+            return False
+        if self.pump is not None:
+            # Its last lines (the error ``tail`` shows) reach the file first; waited for once (a process it
+            # left behind could hold the pipe open).
+            self.pump.join(10)
+            self.pump = None
+        return True
 
     @property
     def code(self) -> int | None:
@@ -80,10 +96,32 @@ def start(root: DataRoot, cfg: AgeUpConfig, dcfg: DaemonConfig, base: Path | Non
     if dcfg.train_threads:
         cmd += ["--threads", str(dcfg.train_threads)]
     log_path = root.logs / "worker.log"
-    with open(log_path, "ab") as out:
-        out.write(f"\n=== {datetime.now().isoformat(timespec='seconds')} {' '.join(cmd[1:])}\n".encode())
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                env=os.environ | {"EVOLUTION_HOME": str(root.root)})
+    proc, pump = spawn_logged(cmd, os.environ | {"EVOLUTION_HOME": str(root.root)}, log_path, dcfg.log_max_bytes,
+                              dcfg.log_backups)
     log.info("%s started (pid %d, log %s)", "generation 0 bootstrap" if bootstrap else
              f"age-up for request {request_id}", proc.pid, log_path)
-    return Worker(proc, request_id, bootstrap, log_path)
+    return Worker(proc, request_id, bootstrap, log_path, pump)
+
+
+def spawn_logged(cmd: list[str], env: dict, log_path: Path, max_bytes: int,
+                 backups: int) -> tuple[subprocess.Popen, threading.Thread]:
+    """Start ``cmd`` with its stdout and stderr copied, line by line, into the size-rotated ``log_path``."""
+    handler = logsetup.rotating_file(log_path, max_bytes, backups, fmt=None)
+    handler.emit(_record(f"\n=== {datetime.now().isoformat(timespec='seconds')} {' '.join(cmd[1:])}"))
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
+
+    def pump() -> None:
+        try:
+            for line in iter(lambda: proc.stdout.readline(65_536), b""):  # a line without end is cut, not held
+                handler.emit(_record(line.decode("utf-8", "replace").rstrip("\n")))
+        finally:
+            proc.stdout.close()
+            handler.close()
+
+    t = threading.Thread(target=pump, name=f"worker-log-{proc.pid}", daemon=True)
+    t.start()
+    return proc, t
+
+
+def _record(msg: str) -> logging.LogRecord:
+    return logging.LogRecord("evolution.worker", logging.INFO, __file__, 0, msg, None, None)
