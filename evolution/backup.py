@@ -10,10 +10,11 @@ A backup is a folder::
                                and the weights (GGUF, merged safetensors, adapter) unless ``models=False``
 
 Consistency: the ledger is copied first, as one snapshot; a generation directory is complete
-before any ledger event names its files (it is renamed into place, then recorded) and is
-read-only from then on, so copying the directories the snapshot names afterwards gives a root
-that verifies. Generations under construction (``gen_NNNN.partial``) are left out: restored,
-such an age-up starts again from its parent, as after a crash. The daemon's token, its
+and read-only before its ``exported`` event is recorded (it is renamed into place, then
+recorded), so copying afterwards the directories of the generations the snapshot records as
+exported gives a root that verifies. A generation still being built at the snapshot (a
+``gen_NNNN.partial``, or finished but not yet recorded) is left out: restored, its age-up starts
+again under a new number, as after a crash (the ledger keeps its ``training_started``). The daemon's token, its
 ``daemon.json`` and logs are not copied.
 
 The backup is built in a hidden folder beside ``DEST`` (``.NAME.partial-PID``) and renamed to
@@ -167,7 +168,7 @@ def _snapshot_ledger(root: DataRoot, url: str | None, work: Path) -> tuple[dict,
     shutil.rmtree(scratch.root, ignore_errors=True)
     source_head.unlink(missing_ok=True)
     head = Head(seq=last.seq, entry_hash=last.entry_hash, ledger=display) if last is not None else None
-    gens = {r.gen for r in rows if r.gen is not None}
+    gens = {r.gen for r in rows if r.kind == ev.EXPORTED}
     artifacts = {}
     for r in rows:
         if r.kind == ev.EXPORTED:
@@ -254,7 +255,7 @@ def backup(root: DataRoot, dest: Path, *, url: str | None = None, models: bool =
         fsync_dir(dest.parent)
     except BaseException as exc:
         shutil.rmtree(work, ignore_errors=True)
-        if isinstance(exc, OSError) and is_disk_full(exc):
+        if is_disk_full(exc):  # an OSError, or SQLite's "database or disk is full" from the snapshot
             raise DiskFull(f"the disk is full: the backup to {dest} did not fit ({free_space(dest.parent)}); nothing "
                            "was written there and the data root is untouched. Free space or back up elsewhere") from exc
         if isinstance(exc, PermissionError):
@@ -390,7 +391,7 @@ def restore(src: Path, root: DataRoot, *, url: str | None = None, force: bool = 
         moved = _swap_in(root, stage, m)
     except BaseException as exc:
         shutil.rmtree(stage, ignore_errors=True)
-        if isinstance(exc, OSError) and is_disk_full(exc):
+        if is_disk_full(exc):
             raise DiskFull(f"the disk is full: the restore to {root.root} did not fit ({free_space(root.root)}); "
                            "what was there is untouched") from exc
         raise
