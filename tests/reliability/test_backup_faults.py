@@ -92,7 +92,7 @@ def test_a_full_disk_during_a_backup_says_so_and_writes_nothing(source, tmp_path
     before = _state(source)
     for nth in (1, 3, 9):
         dest = tmp_path / f"bk{nth}"
-        with tally.fault("full disk · backup (injected ENOSPC)"):
+        with tally.fault("disk full · backup (injected)"):
             r = _evolve(source, "backup", str(dest), spec=f"backup_copy=enospc@{nth}")
             assert r.returncode == 1 and "the disk is full" in r.stderr and "the data root is untouched" in r.stderr, \
                 r.stderr
@@ -100,7 +100,7 @@ def test_a_full_disk_during_a_backup_says_so_and_writes_nothing(source, tmp_path
             assert _state(source) == before
 
     disk = small_disk("64k")  # the four stand-in generations and the ledger need more
-    with tally.fault("full disk · backup (real tmpfs)"):
+    with tally.fault("disk full · backup (tmpfs)"):
         r = _evolve(source, "backup", str(disk / "bk"))
         assert r.returncode == 1 and "the disk is full" in r.stderr, r.stderr
         assert sorted(p.name for p in disk.iterdir()) == []
