@@ -232,6 +232,9 @@ def backup(root: DataRoot, dest: Path, *, url: str | None = None, models: bool =
     t0 = time.perf_counter()
     url = _resolve(url)
     dest = Path(dest).expanduser().absolute()
+    if url is None and not (root.ledger_dir / DB_NAME).is_file():
+        raise BackupError(f"{root.root} has no ledger ({root.ledger_dir / DB_NAME}): nothing to back up. Set "
+                          "EVOLUTION_HOME to the data root the daemon uses")
     if dest.exists():
         raise BackupError(f"{dest} already exists; back up into a new folder (nothing was written)")
     if dest == root.root or root.root in dest.parents:

@@ -142,6 +142,14 @@ def test_backup_refuses_an_existing_dest_and_says_when_it_cannot_write(lineage, 
     (tmp_path / "taken").mkdir()
     with pytest.raises(BackupError, match="already exists"):
         bk.backup(data_root, tmp_path / "taken")
+    with pytest.raises(BackupError, match="has no ledger .*Set EVOLUTION_HOME"):
+        bk.backup(DataRoot(tmp_path / "not-a-root"), tmp_path / "bk")
+    assert not (tmp_path / "not-a-root").exists() and not (tmp_path / "bk").exists()
+    with pytest.raises(BackupError, match="inside the data root"):
+        bk.backup(data_root, data_root.root / "bk")
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(BackupError, match="cannot write the backup to .*a-file/bk.*Not a directory"):
+        bk.backup(data_root, tmp_path / "a-file" / "bk")
     if os.geteuid() == 0:
         pytest.skip("root writes into read-only folders")
     ro = tmp_path / "ro"
