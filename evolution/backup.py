@@ -237,6 +237,9 @@ def backup(root: DataRoot, dest: Path, *, url: str | None = None, models: bool =
                           "EVOLUTION_HOME to the data root the daemon uses")
     if dest.exists():
         raise BackupError(f"{dest} already exists; back up into a new folder (nothing was written)")
+    blocking = next((p for p in dest.parents if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise BackupError(f"cannot write the backup to {dest}: {blocking} is a file, not a folder (nothing was written)")
     if dest == root.root or root.root in dest.parents:
         raise BackupError(f"{dest} is inside the data root {root.root}; back up to another place, ideally another disk")
     try:

@@ -148,7 +148,7 @@ def test_backup_refuses_an_existing_dest_and_says_when_it_cannot_write(lineage, 
     with pytest.raises(BackupError, match="inside the data root"):
         bk.backup(data_root, data_root.root / "bk")
     (tmp_path / "a-file").write_text("")
-    with pytest.raises(BackupError, match="cannot write the backup to .*a-file/bk.*Not a directory"):
+    with pytest.raises(BackupError, match="cannot write the backup to .*a-file/bk: .*a-file is a file, not a folder"):
         bk.backup(data_root, tmp_path / "a-file" / "bk")
     if os.geteuid() == 0:
         pytest.skip("root writes into read-only folders")
