@@ -382,7 +382,8 @@ def restore(src: Path, root: DataRoot, *, url: str | None = None, force: bool = 
     running = _daemon_running(root, daemon_info)
     if running:
         raise BackupError(f"a daemon is running on {root.root} (pid {running['pid']}); stop it first (SIGTERM), then "
-                          "restore (with --force to replace what is there)")
+                          "restore (with --force to replace what is there). If no daemon runs there, that pid is "
+                          f"another process's: delete {root.root / 'daemon.json'}")
     why = live_reasons(root)
     if why and not force:
         raise BackupError(f"{root.root} is a live data root: {'; '.join(why)}. Restore into a new folder, or pass "

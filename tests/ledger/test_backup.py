@@ -63,6 +63,36 @@ def test_round_trip_restores_a_root_that_verifies_and_serves_the_same_generation
     assert _files(new) == _files(data_root)
 
 
+def test_a_postgresql_backup_restores_with_pg_restore_into_a_database_without_a_ledger(
+        lineage, data_root, ledger_url, backend, tmp_path):
+    if backend != "postgresql":
+        pytest.skip("PostgreSQL only")
+    import sqlalchemy as sa
+
+    before = [(e.seq, e.entry_hash) for e in lineage.entries()]
+    bk.backup(data_root, tmp_path / "bk", url=ledger_url)
+    schema = sa.make_url(ledger_url).query["options"].split("=", 1)[1]
+    admin = sa.create_engine(sa.make_url(ledger_url).set(query={}))
+    lineage.close()
+    with admin.begin() as conn:  # the source moves away: the backup's schema name is free again (the test
+        conn.exec_driver_sql(f'ALTER SCHEMA "{schema}" RENAME TO "{schema}_old"')  # server has one database)
+    try:
+        with pytest.raises(BackupError, match="holds a PostgreSQL ledger: pass --ledger-url"):
+            bk.restore(tmp_path / "bk", DataRoot(tmp_path / "new"))
+        r = bk.restore(tmp_path / "bk", DataRoot(tmp_path / "new"), url=ledger_url)
+        assert r.served == 3
+        with Ledger.open(DataRoot(tmp_path / "new"), ledger_url) as led:
+            report = led.verify()
+            assert report.ok and report.artifacts_checked == 4, report.problems
+            assert [(e.seq, e.entry_hash) for e in led.entries()] == before
+        with pytest.raises(BackupError, match="already holds a ledger"):
+            bk.restore(tmp_path / "bk", DataRoot(tmp_path / "new2"), url=ledger_url)
+    finally:
+        with admin.begin() as conn:
+            conn.exec_driver_sql(f'DROP SCHEMA IF EXISTS "{schema}_old" CASCADE')
+        admin.dispose()
+
+
 def test_the_cli_backs_up_and_restores_and_ledger_verify_passes(lineage, data_root, tmp_path, backend):
     if backend != "sqlite":
         pytest.skip("the PostgreSQL round trip is the test above; the CLI is the same")
