@@ -147,7 +147,7 @@ def _snapshot_ledger(root: DataRoot, url: str | None, work: Path) -> tuple[dict,
         shutil.copyfile(head_path, source_head)
     if is_pg:
         _pg_snapshot(url, schema, work / PG_DUMP)
-        snap_url, info = url, {"kind": "postgresql", "file": PG_DUMP, "url": display}
+        snap_url, info = url, {"kind": "postgresql", "file": PG_DUMP, "url": display, "schema": schema}
     else:
         _sqlite_snapshot(src_db, work / "ledger" / DB_NAME)
         snap_url, info = f"sqlite:///{work / 'ledger' / DB_NAME}", {"kind": "sqlite", "file": f"ledger/{DB_NAME}",
@@ -407,7 +407,7 @@ def restore(src: Path, root: DataRoot, *, url: str | None = None, force: bool = 
     for n in m["generations"]:
         make_tree_read_only(root.gen_dir(n))  # as the age-up left them
     if kind == "postgresql":
-        _pg_restore(src / PG_DUMP, url)
+        _pg_restore(src / PG_DUMP, url, m["ledger"]["schema"])
     with Ledger.open(root, url) as led:
         head = m["ledger"]["head"]
         if head is not None:
@@ -450,22 +450,36 @@ def _reclaim_models(root: DataRoot, moved: Path | None, m: dict) -> tuple[list[s
     return kept, missing
 
 
-def _pg_restore(dump: Path, url: str) -> None:
-    """``pg_restore`` into ``url``'s database, which must not hold a ledger yet (nothing there is dropped)."""
-    from sqlalchemy import create_engine, inspect
+def _pg_restore(dump: Path, url: str, schema: str) -> None:
+    """``pg_restore`` into ``url``'s database, which must not hold a ledger yet (nothing there is dropped).
 
+    The tables go into the schema they were dumped from (normally ``public``); when that schema
+    already exists there (``public`` in a new database does), the dump's ``CREATE SCHEMA`` is skipped.
+    """
+    from sqlalchemy import create_engine, inspect, text
+
+    shown = make_url(url).render_as_string(hide_password=True)
     engine = create_engine(make_url(url).set(drivername="postgresql+psycopg"))
     try:
-        if inspect(engine).has_table("ledger_entries"):
-            raise BackupError(f"the database {make_url(url).render_as_string(hide_password=True)} already holds a "
-                              "ledger; restore a PostgreSQL backup into a new, empty database")
+        if inspect(engine).has_table("ledger_entries", schema=schema):
+            raise BackupError(f"the database {shown} already holds a ledger in schema {schema}; restore a PostgreSQL "
+                              "backup into a new, empty database")
+        with engine.connect() as conn:
+            exists = conn.execute(text("SELECT 1 FROM pg_namespace WHERE nspname = :s"), {"s": schema}).first()
     finally:
         engine.dispose()
     try:
-        r = subprocess.run(["pg_restore", "--no-owner", "--no-privileges", "--exit-on-error",
+        listing = subprocess.run(["pg_restore", "--list", str(dump)], capture_output=True, text=True, check=True).stdout
+        skip = (f"SCHEMA - {schema} ", f"COMMENT - SCHEMA {schema} ")
+        keep = [line for line in listing.splitlines() if not (exists and any(k in line for k in skip))]
+        with tempfile.NamedTemporaryFile("w", suffix=".toc", delete=False) as f:
+            f.write("\n".join(keep) + "\n")
+        r = subprocess.run(["pg_restore", "--no-owner", "--no-privileges", "--exit-on-error", "--use-list", f.name,
                             "--dbname", _libpq_url(url), str(dump)], capture_output=True, text=True, check=False)
+        Path(f.name).unlink(missing_ok=True)
     except FileNotFoundError:
         raise BackupError("pg_restore is not installed: install the PostgreSQL client tools") from None
+    except subprocess.CalledProcessError as exc:
+        raise BackupError(f"pg_restore cannot read {dump}: {exc.stderr.strip()}") from None
     if r.returncode != 0:
-        raise BackupError(f"pg_restore into {make_url(url).render_as_string(hide_password=True)} failed: "
-                          f"{r.stderr.strip()}")
+        raise BackupError(f"pg_restore into {shown} failed: {r.stderr.strip()}")

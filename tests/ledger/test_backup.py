@@ -79,6 +79,8 @@ def test_a_postgresql_backup_restores_with_pg_restore_into_a_database_without_a_
     try:
         with pytest.raises(BackupError, match="holds a PostgreSQL ledger: pass --ledger-url"):
             bk.restore(tmp_path / "bk", DataRoot(tmp_path / "new"))
+        with admin.begin() as conn:  # as `public` is in a new database: the schema there, empty
+            conn.exec_driver_sql(f'CREATE SCHEMA "{schema}"')
         r = bk.restore(tmp_path / "bk", DataRoot(tmp_path / "new"), url=ledger_url)
         assert r.served == 3
         with Ledger.open(DataRoot(tmp_path / "new"), ledger_url) as led:
