@@ -50,7 +50,7 @@ from evolution.fsutil import (atomic_write_json, free_space, fsync_dir, is_disk_
 from evolution.ledger import events as ev
 from evolution.ledger.head import HEAD_NAME, Head, read_head, write_head
 from evolution.ledger.store import DB_NAME, URL_ENV, Ledger
-from evolution.paths import GEN_RE, DataRoot
+from evolution.paths import DataRoot
 
 log = logging.getLogger(__name__)
 
