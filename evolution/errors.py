@@ -55,6 +55,10 @@ class DiskFull(EvolutionError):
     """A write failed because the disk (or a quota) is full; the message says where, and what to do."""
 
 
+class BackupError(EvolutionError):
+    """A backup that cannot be taken, or a backup that cannot (or must not) be restored; the message says why."""
+
+
 class IdempotencyConflict(EvolutionError):
     """An idempotency key was reused for a different request (HTTP 409)."""
 

@@ -22,7 +22,9 @@ The points (``POINTS``):
 - ``swap``: the daemon has loaded a generation (and, when promoting, swapped it in) but not yet
   recorded it as promoted or rolled back (``evolution.daemon``);
 - ``capture``: a served chat is inserted as an experience, its transaction not yet committed
-  (``evolution.experiences.ExperienceStore.capture``).
+  (``evolution.experiences.ExperienceStore.capture``);
+- ``backup_copy``: a backup has copied the ledger snapshot, or one more file, into its hidden
+  folder, not yet renamed to its destination (``evolution.backup``).
 
 The variable is read once per process, at the first point reached; when it is unset a point
 costs a dictionary lookup. A malformed value is an error at once, so a misspelt test cannot
@@ -37,7 +39,8 @@ import signal
 import threading
 
 ENV = "EVOLUTION_FAULTS"
-POINTS = ("train_step", "checkpoint_save", "gguf_export", "ledger_append", "ledger_commit", "swap", "capture")
+POINTS = ("train_step", "checkpoint_save", "gguf_export", "ledger_append", "ledger_commit", "swap", "capture",
+          "backup_copy")
 ACTIONS = ("kill", "enospc")
 
 _plan: dict[str, tuple[str, int]] | None = None
