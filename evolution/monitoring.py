@@ -109,10 +109,19 @@ class HttpMetrics:
 
     def route_of(self, scope) -> str:
         for route in self.router.routes:
+            path = getattr(route, "path", None)
+            if path is None:  # a router included with include_router (the dashboard's): its routes say after routing
+                continue
             match, _ = route.matches(scope)
             if match != Match.NONE:  # PARTIAL: the path is known, the method is not (a 405)
-                return route.path
+                return path
         return UNMATCHED
+
+    @staticmethod
+    def routed(scope) -> str | None:
+        """The template of the route that took the request, as routing recorded it in the scope."""
+        route = scope.get("route")
+        return getattr(route, "path_format", None) or getattr(route, "path", None)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -130,5 +139,7 @@ class HttpMetrics:
         try:
             await self.app(scope, receive, sending)
         finally:
+            if route == UNMATCHED:
+                route = self.routed(scope) or UNMATCHED
             self.metrics.requests.labels(route, method, str(status[0])).inc()
             self.metrics.latency.labels(route, method).observe(time.perf_counter() - t0)

@@ -125,13 +125,20 @@ IDLE = {"served_generation": None, "swaps": 0, "karma": {"total": 0.0, "progress
 
 
 def test_requests_are_labelled_by_route_template_not_by_raw_path():
-    from fastapi import FastAPI
+    from fastapi import APIRouter, FastAPI
     from starlette.testclient import TestClient
 
     from evolution import monitoring
 
     app = FastAPI()
     metrics = monitoring.Metrics(lambda: IDLE)
+    pages = APIRouter()  # included as the dashboard's router is: its routes are known only after routing
+
+    @pages.get("/ui/api/gen/{n}")
+    async def gen(n: int):
+        return {"n": n}
+
+    app.include_router(pages)
 
     @app.get("/items/{item}")
     async def item(item: str):
@@ -147,6 +154,7 @@ def test_requests_are_labelled_by_route_template_not_by_raw_path():
         for i in range(5):
             assert c.get(f"/items/{i}").status_code == 200
             assert c.get(f"/no/such/{i}").status_code == 404
+            assert c.get(f"/ui/api/gen/{i}").status_code == 200
         assert c.post("/items/9").status_code == 405
         assert c.request("BREW", "/items/9").status_code == 405
         s = scrape(c)
@@ -156,7 +164,8 @@ def test_requests_are_labelled_by_route_template_not_by_raw_path():
     assert value(s, "evolution_http_requests_total", route="/items/{item}", method="other", status="405") == 1
     assert value(s, "evolution_http_request_duration_seconds_count", route="/items/{item}", method="GET") == 5
     routes = {dict(labels).get("route") for (_, labels) in s} - {None}
-    assert routes == {"/items/{item}", "(unmatched)"}  # no raw path became a label
+    assert value(s, "evolution_http_requests_total", route="/ui/api/gen/{n}", method="GET", status="200") == 5
+    assert routes == {"/items/{item}", "/ui/api/gen/{n}", "(unmatched)"}  # no raw path became a label
     assert value(s, "evolution_served_generation") == 0 and ("evolution_served_generation", ()) not in s
     assert value(s, "evolution_karma_threshold") == 100
 
