@@ -357,7 +357,8 @@ def live_reasons(root: DataRoot) -> list[str]:
         why.append(f"it has a ledger ({root.ledger_dir / DB_NAME})")
     if root.generations() or root.partial_generations():
         why.append(f"it has generations in {root.checkpoints}")
-    return why + ([f"a daemon is running on it (pid {info['pid']})"] if _daemon_running(root, daemon_info) else [])
+    running = _daemon_running(root, daemon_info)
+    return why + ([f"a daemon is running on it (pid {running['pid']})"] if running else [])
 
 
 def _daemon_running(root: DataRoot, daemon_info) -> dict | None:
