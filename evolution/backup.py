@@ -51,6 +51,7 @@ from evolution.ledger import events as ev
 from evolution.ledger.head import HEAD_NAME, Head, read_head, write_head
 from evolution.ledger.store import DB_NAME, URL_ENV, Ledger
 from evolution.paths import DataRoot
+from evolution.progress import pid_alive
 
 log = logging.getLogger(__name__)
 
@@ -212,19 +213,9 @@ def _clear_stale(dest: Path) -> None:
     """Remove hidden partial backups to ``dest`` whose process is gone (a kill -9 mid-backup)."""
     for p in dest.parent.glob(f".{dest.name}.partial-*"):
         pid = p.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and not _alive(int(pid)):
+        if pid.isdigit() and not pid_alive(int(pid)):
             log.info("backup: removing %s, left by a backup that did not finish", p)
             shutil.rmtree(p, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def backup(root: DataRoot, dest: Path, *, url: str | None = None, models: bool = True) -> BackupResult:
@@ -363,7 +354,7 @@ def live_reasons(root: DataRoot) -> list[str]:
 
 def _daemon_running(root: DataRoot, daemon_info) -> dict | None:
     info = daemon_info(root)
-    return info if info and isinstance(info.get("pid"), int) and _alive(info["pid"]) else None
+    return info if info and isinstance(info.get("pid"), int) and pid_alive(info["pid"]) else None
 
 
 def restore(src: Path, root: DataRoot, *, url: str | None = None, force: bool = False) -> RestoreResult:

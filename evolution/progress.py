@@ -31,7 +31,8 @@ def path(root: DataRoot) -> Path:
     return root.logs / FILE
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid exists (one of another user's counts)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -47,7 +48,7 @@ def read(root: DataRoot) -> dict | None:
         d = json.loads(path(root).read_text())
     except (FileNotFoundError, ValueError):
         return None
-    d["running"] = d.get("state") == "running" and _alive(int(d.get("pid", 0)))
+    d["running"] = d.get("state") == "running" and pid_alive(int(d.get("pid", 0)))
     if d.get("state") == "running" and not d["running"]:
         d["state"] = "interrupted"
     return d

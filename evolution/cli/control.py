@@ -47,7 +47,7 @@ def status(as_json: bool) -> None:
             info["last_gate"] = {"child": p["child"], "verdict": p["verdict"], "metrics": p["metrics"]}
     d = daemon_info(root)
     if d is not None:
-        info["daemon"] = d | {"running": progress._alive(int(d.get("pid", 0)))}
+        info["daemon"] = d | {"running": progress.pid_alive(int(d.get("pid", 0)))}
     if as_json:
         click.echo(json.dumps(info, indent=2))
         return
