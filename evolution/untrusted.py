@@ -10,6 +10,7 @@ of a Markdown table (no HTML, no emphasis, links or code spans, no ``|``); ``ter
 
 from __future__ import annotations
 
+import html
 import re
 import unicodedata
 
@@ -46,7 +47,7 @@ def markdown_cell(text: str | None, limit: int = 120) -> str:
     """``text`` safe inside a cell of a Markdown table: one line, HTML entities, Markdown syntax escaped."""
     if text is None:
         return "-"
-    line = one_line(text, limit).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    line = html.escape(one_line(text, limit), quote=False)
     return _MARKDOWN_SPECIAL.sub(r"\\\1", line)
 
 
