@@ -32,10 +32,10 @@ def check_lineage(name: str) -> str:
     """Return ``name`` if it can name a lineage (a folder and a model id); raise ``ConfigError`` otherwise."""
     from evolution.errors import ConfigError
 
-    if not isinstance(name, str) or not LINEAGE_RE.match(name):
+    if not isinstance(name, str) or not LINEAGE_RE.match(name) or re.search(r"(^|-)gen-\d+$", name):
         raise ConfigError([
             f"lineage name {name!r} is not valid: use 1 to 40 characters, lower-case letters, digits, '-' or '_', "
-            "starting with a letter (for example: main, deacon, polecat)"
+            "starting with a letter and not ending in 'gen-N' (for example: main, deacon, polecat)"
         ])
     return name
 

@@ -62,7 +62,7 @@ from evolution.errors import (
 )
 from evolution.ledger import Ledger
 from evolution.paths import DataRoot
-from evolution.serving import Slot, Stream
+from evolution.serving import Slot, Stream, model_alias, parse_model
 
 log = logging.getLogger(__name__)
 
@@ -297,11 +297,7 @@ def create_app(daemon: Service) -> FastAPI:
         authorize(request, d.chat_requires_token)
         body = await _json(request)
         args = _chat_args(body, d.max_tokens, d.n_ctx)
-        asked = body.get("model")
-        slot = daemon.served()
-        if isinstance(asked, str) and asked.startswith("evolution-gen-") and slot is not None and asked != slot.id:
-            raise ApiError(404, f"model {asked!r} is not the served generation ({slot.id}); "
-                                "omit 'model' or use 'evolution' to get whichever is served", code="model_not_found")
+        _check_model(body.get("model"), daemon.served())
         store = body.get("store")
         if store is not None and not isinstance(store, bool):
             raise ApiError(400, f"'store' must be true or false, got {store!r}", param="store")
@@ -309,6 +305,20 @@ def create_app(daemon: Service) -> FastAPI:
         if body.get("stream"):
             return await _stream(args, keep)
         return await run_in_threadpool(_complete, args, keep)
+
+    def _check_model(asked, slot: Slot | None) -> None:
+        """Refuse a model id of ours that this daemon does not serve: another lineage, or a generation that is
+        not the served one. Any other name gets the served generation (clients that insist on a model name)."""
+        ours = parse_model(asked)
+        if ours is None:
+            return
+        lineage, alias = daemon.root.lineage, model_alias(daemon.root.lineage)
+        if ours[0] != lineage:
+            raise ApiError(404, f"model {asked!r} is not served here: this daemon serves lineage {lineage!r} "
+                                f"({alias}); GET /v1/models lists it", code="model_not_found")
+        if ours[1] is not None and slot is not None and asked != slot.id:
+            raise ApiError(404, f"model {asked!r} is not the served generation ({slot.id}); "
+                                f"omit 'model' or use {alias!r} to get whichever is served", code="model_not_found")
 
     def _complete(args: dict, keep: bool) -> dict:
         try:

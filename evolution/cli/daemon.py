@@ -9,6 +9,7 @@ import click
 
 from evolution import base as base_model
 from evolution import config, logsetup
+from evolution.cli.lineage import lineage_option
 from evolution.errors import EvolutionError
 from evolution.paths import DataRoot
 
@@ -23,11 +24,13 @@ from evolution.paths import DataRoot
 @click.option("--threshold-growth", type=float, help="Factor by which each age-up's threshold grows [default: 1].")
 @click.option("--quick", is_flag=True, help="Age up with the small --quick setting (minutes on a 2-core CPU).")
 @click.option("--config", "config_file", type=click.Path(path_type=Path),
-              help="TOML config ([daemon] plus the age-up sections) [default: $EVOLUTION_HOME/evolution.toml].")
+              help="TOML config ([daemon] plus the age-up sections) [default: $EVOLUTION_HOME/evolution.toml; "
+                   "lineage NAME: $EVOLUTION_HOME/lineages/NAME/evolution.toml].")
 @click.option("--base", type=click.Path(path_type=Path),
               help="Local Hugging Face checkpoint for generation 0 [default: embedded SmolLM2-135M-Instruct].")
 @click.option("--curriculum", "curriculum_path", type=click.Path(path_type=Path), help="Curriculum directory.")
 @click.option("-v", "--verbose", is_flag=True, help="Log debug detail.")
+@lineage_option
 def daemon(start_gen, host, port, threshold, threshold_growth, quick, config_file, base, curriculum_path,
            verbose) -> None:
     """Serve the current generation over an OpenAI-compatible API and age up whenever karma crosses the threshold."""
@@ -40,10 +43,10 @@ def daemon(start_gen, host, port, threshold, threshold_growth, quick, config_fil
             base = base.expanduser().resolve()
             base_model.check_local(base)
         overrides = {"curriculum": {"path": str(curriculum_path.resolve())}} if curriculum_path else None
-        cfg = config.resolve(quick=quick, config_file=config_file, overrides=overrides, home=root.root)
+        cfg = config.resolve(quick=quick, config_file=config_file, overrides=overrides, home=root.home)
         flags = {k: v for k, v in {"host": host, "port": port, "threshold": threshold,
                                    "threshold_growth": threshold_growth}.items() if v is not None}
-        dcfg = config.resolve_daemon(config_file, flags, home=root.root)
+        dcfg = config.resolve_daemon(config_file, flags, home=root.home)
         logsetup.to_file(root.logs / "daemon.log", dcfg.log_max_bytes, dcfg.log_backups)  # beside stderr
         code = run(Daemon(root, cfg, dcfg, base, start_gen))
     except EvolutionError as exc:

@@ -52,7 +52,8 @@ class Daemon:
                  start_gen: int | None = None):
         self.root, self.cfg, self.dcfg, self.base, self.start_gen = root, cfg, dcfg, base, start_gen
         self.ledger: Ledger | None = None
-        self.host = ModelHost(dcfg.n_ctx, dcfg.chat_threads, dcfg.canary_prompt, dcfg.canary_max_tokens)
+        self.host = ModelHost(dcfg.n_ctx, dcfg.chat_threads, dcfg.canary_prompt, dcfg.canary_max_tokens,
+                              lineage=root.lineage)
         self.worker: workers.Worker | None = None
         self.started = time.time()
         self.last_error: str | None = None

@@ -26,13 +26,13 @@ INFO_FILE = "daemon.json"
 def daemon_info(root: DataRoot) -> dict | None:
     """What the last daemon started on this data root wrote about itself (address, threshold)."""
     try:
-        return json.loads((root.root / INFO_FILE).read_text())
+        return json.loads((root.home / INFO_FILE).read_text())
     except (FileNotFoundError, ValueError):
         return None
 
 
 def write_info(root: DataRoot, dcfg: DaemonConfig, port: int, started: float) -> None:
-    atomic_write_json(root.root / INFO_FILE, {
+    atomic_write_json(root.home / INFO_FILE, {
         "pid": os.getpid(), "host": dcfg.host, "port": port, "threshold": dcfg.threshold,
         "threshold_growth": dcfg.threshold_growth, "started": started,
     })
@@ -44,7 +44,7 @@ def api_token(root: DataRoot, dcfg: DaemonConfig) -> tuple[str, str]:
         return dcfg.api_token, "the config's daemon.api_token"
     if os.environ.get(TOKEN_ENV):
         return os.environ[TOKEN_ENV], f"${TOKEN_ENV}"
-    f = root.root / TOKEN_FILE
+    f = root.home / TOKEN_FILE
     if not f.is_file():
         atomic_write_text(f, secrets.token_urlsafe(32) + "\n")
         f.chmod(0o600)

@@ -28,7 +28,7 @@ from sqlalchemy.engine import URL, Connection, Engine, make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError
 
 from evolution import faults
-from evolution.errors import DiskFull, IntegrityError, LedgerError
+from evolution.errors import DiskFull, IntegrityError, LedgerError, UnknownGeneration
 from evolution.fsutil import free_space, is_disk_full
 from evolution.ledger import events as ev
 from evolution.ledger.chain import GENESIS, canonical_json, entry_hash
@@ -298,7 +298,12 @@ class Ledger:
 
     def generation(self, n: int) -> GenerationDetail:
         """Everything about generation ``n``; ``LedgerError`` if the ledger does not know it."""
-        return detail(self.entries(), n)
+        try:
+            return detail(self.entries(), n)
+        except UnknownGeneration as exc:
+            if self.lineage == MAIN:
+                raise
+            raise UnknownGeneration(f"lineage {self.lineage}: {exc}") from None
 
     def verify(self, *, artifacts: bool = True, head: Path | None = None) -> VerifyReport:
         """Recompute the chain, check the exported head and re-hash artifacts on disk."""

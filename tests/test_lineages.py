@@ -1,0 +1,281 @@
+"""Several lineages on one ledger: the m006 migration, one chain over every lineage, per-lineage karma,
+transcripts, experiences and probes, the `--lineage` option, `evolve ledger --all` / `show NAME/N`, model
+ids routed by lineage, two data roots sharing one PostgreSQL ledger, and (slow) two lineages aging up."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import shutil
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from sqlalchemy import text
+
+from evolution.cli import main
+from evolution.conversations import ConversationStore
+from evolution.errors import ConfigError, ConversationKeyReused, KarmaKeyReused, UnknownGeneration
+from evolution.experiences import ExperienceStore
+from evolution.karma import Karma
+from evolution.ledger import KARMA_THRESHOLD_CROSSED, Ledger, events, migrations, rollback
+from evolution.ledger.chain import GENESIS, entry_hash
+from evolution.ledger.head import Head, write_head
+from evolution.paths import DataRoot, check_lineage
+from evolution.probes import ProbeStore
+from evolution.serving import model_alias, model_id, parse_model
+from tests.ledger.conftest import add_generation, backend, data_root, ledger_url, tamper  # noqa: F401  (fixtures)
+
+
+def _two(data_root, ledger_url):
+    """``main`` with generations 0, 1 (served 1); ``deacon`` with 0, 1 passed, 2 rejected — interleaved."""
+    main_led = Ledger.open(data_root, ledger_url)
+    deacon_root = data_root.for_lineage("deacon").prepare()
+    deacon = main_led.view("deacon")
+    add_generation(main_led, data_root, 0, None, None)
+    add_generation(deacon, deacon_root, 0, None, None)
+    add_generation(deacon, deacon_root, 1, 0, "pass")
+    add_generation(main_led, data_root, 1, 0, "pass")
+    add_generation(deacon, deacon_root, 2, 1, "fail")
+    return main_led, deacon, deacon_root
+
+
+# -- layout --------------------------------------------------------------------------------------
+
+
+def test_main_keeps_todays_paths_and_another_lineage_has_its_own_folder(tmp_path, monkeypatch):
+    root = DataRoot(tmp_path)
+    assert (root.lineage, root.home, root.checkpoints, root.logs, root.ledger_dir) == \
+        ("main", tmp_path, tmp_path / "checkpoints", tmp_path / "logs", tmp_path / "ledger")
+    d = root.for_lineage("deacon").prepare()
+    assert d.home == tmp_path / "lineages" / "deacon"
+    assert d.checkpoints == tmp_path / "lineages" / "deacon" / "checkpoints" and d.checkpoints.is_dir()
+    assert d.ledger_dir == root.ledger_dir  # one ledger database per data root
+    assert root.lineage_dirs() == ["deacon"]
+    monkeypatch.setenv("EVOLUTION_LINEAGE", "witness")
+    assert DataRoot.from_env(tmp_path).lineage == "witness"
+    assert DataRoot.from_env(tmp_path, "crew").lineage == "crew"
+    for bad in ("Main", "", "a/b", "../x", "x" * 41, "deacon-gen-3", "9lives"):
+        with pytest.raises(ConfigError, match="lineage name"):
+            check_lineage(bad)
+
+
+def test_model_ids_name_their_lineage():
+    assert (model_id(3), model_id(3, "deacon")) == ("evolution-gen-0003", "evolution-deacon-gen-0003")
+    assert (model_alias(), model_alias("deacon")) == ("evolution", "evolution-deacon")
+    assert parse_model("evolution") == ("main", None)
+    assert parse_model("evolution-gen-0003") == ("main", 3)
+    assert parse_model("evolution-deacon") == ("deacon", None)
+    assert parse_model("evolution-deacon-gen-0002") == ("deacon", 2)
+    assert [parse_model(n) for n in ("gpt-4", "evolutionary", "evolution-Deacon", None)] == [None] * 4
+
+
+# -- the migration --------------------------------------------------------------------------------
+
+
+def test_m006_upgrades_a_ledger_created_at_version_5(data_root, ledger_url, monkeypatch):
+    monkeypatch.setattr(migrations, "MIGRATIONS", migrations.MIGRATIONS[:5])
+    monkeypatch.setattr(migrations, "LATEST", 5)
+    with Ledger.open(data_root, ledger_url) as led:
+        prev = GENESIS
+        with led.transaction() as txn:  # rows as today's code writes them: no lineage anywhere
+            for seq, (kind, gen, payload) in enumerate([("promoted", 0, {}), ("karma_threshold_crossed", None,
+                                                        {"karma": 5, "threshold": 5})], start=1):
+                t = f"2026-01-01T00:00:0{seq}.000000+00:00"
+                h = entry_hash(prev, seq, t, kind, gen, payload)
+                txn.conn.execute(text("INSERT INTO ledger_entries (seq, time, kind, gen, payload, prev_hash, entry_hash)"
+                                      " VALUES (:s, :t, :k, :g, :p, :prev, :h)"),
+                                 {"s": seq, "t": t, "k": kind, "g": gen, "p": json.dumps(payload, separators=(",", ":")),
+                                  "prev": prev, "h": h})
+                prev = h
+            txn.conn.execute(text("INSERT INTO karma_events (time, amount, reason, idem_key, source)"
+                                  " VALUES ('t', 5, 'old', 'k1', 'cli')"))
+            txn.conn.execute(text("INSERT INTO ageup_requests (time, karma, threshold, status) VALUES ('t', 5, 5, 'done')"))
+            txn.conn.execute(text("INSERT INTO probes (time, idem_key, question, answers, redactions, sha256)"
+                                  " VALUES ('t', NULL, 'Q?', '[\"A\"]', '{}', 'x')"))
+        write_head(led.head_path, Head(2, prev, led.url))
+    monkeypatch.undo()
+    with Ledger.open(data_root, ledger_url) as led:
+        with led.reading() as conn:
+            assert conn.execute(text("SELECT MAX(version) FROM ledger_schema")).scalar_one() == migrations.LATEST
+        report = led.verify()
+        assert report.ok, report.problems
+        assert led.lineages() == ["main"] and led.served_generation() == 0
+        assert [e.lineage for e in led.entries()] == ["main", "main"]
+        k = Karma(led, 5)
+        assert (k.state().total, [r.lineage for r in k.requests()]) == (5.0, ["main"])
+        assert ProbeStore(led).count() == 1
+        deacon = led.view("deacon")
+        assert Karma(deacon, 5).state().total == 0 and ProbeStore(deacon).count() == 0 and deacon.served_generation() is None
+        assert deacon.record(events.promoted(0)).lineage == "deacon"
+        assert led.verify().ok and led.lineages() == ["main", "deacon"] and led.served_generation() == 0
+
+
+# -- one chain, separate lineages ----------------------------------------------------------------
+
+
+def test_lineages_share_one_chain_and_each_reads_only_its_own(data_root, ledger_url):
+    main_led, deacon, deacon_root = _two(data_root, ledger_url)
+    try:
+        assert main_led.lineages() == ["main", "deacon"]
+        assert main_led.served_generation() == 1 and deacon.served_generation() == 1
+        assert [g.gen for g in main_led.history()] == [0, 1]
+        assert [(g.gen, g.status) for g in deacon.history()] == [(0, "promoted"), (1, "promoted"), (2, "rejected")]
+        assert deacon.generation(1).gguf["path"] == "lineages/deacon/checkpoints/gen_0001/model.gguf"
+        with pytest.raises(UnknownGeneration, match="lineage deacon: generation 7"):
+            deacon.generation(7)
+        seqs = sorted(e.seq for e in main_led.entries() + deacon.entries())
+        assert seqs == list(range(1, len(seqs) + 1))  # one global order, no gaps
+        report = main_led.verify()
+        assert report.ok, report.problems
+        assert report.entries == len(seqs) and report.artifacts_checked == 5  # both lineages' GGUFs re-hashed
+        # A rollback of one lineage leaves the other's served generation alone.
+        entry = rollback(deacon, 0, "deacon regressed")
+        assert entry.lineage == "deacon" and deacon.served_generation() == 0 and main_led.served_generation() == 1
+        assert main_led.verify().ok
+    finally:
+        main_led.close()
+
+
+def test_a_changed_lineage_or_artifact_of_another_lineage_fails_verify(data_root, ledger_url, tamper):
+    main_led, deacon, deacon_root = _two(data_root, ledger_url)
+    try:
+        moved = deacon.entries(kind="promoted")[-1].seq
+        tamper(f"UPDATE ledger_entries SET lineage = 'main' WHERE seq = {moved}")  # deacon's promotion passed off as main's
+        report = main_led.verify(artifacts=False)
+        assert [(p.seq, p.what) for p in report.problems] == [(moved, "edited")]
+        tamper(f"UPDATE ledger_entries SET lineage = 'deacon' WHERE seq = {moved}")
+        assert main_led.verify().ok
+        (deacon_root.gen_dir(1) / "model.gguf").chmod(0o644)
+        (deacon_root.gen_dir(1) / "model.gguf").write_bytes(b"swapped")
+        report = main_led.verify()
+        assert [p.what for p in report.problems] == ["artifact_changed"]
+        assert "generation deacon/1" in report.problems[0].message
+    finally:
+        main_led.close()
+
+
+def test_a_lineage_held_on_another_data_root_is_a_warning_not_a_problem(data_root, ledger_url):
+    main_led, deacon, deacon_root = _two(data_root, ledger_url)
+    try:
+        shutil.rmtree(deacon_root.home)  # as a second machine sees it: deacon's files are on the first
+        report = main_led.verify()
+        assert report.ok, report.problems
+        assert any("lineage deacon has no folder" in w for w in report.warnings)
+    finally:
+        main_led.close()
+
+
+def test_karma_transcripts_experiences_and_probes_are_per_lineage(data_root, ledger_url):
+    with Ledger.open(data_root, ledger_url) as led:
+        deacon = led.view("deacon")
+        km, kd = Karma(led, 10), Karma(deacon, 4)
+        km.add(3, key="a")
+        g = kd.add(5, key="b")
+        assert g.triggered is not None and g.triggered.lineage == "deacon"
+        assert (km.state().total, kd.state().total) == (3.0, 5.0)
+        assert km.state().open_request is None and [r.lineage for r in kd.requests()] == ["deacon"]
+        assert km.add(3, key="a").duplicate
+        with pytest.raises(KarmaKeyReused, match="lineage 'main'"):
+            kd.add(3, key="a")
+        assert [e.lineage for e in led.entries(kind=KARMA_THRESHOLD_CROSSED)] == []
+        assert len(deacon.entries(kind=KARMA_THRESHOLD_CROSSED)) == 1
+        cm, cd = ConversationStore(led), ConversationStore(deacon)
+        msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
+        cid = cd.add(msgs, "c1").id
+        assert cm.count()[0] == 0 and cd.count()[0] == 1 and cm.after(0) == [] and cd.after(0) == [(cid, msgs)]
+        with pytest.raises(ConversationKeyReused):
+            cm.add(msgs, "c1")
+        em, ed = ExperienceStore(led), ExperienceStore(deacon)
+        ed.capture(msgs[:1], "yo", "chatcmpl-1", "evolution-deacon-gen-0000", "0" * 64, 0, "stop", False)
+        assert em.counts()["experiences"] == 0 and ed.counts()["experiences"] == 1
+        with pytest.raises(Exception, match="no served completion"):
+            em.rate("chatcmpl-1", "good")
+        assert ed.rate("chatcmpl-1", "good").label == "good"
+        assert len(ed.labelled().examples) == 1 and em.labelled().examples == []
+        ProbeStore(deacon).add("What is 2+2?", ["4"], None)
+        assert ProbeStore(led).items() == [] and len(ProbeStore(deacon).items()) == 1
+
+
+# -- two data roots, one PostgreSQL ledger ---------------------------------------------------------
+
+GRANTS, THRESHOLD = 40, 10
+
+
+def _grant_many(home: str, lineage: str, url: str, worker: int, barrier) -> None:
+    led = Ledger.open(DataRoot(Path(home), lineage), url)
+    k = Karma(led, THRESHOLD)
+    barrier.wait()
+    for i in range(GRANTS):
+        k.add(1, reason=f"w{worker}", key=f"{lineage}-{worker}-{i}")
+        if i % 10 == 0:  # a repeated request counts once
+            k.add(1, reason=f"w{worker}", key=f"{lineage}-{worker}-{i}")
+        req = k.state().open_request
+        if req is not None:  # the age-up it asked for is done at once, so the next threshold can be crossed
+            k.mark(req.id, "done")
+    led.close()
+
+
+def test_two_data_roots_share_one_postgresql_ledger_and_karma_stays_exact(tmp_path, ledger_url, backend):
+    if backend != "postgresql":
+        pytest.skip("a ledger shared by two data roots is a PostgreSQL one")
+    homes = {"witness": tmp_path / "machine-a", "polecat": tmp_path / "machine-b"}
+    for lineage, home in homes.items():
+        Ledger.open(DataRoot(home, lineage).prepare(), ledger_url).close()
+    ctx = mp.get_context("spawn")
+    barrier = ctx.Barrier(4)
+    procs = [ctx.Process(target=_grant_many, args=(str(home), lineage, ledger_url, w, barrier))
+             for lineage, home in homes.items() for w in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=300)
+    assert [p.exitcode for p in procs] == [0] * 4
+    for lineage, home in homes.items():
+        with Ledger.open(DataRoot(home, lineage), ledger_url) as led:
+            k = Karma(led, THRESHOLD)
+            assert k.state().total == 2 * GRANTS  # every grant once, none of the other lineage's
+            assert len(k.requests()) == 2 * GRANTS // THRESHOLD
+            assert len(led.entries(kind=KARMA_THRESHOLD_CROSSED)) == 2 * GRANTS // THRESHOLD
+            report = led.verify()
+            assert report.ok, report.problems
+            assert led.lineages() == ["polecat", "witness"]
+
+
+# -- the command line -------------------------------------------------------------------------------
+
+
+def test_cli_lineage_option_registry_and_show(data_root, ledger_url):
+    main_led, deacon, _ = _two(data_root, ledger_url)
+    main_led.close()
+    runner = CliRunner()
+    env = {"EVOLUTION_LINEAGE": None} | ({"EVOLUTION_LEDGER_URL": ledger_url} if ledger_url else {})
+
+    def evolve(*args):  # each call a fresh process's environment: `--lineage` sets EVOLUTION_LINEAGE
+        return runner.invoke(main, list(args), env=env, catch_exceptions=False)
+
+    out = evolve("ledger", "--all", "--json")
+    assert out.exit_code == 0, out.output
+    rows = {r["lineage"]: r for r in json.loads(out.output)["lineages"]}
+    assert (rows["main"]["served"], rows["deacon"]["served"], rows["deacon"]["generations"]) == (1, 1, 3)
+    assert rows["deacon"]["latest_status"] == "rejected" and rows["deacon"]["paused"] is None
+    table = evolve("ledger", "--all").output
+    assert "deacon" in table and "main" in table and "serving" in table
+    shown = json.loads(evolve("ledger", "show", "deacon/2", "--json").output)
+    assert shown["status"] == "rejected" and all(e["lineage"] == "deacon" for e in shown["events"])
+    assert json.loads(evolve("ledger", "--lineage", "deacon", "--json").output)["served"] == 1
+    assert json.loads(evolve("ledger", "--json").output)["served"] == 1
+    out = evolve("rollback", "--to", "0", "--lineage", "deacon")
+    assert out.exit_code == 0, out.output
+    assert json.loads(evolve("ledger", "--json", "--lineage", "deacon").output)["served"] == 0
+    assert json.loads(evolve("ledger", "--json").output)["served"] == 1  # main untouched
+    assert evolve("karma", "add", "2", "--lineage", "deacon").exit_code == 0
+    assert json.loads(evolve("karma", "--json", "--lineage", "deacon").output)["total"] == 2
+    assert json.loads(evolve("karma", "--json").output)["total"] == 0
+    status = json.loads(evolve("--lineage", "deacon", "status", "--json").output)
+    assert status["lineage"] == "deacon" and status["served_generation"] == 0
+    bad = evolve("ledger", "show", "deacon/x")
+    assert bad.exit_code == 2 and "give N or LINEAGE/N" in bad.output
+    bad = evolve("status", "--lineage", "Deacon")
+    assert bad.exit_code == 2 and "lineage name 'Deacon' is not valid" in bad.output
+    assert evolve("ledger", "verify").exit_code == 0
