@@ -152,7 +152,8 @@ def _export_stages(state: _State, staging: Path, cfg: AgeUpConfig, stage_cb: Sta
 
 @contextlib.contextmanager
 def _lock(root: DataRoot) -> Iterator[None]:
-    """One age-up at a time per data root (an OS file lock: released even if the process dies)."""
+    """One age-up at a time per lineage, refused at once; lineages of one data root queue for the machine
+    (OS file locks: released even if the process dies)."""
     root.checkpoints.mkdir(parents=True, exist_ok=True)
     lock = FileLock(str(root.checkpoints / ".ageup.lock"))
     try:
@@ -162,8 +163,19 @@ def _lock(root: DataRoot) -> Iterator[None]:
             f"another age-up is running on {root.root} (lock {root.checkpoints / '.ageup.lock'}); "
             "wait for it to finish — only one age-up runs at a time"
         ) from None
+    root.ledger_dir.mkdir(parents=True, exist_ok=True)
+    machine = FileLock(str(root.ledger_dir / ".ageup-queue.lock"))
     try:
-        yield
+        try:
+            machine.acquire(timeout=0)
+        except Timeout:
+            log.info("lineage %s: another lineage's age-up runs on %s; waiting for it to finish", root.lineage,
+                     root.root)
+            machine.acquire(poll_interval=1.0)
+        try:
+            yield
+        finally:
+            machine.release()
     finally:
         lock.release()
 

@@ -279,3 +279,112 @@ def test_cli_lineage_option_registry_and_show(data_root, ledger_url):
     bad = evolve("status", "--lineage", "Deacon")
     assert bad.exit_code == 2 and "lineage name 'Deacon' is not valid" in bad.output
     assert evolve("ledger", "verify").exit_code == 0
+
+
+# -- age-ups ------------------------------------------------------------------------------------------
+
+
+def test_age_ups_of_two_lineages_queue_one_at_a_time(tmp_path):
+    import threading
+
+    from evolution import ageup
+    from evolution.errors import EvolutionError
+
+    main_root, deacon_root = DataRoot(tmp_path), DataRoot(tmp_path, "deacon")
+    order: list[str] = []
+    entered = threading.Event()
+
+    def deacon_ageup():
+        with ageup._lock(deacon_root):
+            entered.set()
+            order.append("deacon")
+
+    with ageup._lock(main_root):
+        with pytest.raises(EvolutionError, match="another age-up is running"):  # the same lineage: refused
+            with ageup._lock(main_root):
+                pass
+        t = threading.Thread(target=deacon_ageup)
+        t.start()
+        assert not entered.wait(1.5)  # another lineage: waits its turn
+        order.append("main")
+    t.join(10)
+    assert order == ["main", "deacon"]
+
+
+@pytest.mark.slow
+def test_two_lineages_age_up_independently_and_chats_to_both_survive_a_swap(tmp_path, taught_base):
+    """One age-up per lineage on one data root; a daemon per lineage serves its own model ids; while one
+    rolls back (a hot-swap), chats to both keep answering; the other lineage's served model is untouched."""
+    import threading
+
+    import httpx
+
+    from evolution.config import DaemonConfig
+    from evolution.daemon import Daemon
+    from tests.daemon_util import serving
+    from tests.conftest import SERVER_TOKEN, make_daemon_cfg, make_tiny_cfg, make_tiny_curriculum
+    from tests.lineage_util import grow
+
+    cfg = make_daemon_cfg(make_tiny_cfg(make_tiny_curriculum(tmp_path / "curriculum")))
+    roots = {name: DataRoot(tmp_path / "root", name).prepare() for name in ("main", "deacon")}
+    with Ledger.open(roots["main"]) as led:
+        for name, root in roots.items():
+            grow(root, cfg, led.view(name), base=taught_base)
+        assert (led.served_generation(), led.view("deacon").served_generation()) == (1, 1)
+        report = led.verify()
+        assert report.ok, report.problems
+        gguf = {n: led.view(n).generation(1).gguf for n in roots}
+    assert gguf["main"]["path"].startswith("checkpoints/gen_0001/")
+    assert gguf["deacon"]["path"].startswith("lineages/deacon/checkpoints/gen_0001/")
+    assert roots["main"].generations() == [0, 1] and roots["deacon"].generations() == [0, 1]
+
+    auth = {"Authorization": f"Bearer {SERVER_TOKEN}"}
+    ask = {"messages": [{"role": "user", "content": "What is your name?"}], "max_tokens": 8, "temperature": 0}
+    daemons = {n: Daemon(r, cfg, DaemonConfig(api_token=SERVER_TOKEN, threshold=1000)) for n, r in roots.items()}
+    try:
+        for d in daemons.values():
+            d.prepare()
+        with serving(daemons["main"]) as um, serving(daemons["deacon"]) as ud, \
+                httpx.Client(base_url=um, headers=auth, timeout=60) as cm, \
+                httpx.Client(base_url=ud, headers=auth, timeout=60) as cd:
+            assert [m["id"] for m in cd.get("/v1/models").json()["data"]] == ["evolution-deacon-gen-0001"]
+            r = cd.post("/v1/chat/completions", json=ask | {"model": "evolution-deacon"})
+            assert r.status_code == 200 and r.json()["model"] == "evolution-deacon-gen-0001"
+            for other, fragment in (("evolution", "serves lineage 'deacon'"),
+                                    ("evolution-deacon-gen-0000", "not the served generation")):
+                r = cd.post("/v1/chat/completions", json=ask | {"model": other})
+                assert r.status_code == 404 and fragment in r.json()["error"]["message"]
+            assert cm.post("/v1/chat/completions", json=ask | {"model": "evolution-deacon"}
+                           ).status_code == 404
+
+            failures, answered, stop = [], {"main": 0, "deacon": 0}, threading.Event()
+
+            def chat(name, url, model):
+                with httpx.Client(base_url=url, headers=auth, timeout=60) as client:
+                    while not stop.is_set():
+                        r = client.post("/v1/chat/completions", json=ask | {"model": model})
+                        if r.status_code != 200:
+                            failures.append((name, r.status_code, r.text))
+                        answered[name] += 1
+
+            threads = [threading.Thread(target=chat, args=("main", um, "evolution")),
+                       threading.Thread(target=chat, args=("deacon", ud, "evolution-deacon"))]
+            for t in threads:
+                t.start()
+            r = cd.post("/rollback", json={"to": 0, "reason": "deacon regressed"})
+            stop.set()
+            for t in threads:
+                t.join(60)
+            assert r.status_code == 200, r.text
+            assert failures == [] and min(answered.values()) > 0
+            assert daemons["deacon"].served().id == "evolution-deacon-gen-0000"
+            assert daemons["main"].served().id == "evolution-gen-0001"
+            kept = {n: ExperienceStore(d.ledger).list() for n, d in daemons.items()}
+            assert kept["deacon"] and all(e.model_id.startswith("evolution-deacon-") for e in kept["deacon"])
+            assert kept["main"] and all(e.model_id.startswith("evolution-gen-") for e in kept["main"])
+    finally:
+        for d in daemons.values():
+            d.stop()
+    with Ledger.open(roots["main"]) as led:
+        assert (led.served_generation(), led.view("deacon").served_generation()) == (1, 0)
+        assert led.verify().ok
