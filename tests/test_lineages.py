@@ -388,3 +388,22 @@ def test_two_lineages_age_up_independently_and_chats_to_both_survive_a_swap(tmp_
     with Ledger.open(roots["main"]) as led:
         assert (led.served_generation(), led.view("deacon").served_generation()) == (1, 0)
         assert led.verify().ok
+
+
+def test_a_backup_holds_every_lineage_and_restores_to_a_root_that_verifies(data_root, ledger_url, tmp_path):
+    if ledger_url is not None:
+        pytest.skip("the SQLite variant covers the files; PostgreSQL backups are tests/ledger/test_backup.py's")
+    from evolution import backup as bk
+
+    main_led, deacon, deacon_root = _two(data_root, ledger_url)
+    main_led.close()
+    result = bk.backup(data_root, tmp_path / "bk")
+    assert result.generations == [0, 1]
+    restored = DataRoot(tmp_path / "restored")
+    bk.restore(tmp_path / "bk", restored)
+    with Ledger.open(restored) as led:
+        report = led.verify()
+        assert report.ok, report.problems
+        assert report.artifacts_checked == 5 and report.warnings == []  # deacon's GGUFs came back too
+        assert led.view("deacon").served_generation() == 1
+    assert restored.for_lineage("deacon").generations() == [0, 1, 2]
