@@ -150,6 +150,7 @@ class ModelHost:
         self._llama = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llama")
         self.swaps = 0
         self.last_swap: dict | None = None
+        self.last_used = time.time()
 
     @property
     def current(self) -> Slot | None:
@@ -214,7 +215,20 @@ class ModelHost:
             if slot is None:
                 raise NotReady("no model is loaded yet: generation 0 is being built (see /status)")
             slot.users += 1
+            self.last_used = time.time()
             return slot
+
+    def unload_if_idle(self, idle_s: float) -> Slot | None:
+        """Stop serving the current model if no request used it for ``idle_s`` seconds and none is running;
+        return it (freed on the llama thread). A request after this finds no model (``NotReady``)."""
+        with self._cv:
+            old = self._current
+            if old is None or old.users or time.time() - self.last_used < idle_s:
+                return None
+            self._current, old.retired = None, True
+        self._llama.submit(old.close)
+        log.info("unloaded generation %d after %.0f s idle; the next request loads it again", old.gen, idle_s)
+        return old
 
     def _release(self, slot: Slot) -> None:
         """On the llama thread: the request is done with ``slot``; free it if it was swapped out."""

@@ -312,17 +312,20 @@ def test_age_ups_of_two_lineages_queue_one_at_a_time(tmp_path):
 
 
 @pytest.mark.slow
-def test_two_lineages_age_up_independently_and_chats_to_both_survive_a_swap(tmp_path, taught_base):
-    """One age-up per lineage on one data root; a daemon per lineage serves its own model ids; while one
-    rolls back (a hot-swap), chats to both keep answering; the other lineage's served model is untouched."""
+def test_two_lineages_age_up_independently_and_one_daemon_serves_both(tmp_path, taught_base):
+    """One age-up per lineage on one data root; one daemon process serves both, routed by the ``model``
+    field; chats to both never fail while one rolls back (a hot-swap) or is unloaded for idling and
+    loaded again; the other lineage's served model and karma are untouched."""
     import threading
+    import time
 
     import httpx
 
     from evolution.config import DaemonConfig
     from evolution.daemon import Daemon
-    from tests.daemon_util import serving
+    from evolution.daemon.entry import app_for
     from tests.conftest import SERVER_TOKEN, make_daemon_cfg, make_tiny_cfg, make_tiny_curriculum
+    from tests.daemon_util import serving_app
     from tests.lineage_util import grow
 
     cfg = make_daemon_cfg(make_tiny_cfg(make_tiny_curriculum(tmp_path / "curriculum")))
@@ -336,50 +339,59 @@ def test_two_lineages_age_up_independently_and_chats_to_both_survive_a_swap(tmp_
         gguf = {n: led.view(n).generation(1).gguf for n in roots}
     assert gguf["main"]["path"].startswith("checkpoints/gen_0001/")
     assert gguf["deacon"]["path"].startswith("lineages/deacon/checkpoints/gen_0001/")
-    assert roots["main"].generations() == [0, 1] and roots["deacon"].generations() == [0, 1]
+    assert gguf["main"]["sha256"] != gguf["deacon"]["sha256"]
 
     auth = {"Authorization": f"Bearer {SERVER_TOKEN}"}
     ask = {"messages": [{"role": "user", "content": "What is your name?"}], "max_tokens": 8, "temperature": 0}
-    daemons = {n: Daemon(r, cfg, DaemonConfig(api_token=SERVER_TOKEN, threshold=1000)) for n, r in roots.items()}
+    daemons = {n: Daemon(r, cfg, DaemonConfig(api_token=SERVER_TOKEN, threshold=1000, idle_unload_s=3600))
+               for n, r in roots.items()}
     try:
         for d in daemons.values():
             d.prepare()
-        with serving(daemons["main"]) as um, serving(daemons["deacon"]) as ud, \
-                httpx.Client(base_url=um, headers=auth, timeout=60) as cm, \
-                httpx.Client(base_url=ud, headers=auth, timeout=60) as cd:
-            assert [m["id"] for m in cd.get("/v1/models").json()["data"]] == ["evolution-deacon-gen-0001"]
-            r = cd.post("/v1/chat/completions", json=ask | {"model": "evolution-deacon"})
+        assert all(d.host.current is None for d in daemons.values())  # loaded on first use
+        with serving_app(app_for(list(daemons.values()))) as url, \
+                httpx.Client(base_url=url, headers=auth, timeout=60) as c:
+            listed = c.get("/v1/models").json()["data"]
+            assert [(m["id"], m["loaded"]) for m in listed] == [("evolution-gen-0001", False),
+                                                                ("evolution-deacon-gen-0001", False)]
+            r = c.post("/v1/chat/completions", json=ask | {"model": "evolution-deacon"})
             assert r.status_code == 200 and r.json()["model"] == "evolution-deacon-gen-0001"
-            for other, fragment in (("evolution", "serves lineage 'deacon'"),
+            assert daemons["main"].host.current is None and daemons["deacon"].host.current is not None
+            assert c.post("/v1/chat/completions", json=ask).json()["model"] == "evolution-gen-0001"
+            for other, fragment in (("evolution-witness", "not served here"),
                                     ("evolution-deacon-gen-0000", "not the served generation")):
-                r = cd.post("/v1/chat/completions", json=ask | {"model": other})
-                assert r.status_code == 404 and fragment in r.json()["error"]["message"]
-            assert cm.post("/v1/chat/completions", json=ask | {"model": "evolution-deacon"}
-                           ).status_code == 404
+                r = c.post("/v1/chat/completions", json=ask | {"model": other})
+                assert r.status_code == 404 and fragment in r.json()["error"]["message"], r.text
+            assert c.post("/lineages/deacon/karma", json={"amount": 7}).status_code == 200
+            assert (daemons["deacon"].karma.state().total, daemons["main"].karma.state().total) == (7, 0)
 
-            failures, answered, stop = [], {"main": 0, "deacon": 0}, threading.Event()
+            failures, answered, stop = [], {"evolution": 0, "evolution-deacon": 0}, threading.Event()
 
-            def chat(name, url, model):
+            def chat(model):
                 with httpx.Client(base_url=url, headers=auth, timeout=60) as client:
                     while not stop.is_set():
                         r = client.post("/v1/chat/completions", json=ask | {"model": model})
                         if r.status_code != 200:
-                            failures.append((name, r.status_code, r.text))
-                        answered[name] += 1
+                            failures.append((model, r.status_code, r.text))
+                        answered[model] += 1
 
-            threads = [threading.Thread(target=chat, args=("main", um, "evolution")),
-                       threading.Thread(target=chat, args=("deacon", ud, "evolution-deacon"))]
+            threads = [threading.Thread(target=chat, args=(m,)) for m in answered]
             for t in threads:
                 t.start()
-            r = cd.post("/rollback", json={"to": 0, "reason": "deacon regressed"})
+            r = c.post("/lineages/deacon/rollback", json={"to": 0, "reason": "deacon regressed"})
+            unloads, t0 = 0, time.time()
+            while time.time() - t0 < 4:  # main unloaded whenever no request is running; the next one reloads it
+                with daemons["main"]._swap_mutex:
+                    unloads += daemons["main"].host.unload_if_idle(0) is not None
+                time.sleep(0.05)
             stop.set()
             for t in threads:
                 t.join(60)
             assert r.status_code == 200, r.text
-            assert failures == [] and min(answered.values()) > 0
+            assert failures == [] and min(answered.values()) > 0 and unloads > 0
             assert daemons["deacon"].served().id == "evolution-deacon-gen-0000"
-            assert daemons["main"].served().id == "evolution-gen-0001"
-            kept = {n: ExperienceStore(d.ledger).list() for n, d in daemons.items()}
+            assert c.post("/v1/chat/completions", json=ask).json()["model"] == "evolution-gen-0001"
+            kept = {n: ExperienceStore(d.ledger).list(limit=1000) for n, d in daemons.items()}
             assert kept["deacon"] and all(e.model_id.startswith("evolution-deacon-") for e in kept["deacon"])
             assert kept["main"] and all(e.model_id.startswith("evolution-gen-") for e in kept["main"])
     finally:
