@@ -62,7 +62,7 @@ from evolution.errors import (
 )
 from evolution.ledger import Ledger
 from evolution.paths import DataRoot
-from evolution.serving import Slot, Stream, model_alias, parse_model
+from evolution.serving import Slot, Stream, model_alias, model_id, parse_model
 
 log = logging.getLogger(__name__)
 
@@ -261,6 +261,11 @@ def create_app(daemon: Service) -> FastAPI:
     @app.get("/health")
     async def health():
         slot = daemon.served()
+        if slot is None and d.idle_unload_s:  # unloaded for idling: the next chat loads it
+            gen = await run_in_threadpool(daemon.ledger.served_generation)
+            if gen is not None:
+                return {"status": "ok", "served_generation": gen, "model": model_id(gen, daemon.root.lineage),
+                        "loaded": False}
         if slot is None:
             return JSONResponse({"status": "starting", "served_generation": None}, status_code=503)
         return {"status": "ok", "served_generation": slot.gen, "model": slot.id}

@@ -354,6 +354,8 @@ def test_two_lineages_age_up_independently_and_one_daemon_serves_both(tmp_path, 
             listed = c.get("/v1/models").json()["data"]
             assert [(m["id"], m["loaded"]) for m in listed] == [("evolution-gen-0001", False),
                                                                 ("evolution-deacon-gen-0001", False)]
+            assert c.get("/health").json() == {"status": "ok", "served_generation": 1, "model": "evolution-gen-0001",
+                                               "loaded": False}
             r = c.post("/v1/chat/completions", json=ask | {"model": "evolution-deacon"})
             assert r.status_code == 200 and r.json()["model"] == "evolution-deacon-gen-0001"
             assert daemons["main"].host.current is None and daemons["deacon"].host.current is not None
