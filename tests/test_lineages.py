@@ -421,3 +421,40 @@ def test_a_backup_holds_every_lineage_and_restores_to_a_root_that_verifies(data_
         assert report.artifacts_checked == 5 and report.warnings == []  # deacon's GGUFs came back too
         assert led.view("deacon").served_generation() == 1
     assert restored.for_lineage("deacon").generations() == [0, 1, 2]
+
+
+def test_the_router_hands_each_request_to_its_lineages_app():
+    """Routing only (unit): each lineage's app here echoes what reached it; the real apps are the slow test's."""
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+    from starlette.testclient import TestClient
+
+    from evolution.daemon.router import Router
+
+    def echo(name):
+        async def handle(request: Request):
+            return JSONResponse({"lineage": name, "path": request.url.path, "body": (await request.body()).decode()})
+        return Starlette(routes=[Route("/{rest:path}", handle, methods=["GET", "POST"])])
+
+    client = TestClient(Router({"main": echo("main"), "deacon": echo("deacon")}, {}, max_body_bytes=200))
+    chat = "/v1/chat/completions"
+    for model, lineage in (("evolution-deacon", "deacon"), ("evolution-deacon-gen-0003", "deacon"),
+                           ("evolution", "main"), ("evolution-gen-0001", "main"), ("gpt-4", "main"), (None, "main")):
+        body = json.dumps({"model": model, "messages": []})
+        r = client.post(chat, content=body)
+        assert r.json() == {"lineage": lineage, "path": chat, "body": body}  # the same bytes, unchanged
+    r = client.post(chat, content=json.dumps({"model": "evolution-witness"}))
+    assert r.status_code == 404 and "lineage 'witness' is not served here" in r.json()["error"]["message"]
+    assert client.post(chat, content="{not json").json()["lineage"] == "main"  # main's app says what is wrong
+    big = json.dumps({"model": "evolution-deacon", "pad": "x" * 300}).encode()
+    r = client.post(chat, content=big)  # declared too big: unread, to the first app, whose own limit says 413
+    assert r.json()["lineage"] == "main"
+    r = client.post(chat, content=iter([big[:100], big[100:]]))  # chunked, no length: the router stops at its limit
+    assert r.status_code == 413 and "200-byte limit" in r.json()["error"]["message"]
+    assert client.post("/lineages/deacon/karma", content="{}").json() == {"lineage": "deacon", "path": "/karma",
+                                                                          "body": "{}"}
+    assert client.get("/lineages/nobody/status").status_code == 404
+    assert client.get("/v1/models/evolution-deacon-gen-0001").json()["lineage"] == "deacon"
+    assert client.get("/status").json()["lineage"] == "main"
