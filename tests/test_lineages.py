@@ -458,3 +458,18 @@ def test_the_router_hands_each_request_to_its_lineages_app():
     assert client.get("/lineages/nobody/status").status_code == 404
     assert client.get("/v1/models/evolution-deacon-gen-0001").json()["lineage"] == "deacon"
     assert client.get("/status").json()["lineage"] == "main"
+
+
+def test_a_lineage_reads_its_own_config_and_curriculum_folder(tmp_path):
+    from evolution import config
+
+    root = DataRoot(tmp_path)
+    deacon = root.for_lineage("deacon").prepare()
+    curriculum = tmp_path / "roles" / "deacon"
+    shutil.copytree(Path(config.CurriculumConfig().path), curriculum)
+    (deacon.home / "evolution.toml").write_text(
+        f'[curriculum]\npath = "{curriculum}"\n[gate]\nstop_after = 2\n[daemon]\nthreshold = 7\nport = 8771\n')
+    cfg, dcfg = config.resolve(home=deacon.home), config.resolve_daemon(home=deacon.home)
+    assert (cfg.curriculum.path, cfg.gate.stop_after, dcfg.threshold, dcfg.port) == (str(curriculum), 2, 7, 8771)
+    main_cfg = config.resolve(home=root.home)  # main: its own (here none): the defaults
+    assert main_cfg.curriculum.path == config.CurriculumConfig().path and config.resolve_daemon(home=root.home).port == 8765
