@@ -314,14 +314,14 @@ def create_app(daemon: Service) -> FastAPI:
     def _check_model(asked, slot: Slot | None) -> None:
         """Refuse a model id of ours that this daemon does not serve: another lineage, or a generation that is
         not the served one. Any other name gets the served generation (clients that insist on a model name)."""
-        ours = parse_model(asked)
-        if ours is None:
+        if not isinstance(asked, str):
             return
+        ours = parse_model(asked)
         lineage, alias = daemon.root.lineage, model_alias(daemon.root.lineage)
-        if ours[0] != lineage:
+        if ours is not None and ours[0] != lineage:
             raise ApiError(404, f"model {asked!r} is not served here: this daemon serves lineage {lineage!r} "
                                 f"({alias}); GET /v1/models lists it", code="model_not_found")
-        if ours[1] is not None and slot is not None and asked != slot.id:
+        if asked.startswith(alias + "-gen-") and slot is not None and asked != slot.id:  # malformed ones too
             raise ApiError(404, f"model {asked!r} is not the served generation ({slot.id}); "
                                 f"omit 'model' or use {alias!r} to get whichever is served", code="model_not_found")
 
