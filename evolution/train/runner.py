@@ -21,7 +21,7 @@ from pathlib import Path
 from evolution.config import TrainConfig
 from evolution.errors import EvolutionError
 from evolution.train import backend as engine
-from evolution.train import checkpoints
+from evolution.train import checkpoints, distributed
 from evolution.train.stage import Records, Stage, StageMetrics, TrainResult, summarize
 
 log = logging.getLogger(__name__)
@@ -45,8 +45,9 @@ def _callbacks(stage: str, total: int, metrics: StageMetrics, history: list[dict
                 progress(stage, state.global_step, total, metrics.loss_last)
 
         def on_save(self, args, state, control, **kw):
+            distributed.barrier()  # every rank has written its RNG state into the checkpoint
             ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-            if ckpt.is_dir():
+            if distributed.is_main() and ckpt.is_dir():
                 checkpoints.mark_complete(ckpt, state.global_step)
 
     return [_Track()]
@@ -101,8 +102,8 @@ def run_stage(stage: Stage, model, tokenizer, rows: list[dict], cfg: TrainConfig
     """Train one stage on ``rows`` (resuming from its last trusted checkpoint) and save its adapter."""
     settings = cfg.stage_sections()[stage.name]
     args = _training_args(cfg, stage_dir, settings.lr) | stage.args(settings)
-    max_steps = _steps(len(rows), args["per_device_train_batch_size"] * args["gradient_accumulation_steps"],
-                       settings.epochs, settings.max_steps)
+    global_batch = args["per_device_train_batch_size"] * args["gradient_accumulation_steps"] * distributed.world_size()
+    max_steps = _steps(len(rows), global_batch, settings.epochs, settings.max_steps)
     args |= {"max_steps": max_steps, "warmup_steps": min(cfg.warmup_steps, max_steps // 5)}
     log.info("%s: %d rows, %d steps, backend %s%s", stage.name, len(rows), max_steps, backend,
              f" ({metrics.reason})" if metrics.reason else "")
@@ -136,7 +137,9 @@ def run_stage(stage: Stage, model, tokenizer, rows: list[dict], cfg: TrainConfig
     metrics.tokens = int(trainer.state.num_input_tokens_seen)
     done_steps = metrics.steps - (metrics.resumed_from_step or 0)
     metrics.tokens_per_s = metrics.tokens / metrics.wall_s * done_steps / max(metrics.steps, 1) if metrics.wall_s else 0.0
-    checkpoints.save_adapter(model, stage_dir, metrics, backend)
+    if distributed.is_main():
+        checkpoints.save_adapter(model, stage_dir, metrics, backend)
+    distributed.barrier()  # the next stage, in every rank, starts from this adapter
     return metrics
 
 
@@ -145,14 +148,24 @@ def run_stages(parent: Path, stages: Sequence[Stage], data: dict[str, Records], 
     """Train ``stages`` in order on ``parent`` (an HF checkpoint dir) into ``workdir``; resumable.
 
     ``data``: each stage's records by stage name. Returns the adapter of the last stage that trained
-    and per-stage metrics. Finished stages are not re-run.
+    and per-stage metrics. Finished stages are not re-run. With ``cfg.processes`` > 1 the stages run in
+    that many processes (``evolution.train.distributed``; ``extra_callbacks`` stay in this process unused:
+    a SIGTERM stops the ranks instead).
     """
+    if cfg.processes > 1:
+        return distributed.launch(parent, stages, data, cfg, workdir, progress)
+    return run_here(parent, stages, data, cfg, workdir, progress, extra_callbacks)
+
+
+def run_here(parent: Path, stages: Sequence[Stage], data: dict[str, Records], cfg: TrainConfig, workdir: Path,
+             progress: ProgressFn | None = None, extra_callbacks: list | None = None) -> TrainResult:
+    """``run_stages`` in this process (the only one, or one rank of a data-parallel run)."""
     import torch
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     engine.keep_freed_memory()
-    backend = engine.select_backend(cfg.backend)
+    backend = engine.select_backend(cfg.backend, cfg.processes)
     log.info("training backend %s, precision %s", backend, engine.resolve_precision(cfg.precision))
     sections = cfg.stage_sections()
     max_seq_length = max(s.seq_len(sections[s.name]) for s in stages)
