@@ -12,6 +12,7 @@ step's loss (the losses move by 0.05-0.1 a step, asserted below so the check can
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -111,10 +112,22 @@ train(Path(spec["parent"]), spec["data"], cfg.train, Path(spec["work"]))
 """
 
 
+def _pids_naming(path: Path) -> list[int]:
+    """The processes whose command line names ``path`` (the ranks name their spec file under it)."""
+    pids = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            with contextlib.suppress(OSError):
+                if str(path).encode() in (d / "cmdline").read_bytes():
+                    pids.append(int(d.name))
+    return pids
+
+
 def test_kill_9_mid_run_resumes_from_the_last_complete_checkpoint(runs, tiny_base, tmp_path):
-    """Every process of the run (launcher, torchrun, both ranks) killed at once, as by a power cut."""
-    _, _, _, cfg = runs[2]
-    cfg = replace(cfg, stages=["sft"], sft=replace(cfg.sft, max_steps=12), save_steps=2, save_total_limit=3)
+    """Every process of the run (launcher, torchrun, both ranks) killed at once, as by a power cut; the next run
+    resumes from the last checkpoint marked complete and trains the steps the uninterrupted run trains."""
+    whole, _, _, cfg = runs[2]
+    cfg = replace(cfg, stages=["cpt", "sft"], save_total_limit=3)  # the run above, without its preference stage
     work = tmp_path / "work"
     spec = tmp_path / "spec.json"
     spec.write_text(json.dumps({"train": asdict(cfg), "parent": str(tiny_base), "data": DATA, "work": str(work)}))
@@ -127,16 +140,57 @@ def test_kill_9_mid_run_resumes_from_the_last_complete_checkpoint(runs, tiny_bas
             assert time.monotonic() < deadline, "no checkpoint-4 within 240 s"
             time.sleep(0.05)
     finally:
+        ranks = _pids_naming(work)  # torchrun starts the ranks in sessions of their own
         os.killpg(proc.pid, signal.SIGKILL)
+        for pid in ranks:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         proc.wait()
+    assert len(ranks) == 3  # torchrun and its two ranks
+    time.sleep(0.5)
+    assert not _pids_naming(work)
     complete = [p for p in (work / "sft").glob("checkpoint-*") if (p / COMPLETE).is_file()]
     last = max(int(p.name.split("-")[1]) for p in complete)
-    assert 4 <= last < 12
+    assert 4 <= last < 6
 
     result = train(tiny_base, DATA, cfg, work)
     sft = result.stages["sft"]
-    assert sft.resumed_from_step == last and sft.steps == 12
+    assert result.stages["cpt"].skipped and sft.resumed_from_step == last and sft.steps == 6
     assert finished(work / "sft") is not None
     # The resumed steps are the uninterrupted run's: same rows, same RNG, same optimizer state.
-    whole = train(tiny_base, DATA, cfg, tmp_path / "whole").stages["sft"].losses
-    assert sft.losses == pytest.approx(whole[last:], abs=LOSS_TOL)
+    assert sft.losses == pytest.approx(whole.stages["sft"].losses[last:], abs=LOSS_TOL)
+
+
+def test_sigterm_stops_every_rank_after_the_same_step_with_a_checkpoint(runs, tiny_base, tmp_path):
+    """The daemon's stop: a SIGTERM to the launching process reaches every rank; they stop together after a
+    step, write a complete checkpoint, and the launcher raises KeyboardInterrupt (the worker's 'interrupted')."""
+    _, _, _, cfg = runs[2]
+    # 12 steps, and no checkpoint but the one the stop writes
+    cfg = replace(cfg, stages=["sft"], save_steps=100, sft=replace(cfg.sft, epochs=3.0, max_steps=12))
+    work = tmp_path / "work"
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps({"train": asdict(cfg), "parent": str(tiny_base), "data": DATA, "work": str(work)}))
+    child = _CHILD.replace("train(Path", "try:\n    train(Path") + "except KeyboardInterrupt:\n    sys.exit(3)\n"
+    env = os.environ | {"PYTHONPATH": str(Path(__file__).parents[1])}
+    proc = subprocess.Popen([sys.executable, "-c", child, str(spec)], env=env, start_new_session=True,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while "sft: 16 rows" not in (line := proc.stderr.readline()):  # training starts (the ranks log it)
+            assert line and time.monotonic() < deadline, "the run never started training"
+        time.sleep(1.0)
+        proc.send_signal(signal.SIGTERM)
+        proc.stderr.read()
+        assert proc.wait(timeout=120) == 3
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    time.sleep(0.5)
+    assert not _pids_naming(work)
+    ckpts = [p for p in (work / "sft").glob("checkpoint-*")]
+    assert len(ckpts) == 1 and checkpoint_problems(ckpts[0]) == []
+    assert {p.name for p in ckpts[0].glob("rng_state_*.pth")} == {"rng_state_0.pth", "rng_state_1.pth"}
+    assert finished(work / "sft") is None  # stopped, not finished
+    stopped_at = int(ckpts[0].name.split("-")[1])
+    assert 1 <= stopped_at < 12
+    assert train(tiny_base, DATA, cfg, work).stages["sft"].resumed_from_step == stopped_at

@@ -5,7 +5,8 @@ before it left. It checkpoints every ``save_steps`` into ``<workdir>/<stage>/che
 (keeping the last ``save_total_limit``) and resumes from the last trusted one after a crash
 (``evolution.train.checkpoints``); a finished stage, whose ``<stage>/adapter`` still matches its
 hashes, is never run again. A stage whose ``plan`` says 'skip', or with no rows, is skipped, and
-its metrics say why.
+its metrics say why. With ``[train] processes`` > 1 the same runner runs in each process of a
+data-parallel run (``evolution.train.distributed``), rank 0 alone writing markers and adapters.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from pathlib import Path
 from evolution.config import TrainConfig
 from evolution.errors import EvolutionError
 from evolution.train import backend as engine
-from evolution.train import checkpoints, distributed
+from evolution.train import checkpoints
 from evolution.train.stage import Records, Stage, StageMetrics, TrainResult, summarize
 
 log = logging.getLogger(__name__)
@@ -45,6 +46,8 @@ def _callbacks(stage: str, total: int, metrics: StageMetrics, history: list[dict
                 progress(stage, state.global_step, total, metrics.loss_last)
 
         def on_save(self, args, state, control, **kw):
+            from evolution.train import distributed
+
             distributed.barrier()  # every rank has written its RNG state into the checkpoint
             ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             if distributed.is_main() and ckpt.is_dir():
@@ -91,6 +94,7 @@ def _training_args(cfg: TrainConfig, stage_dir: Path, lr: float) -> dict:
         bf16=engine.resolve_precision(cfg.precision) == "bf16",
         use_cpu=not use_cuda,
         dataloader_num_workers=0,
+        ddp_find_unused_parameters=False,  # data-parallel runs: every LoRA weight takes part in every step
         disable_tqdm=True,
         **_checkpointing_arg(cfg, use_cuda),
     )
@@ -100,6 +104,8 @@ def run_stage(stage: Stage, model, tokenizer, rows: list[dict], cfg: TrainConfig
               backend: str, progress: ProgressFn | None, extra_callbacks: list | None, parent: Path,
               metrics: StageMetrics) -> StageMetrics:
     """Train one stage on ``rows`` (resuming from its last trusted checkpoint) and save its adapter."""
+    from evolution.train import distributed  # not at the top: `python -m evolution.train.distributed` runs it
+
     settings = cfg.stage_sections()[stage.name]
     args = _training_args(cfg, stage_dir, settings.lr) | stage.args(settings)
     global_batch = args["per_device_train_batch_size"] * args["gradient_accumulation_steps"] * distributed.world_size()
@@ -153,6 +159,8 @@ def run_stages(parent: Path, stages: Sequence[Stage], data: dict[str, Records], 
     a SIGTERM stops the ranks instead).
     """
     if cfg.processes > 1:
+        from evolution.train import distributed
+
         return distributed.launch(parent, stages, data, cfg, workdir, progress)
     return run_here(parent, stages, data, cfg, workdir, progress, extra_callbacks)
 
