@@ -191,6 +191,4 @@ def test_sigterm_stops_every_rank_after_the_same_step_with_a_checkpoint(runs, ti
     assert len(ckpts) == 1 and checkpoint_problems(ckpts[0]) == []
     assert {p.name for p in ckpts[0].glob("rng_state_*.pth")} == {"rng_state_0.pth", "rng_state_1.pth"}
     assert finished(work / "sft") is None  # stopped, not finished
-    stopped_at = int(ckpts[0].name.split("-")[1])
-    assert 1 <= stopped_at < 12
-    assert train(tiny_base, DATA, cfg, work).stages["sft"].resumed_from_step == stopped_at
+    assert 1 <= int(ckpts[0].name.split("-")[1]) < 12  # resuming from it is the kill -9 test's

@@ -91,10 +91,14 @@ def launch(parent: Path, stages, data: dict, cfg, workdir: Path, progress=None):
     from evolution.train import checkpoints
     from evolution.train.stage import StageMetrics, TrainResult
 
+    done = {}
     for stage in stages:  # moving folders aside happens here, in one process, never in the ranks
-        checkpoints.finished(workdir / stage.name)
+        done[stage.name] = checkpoints.finished(workdir / stage.name)
         if (workdir / stage.name).is_dir():
             checkpoints.last_complete_checkpoint(workdir / stage.name)
+    if all(done.values()):  # nothing left to train: no processes to start
+        backend = json.loads((workdir / stages[-1].name / "metrics.json").read_text())["backend"]
+        return TrainResult(backend=backend, adapter_dir=workdir / stages[-1].name / "adapter", stages=done)
     spec_dir = _spec_dir(workdir)
     spec_dir.mkdir(parents=True, exist_ok=True)
     (spec_dir / "result.json").unlink(missing_ok=True)
