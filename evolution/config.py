@@ -192,7 +192,11 @@ class TrainConfig:
     save_total_limit: int = 2
     """Keep only the last N checkpoints."""
     threads: int | None = None
-    """torch intra-op threads (None: torch's default)."""
+    """torch intra-op threads (None: torch's default); with ``processes`` > 1, shared out among the processes."""
+    processes: int = 1
+    """Data-parallel training processes (DDP under ``torchrun``: gloo on a CPU, NCCL with one GPU each on CUDA).
+    ``batch_size`` is per process: the global batch is ``batch_size`` x ``grad_accum`` x ``processes``.
+    More than 1 trains on the ``hf`` backend ('auto' picks it; 'unsloth' is refused)."""
     gradient_checkpointing: bool | None = None
     """Recompute activations in the backward pass to save memory (a third more compute). None: on for
     CUDA, off on a CPU, where a small model's activations fit in memory easily."""
@@ -504,6 +508,9 @@ def validate(cfg: AgeUpConfig) -> None:
 
     if t.backend not in ("auto", "unsloth", "hf"):
         p.append(f"train.backend must be 'auto', 'unsloth' or 'hf', got {t.backend!r}")
+    if t.backend == "unsloth" and isinstance(t.processes, int) and t.processes > 1:
+        p.append(f"train.backend 'unsloth' trains in one process; with train.processes = {t.processes} use "
+                 "backend 'auto' or 'hf' (transformers + PEFT under DDP), or set processes = 1")
     sections = t.stage_sections()
     if (not isinstance(t.stages, list) or not t.stages or not all(isinstance(s, str) for s in t.stages)
             or len(set(t.stages)) != len(t.stages)):
@@ -513,7 +520,7 @@ def validate(cfg: AgeUpConfig) -> None:
               if s not in sections]
     for name, section in sections.items():
         p += section.problems(f"train.{name}")
-    for name in ("lora_r", "lora_alpha", "batch_size", "grad_accum", "save_steps", "save_total_limit"):
+    for name in ("lora_r", "lora_alpha", "batch_size", "grad_accum", "save_steps", "save_total_limit", "processes"):
         positive_int(f"train.{name}", getattr(t, name))
     positive_int("train.threads", t.threads, allow_none=True)
     if not isinstance(t.seed, int) or t.seed < 0:
