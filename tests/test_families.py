@@ -81,6 +81,8 @@ def _sentencepiece(out: Path, specials: dict[str, tuple[int, str]], symbols: lis
 
 
 def _phi3(tokenizer, out: Path) -> None:
+    # llama.cpp's phi3 vocabulary loader needs <|endoftext|> in the vocabulary: without it the GGUF converts
+    # but does not load ("error loading model vocabulary: unordered_map::at")
     _sentencepiece(out, {"unk": (0, "<unk>"), "bos": (1, "<s>"), "eos": (2, "</s>"), "pad": (-1, "<pad>")},
                    ["<|endoftext|>", "<|assistant|>", "<|system|>", "<|end|>", "<|user|>"],
                    {"tokenizer_class": "LlamaTokenizer", "eos_token": "<|endoftext|>", "chat_template": PHI3})
