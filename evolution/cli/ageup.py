@@ -52,7 +52,9 @@ def _size(n: int) -> str:
 @click.option("--config", "config_file", type=click.Path(path_type=Path), help="TOML config file.")
 @click.option("--quantization", type=click.Choice(config.QUANTIZATIONS), help="GGUF type to serve [default: q8_0].")
 @click.option("--backend", type=click.Choice(["auto", "unsloth", "hf"]), help="Training engine [default: auto].")
-@click.option("--stages", help="Comma-separated training stages to run, in order [default: cpt,sft].")
+@click.option("--stages", help="Comma-separated training stages to run, in order "
+              f"[default: {','.join(config.TrainConfig().stages)}]; a stage with too little data is skipped, "
+              "saying why.")
 @click.option("--restart", is_flag=True, help="Discard an interrupted age-up instead of resuming it.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def age_up(quick, base, curriculum_path, phases, config_file, quantization, backend, stages, restart,
