@@ -20,7 +20,7 @@ from evolution.paths import DataRoot
 STAGE_TITLES = {
     "base": "generation 0: base model → safetensors",
     "data": "data: curriculum + replay",
-    "train": "train: the configured stages, CPT then SFT by default (LoRA)",
+    "train": "train: the configured stages, CPT → SFT → preference by default (LoRA)",
     "merge": "merge adapter → safetensors",
     "gguf_f16": "convert → GGUF f16",
     "quantize": "quantize + SHA-256",
@@ -91,7 +91,7 @@ def age_up(quick, base, curriculum_path, phases, config_file, quantization, back
     def on_step(stage: str, step: int, total: int, loss: float | None) -> None:
         if not console.is_terminal:  # a log file gets a line every 5 % instead of a live bar
             if step == total or step % max(1, total // 20) == 0:
-                console.print(f"  {stage.upper()} step {step}/{total} loss {loss if loss is None else round(loss, 3)}")
+                console.print(f"  {stage.upper()} step {step}/{total} loss {'-' if loss is None else round(loss, 3)}")
             return
         if stage not in tasks:
             tasks[stage] = progress.add_task(stage.upper(), total=total, loss="-")
