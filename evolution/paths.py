@@ -62,6 +62,18 @@ class DataRoot:
             ]) from None
         return self
 
+    def existing(self) -> "DataRoot":
+        """``prepare`` for commands that read or add to a lineage: a data root that does not exist is a
+        mistake (a typo in ``EVOLUTION_HOME``), not a new one to create and report as empty."""
+        from evolution.errors import ConfigError
+
+        if not self.root.exists():
+            raise ConfigError([
+                f"data root {self.root} does not exist: check EVOLUTION_HOME (a typo?), or unset it to use "
+                "the repository's checkpoints/ and ledger/; `evolve age-up` or the daemon creates a new one"
+            ])
+        return self.prepare()
+
     def gen_dir(self, n: int) -> Path:
         return self.checkpoints / gen_name(n)
 

@@ -38,7 +38,7 @@ json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON f
 
 def _open(ctx: click.Context, url: str | None) -> Ledger:
     url = url or (ctx.obj or {}).get("ledger_url")
-    ledger = Ledger.open(DataRoot.from_env().prepare(), url)
+    ledger = Ledger.open(DataRoot.from_env().existing(), url)
     ctx.call_on_close(ledger.close)
     return ledger
 
