@@ -62,6 +62,7 @@ class Daemon:
         self.scheduler = None
         self.token, self.token_source = "", ""
         self.port = dcfg.port
+        self._claim = None  # identity.claim's lock on the data root, held from prepare() to stop()
         # For GET /metrics: counts since this process started (Prometheus counters start at 0 with it).
         self._tally_lock = threading.Lock()
         self._tally: Counter[str] = Counter()
@@ -73,6 +74,7 @@ class Daemon:
     def prepare(self) -> None:
         """Everything that can fail at start, checked before the server listens."""
         self.root.prepare()
+        self._claim = self._claim or identity.claim(self.root)  # before anything is read or written
         curriculum_mod.load(self.cfg.curriculum.path, self.cfg.curriculum.phases)  # CurriculumError with file:line
         self.ledger = Ledger.open(self.root)
         self.karma = Karma(self.ledger, self.dcfg.threshold, self.dcfg.threshold_growth)
@@ -407,3 +409,6 @@ class Daemon:
         self.host.close()
         if self.ledger is not None:
             self.ledger.close()
+        if self._claim is not None:
+            self._claim.release()
+            self._claim = None

@@ -2,7 +2,10 @@
 
 The token guards every write endpoint. It comes from the config (``[daemon] api_token``), else
 ``$EVOLUTION_API_TOKEN``, else a file generated on first start (mode 0600) beside the data.
-``daemon.json`` lets `evolve status` find a running daemon.
+``daemon.json`` lets `evolve status` find a running daemon. ``daemon.lock`` is held for the
+daemon's life (an OS file lock, released by the kernel when the process dies, even by kill -9), so
+a second daemon on the same data root is refused instead of serving beside the first, running its
+age-up requests and overwriting its ``daemon.json``.
 """
 
 from __future__ import annotations
@@ -12,7 +15,10 @@ import logging
 import os
 import secrets
 
+from filelock import FileLock, Timeout
+
 from evolution.config import DaemonConfig
+from evolution.errors import EvolutionError
 from evolution.fsutil import atomic_write_json, atomic_write_text
 from evolution.paths import DataRoot
 
@@ -21,6 +27,7 @@ log = logging.getLogger(__name__)
 TOKEN_ENV = "EVOLUTION_API_TOKEN"
 TOKEN_FILE = "daemon.token"
 INFO_FILE = "daemon.json"
+LOCK_FILE = "daemon.lock"
 
 
 def daemon_info(root: DataRoot) -> dict | None:
@@ -29,6 +36,21 @@ def daemon_info(root: DataRoot) -> dict | None:
         return json.loads((root.root / INFO_FILE).read_text())
     except (FileNotFoundError, ValueError):
         return None
+
+
+def claim(root: DataRoot) -> FileLock:
+    """Hold the data root for this daemon, or say which daemon already does and what to do."""
+    lock = FileLock(str(root.root / LOCK_FILE))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        info = daemon_info(root) or {}
+        who = f" (pid {info['pid']}, http://{info.get('host')}:{info.get('port')})" if "pid" in info else ""
+        raise EvolutionError(
+            f"another daemon is already running on the data root {root.root}{who}; one data root is served "
+            "by one daemon: use that one (`evolve status`), stop it first (SIGTERM), or start this one on "
+            "another data root (--home / $EVOLUTION_HOME)") from None
+    return lock
 
 
 def write_info(root: DataRoot, dcfg: DaemonConfig, port: int, started: float) -> None:
