@@ -176,7 +176,7 @@ def prune(root: DataRoot, ledger: Ledger, cfg: RetentionConfig, dry_run: bool = 
             try:
                 if not d.recorded:
                     ledger.record(ev.pruned(d.gen, d.artifacts, d.scope, d.reason, kept=sorted(p.kept), also=d.also))
-                _delete(root, [a["path"] for a in d.artifacts] + d.also)
+                _delete(root, d.also + [a["path"] for a in d.artifacts])  # while any ``also`` is left, so are they
             except OSError as exc:
                 if not is_disk_full(exc):
                     raise
