@@ -220,3 +220,39 @@ def test_rebuild_leaves_weights_deleted_without_a_record_to_the_integrity_check(
     assert retention.rebuild_weights(root, led, 3) is None  # not pruned: nothing to rebuild it from, by rule
     with pytest.raises(IntegrityError, match="gen_0003/hf/model.safetensors is missing"):
         ageup.select_parent(root, led)
+
+
+@pytest.mark.slow
+def test_prune_roll_back_to_a_generation_whose_weights_were_dropped_and_age_up_from_it(taught_base, daemon_cfg,
+                                                                                      ledger):
+    """Real generations of the tiny model: generation 2's merged weights are pruned, it is rolled back to,
+    and the next age-up rebuilds them from generation 0 and the adapters of 1 (itself pruned) and 2 — bit
+    for bit what its export recorded — then trains generation 3 from them."""
+    from tests.lineage_util import grow
+
+    root = DataRoot.from_env()
+    daemon_cfg.gate.stop_after = 10  # children of the taught base match their parents' recall: no pause
+    grow(root, daemon_cfg, ledger, base=taught_base)
+    grow(root, daemon_cfg, ledger)
+    assert ledger.served_generation() == 2
+    recorded = {a["kind"]: a for a in ledger.generation(2).artifacts}
+    rollback(ledger, 0)  # served 0: 1 and 2 are neither served nor its parent
+    p = retention.prune(root, ledger, RetentionConfig(keep_last=1, keep_best=0))
+    assert sorted(p.kept) == [0, 2]
+    assert not (root.gen_dir(1) / GGUF).exists() and not (root.gen_dir(1) / WEIGHTS).exists()
+    assert (root.gen_dir(1) / ADAPTER).exists()  # 2 descends from it
+    assert not (root.gen_dir(2) / WEIGHTS).exists() and (root.gen_dir(2) / GGUF).exists()
+    assert all((root.gen_dir(n) / "data" / "sft.jsonl").is_file() for n in (1, 2))
+    with pytest.raises(LedgerError, match="generations kept that can be: 0, 2"):
+        rollback(ledger, 1)
+
+    rollback(ledger, 2)
+    child = grow(root, daemon_cfg, ledger)
+    assert child.gen == 3 and child.parent == 2
+    [rebuilt] = ledger.entries(kind=events.REBUILT, gen=2)
+    assert rebuilt.payload["chain"] == [0, 1, 2]
+    assert sha256_file(root.gen_dir(2) / WEIGHTS) == recorded["safetensors"]["sha256"]
+    assert sha256_file(root.gen_dir(3) / WEIGHTS) != recorded["safetensors"]["sha256"]  # trained on from there
+    report = ledger.verify()
+    assert report.ok and report.artifacts_pruned == 2, report.problems
+    assert {r.gen: r.pruned for r in ledger.history()} == {0: None, 1: "generation", 2: None, 3: None}
