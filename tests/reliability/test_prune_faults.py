@@ -17,22 +17,17 @@ A real size-limited filesystem (tmpfs), filled to the brim, gives the same clear
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from evolution import faults
 from evolution.fsutil import sha256_file, sha256_tree
 from evolution.ledger import Ledger
 from evolution.ledger import events as ev
 from evolution.paths import DataRoot
-from tests.reliability.conftest import fill
+from tests.reliability.conftest import evolve, fill
 from tests.retention_util import GGUF, build
 
-REPO = Path(__file__).resolve().parents[2]
 LOCK = frozenset({".ageup.lock"})  # the prune's lock file: not part of any generation
 PRUNE = ("prune", "--keep-last", "2", "--keep-best", "1")
 DELETED = 3 + 4 + 1 + 3 + 4  # files the prune deletes: gens 1, 2 (GGUF + sidecar, weights, 2: adapter), 3 (weights), 4, 6
@@ -43,15 +38,6 @@ def _source(at: Path) -> DataRoot:
     with Ledger.open(root.prepare()) as led:
         build(root, led)
     return root
-
-
-def _evolve(root: DataRoot, *args: str, spec: str | None = None) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != faults.ENV} | {"EVOLUTION_HOME": str(root.root),
-                                                                       "PYTHONPATH": str(REPO)}
-    if spec:
-        env[faults.ENV] = spec
-    return subprocess.run([sys.executable, "-c", "from evolution.cli import main; main()", *args], cwd=REPO,
-                          env=env, capture_output=True, text=True, timeout=120, check=False)
 
 
 def _lost(root: DataRoot, small_before: dict[str, str]) -> list[str]:
@@ -86,7 +72,7 @@ def _small_files(root: DataRoot) -> dict[str, str]:
 def expected(tmp_path) -> dict[str, str]:
     """The checkpoints tree after an uninterrupted prune of the same lineage."""
     root = _source(tmp_path / "reference")
-    r = _evolve(root, *PRUNE)
+    r = evolve(root, *PRUNE)
     assert r.returncode == 0, r.stdout + r.stderr
     return sha256_tree(root.checkpoints, LOCK)
 
@@ -96,12 +82,12 @@ def test_kill_9_during_a_prune_loses_nothing_and_the_next_prune_finishes_it(tmp_
         root = _source(tmp_path / f"root{nth}")
         small = _small_files(root)
         with tally.fault("kill -9 · prune"):
-            r = _evolve(root, *PRUNE, spec=f"prune=kill@{nth}")
+            r = evolve(root, *PRUNE, spec=f"prune=kill@{nth}")
             assert r.returncode == -9, r.stdout + r.stderr
             lost = _lost(root, small)
             tally.lost("kill -9 · prune", len(lost))
             assert lost == []
-            r = _evolve(root, *PRUNE)
+            r = evolve(root, *PRUNE)
             assert r.returncode == 0, r.stdout + r.stderr
             assert sha256_tree(root.checkpoints, LOCK) == expected
             with Ledger.open(root) as led:
@@ -115,7 +101,7 @@ def test_a_full_disk_during_a_prune_says_so_and_loses_nothing(tmp_path, expected
     root = _source(tmp_path / "append")
     small, tree = _small_files(root), sha256_tree(root.checkpoints, LOCK)
     with tally.fault("disk full · prune (ledger append)"):
-        r = _evolve(root, *PRUNE, spec="ledger_append=enospc")
+        r = evolve(root, *PRUNE, spec="ledger_append=enospc")
         assert r.returncode == 1 and "the disk is full" in r.stderr and "nothing was recorded" in r.stderr, r.stderr
         assert sha256_tree(root.checkpoints, LOCK) == tree  # nothing recorded, so nothing deleted
         assert _lost(root, small) == []
@@ -123,11 +109,11 @@ def test_a_full_disk_during_a_prune_says_so_and_loses_nothing(tmp_path, expected
     root = _source(tmp_path / "delete")
     small = _small_files(root)
     with tally.fault("disk full · prune (deleting)"):
-        r = _evolve(root, *PRUNE, spec="prune=enospc@3")
+        r = evolve(root, *PRUNE, spec="prune=enospc@3")
         assert r.returncode == 1 and "the disk is full" in r.stderr and "run `evolve prune` again" in r.stderr, \
             r.stderr
         assert _lost(root, small) == []
-        r = _evolve(root, *PRUNE)
+        r = evolve(root, *PRUNE)
         assert r.returncode == 0, r.stderr
         assert sha256_tree(root.checkpoints, LOCK) == expected
 
@@ -139,12 +125,12 @@ def test_a_prune_on_a_full_tmpfs_says_so_then_frees_the_space_once_it_can_record
     small, tree = _small_files(root), sha256_tree(root.checkpoints, LOCK)
     filler = fill(disk)
     with tally.fault("disk full · prune (tmpfs)"):
-        r = _evolve(root, *PRUNE)
+        r = evolve(root, *PRUNE)
         assert r.returncode == 1 and "the disk is full" in r.stderr, r.stdout + r.stderr
         assert sha256_tree(root.checkpoints, LOCK) == tree
         filler.unlink()
         assert _lost(root, small) == []
-        r = _evolve(root, *PRUNE)
+        r = evolve(root, *PRUNE)
         assert r.returncode == 0, r.stderr
         assert sha256_tree(root.checkpoints, LOCK) == expected
         assert (root.gen_dir(7) / GGUF).is_file()
