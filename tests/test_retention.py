@@ -11,13 +11,14 @@ kept 0 (generation 0), 7 (served), 5 (its parent; one of the last two), 3 (best 
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 from click.testing import CliRunner
 
 from evolution import retention
 from evolution.cli import main
-from evolution.config import RetentionConfig, resolve, resolve_retention
+from evolution.config import AgeUpConfig, RetentionConfig, resolve, resolve_retention
 from evolution.errors import ConfigError, LedgerError
 from evolution.fsutil import sha256_file
 from evolution.ledger import Ledger, events, rollback
@@ -222,37 +223,84 @@ def test_rebuild_leaves_weights_deleted_without_a_record_to_the_integrity_check(
         ageup.select_parent(root, led)
 
 
+def _copy_of(lineage, at, monkeypatch) -> tuple[DataRoot, AgeUpConfig]:
+    """A writable copy of the module's real lineage (generation 1 of the taught tiny model served over 0)."""
+    src, cfg = lineage
+    root = DataRoot(at)
+    shutil.copytree(src.root, root.root)
+    monkeypatch.setenv("EVOLUTION_HOME", str(root.root))
+    cfg = AgeUpConfig.from_dict(cfg.to_dict())
+    cfg.gate.stop_after = 10  # children of the taught base match their parents' recall: no pause
+    return root, cfg
+
+
 @pytest.mark.slow
-def test_prune_roll_back_to_a_generation_whose_weights_were_dropped_and_age_up_from_it(taught_base, daemon_cfg,
-                                                                                      ledger):
+def test_prune_roll_back_to_a_generation_whose_weights_were_dropped_and_age_up_from_it(lineage, tmp_path,
+                                                                                      monkeypatch):
     """Real generations of the tiny model: generation 2's merged weights are pruned, it is rolled back to,
     and the next age-up rebuilds them from generation 0 and the adapters of 1 (itself pruned) and 2 — bit
     for bit what its export recorded — then trains generation 3 from them."""
     from tests.lineage_util import grow
 
-    root = DataRoot.from_env()
-    daemon_cfg.gate.stop_after = 10  # children of the taught base match their parents' recall: no pause
-    grow(root, daemon_cfg, ledger, base=taught_base)
-    grow(root, daemon_cfg, ledger)
-    assert ledger.served_generation() == 2
-    recorded = {a["kind"]: a for a in ledger.generation(2).artifacts}
-    rollback(ledger, 0)  # served 0: 1 and 2 are neither served nor its parent
-    p = retention.prune(root, ledger, RetentionConfig(keep_last=1, keep_best=0))
-    assert sorted(p.kept) == [0, 2]
-    assert not (root.gen_dir(1) / GGUF).exists() and not (root.gen_dir(1) / WEIGHTS).exists()
-    assert (root.gen_dir(1) / ADAPTER).exists()  # 2 descends from it
-    assert not (root.gen_dir(2) / WEIGHTS).exists() and (root.gen_dir(2) / GGUF).exists()
-    assert all((root.gen_dir(n) / "data" / "sft.jsonl").is_file() for n in (1, 2))
-    with pytest.raises(LedgerError, match="generations kept that can be: 0, 2"):
-        rollback(ledger, 1)
+    root, cfg = _copy_of(lineage, tmp_path / "root", monkeypatch)
+    with Ledger.open(root) as ledger:
+        grow(root, cfg, ledger)
+        assert ledger.served_generation() == 2
+        recorded = {a["kind"]: a for a in ledger.generation(2).artifacts}
+        rollback(ledger, 0)  # served 0: 1 and 2 are neither served nor its parent
+        p = retention.prune(root, ledger, RetentionConfig(keep_last=1, keep_best=0))
+        assert sorted(p.kept) == [0, 2]
+        assert not (root.gen_dir(1) / GGUF).exists() and not (root.gen_dir(1) / WEIGHTS).exists()
+        assert (root.gen_dir(1) / ADAPTER).exists()  # 2 descends from it
+        assert not (root.gen_dir(2) / WEIGHTS).exists() and (root.gen_dir(2) / GGUF).exists()
+        assert all((root.gen_dir(n) / "data" / "sft.jsonl").is_file() for n in (1, 2))
+        with pytest.raises(LedgerError, match="generations kept that can be: 0, 2"):
+            rollback(ledger, 1)
 
-    rollback(ledger, 2)
-    child = grow(root, daemon_cfg, ledger)
-    assert child.gen == 3 and child.parent == 2
-    [rebuilt] = ledger.entries(kind=events.REBUILT, gen=2)
-    assert rebuilt.payload["chain"] == [0, 1, 2]
-    assert sha256_file(root.gen_dir(2) / WEIGHTS) == recorded["safetensors"]["sha256"]
-    assert sha256_file(root.gen_dir(3) / WEIGHTS) != recorded["safetensors"]["sha256"]  # trained on from there
-    report = ledger.verify()
-    assert report.ok and report.artifacts_pruned == 2, report.problems
-    assert {r.gen: r.pruned for r in ledger.history()} == {0: None, 1: "generation", 2: None, 3: None}
+        rollback(ledger, 2)
+        child = grow(root, cfg, ledger)
+        assert child.gen == 3 and child.parent == 2
+        [rebuilt] = ledger.entries(kind=events.REBUILT, gen=2)
+        assert rebuilt.payload["chain"] == [0, 1, 2]
+        assert sha256_file(root.gen_dir(2) / WEIGHTS) == recorded["safetensors"]["sha256"]
+        assert sha256_file(root.gen_dir(3) / WEIGHTS) != recorded["safetensors"]["sha256"]  # trained from there
+        report = ledger.verify()
+        assert report.ok and report.artifacts_pruned == 2, report.problems
+        assert {r.gen: r.pruned for r in ledger.history()} == {0: None, 1: "generation", 2: None, 3: None}
+
+
+@pytest.mark.slow
+def test_the_daemon_prunes_after_it_promotes_a_child(daemon, tmp_path):
+    """A child finished by a worker (here: generation 1's files again, as a child of 0) is promoted by the
+    daemon's own collect step, which then applies its retention policy: generation 1 — neither served, nor
+    the new one's parent, nor kept by keep_last 0 — is pruned, after the promotion, in the ledger first."""
+    import subprocess
+    import sys
+
+    from evolution.daemon import workers
+    from evolution.fsutil import make_tree_read_only, make_tree_writable
+    from evolution.karma import RUNNING
+
+    root, led = daemon.root, daemon.ledger
+    shutil.copytree(root.gen_dir(1), root.gen_dir(2))
+    make_tree_writable(root.gen_dir(2))
+    summary = json.loads((root.gen_dir(2) / "generation.json").read_text())
+    summary.update(gen=2, parent=0, gen_dir=str(root.gen_dir(2)))
+    (root.gen_dir(2) / "generation.json").write_text(json.dumps(summary))
+    make_tree_read_only(root.gen_dir(2))
+    request = daemon.karma.add(1000, "test").request
+    daemon.karma.mark(request.id, RUNNING)
+    daemon.retention_cfg = RetentionConfig(keep_last=0, keep_best=0)
+    daemon.worker = workers.Worker(subprocess.Popen([sys.executable, "-c", "pass"]), request.id, False,
+                                   tmp_path / "worker.log")
+    daemon.worker.proc.wait()
+    daemon._collect_worker()
+
+    assert led.served_generation() == 2 and daemon.host.current.gen == 2
+    [pruned] = led.entries(kind=events.PRUNED)
+    assert pruned.gen == 1 and pruned.seq > led.entries(kind=events.PROMOTED, gen=2)[0].seq
+    assert {a["kind"] for a in pruned.payload["artifacts"]} == {"gguf", "safetensors", "adapter"}
+    assert not (root.gen_dir(1) / GGUF).exists() and (root.gen_dir(1) / "data").is_dir()
+    assert (root.gen_dir(0) / GGUF).exists() and (root.gen_dir(2) / WEIGHTS).exists()
+    report = led.verify()
+    assert report.ok and report.artifacts_pruned == 3, report.problems
