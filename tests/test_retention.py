@@ -288,7 +288,7 @@ def test_the_daemon_prunes_after_it_promotes_a_child(daemon, tmp_path):
     summary.update(gen=2, parent=0, gen_dir=str(root.gen_dir(2)))
     (root.gen_dir(2) / "generation.json").write_text(json.dumps(summary))
     make_tree_read_only(root.gen_dir(2))
-    request = daemon.karma.add(1000, "test").request
+    request = daemon.karma.add(1000, "test").triggered
     daemon.karma.mark(request.id, RUNNING)
     daemon.retention_cfg = RetentionConfig(keep_last=0, keep_best=0)
     daemon.worker = workers.Worker(subprocess.Popen([sys.executable, "-c", "pass"]), request.id, False,
