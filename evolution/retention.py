@@ -91,8 +91,8 @@ def _recall(r: GenerationRow) -> float:
 def _lineage(rows: dict[int, GenerationRow], n: int) -> list[int]:
     """``n``, its parent, … back to generation 0."""
     chain = [n]
-    while rows[chain[-1]].parent is not None and rows[chain[-1]].parent in rows and rows[chain[-1]].parent not in chain:
-        chain.append(rows[chain[-1]].parent)
+    while (parent := rows[chain[-1]].parent) is not None and parent in rows and parent not in chain:
+        chain.append(parent)
     return chain
 
 
@@ -229,7 +229,8 @@ def rebuild_weights(root: DataRoot, ledger: Ledger, gen: int) -> float | None:
         return None  # intact, or deleted without a record: the caller's hash check names it
     t0 = time.perf_counter()
     chain = list(reversed(ledger.generation(gen).lineage))
-    start = max((i for i, g in enumerate(chain[:-1]) if _intact(root, _artifacts(ledger, g, WEIGHTS))), default=None)
+    start = next((i for i in reversed(range(len(chain) - 1)) if _intact(root, _artifacts(ledger, chain[i], WEIGHTS))),
+                 None)  # the nearest ancestor with its weights
     if start is None:
         raise IntegrityError(f"cannot rebuild the merged weights of {gen_name(gen)}: no ancestor of it ({chain}) has "
                              "its weights on disk as the ledger recorded; restore generation 0 from a backup")
