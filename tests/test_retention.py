@@ -210,6 +210,18 @@ def test_the_dashboard_shows_a_pruned_generation_as_pruned_not_as_a_rollback_tar
     assert View(root, led).generation(4)["pruned"] == "generation"
 
 
+def test_a_backup_of_a_pruned_root_restores_to_a_root_that_verifies(root, led, tmp_path):
+    from evolution import backup as bk
+
+    retention.prune(root, led, POLICY)
+    bk.backup(root, tmp_path / "bk")
+    r = bk.restore(tmp_path / "bk", DataRoot(tmp_path / "restored"))
+    assert r.served == 7
+    with Ledger.open(DataRoot(tmp_path / "restored")) as restored:
+        report = restored.verify()
+        assert report.ok and report.artifacts_pruned == sum(map(len, PRUNED.values())) + 1, report.problems
+
+
 def test_rebuild_leaves_weights_deleted_without_a_record_to_the_integrity_check(root, led):
     from evolution import ageup
     from evolution.errors import IntegrityError
