@@ -175,8 +175,8 @@ def test_evolve_prune_dry_run_changes_nothing_then_prunes(root, led):
     r = runner.invoke(main, ["prune", "--dry-run", "--keep-last", "2", "--keep-best", "1"])
     assert r.exit_code == 0, r.output
     assert "keep generation 3: one of the best 1 by recall (0.95)" in r.output
-    assert "would delete its GGUF and weights of generation 2" in r.output
-    assert "would delete its merged weights of generation 3" in r.output
+    assert "would delete generation 2's GGUF and weights" in r.output
+    assert "would delete generation 3's merged weights" in r.output
     assert _files(root) == before and not led.entries(kind=events.PRUNED)
     r = runner.invoke(main, ["prune", "--keep-last", "2", "--keep-best", "1", "--json"])
     assert r.exit_code == 0, r.output

@@ -44,11 +44,11 @@ def prune(dry_run: bool, config_file, keep_last, keep_best, ledger_url, as_json:
         click.echo(f"keep generation {gen}: {'; '.join(why)}")
     verb = "would delete" if dry_run else "deleted"
     for d in p.deletions:
-        what = "its GGUF and weights" if d.scope == ev.PRUNE_GENERATION else "its merged weights"
-        click.echo(f"{verb} {what} of generation {d.gen} ({d.bytes / 1e6:.0f} MB): {d.reason}")
+        what = "GGUF and weights" if d.scope == ev.PRUNE_GENERATION else "merged weights"
+        click.echo(f"{verb} generation {d.gen}'s {what} ({d.bytes / 1e6:.1f} MB): {d.reason}")
         for a in d.artifacts:
             click.echo(f"  {a['path']}  {a['sha256'][:16]}")
     if not p.deletions:
         click.echo("nothing to prune")
     else:
-        click.echo(f"{verb} {p.bytes / 1e6:.0f} MB in all" + ("" if dry_run else "; recorded in the ledger"))
+        click.echo(f"{verb} {p.bytes / 1e6:.1f} MB in all" + ("" if dry_run else "; recorded in the ledger"))
