@@ -23,16 +23,14 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Iterator
 
-from filelock import FileLock, Timeout
-
 from evolution import base as base_model
 from evolution import curriculum as curriculum_mod
-from evolution import export, gate, promotion, replay, train
+from evolution import export, gate, promotion, replay, retention, train
 from evolution import progress as progress_mod
 from evolution.config import AgeUpConfig
 from evolution.conversations import ConversationStore
 from evolution.experiences import ExperienceStore
-from evolution.errors import AgeUpsPaused, DiskFull, EvolutionError, GenerationError, IntegrityError
+from evolution.errors import AgeUpsPaused, DiskFull, GenerationError, IntegrityError
 from evolution.export import GGUF_NAME, HF_DIR, Artifact
 from evolution.fsutil import (
     atomic_write_json,
@@ -150,24 +148,6 @@ def _export_stages(state: _State, staging: Path, cfg: AgeUpConfig, stage_cb: Sta
     _run(state, "smoke", smoke, stage_cb)
 
 
-@contextlib.contextmanager
-def _lock(root: DataRoot) -> Iterator[None]:
-    """One age-up at a time per data root (an OS file lock: released even if the process dies)."""
-    root.checkpoints.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(str(root.checkpoints / ".ageup.lock"))
-    try:
-        lock.acquire(timeout=0)
-    except Timeout:
-        raise EvolutionError(
-            f"another age-up is running on {root.root} (lock {root.checkpoints / '.ageup.lock'}); "
-            "wait for it to finish — only one age-up runs at a time"
-        ) from None
-    try:
-        yield
-    finally:
-        lock.release()
-
-
 def _gate_info(result: gate.GateResult) -> dict:
     return result.summary()
 
@@ -217,10 +197,12 @@ def bootstrap(root: DataRoot, cfg: AgeUpConfig, ledger: Ledger, cur: curriculum_
 
 
 def select_parent(root: DataRoot, ledger: Ledger) -> int:
-    """The generation an age-up starts from: the served one, with its weights verified against the ledger."""
+    """The generation an age-up starts from: the served one, with its weights verified against the ledger
+    (rebuilt from the adapters first if the retention policy dropped them)."""
     parent = ledger.served_generation()
     if parent is None:
         raise GenerationError("no generation is served yet; run `evolve age-up` once to create generation 0")
+    retention.rebuild_weights(root, ledger, parent)
     artifacts = ledger.generation(parent).artifacts
     weights = [a for a in artifacts if a.get("kind") == "safetensors"]
     if not weights:
@@ -274,7 +256,8 @@ def _tracked(root: DataRoot, expected: dict[str, float] | None = None) -> Iterat
 
     A failure caused by a full disk, however deep it came from, is raised as ``DiskFull`` with a
     message that says so and what to do."""
-    with _lock(root):
+    with root.exclusive(f"another age-up (or a prune) is running on {root.root}; wait for it to finish — only "
+                        "one age-up runs at a time"):
         tracker = None
         try:
             tracker = progress_mod.Tracker(root, expected)
@@ -349,6 +332,7 @@ def _age_up_locked(root: DataRoot, cfg: AgeUpConfig, ledger: Ledger, cur, base, 
     if state_file is not None and state_file.is_file():
         child = partial[-1]
         parent = json.loads(state_file.read_text())["parent"]
+        retention.rebuild_weights(root, ledger, parent)  # pruned since (a rollback, then `evolve prune`)
     else:
         parent = select_parent(root, ledger)
         # Never reuse a number the ledger has seen (an attempt discarded with --restart keeps its own).

@@ -359,6 +359,38 @@ class DaemonConfig:
     ``(log_backups + 1) * log_max_bytes`` per log, 40 MiB by default, weeks of a busy daemon's lines."""
 
 
+@dataclass(slots=True)
+class RetentionConfig:
+    """``[retention]``: which generations keep their files (``evolution.retention``; ``evolve prune``).
+
+    Always kept whole: generation 0 (the root every adapter chain starts from), the served generation
+    and its parent. Also kept: the last ``keep_last`` generations that passed their gate and the best
+    ``keep_best`` of those by recall. Every other generation is pruned: its GGUF, merged weights and
+    adapter are deleted (the adapter stays while a kept generation descends from it); its ``data/``
+    (the records replay trains on), metadata and eval reports stay, and the ledger records what went.
+    """
+
+    keep_last: int = 3
+    """The most recent generations that passed their gate to keep servable (rollback targets)."""
+    keep_best: int = 2
+    """The generations with the highest recall to keep servable, besides the last ones."""
+    drop_weights: bool = True
+    """Delete the merged HF weights (~513 MB fp32 for the embedded model) of kept generations other than
+    generation 0, the served one and its parent; they stay servable (their GGUF is kept), and the weights
+    are rebuilt from generation 0 and the adapters when an age-up trains from one (after a rollback)."""
+    after_promotion: bool = True
+    """The daemon prunes after each promotion; false leaves pruning to `evolve prune`."""
+
+
+def validate_retention(r: RetentionConfig) -> None:
+    p = [f"retention.{name} must be an integer >= 0, got {getattr(r, name)!r}" for name in ("keep_last", "keep_best")
+         if isinstance(getattr(r, name), bool) or not isinstance(getattr(r, name), int) or getattr(r, name) < 0]
+    p += [f"retention.{name} must be true or false, got {getattr(r, name)!r}" for name in ("drop_weights",
+          "after_promotion") if not isinstance(getattr(r, name), bool)]
+    if p:
+        raise ConfigError(p)
+
+
 def validate_daemon(d: DaemonConfig) -> None:
     import ipaddress
     import math
@@ -420,23 +452,37 @@ def _load_toml(config_file: str | Path | None, home: Path | None) -> tuple[dict,
         raise ConfigError([f"{path}: not valid TOML: {exc}"]) from None
 
 
+def _resolve_section(obj, section: str, config_file: str | Path | None, overrides: dict | None,
+                     home: Path | None):
+    """Set ``obj``'s fields from ``[section]`` of the TOML file, then from flags."""
+    data, where = _load_toml(config_file, home)
+    names = {f.name for f in dataclasses.fields(obj)}
+    problems = []
+    for source, values in ((where, data.get(section, {})), ("flag", overrides or {})):
+        for k, v in values.items():
+            if k not in names:
+                problems.append(f"{source}: [{section}] has no field {k!r} (known: {', '.join(sorted(names))})")
+            else:
+                setattr(obj, k, None if v == "off" else v)
+    if problems:
+        raise ConfigError(problems)
+    return obj
+
+
 def resolve_daemon(config_file: str | Path | None = None, overrides: dict | None = None,
                    home: Path | None = None) -> DaemonConfig:
     """Defaults, then ``[daemon]`` of the TOML file, then flags; validated."""
-    d = DaemonConfig()
-    data, where = _load_toml(config_file, home)
-    names = {f.name for f in dataclasses.fields(d)}
-    problems = []
-    for source, values in ((where, data.get("daemon", {})), ("flag", overrides or {})):
-        for k, v in values.items():
-            if k not in names:
-                problems.append(f"{source}: [daemon] has no field {k!r} (known: {', '.join(sorted(names))})")
-            else:
-                setattr(d, k, None if v == "off" else v)
-    if problems:
-        raise ConfigError(problems)
+    d = _resolve_section(DaemonConfig(), "daemon", config_file, overrides, home)
     validate_daemon(d)
     return d
+
+
+def resolve_retention(config_file: str | Path | None = None, overrides: dict | None = None,
+                      home: Path | None = None) -> RetentionConfig:
+    """Defaults, then ``[retention]`` of the TOML file, then flags; validated."""
+    r = _resolve_section(RetentionConfig(), "retention", config_file, overrides, home)
+    validate_retention(r)
+    return r
 
 
 QUICK: dict = {
@@ -491,7 +537,8 @@ def apply_overrides(cfg: AgeUpConfig, overrides: dict, where: str = "override") 
             continue
         section = getattr(cfg, key, None)
         if not dataclasses.is_dataclass(section) or not isinstance(value, dict):
-            problems.append(f"{where}: unknown section [{key}] (known: curriculum, train, export, gate, daemon)")
+            problems.append(f"{where}: unknown section [{key}] "
+                            "(known: curriculum, train, export, gate, daemon, retention)")
             continue
         _set_fields(section, key, value, where, problems)
     if problems:
@@ -579,6 +626,7 @@ def resolve(quick: bool = False, config_file: str | Path | None = None, override
         apply_overrides(cfg, QUICK, "--quick")
     data, where = _load_toml(config_file, home)
     data.pop("daemon", None)  # the daemon's own section: resolve_daemon
+    data.pop("retention", None)  # not part of an age-up (nor of its config hash): resolve_retention
     if where is not None:
         apply_overrides(cfg, data, where)
     if overrides:

@@ -6,10 +6,12 @@ otherwise the repository itself (its ``checkpoints/`` and ``ledger/`` folders).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 GEN_RE = re.compile(r"^gen_(\d{4,})$")
@@ -73,6 +75,30 @@ class DataRoot:
                 "the repository's checkpoints/ and ledger/; `evolve age-up` or the daemon creates a new one"
             ])
         return self.prepare()
+
+    @property
+    def ageup_lock(self) -> Path:
+        return self.checkpoints / ".ageup.lock"
+
+    @contextlib.contextmanager
+    def exclusive(self, busy: str) -> Iterator[None]:
+        """Hold the lock under which generations change (an age-up, a prune): one at a time per data root.
+
+        An OS file lock, released even if the process dies; ``busy`` is the error's message when it is held."""
+        from filelock import FileLock, Timeout
+
+        from evolution.errors import EvolutionError
+
+        self.checkpoints.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(str(self.ageup_lock))
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            raise EvolutionError(f"{busy} (lock {self.ageup_lock})") from None
+        try:
+            yield
+        finally:
+            lock.release()
 
     def gen_dir(self, n: int) -> Path:
         return self.checkpoints / gen_name(n)

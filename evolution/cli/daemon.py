@@ -45,7 +45,8 @@ def daemon(start_gen, host, port, threshold, threshold_growth, quick, config_fil
                                    "threshold_growth": threshold_growth}.items() if v is not None}
         dcfg = config.resolve_daemon(config_file, flags, home=root.root)
         logsetup.to_file(root.logs / "daemon.log", dcfg.log_max_bytes, dcfg.log_backups)  # beside stderr
-        code = run(Daemon(root, cfg, dcfg, base, start_gen))
+        rcfg = config.resolve_retention(config_file, home=root.root)
+        code = run(Daemon(root, cfg, dcfg, base, start_gen, rcfg))
     except EvolutionError as exc:
         click.echo(f"Error: {exc}", err=True)
         sys.exit(1)  # 2 is click's usage error; see the README's exit codes
