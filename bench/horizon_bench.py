@@ -110,15 +110,21 @@ def main() -> None:
     ap.add_argument("--chats", type=int, default=1000, help="chats over the whole run (recall questions included)")
     ap.add_argument("--home", type=Path, default=None, help="data root (default: a temp dir, removed)")
     ap.add_argument("--json", type=Path, default=None, help="also write the figures here (after every generation)")
+    ap.add_argument("--base", type=Path, default=None, help="the daemon's --base (a check of the bench on a tiny model)")
+    ap.add_argument("--curriculum", type=Path, default=None, help="the daemon's --curriculum")
+    ap.add_argument("--toml", type=Path, default=None, help="more of the data root's evolution.toml (a check's settings)")
     args = ap.parse_args()
 
     home = args.home or Path(tempfile.mkdtemp(prefix="horizon-bench-"))
     home.mkdir(parents=True, exist_ok=True)
-    (home / "evolution.toml").write_text("[gate]\nstop_after = 1000\n")
+    extra = args.toml.read_text() if args.toml else ""
+    (home / "evolution.toml").write_text(extra if "stop_after" in extra else "[gate]\nstop_after = 1000\n" + extra)
     n = args.generations
     all_facts = facts(args.facts * n, seed=17)
     rounds = [all_facts[r * args.facts:(r + 1) * args.facts] for r in range(n)]
-    d = DaemonProc(home, "--start-gen", "0", "--threshold", str(THRESHOLD), *(["--quick"] if args.quick else []))
+    d = DaemonProc(home, "--start-gen", "0", "--threshold", str(THRESHOLD), *(["--quick"] if args.quick else []),
+                   *(["--base", str(args.base)] if args.base else []),
+                   *(["--curriculum", str(args.curriculum)] if args.curriculum else []))
     d.start()
     report: dict = {"quick": args.quick, "generations": n, "facts": args.facts, "rows": []}
     chats = swaps = 0
@@ -158,6 +164,7 @@ def main() -> None:
             chats += per_round
             chat_s = time.time() - t0
             ppl, ppl0 = metric(ev, "child", "perplexity"), report["gen0"]["perplexity"]
+            rss = sampler.now()
             row = {
                 "gen": child, "verdict": ev["verdict"], "reasons": ev["reasons"], "served": served,
                 "ageup_wall_s": round(wall, 1), "ageup_stage_s": round(sum(summary["stage_seconds"].values()), 1),
@@ -166,8 +173,8 @@ def main() -> None:
                 "recall_by_round": [round(x, 3) for x in row_recall],
                 "curriculum_recall": metric(ev, "child", "recall"), "perplexity": ppl,
                 "perplexity_vs_gen0": round(ppl / ppl0, 3) if ppl and ppl0 else None,
-                "data_root_mb": round(dir_mb(home), 1), "rss_mb": round(sampler.now(), 1),
-                "rss_peak_mb": round(sampler.peak(), 1), "chats": chats, "swaps": swaps,
+                "data_root_mb": round(dir_mb(home), 1), "rss_mb": round(rss, 1),
+                "rss_peak_mb": round(max(sampler.peak(), rss), 1), "chats": chats, "swaps": swaps,
                 "teach_s": round(teach_s, 1), "chat_s": round(chat_s, 1),
             }
             report["rows"].append(row)
