@@ -425,7 +425,8 @@ def _age_up_locked(root: DataRoot, cfg: AgeUpConfig, ledger: Ledger, cur, base, 
         # every probe, at every later gate; the experience this child's data holds
         es = gate.eval_set(cur, ancestors, ProbeStore(ledger).items(), staging / "data")
         result = gate.run(staging / GGUF_NAME, child, parent_gguf, parent, es, cfg.gate, cfg.export.smoke_prompt,
-                          lineage=gate.lineage_evals([root.gen_dir(g) for g in lineage if g != parent]),
+                          lineage=gate.lineage_evals({g: ledger.generation(g).gate for g in lineage
+                                                      if g not in (0, parent)}, root.gen_dir(0)),
                           gen0_gguf=_gen0_gguf(root, ledger))
         gate.write_report(result, staging)
         state.info["gate"] = _gate_info(result)

@@ -119,7 +119,7 @@ class GateResult:
                 "parent_metrics": self.parent.metrics if self.parent else None,
                 "parent": self.parent.gen if self.parent else None, "thresholds": self.thresholds,
                 "checks": [asdict(c) for c in self.checks], "metric_versions": dict(self.child.versions),
-                "anchors": self.anchors}
+                "anchors": self.anchors, "fingerprints": dict(self.child.fingerprints)}
 
 
 def eval_set(cur: Curriculum, ancestor_data_dirs: list[Path], probes: Sequence[dict] = (),
@@ -196,14 +196,16 @@ def measure(gguf: Path, gen: int, es: EvalSet, cfg: GateConfig, smoke_prompt: st
                         fingerprints={u.name: u.fingerprint(inputs) for u in table})
 
 
-def lineage_evals(gen_dirs: Sequence[Path]) -> list[ModelEval]:
-    """Each generation's own measurement (the child side of its ``eval.json``), for the anchors; a generation
-    without a report (pruned, or built before reports) is left out."""
-    out = []
-    for d in gen_dirs:
-        path = d / "eval.json"
-        if path.is_file():
-            out.append(ModelEval.from_dict(json.loads(path.read_text())["child"]))
+def lineage_evals(gate_results: dict[int, dict | None], gen0_dir: Path | None = None) -> list[ModelEval]:
+    """The anchors' numbers: each gated generation's metrics and fingerprints as its ``gate_result`` in the ledger
+    recorded them (``gate_results``: generation -> payload; the hash chain covers them), and generation 0's from its
+    own ``eval.json`` (measured, not gated: the ledger holds no ``gate_result`` for it). A result recorded before
+    fingerprints were kept has none: no anchor (generation 0 is then re-measured, ``run``)."""
+    out = [ModelEval(g, {k: v for k, v in p.get("metrics", {}).items() if isinstance(v, (int, float))},
+                     fingerprints=dict(p.get("fingerprints") or {}))
+           for g, p in gate_results.items() if p]
+    if gen0_dir is not None and (gen0_dir / "eval.json").is_file():
+        out.append(ModelEval.from_dict(json.loads((gen0_dir / "eval.json").read_text())["child"]))
     return out
 
 

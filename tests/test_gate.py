@@ -569,9 +569,13 @@ def test_run_re_measures_generation_0_on_changed_items_and_reports_the_anchor(tm
     md = (tmp_path / "eval.md").read_text()
     assert "## Against fixed anchors (no ratchet)" in md
     assert "| perplexity | 23.000 | <= 1.1 x generation 0 (gen 0: 20.00) | gate.anchor_perplexity_ratio | NO |" in md
-    # the fingerprints are kept in eval.json: the next gate can use this child as an anchor
-    again = gate.lineage_evals([tmp_path])
-    assert again[0].fingerprints == result.child.fingerprints and again[0].metrics == {"perplexity": 23.0}
+    # the next gate takes this child's numbers and fingerprints from its gate_result in the ledger ...
+    recorded = ev.gate_result(1, 2, result.metrics(), {}, result.verdict, **{k: result.summary()[k] for k in
+                                                                           ("fingerprints", "anchors")}).payload
+    again = gate.lineage_evals({2: recorded, 3: None})  # (3: a generation with no gate result yet)
+    assert [(e.gen, e.metrics, e.fingerprints) for e in again] == [(2, {"perplexity": 23.0}, result.child.fingerprints)]
+    # ... and generation 0's (measured, not gated) from its own eval.json
+    assert gate.lineage_evals({}, tmp_path)[0].fingerprints == result.child.fingerprints
 
 
 def test_anchor_settings_are_validated():
