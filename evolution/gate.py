@@ -234,8 +234,8 @@ def anchors(child: ModelEval, lineage: Sequence[ModelEval],
             a["gen0"] = Anchor(0, zero.metrics[u.name])
         other = sorted({e.gen for e in lineage} - {e.gen for e in same})
         if other:
-            why[u.name] = (f"{u.name}: generation(s) {', '.join(map(str, other))} measured on other items (or before "
-                           "fingerprints were kept): not anchors")
+            why[u.name] = (f"{u.name}: generation(s) {', '.join(map(str, other))} measured on other items, not "
+                           "measured, or before fingerprints were kept: not anchors")
         found[u.name] = a
     return found, why
 

@@ -524,8 +524,8 @@ def test_an_anchor_measured_on_other_items_is_not_compared_and_the_report_says_s
     found, why = gate.anchors(child, [zero, old, parent])
     assert found["perplexity"] == {"best": gate.Anchor(2, 12.0)}  # no generation 0: its text differs
     assert found["recall"] == {"best": gate.Anchor(2, 0.9), "gen0": gate.Anchor(0, 0.5)}  # gen 1's 0.99: not comparable
-    assert why["perplexity"] == ("perplexity: generation(s) 0, 1 measured on other items (or before fingerprints "
-                                 "were kept): not anchors")
+    assert why["perplexity"] == ("perplexity: generation(s) 0, 1 measured on other items, not measured, or before "
+                                 "fingerprints were kept: not anchors")
     checks = gate.check(child, parent, GateConfig(), anchored=found, no_anchor=why)
     anchored = [(c.metric, c.setting, c.passed, c.anchor) for c in checks if c.anchor is not None]
     assert anchored == [("recall", "gate.best_recall_budget", True, 2),
