@@ -148,6 +148,16 @@ def _export_stages(state: _State, staging: Path, cfg: AgeUpConfig, stage_cb: Sta
     _run(state, "smoke", smoke, stage_cb)
 
 
+def _gen0_gguf(root: DataRoot, ledger: Ledger) -> Path | None:
+    """Generation 0's GGUF, hash-verified, to re-measure the gate's anchors on; None (and the anchor rules say
+    so) when it cannot be read."""
+    try:
+        return root.root / check_servable(ledger, 0)["path"]
+    except EvolutionError as e:
+        log.warning("gate: generation 0's GGUF cannot be used to re-measure the anchors: %s", e)
+        return None
+
+
 def _gate_info(result: gate.GateResult) -> dict:
     return result.summary()
 
@@ -360,7 +370,9 @@ def _age_up_locked(root: DataRoot, cfg: AgeUpConfig, ledger: Ledger, cur, base, 
                                       staging / "data", convs, through, train.stages_of(cfg.train),
                                       ExperienceStore(ledger).labelled(), rated_since,
                                       cfg.curriculum.experience_heldout, cfg.curriculum.experience_variants,
-                                      cfg.curriculum.experience_variant_share)
+                                      cfg.curriculum.experience_variant_share,
+                                      [root.gen_dir(g) / "data" for g in ledger.generation(parent).lineage],
+                                      cfg.curriculum.known_share)
         gate.save_recall_items(gate.eval_set(cur, []), staging / "data")
         state.info["manifest_hash"] = manifest["sha256"]
         if not ledger.entries(gen=child, kind=ev.GENERATION_CREATED):  # once, even if a crash repeats this stage
@@ -392,10 +404,14 @@ def _age_up_locked(root: DataRoot, cfg: AgeUpConfig, ledger: Ledger, cur, base, 
 
     def do_gate():
         parent_gguf = root.root / check_servable(ledger, parent)["path"]  # hash verified against the ledger
-        ancestors = [root.gen_dir(g) / "data" for g in ledger.generation(parent).lineage]
+        lineage = ledger.generation(parent).lineage
+        ancestors = [root.gen_dir(g) / "data" for g in lineage]
         # every probe, at every later gate; the experience this child's data holds
         es = gate.eval_set(cur, ancestors, ProbeStore(ledger).items(), staging / "data")
-        result = gate.run(staging / GGUF_NAME, child, parent_gguf, parent, es, cfg.gate, cfg.export.smoke_prompt)
+        result = gate.run(staging / GGUF_NAME, child, parent_gguf, parent, es, cfg.gate, cfg.export.smoke_prompt,
+                          lineage=gate.lineage_evals({g: ledger.generation(g).gate for g in lineage
+                                                      if g not in (0, parent)}, root.gen_dir(0)),
+                          gen0_gguf=_gen0_gguf(root, ledger))
         gate.write_report(result, staging)
         state.info["gate"] = _gate_info(result)
 

@@ -46,6 +46,11 @@ class CurriculumConfig:
     experience_variant_share: float = 0.15
     """The variants of one age-up are at most this share of the SFT curriculum's records (fewer per question
     past it), so a large inbox does not make an age-up much longer: about this much more SFT time at most."""
+    known_share: float = 0.1
+    """Of the curriculum's chat records the parent's lineage already trained on, this share (a seeded sample that
+    rotates per generation) is re-taught at an age-up; the rest is left to replay (``replay_ratio``). 1 re-teaches
+    the whole curriculum every time: each re-fit of known data moves the weights as much as new data (Adam), and
+    five quick age-ups took held-out prose perplexity 43.8 -> 61.3 (issue 17; the README's "No ratchet")."""
 
 
 def _positive_int(name: str, value, allow_none: bool = False) -> list[str]:
@@ -278,6 +283,19 @@ class GateConfig:
     budget: export's load check asks within it too; ``[export] smoke_max_tokens`` is read, warned about and ignored)."""
     stop_after: int = 2
     """Pause age-ups after this many children in a row failed to improve recall over their parents."""
+    # Fixed anchors (issue 17, "no ratchet"): the margins above compare a child with its parent only, so a lineage
+    # could drift a permitted step at a time without limit. These bound it against generation 0 and against the
+    # best generation of its lineage so far, whatever the number of steps (a cumulative budget). An anchor counts
+    # only when measured on the same items as the child (the metric's fingerprint); generation 0 is re-measured
+    # when its items changed. Defaults and their measurement: the README's "No ratchet".
+    anchor_perplexity_ratio: float | None = 1.10
+    """Held-out text perplexity at most this multiple of generation 0's (the untrained base's general language)."""
+    best_perplexity_ratio: float | None = 1.25
+    """Held-out text perplexity at most this multiple of the lowest of the lineage so far."""
+    best_recall_budget: float | None = 0.05
+    """Recall may not fall more than this below the highest of the lineage so far (all steps together)."""
+    best_generalization_budget: float | None = 0.10
+    """Held-out question accuracy may not fall more than this below the highest of the lineage so far."""
 
 
 @dataclass(slots=True)
@@ -593,6 +611,8 @@ def validate(cfg: AgeUpConfig) -> None:
         p.append(f"curriculum.experience_variants must be an integer from 0 to 100, got {c.experience_variants!r}")
     if not isinstance(c.experience_variant_share, (int, float)) or not 0 <= c.experience_variant_share <= 10:
         p.append(f"curriculum.experience_variant_share must be between 0 and 10, got {c.experience_variant_share!r}")
+    if not isinstance(c.known_share, (int, float)) or isinstance(c.known_share, bool) or not 0 <= c.known_share <= 1:
+        p.append(f"curriculum.known_share must be between 0 and 1, got {c.known_share!r}")
     if not isinstance(c.replay_ratio, (int, float)) or not 0 <= c.replay_ratio <= 10:
         p.append(f"curriculum.replay_ratio must be between 0 and 10, got {c.replay_ratio!r}")
     if c.phases is not None and (not isinstance(c.phases, list) or not all(isinstance(x, int) and x >= 0 for x in c.phases)):
@@ -609,6 +629,15 @@ def validate(cfg: AgeUpConfig) -> None:
         v = getattr(g, name)
         if v is not None and (not isinstance(v, (int, float)) or v <= 0):
             p.append(f"gate.{name} must be a positive number (or unset), got {v!r}")
+    for name in ("anchor_perplexity_ratio", "best_perplexity_ratio"):  # the fixed anchors (no ratchet)
+        v = getattr(g, name)
+        if v is not None and (not isinstance(v, (int, float)) or isinstance(v, bool) or v < 1):
+            p.append(f"gate.{name} must be a number >= 1 (or unset), got {v!r}: below 1 a child would have to beat "
+                     "the anchor")
+    for name in ("best_recall_budget", "best_generalization_budget"):
+        v = getattr(g, name)
+        if v is not None and (not isinstance(v, (int, float)) or isinstance(v, bool) or not 0 <= v <= 1):
+            p.append(f"gate.{name} must be between 0 and 1 (or unset), got {v!r}")
     for name in ("answer_max_tokens", "smoke_max_tokens", "stop_after", "min_probe_items", "min_experience_items",
                  "min_preference_items"):
         positive_int(f"gate.{name}", getattr(g, name))

@@ -455,3 +455,137 @@ def test_experience_rules_in_the_real_table_skip_without_data_and_block_past_the
     # A margin set "off" (None): no rule.
     off = GateConfig(probe_margin=None, experience_margin=None, preference_margin_drop=None)
     assert gate.decide(with_experience(_eval(), 0.0, 0.0, -5.0), parent, off) == ("pass", [])
+
+
+# --- no ratchet: rules against fixed anchors (generation 0, the lineage's best), hand-computed -------------------
+
+_FP = {"recall": "r1", "generalization": "g1", "perplexity": "p1"}
+
+
+def _fp(e: gate.ModelEval, **other) -> gate.ModelEval:
+    """``e`` measured on the items ``_FP`` names (``other``: a metric measured on other items)."""
+    e.fingerprints = _FP | other
+    return e
+
+
+def test_anchors_stop_the_ratchet_the_issue_measured():
+    # Issue 17: five quick age-ups, each within 1.5x its parent's perplexity, took held-out perplexity 43.8 -> 61.3
+    # past the untrained base's 54.4. Defaults: <= 1.10 x generation 0 (59.84), <= 1.25 x the lineage's lowest.
+    cfg, lineage, seen = GateConfig(), [_fp(_eval(gen=0, recall=0.3, ppl=54.4))], []
+    for gen, ppl in enumerate([43.8, 45.0, 49.0, 58.6, 61.3], 1):
+        child, parent = _fp(_eval(gen=gen, recall=0.9, ppl=ppl)), lineage[-1]
+        assert gate.decide(child, parent, cfg) == ("pass", [])  # against the parent alone every step passes
+        found, why = gate.anchors(child, lineage)
+        assert why == {}
+        verdict, reasons = gate.decide(child, parent, cfg, anchored=found)
+        seen.append((verdict, reasons))
+        if verdict == "pass":  # only a served child joins the lineage
+            lineage.append(child)
+    assert [v for v, _ in seen] == ["pass", "pass", "pass", "fail", "fail"]
+    # 58.6 > 1.25 x 43.8 = 54.75 (the best, generation 1), though below 59.84 (generation 0)
+    assert seen[3][1] == ["perplexity 58.60 > 1.25 x the best of the lineage (generation 1: 43.80) "
+                          "(gate.best_perplexity_ratio)"]
+    # 61.3 (against its parent, generation 3: 49.0, it is 1.25x: allowed) breaks both anchors
+    assert seen[4][1] == ["perplexity 61.30 > 1.1 x generation 0 of the lineage (generation 0: 54.40) "
+                          "(gate.anchor_perplexity_ratio)",
+                          "perplexity 61.30 > 1.25 x the best of the lineage (generation 1: 43.80) "
+                          "(gate.best_perplexity_ratio)"]
+    # unset, the anchor rules are not applied
+    off = GateConfig(anchor_perplexity_ratio=None, best_perplexity_ratio=None)
+    assert gate.decide(_fp(_eval(gen=6, recall=0.9, ppl=61.3)), lineage[-1], off, anchored=found) == ("pass", [])
+
+
+def test_recall_may_lose_its_budget_once_in_all_not_once_a_step():
+    lineage = [_fp(_eval(gen=0, recall=0.5)), _fp(_eval(gen=1, recall=0.96)), _fp(_eval(gen=2, recall=0.93))]
+    child = _fp(_eval(gen=3, recall=0.90))
+    found, _ = gate.anchors(child, lineage)
+    assert found["recall"] == {"best": gate.Anchor(1, 0.96), "gen0": gate.Anchor(0, 0.5)}  # its rule uses the best
+    assert found["perplexity"] == {"best": gate.Anchor(0, 10.0), "gen0": gate.Anchor(0, 10.0)}  # equal: the earliest
+    # 0.90 is within recall_margin (0.05) of its parent's 0.93, but 0.06 below the lineage's best 0.96
+    assert gate.decide(child, lineage[-1], GateConfig()) == ("pass", [])
+    assert gate.decide(child, lineage[-1], GateConfig(), anchored=found) == (
+        "fail", ["recall 0.900 fell below the best of the lineage (generation 1: 0.960) by more than 0.05 "
+                 "(gate.best_recall_budget)"])
+    at_edge = _fp(_eval(gen=3, recall=0.91))  # 0.96 - 0.05 exactly
+    assert gate.decide(at_edge, lineage[-1], GateConfig(), anchored=gate.anchors(at_edge, lineage)[0])[0] == "pass"
+    # generalization: best 0.5 (every _eval), child 0.35: more than 0.10 below
+    low = _fp(_eval(gen=3, recall=0.93, gen_acc=0.35))
+    assert gate.decide(low, lineage[-1], GateConfig(generalization_margin=None),
+                       anchored=gate.anchors(low, lineage)[0])[1] == [
+        "generalization 0.350 fell below the best of the lineage (generation 0: 0.500) by more than 0.1 "
+        "(gate.best_generalization_budget)"]
+
+
+def test_an_anchor_measured_on_other_items_is_not_compared_and_the_report_says_so():
+    zero = _fp(_eval(gen=0, recall=0.5, ppl=20.0), perplexity="other held-out text")
+    old = _eval(gen=1, recall=0.99, ppl=5.0)  # from before fingerprints: no anchor
+    parent = _fp(_eval(gen=2, recall=0.9, ppl=12.0))
+    child = _fp(_eval(gen=3, recall=0.9, ppl=14.0))
+    found, why = gate.anchors(child, [zero, old, parent])
+    assert found["perplexity"] == {"best": gate.Anchor(2, 12.0)}  # no generation 0: its text differs
+    assert found["recall"] == {"best": gate.Anchor(2, 0.9), "gen0": gate.Anchor(0, 0.5)}  # gen 1's 0.99: not comparable
+    assert why["perplexity"] == ("perplexity: generation(s) 0, 1 measured on other items, not measured, or before "
+                                 "fingerprints were kept: not anchors")
+    checks = gate.check(child, parent, GateConfig(), anchored=found, no_anchor=why)
+    anchored = [(c.metric, c.setting, c.passed, c.anchor) for c in checks if c.anchor is not None]
+    assert anchored == [("recall", "gate.best_recall_budget", True, 2),
+                        ("generalization", "gate.best_generalization_budget", True, 0),
+                        ("perplexity", "gate.best_perplexity_ratio", True, 2)]  # 14 <= 1.25 x 12 = 15
+    assert any(c.passed is None and c.message == why["perplexity"] for c in checks)
+
+
+class _ByModel(Metric):
+    """A lower-is-better metric whose value depends on which GGUF it measures (by file name)."""
+
+    name, better, reads = "perplexity", "lower", ("heldout_text",)
+
+    def __init__(self, values: dict[str, float]):
+        self.values, self.measured = values, []
+
+    def measure(self, models, inputs):
+        self.measured.append(models.gguf.name)
+        return Measured(self.values[models.gguf.name])
+
+    def anchor_rules(self, child, gen0, best, cfg):
+        from evolution.metrics.common import within_anchor_ratio
+
+        return within_anchor_ratio(self.name, child.value, gen0, "generation 0", cfg, "anchor_perplexity_ratio")
+
+
+def test_run_re_measures_generation_0_on_changed_items_and_reports_the_anchor(tmp_path):
+    unit = _ByModel({"child.gguf": 23.0, "parent.gguf": 21.0, "gen0.gguf": 20.0})
+    es = gate.EvalSet([], [], ["The harbour was quiet at dawn."], [], [])
+    stale = gate.ModelEval(0, {"perplexity": 30.0}, fingerprints={"perplexity": "older held-out text"})
+    parent = tmp_path / "parent.gguf"
+    result = gate.run(tmp_path / "child.gguf", 2, parent, 1, es, GateConfig(), "hi", (unit,), lineage=[stale],
+                      gen0_gguf=tmp_path / "gen0.gguf")
+    assert unit.measured == ["child.gguf", "parent.gguf", "gen0.gguf"]
+    # 23 > 1.1 x 20 (re-measured; the stale 30 would have let it pass)
+    assert result.verdict == "fail" and result.reasons == [
+        "perplexity 23.00 > 1.1 x generation 0 of the lineage (generation 0: 20.00) (gate.anchor_perplexity_ratio)"]
+    assert result.anchors == {"perplexity": {"best": {"gen": 0, "value": 20.0}, "gen0": {"gen": 0, "value": 20.0}}}
+    assert result.summary()["anchors"] == result.anchors
+    gate.write_report(result, tmp_path, (unit,))
+    md = (tmp_path / "eval.md").read_text()
+    assert "## Against fixed anchors (no ratchet)" in md
+    assert "| perplexity | 23.000 | <= 1.1 x generation 0 (gen 0: 20.00) | gate.anchor_perplexity_ratio | NO |" in md
+    # the next gate takes this child's numbers and fingerprints from its gate_result in the ledger ...
+    recorded = ev.gate_result(1, 2, result.metrics(), {}, result.verdict, **{k: result.summary()[k] for k in
+                                                                           ("fingerprints", "anchors")}).payload
+    again = gate.lineage_evals({2: recorded, 3: None})  # (3: a generation with no gate result yet)
+    assert [(e.gen, e.metrics, e.fingerprints) for e in again] == [(2, {"perplexity": 23.0}, result.child.fingerprints)]
+    # ... and generation 0's (measured, not gated) from its own eval.json
+    assert gate.lineage_evals({}, tmp_path)[0].fingerprints == result.child.fingerprints
+
+
+def test_anchor_settings_are_validated():
+    from evolution.config import AgeUpConfig, validate
+    from evolution.errors import ConfigError
+
+    cfg = AgeUpConfig()
+    cfg.gate.anchor_perplexity_ratio, cfg.gate.best_recall_budget, cfg.curriculum.known_share = 0.9, 2, -1
+    with pytest.raises(ConfigError) as e:
+        validate(cfg)
+    text = str(e.value)
+    assert "gate.anchor_perplexity_ratio must be a number >= 1" in text
+    assert "gate.best_recall_budget must be between 0 and 1" in text and "curriculum.known_share" in text
