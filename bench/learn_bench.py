@@ -216,7 +216,7 @@ def main() -> None:
     d.start()
     report: dict = {"quick": args.quick, "facts": args.facts, "rounds": []}
     try:
-        d.wait_serving(0, timeout=900)
+        d.wait_serving(0, timeout=2400)  # generation 0 is built and measured at nice 10: slow beside other jobs
         agent = Agent(d)
         ckpt = home / "checkpoints"
         for r, batch in enumerate(rounds):
