@@ -394,7 +394,7 @@ def test_preference_margin_is_good_minus_bad_log_likelihood_on_held_out_replies(
                                                         GateConfig(), "hi"))
     assert none.value is None and "both labels" in none.note
     rules = PreferenceMargin().rules
-    assert [c.passed for c in rules(Measured(1.96), Measured(2.0), GateConfig())] == [True]  # within 0.05
+    assert [c.passed for c in rules(Measured(1.75), Measured(2.0), GateConfig())] == [True]  # within 0.3
     assert [c.passed for c in rules(Measured(1.5), Measured(2.0), GateConfig())] == [False]  # learned the bad ones
 
 
@@ -422,17 +422,19 @@ def test_preference_margin_needs_min_items_with_both_labels_and_fitting_replies(
     assert unfit.value is None and "did not fit the context window" in unfit.note
 
 
+def _with_experience(ev: gate.ModelEval, probe, similarity, margin) -> gate.ModelEval:
+    ev.metrics |= {"probe_recall": probe, "experience_similarity": similarity, "preference_margin": margin}
+    ev.notes |= {n: "too few items" for n, v in (("probe_recall", probe), ("experience_similarity", similarity),
+                                                 ("preference_margin", margin)) if v is None}
+    return ev
+
+
 def test_experience_rules_in_the_real_table_skip_without_data_and_block_past_their_margins():
     """Through ``gate.decide`` with the real metric table and the [gate] defaults: probe_margin 0.2,
-    experience_margin 0.0, preference_margin_drop 0.05 against the parent; "not enough data" never blocks."""
+    experience_margin 0.05, preference_margin_drop 0.3 against the parent; "not enough data" never blocks."""
     cfg = GateConfig()
-
-    def with_experience(ev: gate.ModelEval, probe, similarity, margin) -> gate.ModelEval:
-        ev.metrics |= {"probe_recall": probe, "experience_similarity": similarity, "preference_margin": margin}
-        ev.notes |= {n: "too few items" for n, v in (("probe_recall", probe), ("experience_similarity", similarity),
-                                                     ("preference_margin", margin)) if v is None}
-        return ev
-
+    assert (cfg.probe_margin, cfg.experience_margin, cfg.preference_margin_drop) == (0.2, 0.05, 0.3)
+    with_experience = _with_experience
     parent = with_experience(_eval(gen=0), 0.8, 0.30, 0.50)
     # The child has too few items for each: skipped with the note, the child passes on the rest.
     none = with_experience(_eval(), None, None, None)
@@ -441,14 +443,14 @@ def test_experience_rules_in_the_real_table_skip_without_data_and_block_past_the
                                                                               "preference_margin")]
     assert skipped == [f"{n}: not enough data (too few items)" for n in ("probe_recall", "experience_similarity",
                                                                          "preference_margin")]
-    # At each margin exactly: passes (0.8 - 0.2, 0.30 - 0, 0.50 - 0.05).
-    assert gate.decide(with_experience(_eval(), 0.6, 0.30, 0.45), parent, cfg) == ("pass", [])
+    # At each margin exactly: passes (0.8 - 0.2, 0.30 - 0.05, 0.50 - 0.3).
+    assert gate.decide(with_experience(_eval(), 0.6, 0.25, 0.20), parent, cfg) == ("pass", [])
     # Just past each: fails, every reason naming its metric and setting.
-    verdict, reasons = gate.decide(with_experience(_eval(), 0.59, 0.29, 0.44), parent, cfg)
+    verdict, reasons = gate.decide(with_experience(_eval(), 0.59, 0.24, 0.19), parent, cfg)
     assert verdict == "fail" and reasons == [
         "probe_recall 0.590 fell below the parent's 0.800 by more than 0.2 (gate.probe_margin)",
-        "experience_similarity 0.290 fell below the parent's 0.300 by more than 0.0 (gate.experience_margin)",
-        "preference_margin 0.440 fell below the parent's 0.500 by more than 0.05 (gate.preference_margin_drop)"]
+        "experience_similarity 0.240 fell below the parent's 0.300 by more than 0.05 (gate.experience_margin)",
+        "preference_margin 0.190 fell below the parent's 0.500 by more than 0.3 (gate.preference_margin_drop)"]
     # A parent without enough data: no rule against it, whatever the child scored.
     empty_parent = with_experience(_eval(gen=0), None, None, None)
     assert gate.decide(with_experience(_eval(), 0.0, 0.0, -5.0), empty_parent, cfg) == ("pass", [])
@@ -589,3 +591,21 @@ def test_anchor_settings_are_validated():
     text = str(e.value)
     assert "gate.anchor_perplexity_ratio must be a number >= 1" in text
     assert "gate.best_recall_budget must be between 0 and 1" in text and "curriculum.known_share" in text
+
+
+@pytest.mark.parametrize("child, parent, verdict", [
+    # Quick learn-bench child: 6 corrections learned in form, 7 of the parent's own approved replies replaced
+    # by the curriculum's persona (experience_similarity 0.550 against 0.562); margin 0.152 against 0.075.
+    ((None, 0.550, 0.152), (None, 0.562, 0.075), "pass"),
+    # Default learn-bench child, round 1: every fact learned (1.00 against 0.135; probes 0.925 against 0.0).
+    ((0.925, 1.0, None), (0.0, 0.135, None), "pass"),
+    # tests/test_slow_experience.py's child trained on the replies rated bad: 0.767 -> -0.058.
+    ((None, None, -0.058), (None, None, 0.767), "fail"),
+    # A child that drifted from its approved replies and took none of the rest (the quick child's 7 own replies
+    # lost, its corrections not gained): 0.29 below.
+    ((None, 0.27, None), (None, 0.562, None), "fail"),
+])
+def test_the_default_experience_margins_decide_the_measured_children_as_calibrated(child, parent, verdict):
+    """The children measured for the README's calibration, decided with the [gate] defaults."""
+    got = gate.decide(_with_experience(_eval(), *child), _with_experience(_eval(gen=0), *parent), GateConfig())
+    assert got[0] == verdict, got
