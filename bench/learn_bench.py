@@ -216,11 +216,11 @@ def main() -> None:
     d.start()
     report: dict = {"quick": args.quick, "facts": args.facts, "rounds": []}
     try:
-        d.wait_serving(0, timeout=900)
+        d.wait_serving(0, timeout=2400)  # generation 0 is built and measured at nice 10: slow beside other jobs
         agent = Agent(d)
         ckpt = home / "checkpoints"
         for r, batch in enumerate(rounds):
-            parent, child = r, r + 1
+            child = r + 1
             t0 = time.time()
             counts = teach(agent, batch, bad[r * 3 % len(BAD_PROMPTS):][:args.bad], args.corrections,
                            (GOOD_PROMPTS * (args.good // len(GOOD_PROMPTS) + 1))[:args.good])
@@ -229,6 +229,7 @@ def main() -> None:
             agent.post("/karma", {"amount": THRESHOLD, "reason": f"learn bench round {child}"})
             summary = wait_generation(d, child, timeout=3600)
             wall = time.time() - t0
+            parent = summary["parent"]  # the generation served when it aged up (not child - 1 after a rejection)
             ev = json.loads((ckpt / f"gen_{child:04d}" / "eval.json").read_text())
             served = d.served()
             cgguf = ckpt / f"gen_{child:04d}" / "model.gguf"
@@ -245,7 +246,7 @@ def main() -> None:
             heldout = ckpt / f"gen_{child:04d}" / "data" / "preference_heldout.jsonl"
             held_facts = sum(f["statement"] in heldout.read_text() for f in batch) if heldout.is_file() else 0
             row = {
-                "round": child, "verdict": ev["verdict"], "reasons": ev["reasons"], "served": served,
+                "round": child, "parent": parent, "verdict": ev["verdict"], "reasons": ev["reasons"], "served": served,
                 "exact": {"child": exact_c, "parent": exact_p}, "paraphrase": {"child": para_c, "parent": para_p},
                 "curriculum_recall": {"child": ev["child"]["metrics"]["recall"],
                                       "parent": ev["parent"]["metrics"]["recall"]},
@@ -253,9 +254,13 @@ def main() -> None:
                                       "parent": ev["parent"]["metrics"].get("preference_margin")},
                 "probe_recall": {"child": ev["child"]["metrics"].get("probe_recall"),
                                  "parent": ev["parent"]["metrics"].get("probe_recall")},
+                "experience_similarity": {"child": ev["child"]["metrics"].get("experience_similarity"),
+                                          "parent": ev["parent"]["metrics"].get("experience_similarity")},
                 "ageup_stage_s": round(sum(summary["stage_seconds"].values()), 1),
                 "stage_seconds": summary["stage_seconds"], "ageup_wall_s": round(wall, 1),
                 "sft_steps": summary["train"].get("sft", {}).get("steps"),
+                "train_stages": {k: {f: v.get(f) for f in ("steps", "tokens", "wall_s")}
+                                 for k, v in summary["train"].items() if isinstance(v, dict)},
                 "sft_records": manifest["counts"].get("sft"), "variants": manifest.get("variants", {}).get("sft"),
                 "facts_held_out": held_facts, "probes_in_training_data": leaked,
                 "first_round_exact_on_served": first_now, "first_round_paraphrase_on_served": first_para,

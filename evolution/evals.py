@@ -90,12 +90,9 @@ def _logprobs(scorer, tokens: list[int]):
 
 def render_prompt(scorer, messages: list[dict]) -> str:
     """``messages`` rendered with the GGUF's own chat template, up to the assistant's turn (as at serve time)."""
-    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+    from evolution.llamacpp import serve_prompt, template_formatter
 
-    special = {"eos_token": scorer.detokenize([scorer.token_eos()], special=True).decode("utf-8", "replace"),
-               "bos_token": scorer.detokenize([scorer.token_bos()], special=True).decode("utf-8", "replace")}
-    return Jinja2ChatFormatter(template=scorer.metadata["tokenizer.chat_template"], **special)(
-        messages=messages).prompt
+    return serve_prompt(template_formatter(scorer), messages)
 
 
 def reply_logprob(scorer, messages: list[dict], reply: str) -> float | None:

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from evolution import faults
+from evolution.base import save_tokenizer
 from evolution.errors import ExportError, IntegrityError
 from evolution.fsutil import atomic_write_text, fsync_dir, fsync_file, sha256_file
 from evolution.llamacpp import open_llama
@@ -67,7 +68,7 @@ def merge(parent: Path, adapter: Path, out_dir: Path, dtype: str = "float32") ->
     model = PeftModel.from_pretrained(model, adapter, local_files_only=True).merge_and_unload()
     model = model.to(getattr(torch, dtype))
     model.save_pretrained(tmp, safe_serialization=True)
-    AutoTokenizer.from_pretrained(parent, local_files_only=True).save_pretrained(tmp)
+    save_tokenizer(AutoTokenizer.from_pretrained(parent, local_files_only=True), parent, tmp)
     for f in tmp.iterdir():
         fsync_file(f)
     fsync_dir(tmp)

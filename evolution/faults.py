@@ -24,7 +24,9 @@ The points (``POINTS``):
 - ``capture``: a served chat is inserted as an experience, its transaction not yet committed
   (``evolution.experiences.ExperienceStore.capture``);
 - ``backup_copy``: a backup has copied the ledger snapshot, or one more file, into its hidden
-  folder, not yet renamed to its destination (``evolution.backup``).
+  folder, not yet renamed to its destination (``evolution.backup``);
+- ``prune``: a prune has recorded its ``pruned`` event and is about to delete one more of the files
+  it names (``evolution.retention``).
 
 The variable is read once per process, at the first point reached; when it is unset a point
 costs a dictionary lookup. A malformed value is an error at once, so a misspelt test cannot
@@ -40,7 +42,7 @@ import threading
 
 ENV = "EVOLUTION_FAULTS"
 POINTS = ("train_step", "checkpoint_save", "gguf_export", "ledger_append", "ledger_commit", "swap", "capture",
-          "backup_copy")
+          "backup_copy", "prune")
 ACTIONS = ("kill", "enospc")
 
 _plan: dict[str, tuple[str, int]] | None = None

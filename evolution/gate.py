@@ -5,7 +5,9 @@ would be served — for child and parent alike, deterministically (temperature 0
 gate is a table of metric units (``evolution.metrics.TABLE``: smoke, recall, generalization,
 style drift, perplexity); each says how it is measured and which rules of ``GateConfig`` it
 must meet. ``decide`` applies them: absolute thresholds plus non-inferiority margins against
-the parent. With a required threshold unset it passes nothing. Every failed rule is a reason
+the parent, and cumulative budgets against fixed anchors — generation 0 and the lineage's best so far
+(``anchors``) — so that a lineage cannot drift a permitted step at a time. With a required threshold unset it
+passes nothing. Every failed rule is a reason
 naming its metric; a metric without enough data to measure is skipped, with its note, and does
 not block. The report (``eval.md``) lists the lessons of the metrics measured item by item on what
 the agent taught — every experience, probe and held-out rated reply, with the parent's and the
@@ -30,13 +32,14 @@ from evolution.fsutil import atomic_write_json, atomic_write_text
 from evolution.generation import HELDOUT_FILE
 from evolution.ledger.events import FAIL, PASS
 from evolution.metrics import TABLE, Check, EvalSet, Inputs, Measured, Metric, Models
-from evolution.metrics.common import N_CTX, Lesson
+from evolution.metrics.common import N_CTX, Anchor, Lesson
 from evolution.untrusted import markdown_cell
 
 log = logging.getLogger(__name__)
 
-__all__ = ["FAIL", "PASS", "EvalSet", "GateResult", "ModelEval", "cached_eval", "decide", "eval_set",
-           "evalset_hash", "lessons", "measure", "report_lessons", "run", "save_recall_items", "write_report"]
+__all__ = ["FAIL", "PASS", "EvalSet", "GateResult", "ModelEval", "anchors", "cached_eval", "decide", "eval_set",
+           "evalset_hash", "lessons", "lineage_evals", "measure", "report_lessons", "run", "save_recall_items",
+           "write_report"]
 
 RECALL_FILE = "eval_recall.jsonl"  # in gen_NNNN/data/: the recall items this generation was gated on
 REPORT_LAYOUT = 2  # eval.json: 1 had fixed fields per metric (recall, perplexity, ...), 2 the metric table
@@ -55,6 +58,9 @@ class ModelEval:
     seconds: float = 0.0
     evalset_hash: str = ""
     """Which eval set, metrics and settings produced these numbers (a parent's may be reused when equal)."""
+    fingerprints: dict[str, str] = field(default_factory=dict)
+    """Per metric, what its value depends on (``Metric.fingerprint``): values of equal fingerprints compare across
+    generations (the anchors). A report from before them has none: its values are no anchor."""
 
     @classmethod
     def of(cls, gen: int, measured: dict[str, Measured], table: Sequence[Metric] = TABLE, **kw) -> "ModelEval":
@@ -98,6 +104,8 @@ class GateResult:
     """Every rule applied (or skipped, with why), in table order."""
     versus_parent: dict[str, float] = field(default_factory=dict)
     """Numbers comparing child and parent (``style_drift_from_parent``)."""
+    anchors: dict[str, dict[str, dict]] = field(default_factory=dict)
+    """Per metric, the fixed anchors the child was bounded against: ``{"gen0" | "best": {"gen", "value"}}``."""
 
     def metrics(self) -> dict[str, float | None]:
         return self.child.metrics | self.versus_parent
@@ -110,7 +118,8 @@ class GateResult:
         return {"verdict": self.verdict, "reasons": self.reasons, "metrics": self.metrics(),
                 "parent_metrics": self.parent.metrics if self.parent else None,
                 "parent": self.parent.gen if self.parent else None, "thresholds": self.thresholds,
-                "checks": [asdict(c) for c in self.checks], "metric_versions": dict(self.child.versions)}
+                "checks": [asdict(c) for c in self.checks], "metric_versions": dict(self.child.versions),
+                "anchors": self.anchors, "fingerprints": dict(self.child.fingerprints)}
 
 
 def eval_set(cur: Curriculum, ancestor_data_dirs: list[Path], probes: Sequence[dict] = (),
@@ -183,11 +192,58 @@ def measure(gguf: Path, gen: int, es: EvalSet, cfg: GateConfig, smoke_prompt: st
     with Models(gguf) as models:
         measured = {u.name: u.measure(models, inputs) for u in table}
     return ModelEval.of(gen, measured, table, seconds=time.perf_counter() - t0,
-                        evalset_hash=evalset_hash(es, cfg, smoke_prompt, table))
+                        evalset_hash=evalset_hash(es, cfg, smoke_prompt, table),
+                        fingerprints={u.name: u.fingerprint(inputs) for u in table})
 
 
-def check(child: ModelEval, parent: ModelEval | None, cfg: GateConfig, table: Sequence[Metric] = TABLE) -> list[Check]:
-    """Every rule of every unit applied to ``child``; a metric without a value (child or parent) is skipped."""
+def lineage_evals(gate_results: dict[int, dict | None], gen0_dir: Path | None = None) -> list[ModelEval]:
+    """The anchors' numbers: each gated generation's metrics and fingerprints as its ``gate_result`` in the ledger
+    recorded them (``gate_results``: generation -> payload; the hash chain covers them), and generation 0's from its
+    own ``eval.json`` (measured, not gated: the ledger holds no ``gate_result`` for it). A result recorded before
+    fingerprints were kept has none: no anchor (generation 0 is then re-measured, ``run``)."""
+    out = [ModelEval(g, {k: v for k, v in p.get("metrics", {}).items() if isinstance(v, (int, float))},
+                     fingerprints=dict(p.get("fingerprints") or {}))
+           for g, p in gate_results.items() if p]
+    if gen0_dir is not None and (gen0_dir / "eval.json").is_file():
+        out.append(ModelEval.from_dict(json.loads((gen0_dir / "eval.json").read_text())["child"]))
+    return out
+
+
+Anchors = dict[str, dict[str, Anchor]]
+
+
+def anchors(child: ModelEval, lineage: Sequence[ModelEval],
+            table: Sequence[Metric] = TABLE) -> tuple[Anchors, dict[str, str]]:
+    """Per metric with anchor rules (``Metric.better``): generation 0's value and the lineage's best (``lineage``:
+    the parent's ancestry with the parent's fresh measurement), among the generations measured on the same items as
+    the child (equal fingerprints). Returns the anchors and, per metric, why one is missing (for the report)."""
+    found: Anchors = {}
+    why: dict[str, str] = {}
+    for u in table:
+        value, mine = child.metrics.get(u.name), child.fingerprints.get(u.name)
+        if u.better is None or value is None or mine is None:
+            continue
+        same = [e for e in lineage if e.fingerprints.get(u.name) == mine and e.metrics.get(u.name) is not None]
+        sign = -1 if u.better == "lower" else 1
+        a = {}
+        if same:
+            best = max(same, key=lambda e: (sign * e.metrics[u.name], -e.gen))  # the earliest of equal values
+            a["best"] = Anchor(best.gen, best.metrics[u.name])
+        zero = next((e for e in same if e.gen == 0), None)
+        if zero is not None:
+            a["gen0"] = Anchor(0, zero.metrics[u.name])
+        other = sorted({e.gen for e in lineage} - {e.gen for e in same})
+        if other:
+            why[u.name] = (f"{u.name}: generation(s) {', '.join(map(str, other))} measured on other items, not "
+                           "measured, or before fingerprints were kept: not anchors")
+        found[u.name] = a
+    return found, why
+
+
+def check(child: ModelEval, parent: ModelEval | None, cfg: GateConfig, table: Sequence[Metric] = TABLE,
+          anchored: Anchors | None = None, no_anchor: dict[str, str] | None = None) -> list[Check]:
+    """Every rule of every unit applied to ``child``; a metric without a value (child or parent) is skipped.
+    ``anchored``/``no_anchor``: the fixed anchors and why some are missing (``anchors``); None: no anchor rules."""
     checks = []
     for u in table:
         c = child.measured(u.name)
@@ -204,6 +260,11 @@ def check(child: ModelEval, parent: ModelEval | None, cfg: GateConfig, table: Se
             checks.append(Check(u.name, "", "", None, f"{u.name}: the parent was not measured on it: "
                                                         "no rule against the parent"))
         checks += u.rules(c, p, cfg)
+        if anchored is not None:
+            a = anchored.get(u.name, {})
+            checks += u.anchor_rules(c, a.get("gen0"), a.get("best"), cfg)
+            if (no_anchor or {}).get(u.name):
+                checks.append(Check(u.name, "", "", None, no_anchor[u.name]))
     return checks
 
 
@@ -216,17 +277,22 @@ def _unset_required(cfg: GateConfig, table: Sequence[Metric]) -> str | None:
     return f"thresholds: {names} must {each}be configured; with no thresholds the gate passes nothing"
 
 
-def decide(child: ModelEval, parent: ModelEval | None, cfg: GateConfig,
-           table: Sequence[Metric] = TABLE) -> tuple[str, list[str]]:
+def decide(child: ModelEval, parent: ModelEval | None, cfg: GateConfig, table: Sequence[Metric] = TABLE,
+           anchored: Anchors | None = None) -> tuple[str, list[str]]:
     """The verdict and, for a fail, every reason (each names its metric)."""
     unset = _unset_required(cfg, table)
-    reasons = ([unset] if unset else []) + [c.message for c in check(child, parent, cfg, table) if c.passed is False]
+    reasons = ([unset] if unset else []) + [c.message for c in check(child, parent, cfg, table, anchored)
+                                            if c.passed is False]
     return (FAIL if reasons else PASS), reasons
 
 
 def run(child_gguf: Path, child_gen: int, parent_gguf: Path | None, parent_gen: int | None, es: EvalSet,
-        cfg: GateConfig, smoke_prompt: str, table: Sequence[Metric] = TABLE) -> GateResult:
-    """Measure child and parent (the parent's numbers reused from its own report when the eval set is unchanged)."""
+        cfg: GateConfig, smoke_prompt: str, table: Sequence[Metric] = TABLE, lineage: Sequence[ModelEval] = (),
+        gen0_gguf: Path | None = None) -> GateResult:
+    """Measure child and parent (the parent's numbers reused from its own report when the eval set is unchanged),
+    and bound the child against the fixed anchors among ``lineage`` (the parent's ancestors' own measurements,
+    ``lineage_evals``) and the parent. Generation 0's anchored metrics are re-measured on ``gen0_gguf`` when it
+    was measured on other items (its numbers stay where they are: each gate re-measures, a few seconds)."""
     child = measure(child_gguf, child_gen, es, cfg, smoke_prompt, table)
     parent = None
     if parent_gguf is not None:
@@ -235,7 +301,11 @@ def run(child_gguf: Path, child_gen: int, parent_gguf: Path | None, parent_gen: 
             parent = measure(parent_gguf, parent_gen, es, cfg, smoke_prompt, table)
         else:
             log.info("gate: reusing generation %s's own measurements (same eval set)", parent_gen)
-    verdict, reasons = decide(child, parent, cfg, table)
+    history = [e for e in lineage if parent is None or e.gen != parent.gen] + ([parent] if parent else [])
+    if gen0_gguf is not None:
+        history = _gen0_remeasured(history, child, gen0_gguf, es, cfg, smoke_prompt, table)
+    anchored, no_anchor = anchors(child, history, table)
+    verdict, reasons = decide(child, parent, cfg, table, anchored)
     versus: dict[str, float] = {}
     if parent is not None:
         inputs = Inputs(es, cfg, smoke_prompt)
@@ -245,7 +315,23 @@ def run(child_gguf: Path, child_gen: int, parent_gguf: Path | None, parent_gen: 
                 versus |= u.versus_parent(c, p, inputs)
     log.info("gate gen %d vs %s: %s %s", child_gen, parent_gen, verdict, "; ".join(reasons))
     return GateResult(verdict=verdict, reasons=reasons, child=child, parent=parent, thresholds=asdict(cfg),
-                      checks=check(child, parent, cfg, table), versus_parent=versus)
+                      checks=check(child, parent, cfg, table, anchored, no_anchor), versus_parent=versus,
+                      anchors={m: {k: asdict(a) for k, a in v.items()} for m, v in anchored.items()})
+
+
+def _gen0_remeasured(history: list[ModelEval], child: ModelEval, gguf: Path, es: EvalSet, cfg: GateConfig,
+                     smoke_prompt: str, table: Sequence[Metric]) -> list[ModelEval]:
+    """``history`` with generation 0's anchored metrics re-measured where they were taken on other items than
+    the child's (only those units: perplexity of the held-out text is a few seconds)."""
+    zero = next((e for e in history if e.gen == 0), None)
+    stale = [u for u in table if u.better is not None and child.metrics.get(u.name) is not None
+             and (zero is None or zero.fingerprints.get(u.name) != child.fingerprints.get(u.name))]
+    if not stale:
+        return history
+    log.info("gate: re-measuring generation 0's %s (measured on other items) for the anchors",
+             ", ".join(u.name for u in stale))
+    fresh = measure(gguf, 0, es, cfg, smoke_prompt, stale)
+    return [e for e in history if e.gen != 0] + [fresh]
 
 
 def lessons(child: ModelEval, parent: ModelEval | None,
@@ -294,6 +380,18 @@ def _cell(v) -> str:
     return "-" if v is None else f"{v:.3f}"
 
 
+def _anchor_lines(result: GateResult) -> list[str]:
+    """The rules against fixed anchors (generation 0, the lineage's best): each with the child's value."""
+    rows = [k for k in result.checks if k.anchor is not None]
+    if not rows:
+        return []
+    lines = ["## Against fixed anchors (no ratchet)", "", "| metric | child | rule | setting | passed |",
+             "| --- | --- | --- | --- | --- |"]
+    lines += [f"| {k.metric} | {_cell(result.child.metrics.get(k.metric))} | {k.rule} | {k.setting} | "
+              f"{'yes' if k.passed else 'NO'} |" for k in rows]
+    return lines + [""]
+
+
 def write_report(result: GateResult, out_dir: Path, table: Sequence[Metric] = TABLE) -> None:
     """``eval.json`` (every number and reply) and ``eval.md`` (a readable summary) in ``out_dir``."""
     atomic_write_json(out_dir / "eval.json", result.to_dict())
@@ -314,6 +412,7 @@ def write_report(result: GateResult, out_dir: Path, table: Sequence[Metric] = TA
         lines += [f"| {name} | {_cell(cv)} | {_cell(pv)} |" for name, cv, pv in rows]
     lines += [f"| {name.replace('_', ' ')} | {v:.3f} | - |" for name, v in result.versus_parent.items()]
     lines.append("")
+    lines += _anchor_lines(result)
     for u, cm, _ in units:
         if cm.value is not None:
             lines += u.markdown(cm)

@@ -4,6 +4,10 @@ Export (the smoke check), the gate (answers and logits) and serving all open GGU
 so the settings that matter for reproducibility (seed, context, threads, quiet logs) are set
 once. ``LlamaCppBackend`` is the serving backend (``evolution.serving.Backend``); another
 engine (a llama.cpp server process, vLLM) would be one module beside this one.
+
+Chats are rendered with the GGUF's own chat template; one with no system role (Mistral's, Gemma's
+raise on one) gets a leading system turn folded into the first user turn, the canonical
+conversation training rendered too (``evolution.messages.fold_system``).
 """
 
 from __future__ import annotations
@@ -11,6 +15,8 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from pathlib import Path
+
+from evolution.messages import fold_system, takes_system
 
 
 def open_llama(path: str | Path, *, n_ctx: int, n_threads: int | None = None, logits_all: bool = False,
@@ -27,8 +33,37 @@ def open_llama(path: str | Path, *, n_ctx: int, n_threads: int | None = None, lo
 
     threads = n_threads or os.cpu_count() or 1
     extra = {} if seed is None else {"seed": seed}
-    return Llama(model_path=str(path), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads,
-                 logits_all=logits_all, verbose=False, **extra)
+    llm = Llama(model_path=str(path), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads,
+                logits_all=logits_all, verbose=False, **extra)
+    formatter = template_formatter(llm)
+    if formatter is not None and not _takes_system(formatter):  # else llama-cpp-python's own choice of handler
+        handler = formatter.to_chat_handler()
+        llm.chat_handler = lambda *, messages, **kw: handler(messages=fold_system(messages), **kw)
+    return llm
+
+
+def template_formatter(llm):
+    """The GGUF's own chat template as llama-cpp-python renders it, with its BOS/EOS text (None: it has none)."""
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+    template = llm.metadata.get("tokenizer.chat_template")
+    if not template:
+        return None
+    special = {"eos_token": llm.detokenize([llm.token_eos()], special=True).decode("utf-8", "replace"),
+               "bos_token": llm.detokenize([llm.token_bos()], special=True).decode("utf-8", "replace")}
+    return Jinja2ChatFormatter(template=template, stop_token_ids=[llm.token_eos()], **special)
+
+
+def _takes_system(formatter) -> bool:
+    return takes_system(lambda m: formatter(messages=m))
+
+
+def serve_prompt(formatter, messages: list[dict]) -> str:
+    """``messages`` rendered up to the assistant's turn as serving renders them (folded where ``formatter``'s
+    template has no system role)."""
+    if messages and messages[0]["role"] == "system" and not _takes_system(formatter):
+        messages = fold_system(messages)
+    return formatter(messages=messages).prompt
 
 
 class LlamaCppModel:

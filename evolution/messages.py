@@ -99,3 +99,32 @@ def _check_turns(messages: list[dict]) -> None:
             raise MessageError(f"turns must alternate user/assistant; turn {i + 1} is {m['role']!r}, expected {want!r}")
     if turns[-1]["role"] != "assistant":
         raise MessageError("the last message must be from the assistant")
+
+
+SYSTEM_PROBE = [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}]
+"""A conversation with a system turn: what a chat template is tried on to learn whether it has a system role."""
+
+
+def takes_system(render) -> bool:
+    """Whether ``render(messages)`` (a chat template: the tokenizer's, or the GGUF's at serve time) accepts a
+    system turn. Mistral's and Gemma's templates raise on one (``raise_exception``: a jinja2 ``TemplateError``
+    under transformers, a ``ValueError`` under llama-cpp-python)."""
+    from jinja2 import TemplateError
+
+    try:
+        render(SYSTEM_PROBE)
+    except (TemplateError, ValueError):
+        return False
+    return True
+
+
+def fold_system(messages: list[dict]) -> list[dict]:
+    """The canonical conversation for a chat template with no system role: a leading system turn folded into
+    the first user turn (the system text, a blank line, the user's text). Training (``evolution.tokens``) and
+    serving (``evolution.llamacpp``) both fold this way, so the model is served the prompt it learned on."""
+    if not messages or messages[0]["role"] != "system":
+        return messages
+    system, rest = messages[0]["content"], messages[1:]
+    if rest and rest[0]["role"] == "user":
+        return [{"role": "user", "content": f"{system}\n\n{rest[0]['content']}"}] + rest[1:]
+    return [{"role": "user", "content": system}] + rest

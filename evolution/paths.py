@@ -11,10 +11,12 @@ The lineage is chosen with ``--lineage NAME`` or ``$EVOLUTION_LINEAGE``.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 MAIN = "main"
@@ -103,6 +105,54 @@ class DataRoot:
                 "to a writable directory, or unset it to use the repository's checkpoints/ and ledger/"
             ]) from None
         return self
+
+    def existing(self) -> "DataRoot":
+        """``prepare`` for commands that read or add to a lineage: a data root that does not exist is a
+        mistake (a typo in ``EVOLUTION_HOME``), not a new one to create and report as empty; so is a
+        lineage other than ``main`` without its folder (a typo in ``--lineage``)."""
+        from evolution.errors import ConfigError
+
+        if not self.root.exists():
+            raise ConfigError([
+                f"data root {self.root} does not exist: check EVOLUTION_HOME (a typo?), or unset it to use "
+                "the repository's checkpoints/ and ledger/; `evolve age-up` or the daemon creates a new one"
+            ])
+        if not self.home.is_dir():
+            known = ", ".join([MAIN, *self.lineage_dirs()])
+            raise ConfigError([
+                f"lineage {self.lineage} has no folder under the data root {self.root} ({self.home}): check "
+                f"--lineage / ${LINEAGE_ENV} (a typo?); lineages here: {known}. `evolve age-up --lineage "
+                f"{self.lineage}` or the daemon creates a new one; a lineage whose files are on another data root "
+                "sharing this ledger is read with `evolve ledger --all` and `evolve ledger show NAME/N`"
+            ])
+        return self.prepare()
+
+    @property
+    def ageup_lock(self) -> Path:
+        return self.checkpoints / ".ageup.lock"
+
+    @contextlib.contextmanager
+    def exclusive(self, busy: str) -> Iterator[None]:
+        """Hold the lock under which a lineage's generations change (an age-up, a prune): one at a time per
+        lineage of a data root (the file is in the lineage's ``checkpoints/``; age-ups of different lineages
+        also queue for the machine, ``ageup._lock``).
+
+        An OS file lock, released even if the process dies; ``busy`` is the error's message when it is held."""
+        from filelock import FileLock, Timeout
+
+        from evolution.errors import EvolutionError
+
+        self.checkpoints.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(str(self.ageup_lock))
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            which = "" if self.lineage == MAIN else f"lineage {self.lineage}: "
+            raise EvolutionError(f"{which}{busy} (lock {self.ageup_lock})") from None
+        try:
+            yield
+        finally:
+            lock.release()
 
     def gen_dir(self, n: int) -> Path:
         return self.checkpoints / gen_name(n)

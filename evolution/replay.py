@@ -30,6 +30,14 @@ prompt received since the parent replace every older generation's ratings of it,
 generation's ratings of a prompt replace an older one's; a new rating held out for the gate
 (``heldout``) supersedes the older ones all the same, though no stage trains on it.
 
+**Known curriculum.** A chat record of the curriculum that the parent's lineage already trained on
+(``known_dirs``: their data) is not re-taught in full at every age-up: only ``known_share`` of them
+(seeded per generation, so the sample rotates) join the new records; the rest stay in the replay
+pool with every other earlier record. With Adam a step moves the weights about the learning rate
+whatever the loss, so re-fitting what the parent already knows is drift, not learning: over five
+quick age-ups the held-out prose perplexity rose 43.8 -> 61.3 (issue 17). Raw text (continual
+pretraining's general prose) carries no prompt and is always trained on in full.
+
 Dropped examples are counted in the manifest (``superseded``). Paraphrases of one question are
 different prompts here; a contradiction phrased differently is left to the gate.
 
@@ -165,10 +173,24 @@ def _hold_out(inbox: Inbox, share: float, rng: random.Random) -> tuple[Inbox, In
     return keep, held
 
 
+def _known_sampled(rows: list[dict], stage: str, known_dirs: Sequence[Path], share: float,
+                   rng: random.Random) -> tuple[list[dict], list[int], set[str]]:
+    """``rows`` (a stage's curriculum records) with only ``share`` of the chat records the lineage already trained
+    on (found in ``known_dirs/<stage>.jsonl``), in their order; [re-taught, left to replay]; the prompts of those
+    left to replay (still the curriculum's: no conversation may answer them)."""
+    seen = {_key(r) for d in known_dirs for r in _read_jsonl(d / f"{stage}.jsonl")}
+    known = [i for i, r in enumerate(rows) if _prompt(r) is not None and _key(r) in seen]
+    keep = set(rng.sample(known, round(share * len(known))))
+    dropped = set(known) - keep
+    return [r for i, r in enumerate(rows) if i not in dropped], [len(keep), len(dropped)], \
+        {_prompt(rows[i]) for i in dropped}
+
+
 def materialize(root: DataRoot, cur: Curriculum, child: int, replay_ratio: float, seed: int, out: Path,
                 conversations: list[tuple[int, list[dict]]] = (), through: int = 0,
                 stages: Sequence[Stage] = STAGES, labelled: Labelled | None = None, ratings_since: int = 0,
-                heldout: float = 0.0, variants: int = 0, variant_share: float = 0.0) -> dict:
+                heldout: float = 0.0, variants: int = 0, variant_share: float = 0.0,
+                known_dirs: Sequence[Path] = (), known_share: float = 1.0) -> dict:
     """Write ``out/<stage>.jsonl`` for each of ``stages`` and ``out/manifest.json``; return the manifest.
 
     ``conversations``: ``(id, messages)`` received since the parent's data (``through``: the last id the
@@ -181,7 +203,9 @@ def materialize(root: DataRoot, cur: Curriculum, child: int, replay_ratio: float
     ``variants``: per exchange of each new chat record a stage takes from the inbox, this many variants
     (``evolution.augment``, seeded) join it, at most ``variant_share`` × the stage's curriculum records in
     all (fewer per record past that); counted in the manifest (``variants``). Replay is sampled per record
-    before them, so they do not grow it.
+    before them, so they do not grow it. ``known_dirs``: the data of the parent's lineage; of the curriculum's
+    chat records found there, ``known_share`` are re-taught (counted in the manifest: ``known``), the rest
+    left to replay.
     """
     conversations = list(conversations)
     inbox = Inbox(conversations)
@@ -200,12 +224,20 @@ def materialize(root: DataRoot, cur: Curriculum, child: int, replay_ratio: float
     replayed: dict[str, int] = {}
     made: dict[str, int] = {}
     sources: dict[str, str] = {}
+    known_counts: dict[str, list[int]] = {}
     taken_from_inbox = superseded = 0
     read_inbox = read_ratings = False  # no stage learns from them: leave them for a later generation's
     for stage in stages:
         new = [r for r in stage.curriculum(cur) if _key(r) not in banned]
         n_curriculum = len(new)
+        to_replay: set[str] = set()
+        if known_share < 1:
+            new, known_counts[stage.name], to_replay = _known_sampled(new, stage.name, known_dirs, known_share,
+                                                                      random.Random(seed * 1_000_003 + child + 13))
+        n_taught = len(new)
         taken = {p for r in new if (p := _prompt(r)) is not None}
+        to_replay -= taken  # a prompt the curriculum still re-teaches (another record of it) is not replayed
+        taken |= to_replay
         curriculum_prompts = set(taken)
         received = [(order, r) for order, r in stage.inbox(inbox) if not _banned(r, banned)]
         read_inbox |= bool(stage.inbox(Inbox(conversations=conversations)))
@@ -219,7 +251,7 @@ def materialize(root: DataRoot, cur: Curriculum, child: int, replay_ratio: float
         superseded += dropped
         have = {_key(r) for r in new}
         pool: list[dict] = []
-        claimed = set(taken)
+        claimed = set(taken) - to_replay  # the known curriculum left to replay: its records are in the pool
         for g in sorted(root.generations(), reverse=True):  # newest generation first: it wins a prompt
             if g >= child:
                 continue
@@ -247,7 +279,7 @@ def materialize(root: DataRoot, cur: Curriculum, child: int, replay_ratio: float
         new += rng.sample(pool, n)
         replayed[stage.name] = n
         extra = _variants(inbox_rows, variants, int(variant_share * n_curriculum),
-                          random.Random(seed * 1_000_003 + child + 11), augment.system_prompts(new[:n_curriculum]))
+                          random.Random(seed * 1_000_003 + child + 11), augment.system_prompts(new[:n_taught]))
         # the curriculum answers its own prompts: no variant may reword a question into one of them
         extra = [r for r in extra if _key(r) not in have and prompt_key(r["messages"]) not in curriculum_prompts]
         made[stage.name] = len(extra)
@@ -264,6 +296,7 @@ def materialize(root: DataRoot, cur: Curriculum, child: int, replay_ratio: float
         "files": files,
         "replayed": replayed,
         "variants": made,
+        "known": {name: {"retaught": k[0], "left_to_replay": k[1]} for name, k in known_counts.items()},
         "counts": {name: len(rows) for name, rows in data.items()},
         "conversations": {"taken": taken_from_inbox,
                           "through": max([through] + [c for c, _ in conversations]) if read_inbox else through,

@@ -379,16 +379,16 @@ def create_app(daemon: Service) -> FastAPI:
 
         return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
-    async def _intake(request: Request, body: dict, param: str, fn):
+    async def _intake(request: Request, body: dict, param: str, fn, item_param: str | None = None):
         """Store something the agent sent (``fn(idempotency_key)``), once per idempotency key: 201 new,
-        200 repeated, 409 key reused, 404 an unknown item to rate."""
+        200 repeated, 409 key reused, 404 an unknown item to rate (``item_param`` names its field)."""
         key = body.get("idempotency_key") or request.headers.get("idempotency-key")
         try:
             result = await run_in_threadpool(fn, key)
         except IdempotencyConflict as exc:
             raise ApiError(409, str(exc), param="idempotency_key", code="idempotency_key_reused") from None
         except UnknownExperience as exc:
-            raise ApiError(404, str(exc), param=param, code="not_found") from None
+            raise ApiError(404, str(exc), param=item_param or param, code="not_found") from None
         except (KarmaError, ConversationError, ExperienceError, ProbeError) as exc:
             raise ApiError(400, str(exc), param=param) from None
         return JSONResponse(result.to_dict(), status_code=200 if result.duplicate else 201)
@@ -438,7 +438,7 @@ def create_app(daemon: Service) -> FastAPI:
         by = "completion" if "completion_id" in body else "conversation"
         item = body[f"{by}_id"]
         return await _intake(request, body, "label", lambda key: daemon.rate(
-            item, body.get("label"), body.get("correction"), body.get("karma"), key, by))
+            item, body.get("label"), body.get("correction"), body.get("karma"), key, by), item_param=f"{by}_id")
 
     @app.post("/rollback")
     @_counted

@@ -9,6 +9,9 @@ the assistant spans are found by rendering the conversation prefix by prefix: th
 added by assistant turn *i* is ``render(messages[:i+1])`` minus
 ``render(messages[:i], add_generation_prompt=True)``. Tokens inside those character spans
 (the reply and its end-of-turn token) carry the loss; system and user tokens do not.
+
+A template with no system role (Mistral's, Gemma's raise on one) trains on ``for_template``'s
+canonical conversation, the system turn folded into the first user turn, as llama.cpp serves it.
 """
 
 from __future__ import annotations
@@ -29,8 +32,20 @@ def pack_cpt(tokenizer, texts: list[str], block_size: int) -> list[list[int]]:
     return blocks
 
 
+def for_template(tokenizer, messages: list[dict]) -> list[dict]:
+    """``messages`` as the tokenizer's chat template takes them: a leading system turn folded into the first
+    user turn when the template has no system role (``evolution.messages.fold_system``), else unchanged."""
+    from evolution.messages import fold_system, takes_system
+
+    if messages and messages[0]["role"] == "system" and not takes_system(
+            lambda m: tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=True)):
+        return fold_system(messages)
+    return messages
+
+
 def assistant_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
     """The rendered conversation and the character spans produced by its assistant turns."""
+    messages = for_template(tokenizer, messages)
     full = tokenizer.apply_chat_template(messages, tokenize=False)
     spans = []
     for i, m in enumerate(messages):

@@ -201,7 +201,7 @@ def test_unusable_data_root_and_bad_base_are_refused_before_anything_is_written(
     blocker = tmp_path / "a-file"
     blocker.write_text("")
     monkeypatch.setenv("EVOLUTION_HOME", str(blocker / "home"))
-    result = CliRunner().invoke(main, ["ledger"])
+    result = CliRunner().invoke(main, ["age-up"])
     assert result.exit_code == 1 and "is not usable" in result.output and "EVOLUTION_HOME" in result.output
 
     monkeypatch.setenv("EVOLUTION_HOME", str(tmp_path / "home2"))
@@ -210,6 +210,24 @@ def test_unusable_data_root_and_bad_base_are_refused_before_anything_is_written(
     result = CliRunner().invoke(main, ["age-up", "--base", str(empty)])
     assert result.exit_code == 1 and "not a Hugging Face checkpoint directory" in result.output
     assert not any((tmp_path / "home2" / "checkpoints").iterdir())
+
+
+@pytest.mark.parametrize("args", [["ledger"], ["ledger", "verify"], ["ledger", "show", "0"], ["rollback", "--to", "0"],
+                                  ["status"], ["karma"], ["karma", "add", "5"], ["experiences"],
+                                  ["feedback", "1", "good"], ["resume"], ["report"]])
+def test_a_data_root_that_does_not_exist_is_named_not_created(args, tmp_path, monkeypatch):
+    """A typo in EVOLUTION_HOME: reading (or granting karma to) a lineage there is refused, naming the
+    variable, and nothing is created; `ledger verify` must not call a missing root OK."""
+    from click.testing import CliRunner
+
+    from evolution.cli import main
+
+    missing = tmp_path / "no-such-root"
+    monkeypatch.setenv("EVOLUTION_HOME", str(missing))
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 1, result.output
+    assert f"data root {missing} does not exist" in result.output and "EVOLUTION_HOME" in result.output
+    assert not missing.exists()
 
 
 @pytest.mark.parametrize("arch", ["llama", "mistral"])

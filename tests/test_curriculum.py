@@ -52,6 +52,23 @@ def test_generalization_items_must_be_held_out(tiny_curriculum):
         curriculum.load(tiny_curriculum)
 
 
+def test_heldout_text_must_be_disjoint_from_the_training_text(tiny_curriculum):
+    copied = "Tide pools fill and empty twice a day; note 3 is about the sea and the shore."  # a CPT line, 17 words
+    write_jsonl(tiny_curriculum / "eval" / "heldout_text.jsonl", [{"text": "The harbour was quiet at dawn."},
+                                                                   {"text": "Far inland. " + copied}])
+    with pytest.raises(CurriculumError) as e:
+        curriculum.load(tiny_curriculum)
+    assert "eval/heldout_text.jsonl: document 2 shares 12 words in a row" in str(e.value)
+    # a stated fact shorter than a sentence's run may recur (eleven words here)
+    write_jsonl(tiny_curriculum / "eval" / "heldout_text.jsonl",
+                [{"text": "Tide pools fill and empty twice a day; note 3 is, they say, the moon."}])
+    assert curriculum.load(tiny_curriculum).heldout_text
+
+
+def test_the_shipped_heldout_text_is_disjoint_from_the_shipped_training_text():
+    assert curriculum.heldout_leaks(curriculum.load(REPO_ROOT / "curriculum")) == []
+
+
 def test_generator_is_deterministic_keeps_pairs_and_drops_empty_messages(tmp_path):
     template = {
         "name": "t",

@@ -129,15 +129,17 @@ def test_sigterm_during_training_writes_a_checkpoint_and_exits_0(taught_base, da
         assert [r.status for r in Karma(ledger, 1).requests()] == ["pending"]  # resumed at the next start
 
 
-@pytest.mark.parametrize("case", ["bad_config", "missing_base", "start_gen_unknown", "port_in_use", "remote_host"])
+@pytest.mark.parametrize("case", ["bad_config", "missing_base", "start_gen_unknown", "port_in_use", "remote_host",
+                                  "root_in_use"])
 def test_bad_start_stops_with_a_message_that_says_how_to_fix_it(case, tmp_path, _isolated_home, tiny_cfg):
     import socket
 
     args = ["--start-gen", "0", "--config", str(_config(tmp_path, tiny_cfg))]
     expect = {"bad_config": "daemon.threshold must be a positive number", "missing_base": "not a Hugging Face checkpoint directory",
               "start_gen_unknown": "start a new lineage with --start-gen 0", "port_in_use": "choose another port",
-              "remote_host": "allow_remote"}[case]
-    sock = None
+              "remote_host": "allow_remote",
+              "root_in_use": "another daemon is already running on the data root"}[case]
+    sock = claim = None
     if case == "bad_config":
         args += ["--threshold", "-3"]
     elif case == "missing_base":
@@ -151,12 +153,21 @@ def test_bad_start_stops_with_a_message_that_says_how_to_fix_it(case, tmp_path, 
         sock = socket.socket()
         sock.bind(("127.0.0.1", d.port))
         sock.listen()
+    elif case == "root_in_use":  # another process (this one) holds the data root, as a running daemon does
+        from evolution.daemon import identity
+
+        root = DataRoot(_isolated_home)
+        root.prepare()
+        claim = identity.claim(root)
+        (root.root / identity.INFO_FILE).write_text(json.dumps({"pid": os.getpid(), "host": "127.0.0.1", "port": 1}))
     try:
         d.start()
         rc = d.proc.wait(120)
     finally:
         if sock:
             sock.close()
+        if claim:
+            claim.release()
     assert rc == 1  # a failure, not a usage error (2 is click's: a bad option)
     assert expect in d.output(), d.output()[-1500:]
     assert "Traceback" not in d.output()

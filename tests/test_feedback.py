@@ -145,6 +145,8 @@ def test_bad_feedback_is_refused_and_changes_nothing(client, daemon, body, statu
     r = client.post("/feedback", json=body, headers=AUTH)
     assert r.status_code == status, r.text
     assert fragment in r.json()["error"]["message"]
+    if status == 404:  # the field naming the unknown item, not 'label'
+        assert r.json()["error"]["param"] == next(k for k in body if k.endswith("_id"))
     assert _snapshot(daemon) == before
     assert client.post("/feedback", json={"completion_id": cid, "label": "good"}).status_code == 401
     assert _snapshot(daemon) == before

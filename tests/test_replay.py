@@ -218,3 +218,24 @@ def test_newer_ratings_of_a_prompt_supersede_older_generations_ratings_of_it(cur
     else:
         pytest.fail("no seed held the tea rating out")
     assert "Favourite tea" not in (out / "preference.jsonl").read_text()
+
+
+def test_known_curriculum_is_partly_re_taught_the_rest_left_to_replay(cur, root, tmp_path):
+    parent_data = root.gen_dir(1) / "data"
+    replay.materialize(root, cur, 1, 0.0, 0, parent_data)  # the parent trained on the whole curriculum
+    n_chat = len(cur.sft)  # 24 chat records (8 distinct prompts, each 3 times)
+    convs = [(5, _chat("What is your name?", "Bob."))]  # a curriculum prompt: the curriculum still answers it
+    out = tmp_path / "child"
+    m = replay.materialize(root, cur, 2, 0.0, 0, out, convs, 0, known_dirs=[parent_data], known_share=0.25)
+    assert m["known"]["sft"] == {"retaught": 6, "left_to_replay": n_chat - 6}
+    assert m["known"]["cpt"] == {"retaught": 0, "left_to_replay": 0}  # raw text is always trained on in full
+    data = replay.read(out, ["cpt", "sft"])
+    assert len(data["cpt"]) == len(cur.cpt) and len(data["sft"]) == 6
+    assert not any(r["messages"][-1]["content"] == "Bob." for r in data["sft"])
+    # the sample rotates with the generation; what is left is rehearsed by replay
+    other = replay.materialize(root, cur, 3, 0.0, 0, tmp_path / "c3", known_dirs=[parent_data], known_share=0.25)
+    assert other["known"]["sft"]["retaught"] == 6
+    assert _lines(tmp_path / "c3" / "sft.jsonl") != data["sft"]
+    replayed = replay.materialize(root, cur, 2, 10.0, 0, tmp_path / "r", known_dirs=[parent_data], known_share=0.25)
+    assert replayed["replayed"]["sft"] > 0
+    assert replay.materialize(root, cur, 2, 0.0, 0, tmp_path / "all", known_dirs=[parent_data])["counts"]["sft"] == n_chat

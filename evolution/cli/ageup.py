@@ -21,7 +21,7 @@ from evolution.cli.lineage import lineage_option
 STAGE_TITLES = {
     "base": "generation 0: base model → safetensors",
     "data": "data: curriculum + replay",
-    "train": "train: the configured stages, CPT then SFT by default (LoRA)",
+    "train": "train: the configured stages, CPT → SFT → preference by default (LoRA)",
     "merge": "merge adapter → safetensors",
     "gguf_f16": "convert → GGUF f16",
     "quantize": "quantize + SHA-256",
@@ -53,7 +53,9 @@ def _size(n: int) -> str:
 @click.option("--config", "config_file", type=click.Path(path_type=Path), help="TOML config file.")
 @click.option("--quantization", type=click.Choice(config.QUANTIZATIONS), help="GGUF type to serve [default: q8_0].")
 @click.option("--backend", type=click.Choice(["auto", "unsloth", "hf"]), help="Training engine [default: auto].")
-@click.option("--stages", help="Comma-separated training stages to run, in order [default: cpt,sft].")
+@click.option("--stages", help="Comma-separated training stages to run, in order "
+              f"[default: {','.join(config.TrainConfig().stages)}]; a stage with too little data is skipped, "
+              "saying why.")
 @click.option("--restart", is_flag=True, help="Discard an interrupted age-up instead of resuming it.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @lineage_option
@@ -91,7 +93,7 @@ def age_up(quick, base, curriculum_path, phases, config_file, quantization, back
     def on_step(stage: str, step: int, total: int, loss: float | None) -> None:
         if not console.is_terminal:  # a log file gets a line every 5 % instead of a live bar
             if step == total or step % max(1, total // 20) == 0:
-                console.print(f"  {stage.upper()} step {step}/{total} loss {loss if loss is None else round(loss, 3)}")
+                console.print(f"  {stage.upper()} step {step}/{total} loss {'-' if loss is None else round(loss, 3)}")
             return
         if stage not in tasks:
             tasks[stage] = progress.add_task(stage.upper(), total=total, loss="-")

@@ -30,7 +30,7 @@ def status(as_json: bool) -> None:
     from evolution.cli.karma import open_karma
     from evolution.daemon import daemon_info
 
-    root = DataRoot.from_env().prepare()
+    root = DataRoot.from_env().existing()
     with Ledger.open(root) as ledger:
         info = {
             "data_root": str(root.root),
@@ -90,7 +90,7 @@ def status(as_json: bool) -> None:
 @lineage_option
 def resume(reason: str) -> None:
     """Lift the stop rule: allow age-ups again after they were paused."""
-    with Ledger.open(DataRoot.from_env().prepare()) as ledger:
+    with Ledger.open(DataRoot.from_env().existing()) as ledger:
         if paused_reason(ledger) is None:
             raise click.ClickException("age-ups are not paused; nothing to resume")
         entry = ledger.record(ev.ageups_resumed(reason))

@@ -27,7 +27,7 @@ def experiences(label: str | None, limit: int, as_json: bool) -> None:
 
     Rate one with `evolve feedback ID good|bad` (ID: its completion id or its number here).
     """
-    with Ledger.open(DataRoot.from_env().prepare()) as ledger:
+    with Ledger.open(DataRoot.from_env().existing()) as ledger:
         items = ExperienceStore(ledger).list(label=label, limit=limit)
     if as_json:
         click.echo(json.dumps([e.to_dict() for e in items], indent=2, ensure_ascii=False))

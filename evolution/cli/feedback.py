@@ -36,7 +36,7 @@ def feedback(item: str, label: str, correction: str | None, karma: float | None,
     one for training; both stay in the history.
     """
     by, item_id = parse_id(item)
-    root = DataRoot.from_env().prepare()
+    root = DataRoot.from_env().existing()
     with Ledger.open(root) as ledger:
         k = None
         if karma is not None:

@@ -32,7 +32,7 @@ def karma(ctx, as_json: bool) -> None:
     """Karma so far, toward the next age-up, and the age-up requests it made."""
     if ctx.invoked_subcommand is not None:
         return
-    root = DataRoot.from_env().prepare()
+    root = DataRoot.from_env().existing()
     with Ledger.open(root) as ledger:
         k = open_karma(root, ledger)
         state, requests = k.state(), k.requests()
@@ -54,7 +54,7 @@ def karma(ctx, as_json: bool) -> None:
 @lineage_option
 def add(amount: float, reason: str, key: str | None, as_json: bool) -> None:
     """Grant AMOUNT karma. Crossing the threshold asks the daemon for an age-up."""
-    root = DataRoot.from_env().prepare()
+    root = DataRoot.from_env().existing()
     with Ledger.open(root) as ledger:
         grant = open_karma(root, ledger).add(amount, reason, key, source="cli", served_gen=ledger.served_generation())
     if as_json:

@@ -26,6 +26,7 @@ from rich.table import Table
 from rich.text import Text
 
 from evolution.ledger import GenerationDetail, GenerationRow, Ledger, VerifyReport
+from evolution.ledger import events as ev
 from evolution.ledger import rollback as do_rollback
 from evolution.cli.lineage import lineage_option
 from evolution.ledger.lineage import gate_rows
@@ -44,7 +45,7 @@ json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON f
 
 def _open(ctx: click.Context, url: str | None) -> Ledger:
     url = url or (ctx.obj or {}).get("ledger_url")
-    ledger = Ledger.open(DataRoot.from_env().prepare(), url)
+    ledger = Ledger.open(DataRoot.from_env().existing(), url)
     ctx.call_on_close(ledger.close)
     return ledger
 
@@ -77,14 +78,19 @@ def _metric_order(names) -> list[str]:
     return [n for n in known if n in names] + sorted(set(names) - set(known))
 
 
+_PRUNED = {"generation": "pruned", "weights": "weights pruned"}
+"""What the retention policy deleted (``GenerationRow.pruned``), as the history and ``show`` say it."""
+
+
 def _verdict_text(r: GenerationRow) -> str:
     """The gate's verdict and what became of the generation, in one short cell."""
+    pruned = f" [dim]({_PRUNED[r.pruned]})[/]" if r.pruned else ""
     if r.verdict is None:
-        return "base" if r.gen == 0 and r.parent is None else r.status
+        return ("base" if r.gen == 0 and r.parent is None else r.status) + pruned
     fate = {"promoted": "", "passed": ", not promoted", "rolled_back": ", rolled back", "rejected": ", rejected"}
     text = r.verdict + fate.get(r.status, f", {r.status}")
     style = "red" if r.verdict != "pass" else ("yellow" if r.status == "rolled_back" else "green")
-    return f"[{style}]{text}[/]"
+    return f"[{style}]{text}[/]{pruned}"
 
 
 def _history_table(rows: list[GenerationRow], url: str, max_metrics: int = 5) -> Table:
@@ -266,13 +272,18 @@ def _print_detail(d: GenerationDetail, lessons: list = (), lessons_problem: str 
         con.print(t)
     if s.reason:
         con.print(f"reason: {s.reason}")
+    gone = ev.pruned_paths((e.seq, e.kind, e.payload) for e in d.events if e.gen == s.gen)
+    if s.pruned:
+        why = next(e for e in reversed(d.events) if e.kind == ev.PRUNED and e.gen == s.gen)
+        con.print(f"[dim]{_PRUNED[s.pruned]} by the retention policy (seq {why.seq}): {escape(why.payload['reason'])}[/]")
     _print_lessons(lessons, lessons_problem)
     if d.artifacts:
         t = Table(title="artifacts")
-        for col in ("path", "kind", "size", "sha256"):
+        for col in ("path", "kind", "size", "sha256", ""):
             t.add_column(col)
         for a in d.artifacts:
-            t.add_row(a["path"], a["kind"], f"{a['size']:,}", a["sha256"][:16])
+            t.add_row(a["path"], a["kind"], f"{a['size']:,}", a["sha256"][:16],
+                      f"pruned (seq {gone[a['path']]})" if a["path"] in gone else "")
         con.print(t)
     for name, obj in (("config", d.config), ("data manifest", d.manifest)):
         if obj:
@@ -322,8 +333,9 @@ def _print_report(r: VerifyReport) -> None:
         click.echo(f"warning: {w}", err=True)
     if r.ok:
         head = f"head seq {r.head.seq}" if r.head else "no head yet"
+        pruned = f", {r.artifacts_pruned} pruned" if r.artifacts_pruned else ""
         click.echo(f"ledger OK: {r.entries} entries, {head}, "
-                   f"{r.artifacts_checked} artifact(s) re-hashed, {r.seconds:.2f} s")
+                   f"{r.artifacts_checked} artifact(s) re-hashed{pruned}, {r.seconds:.2f} s")
         return
     first = r.first_bad_seq
     where = f", first bad seq {first}" if first else ""

@@ -48,7 +48,7 @@ def ui(host: str, port: int, allow_remote: bool, ledger_url: str | None) -> None
     if not loopback and not allow_remote:
         raise click.UsageError(f"--host {host!r} is not a loopback address: the dashboard shows stored chats and "
                                "transcripts to anyone who can reach it; add --allow-remote if that is intended")
-    root = DataRoot.from_env().prepare()
+    root = DataRoot.from_env().existing()
     with Ledger.open(root, ledger_url) as ledger:
         app = create_app(root, ledger)
         click.echo(f"dashboard of {root.root} (read-only): http://{host}:{port}/  (Ctrl-C stops it)")

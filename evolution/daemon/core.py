@@ -24,8 +24,8 @@ from datetime import datetime
 from pathlib import Path
 
 from evolution import curriculum as curriculum_mod
-from evolution import faults, progress, promotion
-from evolution.config import AgeUpConfig, DaemonConfig
+from evolution import faults, progress, promotion, retention
+from evolution.config import AgeUpConfig, DaemonConfig, RetentionConfig
 from evolution.conversations import ConversationStore
 from evolution.experiences import ExperienceStore
 from evolution.probes import ProbeStore
@@ -49,8 +49,9 @@ AGEUP_OUTCOMES = (PROMOTED, REJECTED, FAILED_AGEUP)
 
 class Daemon:
     def __init__(self, root: DataRoot, cfg: AgeUpConfig, dcfg: DaemonConfig, base: Path | None = None,
-                 start_gen: int | None = None):
+                 start_gen: int | None = None, retention_cfg: RetentionConfig | None = None):
         self.root, self.cfg, self.dcfg, self.base, self.start_gen = root, cfg, dcfg, base, start_gen
+        self.retention_cfg = retention_cfg or RetentionConfig()
         self.ledger: Ledger | None = None
         self.host = ModelHost(dcfg.n_ctx, dcfg.chat_threads, dcfg.canary_prompt, dcfg.canary_max_tokens,
                               lineage=root.lineage)
@@ -63,6 +64,7 @@ class Daemon:
         self.scheduler = None
         self.token, self.token_source = "", ""
         self.port = dcfg.port
+        self._claim = None  # identity.claim's lock on the data root, held from prepare() to stop()
         # For GET /metrics: counts since this process started (Prometheus counters start at 0 with it).
         self._tally_lock = threading.Lock()
         self._tally: Counter[str] = Counter()
@@ -74,6 +76,7 @@ class Daemon:
     def prepare(self) -> None:
         """Everything that can fail at start, checked before the server listens."""
         self.root.prepare()
+        self._claim = self._claim or identity.claim(self.root)  # before anything is read or written
         curriculum_mod.load(self.cfg.curriculum.path, self.cfg.curriculum.phases)  # CurriculumError with file:line
         self.ledger = Ledger.open(self.root)
         self.karma = Karma(self.ledger, self.dcfg.threshold, self.dcfg.threshold_growth)
@@ -314,8 +317,10 @@ class Daemon:
             gen = decided[-1] if decided else None
             outcome = self._outcome(gen)
             if gen is not None:
-                self._count_ageup(PROMOTED if ev.PROMOTED in {e.kind for e in self.ledger.entries(gen=gen)}
-                                  else REJECTED, gen)
+                promoted = ev.PROMOTED in {e.kind for e in self.ledger.entries(gen=gen)}
+                self._count_ageup(PROMOTED if promoted else REJECTED, gen)
+                if promoted and self.retention_cfg.after_promotion:
+                    self._prune()
             self.karma.mark(w.request_id, DONE, gen, outcome)
             log.info("age-up request %d: %s", w.request_id, outcome)
             served = self.host.current.gen if self.host.current else None
@@ -339,6 +344,18 @@ class Daemon:
                 self.karma.retry_later(req.id, delay, self.last_error[-500:])
             else:
                 self.karma.mark(w.request_id, FAILED, None, self.last_error[-500:])
+
+    def _prune(self) -> None:
+        """Apply the retention policy after a promotion; a prune that fails is logged, never fatal (it is
+        recorded before it deletes, so the next one finishes it)."""
+        try:
+            p = retention.prune(self.root, self.ledger, self.retention_cfg)
+        except (EvolutionError, OSError) as exc:
+            log.warning("pruning after the promotion failed: %s", exc)
+            return
+        if p.deletions:
+            log.info("pruned %d generation(s)' files (%.0f MB); kept %s", len(p.deletions), p.bytes / 1e6,
+                     ", ".join(map(str, sorted(p.kept))))
 
     def _count_ageup(self, outcome: str, gen: int | None) -> None:
         """Count one age-up's end for /metrics, with its generation's stage durations when it built one."""
@@ -431,3 +448,6 @@ class Daemon:
         self.host.close()
         if self.ledger is not None:
             self.ledger.close()
+        if self._claim is not None:
+            self._claim.release()
+            self._claim = None

@@ -59,8 +59,11 @@ def run(daemon: Daemon, *others: Daemon) -> int:
             dm.prepare()
     except BaseException:
         sock.close()
-        for dm in prepared[:-1]:
-            dm.stop()
+        for dm in prepared:  # the one that failed too: its daemon.lock claim is released
+            try:
+                dm.stop()
+            except Exception:  # the start's own error is the one to report
+                log.exception("stopping lineage %s after a failed start", dm.root.lineage)
         raise
     app = app_for(daemons)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=60,

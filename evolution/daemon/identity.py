@@ -2,7 +2,12 @@
 
 The token guards every write endpoint. It comes from the config (``[daemon] api_token``), else
 ``$EVOLUTION_API_TOKEN``, else a file generated on first start (mode 0600) beside the data.
-``daemon.json`` lets `evolve status` find a running daemon.
+``daemon.json`` lets `evolve status` find a running daemon. ``daemon.lock`` is held for the
+daemon's life (an OS file lock, released by the kernel when the process dies, even by kill -9), so
+a second daemon on the same data root is refused instead of serving beside the first, running its
+age-up requests and overwriting its ``daemon.json``. All three are per lineage (in ``DataRoot.home``:
+the data root itself for ``main``, ``lineages/NAME/`` otherwise): a daemon serving several lineages
+claims each, and another daemon may serve a lineage it does not.
 """
 
 from __future__ import annotations
@@ -12,15 +17,19 @@ import logging
 import os
 import secrets
 
+from filelock import FileLock, Timeout
+
 from evolution.config import DaemonConfig
+from evolution.errors import EvolutionError
 from evolution.fsutil import atomic_write_json, atomic_write_text
-from evolution.paths import DataRoot
+from evolution.paths import MAIN, DataRoot
 
 log = logging.getLogger(__name__)
 
 TOKEN_ENV = "EVOLUTION_API_TOKEN"
 TOKEN_FILE = "daemon.token"
 INFO_FILE = "daemon.json"
+LOCK_FILE = "daemon.lock"
 
 
 def daemon_info(root: DataRoot) -> dict | None:
@@ -29,6 +38,23 @@ def daemon_info(root: DataRoot) -> dict | None:
         return json.loads((root.home / INFO_FILE).read_text())
     except (FileNotFoundError, ValueError):
         return None
+
+
+def claim(root: DataRoot) -> FileLock:
+    """Hold the data root for this daemon, or say which daemon already does and what to do."""
+    lock = FileLock(str(root.home / LOCK_FILE))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        info = daemon_info(root) or {}
+        who = f" (pid {info['pid']}, http://{info.get('host')}:{info.get('port')})" if "pid" in info else ""
+        where = f"the data root {root.root}" if root.lineage == MAIN else \
+            f"lineage {root.lineage} of the data root {root.root}"
+        raise EvolutionError(
+            f"another daemon is already running on {where}{who}; one lineage is served by one daemon: use that "
+            "one (`evolve status`), stop it first (SIGTERM), or start this one on another data root (--home / "
+            "$EVOLUTION_HOME) or lineage (--lineage / --lineages)") from None
+    return lock
 
 
 def write_info(root: DataRoot, dcfg: DaemonConfig, port: int, started: float) -> None:

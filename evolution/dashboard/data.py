@@ -59,7 +59,7 @@ class View:
             d["gguf_size"] = sizes.get(r.gen)
             d["stage_seconds"] = seconds.get(r.gen) or self._generation_json(r.gen).get("stage_seconds")
             d["rollback_target"] = not r.served and (r.verdict == ev.PASS or (r.gen == 0 and r.parent is None)) \
-                and r.gguf_sha256 is not None
+                and r.gguf_sha256 is not None and r.pruned != ev.PRUNE_GENERATION
             out.append(d)
         return {"served": self.ledger.served_generation(), "ledger": self.ledger.url, "generations": out,
                 "data_root": str(self.root.root)}

@@ -10,7 +10,9 @@ Which generation an event is filed under (its ``gen`` column):
 - ``gate_result``: the child;
 - ``rolled_back``: the generation now served (``to``);
 - ``karma_threshold_crossed``: none (``gen`` is ``None``), or the generation being served;
-- ``ageups_paused`` / ``ageups_resumed``: none (the stop rule, and the person who lifts it).
+- ``ageups_paused`` / ``ageups_resumed``: none (the stop rule, and the person who lifts it);
+- ``pruned`` / ``rebuilt``: the generation whose files were deleted by the retention policy, or whose
+  dropped merged weights were rebuilt from its adapters (``evolution.retention``).
 """
 
 from __future__ import annotations
@@ -34,9 +36,17 @@ ROLLED_BACK = "rolled_back"
 KARMA_THRESHOLD_CROSSED = "karma_threshold_crossed"
 AGEUPS_PAUSED = "ageups_paused"
 AGEUPS_RESUMED = "ageups_resumed"
+PRUNED = "pruned"
+REBUILT = "rebuilt"
 
 PASS = "pass"
 FAIL = "fail"
+
+PRUNE_GENERATION = "generation"
+"""A pruned generation lost its GGUF and weights: it can no longer be served (its data and metadata stay)."""
+PRUNE_WEIGHTS = "weights"
+"""A retained generation lost only its merged weights: still servable, rebuilt from adapters when trained from."""
+PRUNE_SCOPES = (PRUNE_GENERATION, PRUNE_WEIGHTS)
 
 #: Every kind the ledger accepts, with the payload keys it requires.
 REQUIRED_FIELDS: dict[str, tuple[str, ...]] = {
@@ -51,6 +61,8 @@ REQUIRED_FIELDS: dict[str, tuple[str, ...]] = {
     KARMA_THRESHOLD_CROSSED: ("karma", "threshold"),
     AGEUPS_PAUSED: ("reason",),
     AGEUPS_RESUMED: ("reason",),
+    PRUNED: ("artifacts", "scope", "reason"),
+    REBUILT: ("artifacts", "chain"),
 }
 KINDS = tuple(REQUIRED_FIELDS)
 
@@ -83,13 +95,15 @@ def validate(kind: str, gen: int | None, payload: dict) -> None:
         raise LedgerError(f"{kind}: payload lacks {', '.join(missing)}; build it with evolution.ledger.events.{kind}()")
     if kind == GATE_RESULT and payload["verdict"] not in (PASS, FAIL):
         raise LedgerError(f"gate_result: verdict must be 'pass' or 'fail', got {payload['verdict']!r}")
-    if kind == EXPORTED:
+    if kind == PRUNED and payload["scope"] not in PRUNE_SCOPES:
+        raise LedgerError(f"pruned: scope must be one of {', '.join(PRUNE_SCOPES)}, got {payload['scope']!r}")
+    if kind in (EXPORTED, PRUNED, REBUILT):
         for i, art in enumerate(payload["artifacts"]):
             lacking = [k for k in _ARTIFACT_KEYS if k not in art]
             if lacking:
-                raise LedgerError(f"exported: artifact #{i} lacks {', '.join(lacking)}; build it with artifact()")
+                raise LedgerError(f"{kind}: artifact #{i} lacks {', '.join(lacking)}; build it with artifact()")
             if Path(art["path"]).is_absolute():
-                raise LedgerError(f"exported: artifact path {art['path']!r} must be relative to the data root")
+                raise LedgerError(f"{kind}: artifact path {art['path']!r} must be relative to the data root")
 
 
 def artifact(data_root: DataRoot, path: str | Path, kind: str) -> dict:
@@ -175,3 +189,33 @@ def ageups_paused(reason: str, **extra) -> Event:
 
 def ageups_resumed(reason: str, **extra) -> Event:
     return Event(AGEUPS_RESUMED, None, dict(reason=reason, **extra))
+
+
+def pruned(gen: int, artifacts: list[dict], scope: str, reason: str, **extra) -> Event:
+    """The retention policy deletes these recorded files of ``gen`` (``artifacts`` as ``exported`` recorded them:
+    path, sha256, size, kind); ``scope`` is ``generation`` or ``weights``; ``reason`` says why it was not kept.
+
+    Recorded before the files are deleted, so a crash in between leaves files the ledger calls pruned (the
+    next prune deletes them), never files gone without a record."""
+    return Event(PRUNED, gen, dict(artifacts=list(artifacts), scope=scope, reason=reason, **extra))
+
+
+def rebuilt(gen: int, artifacts: list[dict], chain: list[int], **extra) -> Event:
+    """``gen``'s pruned merged weights are on disk again, rebuilt by merging the adapters of ``chain``
+    (oldest first) and hashed equal to what ``exported`` recorded."""
+    return Event(REBUILT, gen, dict(artifacts=list(artifacts), chain=list(chain), **extra))
+
+
+def pruned_paths(events) -> dict[str, int]:
+    """Artifact paths whose last record is a ``pruned`` event, with that event's seq.
+
+    ``events`` yields ``(seq, kind, payload)`` in ledger order; a later ``exported`` or ``rebuilt`` of the
+    same path means the file is expected on disk again."""
+    out: dict[str, int] = {}
+    for seq, kind, payload in events:
+        if kind == PRUNED:
+            out.update((a["path"], seq) for a in payload.get("artifacts", []))
+        elif kind in (EXPORTED, REBUILT):
+            for a in payload.get("artifacts", []):
+                out.pop(a["path"], None)
+    return out

@@ -38,6 +38,9 @@ class GenerationRow:
     quantization: str | None = None
     reason: str | None = None  # why rejected or rolled back
     served: bool = False
+    pruned: str | None = None
+    """``generation`` (its GGUF and weights were deleted by the retention policy: it cannot be served),
+    ``weights`` (only its merged weights: rebuilt from the adapters when it is trained from), or None."""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -127,6 +130,12 @@ def summarize(entries: list[Entry]) -> list[GenerationRow]:
             continue
         elif e.kind == ev.REJECTED:
             g.reason = p.get("reason")
+        elif e.kind == ev.PRUNED:
+            g.pruned = ev.PRUNE_GENERATION if ev.PRUNE_GENERATION in (g.pruned, p.get("scope")) else p.get("scope")
+            continue
+        elif e.kind == ev.REBUILT:
+            g.pruned = None if g.pruned == ev.PRUNE_WEIGHTS else g.pruned
+            continue
         elif e.kind == ev.ROLLED_BACK:
             src = p.get("from")
             if src is not None and src != e.gen:

@@ -44,6 +44,12 @@ def check_servable(ledger: Ledger, n: int, hash_file: bool = True) -> dict:
     if gguf is None:
         raise LedgerError(f"generation {n} has no exported GGUF in the ledger; it cannot be served")
     path = ledger.data_root.root / gguf["path"]
+    if d.summary.pruned == ev.PRUNE_GENERATION and not path.is_file():
+        why = next(e for e in reversed(d.events) if e.kind == ev.PRUNED and e.gen == n)
+        raise LedgerError(
+            f"generation {n} was pruned (seq {why.seq}: {why.payload['reason']}): its GGUF is deleted and it "
+            f"cannot be served again; generations kept that can be: {', '.join(map(str, servable(ledger))) or 'none'}"
+        )
     if not path.is_file():
         raise LedgerError(
             f"generation {n}'s GGUF {path} is missing; restore it (sha256 {gguf['sha256']}) before rolling back"
@@ -56,6 +62,13 @@ def check_servable(ledger: Ledger, n: int, hash_file: bool = True) -> dict:
                 "the file is not the one that was gated; restore the original before rolling back"
             )
     return gguf
+
+
+def servable(ledger: Ledger) -> list[int]:
+    """Generations the ledger allows to be served (passed their gate, or 0) and the retention policy kept."""
+    return [r.gen for r in ledger.history()
+            if (r.verdict == ev.PASS or (r.gen == 0 and r.parent is None)) and r.gguf_sha256
+            and r.pruned != ev.PRUNE_GENERATION]
 
 
 def check_target(ledger: Ledger, to: int, served: int | None) -> None:

@@ -29,7 +29,7 @@ from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError
 
 from evolution import faults
 from evolution.errors import DiskFull, IntegrityError, LedgerError, UnknownGeneration
-from evolution.fsutil import free_space, is_disk_full
+from evolution.fsutil import free_space, is_disk_full, nearly_full
 from evolution.ledger import events as ev
 from evolution.ledger.chain import GENESIS, canonical_json, entry_hash
 from evolution.ledger.entry import Entry
@@ -173,6 +173,12 @@ class Ledger:
                 migrate(conn)
         except DBAPIError as exc:
             engine.dispose()
+            db = Path(parsed.database or ".").parent if parsed.get_backend_name() == "sqlite" else None
+            if is_disk_full(exc) or (db is not None and nearly_full(db, below=1 << 20)):
+                # SQLite cannot make its WAL files on a full disk and says only "disk I/O error"
+                raise DiskFull(f"the disk is full: cannot open the ledger at {display} ({exc.orig}); "
+                               f"{free_space(db) if db else 'on the database server'}. Free some space and try "
+                               "again: nothing was changed") from exc
             raise LedgerError(f"cannot open the ledger at {display}: {exc.orig}") from exc
         except BaseException:
             engine.dispose()

@@ -10,7 +10,9 @@ What each problem means (``Problem.what``):
 - ``rewritten``: the entry at the head's seq has another hash than the head recorded;
 - ``head_missing`` / ``head_unreadable``: the exported head file is gone or damaged;
 - ``artifact_changed`` / ``artifact_missing``: a file an ``exported`` entry names differs or is gone
-  (a missing artifact of a rejected generation is only a warning: it may have been pruned).
+  (a missing artifact of a rejected generation is only a warning). A file a later ``pruned`` entry
+  names is expected to be gone (counted in ``artifacts_pruned``); one still on disk is re-hashed and
+  warned about (a prune was interrupted: `evolve prune` finishes it).
 
 ``first_bad_seq`` is the lowest seq with a problem.
 
@@ -52,6 +54,7 @@ class VerifyReport:
     head: Head | None = None
     head_path: str = ""
     artifacts_checked: int = 0
+    artifacts_pruned: int = 0
     seconds: float = 0.0
     problems: list[Problem] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
@@ -164,6 +167,7 @@ def _check_head(rows, head_path: Path, head: Head | LedgerError | None, report: 
 
 def _check_artifacts(ledger: "Ledger", rows, payloads: dict[int, dict], report: VerifyReport) -> None:
     rejected = {(r.lineage, r.gen) for r in rows if r.kind == ev.REJECTED}
+    pruned = ev.pruned_paths((r.seq, r.kind, payloads[r.seq]) for r in rows if r.seq in payloads)
     hashed: dict[Path, str] = {}
     elsewhere: set[str] = set()
     for r in rows:
@@ -174,6 +178,13 @@ def _check_artifacts(ledger: "Ledger", rows, payloads: dict[int, dict], report: 
             continue
         for art in payloads[r.seq].get("artifacts", []):
             path = ledger.data_root.root / art["path"]
+            if art["path"] in pruned:
+                if not path.is_file():
+                    report.artifacts_pruned += 1
+                    continue
+                report.warnings.append(
+                    f"artifact {art['path']} of {_name(r.lineage, r.gen)} was pruned (seq {pruned[art['path']]}) but "
+                    "is still on disk: a prune was interrupted; `evolve prune` finishes it")
             if not path.is_file():
                 msg = f"artifact {art['path']} of {_name(r.lineage, r.gen)} is missing"
                 if (r.lineage, r.gen) in rejected:

@@ -12,7 +12,9 @@ score side by side, which ``eval.md`` and ``evolve ledger show`` print.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from evolution.config import GateConfig
@@ -72,6 +74,17 @@ class Check:
     """Why it failed (a gate reason, naming its metric), or why it was skipped."""
     limit: float | None = None
     """An absolute threshold (drawn on ``evolve report``); None for a rule against the parent."""
+    anchor: int | None = None
+    """The generation of the fixed anchor the rule compares with (generation 0, the lineage's best); None: none."""
+
+
+@dataclass(frozen=True)
+class Anchor:
+    """A fixed generation a child is also bounded against (not only its parent): generation 0, or the best of
+    the lineage so far on one metric. Its value was measured on the same items as the child's (same fingerprint)."""
+
+    gen: int
+    value: float
 
 
 class Models:
@@ -159,6 +172,25 @@ class Metric:
     """The heading of its lessons in ``eval.md`` and ``evolve ledger show`` (a metric with lessons sets it)."""
     lessons_columns: tuple[str, str, str] = ("asked", "wanted", "score")
     """Names of the asked, wanted and score columns of its lessons."""
+    better: str | None = None
+    """'higher' or 'lower': which way is better, for the rules against fixed anchors (generation 0, the lineage's
+    best); None: the metric has no anchor rules."""
+    reads: tuple[str, ...] = ()
+    """The ``EvalSet`` fields its value depends on: two generations measured on equal ones (and the same version
+    and settings) have comparable values (``fingerprint``). Empty: the whole eval set."""
+
+    def fingerprint(self, inputs: Inputs) -> str:
+        """What this metric's value depends on, hashed: equal fingerprints mean values that may be compared across
+        generations even when the rest of the eval set (the agent's experience, probes) changed."""
+        es = asdict(inputs.es)
+        key = {"name": self.name, "version": self.version, "settings": self.settings(inputs), "n_ctx": N_CTX,
+               "es": {k: es[k] for k in self.reads} if self.reads else es}
+        return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+
+    def anchor_rules(self, child: Measured, gen0: Anchor | None, best: Anchor | None, cfg: GateConfig) -> list[Check]:
+        """Each rule set in ``cfg`` against the fixed anchors (None: no comparable anchor): a lineage may not drift
+        from generation 0 or from its best by a permitted step at a time, however many steps it takes."""
+        return []
 
     def settings(self, inputs: Inputs) -> dict:
         """Settings beyond the eval set that change the measured numbers (hashed with the eval set)."""
@@ -215,3 +247,28 @@ def not_below_parent(metric: str, value: float, parent: Measured | None, cfg: Ga
     return [Check(metric, f"gate.{setting}", f">= parent - {margin}", ok,
                   "" if ok else f"{metric} {value:.3f} fell below the parent's {parent.value:.3f} by more than "
                                 f"{margin} (gate.{setting})")]
+
+
+def not_below_anchor(metric: str, value: float, anchor: Anchor | None, what: str, cfg: GateConfig,
+                     setting: str) -> list[Check]:
+    """A cumulative budget: ``value`` no more than ``cfg.<setting>`` below ``anchor`` (``what``: 'generation 0',
+    'the best')."""
+    budget = getattr(cfg, setting)
+    if budget is None or anchor is None:
+        return []
+    ok = value >= anchor.value - budget - 1e-9
+    return [Check(metric, f"gate.{setting}", f">= {what} (gen {anchor.gen}: {anchor.value:.3f}) - {budget}", ok,
+                  "" if ok else f"{metric} {value:.3f} fell below {what} of the lineage (generation {anchor.gen}: "
+                                f"{anchor.value:.3f}) by more than {budget} (gate.{setting})", anchor=anchor.gen)]
+
+
+def within_anchor_ratio(metric: str, value: float, anchor: Anchor | None, what: str, cfg: GateConfig,
+                        setting: str) -> list[Check]:
+    """A cumulative budget for a lower-is-better metric: ``value`` at most ``cfg.<setting>`` times ``anchor``'s."""
+    ratio = getattr(cfg, setting)
+    if ratio is None or anchor is None:
+        return []
+    ok = value <= anchor.value * ratio + 1e-9
+    return [Check(metric, f"gate.{setting}", f"<= {ratio} x {what} (gen {anchor.gen}: {anchor.value:.2f})", ok,
+                  "" if ok else f"{metric} {value:.2f} > {ratio} x {what} of the lineage (generation {anchor.gen}: "
+                                f"{anchor.value:.2f}) (gate.{setting})", anchor=anchor.gen)]

@@ -1,7 +1,8 @@
 """generalization: the fraction of held-out paraphrased questions (never trained on) answered correctly.
 
 Scored like recall. With no items it is not measured (nothing to say, nothing to block on).
-Rule: ``gate.generalization_margin`` below the parent.
+Rules: ``gate.generalization_margin`` below the parent; ``gate.best_generalization_budget`` below the
+lineage's best (a fixed anchor: a cumulative budget).
 """
 
 from __future__ import annotations
@@ -10,11 +11,13 @@ from dataclasses import asdict
 
 from evolution import evals
 from evolution.config import GateConfig
-from evolution.metrics.common import Check, Inputs, Measured, Metric, Models, not_below_parent
+from evolution.metrics.common import Anchor, Check, Inputs, Measured, Metric, Models, not_below_anchor, not_below_parent
 
 
 class Generalization(Metric):
     name = "generalization"
+    better = "higher"
+    reads = ("generalization",)
 
     def settings(self, inputs: Inputs) -> dict:
         return {"answer_max_tokens": inputs.cfg.answer_max_tokens}
@@ -27,3 +30,6 @@ class Generalization(Metric):
 
     def rules(self, child: Measured, parent: Measured | None, cfg: GateConfig) -> list[Check]:
         return not_below_parent(self.name, child.value, parent, cfg, "generalization_margin")
+
+    def anchor_rules(self, child: Measured, gen0: Anchor | None, best: Anchor | None, cfg: GateConfig) -> list[Check]:
+        return not_below_anchor(self.name, child.value, best, "the best", cfg, "best_generalization_budget")

@@ -1,7 +1,9 @@
 """perplexity: exp(mean token negative log-likelihood) of held-out prose, from llama.cpp's logits.
 
 Lower is better. With no held-out text (or none of two tokens or more) it is not measured.
-Rule: at most ``gate.max_perplexity_ratio`` times the parent's.
+Rules: at most ``gate.max_perplexity_ratio`` times the parent's; against fixed anchors, at most
+``gate.anchor_perplexity_ratio`` times generation 0's and ``gate.best_perplexity_ratio`` times the lineage's
+lowest, so general language cannot erode a permitted step at a time.
 """
 
 from __future__ import annotations
@@ -10,12 +12,14 @@ import math
 
 from evolution import evals
 from evolution.config import GateConfig
-from evolution.metrics.common import Check, Inputs, Measured, Metric, Models
+from evolution.metrics.common import Anchor, Check, Inputs, Measured, Metric, Models, within_anchor_ratio
 
 
 class Perplexity(Metric):
     name = "perplexity"
     label = "perplexity (held-out text)"
+    better = "lower"
+    reads = ("heldout_text",)
 
     def measure(self, models: Models, inputs: Inputs) -> Measured:
         if not inputs.es.heldout_text:
@@ -33,3 +37,7 @@ class Perplexity(Metric):
         return [Check(self.name, "gate.max_perplexity_ratio", f"<= {ratio} x parent", ok,
                       "" if ok else f"perplexity {child.value:.2f} > {ratio} x the parent's {parent.value:.2f} "
                                     "(gate.max_perplexity_ratio)")]
+
+    def anchor_rules(self, child: Measured, gen0: Anchor | None, best: Anchor | None, cfg: GateConfig) -> list[Check]:
+        return (within_anchor_ratio(self.name, child.value, gen0, "generation 0", cfg, "anchor_perplexity_ratio")
+                + within_anchor_ratio(self.name, child.value, best, "the best", cfg, "best_perplexity_ratio"))

@@ -4,7 +4,8 @@ The items are the curriculum's plus those every ancestor generation was gated on
 forgetting an earlier generation's facts shows. An answer counts as in
 ``evolution.evals.is_correct``. With no items the value is 0.0, which fails ``gate.min_recall``:
 the gate's first purpose is recall, and it passes nothing it cannot measure it on.
-Rules: ``gate.min_recall`` (required) and ``gate.recall_margin`` below the parent.
+Rules: ``gate.min_recall`` (required), ``gate.recall_margin`` below the parent, and against a fixed
+anchor ``gate.best_recall_budget`` below the lineage's best (a cumulative budget, not one per step).
 """
 
 from __future__ import annotations
@@ -13,12 +14,15 @@ from dataclasses import asdict
 
 from evolution import evals
 from evolution.config import GateConfig
-from evolution.metrics.common import Check, Inputs, Measured, Metric, Models, at_least, not_below_parent
+from evolution.metrics.common import (Anchor, Check, Inputs, Measured, Metric, Models, at_least, not_below_anchor,
+                                      not_below_parent)
 
 
 class Recall(Metric):
     name = "recall"
     required = ("min_recall",)
+    better = "higher"
+    reads = ("recall",)
 
     def settings(self, inputs: Inputs) -> dict:
         return {"answer_max_tokens": inputs.cfg.answer_max_tokens}
@@ -35,6 +39,9 @@ class Recall(Metric):
     def rules(self, child: Measured, parent: Measured | None, cfg: GateConfig) -> list[Check]:
         return (at_least(self.name, child.value, cfg, "min_recall")
                 + not_below_parent(self.name, child.value, parent, cfg, "recall_margin"))
+
+    def anchor_rules(self, child: Measured, gen0: Anchor | None, best: Anchor | None, cfg: GateConfig) -> list[Check]:
+        return not_below_anchor(self.name, child.value, best, "the best", cfg, "best_recall_budget")
 
     def rows(self, child, parent):
         parent_phases = parent.details["by_phase"] if parent else {}

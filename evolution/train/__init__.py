@@ -9,8 +9,9 @@ name, its records, its plan, its rows, its trainer) and one config section ``[tr
 
 Shared parts: ``backend`` (Unsloth or transformers + PEFT, precision, the LoRA model),
 ``checkpoints`` (SHA-256 ``COMPLETE`` markers, resume, rejection, weights-only loads),
-``lanes`` (the packed-lane collator, loss and trainer CPT and SFT use) and ``runner`` (each
-stage in order, resumable, with progress callbacks).
+``lanes`` (the packed-lane collator, loss and trainer CPT and SFT use), ``runner`` (each
+stage in order, resumable, with progress callbacks) and ``distributed`` (the same stages in
+``[train] processes`` processes under torchrun, rank 0 writing).
 """
 
 from __future__ import annotations

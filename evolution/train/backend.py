@@ -14,12 +14,18 @@ from evolution.config import TrainConfig
 from evolution.errors import EvolutionError
 
 
-def select_backend(requested: str) -> str:
-    """'unsloth' or 'hf' for the configured ``train.backend``; refuses what this host cannot run."""
+def select_backend(requested: str, processes: int = 1) -> str:
+    """'unsloth' or 'hf' for the configured ``train.backend``; refuses what this host cannot run.
+
+    Data-parallel training (``processes`` > 1) runs on 'hf': Unsloth's open-source engine trains in one process.
+    """
     import torch
 
-    has_unsloth = importlib.util.find_spec("unsloth") is not None
+    has_unsloth = importlib.util.find_spec("unsloth") is not None and processes == 1
     if requested == "unsloth":
+        if processes > 1:
+            raise EvolutionError(f"train.backend = 'unsloth' trains in one process, not {processes}: "
+                                 "use backend 'auto' or 'hf', or train.processes = 1")
         if not (torch.cuda.is_available() and has_unsloth):
             raise EvolutionError(
                 "train.backend = 'unsloth' needs a CUDA device and `pip install 'evolution[gpu]'`; "
@@ -106,6 +112,9 @@ def load_model(parent: Path, cfg: TrainConfig, backend: str, cpu_attention: str,
         bias="none",
         task_type="CAUSAL_LM",
     )
+    # The adapter's initial weights from the configured seed (Unsloth's random_state above), not from whatever the
+    # process's RNG holds: the same run twice, or in each of several processes, starts from the same adapter.
+    torch.manual_seed(cfg.seed)
     return get_peft_model(model, lora), tokenizer
 
 

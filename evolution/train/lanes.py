@@ -67,7 +67,23 @@ def lane_loss(model, inputs: dict, autocast, num_items_in_batch=None):
     SFT trains on assistant tokens, a quarter of the tokens here: projecting every position onto
     the 49k-token vocabulary (what a stock causal-LM loss does) spends most of the LM head's
     work, and a good part of the step, on logits that are thrown away.
+
+    Under data-parallel training ``model`` is the DDP wrapper, which only syncs the gradients of a
+    step whose forward went through it: the loss is then computed as its module's forward.
     """
+    from torch.nn.parallel import DistributedDataParallel
+
+    if isinstance(model, DistributedDataParallel):
+        inner = model.module
+        inner.forward = lambda **kw: _lane_loss(inner, kw, autocast, num_items_in_batch)
+        try:
+            return model(**inputs)
+        finally:
+            del inner.forward  # the class's own forward again
+    return _lane_loss(model, inputs, autocast, num_items_in_batch)
+
+
+def _lane_loss(model, inputs: dict, autocast, num_items_in_batch=None):
     import torch.nn.functional as F
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -88,8 +104,15 @@ def _lane_trainer_class():
         """TRL's SFTTrainer fed by ``LaneCollator`` and scored by ``lane_loss``; counts real tokens."""
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            self.state.num_input_tokens_seen += int(inputs.pop("real_tokens"))
+            import torch
+
+            real = torch.tensor(inputs.pop("real_tokens"), device=inputs["input_ids"].device)
+            self.state.num_input_tokens_seen += int(self.accelerator.gather(real).sum())  # every process's rows
             loss = lane_loss(model, inputs, self.accelerator.autocast, num_items_in_batch)
+            if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+                # num_items_in_batch counts the labels of every process and DDP averages the gradients: scale back
+                # to the sum (the Trainer does the same for losses it computes itself)
+                loss = loss * self.accelerator.num_processes
             return (loss, None) if return_outputs else loss
 
     return LaneTrainer

@@ -90,9 +90,12 @@ def plan(records: Records, cfg: PreferenceConfig) -> tuple[str, str]:
     return method, why
 
 
-def _messages(prompt: list[dict]) -> list[dict]:
-    # Arrow needs one schema for every row: keep the two keys the chat template reads.
-    return [{"role": str(m["role"]), "content": str(m["content"])} for m in prompt]
+def _messages(tokenizer, prompt: list[dict]) -> list[dict]:
+    # Arrow needs one schema for every row: keep the two keys the chat template reads; a system turn folded
+    # into the first user turn where the template has no system role (as llama.cpp serves it).
+    from evolution.tokens import for_template
+
+    return for_template(tokenizer, [{"role": str(m["role"]), "content": str(m["content"])} for m in prompt])
 
 
 def _fit(tokenizer, prompt: list[dict], replies: list[str], max_len: int) -> list[dict]:
@@ -122,14 +125,14 @@ def rows(tokenizer, records: Records, cfg: PreferenceConfig) -> list[dict]:
     out: list[dict] = []
     for r in records:
         if "chosen" in r:
-            p = _fit(tokenizer, _messages(r["prompt"]), [r["chosen"], r["rejected"]], cfg.max_len)
+            p = _fit(tokenizer, _messages(tokenizer, r["prompt"]), [r["chosen"], r["rejected"]], cfg.max_len)
             if method == "dpo":
                 out.append({"prompt": p, "chosen": _turn(r["chosen"]), "rejected": _turn(r["rejected"])})
             elif method == "kto":
                 out += [{"prompt": p, "completion": _turn(r["chosen"]), "label": True},
                         {"prompt": p, "completion": _turn(r["rejected"]), "label": False}]
         elif method == "kto":
-            p = _fit(tokenizer, _messages(r["prompt"]), [r["reply"]], cfg.max_len)
+            p = _fit(tokenizer, _messages(tokenizer, r["prompt"]), [r["reply"]], cfg.max_len)
             out.append({"prompt": p, "completion": _turn(r["reply"]), "label": r["label"] == "good"})
     if method == "kto":
         # KTOTrainer's KL term pairs each prompt with the previous row's reply within a batch as it prepares the

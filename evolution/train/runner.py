@@ -5,7 +5,8 @@ before it left. It checkpoints every ``save_steps`` into ``<workdir>/<stage>/che
 (keeping the last ``save_total_limit``) and resumes from the last trusted one after a crash
 (``evolution.train.checkpoints``); a finished stage, whose ``<stage>/adapter`` still matches its
 hashes, is never run again. A stage whose ``plan`` says 'skip', or with no rows, is skipped, and
-its metrics say why.
+its metrics say why. With ``[train] processes`` > 1 the same runner runs in each process of a
+data-parallel run (``evolution.train.distributed``), rank 0 alone writing markers and adapters.
 """
 
 from __future__ import annotations
@@ -45,8 +46,11 @@ def _callbacks(stage: str, total: int, metrics: StageMetrics, history: list[dict
                 progress(stage, state.global_step, total, metrics.loss_last)
 
         def on_save(self, args, state, control, **kw):
+            from evolution.train import distributed
+
+            distributed.barrier()  # every rank has written its RNG state into the checkpoint
             ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-            if ckpt.is_dir():
+            if distributed.is_main() and ckpt.is_dir():
                 checkpoints.mark_complete(ckpt, state.global_step)
 
     return [_Track()]
@@ -90,6 +94,7 @@ def _training_args(cfg: TrainConfig, stage_dir: Path, lr: float) -> dict:
         bf16=engine.resolve_precision(cfg.precision) == "bf16",
         use_cpu=not use_cuda,
         dataloader_num_workers=0,
+        ddp_find_unused_parameters=False,  # data-parallel runs: every LoRA weight takes part in every step
         disable_tqdm=True,
         **_checkpointing_arg(cfg, use_cuda),
     )
@@ -99,10 +104,12 @@ def run_stage(stage: Stage, model, tokenizer, rows: list[dict], cfg: TrainConfig
               backend: str, progress: ProgressFn | None, extra_callbacks: list | None, parent: Path,
               metrics: StageMetrics) -> StageMetrics:
     """Train one stage on ``rows`` (resuming from its last trusted checkpoint) and save its adapter."""
+    from evolution.train import distributed  # not at the top: `python -m evolution.train.distributed` runs it
+
     settings = cfg.stage_sections()[stage.name]
     args = _training_args(cfg, stage_dir, settings.lr) | stage.args(settings)
-    max_steps = _steps(len(rows), args["per_device_train_batch_size"] * args["gradient_accumulation_steps"],
-                       settings.epochs, settings.max_steps)
+    global_batch = args["per_device_train_batch_size"] * args["gradient_accumulation_steps"] * distributed.world_size()
+    max_steps = _steps(len(rows), global_batch, settings.epochs, settings.max_steps)
     args |= {"max_steps": max_steps, "warmup_steps": min(cfg.warmup_steps, max_steps // 5)}
     log.info("%s: %d rows, %d steps, backend %s%s", stage.name, len(rows), max_steps, backend,
              f" ({metrics.reason})" if metrics.reason else "")
@@ -136,7 +143,9 @@ def run_stage(stage: Stage, model, tokenizer, rows: list[dict], cfg: TrainConfig
     metrics.tokens = int(trainer.state.num_input_tokens_seen)
     done_steps = metrics.steps - (metrics.resumed_from_step or 0)
     metrics.tokens_per_s = metrics.tokens / metrics.wall_s * done_steps / max(metrics.steps, 1) if metrics.wall_s else 0.0
-    checkpoints.save_adapter(model, stage_dir, metrics, backend)
+    if distributed.is_main():
+        checkpoints.save_adapter(model, stage_dir, metrics, backend)
+    distributed.barrier()  # the next stage, in every rank, starts from this adapter
     return metrics
 
 
@@ -145,14 +154,26 @@ def run_stages(parent: Path, stages: Sequence[Stage], data: dict[str, Records], 
     """Train ``stages`` in order on ``parent`` (an HF checkpoint dir) into ``workdir``; resumable.
 
     ``data``: each stage's records by stage name. Returns the adapter of the last stage that trained
-    and per-stage metrics. Finished stages are not re-run.
+    and per-stage metrics. Finished stages are not re-run. With ``cfg.processes`` > 1 the stages run in
+    that many processes (``evolution.train.distributed``; ``extra_callbacks`` stay in this process unused:
+    a SIGTERM stops the ranks instead).
     """
+    if cfg.processes > 1:
+        from evolution.train import distributed
+
+        return distributed.launch(parent, stages, data, cfg, workdir, progress)
+    return run_here(parent, stages, data, cfg, workdir, progress, extra_callbacks)
+
+
+def run_here(parent: Path, stages: Sequence[Stage], data: dict[str, Records], cfg: TrainConfig, workdir: Path,
+             progress: ProgressFn | None = None, extra_callbacks: list | None = None) -> TrainResult:
+    """``run_stages`` in this process (the only one, or one rank of a data-parallel run)."""
     import torch
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     engine.keep_freed_memory()
-    backend = engine.select_backend(cfg.backend)
+    backend = engine.select_backend(cfg.backend, cfg.processes)
     log.info("training backend %s, precision %s", backend, engine.resolve_precision(cfg.precision))
     sections = cfg.stage_sections()
     max_seq_length = max(s.seq_len(sections[s.name]) for s in stages)

@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -156,6 +157,19 @@ def lineage(tmp_path_factory, gen0):
         grow(root, cfg, ledger)
         assert ledger.served_generation() == 1
     return root, cfg
+
+
+def evolve(root, *args: str, spec: str | None = None) -> subprocess.CompletedProcess:
+    """``evolve ARGS`` as its own process on the data root ``root``, with ``EVOLUTION_FAULTS=spec`` if given."""
+    from evolution import faults
+
+    repo = Path(__file__).resolve().parents[2]
+    env = {k: v for k, v in os.environ.items() if k != faults.ENV} | {"EVOLUTION_HOME": str(root.root),
+                                                                       "PYTHONPATH": str(repo)}
+    if spec:
+        env[faults.ENV] = spec
+    return subprocess.run([sys.executable, "-c", "from evolution.cli import main; main()", *args], cwd=repo,
+                          env=env, capture_output=True, text=True, timeout=120, check=False)
 
 
 def tmpfs(path: Path, size: str) -> Path:

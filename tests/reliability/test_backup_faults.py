@@ -15,20 +15,16 @@ A real size-limited filesystem (tmpfs) too small for the backup gives the same c
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from evolution import backup as bk
-from evolution import faults
 from evolution.fsutil import sha256_tree
 from evolution.ledger import Ledger, events
 from evolution.paths import DataRoot
 from tests.ledger.conftest import add_generation
-
-REPO = Path(__file__).resolve().parents[2]
+from tests.reliability.conftest import evolve
 
 
 @pytest.fixture
@@ -44,15 +40,6 @@ def source(tmp_path) -> DataRoot:
             (root.gen_dir(n) / "data").mkdir()
             (root.gen_dir(n) / "data" / "sft.jsonl").write_text('{"messages": []}\n' * 50)
     return root
-
-
-def _evolve(root: DataRoot, *args: str, spec: str | None = None) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != faults.ENV} | {"EVOLUTION_HOME": str(root.root),
-                                                                       "PYTHONPATH": str(REPO)}
-    if spec:
-        env[faults.ENV] = spec
-    return subprocess.run([sys.executable, "-c", "from evolution.cli import main; main()", *args], cwd=REPO,
-                          env=env, capture_output=True, text=True, timeout=120, check=False)
 
 
 def _state(root: DataRoot) -> tuple[dict, list]:
@@ -76,12 +63,12 @@ def test_kill_9_during_a_backup_leaves_no_destination_and_the_source_untouched(s
     for i, nth in enumerate((1, 2, files // 2, files - 1, files)):
         dest = tmp_path / "backups" / "nightly"
         with tally.fault("kill -9 · backup"):
-            r = _evolve(source, "backup", str(dest), spec=f"backup_copy=kill@{nth}")
+            r = evolve(source, "backup", str(dest), spec=f"backup_copy=kill@{nth}")
             assert r.returncode == -9, r.stdout + r.stderr
             tally.lost("kill -9 · backup", int(_state(source) != before))
             assert not dest.exists()
             assert _state(source) == before
-            r = _evolve(source, "backup", str(dest))
+            r = evolve(source, "backup", str(dest))
             assert r.returncode == 0, r.stdout + r.stderr
             assert not list(dest.parent.glob(".nightly.partial-*"))  # the killed one's folder is gone
             _restores_clean(dest, tmp_path / f"restored{i}")
@@ -93,7 +80,7 @@ def test_a_full_disk_during_a_backup_says_so_and_writes_nothing(source, tmp_path
     for nth in (1, 3, 9):
         dest = tmp_path / f"bk{nth}"
         with tally.fault("disk full · backup (injected)"):
-            r = _evolve(source, "backup", str(dest), spec=f"backup_copy=enospc@{nth}")
+            r = evolve(source, "backup", str(dest), spec=f"backup_copy=enospc@{nth}")
             assert r.returncode == 1 and "the disk is full" in r.stderr and "the data root is untouched" in r.stderr, \
                 r.stderr
             assert not dest.exists() and not list(tmp_path.glob(f".bk{nth}.partial-*"))
@@ -101,7 +88,7 @@ def test_a_full_disk_during_a_backup_says_so_and_writes_nothing(source, tmp_path
 
     disk = small_disk("64k")  # the four stand-in generations and the ledger need more
     with tally.fault("disk full · backup (tmpfs)"):
-        r = _evolve(source, "backup", str(disk / "bk"))
+        r = evolve(source, "backup", str(disk / "bk"))
         assert r.returncode == 1 and "the disk is full" in r.stderr, r.stderr
         assert sorted(p.name for p in disk.iterdir()) == []
         assert _state(source) == before

@@ -69,10 +69,18 @@ function mark(ok) {
 }
 
 function verdictBadge(r) {
-  if (!r.verdict) return el("span", { class: "badge muted" }, r.gen === 0 && r.parent === null ? "base" : r.status);
+  if (!r.verdict) return [el("span", { class: "badge muted" }, r.gen === 0 && r.parent === null ? "base" : r.status), prunedBadge(r)];
   const cls = r.verdict !== "pass" ? "bad" : r.status === "rolled_back" ? "warn" : "ok";
   const fate = { promoted: "", passed: ", not promoted", rolled_back: ", rolled back", rejected: ", rejected" };
-  return el("span", { class: "badge " + cls }, r.verdict + (r.status in fate ? fate[r.status] : ", " + r.status));
+  const badge = el("span", { class: "badge " + cls }, r.verdict + (r.status in fate ? fate[r.status] : ", " + r.status));
+  return [badge, prunedBadge(r)];
+}
+
+function prunedBadge(r) {
+  // Deleted on purpose by the retention policy (recorded in the ledger), not broken.
+  if (r.pruned === "generation") return [" ", el("span", { class: "badge muted", title: "its GGUF and weights were deleted by the retention policy (evolve prune); its data stays" }, "pruned")];
+  if (r.pruned === "weights") return [" ", el("span", { class: "badge muted", title: "merged weights deleted by the retention policy; still servable, rebuilt from the adapters when trained from" }, "weights pruned")];
+  return null;
 }
 
 function toast(message, kind = "error") {
