@@ -300,7 +300,7 @@ def test_age_ups_of_two_lineages_queue_one_at_a_time(tmp_path):
             order.append("deacon")
 
     with ageup._lock(main_root):
-        with pytest.raises(EvolutionError, match="another age-up is running"):  # the same lineage: refused
+        with pytest.raises(EvolutionError, match=r"another age-up \(or a prune\) is running"):  # same lineage: refused
             with ageup._lock(main_root):
                 pass
         t = threading.Thread(target=deacon_ageup)
@@ -473,3 +473,115 @@ def test_a_lineage_reads_its_own_config_and_curriculum_folder(tmp_path):
     assert (cfg.curriculum.path, cfg.gate.stop_after, dcfg.threshold, dcfg.port) == (str(curriculum), 2, 7, 8771)
     main_cfg = config.resolve(home=root.home)  # main: its own (here none): the defaults
     assert main_cfg.curriculum.path == config.CurriculumConfig().path and config.resolve_daemon(home=root.home).port == 8765
+
+
+# -- retention, the age-up lock, the daemon's claim and the anchors: each per lineage ----------------------
+
+
+def test_prune_acts_on_one_lineage_and_its_pruned_events_carry_it(data_root, ledger_url):
+    """`evolve prune --lineage deacon` deletes deacon's files by deacon's policy, records the deletions under
+    deacon (in the one chain), and leaves main's generations and ledger view untouched."""
+    from evolution.ledger import check_servable
+    from tests.retention_util import GGUF, build
+
+    deacon_root = data_root.for_lineage("deacon").prepare()
+    with Ledger.open(data_root, ledger_url) as led:
+        build(data_root, led)
+        build(deacon_root, led.view("deacon"))
+    (deacon_root.home / "evolution.toml").write_text("[retention]\nkeep_last = 2\nkeep_best = 1\n")
+    main_files = sorted(p for p in data_root.checkpoints.rglob("*") if p.is_file())
+    env = {"EVOLUTION_LINEAGE": None} | ({"EVOLUTION_LEDGER_URL": ledger_url} if ledger_url else {})
+    out = CliRunner().invoke(main, ["prune", "--lineage", "deacon", "--json"], env=env, catch_exceptions=False)
+    assert out.exit_code == 0, out.output
+    got = json.loads(out.output)
+    assert got["lineage"] == "deacon" and sorted(int(g) for g in got["kept"]) == [0, 3, 5, 7]
+    assert sorted(d["gen"] for d in got["deletions"]) == [1, 2, 3, 4, 6]
+    assert all(a["path"].startswith("lineages/deacon/checkpoints/") for d in got["deletions"] for a in d["artifacts"])
+    assert not (deacon_root.gen_dir(4) / GGUF).exists() and (deacon_root.gen_dir(7) / GGUF).is_file()
+    assert sorted(p for p in data_root.checkpoints.rglob("*") if p.is_file()) == main_files  # main: no file gone
+    with Ledger.open(data_root, ledger_url) as led:
+        deacon = led.view("deacon")
+        assert led.entries(kind=events.PRUNED) == []
+        assert {e.lineage for e in deacon.entries(kind=events.PRUNED)} == {"deacon"}
+        assert len(deacon.entries(kind=events.PRUNED)) == 5
+        rows = {r.gen: r.pruned for r in deacon.history()}
+        assert (rows[4], rows[3], rows[7]) == ("generation", "weights", None)
+        assert all(r.pruned is None for r in led.history())
+        with pytest.raises(Exception, match="generation 4 was pruned"):
+            check_servable(deacon, 4)
+        check_servable(led, 4)  # main's generation 4 is still whole
+        report = led.verify()
+        assert report.ok, report.problems
+        assert report.artifacts_pruned == 11 and report.warnings == []
+    out = CliRunner().invoke(main, ["prune", "--lineage", "deacon"], env=env, catch_exceptions=False)
+    assert out.exit_code == 0 and "lineage deacon" in out.output and "nothing to prune" in out.output
+
+
+def test_a_read_command_on_a_lineage_with_no_folder_is_refused_and_creates_nothing(data_root):
+    Ledger.open(data_root.prepare()).close()
+    runner = CliRunner()
+    for args in (["status"], ["karma", "--json"], ["ledger"], ["prune", "--dry-run"], ["experiences"]):
+        out = runner.invoke(main, [*args, "--lineage", "deacn"], env={"EVOLUTION_LINEAGE": None})
+        assert out.exit_code == 1, (args, out.output)
+        assert "lineage deacn has no folder" in out.output and "lineages here: main" in out.output, out.output
+    assert not (data_root.root / "lineages").exists()  # no lineage made from a typo
+    assert runner.invoke(main, ["status", "--json"], env={"EVOLUTION_LINEAGE": None}).exit_code == 0
+
+
+def test_the_age_up_lock_is_per_lineage_so_prune_waits_only_for_its_own_lineage(tmp_path):
+    from evolution import ageup, retention
+    from evolution.config import RetentionConfig
+    from evolution.errors import EvolutionError
+
+    main_root, deacon_root = DataRoot(tmp_path).prepare(), DataRoot(tmp_path, "deacon").prepare()
+    with Ledger.open(main_root) as led:
+        with ageup._lock(deacon_root):  # deacon's age-up holds deacon's lock and the machine
+            assert retention.prune(main_root, led, RetentionConfig()).deletions == []  # main's prune runs
+            with pytest.raises(EvolutionError, match=r"^lineage deacon: an age-up is running"):
+                retention.prune(deacon_root, led.view("deacon"), RetentionConfig())
+        with main_root.exclusive("busy"):
+            retention.prune(deacon_root, led.view("deacon"), RetentionConfig())
+
+
+def test_a_daemon_claims_each_lineage_it_serves_and_no_other(tmp_path):
+    from evolution.daemon import identity
+    from evolution.errors import EvolutionError
+
+    main_root, deacon_root = DataRoot(tmp_path).prepare(), DataRoot(tmp_path, "deacon").prepare()
+    claims = [identity.claim(main_root), identity.claim(deacon_root)]  # one process serving both: both held
+    try:
+        assert (deacon_root.home / identity.LOCK_FILE).is_file()
+        with pytest.raises(EvolutionError, match="another daemon is already running on lineage deacon of the data"):
+            identity.claim(deacon_root)
+        with pytest.raises(EvolutionError, match="another daemon is already running on the data root"):
+            identity.claim(main_root)
+        other = identity.claim(DataRoot(tmp_path, "polecat").prepare())  # a lineage nobody serves: free
+        other.release()
+    finally:
+        for c in claims:
+            c.release()
+    identity.claim(deacon_root).release()  # released with its daemon
+
+
+def test_the_gate_anchors_come_from_the_childs_own_lineage_only(data_root, ledger_url):
+    """Both lineages have generations 1-3 (numbers collide); deacon's anchors are deacon's gate results and
+    deacon's generation 0 report, never main's."""
+    from evolution import ageup
+
+    deacon_root = data_root.for_lineage("deacon").prepare()
+    recall = {"main": {1: 0.91, 2: 0.92, 3: 0.93}, "deacon": {1: 0.41, 2: 0.42, 3: 0.43}}
+    with Ledger.open(data_root, ledger_url) as led:
+        for name, view in (("main", led), ("deacon", led.view("deacon"))):
+            view.record(events.generation_created(0, None, "base", "c", "m"))
+            for g in (1, 2, 3):
+                view.record(events.generation_created(g, g - 1, "base", "c", "m"))
+                view.record(events.gate_result(g - 1, g, {"recall": recall[name][g]}, {}, "pass",
+                                               fingerprints={"recall": "same-items"}))
+        for root, value in ((data_root, 0.5), (deacon_root, 0.2)):
+            root.gen_dir(0).mkdir(parents=True)
+            (root.gen_dir(0) / "eval.json").write_text(json.dumps({"child": {"gen": 0, "metrics": {"recall": value},
+                                                                            "fingerprints": {"recall": "same-items"}}}))
+        got = {e.gen: e.metrics["recall"] for e in ageup.anchor_history(deacon_root, led.view("deacon"), 3)}
+        assert got == {0: 0.2, 1: 0.41, 2: 0.42}  # 3 is the parent: re-measured beside the child, not read
+        got = {e.gen: e.metrics["recall"] for e in ageup.anchor_history(data_root, led, 3)}
+        assert got == {0: 0.5, 1: 0.91, 2: 0.92}
