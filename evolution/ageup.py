@@ -30,7 +30,7 @@ from evolution import progress as progress_mod
 from evolution.config import AgeUpConfig
 from evolution.conversations import ConversationStore
 from evolution.experiences import ExperienceStore
-from evolution.errors import AgeUpsPaused, DiskFull, GenerationError, IntegrityError
+from evolution.errors import AgeUpsPaused, DiskFull, EvolutionError, GenerationError, IntegrityError
 from evolution.export import GGUF_NAME, HF_DIR, Artifact
 from evolution.fsutil import (
     atomic_write_json,
