@@ -85,16 +85,13 @@ class DataRoot:
         """Hold the lock under which generations change (an age-up, a prune): one at a time per data root.
 
         An OS file lock, released even if the process dies; ``busy`` is the error's message when it is held."""
-        from filelock import FileLock, Timeout
-
         from evolution.errors import EvolutionError
+        from evolution.fsutil import try_lock
 
         self.checkpoints.mkdir(parents=True, exist_ok=True)
-        lock = FileLock(str(self.ageup_lock))
-        try:
-            lock.acquire(timeout=0)
-        except Timeout:
-            raise EvolutionError(f"{busy} (lock {self.ageup_lock})") from None
+        lock = try_lock(self.ageup_lock)
+        if lock is None:
+            raise EvolutionError(f"{busy} (lock {self.ageup_lock})")
         try:
             yield
         finally:
