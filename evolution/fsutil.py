@@ -139,3 +139,16 @@ def free_space(path: str | os.PathLike) -> str:
     except OSError:
         return f"free space on the disk that holds {path} unknown"
     return f"{usage.free / 2**20:.1f} MiB free of {usage.total / 2**20:.1f} MiB on the disk that holds {path}"
+
+
+def try_lock(path: str | os.PathLike):
+    """An OS file lock on ``path``, taken now (released by the kernel if the process dies), or None when another
+    process holds it. The caller releases it, and says what a held lock means."""
+    from filelock import FileLock, Timeout
+
+    lock = FileLock(str(path))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        return None
+    return lock

@@ -138,17 +138,14 @@ class DataRoot:
         also queue for the machine, ``ageup._lock``).
 
         An OS file lock, released even if the process dies; ``busy`` is the error's message when it is held."""
-        from filelock import FileLock, Timeout
-
         from evolution.errors import EvolutionError
+        from evolution.fsutil import try_lock
 
         self.checkpoints.mkdir(parents=True, exist_ok=True)
-        lock = FileLock(str(self.ageup_lock))
-        try:
-            lock.acquire(timeout=0)
-        except Timeout:
+        lock = try_lock(self.ageup_lock)
+        if lock is None:
             which = "" if self.lineage == MAIN else f"lineage {self.lineage}: "
-            raise EvolutionError(f"{which}{busy} (lock {self.ageup_lock})") from None
+            raise EvolutionError(f"{which}{busy} (lock {self.ageup_lock})")
         try:
             yield
         finally:

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import threading
 import time
 from pathlib import Path
 
@@ -123,3 +125,21 @@ class Tracker:
         """``state``: 'done', 'failed' or 'interrupted'."""
         self.d.update(state=state, ended=time.time(), eta_s=None, **fields)
         self._write(force=True)
+
+
+def die_with_parent(parent_pid: int | None) -> None:
+    """Exit at once when the daemon that started us is gone (kill -9 included).
+
+    A watchdog thread, not ``PR_SET_PDEATHSIG``: that signal follows the parent *thread*, and the
+    daemon starts workers from a scheduler thread that may end while the daemon lives on.
+    """
+    if parent_pid is None:
+        return
+
+    def watch() -> None:
+        while True:
+            if os.getppid() != parent_pid:
+                os.kill(os.getpid(), signal.SIGKILL)
+            time.sleep(0.5)
+
+    threading.Thread(target=watch, name="parent-watchdog", daemon=True).start()

@@ -28,8 +28,9 @@ import os
 import signal
 import sys
 import threading
-import time
 from pathlib import Path
+
+from evolution import progress
 
 EXIT_OK, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_PAUSED = 0, 1, 3, 4
 
@@ -72,24 +73,6 @@ class GracefulStop:
         return _CheckpointAndStop()
 
 
-def _die_with_parent(parent_pid: int | None) -> None:
-    """Exit at once when the daemon that started us is gone (kill -9 included).
-
-    A watchdog thread, not ``PR_SET_PDEATHSIG``: that signal follows the parent *thread*, and the
-    daemon starts workers from a scheduler thread that may end while the daemon lives on.
-    """
-    if parent_pid is None:
-        return
-
-    def watch() -> None:
-        while True:
-            if os.getppid() != parent_pid:
-                os.kill(os.getpid(), signal.SIGKILL)
-            time.sleep(0.5)
-
-    threading.Thread(target=watch, name="parent-watchdog", daemon=True).start()
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m evolution.worker", description=__doc__.splitlines()[0])
     p.add_argument("--config", required=True, type=Path, help="resolved AgeUpConfig as JSON")
@@ -99,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int)
     p.add_argument("--parent-pid", type=int)
     args = p.parse_args(argv)
-    _die_with_parent(args.parent_pid)
+    progress.die_with_parent(args.parent_pid)
     if args.nice:
         os.nice(args.nice)
     from evolution import logsetup

@@ -17,11 +17,11 @@ import logging
 import os
 import secrets
 
-from filelock import FileLock, Timeout
+from filelock import FileLock
 
 from evolution.config import DaemonConfig
 from evolution.errors import EvolutionError
-from evolution.fsutil import atomic_write_json, atomic_write_text
+from evolution.fsutil import atomic_write_json, atomic_write_text, try_lock
 from evolution.paths import MAIN, DataRoot
 
 log = logging.getLogger(__name__)
@@ -42,10 +42,8 @@ def daemon_info(root: DataRoot) -> dict | None:
 
 def claim(root: DataRoot) -> FileLock:
     """Hold the data root for this daemon, or say which daemon already does and what to do."""
-    lock = FileLock(str(root.home / LOCK_FILE))
-    try:
-        lock.acquire(timeout=0)
-    except Timeout:
+    lock = try_lock(root.home / LOCK_FILE)
+    if lock is None:
         info = daemon_info(root) or {}
         who = f" (pid {info['pid']}, http://{info.get('host')}:{info.get('port')})" if "pid" in info else ""
         where = f"the data root {root.root}" if root.lineage == MAIN else \
@@ -53,7 +51,7 @@ def claim(root: DataRoot) -> FileLock:
         raise EvolutionError(
             f"another daemon is already running on {where}{who}; one lineage is served by one daemon: use that "
             "one (`evolve status`), stop it first (SIGTERM), or start this one on another data root (--home / "
-            "$EVOLUTION_HOME) or lineage (--lineage / --lineages)") from None
+            "$EVOLUTION_HOME) or lineage (--lineage / --lineages)")
     return lock
 
 

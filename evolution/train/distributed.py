@@ -194,10 +194,10 @@ def main(argv: list[str] | None = None) -> int:
     from evolution.fsutil import atomic_write_json
     from evolution.train import BY_NAME
     from evolution.train.runner import run_here
-    from evolution.worker import _die_with_parent
+    from evolution.progress import die_with_parent
 
     (spec_path,) = argv if argv is not None else sys.argv[1:]
-    _die_with_parent(os.getppid())
+    die_with_parent(os.getppid())
     logsetup.configure(fmt=f"%(asctime)s %(levelname)s rank {os.environ.get('RANK', '0')}: %(message)s")
     spec = json.loads(Path(spec_path).read_text())
     cfg = AgeUpConfig()
