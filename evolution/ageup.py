@@ -42,6 +42,7 @@ from evolution.fsutil import (
     sha256_file,
 )
 from evolution.generation import GenerationSummary
+from evolution.metrics import answers as answer_book
 from evolution.probes import ProbeStore
 from evolution.ledger import Ledger, check_servable
 from evolution.ledger import events as ev
@@ -158,6 +159,11 @@ def _gen0_gguf(root: DataRoot, ledger: Ledger) -> Path | None:
         return None
 
 
+def _answers(root: DataRoot) -> Path:
+    """Where the gate remembers each GGUF's replies (``evolution.metrics.answers``)."""
+    return root.checkpoints / answer_book.FOLDER
+
+
 def _gate_info(result: gate.GateResult) -> dict:
     return result.summary()
 
@@ -187,7 +193,7 @@ def bootstrap(root: DataRoot, cfg: AgeUpConfig, ledger: Ledger, cur: curriculum_
 
     def measure():
         es = gate.eval_set(cur, [], ProbeStore(ledger).items())
-        m = gate.measure(staging / GGUF_NAME, 0, es, cfg.gate, cfg.export.smoke_prompt)
+        m = gate.measure(staging / GGUF_NAME, 0, es, cfg.gate, cfg.export.smoke_prompt, answers=_answers(root))
         result = gate.GateResult("measured", [], m, None, {})
         gate.write_report(result, staging)
         gate.save_recall_items(es, staging / "data")
@@ -411,7 +417,7 @@ def _age_up_locked(root: DataRoot, cfg: AgeUpConfig, ledger: Ledger, cur, base, 
         result = gate.run(staging / GGUF_NAME, child, parent_gguf, parent, es, cfg.gate, cfg.export.smoke_prompt,
                           lineage=gate.lineage_evals({g: ledger.generation(g).gate for g in lineage
                                                       if g not in (0, parent)}, root.gen_dir(0)),
-                          gen0_gguf=_gen0_gguf(root, ledger))
+                          gen0_gguf=_gen0_gguf(root, ledger), answers=_answers(root))
         gate.write_report(result, staging)
         state.info["gate"] = _gate_info(result)
 
