@@ -461,6 +461,7 @@ def create_app(daemon: Service) -> FastAPI:
         return {"resumed": True, "ledger_seq": entry.seq}
 
     app.include_router(dashboard.router(dashboard.View(daemon.root, daemon.ledger), daemon.status))
+    dashboard.add_error_handlers(app)
 
     @app.exception_handler(DiskFull)
     async def _disk_full(request, exc):
