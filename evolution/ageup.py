@@ -44,6 +44,7 @@ from evolution.fsutil import (
     sha256_file,
 )
 from evolution.generation import GenerationSummary
+from evolution.metrics import answers as answer_book
 from evolution.probes import ProbeStore
 from evolution.ledger import Ledger, check_servable
 from evolution.ledger import events as ev
@@ -190,6 +191,11 @@ def anchor_history(root: DataRoot, ledger: Ledger, parent: int) -> list[gate.Mod
                                if g not in (0, parent)}, root.gen_dir(0))
 
 
+def _answers(root: DataRoot) -> Path:
+    """Where the gate remembers each GGUF's replies (``evolution.metrics.answers``): per lineage."""
+    return root.checkpoints / answer_book.FOLDER
+
+
 def _gate_info(result: gate.GateResult) -> dict:
     return result.summary()
 
@@ -219,7 +225,7 @@ def bootstrap(root: DataRoot, cfg: AgeUpConfig, ledger: Ledger, cur: curriculum_
 
     def measure():
         es = gate.eval_set(cur, [], ProbeStore(ledger).items())
-        m = gate.measure(staging / GGUF_NAME, 0, es, cfg.gate, cfg.export.smoke_prompt)
+        m = gate.measure(staging / GGUF_NAME, 0, es, cfg.gate, cfg.export.smoke_prompt, answers=_answers(root))
         result = gate.GateResult("measured", [], m, None, {})
         gate.write_report(result, staging)
         gate.save_recall_items(es, staging / "data")
@@ -440,7 +446,8 @@ def _age_up_locked(root: DataRoot, cfg: AgeUpConfig, ledger: Ledger, cur, base, 
         # every probe, at every later gate; the experience this child's data holds
         es = gate.eval_set(cur, ancestors, ProbeStore(ledger).items(), staging / "data")
         result = gate.run(staging / GGUF_NAME, child, parent_gguf, parent, es, cfg.gate, cfg.export.smoke_prompt,
-                          lineage=anchor_history(root, ledger, parent), gen0_gguf=_gen0_gguf(root, ledger))
+                          lineage=anchor_history(root, ledger, parent), gen0_gguf=_gen0_gguf(root, ledger),
+                          answers=_answers(root))
         gate.write_report(result, staging)
         state.info["gate"] = _gate_info(result)
 

@@ -80,9 +80,9 @@ class ConversationStore:
         conversation's first rating (``evolution.experiences``), and a 'bad' one is not trained on as SFT.
         """
         if key is not None and (not isinstance(key, str) or not 0 < len(key) <= MAX_KEY):
-            raise ConversationError(f"idempotency key must be 1 to {MAX_KEY} characters")
+            raise ConversationError(f"idempotency key must be 1 to {MAX_KEY} characters", "idempotency_key")
         if label is not None and label not in LABELS:
-            raise ConversationError(f"label must be 'good' or 'bad' (or left out), got {repr(label)[:40]}")
+            raise ConversationError(f"label must be 'good' or 'bad' (or left out), got {repr(label)[:40]}", "label")
         from evolution.scrub import scrub  # only intake needs it (and its detector plugins)
 
         clean, counts = [], {}

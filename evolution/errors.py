@@ -79,7 +79,16 @@ class MessageError(EvolutionError):
     """Chat messages that break the rules of where they came from (HTTP, a transcript, a curriculum line)."""
 
 
-class KarmaError(EvolutionError):
+class RequestFieldError(EvolutionError):
+    """Something the agent sent that cannot be accepted; ``param`` names the request field at fault when one is
+    (the HTTP error's ``param``), else the endpoint's main field is named."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
+
+
+class KarmaError(RequestFieldError):
     """A karma grant that cannot be accepted (bad amount, reused key); nothing was recorded."""
 
 
@@ -87,7 +96,7 @@ class KarmaKeyReused(KarmaError, IdempotencyConflict):
     """The idempotency key was used for a grant of another amount."""
 
 
-class ConversationError(EvolutionError):
+class ConversationError(RequestFieldError):
     """A transcript that cannot be accepted; nothing was stored."""
 
 
@@ -95,7 +104,7 @@ class ConversationKeyReused(ConversationError, IdempotencyConflict):
     """The idempotency key was used for another transcript."""
 
 
-class ExperienceError(EvolutionError):
+class ExperienceError(RequestFieldError):
     """A capture or a rating that cannot be accepted (a bad label, correction or karma; HTTP 400); nothing changed."""
 
 
@@ -107,7 +116,7 @@ class ExperienceKeyReused(ExperienceError, IdempotencyConflict):
     """The idempotency key was used for another rating (HTTP 409); nothing changed."""
 
 
-class ProbeError(EvolutionError):
+class ProbeError(RequestFieldError):
     """A probe that cannot be accepted (HTTP 400); nothing was stored."""
 
 

@@ -338,16 +338,16 @@ class ExperienceStore:
         if not valid_id:
             what = ("a completion id (chatcmpl-…) or an experience number" if by == "completion"
                     else "a conversation id (a positive integer)")
-            raise ExperienceError(f"the id to rate must be {what}, got {repr(item_id)[:60]}")
+            raise ExperienceError(f"the id to rate must be {what}, got {repr(item_id)[:60]}", f"{by}_id")
         check_label(label)
         redactions: dict[str, int] = {}
         if correction is not None:
             if not isinstance(correction, str) or not correction.strip():
                 raise ExperienceError("correction must be the reply that should have been given (non-empty text), "
-                                      "or left out")
+                                      "or left out", "correction")
             if len(correction) > MAX_CORRECTION_CHARS:
                 raise ExperienceError(f"correction has {len(correction)} characters; the limit is "
-                                      f"{MAX_CORRECTION_CHARS}")
+                                      f"{MAX_CORRECTION_CHARS}", "correction")
             (correction,), redactions = _scrub_all([correction])
         if karma is not None:
             if self.karma is None:
@@ -356,10 +356,10 @@ class ExperienceStore:
             try:
                 karma = check_amount(karma)
             except KarmaError as exc:
-                raise ExperienceError(str(exc)) from None
+                raise ExperienceError(str(exc), "karma") from None
         if idempotency_key is not None and (not isinstance(idempotency_key, str)
                                             or not 0 < len(idempotency_key) <= MAX_KEY):
-            raise ExperienceError(f"idempotency key must be 1 to {MAX_KEY} characters")
+            raise ExperienceError(f"idempotency key must be 1 to {MAX_KEY} characters", "idempotency_key")
         digest = hashlib.sha256(json.dumps(
             {"by": by, "item": str(item_id), "label": label, "correction": correction, "karma": karma},
             sort_keys=True, ensure_ascii=False).encode()).hexdigest()
@@ -385,7 +385,7 @@ class ExperienceStore:
                     grant_id = self.karma.grant(txn, karma, f"feedback: {label} on {by} {item}", None,
                                                 source="feedback", served_gen=served_gen).id
                 except KarmaError as exc:
-                    raise ExperienceError(str(exc)) from None
+                    raise ExperienceError(str(exc), "karma") from None
             rid = record_rating(conn, by, item, label, correction, redactions, karma, grant_id, idempotency_key,
                                 digest, source, self.ledger.lineage)
             row = conn.execute(text("SELECT * FROM experience_ratings WHERE id = :r"), {"r": rid}).one()

@@ -185,12 +185,17 @@ def _read_jsonl(path: Path) -> list[dict]:
 
 
 def measure(gguf: Path, gen: int, es: EvalSet, cfg: GateConfig, smoke_prompt: str,
-            table: Sequence[Metric] = TABLE) -> ModelEval:
-    """Every metric of ``table`` on one GGUF (about a minute for the embedded model on 2 cores)."""
+            table: Sequence[Metric] = TABLE, answers: Path | None = None) -> ModelEval:
+    """Every metric of ``table`` on one GGUF (about a minute for the embedded model on 2 cores). With ``answers``
+    (a folder: ``checkpoints/.answers``) a question this GGUF answered at an earlier gate is not asked again
+    (``evolution.metrics.answers``)."""
     t0 = time.perf_counter()
     inputs = Inputs(es, cfg, smoke_prompt)
-    with Models(gguf) as models:
+    with Models(gguf, answers=answers) as models:
         measured = {u.name: u.measure(models, inputs) for u in table}
+    if models.book is not None and models.book.hits:
+        log.info("gate: generation %d answered %d question(s) from its earlier gates, asked %d", gen,
+                 models.book.hits, models.book.misses)
     return ModelEval.of(gen, measured, table, seconds=time.perf_counter() - t0,
                         evalset_hash=evalset_hash(es, cfg, smoke_prompt, table),
                         fingerprints={u.name: u.fingerprint(inputs) for u in table})
@@ -288,22 +293,24 @@ def decide(child: ModelEval, parent: ModelEval | None, cfg: GateConfig, table: S
 
 def run(child_gguf: Path, child_gen: int, parent_gguf: Path | None, parent_gen: int | None, es: EvalSet,
         cfg: GateConfig, smoke_prompt: str, table: Sequence[Metric] = TABLE, lineage: Sequence[ModelEval] = (),
-        gen0_gguf: Path | None = None) -> GateResult:
+        gen0_gguf: Path | None = None, answers: Path | None = None) -> GateResult:
     """Measure child and parent (the parent's numbers reused from its own report when the eval set is unchanged),
     and bound the child against the fixed anchors among ``lineage`` (the parent's ancestors' own measurements,
     ``lineage_evals``) and the parent. Generation 0's anchored metrics are re-measured on ``gen0_gguf`` when it
-    was measured on other items (its numbers stay where they are: each gate re-measures, a few seconds)."""
-    child = measure(child_gguf, child_gen, es, cfg, smoke_prompt, table)
+    was measured on other items (its numbers stay where they are: each gate re-measures, a few seconds).
+    ``answers``: where each GGUF's replies are remembered (``measure``), so that the parent and generation 0 are
+    asked only what they were not asked at an earlier gate."""
+    child = measure(child_gguf, child_gen, es, cfg, smoke_prompt, table, answers)
     parent = None
     if parent_gguf is not None:
         parent = cached_eval(parent_gguf.parent, child.evalset_hash)
         if parent is None:
-            parent = measure(parent_gguf, parent_gen, es, cfg, smoke_prompt, table)
+            parent = measure(parent_gguf, parent_gen, es, cfg, smoke_prompt, table, answers)
         else:
             log.info("gate: reusing generation %s's own measurements (same eval set)", parent_gen)
     history = [e for e in lineage if parent is None or e.gen != parent.gen] + ([parent] if parent else [])
     if gen0_gguf is not None:
-        history = _gen0_remeasured(history, child, gen0_gguf, es, cfg, smoke_prompt, table)
+        history = _gen0_remeasured(history, child, gen0_gguf, es, cfg, smoke_prompt, table, answers)
     anchored, no_anchor = anchors(child, history, table)
     verdict, reasons = decide(child, parent, cfg, table, anchored)
     versus: dict[str, float] = {}
@@ -320,7 +327,7 @@ def run(child_gguf: Path, child_gen: int, parent_gguf: Path | None, parent_gen: 
 
 
 def _gen0_remeasured(history: list[ModelEval], child: ModelEval, gguf: Path, es: EvalSet, cfg: GateConfig,
-                     smoke_prompt: str, table: Sequence[Metric]) -> list[ModelEval]:
+                     smoke_prompt: str, table: Sequence[Metric], answers: Path | None = None) -> list[ModelEval]:
     """``history`` with generation 0's anchored metrics re-measured where they were taken on other items than
     the child's (only those units: perplexity of the held-out text is a few seconds)."""
     zero = next((e for e in history if e.gen == 0), None)
@@ -330,7 +337,7 @@ def _gen0_remeasured(history: list[ModelEval], child: ModelEval, gguf: Path, es:
         return history
     log.info("gate: re-measuring generation 0's %s (measured on other items) for the anchors",
              ", ".join(u.name for u in stale))
-    fresh = measure(gguf, 0, es, cfg, smoke_prompt, stale)
+    fresh = measure(gguf, 0, es, cfg, smoke_prompt, stale, answers)
     return [e for e in history if e.gen != 0] + [fresh]
 
 

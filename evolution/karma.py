@@ -191,9 +191,9 @@ class Karma:
         """``add`` inside the caller's write transaction (a rating and its karma commit together, or neither)."""
         amount = check_amount(amount)
         if not isinstance(reason, str) or len(reason) > MAX_REASON:
-            raise KarmaError(f"karma reason must be text of at most {MAX_REASON} characters")
+            raise KarmaError(f"karma reason must be text of at most {MAX_REASON} characters", "reason")
         if key is not None and (not isinstance(key, str) or not 0 < len(key) <= MAX_KEY):
-            raise KarmaError(f"idempotency key must be 1 to {MAX_KEY} characters")
+            raise KarmaError(f"idempotency key must be 1 to {MAX_KEY} characters", "idempotency_key")
         if key is not None:
             row = txn.conn.execute(text("SELECT id, amount, lineage FROM karma_events WHERE idem_key = :k"),
                                    {"k": key}).first()

@@ -27,6 +27,15 @@ def configure(verbose: bool = False, fmt: str = FORMAT) -> None:
         warnings.filterwarnings("ignore", category=UserWarning, module=r"(peft|trl|transformers)\.")
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format=fmt, datefmt="%H:%M:%S")
     logging.getLogger("apscheduler").setLevel(logging.DEBUG if verbose else logging.WARNING)
+    if not verbose and _overlapping_tick not in logging.getLogger("apscheduler.scheduler").filters:
+        logging.getLogger("apscheduler.scheduler").addFilter(_overlapping_tick)
+
+
+def _overlapping_tick(record: logging.LogRecord) -> bool:
+    """Hide APScheduler's warning that a run was skipped because the last one is still running: the daemon's tick
+    runs one at a time by design (``max_instances=1``), and one that swaps in a model takes longer than the poll
+    interval, so every swap logged a warning that asked nothing of anyone."""
+    return "maximum number of running instances reached" not in record.getMessage()
 
 
 def rotating_file(path: Path, max_bytes: int, backups: int, fmt: str | None = "%(asctime)s %(levelname)s "

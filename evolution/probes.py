@@ -42,9 +42,9 @@ def _check(question, answers) -> None:
         raise ProbeError(f"'question' has {len(question)} characters; the limit is {MAX_QUESTION_CHARS}")
     if not isinstance(answers, list) or not answers or not all(isinstance(a, str) and a.strip() for a in answers):
         raise ProbeError("'answers' must be a non-empty list of non-empty strings: the accepted answers "
-                         "(a reply is right when one of them occurs in it, case and punctuation folded)")
+                         "(a reply is right when one of them occurs in it, case and punctuation folded)", "answers")
     if len(answers) > MAX_ANSWERS or any(len(a) > MAX_ANSWER_CHARS for a in answers):
-        raise ProbeError(f"at most {MAX_ANSWERS} answers of at most {MAX_ANSWER_CHARS} characters each")
+        raise ProbeError(f"at most {MAX_ANSWERS} answers of at most {MAX_ANSWER_CHARS} characters each", "answers")
 
 
 class ProbeStore:
@@ -54,7 +54,7 @@ class ProbeStore:
     def add(self, question, answers, key: str | None = None) -> StoredProbe:
         """Validate, scrub and store a probe; a repeated idempotency key stores nothing."""
         if key is not None and (not isinstance(key, str) or not 0 < len(key) <= MAX_KEY):
-            raise ProbeError(f"idempotency key must be 1 to {MAX_KEY} characters")
+            raise ProbeError(f"idempotency key must be 1 to {MAX_KEY} characters", "idempotency_key")
         _check(question, answers)
         from evolution.scrub import scrub
 

@@ -9,6 +9,8 @@ Deciding the child's fate lives here, for every caller alike:
 
 A passing child is recorded ``promoted`` only after ``swap`` succeeded; a swap that fails
 (the model does not load, its canary fails) records it ``rejected`` and the parent stays served.
+So does a rollback made while the child was being built (the served generation is no longer its
+parent): the person's choice stands, and the child, which passed its gate, can be served by hand.
 The layer above passes the swap in; nothing here calls back up.
 """
 
@@ -76,7 +78,15 @@ def decide(root: DataRoot, ledger: Ledger, gen: int, stop_after: int, swap: Swap
         ledger.record(ev.promoted(0, reason="generation 0 is the base model: measured, not gated",
                                   metrics=(s.gate or {}).get("metrics")))
         return PROMOTED
-    if s.verdict == ev.PASS:
+    served = ledger.served_generation()
+    if s.verdict == ev.PASS and served is not None and served != s.parent:
+        reason = (f"passed its gate against generation {s.parent}, but generation {served} was made the served one "
+                  f"during its age-up (a rollback): a person's choice is not overridden; `evolve rollback --to {gen}` "
+                  "serves it")
+        log.warning("generation %d %s", gen, reason)
+        ledger.record(ev.rejected(gen, reason))
+        result = REJECTED
+    elif s.verdict == ev.PASS:
         try:
             if swap is not None:
                 swap(gen, ledger.generation(gen).gguf)

@@ -39,6 +39,7 @@ from evolution.fsutil import free_space, fsync_dir, is_disk_full, make_tree_writ
 from evolution.ledger import Ledger
 from evolution.ledger import events as ev
 from evolution.ledger.lineage import GenerationRow
+from evolution.metrics import answers as answer_book
 from evolution.paths import DataRoot, gen_name
 
 log = logging.getLogger(__name__)
@@ -186,7 +187,17 @@ def prune(root: DataRoot, ledger: Ledger, cfg: RetentionConfig, dry_run: bool = 
                                f"{free_space(root.root)}. Nothing recorded is lost: free a little space and run "
                                "`evolve prune` again (it deletes what the ledger already calls pruned)") from exc
             log.info("pruned %s of %s (%.0f MB): %s", d.scope, gen_name(d.gen), d.bytes / 1e6, d.reason)
+        if p.deletions:
+            _forget_answers(root, ledger)
         return p
+
+
+def _forget_answers(root: DataRoot, ledger: Ledger) -> None:
+    """Drop the gate's remembered replies (``evolution.metrics.answers``) of every GGUF no longer on disk."""
+    on_disk = {a["sha256"] for g in root.generations() for a in _artifacts(ledger, g, "gguf")
+               if (root.root / a["path"]).is_file()}
+    for path in answer_book.forget(root.checkpoints / answer_book.FOLDER, on_disk):
+        log.info("pruned the gate's remembered replies of a deleted GGUF (%s)", path.name)
 
 
 def _delete(root: DataRoot, rels: list[str]) -> None:

@@ -390,7 +390,7 @@ def create_app(daemon: Service) -> FastAPI:
         except UnknownExperience as exc:
             raise ApiError(404, str(exc), param=item_param or param, code="not_found") from None
         except (KarmaError, ConversationError, ExperienceError, ProbeError) as exc:
-            raise ApiError(400, str(exc), param=param) from None
+            raise ApiError(400, str(exc), param=exc.param or param) from None
         return JSONResponse(result.to_dict(), status_code=200 if result.duplicate else 201)
 
     @app.get("/karma")
@@ -476,6 +476,7 @@ def create_app(daemon: Service) -> FastAPI:
         return {"resumed": True, "ledger_seq": entry.seq}
 
     app.include_router(dashboard.router(dashboard.View(daemon.root, daemon.ledger), daemon.status))
+    dashboard.add_error_handlers(app)
 
     @app.exception_handler(DiskFull)
     async def _disk_full(request, exc):

@@ -73,6 +73,10 @@ def test_evolve_ui_serves_the_lineage_read_only_with_no_actions(lineage):
         assert c.get("/ui/api/live").json()["readonly"] is True
         assert c.get("/ui/api/verify").json()["ok"] is True
         assert c.get("/ui/api/generation/7").status_code == 404
+        for url, param in (("/ui/api/generation/abc", "n"), ("/ui/api/experience?limit=0", "limit")):
+            bad = c.get(url)  # the API's error format, naming the field, not FastAPI's 422 list
+            assert bad.status_code == 400 and bad.json()["error"]["param"] == param, bad.text
+            assert bad.json()["error"]["message"].startswith(f"'{param}' ")
         assert c.post("/rollback", json={"to": 0}).status_code in (404, 405)
         assert c.get("/ui/static/../server.py").status_code == 404
 
@@ -99,6 +103,8 @@ def test_the_daemon_serves_the_dashboard_beside_the_api(client):
     page = client.get("/")
     assert page.status_code == 200 and "<title>evolution" in page.text
     assert "frame-ancestors 'none'" in page.headers["content-security-policy"]
+    bad = client.get("/ui/api/experience?limit=many")
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "limit", bad.text
     live = client.get("/ui/api/live").json()
     assert live["served"]["generation"] == 1 and "readonly" not in live
     assert client.get("/ui/static/vendor/uPlot.iife.min.js").status_code == 200

@@ -126,6 +126,7 @@ def test_feedback_on_a_posted_transcript_and_a_labelled_transcript(client, daemo
     assert [h["label"] for h in daemon.experiences.history(cid, "conversation")] == ["good", "bad"]
     bad_label = client.post("/conversations", json=conv | {"label": "great"}, headers=AUTH)
     assert bad_label.status_code == 400 and "label" in bad_label.json()["error"]["message"]
+    assert bad_label.json()["error"]["param"] == "label"  # not 'messages'
 
 
 @pytest.mark.parametrize("body, status, fragment", [
@@ -147,6 +148,8 @@ def test_bad_feedback_is_refused_and_changes_nothing(client, daemon, body, statu
     assert fragment in r.json()["error"]["message"]
     if status == 404:  # the field naming the unknown item, not 'label'
         assert r.json()["error"]["param"] == next(k for k in body if k.endswith("_id"))
+    elif fragment in body:  # the field at fault
+        assert r.json()["error"]["param"] == fragment
     assert _snapshot(daemon) == before
     assert client.post("/feedback", json={"completion_id": cid, "label": "good"}).status_code == 401
     assert _snapshot(daemon) == before
@@ -165,6 +168,7 @@ def test_probes_are_stored_scrubbed_once_per_key_and_bad_ones_refused(client, da
                           ({"question": "Q?", "answers": ["ok", 3]}, "answers"), ({"question": "Q?"}, "answers")):
         r = client.post("/probes", json=bad, headers=AUTH)
         assert r.status_code == 400 and fragment in r.json()["error"]["message"], r.text
+        assert r.json()["error"]["param"] == fragment  # the field at fault, not always 'question'
     assert client.post("/probes", json={"question": "Q?", "answers": ["a"]}).status_code == 401
     assert daemon.probes.count() == 1 and client.get("/status").json()["probes"] == 1
 

@@ -286,6 +286,21 @@ def test_child_taught_the_facts_beats_its_parent_and_a_damaged_child_fails(learn
     assert report["child"]["metrics"]["recall"] == g["metrics"]["recall"]
     assert (root.gen_dir(1) / "eval.md").is_file()
 
+    # The gate remembered each GGUF's answers: measured again, gen 1 answers from its book what llama.cpp answers
+    # afresh, and asks nothing new (the book does not grow).
+    from evolution import curriculum
+
+    es = gate.eval_set(curriculum.load(cfg.curriculum.path), [])
+    books = root.checkpoints / ".answers"
+    sizes = {p.name: p.stat().st_size for p in books.glob("*.jsonl")}
+    assert len(sizes) == 2 and all(sizes.values())  # generation 0's and 1's
+    remembered = gate.measure(root.gen_dir(1) / "model.gguf", 1, es, cfg.gate, cfg.export.smoke_prompt,
+                              answers=books)
+    assert {p.name: p.stat().st_size for p in books.glob("*.jsonl")} == sizes
+    fresh = gate.measure(root.gen_dir(1) / "model.gguf", 1, es, cfg.gate, cfg.export.smoke_prompt)
+    assert remembered.metrics == fresh.metrics == {k: report["child"]["metrics"][k] for k in fresh.metrics}
+    assert remembered.details["recall"] == fresh.details["recall"]
+
     # Damage the child's weights, export that, and gate it against the good child.
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -300,9 +315,6 @@ def test_child_taught_the_facts_beats_its_parent_and_a_damaged_child_fails(learn
     AutoTokenizer.from_pretrained(root.gen_dir(1) / "hf").save_pretrained(damaged / "hf")
     export.to_gguf_f16(damaged / "hf", damaged / "f16.gguf")
     export.quantize(damaged / "f16.gguf", damaged / "model.gguf", "q8_0")
-    from evolution import curriculum
-
-    es = gate.eval_set(curriculum.load(cfg.curriculum.path), [])
     result = gate.run(damaged / "model.gguf", 2, root.gen_dir(1) / "model.gguf", 1, es, cfg.gate,
                       cfg.export.smoke_prompt)
     assert result.verdict == "fail"

@@ -229,3 +229,20 @@ def test_metrics_move_after_a_chat_a_capture_a_karma_grant_a_swap_and_an_ageup(c
         assert value(s4, "evolution_ageup_stage_seconds_count", stage=stage) == 1
         assert value(s4, "evolution_ageup_stage_seconds_sum", stage=stage) == pytest.approx(secs)
         assert value(s4, "evolution_ageup_last_stage_seconds", stage=stage) == pytest.approx(secs)
+
+
+def test_a_tick_skipped_while_the_last_still_runs_is_no_warning_other_scheduler_warnings_are(caplog):
+    import logging
+
+    sched = logging.getLogger("apscheduler.scheduler")
+    logsetup.configure()
+    logsetup.configure()  # configured twice: one filter
+    try:
+        assert sched.filters.count(logsetup._overlapping_tick) == 1
+        with caplog.at_level(logging.WARNING):
+            sched.warning('Execution of job "%s" skipped: maximum number of running instances reached (%d)',
+                          "Daemon.tick (trigger: interval[0:00:01])", 1)
+            sched.warning("Run time of job %r was missed by %s", "Daemon.tick", "0:00:03")
+        assert "maximum number of running instances" not in caplog.text and "was missed by" in caplog.text
+    finally:
+        sched.removeFilter(logsetup._overlapping_tick)

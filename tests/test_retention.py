@@ -74,8 +74,14 @@ def test_a_generation_not_yet_decided_is_never_pruned(root, led):
 
 def test_prune_records_what_it_deletes_then_deletes_it_and_keeps_the_data(root, led):
     before = {n: {rel: sha256_file(root.gen_dir(n) / rel) for rel in files} for n, files in _files(root).items()}
+    books = root.checkpoints / ".answers"  # the gate's remembered replies, one book per GGUF
+    books.mkdir()
+    for n in before:
+        (books / f"{before[n][GGUF]}.jsonl").write_text("{}\n")
     p = retention.prune(root, led, POLICY)
     assert p.bytes > 0
+    assert sorted(b.name for b in books.iterdir()) == sorted(f"{before[n][GGUF]}.jsonl" for n in before
+                                                             if GGUF not in PRUNED.get(n, ()))
     after = _files(root)
     for n, files in before.items():
         gone = PRUNED.get(n, set()) | WEIGHTS_DROPPED.get(n, set())

@@ -15,12 +15,13 @@ def create_app(root: DataRoot, ledger: Ledger):
     from fastapi import FastAPI
 
     from evolution.cli.karma import open_karma
-    from evolution.dashboard import View, router
+    from evolution.dashboard import View, add_error_handlers, router
 
     view = View(root, ledger)
     karma = open_karma(root, ledger)
     app = FastAPI(title="evolution dashboard", docs_url=None, redoc_url=None, openapi_url=None)
     app.include_router(router(view, lambda: view.offline_status(karma)))
+    add_error_handlers(app)
     return app
 
 

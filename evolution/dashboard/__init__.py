@@ -22,6 +22,6 @@ the page with the token as ``Authorization: Bearer``; the token is kept in the t
 """
 
 from evolution.dashboard.data import View
-from evolution.dashboard.routes import router
+from evolution.dashboard.routes import add_error_handlers, router
 
-__all__ = ["View", "router"]
+__all__ = ["View", "add_error_handlers", "router"]

@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from fastapi import APIRouter, HTTPException, Query
+from fastapi import APIRouter, FastAPI, HTTPException, Query
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 
 from evolution.dashboard.data import View
@@ -23,6 +24,21 @@ a string ever reached the page as markup. Inline styles are allowed for the char
 
 HEADERS = {"Content-Security-Policy": CSP, "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer",
            "Cache-Control": "no-store"}
+
+
+def add_error_handlers(app: FastAPI) -> None:
+    """A query or path value of the wrong type (``/ui/api/generation/abc``, ``?limit=0``) is answered in the API's
+    error format (400, ``{"error": {"message", "type", "code", "param"}}``), not FastAPI's 422 list."""
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request, exc: RequestValidationError):
+        first = exc.errors()[0] if exc.errors() else {}
+        name = str((first.get("loc") or ("", ""))[-1])
+        value = first.get("input")
+        message = f"'{name}' {first.get('msg', 'is invalid').lower()}" + ("" if value is None else
+                                                                          f", got {str(value)[:40]!r}")
+        return JSONResponse({"error": {"message": message, "type": "invalid_request_error", "code": "invalid_value",
+                                       "param": name or None}}, status_code=400)
 
 
 def _json(obj) -> JSONResponse:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from evolution.config import GateConfig
 from evolution.llamacpp import open_llama
+from evolution.metrics.answers import AnswerBook, Remembering
 
 N_CTX = 1024
 """Context window every metric is measured with (part of the eval-set hash)."""
@@ -91,15 +92,22 @@ class Models:
     """One GGUF opened through llama.cpp on first use: ``llm`` to chat, ``scorer`` for every position's logits.
 
     Only one of the two is held at a time (asking for one closes the other), so measuring never
-    holds two copies of the weights. Metrics that need neither open nothing.
+    holds two copies of the weights. Metrics that need neither open nothing. With ``answers`` (a folder) the
+    chat model remembers its replies there (``evolution.metrics.answers``): a question this GGUF was asked
+    before, at an earlier gate, is not asked again.
     """
 
-    def __init__(self, gguf: Path, n_ctx: int = N_CTX):
+    def __init__(self, gguf: Path, n_ctx: int = N_CTX, answers: Path | None = None):
         self.gguf, self.n_ctx = gguf, n_ctx
         self._llm = self._scorer = None
+        self.book = AnswerBook(answers, gguf, n_ctx) if answers is not None else None
 
     @property
     def llm(self):
+        """The chat model (with ``answers``: one that opens the GGUF only when a question is not in its book)."""
+        return self._open_llm() if self.book is None else Remembering(self._open_llm, self.book)
+
+    def _open_llm(self):
         if self._llm is None:
             self.close()
             self._llm = open_llama(self.gguf, n_ctx=self.n_ctx, seed=0)
