@@ -51,6 +51,12 @@ class CurriculumConfig:
     rotates per generation) is re-taught at an age-up; the rest is left to replay (``replay_ratio``). 1 re-teaches
     the whole curriculum every time: each re-fit of known data moves the weights as much as new data (Adam), and
     five quick age-ups took held-out prose perplexity 43.8 -> 61.3 (issue 17; the README's "No ratchet")."""
+    rehearse_max: int = 1500
+    """Earlier experience (posted conversations, approved and corrected replies, and their variants, in every earlier
+    generation's data) is re-taught at every age-up, newest first and sources before variants, up to this many
+    records; the rest of it is left to replay. Left to replay (``replay_ratio``), a fact taught once was forgotten
+    by the next default age-up (learn_bench: 20 of 20 facts, then 5 of 20). 1,500 is about the SFT curriculum's
+    size: a later age-up trains at most about that much more. 0 turns it off."""
 
 
 def _positive_int(name: str, value, allow_none: bool = False) -> list[str]:
@@ -267,6 +273,11 @@ class GateConfig:
     (the learn benchmark's 40 probes) and 1.0 (the parent did not know them), so it holds no learning
     child back; it catches a child that forgot what its parent had been taught faster than it learned the new facts
     (all probes are asked every generation, so the older ones weigh in)."""
+    probe_forgotten_max: float | None = 0.1
+    """Of the probes the parent answered right, the child may answer at most this share wrong (with at least
+    ``min_probe_items`` answered right by the parent; else not enough data). ``probe_margin`` compares means, and
+    new facts learned hide old ones forgotten: a child that answered 34 of the 40 new probes and forgot 22 of the
+    31 older ones its parent knew gained 0.15 and passed it (learn_bench, before experience was rehearsed)."""
     min_experience_items: int = 5
     """``experience_similarity`` needs this many approved or corrected replies the child trained on: with
     fewer, one reply moves the mean by more than 0.2 and it says "not enough data"."""
@@ -632,12 +643,15 @@ def validate(cfg: AgeUpConfig) -> None:
         p.append(f"curriculum.experience_variant_share must be between 0 and 10, got {c.experience_variant_share!r}")
     if not isinstance(c.known_share, (int, float)) or isinstance(c.known_share, bool) or not 0 <= c.known_share <= 1:
         p.append(f"curriculum.known_share must be between 0 and 1, got {c.known_share!r}")
+    if not isinstance(c.rehearse_max, int) or isinstance(c.rehearse_max, bool) or c.rehearse_max < 0:
+        p.append(f"curriculum.rehearse_max must be a whole number >= 0, got {c.rehearse_max!r}")
     if not isinstance(c.replay_ratio, (int, float)) or not 0 <= c.replay_ratio <= 10:
         p.append(f"curriculum.replay_ratio must be between 0 and 10, got {c.replay_ratio!r}")
     if c.phases is not None and (not isinstance(c.phases, list) or not all(isinstance(x, int) and x >= 0 for x in c.phases)):
         p.append(f"curriculum.phases must be a list of phase numbers, got {c.phases!r}")
     g = cfg.gate
-    for name in ("min_recall", "recall_margin", "generalization_margin", "probe_margin", "experience_margin"):
+    for name in ("min_recall", "recall_margin", "generalization_margin", "probe_margin", "probe_forgotten_max",
+                 "experience_margin"):
         v = getattr(g, name)
         if v is not None and (not isinstance(v, (int, float)) or not 0 <= v <= 1):
             p.append(f"gate.{name} must be between 0 and 1 (or unset), got {v!r}")

@@ -38,6 +38,14 @@ whatever the loss, so re-fitting what the parent already knows is drift, not lea
 quick age-ups the held-out prose perplexity rose 43.8 -> 61.3 (issue 17). Raw text (continual
 pretraining's general prose) carries no prompt and is always trained on in full.
 
+**Rehearsed experience.** What the agent lived through is the lineage's memory, not one more record among
+the curriculum's: the chat records of earlier generations that came from experience (posted conversations,
+approved and corrected replies, and their variants: every chat record whose prompt is not the curriculum's)
+are re-taught at every age-up, newest generation first and sources before their variants, up to
+``rehearse_max`` records; the rest of them are left to replay. Sampled back at ``replay_ratio`` among about
+1,700 earlier records, a fact taught once was forgotten by the next age-up (``bench/learn_bench.py``: the
+first round's 20 facts went from 20 of 20 to 5 of 20 after one more default age-up).
+
 Dropped examples are counted in the manifest (``superseded``). Paraphrases of one question are
 different prompts here; a contradiction phrased differently is left to the gate.
 
@@ -190,7 +198,7 @@ def materialize(root: DataRoot, cur: Curriculum, child: int, replay_ratio: float
                 conversations: list[tuple[int, list[dict]]] = (), through: int = 0,
                 stages: Sequence[Stage] = STAGES, labelled: Labelled | None = None, ratings_since: int = 0,
                 heldout: float = 0.0, variants: int = 0, variant_share: float = 0.0,
-                known_dirs: Sequence[Path] = (), known_share: float = 1.0) -> dict:
+                known_dirs: Sequence[Path] = (), known_share: float = 1.0, rehearse_max: int = 0) -> dict:
     """Write ``out/<stage>.jsonl`` for each of ``stages`` and ``out/manifest.json``; return the manifest.
 
     ``conversations``: ``(id, messages)`` received since the parent's data (``through``: the last id the
@@ -205,7 +213,8 @@ def materialize(root: DataRoot, cur: Curriculum, child: int, replay_ratio: float
     all (fewer per record past that); counted in the manifest (``variants``). Replay is sampled per record
     before them, so they do not grow it. ``known_dirs``: the data of the parent's lineage; of the curriculum's
     chat records found there, ``known_share`` are re-taught (counted in the manifest: ``known``), the rest
-    left to replay.
+    left to replay. ``rehearse_max``: at most this many earlier experience chat records re-taught (counted in the
+    manifest: ``rehearsed``); 0: none, experience is replayed like the rest.
     """
     conversations = list(conversations)
     inbox = Inbox(conversations)
@@ -225,11 +234,13 @@ def materialize(root: DataRoot, cur: Curriculum, child: int, replay_ratio: float
     made: dict[str, int] = {}
     sources: dict[str, str] = {}
     known_counts: dict[str, list[int]] = {}
+    rehearsed: dict[str, int] = {}
     taken_from_inbox = superseded = 0
     read_inbox = read_ratings = False  # no stage learns from them: leave them for a later generation's
     for stage in stages:
         new = [r for r in stage.curriculum(cur) if _key(r) not in banned]
         n_curriculum = len(new)
+        curriculum_all = {p for r in new if (p := _prompt(r)) is not None}
         to_replay: set[str] = set()
         if known_share < 1:
             new, known_counts[stage.name], to_replay = _known_sampled(new, stage.name, known_dirs, known_share,
@@ -251,6 +262,7 @@ def materialize(root: DataRoot, cur: Curriculum, child: int, replay_ratio: float
         superseded += dropped
         have = {_key(r) for r in new}
         pool: list[dict] = []
+        lived: list[dict] = []  # the pool's experience chat records, newest generation first
         claimed = set(taken) - to_replay  # the known curriculum left to replay: its records are in the pool
         for g in sorted(root.generations(), reverse=True):  # newest generation first: it wins a prompt
             if g >= child:
@@ -273,9 +285,18 @@ def materialize(root: DataRoot, cur: Curriculum, child: int, replay_ratio: float
                 if k not in have:
                     have.add(k)
                     pool.append(r)
+                    if "messages" in r and p is not None and p not in curriculum_all:
+                        lived.append(r)
             claimed |= prompts_here
+        n_new = len(new)
+        rehearse = sorted(lived, key=lambda r: "variant_of" in r)[:rehearse_max]  # stable: newest first within each
+        if rehearse:
+            again = {_key(r) for r in rehearse}
+            pool = [r for r in pool if _key(r) not in again]
+            new += rehearse
+        rehearsed[stage.name] = len(rehearse)
         pool.sort(key=_key)  # the sample must not depend on directory order
-        n = min(len(pool), round(replay_ratio * len(new)))
+        n = min(len(pool), round(replay_ratio * n_new))
         new += rng.sample(pool, n)
         replayed[stage.name] = n
         extra = _variants(inbox_rows, variants, int(variant_share * n_curriculum),
@@ -295,6 +316,7 @@ def materialize(root: DataRoot, cur: Curriculum, child: int, replay_ratio: float
         "curriculum": str(cur.root),
         "files": files,
         "replayed": replayed,
+        "rehearsed": rehearsed,
         "variants": made,
         "known": {name: {"retaught": k[0], "left_to_replay": k[1]} for name, k in known_counts.items()},
         "counts": {name: len(rows) for name, rows in data.items()},

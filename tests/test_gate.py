@@ -158,9 +158,34 @@ def test_probe_recall_counts_right_answers_and_needs_enough_probes():
     assert few.value is None and "4 probe(s) posted, at least 5 needed" in few.note
     # The rule: no more than gate.probe_margin (0.2) below the parent — one forgotten probe in five is allowed.
     checks = ProbeRecall().rules(Measured(0.6), Measured(0.8), GateConfig())
-    assert [c.passed for c in checks] == [True]
+    assert [c.passed for c in checks] == [True, None]  # no items: forgotten ones cannot be counted
     checks = ProbeRecall().rules(Measured(0.4), Measured(0.8), GateConfig())
-    assert [c.passed for c in checks] == [False] and "probe_recall 0.400 fell below the parent's 0.800" in checks[0].message
+    assert [c.passed for c in checks] == [False, None]
+    assert "probe_recall 0.400 fell below the parent's 0.800" in checks[0].message
+
+
+def _answered(right: list[bool]) -> Measured:
+    items = [{"id": f"p{i}", "question": f"Who is friend {i}?", "reply": "", "correct": r} for i, r in enumerate(right)]
+    return Measured(sum(right) / len(right), {"items": items})
+
+
+def test_probes_the_parent_knew_and_the_child_forgot_are_counted_whatever_the_mean():
+    from evolution.metrics.probe_recall import ProbeRecall
+
+    # The parent knew 10 old probes and none of 10 new ones; the child learned all 10 new and forgot 2 old: its mean
+    # rose 0.5 -> 0.9, yet it forgot 2 of the 10 the parent knew: 0.2 > 0.1.
+    parent = _answered([True] * 10 + [False] * 10)
+    child = _answered([False, False] + [True] * 8 + [True] * 10)
+    margin, forgot = ProbeRecall().rules(child, parent, GateConfig())
+    assert margin.passed is True and forgot.passed is False and forgot.setting == "gate.probe_forgotten_max"
+    assert "forgot 2 of the 10 probes its parent answered right (0.20 > 0.1" in forgot.message
+    assert "Who is friend 0?" in forgot.message
+    one = _answered([False] + [True] * 9 + [True] * 10)  # 1 of 10: exactly the allowed share
+    assert [c.passed for c in ProbeRecall().rules(one, parent, GateConfig())] == [True, True]
+    few = _answered([True] * 4 + [False] * 16)  # the parent knew 4 (< min_probe_items 5): not enough to count
+    skipped = ProbeRecall().rules(_answered([False] * 20), few, GateConfig())[1]
+    assert skipped.passed is None and "answered 4 probe(s) right, at least 5 needed" in skipped.message
+    assert ProbeRecall().rules(child, parent, GateConfig(probe_forgotten_max=None))[1:] == []
 
 
 def test_real_table_not_enough_data_does_not_block_but_missing_recall_still_fails():

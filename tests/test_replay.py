@@ -239,3 +239,31 @@ def test_known_curriculum_is_partly_re_taught_the_rest_left_to_replay(cur, root,
     replayed = replay.materialize(root, cur, 2, 10.0, 0, tmp_path / "r", known_dirs=[parent_data], known_share=0.25)
     assert replayed["replayed"]["sft"] > 0
     assert replay.materialize(root, cur, 2, 0.0, 0, tmp_path / "all", known_dirs=[parent_data])["counts"]["sft"] == n_chat
+
+
+def test_earlier_experience_is_rehearsed_newest_first_sources_before_variants_up_to_the_cap(cur, root, tmp_path):
+    def lived(out):  # the experience chat records a generation's SFT data holds: (answer, variant?)
+        prompts = {replay._prompt(r) for r in cur.sft}
+        return sorted((r["messages"][-1]["content"], "variant_of" in r) for r in _lines(out / "sft.jsonl")
+                      if replay._prompt(r) not in prompts)
+
+    replay.materialize(root, cur, 1, 0.0, 0, root.gen_dir(1) / "data",
+                       [(1, _chat("What is my dog called?", "Bramble.")), (2, _chat("Where do I work?", "At the mill."))],
+                       0, variants=1, variant_share=10.0)
+    replay.materialize(root, cur, 2, 0.0, 0, root.gen_dir(2) / "data",
+                       [(3, _chat("What is my cat called?", "Pip.")), (4, _chat("Where do I work?", "At the bakery."))],
+                       2, variants=1, variant_share=10.0)
+    assert [v for _, v in lived(root.gen_dir(2) / "data")].count(True) == 2  # each new question has a variant
+
+    every = replay.materialize(root, cur, 3, 0.0, 0, tmp_path / "all", [], 4, rehearse_max=100)
+    assert every["rehearsed"]["sft"] == 6 and every["replayed"]["sft"] == 0
+    assert [a for a, v in lived(tmp_path / "all") if not v] == ["At the bakery.", "Bramble.", "Pip."]
+    assert len(lived(tmp_path / "all")) == 6  # the 3 sources and their variants; the mill's superseded by the bakery
+    assert "At the mill." not in (tmp_path / "all" / "sft.jsonl").read_text()
+
+    two = replay.materialize(root, cur, 3, 0.0, 0, tmp_path / "two", [], 4, rehearse_max=2)
+    assert lived(tmp_path / "two") == [("At the bakery.", False), ("Pip.", False)]  # generation 2's sources first
+
+    off = replay.materialize(root, cur, 3, 0.0, 0, tmp_path / "off", [], 4)
+    assert off["rehearsed"]["sft"] == 0 and lived(tmp_path / "off") == []
+    assert off["rehearsed"]["cpt"] == 0  # raw text has no prompt: never experience
