@@ -281,6 +281,12 @@ class GateConfig:
     min_experience_items: int = 5
     """``experience_similarity`` needs this many approved or corrected replies the child trained on: with
     fewer, one reply moves the mean by more than 0.2 and it says "not enough data"."""
+    experience_margin_se: float = 2.0
+    """``experience_similarity`` may also fall this many paired standard errors (of the per-item change, child
+    minus parent) below the parent when that is more than ``experience_margin``: on few items one reworded reply
+    moves the mean past the margin. The learn bench's round-3 child learned its 20 new facts (0.95) and kept the
+    first round's (1.00), and lost 0.056 on 18 items with a paired SE of 0.076 (three replies: a reworded one, the
+    curriculum's name over an approved other name, a greeting): rejected at 0.05 alone."""
     experience_margin: float | None = 0.05
     """The child's replies to its experiences' prompts may be at most this much further (mean ROUGE-L) from
     the approved replies than its parent's. Measured (README): children that learned gain 0.43-0.87; the
@@ -655,6 +661,9 @@ def validate(cfg: AgeUpConfig) -> None:
         v = getattr(g, name)
         if v is not None and (not isinstance(v, (int, float)) or not 0 <= v <= 1):
             p.append(f"gate.{name} must be between 0 and 1 (or unset), got {v!r}")
+    if not isinstance(g.experience_margin_se, (int, float)) or isinstance(g.experience_margin_se, bool) \
+            or g.experience_margin_se < 0:
+        p.append(f"gate.experience_margin_se must be a number >= 0, got {g.experience_margin_se!r}")
     if g.preference_margin_drop is not None and (not isinstance(g.preference_margin_drop, (int, float))
                                                  or g.preference_margin_drop < 0):
         p.append(f"gate.preference_margin_drop must be a number >= 0 (or unset), got {g.preference_margin_drop!r}")

@@ -646,3 +646,31 @@ def test_the_default_experience_margins_decide_the_measured_children_as_calibrat
     """The children measured for the README's calibration, decided with the [gate] defaults."""
     got = gate.decide(_with_experience(_eval(), *child), _with_experience(_eval(gen=0), *parent), GateConfig())
     assert got[0] == verdict, got
+
+
+def test_experience_similarity_allows_a_drop_within_the_noise_of_its_items_not_beyond():
+    from evolution.metrics.experience_similarity import ExperienceSimilarity, paired_se
+
+    def measured(scores):
+        items = [{"prompt": f"q{i}", "reference": f"r{i}", "reply": "", "score": s} for i, s in enumerate(scores)]
+        return Measured(sum(scores) / len(scores), {"items": items})
+
+    # learn_bench round 3 (eval.json of generation 3): (child, parent) ROUGE-L per approved reply
+    pairs = [(1.0, 0.8), (1.0, 0.667), (1.0, 0.833), (1.0, 0.8), (1.0, 0.8), (1.0, 1.0), (0.462, 1.0), (1.0, 1.0),
+             (1.0, 1.0), (0.075, 1.0), (0.364, 1.0)] + [(1.0, 1.0)] * 7
+    child, parent = measured([c for c, _ in pairs]), measured([p for _, p in pairs])
+    assert child.value - parent.value == pytest.approx(-0.0555, abs=1e-4)
+    assert paired_se(child, parent) == pytest.approx(0.0757, abs=1e-4)
+    [rule] = ExperienceSimilarity().rules(child, parent, GateConfig())
+    assert rule.passed is True  # 0.056 < 2 x 0.076
+    [rule] = ExperienceSimilarity().rules(child, parent, GateConfig(experience_margin_se=0))
+    assert rule.passed is False  # the margin alone, as before
+    # every approved reply lost, none gained: a real drop is far outside the noise
+    lost = measured([0.3] * 17 + [0.5])
+    [rule] = ExperienceSimilarity().rules(lost, measured([1.0] * 18), GateConfig())
+    assert rule.passed is False and "by more than 0.05 (gate.experience_margin)" in rule.message
+    noisy = measured([0.0, 1.0] * 9)  # a mean 0.5 below, but every other item 1.0 lost: paired SE 0.121
+    [rule] = ExperienceSimilarity().rules(noisy, measured([1.0] * 18), GateConfig())
+    assert rule.passed is False and "by more than 0.243 (2 x its paired standard error 0.121" in rule.message
+    # values without items (a report of values only): the margin alone
+    assert ExperienceSimilarity().rules(Measured(0.5), Measured(0.6), GateConfig())[0].passed is False

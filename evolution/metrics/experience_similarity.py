@@ -5,7 +5,11 @@ trained on (``data/preference.jsonl``: a good reply, or a correction, is the ref
 temperature 0, and scored with ROUGE-L F1 (Google's ``rouge-score``) against the reference; the
 value is the mean. Child and parent answer the same prompts, so the difference is what the
 child took from its experience. With fewer than ``gate.min_experience_items`` items it says "not
-enough data" and does not block. Rule: ``gate.experience_margin`` below the parent. Its lessons: each
+enough data" and does not block. Rule: no further below the parent than ``gate.experience_margin`` or
+``gate.experience_margin_se`` paired standard errors of the per-item change, whichever is more: on a few
+items one reply reworded moves the mean by more than the margin (a child that learned its 20 new facts lost
+0.056 on 18 items, paired SE 0.076, by saying "My makers are the Lantern Workshop." for "I was made by the
+Lantern Workshop."), and a drop within the noise of the items is no evidence of a worse child. Its lessons: each
 prompt with the approved reply, the parent's and the child's reply and their ROUGE-L.
 """
 
@@ -13,8 +17,9 @@ from __future__ import annotations
 
 from evolution import evals
 from evolution.config import GateConfig
-from evolution.metrics.common import (Check, Inputs, Lesson, Measured, Metric, Models, change, not_below_parent,
-                                      pair_items)
+import statistics
+
+from evolution.metrics.common import Check, Inputs, Lesson, Measured, Metric, Models, change, pair_items
 
 _SCORER = None
 
@@ -51,9 +56,30 @@ class ExperienceSimilarity(Metric):
         return Measured(sum(r["score"] for r in rows) / len(rows), {"items": rows})
 
     def rules(self, child: Measured, parent: Measured | None, cfg: GateConfig) -> list[Check]:
-        return not_below_parent(self.name, child.value, parent, cfg, "experience_margin")
+        margin = cfg.experience_margin
+        if margin is None or parent is None:
+            return []
+        se = paired_se(child, parent)
+        allowed = max(margin, cfg.experience_margin_se * se)
+        ok = child.value >= parent.value - allowed - 1e-9
+        rule = f">= parent - max({margin}, {cfg.experience_margin_se:g} x paired SE)"
+        why = f"{margin} (gate.experience_margin)" if allowed == margin else \
+            f"{allowed:.3f} ({cfg.experience_margin_se:g} x its paired standard error {se:.3f}, gate.experience_margin_se)"
+        return [Check(self.name, "gate.experience_margin", rule, ok, "" if ok else
+                      f"{self.name} {child.value:.3f} fell below the parent's {parent.value:.3f} by more than {why}")]
+
+    @staticmethod
+    def _key(r: dict):
+        return r["prompt"], r["reference"]
 
     def lessons(self, child: Measured, parent: Measured | None) -> list[Lesson]:
         return [Lesson(c["prompt"], c["reference"], p and p["reply"], p and p["score"], c["reply"], c["score"],
                        change(c["score"], p and p["score"], words=("closer", "further", "same")))
-                for c, p in pair_items(child, parent, lambda r: (r["prompt"], r["reference"]))]
+                for c, p in pair_items(child, parent, ExperienceSimilarity._key)]
+
+
+def paired_se(child: Measured, parent: Measured) -> float:
+    """The standard error of the mean per-item change, child minus parent, over the items both answered (0 with
+    fewer than two: no items kept, as in a report of values only)."""
+    changes = [c["score"] - p["score"] for c, p in pair_items(child, parent, ExperienceSimilarity._key) if p]
+    return statistics.stdev(changes) / len(changes) ** 0.5 if len(changes) >= 2 else 0.0
