@@ -330,8 +330,10 @@ def test_two_lineages_age_up_independently_and_one_daemon_serves_both(tmp_path, 
 
     cfg = make_daemon_cfg(make_tiny_cfg(make_tiny_curriculum(tmp_path / "curriculum")))
     roots = {name: DataRoot(tmp_path / "root", name).prepare() for name in ("main", "deacon")}
+    seeds = {"main": cfg.train.seed, "deacon": cfg.train.seed + 1}  # training is seeded: another model per role
     with Ledger.open(roots["main"]) as led:
         for name, root in roots.items():
+            cfg.train.seed = seeds[name]
             grow(root, cfg, led.view(name), base=taught_base)
         assert (led.served_generation(), led.view("deacon").served_generation()) == (1, 1)
         report = led.verify()
