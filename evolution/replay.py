@@ -40,8 +40,9 @@ pretraining's general prose) carries no prompt and is always trained on in full.
 
 **Rehearsed experience.** What the agent lived through is the lineage's memory, not one more record among
 the curriculum's: the chat records of earlier generations that came from experience (posted conversations,
-approved and corrected replies, and their variants: every chat record whose prompt is not the curriculum's)
-are re-taught at every age-up, newest generation first and sources before their variants, up to
+approved and corrected replies, and their variants; each generation's manifest lists the keys of the chat
+records it took from the inbox or rehearsed, ``lived``, and a variant names its source) are re-taught at every
+age-up, newest generation first and sources before their variants, up to
 ``rehearse_max`` records; the rest of them are left to replay. Sampled back at ``replay_ratio`` among about
 1,700 earlier records, a fact taught once was forgotten by the next age-up (``bench/learn_bench.py``: the
 first round's 20 facts went from 20 of 20 to 5 of 20 after one more default age-up).
@@ -129,6 +130,15 @@ def _newest_inbox(inbox: list[tuple[int, dict]], taken: set[str]) -> tuple[list[
         keep[order if p is None or "messages" not in record else p] = record
     rows = [r for r in keep.values() if _prompt(r) not in taken]
     return rows, len(inbox) - len(rows)
+
+
+def _lived(data_dir: Path, stage: str) -> set[str]:
+    """The keys of the chat records a generation took from experience or rehearsed (its manifest's ``lived``);
+    none for data written before it was kept (their variants still name their source)."""
+    manifest = data_dir / "manifest.json"
+    if not manifest.is_file():
+        return set()
+    return set(json.loads(manifest.read_text()).get("lived", {}).get(stage, []))
 
 
 def _through(gen_dir: Path, source: str) -> int:
@@ -235,12 +245,12 @@ def materialize(root: DataRoot, cur: Curriculum, child: int, replay_ratio: float
     sources: dict[str, str] = {}
     known_counts: dict[str, list[int]] = {}
     rehearsed: dict[str, int] = {}
+    lived_keys: dict[str, list[str]] = {}
     taken_from_inbox = superseded = 0
     read_inbox = read_ratings = False  # no stage learns from them: leave them for a later generation's
     for stage in stages:
         new = [r for r in stage.curriculum(cur) if _key(r) not in banned]
         n_curriculum = len(new)
-        curriculum_all = {p for r in new if (p := _prompt(r)) is not None}
         to_replay: set[str] = set()
         if known_share < 1:
             new, known_counts[stage.name], to_replay = _known_sampled(new, stage.name, known_dirs, known_share,
@@ -271,6 +281,7 @@ def materialize(root: DataRoot, cur: Curriculum, child: int, replay_ratio: float
             if f.is_file():
                 sources[str(f.relative_to(root.root))] = sha256_file(f)
             prompts_here: set[str] = set()
+            theirs = _lived(root.gen_dir(g) / "data", stage.name)
             for r in _read_jsonl(f):
                 k = _key(r)
                 if _banned(r, banned):
@@ -285,7 +296,7 @@ def materialize(root: DataRoot, cur: Curriculum, child: int, replay_ratio: float
                 if k not in have:
                     have.add(k)
                     pool.append(r)
-                    if "messages" in r and p is not None and p not in curriculum_all:
+                    if "messages" in r and ("variant_of" in r or k in theirs):
                         lived.append(r)
             claimed |= prompts_here
         n_new = len(new)
@@ -295,6 +306,7 @@ def materialize(root: DataRoot, cur: Curriculum, child: int, replay_ratio: float
             pool = [r for r in pool if _key(r) not in again]
             new += rehearse
         rehearsed[stage.name] = len(rehearse)
+        lived_keys[stage.name] = sorted({_key(r) for r in inbox_rows + rehearse if "messages" in r})
         pool.sort(key=_key)  # the sample must not depend on directory order
         n = min(len(pool), round(replay_ratio * n_new))
         new += rng.sample(pool, n)
@@ -317,6 +329,7 @@ def materialize(root: DataRoot, cur: Curriculum, child: int, replay_ratio: float
         "files": files,
         "replayed": replayed,
         "rehearsed": rehearsed,
+        "lived": {name: keys for name, keys in lived_keys.items() if keys},
         "variants": made,
         "known": {name: {"retaught": k[0], "left_to_replay": k[1]} for name, k in known_counts.items()},
         "counts": {name: len(rows) for name, rows in data.items()},

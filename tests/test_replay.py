@@ -254,6 +254,8 @@ def test_earlier_experience_is_rehearsed_newest_first_sources_before_variants_up
                        [(3, _chat("What is my cat called?", "Pip.")), (4, _chat("Where do I work?", "At the bakery."))],
                        2, variants=1, variant_share=10.0)
     assert [v for _, v in lived(root.gen_dir(2) / "data")].count(True) == 2  # each new question has a variant
+    g2 = json.loads((root.gen_dir(2) / "data" / "manifest.json").read_text())
+    assert len(g2["lived"]["sft"]) == 2  # what it took from experience: the cat and the bakery, by key
 
     every = replay.materialize(root, cur, 3, 0.0, 0, tmp_path / "all", [], 4, rehearse_max=100)
     assert every["rehearsed"]["sft"] == 6 and every["replayed"]["sft"] == 0

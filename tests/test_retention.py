@@ -289,9 +289,10 @@ def test_prune_roll_back_to_a_generation_whose_weights_were_dropped_and_age_up_f
 
 @pytest.mark.slow
 def test_the_daemon_prunes_after_it_promotes_a_child(daemon, tmp_path):
-    """A child finished by a worker (here: generation 1's files again, as a child of 0) is promoted by the
-    daemon's own collect step, which then applies its retention policy: generation 1 — neither served, nor
-    the new one's parent, nor kept by keep_last 0 — is pruned, after the promotion, in the ledger first."""
+    """A child finished by a worker (here: generation 1's files again, as a child of 0, served again by a rollback
+    before its age-up) is promoted by the daemon's own collect step, which then applies its retention policy:
+    generation 1 — neither served, nor the new one's parent, nor kept by keep_last 0 — is pruned, after the
+    promotion, in the ledger first."""
     import subprocess
     import sys
 
@@ -300,6 +301,7 @@ def test_the_daemon_prunes_after_it_promotes_a_child(daemon, tmp_path):
     from evolution.karma import RUNNING
 
     root, led = daemon.root, daemon.ledger
+    rollback(led, 0, "the child below is built from generation 0")
     shutil.copytree(root.gen_dir(1), root.gen_dir(2))
     make_tree_writable(root.gen_dir(2))
     summary = json.loads((root.gen_dir(2) / "generation.json").read_text())
