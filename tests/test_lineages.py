@@ -366,7 +366,7 @@ def test_two_lineages_age_up_independently_and_one_daemon_serves_both(tmp_path, 
                                     ("evolution-deacon-gen-0000", "not the served generation")):
                 r = c.post("/v1/chat/completions", json=ask | {"model": other})
                 assert r.status_code == 404 and fragment in r.json()["error"]["message"], r.text
-            assert c.post("/lineages/deacon/karma", json={"amount": 7}).status_code == 200
+            assert c.post("/lineages/deacon/karma", json={"amount": 7}).status_code == 201  # a new grant
             assert (daemons["deacon"].karma.state().total, daemons["main"].karma.state().total) == (7, 0)
 
             failures, answered, stop = [], {"evolution": 0, "evolution-deacon": 0}, threading.Event()
