@@ -23,6 +23,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Iterator
 
+from filelock import FileLock, Timeout
+
 from evolution import base as base_model
 from evolution import curriculum as curriculum_mod
 from evolution import export, gate, promotion, replay, retention, train
@@ -149,6 +151,27 @@ def _export_stages(state: _State, staging: Path, cfg: AgeUpConfig, stage_cb: Sta
     _run(state, "smoke", smoke, stage_cb)
 
 
+@contextlib.contextmanager
+def _lock(root: DataRoot) -> Iterator[None]:
+    """One age-up at a time per lineage, refused at once (``DataRoot.exclusive``, the lock a prune of the
+    lineage also takes); the lineages of one data root then queue for the machine, one age-up after another
+    (OS file locks: released even if the process dies)."""
+    with root.exclusive(f"another age-up (or a prune) is running on {root.root}; wait for it to finish — only "
+                        "one age-up runs at a time"):
+        root.ledger_dir.mkdir(parents=True, exist_ok=True)
+        machine = FileLock(str(root.ledger_dir / ".ageup-queue.lock"))
+        try:
+            machine.acquire(timeout=0)
+        except Timeout:
+            log.info("lineage %s: another lineage's age-up runs on %s; waiting for it to finish", root.lineage,
+                     root.root)
+            machine.acquire(poll_interval=1.0)
+        try:
+            yield
+        finally:
+            machine.release()
+
+
 def _gen0_gguf(root: DataRoot, ledger: Ledger) -> Path | None:
     """Generation 0's GGUF, hash-verified, to re-measure the gate's anchors on; None (and the anchor rules say
     so) when it cannot be read."""
@@ -159,8 +182,17 @@ def _gen0_gguf(root: DataRoot, ledger: Ledger) -> Path | None:
         return None
 
 
+def anchor_history(root: DataRoot, ledger: Ledger, parent: int) -> list[gate.ModelEval]:
+    """The numbers the gate's anchors are found among: the ``gate_result`` of each ancestor of ``parent``
+    other than 0 and the parent (re-measured beside the child), and generation 0's ``eval.json``. Only the
+    ledger's lineage: ``ledger`` reads its own lineage's entries, ``root`` its own folder, so another lineage's
+    generation of the same number is never an anchor."""
+    return gate.lineage_evals({g: ledger.generation(g).gate for g in ledger.generation(parent).lineage
+                               if g not in (0, parent)}, root.gen_dir(0))
+
+
 def _answers(root: DataRoot) -> Path:
-    """Where the gate remembers each GGUF's replies (``evolution.metrics.answers``)."""
+    """Where the gate remembers each GGUF's replies (``evolution.metrics.answers``): per lineage."""
     return root.checkpoints / answer_book.FOLDER
 
 
@@ -272,8 +304,7 @@ def _tracked(root: DataRoot, expected: dict[str, float] | None = None) -> Iterat
 
     A failure caused by a full disk, however deep it came from, is raised as ``DiskFull`` with a
     message that says so and what to do."""
-    with root.exclusive(f"another age-up (or a prune) is running on {root.root}; wait for it to finish — only "
-                        "one age-up runs at a time"):
+    with _lock(root):
         tracker = None
         try:
             tracker = progress_mod.Tracker(root, expected)
@@ -415,9 +446,8 @@ def _age_up_locked(root: DataRoot, cfg: AgeUpConfig, ledger: Ledger, cur, base, 
         # every probe, at every later gate; the experience this child's data holds
         es = gate.eval_set(cur, ancestors, ProbeStore(ledger).items(), staging / "data")
         result = gate.run(staging / GGUF_NAME, child, parent_gguf, parent, es, cfg.gate, cfg.export.smoke_prompt,
-                          lineage=gate.lineage_evals({g: ledger.generation(g).gate for g in lineage
-                                                      if g not in (0, parent)}, root.gen_dir(0)),
-                          gen0_gguf=_gen0_gguf(root, ledger), answers=_answers(root))
+                          lineage=anchor_history(root, ledger, parent), gen0_gguf=_gen0_gguf(root, ledger),
+                          answers=_answers(root))
         gate.write_report(result, staging)
         state.info["gate"] = _gate_info(result)
 

@@ -8,6 +8,7 @@ A backup is a folder::
     ledger/HEAD.json           the exported head: the snapshot's last entry
     checkpoints/gen_NNNN/...   every generation the snapshot's ledger knows: metadata, data, eval reports,
                                and the weights (GGUF, merged safetensors, adapter) unless ``models=False``
+    lineages/NAME/checkpoints/gen_NNNN/...   the same for every other lineage of the ledger
 
 Consistency: the ledger is copied first, as one snapshot; a generation directory is complete
 and read-only before its ``exported`` event is recorded (it is renamed into place, then
@@ -169,7 +170,7 @@ def _snapshot_ledger(root: DataRoot, url: str | None, work: Path) -> tuple[dict,
     shutil.rmtree(scratch.root, ignore_errors=True)
     source_head.unlink(missing_ok=True)
     head = Head(seq=last.seq, entry_hash=last.entry_hash, ledger=display) if last is not None else None
-    gens = {r.gen for r in rows if r.kind == ev.EXPORTED}
+    gens = {(r.lineage, r.gen) for r in rows if r.kind == ev.EXPORTED}
     artifacts = {}
     for r in rows:
         if r.kind == ev.EXPORTED:
@@ -274,12 +275,15 @@ def _build(root: DataRoot, url: str | None, work: Path, models: bool) -> BackupR
                                                          "ledger": head.ledger})
         files[f"ledger/{HEAD_NAME}"] = sha256_file(work / "ledger" / HEAD_NAME)
     left_out: dict[str, str] = {}
-    copied = []
-    for n in sorted(gens):
-        src = root.gen_dir(n)
+    copied, others = [], {}
+    for lineage, n in sorted(gens):
+        src = root.for_lineage(lineage).gen_dir(n)
         if not src.is_dir():
             continue  # named in the ledger but not on disk (pruned, or never finished): verify says which
-        copied.append(n)
+        if lineage == root.lineage:
+            copied.append(n)
+        else:
+            others.setdefault(lineage, []).append(n)
         for p in sorted(src.rglob("*")):
             if not p.is_file():
                 continue
@@ -295,6 +299,7 @@ def _build(root: DataRoot, url: str | None, work: Path, models: bool) -> BackupR
         "ledger": info,
         "models": models,
         "generations": copied,
+        "lineage_generations": others,
         "files": files,
         "left_out": left_out,
     }
@@ -398,6 +403,9 @@ def restore(src: Path, root: DataRoot, *, url: str | None = None, force: bool = 
     kept, missing = _reclaim_models(root, moved, m)
     for n in m["generations"]:
         make_tree_read_only(root.gen_dir(n))  # as the age-up left them
+    for lineage, numbers in m.get("lineage_generations", {}).items():
+        for n in numbers:
+            make_tree_read_only(root.for_lineage(lineage).gen_dir(n))
     if kind == "postgresql":
         _pg_restore(src / PG_DUMP, url, m["ledger"]["schema"])
     with Ledger.open(root, url) as led:
@@ -414,13 +422,13 @@ def restore(src: Path, root: DataRoot, *, url: str | None = None, force: bool = 
 def _swap_in(root: DataRoot, stage: Path, m: dict) -> Path | None:
     """Move the data root's ledger/ and checkpoints/ aside (if any) and the staged ones into place."""
     moved = None
-    for name in ("ledger", "checkpoints", "daemon.json"):
+    for name in ("ledger", "checkpoints", "lineages", "daemon.json"):
         if (root.root / name).exists():
             if moved is None:
                 moved = root.root / f".before-restore-{datetime.now(timezone.utc):%Y%m%dT%H%M%S}"
                 moved.mkdir()
             (root.root / name).rename(moved / name)
-    for name in ("ledger", "checkpoints"):
+    for name in ("ledger", "checkpoints", "lineages"):
         if (stage / name).exists():
             (stage / name).rename(root.root / name)
     root.prepare()

@@ -392,6 +392,9 @@ class DaemonConfig:
     """...up to this many attempts; then its request is marked failed (and the error shown in /status)."""
     shutdown_grace_s: float = 120.0
     """On SIGTERM: how long a training age-up may take to write its checkpoint before it is killed."""
+    idle_unload_s: float = 0.0
+    """Unload the served model after this many seconds without a request, and load it again on the
+    next one (as Ollama's keep_alive); 0 keeps it loaded. For one daemon serving several lineages."""
     capture: bool = True
     """Keep every served chat completion (scrubbed, like posted conversations) so it can be rated with
     ``POST /feedback`` or ``evolve feedback``; a request's OpenAI ``store: false`` opts it out."""
@@ -469,6 +472,9 @@ def validate_daemon(d: DaemonConfig) -> None:
         v = getattr(d, name)
         if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v <= 0):
             p.append(f"daemon.{name} must be a positive integer (or unset), got {v!r}")
+    v = d.idle_unload_s
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+        p.append(f"daemon.idle_unload_s must be a number of seconds >= 0 (0: never unload), got {v!r}")
     if isinstance(d.train_nice, bool) or not isinstance(d.train_nice, int) or not 0 <= d.train_nice <= 19:
         p.append(f"daemon.train_nice must be 0-19, got {d.train_nice!r}")
     if not isinstance(d.capture, bool):

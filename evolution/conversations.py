@@ -94,23 +94,25 @@ class ConversationStore:
         body = json.dumps(clean, ensure_ascii=False)
         with self.ledger.transaction() as txn:
             if key is not None:
-                row = txn.conn.execute(text("SELECT id, messages, redactions, label FROM conversations"
+                row = txn.conn.execute(text("SELECT id, messages, redactions, label, lineage FROM conversations"
                                             " WHERE idem_key = :k"), {"k": key}).first()
                 if row is not None:
-                    if row.messages != body or row.label != label:
+                    if row.messages != body or row.label != label or row.lineage != self.ledger.lineage:
                         raise ConversationKeyReused(f"idempotency key {key!r} was already used for another transcript"
-                                                    " (or another label)")
+                                                    " (or another label, or another lineage)")
                     return Stored(row.id, True, len(clean), json.loads(row.redactions))
             cid = txn.conn.execute(
-                text("INSERT INTO conversations (time, idem_key, messages, redactions, sha256, label)"
-                     " VALUES (:t, :k, :m, :r, :h, :l) RETURNING id"),
+                text("INSERT INTO conversations (time, idem_key, messages, redactions, sha256, label, lineage)"
+                     " VALUES (:t, :k, :m, :r, :h, :l, :lin) RETURNING id"),
                 {"t": datetime.now(timezone.utc).isoformat(timespec="microseconds"), "k": key, "m": body,
-                 "r": json.dumps(counts), "h": hashlib.sha256(body.encode()).hexdigest(), "l": label},
+                 "r": json.dumps(counts), "h": hashlib.sha256(body.encode()).hexdigest(), "l": label,
+                 "lin": self.ledger.lineage},
             ).scalar_one()
             if label is not None:
                 digest = hashlib.sha256(json.dumps({"by": "conversation", "item": str(cid), "label": label},
                                                    sort_keys=True).encode()).hexdigest()
-                record_rating(txn.conn, "conversation", cid, label, None, {}, None, None, None, digest, "intake")
+                record_rating(txn.conn, "conversation", cid, label, None, {}, None, None, None, digest, "intake",
+                              self.ledger.lineage)
         return Stored(cid, False, len(clean), counts)
 
     def after(self, last_id: int) -> list[tuple[int, list[dict]]]:
@@ -122,8 +124,8 @@ class ConversationStore:
         with self.ledger.reading() as conn:
             rows = conn.execute(text(
                 "SELECT c.id, c.messages FROM conversations c LEFT JOIN experience_ratings r ON r.id = c.rating_id"
-                " WHERE c.id > :i AND (r.id IS NULL OR (r.label = 'good' AND r.correction IS NULL)) ORDER BY c.id"),
-                {"i": last_id})
+                " WHERE c.lineage = :lin AND c.id > :i AND (r.id IS NULL OR (r.label = 'good' AND r.correction IS NULL))"
+                " ORDER BY c.id"), {"i": last_id, "lin": self.ledger.lineage})
             return [(r.id, json.loads(r.messages)) for r in rows]
 
     def recent(self, limit: int = 30) -> list[dict]:
@@ -131,13 +133,14 @@ class ConversationStore:
         with self.ledger.reading() as conn:
             rows = conn.execute(text(
                 "SELECT c.id, c.time, c.messages, c.redactions, r.label, r.correction FROM conversations c"
-                " LEFT JOIN experience_ratings r ON r.id = c.rating_id ORDER BY c.id DESC LIMIT :n"),
-                {"n": int(limit)}).all()
+                " LEFT JOIN experience_ratings r ON r.id = c.rating_id WHERE c.lineage = :lin ORDER BY c.id DESC LIMIT :n"),
+                {"n": int(limit), "lin": self.ledger.lineage}).all()
         return [{"id": r.id, "time": r.time, "messages": json.loads(r.messages), "redactions": json.loads(r.redactions),
                  "label": r.label, "corrected": r.correction is not None} for r in rows]
 
     def count(self) -> tuple[int, int]:
         """(number stored, id of the newest or 0)."""
         with self.ledger.reading() as conn:
-            n, last = conn.execute(text("SELECT COUNT(*), COALESCE(MAX(id), 0) FROM conversations")).one()
+            n, last = conn.execute(text("SELECT COUNT(*), COALESCE(MAX(id), 0) FROM conversations WHERE lineage = :lin"),
+                                   {"lin": self.ledger.lineage}).one()
         return int(n), int(last)

@@ -185,14 +185,15 @@ def _number(item_id) -> int | None:
 
 
 def record_rating(conn: Connection, kind: str, item: int, label: str, correction: str | None, redactions: dict,
-                  karma: float | None, grant_id: int | None, key: str | None, digest: str, source: str) -> int:
+                  karma: float | None, grant_id: int | None, key: str | None, digest: str, source: str,
+                  lineage: str) -> int:
     """Insert one rating and make it the item's newest label (inside the caller's write transaction)."""
     rid = conn.execute(
         text("INSERT INTO experience_ratings (time, item_kind, item_id, label, correction, redactions, karma,"
-             " grant_id, idem_key, body_sha256, source) VALUES (:t, :kind, :item, :l, :c, :r, :k, :g, :key, :h, :s)"
-             " RETURNING id"),
+             " grant_id, idem_key, body_sha256, source, lineage)"
+             " VALUES (:t, :kind, :item, :l, :c, :r, :k, :g, :key, :h, :s, :lin) RETURNING id"),
         {"t": _now(), "kind": kind, "item": item, "l": label, "c": correction, "r": json.dumps(redactions),
-         "k": karma, "g": grant_id, "key": key, "h": digest, "s": source},
+         "k": karma, "g": grant_id, "key": key, "h": digest, "s": source, "lin": lineage},
     ).scalar_one()
     table = "experiences" if kind == "completion" else "conversations"
     conn.execute(text(f"UPDATE {table} SET rating_id = :r WHERE id = :i"), {"r": rid, "i": item})
@@ -206,7 +207,7 @@ def check_label(label) -> str:
 
 
 class ExperienceStore:
-    """Served chats and their ratings in ``ledger``'s database.
+    """Served chats and their ratings in ``ledger``'s database, for the ledger's lineage.
 
     ``karma``: what ``rate(..., karma=N)`` grants through (needed only for that);
     ``capture_max``: how many experiences are kept.
@@ -245,10 +246,11 @@ class ExperienceStore:
         with self.ledger.transaction() as txn:
             eid = txn.conn.execute(
                 text("INSERT INTO experiences (time, completion_id, model_id, sha256, gen, finish_reason, cut_off,"
-                     " messages, reply, redactions) VALUES (:t, :c, :m, :h, :g, :f, :x, :msgs, :r, :red) RETURNING id"),
+                     " messages, reply, redactions, lineage)"
+                     " VALUES (:t, :c, :m, :h, :g, :f, :x, :msgs, :r, :red, :lin) RETURNING id"),
                 {"t": _now(), "c": completion_id, "m": str(model_id), "h": sha256, "g": generation,
                  "f": finish_reason, "x": int(bool(cut_off)), "msgs": body, "r": clean[-1],
-                 "red": json.dumps(counts)},
+                 "red": json.dumps(counts), "lin": self.ledger.lineage},
             ).scalar_one()
             self._evict(txn.conn, eid)
             faults.point("capture")  # test hook (evolution/faults.py): inserted, not yet committed
@@ -257,17 +259,19 @@ class ExperienceStore:
     def _evict(self, conn: Connection, newest: int) -> None:
         # Ids only grow, so there can be no more rows than ids between the oldest and the newest:
         # the common case costs one index lookup, and only a store at its bound is counted.
-        oldest = conn.execute(text("SELECT MIN(id) FROM experiences")).scalar_one()
+        lin = {"lin": self.ledger.lineage}  # each lineage keeps its own newest capture_max
+        oldest = conn.execute(text("SELECT MIN(id) FROM experiences WHERE lineage = :lin"), lin).scalar_one()
         if newest - oldest + 1 <= self.capture_max:
             return
-        excess = conn.execute(text("SELECT COUNT(*) FROM experiences")).scalar_one() - self.capture_max
+        excess = conn.execute(text("SELECT COUNT(*) FROM experiences WHERE lineage = :lin"), lin).scalar_one() \
+            - self.capture_max
         if excess <= 0:
             return
         excess += self.capture_max // 100  # make room for the next 1 %: a full store does not delete at every chat
         rows = conn.execute(
-            text("SELECT id, rating_id FROM experiences WHERE id < :new"  # never the chat just kept
+            text("SELECT id, rating_id FROM experiences WHERE lineage = :lin AND id < :new"  # never the chat just kept
                  " ORDER BY CASE WHEN rating_id IS NULL THEN 0 ELSE 1 END, id LIMIT :n"),
-            {"new": newest, "n": excess}).all()
+            {"new": newest, "n": excess, **lin}).all()
         rated = sum(r.rating_id is not None for r in rows)
         if rated:
             log.warning("experiences: all %d kept are rated; evicting the %d oldest rated one(s) (raise "
@@ -296,18 +300,18 @@ class ExperienceStore:
         in_range = number is not None and 0 < number <= MAX_ROW_ID  # no row has another id; the driver refuses one
         if by == "completion":
             if number is None:
-                row = conn.execute(text("SELECT id, completion_id FROM experiences WHERE completion_id = :c"),
-                                   {"c": item_id}).first()
+                row = conn.execute(text("SELECT id, completion_id FROM experiences WHERE completion_id = :c"
+                                        " AND lineage = :lin"), {"c": item_id, "lin": self.ledger.lineage}).first()
             else:
-                row = conn.execute(text("SELECT id, completion_id FROM experiences WHERE id = :i"),
-                                   {"i": number}).first() if in_range else None
+                row = conn.execute(text("SELECT id, completion_id FROM experiences WHERE id = :i AND lineage = :lin"),
+                                   {"i": number, "lin": self.ledger.lineage}).first() if in_range else None
             if row is None:
                 raise UnknownExperience(
                     f"no served completion {item_id!r} is kept: use the 'id' of a /v1/chat/completions reply "
                     f"(chatcmpl-…); `evolve experiences` lists the ones kept (the newest {self.capture_max})")
             return row.id, row.completion_id
-        row = conn.execute(text("SELECT id FROM conversations WHERE id = :i"), {"i": number}).first() if in_range \
-            else None
+        row = conn.execute(text("SELECT id FROM conversations WHERE id = :i AND lineage = :lin"),
+                           {"i": number, "lin": self.ledger.lineage}).first() if in_range else None
         if row is None:
             raise UnknownExperience(f"no conversation {item_id!r}: use the 'id' that POST /conversations returned")
         return row.id, None
@@ -365,7 +369,7 @@ class ExperienceStore:
                 row = conn.execute(text("SELECT * FROM experience_ratings WHERE idem_key = :k"),
                                    {"k": idempotency_key}).first()
                 if row is not None:
-                    if row.body_sha256 != digest:
+                    if row.body_sha256 != digest or row.lineage != self.ledger.lineage:
                         raise ExperienceKeyReused(
                             f"idempotency key {idempotency_key!r} was already used for another rating; use a new "
                             "key for a new rating (or repeat the first request exactly)")
@@ -383,7 +387,7 @@ class ExperienceStore:
                 except KarmaError as exc:
                     raise ExperienceError(str(exc), "karma") from None
             rid = record_rating(conn, by, item, label, correction, redactions, karma, grant_id, idempotency_key,
-                                digest, source)
+                                digest, source, self.ledger.lineage)
             row = conn.execute(text("SELECT * FROM experience_ratings WHERE id = :r"), {"r": rid}).one()
             return self._result(conn, row, completion_id, False)
 
@@ -409,17 +413,19 @@ class ExperienceStore:
                 pairs.append(Pair(name, rid, prompt, correction, reply, label))
 
         with self.ledger.reading() as conn:
-            through = conn.execute(text("SELECT COALESCE(MAX(id), 0) FROM experience_ratings")).scalar_one()
+            lin = self.ledger.lineage
+            through = conn.execute(text("SELECT COALESCE(MAX(id), 0) FROM experience_ratings WHERE lineage = :lin"),
+                                   {"lin": lin}).scalar_one()
             rows = conn.execute(text(
                 "SELECT e.id, e.messages, e.reply, r.id AS rid, r.label, r.correction FROM experiences e"
-                " JOIN experience_ratings r ON r.id = e.rating_id WHERE r.id > :s AND r.id <= :t ORDER BY r.id"),
-                {"s": since, "t": through})
+                " JOIN experience_ratings r ON r.id = e.rating_id WHERE e.lineage = :lin AND r.id > :s AND r.id <= :t"
+                " ORDER BY r.id"), {"s": since, "t": through, "lin": lin})
             for r in rows:
                 add("completion", r.id, r.rid, json.loads(r.messages), r.reply, r.label, r.correction)
             rows = conn.execute(text(
                 "SELECT c.id, c.messages, r.id AS rid, r.label, r.correction FROM conversations c"
-                " JOIN experience_ratings r ON r.id = c.rating_id WHERE r.id > :s AND r.id <= :t ORDER BY r.id"),
-                {"s": since, "t": through})
+                " JOIN experience_ratings r ON r.id = c.rating_id WHERE c.lineage = :lin AND r.id > :s AND r.id <= :t"
+                " ORDER BY r.id"), {"s": since, "t": through, "lin": lin})
             for r in rows:
                 prompt, reply = _split(json.loads(r.messages))
                 add("conversation", r.id, r.rid, prompt, reply, r.label, r.correction)
@@ -433,11 +439,11 @@ class ExperienceStore:
             raise ExperienceError(f"label must be 'good', 'bad' or 'none', got {repr(label)[:40]}")
         if isinstance(limit, bool) or not isinstance(limit, int) or limit <= 0:
             raise ExperienceError(f"limit must be a positive integer, got {limit!r}")
-        where, params = "", {"n": limit}
+        where, params = " WHERE e.lineage = :lin", {"n": limit, "lin": self.ledger.lineage}
         if label == "none":
-            where = " WHERE e.rating_id IS NULL"
+            where += " AND e.rating_id IS NULL"
         elif label is not None:
-            where, params["l"] = " WHERE r.label = :l", label
+            where, params["l"] = where + " AND r.label = :l", label
         with self.ledger.reading() as conn:
             rows = conn.execute(text(
                 "SELECT e.*, r.label, r.correction FROM experiences e LEFT JOIN experience_ratings r"
@@ -453,9 +459,12 @@ class ExperienceStore:
                 "SELECT COUNT(*), SUM(CASE WHEN r.label = 'good' THEN 1 ELSE 0 END),"
                 " SUM(CASE WHEN r.label = 'bad' THEN 1 ELSE 0 END),"
                 " SUM(CASE WHEN r.correction IS NOT NULL THEN 1 ELSE 0 END)"
-                " FROM experiences e LEFT JOIN experience_ratings r ON r.id = e.rating_id")).one()
-            conv = conn.execute(text("SELECT COUNT(*) FROM conversations WHERE rating_id IS NOT NULL")).scalar_one()
-            ratings = conn.execute(text("SELECT COUNT(*) FROM experience_ratings")).scalar_one()
+                " FROM experiences e LEFT JOIN experience_ratings r ON r.id = e.rating_id WHERE e.lineage = :lin"),
+                {"lin": self.ledger.lineage}).one()
+            conv = conn.execute(text("SELECT COUNT(*) FROM conversations WHERE rating_id IS NOT NULL AND lineage = :lin"),
+                                {"lin": self.ledger.lineage}).scalar_one()
+            ratings = conn.execute(text("SELECT COUNT(*) FROM experience_ratings WHERE lineage = :lin"),
+                                   {"lin": self.ledger.lineage}).scalar_one()
         good, bad = int(good or 0), int(bad or 0)
         return {"experiences": int(n), "good": good, "bad": bad, "unrated": int(n) - good - bad,
                 "corrected": int(corrected or 0), "labelled_conversations": int(conv), "ratings": int(ratings),

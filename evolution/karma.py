@@ -55,6 +55,8 @@ class AgeUpRequest:
     """Age-up attempts that failed so far (the daemon retries with a growing delay)."""
     not_before: float | None = None
     """Unix time before which the daemon does not retry it."""
+    lineage: str = "main"
+    """The lineage whose karma opened it (the one it ages up)."""
 
 
 @dataclass(frozen=True)
@@ -111,7 +113,7 @@ def check_amount(amount) -> float:
 
 
 class Karma:
-    """Karma of one ledger. ``threshold``: karma per age-up; ``growth``: its factor per age-up."""
+    """Karma of one lineage (the ledger's). ``threshold``: karma per age-up; ``growth``: its factor per age-up."""
 
     def __init__(self, ledger: Ledger, threshold: float, growth: float = 1.0):
         if not (isinstance(threshold, (int, float)) and 0 < threshold <= 1e15 and math.isfinite(threshold)):
@@ -129,11 +131,14 @@ class Karma:
     # -- reading -----------------------------------------------------------------------------
 
     def _state(self, conn: Connection) -> KarmaState:
-        total = conn.execute(text("SELECT COALESCE(SUM(amount), 0) FROM karma_events")).scalar_one()
-        spent, k = conn.execute(text("SELECT COALESCE(SUM(threshold), 0), COUNT(*) FROM ageup_requests")).one()
+        lin = {"lin": self.ledger.lineage}
+        total = conn.execute(text("SELECT COALESCE(SUM(amount), 0) FROM karma_events WHERE lineage = :lin"),
+                             lin).scalar_one()
+        spent, k = conn.execute(text("SELECT COALESCE(SUM(threshold), 0), COUNT(*) FROM ageup_requests"
+                                     " WHERE lineage = :lin"), lin).one()
         row = conn.execute(
-            text("SELECT * FROM ageup_requests WHERE status IN (:p, :r) ORDER BY id LIMIT 1"),
-            {"p": PENDING, "r": RUNNING},
+            text("SELECT * FROM ageup_requests WHERE lineage = :lin AND status IN (:p, :r) ORDER BY id LIMIT 1"),
+            {"p": PENDING, "r": RUNNING, **lin},
         ).first()
         return KarmaState(float(total), float(total) - float(spent), self.threshold_for(int(k)),
                           AgeUpRequest(**row._mapping) if row else None)
@@ -144,7 +149,8 @@ class Karma:
 
     def requests(self) -> list[AgeUpRequest]:
         with self.ledger.reading() as conn:
-            return [AgeUpRequest(**r._mapping) for r in conn.execute(text("SELECT * FROM ageup_requests ORDER BY id"))]
+            return [AgeUpRequest(**r._mapping) for r in conn.execute(
+                text("SELECT * FROM ageup_requests WHERE lineage = :lin ORDER BY id"), {"lin": self.ledger.lineage})]
 
     # -- writing -----------------------------------------------------------------------------
 
@@ -154,12 +160,13 @@ class Karma:
             return None
         now = _now()
         rid = txn.conn.execute(
-            text("INSERT INTO ageup_requests (time, karma, threshold, status, grant_id)"
-                 " VALUES (:t, :k, :th, :s, :g) RETURNING id"),
-            {"t": now, "k": state.total, "th": state.threshold, "s": PENDING, "g": grant_id},
+            text("INSERT INTO ageup_requests (time, karma, threshold, status, grant_id, lineage)"
+                 " VALUES (:t, :k, :th, :s, :g, :lin) RETURNING id"),
+            {"t": now, "k": state.total, "th": state.threshold, "s": PENDING, "g": grant_id, "lin": self.ledger.lineage},
         ).scalar_one()
         txn.record(ev.karma_threshold_crossed(state.total, state.threshold, gen, request=rid))
-        return AgeUpRequest(rid, now, state.total, state.threshold, PENDING, None, None, None, grant_id)
+        return AgeUpRequest(rid, now, state.total, state.threshold, PENDING, None, None, None, grant_id,
+                            lineage=self.ledger.lineage)
 
     def retry_later(self, request_id: int, delay_s: float, error: str) -> None:
         """A failed attempt: count it and put the request back in the queue after ``delay_s``."""
@@ -168,8 +175,8 @@ class Karma:
         with self.ledger.transaction() as txn:
             txn.conn.execute(
                 text("UPDATE ageup_requests SET status = :s, attempts = attempts + 1, not_before = :nb,"
-                     " outcome = :o WHERE id = :i"),
-                {"s": PENDING, "nb": time.time() + delay_s, "o": error, "i": request_id},
+                     " outcome = :o WHERE id = :i AND lineage = :lin"),
+                {"s": PENDING, "nb": time.time() + delay_s, "o": error, "i": request_id, "lin": self.ledger.lineage},
             )
 
     def add(self, amount, reason: str = "", key: str | None = None, source: str = "cli",
@@ -188,8 +195,12 @@ class Karma:
         if key is not None and (not isinstance(key, str) or not 0 < len(key) <= MAX_KEY):
             raise KarmaError(f"idempotency key must be 1 to {MAX_KEY} characters", "idempotency_key")
         if key is not None:
-            row = txn.conn.execute(text("SELECT id, amount FROM karma_events WHERE idem_key = :k"), {"k": key}).first()
+            row = txn.conn.execute(text("SELECT id, amount, lineage FROM karma_events WHERE idem_key = :k"),
+                                   {"k": key}).first()
             if row is not None:
+                if row.lineage != self.ledger.lineage:
+                    raise KarmaKeyReused(f"idempotency key {key!r} was already used for a grant to lineage "
+                                         f"{row.lineage!r}; use a new key for a grant to {self.ledger.lineage!r}")
                 if row.amount != amount:
                     raise KarmaKeyReused(f"idempotency key {key!r} was already used for a grant of {row.amount:g}, "
                                          f"not {amount:g}; use a new key for a new grant")
@@ -198,9 +209,9 @@ class Karma:
                 return Grant(row.id, row.amount, True, AgeUpRequest(**opened._mapping) if opened else None,
                              self._state(txn.conn))
         gid = txn.conn.execute(
-            text("INSERT INTO karma_events (time, amount, reason, idem_key, source)"
-                 " VALUES (:t, :a, :r, :k, :s) RETURNING id"),
-            {"t": _now(), "a": amount, "r": reason, "k": key, "s": source},
+            text("INSERT INTO karma_events (time, amount, reason, idem_key, source, lineage)"
+                 " VALUES (:t, :a, :r, :k, :s, :lin) RETURNING id"),
+            {"t": _now(), "a": amount, "r": reason, "k": key, "s": source, "lin": self.ledger.lineage},
         ).scalar_one()
         req = self._trigger(txn, self._state(txn.conn), served_gen, gid)
         return Grant(gid, amount, False, req, self._state(txn.conn))
@@ -217,9 +228,9 @@ class Karma:
         with self.ledger.transaction() as txn:
             found = txn.conn.execute(
                 text("UPDATE ageup_requests SET status = :s, gen = COALESCE(:g, gen), outcome = COALESCE(:o, outcome),"
-                     " finished_time = :f WHERE id = :i"),
+                     " finished_time = :f WHERE id = :i AND lineage = :lin"),
                 {"s": status, "g": gen, "o": outcome, "f": _now() if status in (DONE, FAILED) else None,
-                 "i": request_id},
+                 "i": request_id, "lin": self.ledger.lineage},
             ).rowcount
             if not found:
                 raise KarmaError(f"no age-up request {request_id}")

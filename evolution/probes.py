@@ -68,17 +68,18 @@ class ProbeStore:
         body = json.dumps(clean[1:], ensure_ascii=False)
         with self.ledger.transaction() as txn:
             if key is not None:
-                row = txn.conn.execute(text("SELECT id, question, answers, redactions FROM probes WHERE idem_key = :k"),
-                                       {"k": key}).first()
+                row = txn.conn.execute(text("SELECT id, question, answers, redactions, lineage FROM probes"
+                                            " WHERE idem_key = :k"), {"k": key}).first()
                 if row is not None:
-                    if (row.question, row.answers) != (clean[0], body):
-                        raise ProbeKeyReused(f"idempotency key {key!r} was already used for another probe")
+                    if (row.question, row.answers, row.lineage) != (clean[0], body, self.ledger.lineage):
+                        raise ProbeKeyReused(f"idempotency key {key!r} was already used for another probe"
+                                             " (or another lineage)")
                     return StoredProbe(row.id, True, json.loads(row.redactions))
             pid = txn.conn.execute(
-                text("INSERT INTO probes (time, idem_key, question, answers, redactions, sha256)"
-                     " VALUES (:t, :k, :q, :a, :r, :h) RETURNING id"),
+                text("INSERT INTO probes (time, idem_key, question, answers, redactions, sha256, lineage)"
+                     " VALUES (:t, :k, :q, :a, :r, :h, :lin) RETURNING id"),
                 {"t": datetime.now(timezone.utc).isoformat(timespec="microseconds"), "k": key, "q": clean[0],
-                 "a": body, "r": json.dumps(counts),
+                 "a": body, "r": json.dumps(counts), "lin": self.ledger.lineage,
                  "h": hashlib.sha256(json.dumps([clean[0], body]).encode()).hexdigest()},
             ).scalar_one()
         return StoredProbe(pid, False, counts)
@@ -86,9 +87,11 @@ class ProbeStore:
     def items(self) -> list[dict]:
         """Every probe as a recall item (``id``, ``question``, ``answers``), oldest first."""
         with self.ledger.reading() as conn:
-            rows = conn.execute(text("SELECT id, question, answers FROM probes ORDER BY id"))
+            rows = conn.execute(text("SELECT id, question, answers FROM probes WHERE lineage = :lin ORDER BY id"),
+                                {"lin": self.ledger.lineage})
             return [{"id": f"probe-{r.id}", "question": r.question, "answers": json.loads(r.answers)} for r in rows]
 
     def count(self) -> int:
         with self.ledger.reading() as conn:
-            return int(conn.execute(text("SELECT COUNT(*) FROM probes")).scalar_one())
+            return int(conn.execute(text("SELECT COUNT(*) FROM probes WHERE lineage = :lin"),
+                                    {"lin": self.ledger.lineage}).scalar_one())

@@ -166,7 +166,9 @@ def plan(root: DataRoot, ledger: Ledger, cfg: RetentionConfig) -> Plan:
 def prune(root: DataRoot, ledger: Ledger, cfg: RetentionConfig, dry_run: bool = False) -> Plan:
     """Apply the policy: record each deletion in the ledger, then delete its files. Return the plan carried out.
 
-    Refused while an age-up runs on the data root, and on a ledger whose history does not verify."""
+    Refused while an age-up runs on the lineage (``root``'s: another lineage's age-up does not hold it), and on a
+    ledger whose history does not verify. ``ledger`` reads ``root``'s lineage, so each ``pruned`` event is filed
+    under it."""
     ledger.check_history()
     with root.exclusive(f"an age-up is running on {root.root}; prune after it finishes (the daemon prunes after "
                         "each promotion on its own)"):

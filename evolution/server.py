@@ -62,7 +62,7 @@ from evolution.errors import (
 )
 from evolution.ledger import Ledger
 from evolution.paths import DataRoot
-from evolution.serving import Slot, Stream
+from evolution.serving import Slot, Stream, model_alias, model_id, parse_model
 
 log = logging.getLogger(__name__)
 
@@ -261,6 +261,11 @@ def create_app(daemon: Service) -> FastAPI:
     @app.get("/health")
     async def health():
         slot = daemon.served()
+        if slot is None and d.idle_unload_s:  # unloaded for idling: the next chat loads it
+            gen = await run_in_threadpool(daemon.ledger.served_generation)
+            if gen is not None:
+                return {"status": "ok", "served_generation": gen, "model": model_id(gen, daemon.root.lineage),
+                        "loaded": False}
         if slot is None:
             return JSONResponse({"status": "starting", "served_generation": None}, status_code=503)
         return {"status": "ok", "served_generation": slot.gen, "model": slot.id}
@@ -297,11 +302,7 @@ def create_app(daemon: Service) -> FastAPI:
         authorize(request, d.chat_requires_token)
         body = await _json(request)
         args = _chat_args(body, d.max_tokens, d.n_ctx)
-        asked = body.get("model")
-        slot = daemon.served()
-        if isinstance(asked, str) and asked.startswith("evolution-gen-") and slot is not None and asked != slot.id:
-            raise ApiError(404, f"model {asked!r} is not the served generation ({slot.id}); "
-                                "omit 'model' or use 'evolution' to get whichever is served", code="model_not_found")
+        _check_model(body.get("model"), daemon.served())
         store = body.get("store")
         if store is not None and not isinstance(store, bool):
             raise ApiError(400, f"'store' must be true or false, got {store!r}", param="store")
@@ -309,6 +310,20 @@ def create_app(daemon: Service) -> FastAPI:
         if body.get("stream"):
             return await _stream(args, keep)
         return await run_in_threadpool(_complete, args, keep)
+
+    def _check_model(asked, slot: Slot | None) -> None:
+        """Refuse a model id of ours that this daemon does not serve: another lineage, or a generation that is
+        not the served one. Any other name gets the served generation (clients that insist on a model name)."""
+        if not isinstance(asked, str):
+            return
+        ours = parse_model(asked)
+        lineage, alias = daemon.root.lineage, model_alias(daemon.root.lineage)
+        if ours is not None and ours[0] != lineage:
+            raise ApiError(404, f"model {asked!r} is not served here: this daemon serves lineage {lineage!r} "
+                                f"({alias}); GET /v1/models lists it", code="model_not_found")
+        if asked.startswith(alias + "-gen-") and slot is not None and asked != slot.id:  # malformed ones too
+            raise ApiError(404, f"model {asked!r} is not the served generation ({slot.id}); "
+                                f"omit 'model' or use {alias!r} to get whichever is served", code="model_not_found")
 
     def _complete(args: dict, keep: bool) -> dict:
         try:

@@ -27,6 +27,7 @@ import hashlib
 import logging
 import os
 import queue
+import re
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -36,6 +37,7 @@ from pathlib import Path
 from typing import Protocol, TypeVar
 
 from evolution.errors import IntegrityError, LoadError, NotReady
+from evolution.paths import LINEAGE_RE, MAIN
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -71,8 +73,29 @@ def default_threads() -> int:
     return max(1, (os.cpu_count() or 1) - 1)
 
 
-def model_id(gen: int) -> str:
-    return f"evolution-gen-{gen:04d}"
+_GEN_SUFFIX = re.compile(r"(?:^|-)gen-(\d+)$")
+
+
+def model_id(gen: int, lineage: str = MAIN) -> str:
+    """The OpenAI model id of a generation: ``evolution-gen-0003`` (main), ``evolution-deacon-gen-0003``."""
+    return f"evolution-gen-{gen:04d}" if lineage == MAIN else f"evolution-{lineage}-gen-{gen:04d}"
+
+
+def model_alias(lineage: str = MAIN) -> str:
+    """The id that always names a lineage's served generation: ``evolution`` (main), ``evolution-deacon``."""
+    return "evolution" if lineage == MAIN else f"evolution-{lineage}"
+
+
+def parse_model(name: str) -> tuple[str, int | None] | None:
+    """``(lineage, generation or None)`` for an id of ours (``evolution[-LINEAGE][-gen-N]``), else None."""
+    if not isinstance(name, str) or not name.startswith("evolution"):
+        return None
+    rest, gen = name[len("evolution"):], None
+    if m := _GEN_SUFFIX.search(rest):
+        rest, gen = rest[:m.start()], int(m.group(1))
+    if rest == "":
+        return MAIN, gen
+    return (rest[1:], gen) if rest.startswith("-") and LINEAGE_RE.match(rest[1:]) else None
 
 
 @dataclass(eq=False)
@@ -86,10 +109,11 @@ class Slot:
     canary_reply: str = ""
     users: int = 0
     retired: bool = False
+    lineage: str = MAIN
 
     @property
     def id(self) -> str:
-        return model_id(self.gen)
+        return model_id(self.gen, self.lineage)
 
     def close(self) -> None:
         with contextlib.suppress(Exception):
@@ -112,9 +136,10 @@ class ModelHost:
     """Holds the current model; see the module docstring."""
 
     def __init__(self, n_ctx: int = 2048, n_threads: int | None = None, canary_prompt: str = "Hello!",
-                 canary_max_tokens: int = 24, backend: Backend | None = None):
+                 canary_max_tokens: int = 24, backend: Backend | None = None, lineage: str = MAIN):
         from evolution.llamacpp import LlamaCppBackend
 
+        self.lineage = lineage
         self.n_ctx = n_ctx
         self.n_threads = n_threads or default_threads()
         self.backend = backend or LlamaCppBackend(n_ctx, self.n_threads)
@@ -125,6 +150,7 @@ class ModelHost:
         self._llama = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llama")
         self.swaps = 0
         self.last_swap: dict | None = None
+        self.last_used = time.time()
 
     @property
     def current(self) -> Slot | None:
@@ -167,7 +193,7 @@ class ModelHost:
         if not reply:
             model.close()
             raise LoadError(f"generation {gen}: gave an empty answer to the canary prompt {self.canary_prompt!r}")
-        return Slot(gen, sha256, path, model, fd, canary_reply=reply)
+        return Slot(gen, sha256, path, model, fd, canary_reply=reply, lineage=self.lineage)
 
     def swap(self, slot: Slot) -> Slot | None:
         """Serve ``slot`` from now on; return the model it replaced (freed once its requests end)."""
@@ -189,7 +215,20 @@ class ModelHost:
             if slot is None:
                 raise NotReady("no model is loaded yet: generation 0 is being built (see /status)")
             slot.users += 1
+            self.last_used = time.time()
             return slot
+
+    def unload_if_idle(self, idle_s: float) -> Slot | None:
+        """Stop serving the current model if no request used it for ``idle_s`` seconds and none is running;
+        return it (freed on the llama thread). A request after this finds no model (``NotReady``)."""
+        with self._cv:
+            old = self._current
+            if old is None or old.users or time.time() - self.last_used < idle_s:
+                return None
+            self._current, old.retired = None, True
+        self._llama.submit(old.close)
+        log.info("unloaded generation %d after %.0f s idle; the next request loads it again", old.gen, idle_s)
+        return old
 
     def _release(self, slot: Slot) -> None:
         """On the llama thread: the request is done with ``slot``; free it if it was swapped out."""

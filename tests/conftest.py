@@ -19,6 +19,7 @@ def _isolated_home(tmp_path, monkeypatch):
     home = tmp_path / "home"
     home.mkdir()
     monkeypatch.setenv("EVOLUTION_HOME", str(home))
+    monkeypatch.delenv("EVOLUTION_LINEAGE", raising=False)  # `--lineage` sets it for the process; undone after
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
     return home

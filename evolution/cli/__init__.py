@@ -9,6 +9,7 @@ from __future__ import annotations
 import click
 
 from evolution import logsetup
+from evolution.cli.lineage import lineage_option
 from evolution.errors import EvolutionError
 
 
@@ -23,6 +24,7 @@ class _Group(click.Group):
 @click.group(cls=_Group)
 @click.option("-v", "--verbose", is_flag=True, help="Log debug detail to stderr.")
 @click.version_option(package_name="evolution")
+@lineage_option
 def main(verbose: bool) -> None:
     """Grow a small language model generation by generation, safely."""
     logsetup.configure(verbose)

@@ -16,6 +16,7 @@ from evolution import ageup, config, promotion, train
 from evolution import base as base_model
 from evolution.ledger import Ledger
 from evolution.paths import DataRoot
+from evolution.cli.lineage import lineage_option
 
 STAGE_TITLES = {
     "base": "generation 0: base model → safetensors",
@@ -57,6 +58,7 @@ def _size(n: int) -> str:
               "saying why.")
 @click.option("--restart", is_flag=True, help="Discard an interrupted age-up instead of resuming it.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@lineage_option
 def age_up(quick, base, curriculum_path, phases, config_file, quantization, backend, stages, restart,
            as_json) -> None:
     """Run one whole generation now, from the latest generation (creating generation 0 first if needed)."""
@@ -77,7 +79,7 @@ def age_up(quick, base, curriculum_path, phases, config_file, quantization, back
         overrides.setdefault("train", {})["backend"] = backend
     if stages:
         overrides.setdefault("train", {})["stages"] = [s.strip() for s in stages.split(",")]
-    cfg = config.resolve(quick=quick, config_file=config_file, overrides=overrides, home=root.root)
+    cfg = config.resolve(quick=quick, config_file=config_file, overrides=overrides, home=root.home)
 
     console = Console(stderr=True)
     started: dict[str, float] = {}

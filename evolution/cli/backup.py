@@ -11,7 +11,7 @@ import click
 
 from evolution import backup as bk
 from evolution.cli.ledger import url_option
-from evolution.paths import DataRoot
+from evolution.paths import MAIN, DataRoot
 
 
 @click.command("backup")
@@ -27,7 +27,7 @@ def backup(dest: Path, no_models: bool, ledger_url: str | None) -> None:
     exported head, then every generation it names; a MANIFEST.json holds each file's SHA-256. DEST
     appears only when the backup is complete.
     """
-    r = bk.backup(DataRoot.from_env(), dest, url=ledger_url, models=not no_models)
+    r = bk.backup(DataRoot.from_env(lineage=MAIN), dest, url=ledger_url, models=not no_models)  # every lineage
     head = f"head seq {r.head.seq}" if r.head else "empty ledger"
     gens = ", ".join(str(g) for g in r.generations) or "none"
     click.echo(f"backed up {r.files} files ({r.bytes / 2**20:.1f} MiB; {head}; generations {gens}) to {r.dest} "
@@ -50,7 +50,7 @@ def restore(src: Path, data_root: Path, force: bool, ledger_url: str | None) -> 
     Start the daemon with EVOLUTION_HOME=DATA_ROOT afterwards; it serves the generation the backup's
     ledger names.
     """
-    r = bk.restore(src, DataRoot.from_env(data_root), url=ledger_url, force=force)
+    r = bk.restore(src, DataRoot.from_env(data_root, lineage=MAIN), url=ledger_url, force=force)
     head = f"head seq {r.head.seq}" if r.head else "empty ledger"
     served = "none" if r.served is None else str(r.served)
     click.echo(f"restored {r.files} files to {r.root} ({head}; served generation {served})")

@@ -10,7 +10,8 @@ from evolution.experiences import ExperienceStore
 from evolution.promotion import paused_reason
 from evolution.ledger import Ledger
 from evolution.ledger import events as ev
-from evolution.paths import DataRoot
+from evolution.paths import MAIN, DataRoot
+from evolution.cli.lineage import lineage_option
 
 
 def _eta(seconds: float | None) -> str:
@@ -22,6 +23,7 @@ def _eta(seconds: float | None) -> str:
 
 @click.command()
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for machines.")
+@lineage_option
 def status(as_json: bool) -> None:
     """The served generation, the age-up in progress (stage, step, ETA), karma, and whether age-ups are paused."""
     from evolution import progress
@@ -32,6 +34,7 @@ def status(as_json: bool) -> None:
     with Ledger.open(root) as ledger:
         info = {
             "data_root": str(root.root),
+            "lineage": root.lineage,
             "served_generation": ledger.served_generation(),
             "generations_on_disk": root.generations(),
             "interrupted_age_up": [n for n in root.partial_generations()],
@@ -52,6 +55,8 @@ def status(as_json: bool) -> None:
         click.echo(json.dumps(info, indent=2))
         return
     click.echo(f"data root:        {info['data_root']}")
+    if root.lineage != MAIN:
+        click.echo(f"lineage:          {root.lineage}")
     served = info["served_generation"]
     job = info["ageup"]
     building = job is not None and job.get("state") == "running" and job.get("gen") == 0
@@ -82,6 +87,7 @@ def status(as_json: bool) -> None:
 
 @click.command()
 @click.option("--reason", default="resumed by hand", show_default=True, help="Recorded in the ledger.")
+@lineage_option
 def resume(reason: str) -> None:
     """Lift the stop rule: allow age-ups again after they were paused."""
     with Ledger.open(DataRoot.from_env().existing()) as ledger:

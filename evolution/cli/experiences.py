@@ -9,6 +9,7 @@ import click
 from evolution.experiences import ExperienceStore
 from evolution.ledger import Ledger
 from evolution.paths import DataRoot
+from evolution.cli.lineage import lineage_option
 
 
 def _words(s: str, n: int = 8) -> str:
@@ -20,6 +21,7 @@ def _words(s: str, n: int = 8) -> str:
 @click.option("--label", type=click.Choice(["good", "bad", "none"]), help="Only those labelled so ('none': unrated).")
 @click.option("--limit", type=click.IntRange(min=1), default=20, show_default=True, help="How many, newest first.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for machines (with the full messages and reply).")
+@lineage_option
 def experiences(label: str | None, limit: int, as_json: bool) -> None:
     """Served chats kept for rating: id, completion id, when, generation, label, the start of prompt and reply.
 

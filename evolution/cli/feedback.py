@@ -9,6 +9,7 @@ import click
 from evolution.experiences import ExperienceStore
 from evolution.ledger import Ledger
 from evolution.paths import DataRoot
+from evolution.cli.lineage import lineage_option
 
 
 def parse_id(item: str) -> tuple[str, str]:
@@ -25,6 +26,7 @@ def parse_id(item: str) -> tuple[str, str]:
 @click.option("--karma", type=float, help="Karma to grant with the rating (recorded together, or neither).")
 @click.option("--key", help="Idempotency key: repeating the same rating with it changes nothing.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for machines.")
+@lineage_option
 def feedback(item: str, label: str, correction: str | None, karma: float | None, key: str | None,
              as_json: bool) -> None:
     """Label a served chat good or bad.

@@ -7,6 +7,7 @@ import json
 import click
 
 from evolution import config
+from evolution.cli.lineage import lineage_option
 from evolution.karma import Karma
 from evolution.ledger import Ledger
 from evolution.paths import DataRoot
@@ -19,12 +20,13 @@ def open_karma(root: DataRoot, ledger: Ledger) -> Karma:
     info = daemon_info(root)
     if info is not None:
         return Karma(ledger, info["threshold"], info.get("threshold_growth", 1.0))
-    d = config.resolve_daemon(home=root.root)
+    d = config.resolve_daemon(home=root.home)
     return Karma(ledger, d.threshold, d.threshold_growth)
 
 
 @click.group(invoke_without_command=True)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for machines.")
+@lineage_option
 @click.pass_context
 def karma(ctx, as_json: bool) -> None:
     """Karma so far, toward the next age-up, and the age-up requests it made."""
@@ -49,6 +51,7 @@ def karma(ctx, as_json: bool) -> None:
 @click.option("--reason", default="", help="Why (kept with the grant).")
 @click.option("--key", help="Idempotency key: the same key is only counted once.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for machines.")
+@lineage_option
 def add(amount: float, reason: str, key: str | None, as_json: bool) -> None:
     """Grant AMOUNT karma. Crossing the threshold asks the daemon for an age-up."""
     root = DataRoot.from_env().existing()

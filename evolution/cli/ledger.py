@@ -5,6 +5,10 @@ The ledger lives under the data root (``$EVOLUTION_HOME``); ``--ledger-url`` or
 ``ledger show N`` adds the generation's lessons (every experience, probe and held-out rated reply,
 parent beside child) from the ``eval.json`` beside its GGUF, when that file is on this machine and
 agrees with the ledger's gate result.
+
+Each command acts on one lineage (``--lineage NAME``, default ``main``); ``ledger show NAME/N``
+names another, ``ledger --all`` lists every lineage of the database, and ``ledger verify`` checks
+the one chain they share.
 """
 
 from __future__ import annotations
@@ -24,10 +28,12 @@ from rich.text import Text
 from evolution.ledger import GenerationDetail, GenerationRow, Ledger, VerifyReport
 from evolution.ledger import events as ev
 from evolution.ledger import rollback as do_rollback
+from evolution.cli.lineage import lineage_option
 from evolution.ledger.lineage import gate_rows
 from evolution.ledger.store import URL_ENV
 from evolution.metrics import TABLE
-from evolution.paths import DataRoot
+from evolution.promotion import paused_reason
+from evolution.paths import LINEAGE_RE, MAIN, DataRoot
 from evolution.untrusted import terminal
 
 url_option = click.option(
@@ -111,25 +117,70 @@ def _history_table(rows: list[GenerationRow], url: str, max_metrics: int = 5) ->
     return t
 
 
+def _registry(led: Ledger) -> list[dict]:
+    """One row per lineage of the database: its served generation, that generation's metrics and status."""
+    out = []
+    for name in led.lineages():
+        view = led.view(name)
+        rows = view.history()
+        served = next((r for r in rows if r.served), None)
+        out.append({"lineage": name, "served": None if served is None else served.gen, "generations": len(rows),
+                    "latest": rows[-1].gen if rows else None, "latest_status": rows[-1].status if rows else None,
+                    "metrics": served.metrics if served else {}, "gguf_sha256": served.gguf_sha256 if served else None,
+                    "paused": paused_reason(view)})
+    return out
+
+
+def _registry_table(items: list[dict], url: str, max_metrics: int = 4) -> Table:
+    metric_names = _metric_order({k for i in items for k in i["metrics"]})[:max_metrics]
+    t = Table(caption=url, caption_style="dim", box=box.SIMPLE_HEAD, pad_edge=False)
+    for name, kw in (("lineage", {"no_wrap": True}), ("served", {"justify": "right"}), ("gens", {"justify": "right"}),
+                     ("latest", {"overflow": "fold"})):
+        t.add_column(name, **kw)
+    for name in metric_names:
+        t.add_column(name, justify="right", overflow="fold", min_width=6)
+    t.add_column("sha256", no_wrap=True)
+    t.add_column("status", overflow="fold")
+    for i in items:
+        latest = "-" if i["latest"] is None else f"{i['latest']} {i['latest_status']}"
+        t.add_row(escape(i["lineage"]), "-" if i["served"] is None else str(i["served"]), str(i["generations"]),
+                  latest, *(_fmt(i["metrics"][n]) if n in i["metrics"] else "-" for n in metric_names),
+                  (i["gguf_sha256"] or "-")[:10], "[red]paused[/]" if i["paused"] else "[green]serving[/]"
+                  if i["served"] is not None else "building")
+    return t
+
+
 @click.group("ledger", invoke_without_command=True)
 @url_option
 @json_option
+@click.option("--all", "every", is_flag=True, help="Every lineage of the ledger: served generation, metrics, status.")
+@lineage_option
 @click.pass_context
-def ledger(ctx: click.Context, ledger_url: str | None, as_json: bool) -> None:
+def ledger(ctx: click.Context, ledger_url: str | None, as_json: bool, every: bool) -> None:
     """The lineage ledger: without a subcommand, the history (▶ marks the served generation)."""
     ctx.ensure_object(dict)
     ctx.obj["ledger_url"] = ledger_url
     if ctx.invoked_subcommand is not None:
         return
     led = _open(ctx, ledger_url)
+    if every:
+        items = _registry(led)
+        if as_json:
+            _echo_json({"lineages": items})
+        elif not items:
+            click.echo(f"the ledger at {led.url} is empty: no lineage recorded yet")
+        else:
+            _console().print(_registry_table(items, led.url))
+        return
     rows = led.history()
     if as_json:
         _echo_json({"served": led.served_generation(), "generations": [r.to_dict() for r in rows]})
         return
     if not rows:
-        click.echo(f"the ledger at {led.url} is empty: no generation recorded yet")
+        which = "" if led.lineage == MAIN else f" of lineage {led.lineage}"
+        click.echo(f"the ledger at {led.url} is empty: no generation{which} recorded yet")
         return
-    _console().print(_history_table(rows, led.url))
+    _console().print(_history_table(rows, led.url if led.lineage == MAIN else f"{led.lineage} · {led.url}"))
 
 
 def _stage_line(st: dict) -> str:
@@ -246,15 +297,28 @@ def _print_detail(d: GenerationDetail, lessons: list = (), lessons_problem: str 
     con.print(t)
 
 
+def _generation_ref(value: str) -> tuple[str | None, int]:
+    """``N`` or ``LINEAGE/N`` (``ledger show``)."""
+    name, _, number = value.rpartition("/")
+    if not number.isdigit() or (name and not LINEAGE_RE.match(name)):
+        raise click.BadParameter(f"{value!r} is not a generation: give N or LINEAGE/N (for example 3 or deacon/3)")
+    return name or None, int(number)
+
+
 @ledger.command("show")
-@click.argument("n", type=click.IntRange(min=0))
+@click.argument("ref", metavar="[LINEAGE/]N")
 @url_option
 @json_option
+@lineage_option
 @click.pass_context
-def show(ctx: click.Context, n: int, ledger_url: str | None, as_json: bool) -> None:
+def show(ctx: click.Context, ref: str, ledger_url: str | None, as_json: bool) -> None:
     """All about generation N: lineage to the base, config, data manifest, metrics, artifacts, events, and
-    its lessons: each experience, probe and held-out rated reply with the parent's and the child's reply."""
+    its lessons: each experience, probe and held-out rated reply with the parent's and the child's reply.
+    LINEAGE/N names a generation of another lineage."""
+    name, n = _generation_ref(ref)
     led = _open(ctx, ledger_url)
+    if name is not None:
+        led = led.view(name)
     d = led.generation(n)
     found, problem = _lessons(led, d)
     if as_json:
@@ -289,9 +353,11 @@ def _print_report(r: VerifyReport) -> None:
               help="Check against this exported head file (e.g. a backup copy) instead of the data root's.")
 @click.option("--write-head", is_flag=True,
               help="If the chain is intact but the head file is missing, write a new one.")
+@lineage_option
 @click.pass_context
 def verify(ctx: click.Context, ledger_url, as_json: bool, no_artifacts: bool, head_path, write_head: bool) -> None:
-    """Recompute the hash chain, compare with the exported head, re-hash artifacts; exit 1 on any problem."""
+    """Recompute the hash chain (every lineage's entries: one chain), compare with the exported head, re-hash
+    artifacts; exit 1 on any problem."""
     led = _open(ctx, ledger_url)
     report = led.verify(artifacts=not no_artifacts, head=head_path)
     if write_head and all(p.what == "head_missing" for p in report.problems):
@@ -311,6 +377,7 @@ def verify(ctx: click.Context, ledger_url, as_json: bool, no_artifacts: bool, he
 @click.option("--to", "to", type=click.IntRange(min=0), required=True, help="Generation to serve.")
 @click.option("--reason", default="manual rollback", show_default=True, help="Why, for the ledger.")
 @url_option
+@lineage_option
 @click.pass_context
 def rollback(ctx: click.Context, to: int, reason: str, ledger_url: str | None) -> None:
     """Serve generation N again: it must have passed its gate (or be 0) and its GGUF must match the ledger.
@@ -325,13 +392,15 @@ def rollback(ctx: click.Context, to: int, reason: str, ledger_url: str | None) -
 
 @click.command("report")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="PNG to write [default: <data root>/ledger/report.png].")
+              help="PNG to write [default: <data root>/ledger/report.png; lineage NAME: report-NAME.png].")
 @url_option
+@lineage_option
 @click.pass_context
 def report(ctx: click.Context, output: Path | None, ledger_url: str | None) -> None:
     """Draw the gate metrics across generations as a PNG, served / rejected / rolled back marked."""
     from evolution.ledger.report import render  # matplotlib is slow to import; only this command needs it
 
     led = _open(ctx, ledger_url)
-    out = render(led, output or led.data_root.ledger_dir / "report.png")
+    name = "report.png" if led.lineage == MAIN else f"report-{led.lineage}.png"
+    out = render(led, output or led.data_root.ledger_dir / name)
     click.echo(f"wrote {out}")

@@ -7,6 +7,7 @@ import click
 from evolution.cli.ledger import url_option
 from evolution.ledger import Ledger
 from evolution.paths import DataRoot
+from evolution.cli.lineage import lineage_option
 
 
 def create_app(root: DataRoot, ledger: Ledger):
@@ -30,6 +31,7 @@ def create_app(root: DataRoot, ledger: Ledger):
 @click.option("--allow-remote", is_flag=True,
               help="Allow a non-loopback --host (the pages show stored chats to whoever can reach it).")
 @url_option
+@lineage_option
 def ui(host: str, port: int, allow_remote: bool, ledger_url: str | None) -> None:
     """Serve the lineage dashboard, read-only, for the data root ($EVOLUTION_HOME); open the printed URL.
 

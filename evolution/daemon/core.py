@@ -30,7 +30,7 @@ from evolution.conversations import ConversationStore
 from evolution.experiences import ExperienceStore
 from evolution.probes import ProbeStore
 from evolution.daemon import identity, workers
-from evolution.errors import ConfigError, EvolutionError, LedgerError, LoadError
+from evolution.errors import ConfigError, EvolutionError, LedgerError, LoadError, NotReady
 from evolution.fsutil import free_space, nearly_full
 from evolution.generation import GenerationSummary
 from evolution.karma import DONE, FAILED, PENDING, RUNNING, Karma
@@ -53,7 +53,8 @@ class Daemon:
         self.root, self.cfg, self.dcfg, self.base, self.start_gen = root, cfg, dcfg, base, start_gen
         self.retention_cfg = retention_cfg or RetentionConfig()
         self.ledger: Ledger | None = None
-        self.host = ModelHost(dcfg.n_ctx, dcfg.chat_threads, dcfg.canary_prompt, dcfg.canary_max_tokens)
+        self.host = ModelHost(dcfg.n_ctx, dcfg.chat_threads, dcfg.canary_prompt, dcfg.canary_max_tokens,
+                              lineage=root.lineage)
         self.worker: workers.Worker | None = None
         self.started = time.time()
         self.last_error: str | None = None
@@ -100,7 +101,10 @@ class Daemon:
                 log.warning("--start-gen %d: the lineage already serves generation %d and continues from it; "
                             "`evolve rollback --to %d` serves generation %d instead", self.start_gen, served,
                             self.start_gen, self.start_gen)
-            self._serve(served)
+            if self.dcfg.idle_unload_s:  # loaded on first use; checked now, so a bad start is said at once
+                check_servable(self.ledger, served)
+            else:
+                self._serve(served)
         for r in self.karma.requests():
             if r.status != RUNNING:
                 continue
@@ -146,10 +150,25 @@ class Daemon:
             out["model"] = slot.id
             return out, slot
 
-        return self.host.call(run)
+        return self._loaded(lambda: self.host.call(run))
 
     def stream(self, args: dict) -> Stream:
-        return self.host.stream(lambda slot: slot.model.stream(args))
+        return self._loaded(lambda: self.host.stream(lambda slot: slot.model.stream(args)))
+
+    def _loaded(self, call):
+        """``call()`` on the host, loading the served generation first when it was unloaded for idling
+        (``idle_unload_s``); an unload between the load and the call loads it again, so no request drops."""
+        for _ in range(3):
+            if self.dcfg.idle_unload_s and self.host.current is None:
+                served = self.ledger.served_generation()
+                if served is not None and not (self.worker is not None and self.worker.bootstrap):
+                    self._serve(served)
+            try:
+                return call()
+            except NotReady:
+                if not self.dcfg.idle_unload_s:
+                    raise
+        return call()
 
     def karma_state(self):
         return self.karma.state()
@@ -228,6 +247,9 @@ class Daemon:
             self._follow_ledger()
             if self.worker is None:
                 self._maybe_start_worker()
+            if self.dcfg.idle_unload_s:
+                with self._swap_mutex:
+                    self.host.unload_if_idle(self.dcfg.idle_unload_s)
         except Exception as exc:  # the scheduler must keep running; the error is shown in /status
             self.last_error = f"{type(exc).__name__}: {exc}"
             log.exception("scheduler tick failed")
@@ -240,6 +262,8 @@ class Daemon:
         current = self.host.current.gen if self.host.current else None
         if served is None or served == current or self.worker is not None and self.worker.bootstrap:
             return
+        if current is None and self.dcfg.idle_unload_s:
+            return  # unloaded while idle: the next request loads what the ledger names
         try:
             self._serve(served)
         except (EvolutionError, LoadError) as exc:

@@ -30,24 +30,46 @@ def listen_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-def run(daemon: Daemon) -> int:
-    """Prepare, then serve until SIGTERM / SIGINT; return the exit code."""
-    import uvicorn
-
+def app_for(daemons: list[Daemon]):
+    """The HTTP app: one lineage's own, or a ``Router`` over several (one token: the first lineage's)."""
+    from evolution.daemon.router import Router
     from evolution.server import create_app
 
+    if len(daemons) == 1:
+        return create_app(daemons[0])
+    for other in daemons[1:]:
+        other.token, other.token_source = daemons[0].token, daemons[0].token_source
+    by_name = {dm.root.lineage: dm for dm in daemons}
+    return Router({n: create_app(dm) for n, dm in by_name.items()}, by_name, daemons[0].dcfg.max_body_bytes)
+
+
+def run(daemon: Daemon, *others: Daemon) -> int:
+    """Prepare, then serve until SIGTERM / SIGINT; return the exit code. ``others``: more lineages served
+    by the same process and port (routed by ``evolution.daemon.router``)."""
+    import uvicorn
+
+    daemons = [daemon, *others]
     d = daemon.dcfg
     sock = listen_socket(d.host, d.port)
-    daemon.port = sock.getsockname()[1]
+    prepared: list[Daemon] = []
     try:
-        daemon.prepare()
+        for dm in daemons:
+            dm.port = sock.getsockname()[1]
+            prepared.append(dm)
+            dm.prepare()
     except BaseException:
         sock.close()
+        for dm in prepared:  # the one that failed too: its daemon.lock claim is released
+            try:
+                dm.stop()
+            except Exception:  # the start's own error is the one to report
+                log.exception("stopping lineage %s after a failed start", dm.root.lineage)
         raise
-    app = create_app(daemon)
+    app = app_for(daemons)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=60,
                                            limit_concurrency=256, access_log=False))
-    daemon.start_scheduler()
+    for dm in daemons:
+        dm.start_scheduler()
     log.info("serving on http://%s:%d (OpenAI base_url http://%s:%d/v1); write endpoints need the token in %s",
              d.host, daemon.port, d.host, daemon.port, daemon.token_source)
     # uvicorn handles SIGTERM/SIGINT (stop accepting, drain open requests) and re-raises the signal
@@ -58,6 +80,7 @@ def run(daemon: Daemon) -> int:
     try:
         server.run(sockets=[sock])
     finally:
-        daemon.stop()
+        for dm in daemons:
+            dm.stop()
     log.info("stopped cleanly")
     return 0

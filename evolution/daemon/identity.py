@@ -5,7 +5,9 @@ The token guards every write endpoint. It comes from the config (``[daemon] api_
 ``daemon.json`` lets `evolve status` find a running daemon. ``daemon.lock`` is held for the
 daemon's life (an OS file lock, released by the kernel when the process dies, even by kill -9), so
 a second daemon on the same data root is refused instead of serving beside the first, running its
-age-up requests and overwriting its ``daemon.json``.
+age-up requests and overwriting its ``daemon.json``. All three are per lineage (in ``DataRoot.home``:
+the data root itself for ``main``, ``lineages/NAME/`` otherwise): a daemon serving several lineages
+claims each, and another daemon may serve a lineage it does not.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from filelock import FileLock
 from evolution.config import DaemonConfig
 from evolution.errors import EvolutionError
 from evolution.fsutil import atomic_write_json, atomic_write_text, try_lock
-from evolution.paths import DataRoot
+from evolution.paths import MAIN, DataRoot
 
 log = logging.getLogger(__name__)
 
@@ -33,26 +35,28 @@ LOCK_FILE = "daemon.lock"
 def daemon_info(root: DataRoot) -> dict | None:
     """What the last daemon started on this data root wrote about itself (address, threshold)."""
     try:
-        return json.loads((root.root / INFO_FILE).read_text())
+        return json.loads((root.home / INFO_FILE).read_text())
     except (FileNotFoundError, ValueError):
         return None
 
 
 def claim(root: DataRoot) -> FileLock:
     """Hold the data root for this daemon, or say which daemon already does and what to do."""
-    lock = try_lock(root.root / LOCK_FILE)
+    lock = try_lock(root.home / LOCK_FILE)
     if lock is None:
         info = daemon_info(root) or {}
         who = f" (pid {info['pid']}, http://{info.get('host')}:{info.get('port')})" if "pid" in info else ""
+        where = f"the data root {root.root}" if root.lineage == MAIN else \
+            f"lineage {root.lineage} of the data root {root.root}"
         raise EvolutionError(
-            f"another daemon is already running on the data root {root.root}{who}; one data root is served "
-            "by one daemon: use that one (`evolve status`), stop it first (SIGTERM), or start this one on "
-            "another data root (--home / $EVOLUTION_HOME)")
+            f"another daemon is already running on {where}{who}; one lineage is served by one daemon: use that "
+            "one (`evolve status`), stop it first (SIGTERM), or start this one on another data root (--home / "
+            "$EVOLUTION_HOME) or lineage (--lineage / --lineages)")
     return lock
 
 
 def write_info(root: DataRoot, dcfg: DaemonConfig, port: int, started: float) -> None:
-    atomic_write_json(root.root / INFO_FILE, {
+    atomic_write_json(root.home / INFO_FILE, {
         "pid": os.getpid(), "host": dcfg.host, "port": port, "threshold": dcfg.threshold,
         "threshold_growth": dcfg.threshold_growth, "started": started,
     })
@@ -64,7 +68,7 @@ def api_token(root: DataRoot, dcfg: DaemonConfig) -> tuple[str, str]:
         return dcfg.api_token, "the config's daemon.api_token"
     if os.environ.get(TOKEN_ENV):
         return os.environ[TOKEN_ENV], f"${TOKEN_ENV}"
-    f = root.root / TOKEN_FILE
+    f = root.home / TOKEN_FILE
     if not f.is_file():
         atomic_write_text(f, secrets.token_urlsafe(32) + "\n")
         f.chmod(0o600)

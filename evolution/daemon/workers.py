@@ -96,8 +96,8 @@ def start(root: DataRoot, cfg: AgeUpConfig, dcfg: DaemonConfig, base: Path | Non
     if dcfg.train_threads:
         cmd += ["--threads", str(dcfg.train_threads)]
     log_path = root.logs / "worker.log"
-    proc, pump = spawn_logged(cmd, os.environ | {"EVOLUTION_HOME": str(root.root)}, log_path, dcfg.log_max_bytes,
-                              dcfg.log_backups)
+    env = os.environ | {"EVOLUTION_HOME": str(root.root), "EVOLUTION_LINEAGE": root.lineage}
+    proc, pump = spawn_logged(cmd, env, log_path, dcfg.log_max_bytes, dcfg.log_backups)
     log.info("%s started (pid %d, log %s)", "generation 0 bootstrap" if bootstrap else
              f"age-up for request {request_id}", proc.pid, log_path)
     return Worker(proc, request_id, bootstrap, log_path, pump)

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from evolution.errors import LedgerError
+from evolution.paths import MAIN
 
 
 @dataclass(frozen=True)
@@ -20,6 +21,7 @@ class Entry:
     payload: dict
     prev_hash: str
     entry_hash: str
+    lineage: str = MAIN
 
     @property
     def timestamp(self) -> datetime:
@@ -29,6 +31,7 @@ class Entry:
         return {
             "seq": self.seq, "time": self.time, "kind": self.kind, "gen": self.gen,
             "payload": self.payload, "prev_hash": self.prev_hash, "entry_hash": self.entry_hash,
+            "lineage": self.lineage,
         }
 
     @classmethod
@@ -41,5 +44,5 @@ class Entry:
             ) from None
         return cls(
             seq=row.seq, time=row.time, kind=row.kind, gen=row.gen,
-            payload=payload, prev_hash=row.prev_hash, entry_hash=row.entry_hash,
+            payload=payload, prev_hash=row.prev_hash, entry_hash=row.entry_hash, lineage=row.lineage,
         )

@@ -174,7 +174,30 @@ m005_probes = Migration(
     {"sqlite": _m005("sqlite"), "postgresql": _m005("postgresql"), "default": _m005("default")},
 )
 
-MIGRATIONS: tuple[Migration, ...] = (m001_entries, m002_append_only, m003_daemon, m004_experiences, m005_probes)
+#: Tables that belong to one lineage (m006): every row names it; rows from before lineages are ``main``'s.
+LINEAGE_TABLES = ("ledger_entries", "karma_events", "ageup_requests", "conversations", "experiences",
+                  "experience_ratings", "probes")
+
+
+def _m006(dialect: str) -> tuple[str, ...]:
+    # ADD COLUMN with a constant default touches no row (no UPDATE trigger fires, PostgreSQL rewrites
+    # nothing): existing rows read back as lineage 'main', which is how their hashes were computed.
+    return (
+        *(f"ALTER TABLE {t} ADD COLUMN lineage VARCHAR(40) NOT NULL DEFAULT 'main'" for t in LINEAGE_TABLES),
+        "CREATE INDEX ledger_entries_lineage ON ledger_entries (lineage, kind)",
+        "CREATE INDEX karma_events_lineage ON karma_events (lineage)",
+        "CREATE INDEX ageup_requests_lineage ON ageup_requests (lineage, status)",
+    )
+
+
+m006_lineages = Migration(
+    6,
+    "m006_lineages",
+    {"sqlite": _m006("sqlite"), "postgresql": _m006("postgresql"), "default": _m006("default")},
+)
+
+MIGRATIONS: tuple[Migration, ...] = (m001_entries, m002_append_only, m003_daemon, m004_experiences, m005_probes,
+                                     m006_lineages)
 LATEST = MIGRATIONS[-1].version
 
 _BOOTSTRAP = (

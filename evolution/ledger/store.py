@@ -5,6 +5,11 @@ Only ``append`` writes, and it only INSERTs. On SQLite every connection runs wit
 IMMEDIATE`` so that concurrent writers queue instead of failing; on PostgreSQL writers take a
 transaction-scoped advisory lock. Inside that lock an append reads the last entry, chains onto
 it and inserts ``seq + 1``, so seqs are gap-free and the chain is linear under any concurrency.
+
+A ``Ledger`` is opened for one lineage (its data root's, ``main`` unless named): it stamps that
+lineage on what it appends and reads back only that lineage's entries. The chain, the seqs and
+the exported head are shared by every lineage of the database (``raw_rows`` and ``verify`` see
+them all); ``Ledger.lineages`` and ``Ledger.view`` reach the others.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from sqlalchemy.engine import URL, Connection, Engine, make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError
 
 from evolution import faults
-from evolution.errors import DiskFull, IntegrityError, LedgerError
+from evolution.errors import DiskFull, IntegrityError, LedgerError, UnknownGeneration
 from evolution.fsutil import free_space, is_disk_full, nearly_full
 from evolution.ledger import events as ev
 from evolution.ledger.chain import GENESIS, canonical_json, entry_hash
@@ -32,7 +37,7 @@ from evolution.ledger.head import HEAD_NAME, Head, write_head
 from evolution.ledger.lineage import GenerationDetail, GenerationRow, detail, summarize
 from evolution.ledger.migrations import lock_for_write, migrate
 from evolution.ledger.verify import VerifyReport, verify
-from evolution.paths import DataRoot
+from evolution.paths import MAIN, DataRoot, check_lineage
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +80,7 @@ def _sqlite_setup(engine: Engine) -> None:
         conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
 
 
-_SELECT = "SELECT seq, time, kind, gen, payload, prev_hash, entry_hash FROM ledger_entries"
+_SELECT = "SELECT seq, time, kind, gen, payload, prev_hash, entry_hash, lineage FROM ledger_entries"
 
 
 class Transaction:
@@ -93,17 +98,19 @@ class Transaction:
         last = self.conn.execute(text("SELECT seq, entry_hash FROM ledger_entries ORDER BY seq DESC LIMIT 1")).first()
         seq, prev = (last.seq + 1, last.entry_hash) if last else (1, GENESIS)
         now = datetime.now(timezone.utc).isoformat(timespec="microseconds")
-        digest = entry_hash(prev, seq, now, kind, gen, payload)
+        lineage = self.ledger.lineage
+        digest = entry_hash(prev, seq, now, kind, gen, payload, lineage)
         self.conn.execute(
             text(
-                "INSERT INTO ledger_entries (seq, time, kind, gen, payload, prev_hash, entry_hash)"
-                " VALUES (:seq, :time, :kind, :gen, :payload, :prev, :hash)"
+                "INSERT INTO ledger_entries (seq, time, kind, gen, payload, prev_hash, entry_hash, lineage)"
+                " VALUES (:seq, :time, :kind, :gen, :payload, :prev, :hash, :lineage)"
             ),
-            {"seq": seq, "time": now, "kind": kind, "gen": gen, "payload": body, "prev": prev, "hash": digest},
+            {"seq": seq, "time": now, "kind": kind, "gen": gen, "payload": body, "prev": prev, "hash": digest,
+             "lineage": lineage},
         )
         faults.point("ledger_append")
-        log.debug("ledger: appended seq %d %s gen=%s", seq, kind, gen)
-        self.last = Entry(seq, now, kind, gen, payload, prev, digest)
+        log.debug("ledger: appended seq %d %s %s gen=%s", seq, lineage, kind, gen)
+        self.last = Entry(seq, now, kind, gen, payload, prev, digest, lineage)
         return self.last
 
     def record(self, event: ev.Event) -> Entry:
@@ -118,6 +125,24 @@ class Ledger:
         self.data_root = data_root
         self.head_path = head_path
         self.url = display_url
+        self._owner = True  # False for a ``view``: the engine is its opener's to dispose
+
+    @property
+    def lineage(self) -> str:
+        """The lineage this ledger appends to and reads (its data root's)."""
+        return self.data_root.lineage
+
+    def view(self, lineage: str) -> "Ledger":
+        """The same open database seen as lineage ``lineage`` (closing the view leaves this one open)."""
+        other = Ledger(self.engine, self.data_root.for_lineage(check_lineage(lineage)), self.head_path, self.url)
+        other._owner = False
+        return other
+
+    def lineages(self) -> list[str]:
+        """Every lineage with an entry in the ledger, ``main`` first, then by name."""
+        with self._read() as conn:
+            names = {r[0] for r in conn.execute(text("SELECT DISTINCT lineage FROM ledger_entries"))}
+        return sorted(names, key=lambda n: (n != MAIN, n))
 
     @classmethod
     def open(cls, data_root: DataRoot, url: str | None = None) -> "Ledger":
@@ -161,7 +186,8 @@ class Ledger:
         return ledger
 
     def close(self) -> None:
-        self.engine.dispose()
+        if self._owner:
+            self.engine.dispose()
 
     def __enter__(self) -> "Ledger":
         return self
@@ -225,9 +251,11 @@ class Ledger:
 
     def export_head(self) -> Head | None:
         """Write the head file for the current last entry (``verify --write-head``; normally ``append`` does it)."""
-        last = self.last()
-        if last is None:
+        with self._read() as conn:
+            row = conn.execute(text(_SELECT + " ORDER BY seq DESC LIMIT 1")).first()
+        if row is None:
             return None
+        last = Entry.from_row(row)
         head = Head(seq=last.seq, entry_hash=last.entry_hash, ledger=self.url)
         write_head(self.head_path, head)
         return head
@@ -239,8 +267,9 @@ class Ledger:
     # -- reading ---------------------------------------------------------------------------
 
     def entries(self, *, gen: int | None = None, kind: str | None = None, since: int = 0) -> list[Entry]:
-        """Entries in seq order, optionally only those filed under ``gen`` / of ``kind`` / after seq ``since``."""
-        sql, params = _SELECT + " WHERE seq > :since", {"since": since}
+        """This lineage's entries in seq order, optionally only those filed under ``gen`` / of ``kind`` / after
+        seq ``since``."""
+        sql, params = _SELECT + " WHERE lineage = :lineage AND seq > :since", {"since": since, "lineage": self.lineage}
         if gen is not None:
             sql, params["gen"] = sql + " AND gen = :gen", gen
         if kind is not None:
@@ -249,21 +278,23 @@ class Ledger:
             return [Entry.from_row(r) for r in conn.execute(text(sql + " ORDER BY seq"), params)]
 
     def raw_rows(self) -> list:
-        """Every row as stored (payload as text), in seq order — what ``verify`` checks."""
+        """Every row of every lineage as stored (payload as text), in seq order — what ``verify`` checks."""
         with self._read() as conn:
             return conn.execute(text(_SELECT + " ORDER BY seq")).all()
 
     def last(self) -> Entry | None:
+        """This lineage's last entry."""
         with self._read() as conn:
-            row = conn.execute(text(_SELECT + " ORDER BY seq DESC LIMIT 1")).first()
+            row = conn.execute(text(_SELECT + " WHERE lineage = :l ORDER BY seq DESC LIMIT 1"),
+                               {"l": self.lineage}).first()
         return Entry.from_row(row) if row else None
 
     def served_generation(self) -> int | None:
         """The generation to serve: the target of the latest ``promoted`` or ``rolled_back`` event."""
         with self._read() as conn:
             row = conn.execute(
-                text("SELECT gen FROM ledger_entries WHERE kind IN (:p, :r) ORDER BY seq DESC LIMIT 1"),
-                {"p": ev.PROMOTED, "r": ev.ROLLED_BACK},
+                text("SELECT gen FROM ledger_entries WHERE lineage = :l AND kind IN (:p, :r) ORDER BY seq DESC LIMIT 1"),
+                {"p": ev.PROMOTED, "r": ev.ROLLED_BACK, "l": self.lineage},
             ).first()
         return None if row is None else row.gen
 
@@ -273,7 +304,12 @@ class Ledger:
 
     def generation(self, n: int) -> GenerationDetail:
         """Everything about generation ``n``; ``LedgerError`` if the ledger does not know it."""
-        return detail(self.entries(), n)
+        try:
+            return detail(self.entries(), n)
+        except UnknownGeneration as exc:
+            if self.lineage == MAIN:
+                raise
+            raise UnknownGeneration(f"lineage {self.lineage}: {exc}") from None
 
     def verify(self, *, artifacts: bool = True, head: Path | None = None) -> VerifyReport:
         """Recompute the chain, check the exported head and re-hash artifacts on disk."""

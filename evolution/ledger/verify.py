@@ -15,6 +15,10 @@ What each problem means (``Problem.what``):
   warned about (a prune was interrupted: `evolve prune` finishes it).
 
 ``first_bad_seq`` is the lowest seq with a problem.
+
+One chain runs through every lineage's entries (see ``chain``), so one pass checks them all. The
+artifacts of a lineage other than ``main`` that has no folder under this data root (it is served
+from another machine sharing a PostgreSQL ledger) are not looked for here: a warning says so.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from evolution.fsutil import sha256_file
 from evolution.ledger import events as ev
 from evolution.ledger.chain import GENESIS, entry_hash
 from evolution.ledger.head import Head, read_head
+from evolution.paths import MAIN
 
 if TYPE_CHECKING:
     from evolution.ledger.store import Ledger
@@ -98,10 +103,11 @@ def _check_chain(rows, report: VerifyReport) -> dict[int, dict]:
             expected, prev, prev_flagged = r.seq + 1, r.entry_hash, True
             continue
         payloads[r.seq] = payload
-        if entry_hash(r.prev_hash, r.seq, r.time, r.kind, r.gen, payload) != r.entry_hash:
+        if entry_hash(r.prev_hash, r.seq, r.time, r.kind, r.gen, payload, r.lineage) != r.entry_hash:
             original = original if original is not None else _original_positions(rows)
             was = original.get(r.seq)
-            if was and was != r.seq and entry_hash(r.prev_hash, was, r.time, r.kind, r.gen, payload) == r.entry_hash:
+            if was and was != r.seq and entry_hash(r.prev_hash, was, r.time, r.kind, r.gen, payload,
+                                                   r.lineage) == r.entry_hash:
                 report.problems.append(Problem(
                     r.seq, "reordered", f"this entry was written as seq {was}; the rows were reordered"))
             else:
@@ -160,11 +166,15 @@ def _check_head(rows, head_path: Path, head: Head | LedgerError | None, report: 
 
 
 def _check_artifacts(ledger: "Ledger", rows, payloads: dict[int, dict], report: VerifyReport) -> None:
-    rejected = {r.gen for r in rows if r.kind == ev.REJECTED}
+    rejected = {(r.lineage, r.gen) for r in rows if r.kind == ev.REJECTED}
     pruned = ev.pruned_paths((r.seq, r.kind, payloads[r.seq]) for r in rows if r.seq in payloads)
     hashed: dict[Path, str] = {}
+    elsewhere: set[str] = set()
     for r in rows:
         if r.kind != ev.EXPORTED or r.seq not in payloads:
+            continue
+        if r.lineage != MAIN and not ledger.data_root.for_lineage(r.lineage).home.is_dir():
+            elsewhere.add(r.lineage)
             continue
         for art in payloads[r.seq].get("artifacts", []):
             path = ledger.data_root.root / art["path"]
@@ -173,11 +183,11 @@ def _check_artifacts(ledger: "Ledger", rows, payloads: dict[int, dict], report: 
                     report.artifacts_pruned += 1
                     continue
                 report.warnings.append(
-                    f"artifact {art['path']} of generation {r.gen} was pruned (seq {pruned[art['path']]}) but is "
-                    "still on disk: a prune was interrupted; `evolve prune` finishes it")
+                    f"artifact {art['path']} of {_name(r.lineage, r.gen)} was pruned (seq {pruned[art['path']]}) but "
+                    "is still on disk: a prune was interrupted; `evolve prune` finishes it")
             if not path.is_file():
-                msg = f"artifact {art['path']} of generation {r.gen} is missing"
-                if r.gen in rejected:
+                msg = f"artifact {art['path']} of {_name(r.lineage, r.gen)} is missing"
+                if (r.lineage, r.gen) in rejected:
                     report.warnings.append(msg + " (generation was rejected; pruned?)")
                 else:
                     report.problems.append(Problem(r.seq, "artifact_missing", msg + "; restore it from a backup"))
@@ -188,9 +198,16 @@ def _check_artifacts(ledger: "Ledger", rows, payloads: dict[int, dict], report: 
             if hashed[path] != art["sha256"]:
                 report.problems.append(Problem(
                     r.seq, "artifact_changed",
-                    f"artifact {art['path']} of generation {r.gen} has sha256 {hashed[path][:12]}…, "
+                    f"artifact {art['path']} of {_name(r.lineage, r.gen)} has sha256 {hashed[path][:12]}…, "
                     f"the ledger recorded {art['sha256'][:12]}…: the file was replaced or corrupted",
                 ))
+    for name in sorted(elsewhere):
+        report.warnings.append(f"lineage {name} has no folder under {ledger.data_root.root}: its artifacts were not "
+                               "checked (verify on the data root that holds them)")
+
+
+def _name(lineage: str, gen: int | None) -> str:
+    return f"generation {gen}" if lineage == MAIN else f"generation {lineage}/{gen}"
 
 
 def verify(ledger: "Ledger", *, artifacts: bool = True, head_path: Path | None = None) -> VerifyReport:

@@ -134,6 +134,7 @@ PINNED_CHECKSUMS = {
     3: "4151aa0acd7130fdea1388aef57bbe699b5a121b867244ff09b68bb7524e2fea",  # m003_daemon
     4: "ac47381f12781dc7f2bf0ae232962c8339909a477c28c87ca41a382a0339fd4e",  # m004_experiences
     5: "409f65c2fcbf1002ef2abb91c02ab2e40f1b4c74f26631f20f8dbf02bbd4ef67",  # m005_probes
+    6: "87a811140e67a1f466a98c0d7584be65b933a88e0c7b8c3c89bf04759fce7253",  # m006_lineages
 }
 
 

@@ -111,7 +111,7 @@ def evolve(_isolated_home):
 
 
 @pytest.mark.parametrize("args,code,fragment", [
-    (("ledger", "show", "1/../2"), 2, "not a valid integer"),
+    (("ledger", "show", "1/../2"), 2, "'1/../2' is not a generation"),
     (("ledger", "show", "-1"), 2, "-1"),
     (("ledger", "show", "99"), 1, "generation 99 is not in the ledger"),
     (("ledger", "show", "99999999999999999999999"), 1, "is not in the ledger"),
