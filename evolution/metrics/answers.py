@@ -46,13 +46,14 @@ class AnswerBook:
 
     def __init__(self, folder: Path, gguf: Path, n_ctx: int):
         self.folder, self.gguf, self.n_ctx = Path(folder), Path(gguf), n_ctx
+        self._version = _llama_cpp_version()  # once per book, not once per question
         self._replies: dict[str, dict] | None = None
         self._path: Path | None = None
         self._writable = True
         self.hits = self.misses = 0
 
     def key(self, request: dict) -> str:
-        full = {"request": request, "n_ctx": self.n_ctx, "llama_cpp": _llama_cpp_version()}
+        full = {"request": request, "n_ctx": self.n_ctx, "llama_cpp": self._version}
         return hashlib.sha256(json.dumps(full, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
 
     def _load(self) -> dict[str, dict]:
