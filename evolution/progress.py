@@ -113,8 +113,9 @@ class Tracker:
     def step(self, stage: str, step: int, total: int, loss: float | None) -> None:
         if stage not in self._step_t0:
             self._step_t0[stage] = (time.time(), step)
+        new_stage = stage != self.d["train_stage"]
         self.d.update(train_stage=stage, step=step, total=total, loss=loss)
-        self._write(force=step == total)
+        self._write(force=new_stage or step == total)  # a reader never sees a finished stage's name
         faults.point("train_step")
 
     def set(self, **fields) -> None:

@@ -84,3 +84,19 @@ def test_eta_in_an_earlier_training_stage_counts_the_stages_still_to_come(monkey
     clock[0] += 10
     t.step("sft", 5, 10, 1.0)  # the last stage: its own pace only
     assert progress.read(root)["eta_s"] == 10
+
+
+def test_a_new_training_stage_is_written_at_its_first_step_even_between_throttled_writes(monkeypatch):
+    root = DataRoot.from_env().prepare()
+    clock = [1000.0]
+    monkeypatch.setattr(progress.time, "time", lambda: clock[0])
+    t = progress.Tracker(root, min_interval=60)  # no time passes: only forced writes land
+    t.stage("train", "start")
+    t.step("sft", 1, 4, 2.0)
+    assert progress.read(root)["train_stage"] == "sft"
+    t.step("sft", 2, 4, 1.9)
+    assert progress.read(root)["step"] == 1  # throttled
+    t.step("sft", 4, 4, 1.5)
+    t.step("preference", 1, 12, 0.7)  # a reader (and a kill test) sees the stage it is in
+    d = progress.read(root)
+    assert (d["train_stage"], d["step"], d["total"]) == ("preference", 1, 12)
