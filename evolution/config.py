@@ -36,8 +36,10 @@ class CurriculumConfig:
     replay_ratio: float = 0.25
     """Replay: add this many earlier-generation examples per new example (sampled, deduplicated)."""
     experience_heldout: float = 0.2
-    """Share of the newly rated experiences held out from every training stage (seeded), for the gate's
-    ``preference_margin``, once at least ``EXPERIENCE_HELDOUT_MIN`` (10) are new; 0 holds out none."""
+    """Share of the newly rated experiences that teach nothing new (the model's own replies rated good or bad,
+    transcripts rated bad) held out from every training stage (seeded), for the gate's ``preference_margin``, once
+    at least ``replay.HELDOUT_MIN`` (10) are new; 0 holds out none. A correction or a transcript rated good is never
+    held out: it is the only place the user's fact is (the new-user walk lost one of 8 facts that way)."""
     experience_variants: int = 12
     """Each question the agent's user asked since the parent (in a transcript, a reply rated good, a correction)
     is also trained on in this many variants (``evolution.augment``: rewordings, framings, system prompts, the

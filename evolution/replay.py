@@ -175,10 +175,20 @@ def heldout_record(item) -> dict:
     return {"prompt": item.prompt, "reply": item.reply, "label": item.label}
 
 
+def _teaches(item) -> bool:
+    """Whether a rating carries text the model did not write: a correction, or a transcript rated good (the agent
+    posted what it was told). Held out, that text would never be trained on, and the fact in it never learned."""
+    return hasattr(item, "chosen") or (item.label == "good" and item.item.startswith("conversation:"))
+
+
 def _hold_out(inbox: Inbox, share: float, rng: random.Random) -> tuple[Inbox, Inbox]:
-    """Take a seeded ``share`` of the new ratings out of ``inbox``: no stage trains on them. Returns (the rest, the
-    ratings taken out)."""
-    items = [("e", i) for i in range(len(inbox.examples))] + [("p", i) for i in range(len(inbox.pairs))]
+    """Take a seeded ``share`` of the new ratings that teach nothing new (the model's own replies rated good or bad,
+    transcripts rated bad: ``_teaches``) out of ``inbox``: no stage trains on them. Returns (the rest, the ratings
+    taken out); nothing is taken while fewer than ``HELDOUT_MIN`` are eligible."""
+    items = [("e", i) for i, e in enumerate(inbox.examples) if not _teaches(e)] + \
+        [("p", i) for i, p in enumerate(inbox.pairs) if not _teaches(p)]
+    if len(items) < HELDOUT_MIN:
+        return inbox, Inbox()
     chosen = set(rng.sample(items, max(1, round(share * len(items)))))
     taken = [inbox.examples[i] if k == "e" else inbox.pairs[i] for k, i in sorted(chosen)]
     # A rated transcript is also a posted conversation: held out, it is no chat record either.
@@ -216,8 +226,9 @@ def materialize(root: DataRoot, cur: Curriculum, child: int, replay_ratio: float
     of which those rated after ``ratings_since`` (the parent's cursor) are new. Each stage takes from the
     new ones what it learns from (``Stage.inbox``); every reply rated bad or corrected, new or not, is kept
     out of the chat records (an earlier generation may have learned it before it was rated).
-    ``heldout``: the share of the new ratings (seeded; once at least ``HELDOUT_MIN`` are new) written to
-    ``out/preference_heldout.jsonl`` instead of any stage: the gate's ``preference_margin`` asks them.
+    ``heldout``: the share of the new ratings that teach nothing new (seeded; once at least ``HELDOUT_MIN`` are;
+    never a correction or a transcript rated good: ``_teaches``) written to ``out/preference_heldout.jsonl`` instead
+    of any stage: the gate's ``preference_margin`` asks them.
     ``variants``: per exchange of each new chat record a stage takes from the inbox, this many variants
     (``evolution.augment``, seeded) join it, at most ``variant_share`` × the stage's curriculum records in
     all (fewer per record past that); counted in the manifest (``variants``). Replay is sampled per record
@@ -236,7 +247,7 @@ def materialize(root: DataRoot, cur: Curriculum, child: int, replay_ratio: float
         banned = set()
     rng = random.Random(seed * 1_000_003 + child)
     held_inbox = Inbox()
-    if labelled is not None and heldout > 0 and len(inbox.examples) + len(inbox.pairs) >= HELDOUT_MIN:
+    if labelled is not None and heldout > 0:
         inbox, held_inbox = _hold_out(inbox, heldout, random.Random(seed * 1_000_003 + child + 7))
     held = [heldout_record(t) for t in [*held_inbox.examples, *held_inbox.pairs]]
     data: dict[str, list[dict]] = {}

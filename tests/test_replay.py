@@ -155,11 +155,12 @@ def test_a_seeded_share_of_new_ratings_is_held_out_of_every_stage_for_the_gate(c
 
     examples = [Example(f"completion:{i}", i, [{"role": "user", "content": f"Question {i}?"}], f"Answer {i}.",
                         "good" if i % 2 else "bad") for i in range(1, 10)]
+    examples.append(Example("conversation:5", 11, [{"role": "user", "content": "Question 11?"}], "Answer 11.", "bad"))
     pairs = [Pair("conversation:4", 10, [{"role": "user", "content": "Question 10?"}], "Fixed 10.", "Answer 10.",
                   "bad")]
-    labelled = Labelled(examples, pairs, through=10)
-    conversation = (4, _chat("Question 10?", "Answer 10."))
-    runs = [replay.materialize(root, cur, 2, 0.0, 0, tmp_path / name, [conversation], 0, labelled=labelled,
+    labelled = Labelled(examples, pairs, through=11)
+    conversations = [(4, _chat("Question 10?", "Answer 10.")), (5, _chat("Question 11?", "Answer 11."))]
+    runs = [replay.materialize(root, cur, 2, 0.0, 0, tmp_path / name, conversations, 0, labelled=labelled,
                                ratings_since=0, heldout=0.2) for name in ("a", "b")]
     held = _lines(tmp_path / "a" / "preference_heldout.jsonl")
     assert len(held) == 2 and held == _lines(tmp_path / "b" / "preference_heldout.jsonl")  # 20 % of 10, seeded
@@ -170,10 +171,38 @@ def test_a_seeded_share_of_new_ratings_is_held_out_of_every_stage_for_the_gate(c
         for reply in (r.get("reply"), r.get("chosen"), r.get("rejected")):
             if reply:
                 assert json.dumps(reply) not in trained, reply
-    assert len(_lines(tmp_path / "a" / "preference.jsonl")) == 8
+    assert len(_lines(tmp_path / "a" / "preference.jsonl")) == 9
     few = replay.materialize(root, cur, 2, 0.0, 0, tmp_path / "few", [], 0, labelled=Labelled(examples[:9], [], 9),
                              ratings_since=0, heldout=0.2)
     assert few["heldout"] == {"preference_heldout.jsonl": 0}  # fewer than 10 new ratings: all are trained on
+
+
+def test_a_rating_that_teaches_is_never_held_out(cur, root, tmp_path):
+    """A correction or a transcript rated good holds what the user told the agent: held out, the fact would never be
+    trained on (the new-user walk's sister's name, held out as one of 20 %, was the one fact of 8 not learned)."""
+    from evolution.experiences import Example, Labelled, Pair
+
+    teach = [Example(f"conversation:{i}", i, [{"role": "user", "content": f"What is fact {i}?"}], f"Fact {i} is Zed{i}.",
+                     "good") for i in range(1, 9)]
+    pairs = [Pair(f"completion:{i}", i, [{"role": "user", "content": f"What is fact {i}?"}], f"Fact {i} is Zed{i}.",
+                  "I don't know.", "bad") for i in range(9, 13)]
+    own = [Example(f"completion:{i}", i, [{"role": "user", "content": f"Chat {i}?"}], f"Reply {i}.",
+                   "good" if i % 2 else "bad") for i in range(13, 23)]
+    conversations = [(i, _chat(f"What is fact {i}?", f"Fact {i} is Zed{i}.")) for i in range(1, 9)]
+    for seed in range(10):
+        out = tmp_path / f"s{seed}"
+        m = replay.materialize(root, cur, 2, 0.0, seed, out, conversations, 0,
+                               labelled=Labelled(teach + own, pairs, 22), ratings_since=0, heldout=0.5)
+        held = _lines(out / "preference_heldout.jsonl")
+        assert m["heldout"] == {"preference_heldout.jsonl": 5}  # half of the 10 replies the model wrote itself
+        assert {r["reply"] for r in held} <= {f"Reply {i}." for i in range(13, 23)}
+        sft = json.dumps(_lines(out / "sft.jsonl"))
+        for i in range(1, 13):
+            assert f"Fact {i} is Zed{i}." in sft
+    # only the model's own 4 replies are eligible: below HELDOUT_MIN, nothing is held out
+    m = replay.materialize(root, cur, 2, 0.0, 0, tmp_path / "few", conversations, 0,
+                           labelled=Labelled(teach + own[:4], pairs, 22), ratings_since=0, heldout=0.5)
+    assert m["heldout"] == {"preference_heldout.jsonl": 0}
 
 
 def test_newer_ratings_of_a_prompt_supersede_older_generations_ratings_of_it(cur, root, tmp_path):

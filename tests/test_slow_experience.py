@@ -174,11 +174,12 @@ min_probe_items = 1
 
 @pytest.mark.slow
 def test_a_child_taught_the_replies_rated_bad_fails_its_gate_on_preference_margin(_isolated_home):
-    """Issue 15: the agent corrects ten rude replies (the rude reply rated bad, the correction good), and also
-    posts twenty unrated transcripts in which the assistant answers with that same rude reply. The child trains
-    on the transcripts (SFT: it learns the reply the user rated bad); half the corrections are held out with
-    their true labels. Its preference margin on them falls far below its parent's: the gate fails on it, the
-    child is rejected and not served, and the ledger says why.
+    """Issue 15: ten transcripts in which the assistant answers rudely are rated bad, the served model's own
+    replies to the same ten questions are rated good, and twenty unrated transcripts answer with that same rude
+    reply. The child trains on the unrated transcripts (SFT: it learns the reply the user rated bad); half the
+    ratings are held out with their true labels (ratings that teach nothing new: a correction is never held
+    out). Its preference margin on them falls far below its parent's: the gate fails on it, the child is
+    rejected and not served, and the ledger says why.
 
     The gate rules this test is not about are relaxed in its config (recall against the one curriculum
     question, experience similarity), so ``preference_margin`` is the one rule that decides."""
@@ -196,16 +197,17 @@ experience_margin = "off"
         d.wait_serving(0, 900)
         topics = ["boil an egg", "water a basil plant", "fold a shirt", "clean a window", "store bread",
                   "tie a shoelace", "sharpen a pencil", "wash a wool jumper", "keep cut flowers fresh", "plant a bulb"]
+        client = openai.OpenAI(base_url=d.url + "/v1", api_key="not-needed", max_retries=0, timeout=120)
         for topic in topics:
-            conv = _conversation(d, f"How do I {topic}?", RUDE)
-            _feedback(d, conversation_id=conv, label="bad",
-                      correction=f"Happy to help: here is a simple way to {topic}, step by step.")
+            _conversation(d, f"How do I {topic}?", RUDE, label="bad")
+            own = client.chat.completions.create(model="evolution", max_tokens=48, temperature=0,
+                                                 messages=[{"role": "user", "content": f"How do I {topic}?"}])
+            _feedback(d, completion_id=own.id, label="good")
         for i in range(20):
             _conversation(d, f"Can you help me with question number {i}?", RUDE)
         _age_up(d)
         _wait_decided(d)
         assert d.served() == 0
-        client = openai.OpenAI(base_url=d.url + "/v1", api_key="not-needed", max_retries=0, timeout=120)
         r = client.chat.completions.create(model="evolution", max_tokens=8,
                                            messages=[{"role": "user", "content": "How do I boil an egg?"}])
         assert r.model == "evolution-gen-0000"
@@ -221,7 +223,7 @@ experience_margin = "off"
     child, parent = report["metrics"]["preference_margin"], report["parent"]["metrics"]["preference_margin"]
     assert child < parent - 0.05, (child, parent)
     held = report["child"]["details"]["preference_margin"]["items"]
-    assert len(held) == 10 and sum(i["good"] for i in held) == 5  # five corrections held out: both sides
+    assert len(held) == 10 and 0 < sum(i["good"] for i in held) < 10  # half of the 20 ratings: both labels
     with Ledger.open(root) as led:
         assert led.served_generation() == 0
         [rejected] = led.entries(gen=1, kind="rejected")
@@ -233,7 +235,7 @@ experience_margin = "off"
     assert "rejected" in shown and "preference_margin" in shown and "lessons: held-out rated replies" in shown
     held_shown = json.loads(_show(1, "--json"))["lessons"]["preference_margin"]
     rude = [x for x in held_shown if x["wanted"] == f"bad: {RUDE}"]
-    assert len(rude) == 5 and all(x["outcome"] == "worse" for x in rude), rude  # the rude reply grew likelier
+    assert rude and all(x["outcome"] == "worse" for x in rude), rude  # the rude reply grew likelier
     log.warning("eval.md of generation 1:\n%s\nledger show 1:\n%s", md, shown)
     log.warning("test took %.0f s; margin child %.3f parent %.3f; stages %s", time.monotonic() - t0, child, parent,
                 json.loads((gen1 / "generation.json").read_text())["stage_seconds"])
