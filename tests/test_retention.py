@@ -324,3 +324,46 @@ def test_the_daemon_prunes_after_it_promotes_a_child(daemon, tmp_path):
     assert (root.gen_dir(0) / GGUF).exists() and (root.gen_dir(2) / WEIGHTS).exists()
     report = led.verify()
     assert report.ok and report.artifacts_pruned == 3, report.problems
+
+
+@pytest.mark.slow
+def test_generation_zero_drops_its_weights_and_makes_them_again_from_its_base(lineage, tmp_path, monkeypatch):
+    """Generation 0's merged weights are its base model converted: they are pruned while it is neither served nor
+    the served generation's parent, and made again from the base — bit for bit what the ledger recorded — when an
+    age-up trains from it. A base that changed keeps them on disk, and a rebuild against one says what to do."""
+    from evolution.errors import IntegrityError
+    from tests.lineage_util import grow
+
+    root, cfg = _copy_of(lineage, tmp_path / "root", monkeypatch)
+    changed = tmp_path / "changed.safetensors"
+    changed.write_bytes(b"another model")
+    with Ledger.open(root) as ledger:
+        grow(root, cfg, ledger)  # 2 served, 1 its parent, 0 neither
+        recorded = {a["kind"]: a for a in ledger.generation(0).artifacts}
+        policy = RetentionConfig(keep_last=5, keep_best=0)
+        with monkeypatch.context() as m:
+            m.setattr(retention, "_base_path", lambda source: changed)
+            assert "has changed" in retention.base_remakeable(ledger)
+            assert retention.plan(root, ledger, policy).deletions == []  # generation 0 keeps its weights
+        assert retention.base_remakeable(ledger) is None
+        [zero] = retention.prune(root, ledger, policy).deletions
+        assert (zero.gen, zero.scope) == (0, events.PRUNE_WEIGHTS) and "base model" in zero.reason
+        assert zero.bytes == recorded["safetensors"]["size"]
+        assert not (root.gen_dir(0) / WEIGHTS).exists() and (root.gen_dir(0) / GGUF).exists()
+        assert retention.plan(root, ledger, policy).deletions == []  # once is enough
+        assert ledger.verify().ok
+
+        rollback(ledger, 0)
+        with monkeypatch.context() as m:
+            m.setattr(retention, "_base_path", lambda source: changed)
+            with pytest.raises(IntegrityError, match="put that base model back"):
+                retention.rebuild_weights(root, ledger, 0)
+        assert not (root.gen_dir(0) / WEIGHTS).exists()  # nothing half-made installed
+
+        child = grow(root, cfg, ledger)
+        assert (child.gen, child.parent) == (3, 0)
+        [rebuilt] = ledger.entries(kind=events.REBUILT, gen=0)
+        assert rebuilt.payload["chain"] == [0] and rebuilt.payload["from_base"] is True
+        assert sha256_file(root.gen_dir(0) / WEIGHTS) == recorded["safetensors"]["sha256"]
+        report = ledger.verify()
+        assert report.ok and report.warnings == [], (report.problems, report.warnings)
