@@ -428,9 +428,11 @@ class RetentionConfig:
     keep_best: int = 2
     """The generations with the highest recall to keep servable, besides the last ones."""
     drop_weights: bool = True
-    """Delete the merged HF weights (~513 MB fp32 for the embedded model) of kept generations other than
-    generation 0, the served one and its parent; they stay servable (their GGUF is kept), and the weights
-    are rebuilt from generation 0 and the adapters when an age-up trains from one (after a rollback)."""
+    """Delete the merged HF weights (~513 MB fp32 for the embedded model) of kept generations other than the
+    served one and its parent (generation 0's only while its base model can make them again:
+    ``retention.base_remakeable``); they stay servable (their GGUF is kept), and the weights are rebuilt from
+    the nearest ancestor's (or the base model) and the adapters when an age-up trains from one (after a
+    rollback)."""
     after_promotion: bool = True
     """The daemon prunes after each promotion; false leaves pruning to `evolve prune`."""
 
