@@ -111,9 +111,26 @@ def _resave_local(base: Path, out_dir: Path) -> BaseInfo:
         )
     model.save_pretrained(out_dir, safe_serialization=True)
     save_tokenizer(tokenizer, base, out_dir)
-    weights = sorted(base.glob("*.safetensors")) or sorted(base.glob("*.bin"))
-    digest = sha256_file(weights[0]) if len(weights) == 1 else None
+    single = single_weights(base)
+    digest = sha256_file(single) if single is not None else None
     return BaseInfo(name=base.name, source=str(base.resolve()), source_sha256=digest)
+
+
+def single_weights(base: Path) -> Path | None:
+    """A local checkpoint's one weights file, the file ``BaseInfo.source_sha256`` hashes; None for several (or none)."""
+    weights = sorted(Path(base).glob("*.safetensors")) or sorted(Path(base).glob("*.bin"))
+    return weights[0] if len(weights) == 1 else None
+
+
+def recorded(source: dict) -> Path | None:
+    """``materialize``'s ``base`` for a ``BaseInfo`` as the ledger recorded it: None for the embedded model."""
+    return None if source.get("name") == EMBEDDED_NAME else Path(source["source"])
+
+
+def hashed_file(base: Path | None) -> Path | None:
+    """The file whose SHA-256 ``materialize(out, base)`` records: the embedded GGUF, or the checkpoint's one
+    weights file (None when it holds several)."""
+    return embedded_gguf() if base is None else single_weights(base)
 
 
 def save_tokenizer(tokenizer, src: Path, out_dir: Path) -> None:

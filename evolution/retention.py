@@ -250,13 +250,11 @@ def _base_source(ledger: Ledger) -> dict | None:
 
 
 def _base_path(source: dict) -> Path:
-    """The file whose hash ``source`` recorded: the installed embedded GGUF, or a local checkpoint's one weights file."""
-    if source.get("name") == base_mod.EMBEDDED_NAME:
-        return base_mod.embedded_gguf()
-    weights = sorted(Path(source["source"]).glob("*.safetensors")) or sorted(Path(source["source"]).glob("*.bin"))
-    if len(weights) != 1:
+    """The file whose hash ``source`` recorded (``evolution.base.hashed_file``)."""
+    path = base_mod.hashed_file(base_mod.recorded(source))
+    if path is None:
         raise BaseModelError(f"the base checkpoint {source['source']} no longer holds one weights file")
-    return weights[0]
+    return path
 
 
 def base_remakeable(ledger: Ledger) -> str | None:
@@ -281,7 +279,7 @@ def _remake_generation_zero(root: DataRoot, ledger: Ledger, out: Path) -> Path:
         raise IntegrityError(f"cannot make generation 0's merged weights again: {why_not}; put that base model back "
                              "(`evolve ledger show 0` names it) or restore generation 0 from a backup")
     source = _base_source(ledger)
-    base_mod.materialize(out, None if source.get("name") == base_mod.EMBEDDED_NAME else Path(source["source"]))
+    base_mod.materialize(out, base_mod.recorded(source))
     for a in _artifacts(ledger, 0, WEIGHTS):
         got = sha256_file(out / Path(a["path"]).name)
         if got != a["sha256"]:
