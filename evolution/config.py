@@ -432,7 +432,7 @@ class RetentionConfig:
     generation 0, the served one and its parent; they stay servable (their GGUF is kept), and the weights
     are rebuilt from generation 0 and the adapters when an age-up trains from one (after a rollback)."""
     after_promotion: bool = True
-    """The daemon prunes after each promotion; false leaves pruning to `evolve prune`."""
+    """The daemon prunes after each decided age-up (promoted or rejected); false leaves pruning to `evolve prune`."""
 
 
 def validate_retention(r: RetentionConfig) -> None:
