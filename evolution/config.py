@@ -434,7 +434,7 @@ class RetentionConfig:
     the nearest ancestor's (or the base model) and the adapters when an age-up trains from one (after a
     rollback)."""
     after_promotion: bool = True
-    """The daemon prunes after each promotion; false leaves pruning to `evolve prune`."""
+    """The daemon prunes after each decided age-up (promoted or rejected); false leaves pruning to `evolve prune`."""
 
 
 def validate_retention(r: RetentionConfig) -> None:

@@ -85,11 +85,21 @@ class ProbeStore:
         return StoredProbe(pid, False, counts)
 
     def items(self) -> list[dict]:
-        """Every probe as a recall item (``id``, ``question``, ``answers``), oldest first."""
+        """The probes to ask as recall items (``id``, ``question``, ``answers``), oldest first.
+
+        A newer probe of the same question (case and punctuation folded, ``evals.normalize``) supersedes an older
+        one: the user told the agent something new ("my dog is called Pip now") and the agent asks it again with
+        the new answers. Kept, the old probe would count a child that learned the update as one that forgot
+        (``bench/horizon_bench.py``: round 9 renamed round 1's pets, and the child that learned the new names was
+        rejected for 31 probes "forgotten"). Every probe stays in the database."""
+        from evolution.evals import normalize
+
         with self.ledger.reading() as conn:
             rows = conn.execute(text("SELECT id, question, answers FROM probes WHERE lineage = :lin ORDER BY id"),
                                 {"lin": self.ledger.lineage})
-            return [{"id": f"probe-{r.id}", "question": r.question, "answers": json.loads(r.answers)} for r in rows]
+            newest = {normalize(r.question): {"id": f"probe-{r.id}", "question": r.question,
+                                              "answers": json.loads(r.answers)} for r in rows}
+        return sorted(newest.values(), key=lambda item: int(item["id"].removeprefix("probe-")))
 
     def count(self) -> int:
         with self.ledger.reading() as conn:

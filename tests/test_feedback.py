@@ -173,6 +173,18 @@ def test_probes_are_stored_scrubbed_once_per_key_and_bad_ones_refused(client, da
     assert daemon.probes.count() == 1 and client.get("/status").json()["probes"] == 1
 
 
+def test_a_newer_probe_of_the_same_question_supersedes_the_older_one(client, daemon):
+    """An updated fact is asked by its newest answers: the old probe would count a child that learned the update
+    as one that forgot it."""
+    for question, answer in (("What name did I give my dog?", "Bramble"), ("Where do I live?", "Quillhaven"),
+                             ("what name did I give my DOG", "Pip")):
+        assert client.post("/probes", json={"question": question, "answers": [answer]}, headers=AUTH).status_code == 201
+    items = daemon.probes.items()
+    assert [(i["question"], i["answers"]) for i in items] == [("Where do I live?", ["Quillhaven"]),
+                                                              ("what name did I give my DOG", ["Pip"])]
+    assert daemon.probes.count() == 3  # every probe is kept in the database
+
+
 def test_a_reply_is_scored_by_the_served_gguf_after_its_prompt_in_the_chat_template(daemon):
     """preference_margin's scorer on a real GGUF: the model's own greedy reply is far likelier than noise."""
     from evolution import evals

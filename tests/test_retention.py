@@ -327,6 +327,42 @@ def test_the_daemon_prunes_after_it_promotes_a_child(daemon, tmp_path):
 
 
 @pytest.mark.slow
+def test_the_daemon_prunes_after_it_rejects_a_child_too(daemon, tmp_path):
+    """A rejected child is pruned when it is decided, not at the next promotion (the horizon bench's two rejected
+    generations kept 674 MB each). Here the child (generation 1's files again, as a child of 0) passed its gate
+    but its parent is no longer served, so it is recorded rejected; keep_last 0 does not keep it."""
+    import subprocess
+    import sys
+
+    from evolution.daemon import workers
+    from evolution.fsutil import make_tree_read_only, make_tree_writable
+    from evolution.karma import RUNNING
+
+    root, led = daemon.root, daemon.ledger
+    shutil.copytree(root.gen_dir(1), root.gen_dir(2))
+    make_tree_writable(root.gen_dir(2))
+    summary = json.loads((root.gen_dir(2) / "generation.json").read_text())
+    summary.update(gen=2, parent=0, gen_dir=str(root.gen_dir(2)))
+    (root.gen_dir(2) / "generation.json").write_text(json.dumps(summary))
+    make_tree_read_only(root.gen_dir(2))
+    request = daemon.karma.add(1000, "test").triggered
+    daemon.karma.mark(request.id, RUNNING)
+    daemon.retention_cfg = RetentionConfig(keep_last=0, keep_best=0)
+    daemon.worker = workers.Worker(subprocess.Popen([sys.executable, "-c", "pass"]), request.id, False,
+                                   tmp_path / "worker.log")
+    daemon.worker.proc.wait()
+    daemon._collect_worker()
+
+    assert led.served_generation() == 1 and daemon.host.current.gen == 1
+    [rejected] = led.entries(kind=events.REJECTED, gen=2)
+    [pruned] = led.entries(kind=events.PRUNED)
+    assert pruned.gen == 2 and pruned.seq > rejected.seq
+    assert not (root.gen_dir(2) / GGUF).exists() and (root.gen_dir(2) / "data").is_dir()
+    assert (root.gen_dir(1) / GGUF).exists() and (root.gen_dir(1) / WEIGHTS).exists()
+    assert led.verify().ok
+
+
+@pytest.mark.slow
 def test_generation_zero_drops_its_weights_and_makes_them_again_from_its_base(lineage, tmp_path, monkeypatch):
     """Generation 0's merged weights are its base model converted: they are pruned while it is neither served nor
     the served generation's parent, and made again from the base — bit for bit what the ledger recorded — when an

@@ -319,7 +319,7 @@ class Daemon:
             if gen is not None:
                 promoted = ev.PROMOTED in {e.kind for e in self.ledger.entries(gen=gen)}
                 self._count_ageup(PROMOTED if promoted else REJECTED, gen)
-                if promoted and self.retention_cfg.after_promotion:
+                if self.retention_cfg.after_promotion:  # a rejected child's 674 MB too, not at the next promotion
                     self._prune()
             self.karma.mark(w.request_id, DONE, gen, outcome)
             log.info("age-up request %d: %s", w.request_id, outcome)
@@ -346,8 +346,8 @@ class Daemon:
                 self.karma.mark(w.request_id, FAILED, None, self.last_error[-500:])
 
     def _prune(self) -> None:
-        """Apply the retention policy after a promotion; a prune that fails is logged, never fatal (it is
-        recorded before it deletes, so the next one finishes it)."""
+        """Apply the retention policy after an age-up was decided (promoted or rejected); a prune that fails is
+        logged, never fatal (it is recorded before it deletes, so the next one finishes it)."""
         try:
             p = retention.prune(self.root, self.ledger, self.retention_cfg)
         except (EvolutionError, OSError) as exc:
