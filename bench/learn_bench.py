@@ -63,15 +63,17 @@ KINDS = {
 }
 SUBJECTS = {
     "called": ["dog", "cat", "parrot", "horse", "goldfish", "tortoise", "rabbit", "hamster", "boat", "car", "bicycle",
-               "guitar", "houseplant", "robot vacuum", "laptop", "teddy bear", "canoe", "garden gnome", "kite", "van"],
+               "guitar", "houseplant", "robot vacuum", "laptop", "teddy bear", "canoe", "garden gnome", "kite", "van",
+               "tractor", "sailboat", "lamp", "telescope", "armchair"],
     "person": ["sister", "brother", "best friend", "boss", "neighbour", "landlord", "dentist", "piano teacher",
                "cousin", "grandmother", "grandfather", "nephew", "niece", "accountant", "plumber", "yoga teacher",
-               "barber", "godmother", "roommate", "coach"],
+               "barber", "godmother", "roommate", "coach", "aunt", "uncle", "godfather", "tailor", "mechanic"],
     "place": ["swimming", "hiking", "fishing", "skiing", "dancing", "climbing", "sailing", "camping", "shopping",
               "running", "cycling", "skating", "rowing", "surfing", "birdwatching", "bowling", "kayaking", "diving",
-              "jogging", "stargazing"],
+              "jogging", "stargazing", "golfing", "sledging", "picnicking", "gardening", "horse riding"],
     "favourite": ["tea", "colour", "song", "book", "dessert", "cheese", "flower", "board game", "soup", "pastry",
-                  "film", "spice", "fruit", "bird", "tree", "perfume", "sweet", "painter", "poem", "hat"],
+                  "film", "spice", "fruit", "bird", "tree", "perfume", "sweet", "painter", "poem", "hat",
+                  "biscuit", "vegetable", "scarf", "holiday", "instrument"],
 }
 SYLLABLES = ["bra", "quo", "vel", "thar", "miz", "orn", "ule", "ka", "dre", "yss", "fen", "gol", "rhi", "tav", "zem",
              "lun", "pex", "sor", "vin", "drak", "moe", "tir", "aph", "kel", "wyn", "ost", "rue", "bel", "nox", "ith"]
@@ -89,6 +91,9 @@ GOOD_PROMPTS = ["What is your name?", "Who made you?", "Hello!", "Thank you!", "
 
 def facts(n_total: int, seed: int = 0) -> list[dict]:
     """``n_total`` invented facts, kinds interleaved, each with its question, answer, statement and paraphrases."""
+    if n_total > (capacity := sum(len(SUBJECTS[k]) for k in KINDS)):
+        # a subject asked twice is an updated fact, and the rounds' forgetting matrix would read it as forgotten
+        raise ValueError(f"{n_total} facts asked for; only {capacity} have a subject of their own")
     rng = random.Random(seed)
     names: set[str] = set()
     out = []
