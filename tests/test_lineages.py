@@ -565,6 +565,30 @@ def test_a_daemon_claims_each_lineage_it_serves_and_no_other(tmp_path):
     identity.claim(deacon_root).release()  # released with its daemon
 
 
+def test_lineages_served_on_one_port_take_the_first_ones_token_and_write_no_token_file(tmp_path, tiny_base,
+                                                                                        monkeypatch):
+    """One port, one token: the first lineage's. A lineage beside it writes no ``daemon.token`` of its own
+    (nothing would accept it, and its start logged it as the token to use)."""
+    from evolution.config import DaemonConfig
+    from evolution.daemon import TOKEN_ENV, TOKEN_FILE, Daemon
+    from evolution.daemon.entry import prepare_all
+    from tests.conftest import make_daemon_cfg, make_tiny_cfg, make_tiny_curriculum
+
+    monkeypatch.delenv(TOKEN_ENV, raising=False)
+    cfg = make_daemon_cfg(make_tiny_cfg(make_tiny_curriculum(tmp_path / "curriculum")))
+    daemons = [Daemon(DataRoot(tmp_path / "root", name).prepare(), cfg, DaemonConfig(threshold=1000), tiny_base)
+               for name in ("main", "deacon")]
+    try:
+        prepare_all(daemons, 0)
+        main_file = tmp_path / "root" / TOKEN_FILE
+        assert daemons[1].token == daemons[0].token == main_file.read_text().strip() != ""
+        assert daemons[1].token_source == str(main_file)
+        assert not (daemons[1].root.home / TOKEN_FILE).exists()
+    finally:
+        for d in daemons:
+            d.stop()
+
+
 def test_the_gate_anchors_come_from_the_childs_own_lineage_only(data_root, ledger_url):
     """Both lineages have generations 1-3 (numbers collide); deacon's anchors are deacon's gate results and
     deacon's generation 0 report, never main's."""

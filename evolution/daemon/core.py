@@ -83,7 +83,8 @@ class Daemon:
         self.store = ConversationStore(self.ledger)
         self.experiences = ExperienceStore(self.ledger, karma=self.karma, capture_max=self.dcfg.capture_max)
         self.probes = ProbeStore(self.ledger)
-        self.token, self.token_source = identity.api_token(self.root, self.dcfg)
+        if not self.token:  # a lineage served beside the first one was handed its token (entry.run)
+            self.token, self.token_source = identity.api_token(self.root, self.dcfg)
         decided = promotion.reconcile(self.root, self.ledger, self.cfg.gate.stop_after, swap=self._swap_in)
         served = self.ledger.served_generation()
         if served is None:

@@ -43,6 +43,27 @@ def app_for(daemons: list[Daemon]):
     return Router({n: create_app(dm) for n, dm in by_name.items()}, by_name, daemons[0].dcfg.max_body_bytes)
 
 
+def prepare_all(daemons: list[Daemon], port: int) -> None:
+    """Prepare every lineage served on ``port``, the first one first. One port has one token: the first
+    lineage's, handed to the others before they prepare, so none of them generates a token file of its own
+    that nothing would accept. If one fails, those prepared are stopped (their daemon.lock claims released)."""
+    prepared: list[Daemon] = []
+    try:
+        for dm in daemons:
+            dm.port = port
+            if prepared:
+                dm.token, dm.token_source = daemons[0].token, daemons[0].token_source
+            prepared.append(dm)
+            dm.prepare()
+    except BaseException:
+        for dm in prepared:  # the one that failed too: its claim is released
+            try:
+                dm.stop()
+            except Exception:  # the start's own error is the one to report
+                log.exception("stopping lineage %s after a failed start", dm.root.lineage)
+        raise
+
+
 def run(daemon: Daemon, *others: Daemon) -> int:
     """Prepare, then serve until SIGTERM / SIGINT; return the exit code. ``others``: more lineages served
     by the same process and port (routed by ``evolution.daemon.router``)."""
@@ -51,19 +72,10 @@ def run(daemon: Daemon, *others: Daemon) -> int:
     daemons = [daemon, *others]
     d = daemon.dcfg
     sock = listen_socket(d.host, d.port)
-    prepared: list[Daemon] = []
     try:
-        for dm in daemons:
-            dm.port = sock.getsockname()[1]
-            prepared.append(dm)
-            dm.prepare()
+        prepare_all(daemons, sock.getsockname()[1])
     except BaseException:
         sock.close()
-        for dm in prepared:  # the one that failed too: its daemon.lock claim is released
-            try:
-                dm.stop()
-            except Exception:  # the start's own error is the one to report
-                log.exception("stopping lineage %s after a failed start", dm.root.lineage)
         raise
     app = app_for(daemons)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=60,
