@@ -120,7 +120,30 @@ class Slot:
             self.model.close()
         with contextlib.suppress(OSError):
             os.close(self.fd)
+        return_freed_memory()
         log.info("freed generation %d", self.gen)
+
+
+def _malloc_trim() -> Callable[[int], int] | None:
+    import ctypes
+    import ctypes.util
+
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to trim
+        return None
+
+
+_TRIM = _malloc_trim()
+
+
+def return_freed_memory() -> None:
+    """Hand the heap a freed model leaves behind back to the OS (glibc's ``malloc_trim``; nothing elsewhere).
+
+    A freed llama.cpp context's buffers go back to glibc's heap, which keeps them: a daemon that swaps a model
+    in at every age-up for months grows by what each swap left fragmented (``bench/memory_bench.py``)."""
+    if _TRIM is not None:
+        _TRIM(0)
 
 
 def _hash_fd(fd: int) -> str:

@@ -250,3 +250,21 @@ def test_a_client_that_hangs_up_mid_stream_does_not_block_the_model(daemon):
         while daemon.host.current.users and time.time() < deadline:
             time.sleep(0.05)
         assert daemon.host.current.users == 0  # the abandoned stream let go of the model
+
+
+def test_a_model_freed_after_a_swap_hands_its_heap_back_to_the_os(daemon, monkeypatch):
+    """glibc keeps a freed llama.cpp context's buffers in its heap; the host trims it when it frees a model
+    (bench/memory_bench.py measures what that keeps off the daemon's resident memory over many swaps)."""
+    import platform
+
+    from evolution import serving
+
+    if platform.libc_ver()[0] == "glibc":
+        assert serving._TRIM is not None  # found on the machines the daemon runs on
+    trims = []
+    monkeypatch.setattr(serving, "_TRIM", lambda pad: trims.append(pad) or 1)
+    old = daemon.host.current
+    path, sha = _gguf(daemon, 0)
+    daemon.host.swap(daemon.host.load(0, path, sha))
+    assert daemon.host.call(lambda slot: slot.gen) == 0  # behind the old model's close on the llama thread
+    assert old.retired and trims == [0]
