@@ -231,7 +231,8 @@ def verdicts(report: dict) -> dict:
         "ageup_stage_ratio_last_vs_first": round(last["ageup_stage_s"] / first["ageup_stage_s"], 3),
         "first_round_recall_first_last": [first["recall_by_round"][0], last["recall_by_round"][0]],
         "first_round_drop": round(first["recall_by_round"][0] - last["recall_by_round"][0], 3),
-        "rss_first_last_peak_mb": [rss[0], rss[-1], max(rss)],
+        # the peak of every sample (two models during a swap), not of the thinned list kept in the JSON
+        "rss_first_last_peak_mb": [rss[0], rss[-1], max([*rss, *(r["rss_peak_mb"] for r in rows)])],
         "rss_growth_mb": round(rss[-1] - rss[0], 1),
         "perplexity_vs_gen0_max": max(ppls) if ppls else None,
         "perplexity_vs_gen0_last": ppls[-1] if ppls else None,
