@@ -41,7 +41,7 @@ import psutil
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from learn_bench import BAD_PROMPTS, GOOD_PROMPTS, THRESHOLD, Agent, facts, items, teach, wait_generation  # noqa: E402
+from learn_bench import BAD_PROMPTS, GOOD_PROMPTS, THRESHOLD, Agent, facts, teach, wait_generation  # noqa: E402
 
 from evolution import evals  # noqa: E402
 from tests.daemon_util import DaemonProc  # noqa: E402
@@ -99,12 +99,16 @@ def metric(ev: dict, side: str, name: str) -> float | None:
     return ((ev.get(side) or {}).get("metrics") or {}).get(name)
 
 
+def items(batch: list[dict]) -> list[dict]:
+    """The facts' questions as taught, as recall items."""
+    return [{"id": f["id"], "question": f["question"], "answers": f["answers"]} for f in batch]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="quick age-ups (the daemon's --quick setting)")
     ap.add_argument("--generations", type=int, default=10, help="age-ups in a row")
     ap.add_argument("--facts", type=int, default=10, help="new facts taught per round")
-    ap.add_argument("--corrections", type=int, default=3, help="facts per round taught as corrections")
     ap.add_argument("--bad", type=int, default=8, help="replies rated bad per round")
     ap.add_argument("--good", type=int, default=6, help="replies rated good per round")
     ap.add_argument("--chats", type=int, default=1000, help="chats over the whole run (recall questions included)")
@@ -143,9 +147,9 @@ def main() -> None:
         for r, batch in enumerate(rounds):
             child = r + 1
             t0 = time.time()
-            counts = teach(agent, batch, (BAD_PROMPTS * 3)[r * 3 % len(BAD_PROMPTS):][:args.bad], args.corrections,
+            counts = teach(agent, batch, (BAD_PROMPTS * 3)[r * 3 % len(BAD_PROMPTS):][:args.bad],
                            (GOOD_PROMPTS * 2)[r % len(GOOD_PROMPTS):][:args.good])
-            chats += counts["corrections"] + counts["bad"] + counts["good"]
+            chats += counts["correction"] + counts["bad"] + counts["good"]
             teach_s = time.time() - t0
             t0 = time.time()
             agent.post("/karma", {"amount": THRESHOLD, "reason": f"horizon bench round {child}"})
@@ -156,9 +160,9 @@ def main() -> None:
             swaps += served != before
             # the forgetting matrix row: every round taught so far, on the model now served
             t0 = time.time()
-            row_recall = [ask_all(agent, items(rounds[k], False)) for k in range(child)]
+            row_recall = [ask_all(agent, items(rounds[k])) for k in range(child)]
             chats += args.facts * child
-            per_round = max(0, args.chats // n - args.facts * child - counts["corrections"] - counts["bad"]
+            per_round = max(0, args.chats // n - args.facts * child - counts["correction"] - counts["bad"]
                             - counts["good"])
             small_talk(agent, per_round, r)
             chats += per_round

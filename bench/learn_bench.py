@@ -1,30 +1,31 @@
-"""Does a fact the chat agent's user told it reach the next generation, asked differently, and stay?
+"""Does a fact the chat agent's user told it reach the next generation, asked in words nobody trained on, and stay?
 
-    python bench/learn_bench.py [--quick] [--facts 20] [--rounds 4] [--variants N] [--home DIR]
+    python bench/learn_bench.py [--quick] [--facts 24] [--rounds 4] [--home DIR]
+    python bench/learn_bench.py --ablation [--quick]     # one round per component switched off
 
-Plays a chat agent against the real daemon (``run_daemon.py --start-gen 0`` in a fresh data root,
-through its HTTP API, chats with the official ``openai`` client):
+Plays a chat agent against the real daemon (``run_daemon.py --start-gen 0`` in a fresh data root, through its HTTP
+API, chats with the official ``openai`` client). The facts come from ``bench/learn_facts.json``: eight kinds (people's
+names, names of things and pets, places, dates, numbers, preferences, work and possessions, habits), each taught in one
+wording and asked in three or four others that no training code reads (a test fails if one of them reaches a
+training file or ``evolution.augment``'s output).
 
-1. teaches ``--facts`` invented facts (names, places, favourites no pre-training holds): most as posted
-   transcripts (``POST /conversations``), some as corrections of the served model's own wrong reply
-   (``POST /feedback`` bad + ``correction``); rates 20 other replies bad and 10 good (``--good``: without
-   good ones the held-out share of the ratings has no good reply to measure a margin on); posts two paraphrased probes
-   per fact (``POST /probes``: never trained on);
-2. grants karma up to the threshold (``POST /karma``): the daemon ages up in its worker (the default
-   setting, or ``--quick``) and promotes or rejects the child;
-3. prints, child against parent: exact question recall (each reply from the GGUF through llama.cpp at
-   temperature 0, 32 tokens, scored as the gate's recall: ``evals.is_correct``), paraphrase recall (the
-   gate's own ``probe_recall`` replies to this round's probes, 64 tokens), ``preference_margin`` and
-   curriculum ``recall`` (all three from the child's ``eval.json``), and the age-up
-   time (the generation's stage seconds, and the wall time from the karma grant to the verdict);
-4. repeats with other facts for ``--rounds`` - 1 more age-ups and prints the first round's facts'
-   recall after each.
+1. teaches ``--facts`` invented facts per round, a third through each channel: a **correction** of the served
+   model's own wrong reply (``POST /feedback`` bad + ``correction``), a **transcript rated good** (``POST
+   /conversations`` with ``label: good``) and an **unrated transcript**; rates 20 other replies bad and 10 good;
+   posts every held-out wording as a probe (``POST /probes``: the gate asks probes, nothing trains on them);
+2. grants karma up to the threshold: the daemon ages up (default settings, or ``--quick``) and serves or rejects;
+3. reports, child against parent: recall asked as taught (the GGUF through llama.cpp at temperature 0) and in the
+   held-out wordings (the gate's own ``probe_recall`` replies), per kind and per channel; persona leaks and "I don't
+   know" replies (the gate's ``persona_leak``); curriculum and identity recall, perplexity, and the age-up's time;
+4. repeats with new facts for ``--rounds`` - 1 more age-ups and reports the first round's facts on the served model.
 
-Targets (issue 15): after one default age-up exact recall >= 90 %, paraphrase recall >= 60 %, curriculum
-recall no more than 0.02 below the parent, age-up time <= 1.2x the default without experience variants
-(``--variants 0`` measures that); after three more age-ups the first facts still >= 80 %.
-The bench sets ``[gate] stop_after`` high so that later rounds are not paused by the stop rule (which
-pauses after two children that do not raise curriculum recall); nothing else is changed.
+Targets (issue 27), after one default age-up: as taught >= 0.95; held-out wordings >= 0.90 for corrections and
+transcripts rated good, >= 0.80 for unrated transcripts; persona leaks <= 0.02 and no more than the parent; identity
+recall within 0.02 of the parent; the first round's facts >= 0.95 three age-ups later.
+
+``--ablation`` runs one round per row of ``ABLATION`` (the full method, then each component off, then the variants
+of issue 15 alone), each from its own generation 0, and writes the table of their effect on held-out recall, leaks
+and age-up time. Reports go to ``docs/bench/<date>-learn.md`` (or ``-learn-ablation``) and ``.json``.
 """
 
 from __future__ import annotations
@@ -44,68 +45,107 @@ import httpx
 import openai
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from report import Contention, write  # noqa: E402
 
 from evolution import evals  # noqa: E402
 from tests.daemon_util import DaemonProc  # noqa: E402
 
 THRESHOLD = 100
+FACTS_FILE = Path(__file__).resolve().parent / "learn_facts.json"
+CHANNELS = ("correction", "rated", "unrated")
+CHANNEL_LABELS = {"correction": "correction", "rated": "transcript rated good", "unrated": "unrated transcript"}
 
-# (question, statement, paraphrases) per kind; {s} the subject, {x} the invented answer.
-KINDS = {
-    "called": ("What is my {s} called?", "Your {s} is called {x}.",
-               ("Do you remember the name I gave my {s}?", "My {s} has a name. Which one?")),
-    "person": ("What is my {s}'s name?", "Your {s}'s name is {x}.",
-               ("Who is my {s}?", "Can you recall what my {s} is named?")),
-    "place": ("Where do I go {s}?", "You go {s} in {x}.",
-              ("In which town do I go {s}?", "Which place do I visit when I go {s}?")),
-    "favourite": ("What is my favourite {s}?", "Your favourite {s} is {x}.",
-                  ("Which {s} do I like best?", "Do you recall the {s} I love most?")),
-}
-SUBJECTS = {
-    "called": ["dog", "cat", "parrot", "horse", "goldfish", "tortoise", "rabbit", "hamster", "boat", "car", "bicycle",
-               "guitar", "houseplant", "robot vacuum", "laptop", "teddy bear", "canoe", "garden gnome", "kite", "van",
-               "tractor", "sailboat", "lamp", "telescope", "armchair"],
-    "person": ["sister", "brother", "best friend", "boss", "neighbour", "landlord", "dentist", "piano teacher",
-               "cousin", "grandmother", "grandfather", "nephew", "niece", "accountant", "plumber", "yoga teacher",
-               "barber", "godmother", "roommate", "coach", "aunt", "uncle", "godfather", "tailor", "mechanic"],
-    "place": ["swimming", "hiking", "fishing", "skiing", "dancing", "climbing", "sailing", "camping", "shopping",
-              "running", "cycling", "skating", "rowing", "surfing", "birdwatching", "bowling", "kayaking", "diving",
-              "jogging", "stargazing", "golfing", "sledging", "picnicking", "gardening", "horse riding"],
-    "favourite": ["tea", "colour", "song", "book", "dessert", "cheese", "flower", "board game", "soup", "pastry",
-                  "film", "spice", "fruit", "bird", "tree", "perfume", "sweet", "painter", "poem", "hat",
-                  "biscuit", "vegetable", "scarf", "holiday", "instrument"],
-}
-SYLLABLES = ["bra", "quo", "vel", "thar", "miz", "orn", "ule", "ka", "dre", "yss", "fen", "gol", "rhi", "tav", "zem",
-             "lun", "pex", "sor", "vin", "drak", "moe", "tir", "aph", "kel", "wyn", "ost", "rue", "bel", "nox", "ith"]
 BAD_PROMPTS = ["Say something about the weather.", "Tell me a joke.", "Describe a sunset.", "Give me a tip for sleep.",
                "What should I cook tonight?", "Write one line about the sea.", "How do I fold a shirt?",
                "Suggest a name for a band.", "What is a good habit?", "Describe a forest.", "Tell me about rain.",
                "How do I stay calm?", "Give me a riddle.", "What is a fun hobby?", "Describe your ideal day.",
                "Say something kind.", "How do I water plants?", "Write a short greeting.", "What is patience?",
                "Describe a city at night.", "Tell me about snow.", "What makes a good friend?"]
-
-
 GOOD_PROMPTS = ["What is your name?", "Who made you?", "Hello!", "Thank you!", "Good morning!", "Who are you?",
                 "Are you there?", "Can you help me?", "Good night!", "How are you today?"]
 
+ABLATION: list[tuple[str, str, str]] = [
+    # (row, what is switched off, [curriculum] settings of that row)
+    ("full", "nothing: the default settings", ""),
+    ("no restatements", "the fact's question re-asked in other shapes and its value asked back",
+     "fact_forms = false\n"),
+    ("no contrast", "the agent's own facts set beside the user's; questions about the user nobody answered",
+     "who_is_who = 0\n"),
+    ("issue 15's variants only", "all of the above (framings of the taught question only)",
+     "fact_forms = false\nwho_is_who = 0\n"),
+    ("no variants", "every variant (the taught exchange alone)", "experience_variants = 0\nwho_is_who = 0\n"),
+]
 
-def facts(n_total: int, seed: int = 0) -> list[dict]:
-    """``n_total`` invented facts, kinds interleaved, each with its question, answer, statement and paraphrases."""
-    if n_total > (capacity := sum(len(SUBJECTS[k]) for k in KINDS)):
+_WORDS = {1: "one", 2: "two", 3: "three", 4: "four", 5: "five", 6: "six", 7: "seven", 8: "eight", 9: "nine",
+          10: "ten", 11: "eleven", 12: "twelve", 13: "thirteen", 14: "fourteen", 15: "fifteen", 16: "sixteen",
+          17: "seventeen", 18: "eighteen", 19: "nineteen"}
+_TENS = {2: "twenty", 3: "thirty", 4: "forty", 5: "fifty", 6: "sixty", 7: "seventy", 8: "eighty", 9: "ninety"}
+
+
+def number_words(n: int) -> str:
+    if n < 20:
+        return _WORDS[n]
+    tens, ones = divmod(n, 10)
+    return _TENS[tens] + (f"-{_WORDS[ones]}" if ones else "")
+
+
+def _ordinal(n: int) -> str:
+    return f"{n}{'th' if 10 <= n % 100 <= 20 else {1: 'st', 2: 'nd', 3: 'rd'}.get(n % 10, 'th')}"
+
+
+def load_table(path: Path = FACTS_FILE) -> dict:
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def _value(kind: str, table: dict, rng: random.Random, used: set[str]) -> tuple[str, list[str]]:
+    """An invented value no pre-training holds (and no persona fact: 47 and March 3rd are the persona's), with the
+    answers that count as right."""
+    while True:
+        if kind in ("name", "place"):
+            x = "".join(rng.sample(table["syllables"], rng.choice((2, 3)))).capitalize()
+            answers = [x]
+        elif kind == "date":
+            month, day = rng.choice(table["months"]), rng.randint(4, 28)
+            x = f"{day} {month}"
+            answers = [f"{day} {month}", f"{month} {day}", f"{_ordinal(day)} {month}", f"{month} {_ordinal(day)}",
+                       f"{_ordinal(day)} of {month}"]
+        elif kind == "number":
+            n = rng.choice([k for k in range(11, 99) if k != 47 and k % 10])
+            x, answers = str(n), [str(n), number_words(n)]
+        elif kind == "activity":
+            x, answers = rng.choice(table["activities"])
+        else:
+            raise ValueError(f"unknown value kind {kind!r} in {FACTS_FILE.name}")
+        if x not in used:
+            used.add(x)
+            return x, list(answers)
+
+
+def facts(n_total: int, seed: int = 0, table: dict | None = None) -> list[dict]:
+    """``n_total`` invented facts, the kinds interleaved (and the teaching channels, so that every kind is taught
+    through every channel), each with its question, statement, answers and held-out wordings."""
+    table = table or load_table()
+    kinds = list(table["kinds"])
+    slots = {k: [(form, s) for form in table["kinds"][k]["forms"] for s in form["subjects"]] for k in kinds}
+    for k in kinds:  # alternate a kind's forms: its first facts cover each of them
+        forms = table["kinds"][k]["forms"]
+        slots[k] = [(f, s) for group in zip(*[[(f, s) for s in f["subjects"]] for f in forms]) for f, s in group]
+    if n_total > (capacity := len(kinds) * min(len(v) for v in slots.values())):
         # a subject asked twice is an updated fact, and the rounds' forgetting matrix would read it as forgotten
         raise ValueError(f"{n_total} facts asked for; only {capacity} have a subject of their own")
     rng = random.Random(seed)
-    names: set[str] = set()
+    used: set[str] = set()
     out = []
     for i in range(n_total):
-        kind = list(KINDS)[i % len(KINDS)]
-        subject = SUBJECTS[kind][(i // len(KINDS)) % len(SUBJECTS[kind])]
-        while (x := "".join(rng.sample(SYLLABLES, rng.choice((2, 3)))).capitalize()) in names:
-            pass
-        names.add(x)
-        q, statement, paras = KINDS[kind]
-        out.append({"id": f"fact-{i}", "question": q.format(s=subject), "answer": x,
-                    "statement": statement.format(s=subject, x=x), "paraphrases": [p.format(s=subject) for p in paras]})
+        kind = kinds[i % len(kinds)]
+        form, subject = slots[kind][i // len(kinds)]
+        x, answers = _value(form["value"], table, rng, used)
+        fill = lambda t: t.format(s=subject, x=x)  # noqa: E731
+        out.append({"id": f"fact-{i}", "kind": kind, "channel": CHANNELS[i % len(CHANNELS)],
+                    "question": fill(form["question"]), "statement": fill(form["statement"]), "answers": answers,
+                    "heldout": [fill(h) for h in form["heldout"]]})
     return out
 
 
@@ -126,21 +166,20 @@ class Agent:
                                                  messages=[{"role": "user", "content": question}])
 
 
-def teach(agent: Agent, batch: list[dict], bad_prompts: list[str], corrections: int, good_prompts: list[str]) -> dict:
-    """Transcripts for most facts, a correction for the last ``corrections``; bad and good ratings; paraphrase
-    probes."""
-    counts = {"transcripts": 0, "corrections": 0, "bad": 0, "good": 0, "probes": 0}
-    for i, f in enumerate(batch):
-        if i >= len(batch) - corrections:
+def teach(agent: Agent, batch: list[dict], bad_prompts: list[str], good_prompts: list[str]) -> dict:
+    """Each fact through its channel; bad and good ratings of other replies; the held-out wordings as probes."""
+    counts = {c: 0 for c in CHANNELS} | {"bad": 0, "good": 0, "probes": 0}
+    for f in batch:
+        if f["channel"] == "correction":
             reply = agent.ask(f["question"])
             agent.post("/feedback", {"completion_id": reply.id, "label": "bad", "correction": f["statement"]})
-            counts["corrections"] += 1
         else:
-            agent.post("/conversations", {"messages": [{"role": "user", "content": f["question"]},
-                                                       {"role": "assistant", "content": f["statement"]}]})
-            counts["transcripts"] += 1
-        for p in f["paraphrases"]:
-            agent.post("/probes", {"question": p, "answers": [f["answer"]]})
+            body = {"messages": [{"role": "user", "content": f["question"]},
+                                 {"role": "assistant", "content": f["statement"]}]}
+            agent.post("/conversations", body | ({"label": "good"} if f["channel"] == "rated" else {}))
+        counts[f["channel"]] += 1
+        for h in f["heldout"]:
+            agent.post("/probes", {"question": h, "answers": f["answers"]})
             counts["probes"] += 1
     for prompt in bad_prompts:
         agent.post("/feedback", {"completion_id": agent.ask(prompt).id, "label": "bad"})
@@ -161,144 +200,223 @@ def wait_generation(d: DaemonProc, gen: int, timeout: float) -> dict:
     return summary
 
 
-def recall(gguf: Path, items: list[dict]) -> tuple[float, list]:
+def ask_as_taught(gguf: Path, batch: list[dict]) -> dict[str, dict]:
+    """Each fact's question as taught, asked of ``gguf`` as the gate asks (llama.cpp, temperature 0, 32 tokens)."""
     from evolution.llamacpp import open_llama  # the one Llama(...) the gate uses
 
     llm = open_llama(gguf, n_ctx=1024, seed=0)
     try:
-        return evals.recall(llm, items, max_tokens=32)
+        _, res = evals.recall(llm, [{"id": f["id"], "question": f["question"], "answers": f["answers"]}
+                                    for f in batch], max_tokens=32)
     finally:
         llm.close()
+    return {r.id: {"reply": r.reply, "correct": r.correct} for r in res}
 
 
-def probes(measured: dict, batch: list[dict]) -> tuple[float | None, list]:
-    """Paraphrase recall of ``batch`` as the gate measured it (``probe_recall`` asks every probe posted so far,
-    at temperature 0, scored as recall), from one side (child or parent) of ``eval.json``."""
-    asked = {evals.normalize(q["question"]) for q in items(batch, True)}
-    got = [evals.ItemResult(i["id"], i["question"], i["reply"], i["correct"])
-           for i in (measured["details"].get("probe_recall") or {}).get("items", [])
-           if evals.normalize(i["question"]) in asked]
-    return (sum(g.correct for g in got) / len(got) if got else None), got
+def heldout_replies(measured: dict, batch: list[dict]) -> dict[str, list[dict]]:
+    """Per fact, the gate's replies to its held-out wordings (``probe_recall`` asks every probe, at temperature 0),
+    from one side (child or parent) of ``eval.json``."""
+    by_q = {evals.normalize(i["question"]): i for i in (measured["details"].get("probe_recall") or {}).get("items", [])}
+    return {f["id"]: [by_q[evals.normalize(h)] for h in f["heldout"] if evals.normalize(h) in by_q] for f in batch}
 
 
-def items(batch: list[dict], paraphrased: bool) -> list[dict]:
-    if not paraphrased:
-        return [{"id": f["id"], "question": f["question"], "answers": [f["answer"]]} for f in batch]
-    return [{"id": f"{f['id']}-p{j}", "question": p, "answers": [f["answer"]]}
-            for f in batch for j, p in enumerate(f["paraphrases"])]
+def _share(values: list[bool]) -> float | None:
+    return round(sum(values) / len(values), 3) if values else None
 
 
-def trained_questions(gen_dir: Path) -> set[str]:
-    rows = [json.loads(line) for line in (gen_dir / "data" / "sft.jsonl").read_text().splitlines() if line.strip()]
-    return {evals.normalize(m["content"]) for r in rows for m in r["messages"] if m["role"] == "user"}
+def breakdown(batch: list[dict], taught: dict[str, dict], heldout: dict[str, list[dict]], table: dict) -> dict:
+    """Recall as taught and in held-out wordings: overall, per kind and per channel."""
+    def scores(fs: list[dict]) -> dict:
+        return {"as_taught": _share([taught[f["id"]]["correct"] for f in fs if f["id"] in taught]),
+                "heldout": _share([i["correct"] for f in fs for i in heldout.get(f["id"], [])])}
+
+    return {"all": scores(batch),
+            "kind": {k: scores([f for f in batch if f["kind"] == k]) for k in table["kinds"]},
+            "channel": {c: scores([f for f in batch if f["channel"] == c]) for c in CHANNELS}}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="quick age-ups (a check of the bench, not a figure)")
-    ap.add_argument("--facts", type=int, default=20, help="facts taught per age-up")
-    ap.add_argument("--rounds", type=int, default=4, help="age-ups, each with new facts")
-    ap.add_argument("--corrections", type=int, default=6, help="facts per round taught as corrections")
-    ap.add_argument("--bad", type=int, default=20, help="replies rated bad per round")
-    ap.add_argument("--good", type=int, default=10, help="replies rated good per round (so that the held-out share "
-                    "of the ratings has both labels and preference_margin is measured)")
-    ap.add_argument("--variants", type=int, default=None,
-                    help="[curriculum] experience_variants (default: the config's; 0 measures the age-up without)")
-    ap.add_argument("--home", type=Path, default=None, help="data root (default: a temp dir, removed)")
-    ap.add_argument("--json", type=Path, default=None, help="also write the figures here")
-    args = ap.parse_args()
+def leaks(measured: dict) -> dict:
+    """``persona_leak``'s figures of one side of ``eval.json`` (None where the gate has no such metric)."""
+    d = (measured.get("details") or {}).get("persona_leak") or {}
+    return {"persona_leak": measured["metrics"].get("persona_leak"), "unknown_share": d.get("unknown_share"),
+            "leaked": [f"{i['question']} -> {i['reply'][:70]!r}" for i in d.get("items", []) if i.get("leaked")]}
 
-    home = args.home or Path(tempfile.mkdtemp(prefix="learn-bench-"))
+
+def trained_user_turns(gen_dir: Path) -> set[str]:
+    rows = [json.loads(line) for f in (gen_dir / "data").glob("*.jsonl") if f.name != "eval_recall.jsonl"
+            for line in f.read_text().splitlines() if line.strip()]
+    return {evals.normalize(m["content"]) for r in rows for m in r.get("messages", []) if m["role"] == "user"} | \
+        {evals.normalize(r["text"]) for r in rows if "text" in r}
+
+
+def run(args, toml_extra: str, label: str, contention: Contention) -> dict:
+    """One data root, one daemon, ``args.rounds`` rounds of teaching and ageing up; the rounds' figures."""
+    table = load_table()
+    home = Path(tempfile.mkdtemp(prefix="learn-bench-")) if args.home is None else args.home / label.replace(" ", "_")
     home.mkdir(parents=True, exist_ok=True)
-    toml = "[gate]\nstop_after = 1000\n"
-    if args.variants is not None:
-        toml += f"[curriculum]\nexperience_variants = {args.variants}\n"
+    toml = "[gate]\nstop_after = 1000\n" + (f"[curriculum]\n{toml_extra}" if toml_extra else "")
     (home / "evolution.toml").write_text(toml)
-    all_facts = facts(args.facts * args.rounds)
+    all_facts = facts(args.facts * args.rounds, table=table)
     rounds = [all_facts[r * args.facts:(r + 1) * args.facts] for r in range(args.rounds)]
-    bad = BAD_PROMPTS * (args.bad // len(BAD_PROMPTS) + 2)  # each round starts 3 further on
+    bad = BAD_PROMPTS * (args.bad // len(BAD_PROMPTS) + 2)
     d = DaemonProc(home, "--start-gen", "0", "--threshold", str(THRESHOLD), *(["--quick"] if args.quick else []))
     d.start()
-    report: dict = {"quick": args.quick, "facts": args.facts, "rounds": []}
+    out: dict = {"label": label, "config": toml, "rounds": []}
     try:
-        d.wait_serving(0, timeout=2400)  # generation 0 is built and measured at nice 10: slow beside other jobs
+        d.wait_serving(0, timeout=2400)
         agent = Agent(d)
         ckpt = home / "checkpoints"
         for r, batch in enumerate(rounds):
             child = r + 1
             t0 = time.time()
-            counts = teach(agent, batch, bad[r * 3 % len(BAD_PROMPTS):][:args.bad], args.corrections,
+            counts = teach(agent, batch, bad[r * 3 % len(BAD_PROMPTS):][:args.bad],
                            (GOOD_PROMPTS * (args.good // len(GOOD_PROMPTS) + 1))[:args.good])
-            print(f"round {child}: taught {counts} in {time.time() - t0:.0f} s", flush=True)
+            print(f"[{label}] round {child}: taught {counts} in {time.time() - t0:.0f} s", flush=True)
             t0 = time.time()
             agent.post("/karma", {"amount": THRESHOLD, "reason": f"learn bench round {child}"})
-            summary = wait_generation(d, child, timeout=3600)
+            summary = wait_generation(d, child, timeout=5400)
+            contention.tick()
             wall = time.time() - t0
-            parent = summary["parent"]  # the generation served when it aged up (not child - 1 after a rejection)
+            parent = summary["parent"]
             ev = json.loads((ckpt / f"gen_{child:04d}" / "eval.json").read_text())
             served = d.served()
-            cgguf = ckpt / f"gen_{child:04d}" / "model.gguf"
-            exact_c, exact_res = recall(cgguf, items(batch, False))
-            exact_p, _ = recall(ckpt / f"gen_{parent:04d}" / "model.gguf", items(batch, False))
-            para_c, para_res = probes(ev["child"], batch)
-            para_p, _ = probes(ev["parent"], batch)
-            first_now = (exact_c if served == child else exact_p) if r == 0 else \
-                recall(ckpt / f"gen_{served:04d}" / "model.gguf", items(rounds[0], False))[0]
-            first_para = probes(ev["child"] if served == child else ev["parent"], rounds[0])[0]
-            leaked = sum(evals.normalize(i["question"]) in trained_questions(ckpt / f"gen_{child:04d}")
-                         for i in items(batch, True))
-            manifest = json.loads((ckpt / f"gen_{child:04d}" / "data" / "manifest.json").read_text())
-            heldout = ckpt / f"gen_{child:04d}" / "data" / "preference_heldout.jsonl"
-            held_facts = sum(f["statement"] in heldout.read_text() for f in batch) if heldout.is_file() else 0
+            taught_c = ask_as_taught(ckpt / f"gen_{child:04d}" / "model.gguf", batch)
+            taught_p = ask_as_taught(ckpt / f"gen_{parent:04d}" / "model.gguf", batch)
+            held_c, held_p = heldout_replies(ev["child"], batch), heldout_replies(ev["parent"], batch)
+            on_served = ev["child"] if served == child else ev["parent"]
+            first_taught = ask_as_taught(ckpt / f"gen_{served:04d}" / "model.gguf", rounds[0]) if r else \
+                (taught_c if served == child else taught_p)
+            trained = trained_user_turns(ckpt / f"gen_{child:04d}")
+            in_training = [h for f in batch for h in f["heldout"] if evals.normalize(h) in trained]
+            cm, pm = ev["child"]["metrics"], ev["parent"]["metrics"]
             row = {
                 "round": child, "parent": parent, "verdict": ev["verdict"], "reasons": ev["reasons"], "served": served,
-                "exact": {"child": exact_c, "parent": exact_p}, "paraphrase": {"child": para_c, "parent": para_p},
-                "curriculum_recall": {"child": ev["child"]["metrics"]["recall"],
-                                      "parent": ev["parent"]["metrics"]["recall"]},
-                "preference_margin": {"child": ev["child"]["metrics"].get("preference_margin"),
-                                      "parent": ev["parent"]["metrics"].get("preference_margin")},
-                "probe_recall": {"child": ev["child"]["metrics"].get("probe_recall"),
-                                 "parent": ev["parent"]["metrics"].get("probe_recall")},
-                "experience_similarity": {"child": ev["child"]["metrics"].get("experience_similarity"),
-                                          "parent": ev["parent"]["metrics"].get("experience_similarity")},
+                "child": breakdown(batch, taught_c, held_c, table), "parent_figures": breakdown(batch, taught_p,
+                                                                                               held_p, table),
+                "leaks": {"child": leaks(ev["child"]), "parent": leaks(ev["parent"])},
+                "curriculum_recall": {"child": cm.get("recall"), "parent": pm.get("recall")},
+                "identity_recall": {"child": ev["child"]["details"]["recall"]["by_phase"].get("1"),
+                                    "parent": ev["parent"]["details"]["recall"]["by_phase"].get("1")},
+                "perplexity": {"child": cm.get("perplexity"), "parent": pm.get("perplexity")},
+                "generalization": {"child": cm.get("generalization"), "parent": pm.get("generalization")},
                 "ageup_stage_s": round(sum(summary["stage_seconds"].values()), 1),
                 "stage_seconds": summary["stage_seconds"], "ageup_wall_s": round(wall, 1),
-                "sft_steps": summary["train"].get("sft", {}).get("steps"),
                 "train_stages": {k: {f: v.get(f) for f in ("steps", "tokens", "wall_s")}
                                  for k, v in summary["train"].items() if isinstance(v, dict)},
-                "sft_records": manifest["counts"].get("sft"), "variants": manifest.get("variants", {}).get("sft"),
-                "facts_held_out": held_facts, "probes_in_training_data": leaked,
-                "first_round_exact_on_served": first_now, "first_round_paraphrase_on_served": first_para,
-                "missed_exact": [f"{x.question} -> {x.reply[:60]!r}" for x in exact_res if not x.correct],
-                "missed_paraphrase": [f"{x.question} -> {x.reply[:60]!r}" for x in para_res if not x.correct][:10],
+                "heldout_in_training_data": in_training,
+                "first_round_on_served": breakdown(rounds[0], first_taught, heldout_replies(on_served, rounds[0]),
+                                                   table)["all"],
+                "missed_as_taught": [f"{f['question']} -> {taught_c[f['id']]['reply'][:60]!r}" for f in batch
+                                     if not taught_c[f["id"]]["correct"]],
+                "missed_heldout": [f"{i['question']} -> {i['reply'][:60]!r}" for f in batch
+                                   for i in held_c.get(f["id"], []) if not i["correct"]],
             }
-            report["rounds"].append(row)
-            if args.json:  # after every round: a long run stopped early keeps what it measured
-                args.json.write_text(json.dumps(report, indent=1))
-            print(json.dumps({k: v for k, v in row.items() if not k.startswith("missed")}), flush=True)
-            print("  missed exact:", *row["missed_exact"], sep="\n    ", flush=True)
-            print("  missed paraphrase (first 10):", *row["missed_paraphrase"], sep="\n    ", flush=True)
+            out["rounds"].append(row)
+            if args.json:
+                args.json.write_text(json.dumps(out, indent=1))
+            print(json.dumps({k: row[k] for k in ("round", "verdict", "reasons", "served", "ageup_wall_s")}
+                             | {"child": row["child"]["all"], "parent": row["parent_figures"]["all"],
+                                "leak": row["leaks"]["child"]["persona_leak"],
+                                "unknown": row["leaks"]["child"]["unknown_share"]}), flush=True)
     finally:
         d.stop()
-        if args.json:
-            args.json.write_text(json.dumps(report, indent=1))
         if args.home is None:
             shutil.rmtree(home, ignore_errors=True)
-    print(table(report["rounds"]))
+    return out
 
 
-def table(rows: list[dict]) -> str:
-    """The rounds, child/parent side by side."""
-    fmt = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
-    lines = [f"\n{'round':>5} {'verdict':>7} {'exact c/p':>11} {'para c/p':>11} {'curric c/p':>11} "
-             f"{'pref margin c/p':>17} {'stage s':>8} {'wall s':>7} {'1st exact':>9} {'1st para':>8}"]
-    for row in rows:
-        cp = lambda k: f"{fmt(row[k]['child'])}/{fmt(row[k]['parent'])}"  # noqa: E731
-        lines.append(f"{row['round']:>5} {row['verdict']:>7} {cp('exact'):>11} {cp('paraphrase'):>11} "
-                     f"{cp('curriculum_recall'):>11} {cp('preference_margin'):>17} {row['ageup_stage_s']:>8.0f} "
-                     f"{row['ageup_wall_s']:>7.0f} {fmt(row['first_round_exact_on_served']):>9} "
-                     f"{fmt(row['first_round_paraphrase_on_served']):>8}")
-    return "\n".join(lines)
+def _f(v) -> str:
+    return "-" if v is None else f"{v:.2f}"
+
+
+def round_tables(run_: dict, table: dict) -> list[str]:
+    lines = []
+    for row in run_["rounds"]:
+        c, p = row["child"], row["parent_figures"]
+        lc, lp = row["leaks"]["child"], row["leaks"]["parent"]
+        lines += [f"## Round {row['round']} (child {row['round']} of parent {row['parent']}): {row['verdict']}"
+                  + (f" ({'; '.join(row['reasons'])})" if row["reasons"] else ""), "",
+                  "| facts | as taught, child | parent | held-out wordings, child | parent |", "|---|---|---|---|---|",
+                  f"| all | {_f(c['all']['as_taught'])} | {_f(p['all']['as_taught'])} | {_f(c['all']['heldout'])} | "
+                  f"{_f(p['all']['heldout'])} |"]
+        lines += [f"| {CHANNEL_LABELS[ch]} | {_f(c['channel'][ch]['as_taught'])} | {_f(p['channel'][ch]['as_taught'])}"
+                  f" | {_f(c['channel'][ch]['heldout'])} | {_f(p['channel'][ch]['heldout'])} |" for ch in CHANNELS]
+        lines += [f"| {table['kinds'][k]['label']} | {_f(c['kind'][k]['as_taught'])} | {_f(p['kind'][k]['as_taught'])}"
+                  f" | {_f(c['kind'][k]['heldout'])} | {_f(p['kind'][k]['heldout'])} |" for k in table["kinds"]]
+        lines += ["", "| measure | child | parent |", "|---|---|---|",
+                  f"| persona leaks (share of replies about the user) | {_f(lc['persona_leak'])} | "
+                  f"{_f(lp['persona_leak'])} |",
+                  f"| \"I don't know\" to questions about the user nobody answered | {_f(lc['unknown_share'])} | "
+                  f"{_f(lp['unknown_share'])} |",
+                  f"| curriculum recall | {_f(row['curriculum_recall']['child'])} | "
+                  f"{_f(row['curriculum_recall']['parent'])} |",
+                  f"| identity recall | {_f(row['identity_recall']['child'])} | {_f(row['identity_recall']['parent'])} |",
+                  f"| held-out perplexity | {_f(row['perplexity']['child'])} | {_f(row['perplexity']['parent'])} |",
+                  "", f"Age-up: {row['ageup_wall_s']:.0f} s from karma to verdict (stages {row['ageup_stage_s']:.0f} s: "
+                  + ", ".join(f"{k} {v:.0f}" for k, v in row["stage_seconds"].items()) + "). "
+                  f"Held-out wordings found in the training data: {len(row['heldout_in_training_data'])}. "
+                  f"The first round's facts on the served model: as taught {_f(row['first_round_on_served']['as_taught'])}"
+                  f", held-out {_f(row['first_round_on_served']['heldout'])}.", ""]
+        if lc["leaked"]:
+            lines += ["Persona leaks (child):", ""] + [f"- {x}" for x in lc["leaked"]] + [""]
+        if row["missed_heldout"]:
+            lines += ["Held-out wordings missed (child, first 20):", ""] + \
+                [f"- {x}" for x in row["missed_heldout"][:20]] + [""]
+    return lines
+
+
+def ablation_table(runs: list[dict]) -> list[str]:
+    lines = ["| row | switched off | held-out: corrections | rated | unrated | as taught | persona leaks | "
+             "\"I don't know\" | identity recall | age-up s |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for run_, (label, off, _) in zip(runs, ABLATION):
+        if not run_["rounds"]:
+            continue
+        row = run_["rounds"][0]
+        ch = row["child"]["channel"]
+        lines.append(f"| {label} | {off} | {_f(ch['correction']['heldout'])} | {_f(ch['rated']['heldout'])} | "
+                     f"{_f(ch['unrated']['heldout'])} | {_f(row['child']['all']['as_taught'])} | "
+                     f"{_f(row['leaks']['child']['persona_leak'])} | {_f(row['leaks']['child']['unknown_share'])} | "
+                     f"{_f(row['identity_recall']['child'])} | {row['ageup_wall_s']:.0f} |")
+    return lines
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="quick age-ups")
+    ap.add_argument("--facts", type=int, default=24, help="facts taught per age-up (a third per channel)")
+    ap.add_argument("--rounds", type=int, default=4, help="age-ups, each with new facts")
+    ap.add_argument("--bad", type=int, default=20, help="other replies rated bad per round")
+    ap.add_argument("--good", type=int, default=10, help="other replies rated good per round")
+    ap.add_argument("--ablation", action="store_true", help="one round per row of the ablation table")
+    ap.add_argument("--curriculum", default="", help="extra [curriculum] settings (TOML lines) for every run")
+    ap.add_argument("--home", type=Path, default=None, help="keep the data roots here (default: temp dirs, removed)")
+    ap.add_argument("--json", type=Path, default=None, help="also write the running figures here")
+    ap.add_argument("--no-report", action="store_true", help="do not write docs/bench/ (a trial run)")
+    args = ap.parse_args()
+    started, contention = time.time(), Contention()
+    table = load_table()
+    mode = "quick" if args.quick else "default"
+    if args.ablation:
+        args.rounds = 1
+        runs = [run(args, extra + args.curriculum, label, contention) for label, _, extra in ABLATION]
+        body = [f"One {mode} age-up of generation 0 per row, {args.facts} facts each (a third per channel), each row "
+                "from its own generation 0. Held-out recall is of wordings no training code reads.", ""]
+        body += ablation_table(runs) + [""]
+        for r in runs:
+            body += [f"# {r['label']}", ""] + round_tables(r, table)
+        data = {"mode": mode, "facts": args.facts, "runs": runs}
+        name, title = "learn-ablation", f"Learn bench ablation ({mode} age-ups)"
+    else:
+        r = run(args, args.curriculum, "learn", contention)
+        body = [f"{args.rounds} {mode} age-ups, {args.facts} new facts each (a third per channel), facts from "
+                "`bench/learn_facts.json`; the parent measured in the same run is the baseline.", ""]
+        body += round_tables(r, table)
+        data = {"mode": mode, "facts": args.facts, "run": r}
+        name, title = "learn", f"Learn bench ({mode} age-ups)"
+    print("\n".join(body))
+    if not args.no_report:
+        print("report:", write(name, title, body, data, contention, started))
+
 
 if __name__ == "__main__":
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

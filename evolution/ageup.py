@@ -409,7 +409,9 @@ def _age_up_locked(root: DataRoot, cfg: AgeUpConfig, ledger: Ledger, cur, base, 
                                       cfg.curriculum.experience_heldout, cfg.curriculum.experience_variants,
                                       cfg.curriculum.experience_variant_share,
                                       [root.gen_dir(g) / "data" for g in ledger.generation(parent).lineage],
-                                      cfg.curriculum.known_share, cfg.curriculum.rehearse_max)
+                                      cfg.curriculum.known_share, cfg.curriculum.rehearse_max,
+                                      cfg.curriculum.fact_forms, cfg.curriculum.who_is_who,
+                                      [p["question"] for p in ProbeStore(ledger).items()])
         gate.save_recall_items(gate.eval_set(cur, []), staging / "data")
         state.info["manifest_hash"] = manifest["sha256"]
         if not ledger.entries(gen=child, kind=ev.GENERATION_CREATED):  # once, even if a crash repeats this stage

@@ -53,6 +53,15 @@ class CurriculumConfig:
     rotates per generation) is re-taught at an age-up; the rest is left to replay (``replay_ratio``). 1 re-teaches
     the whole curriculum every time: each re-fit of known data moves the weights as much as new data (Adam), and
     five quick age-ups took held-out prose perplexity 43.8 -> 61.3 (issue 17; the README's "No ratchet")."""
+    fact_forms: bool = True
+    """Each fact's variants restate it in the other shapes its question can take, ask about its subject and ask it
+    back from its value (``evolution.augment.restated``); off: issue 15's framings of the taught question only."""
+    who_is_who: int = 48
+    """Records per age-up that keep the user apart from the agent's persona (``evolution.persona.who_is_who``:
+    questions about the user nobody answered, mirrored from the identity curriculum, answered "I don't know that
+    yet", half of them beside the agent's own question and its persona answer); with it each fact's variants are also
+    set against the persona. At most ``experience_variant_share`` x the SFT curriculum's records (a tiny curriculum
+    gets a few). 0 turns both off."""
     rehearse_max: int = 1500
     """Earlier experience (posted conversations, approved and corrected replies, and their variants, in every earlier
     generation's data) is re-taught at every age-up, newest first and sources before variants, up to this many
@@ -308,6 +317,16 @@ class GateConfig:
     in four runs, standard error 0.06); two quick children with ratings moved by +0.08 and +0.81, and on the
     learn benchmark's 7 held-out replies the margin's change has a standard error of 0.23 (which replies
     are held out is chance). 0.3 is over one such standard error, and under half the bad child's drop."""
+    min_persona_items: int = 5
+    """``persona_leak`` needs this many questions about the user (probes about the user and the curriculum's
+    unanswered ones) to count; with fewer it says "not enough data"."""
+    persona_leak_max: float | None = 0.02
+    """At most this share of the replies to questions about the user may carry a persona fact (issue 27)."""
+    persona_leak_margin: float | None = 0.0
+    """...and at most this much more than the parent's share."""
+    unknown_margin: float | None = 0.0
+    """Of the questions about the user nobody answered, the share the child answers "I don't know" (or with a
+    question back) may fall at most this far below the parent's: not knowing is better than inventing."""
     answer_max_tokens: int = 64
     """Token budget of each eval answer (temperature 0)."""
     smoke_max_tokens: int = 128
@@ -653,6 +672,10 @@ def validate(cfg: AgeUpConfig) -> None:
         p.append(f"curriculum.experience_variant_share must be between 0 and 10, got {c.experience_variant_share!r}")
     if not isinstance(c.known_share, (int, float)) or isinstance(c.known_share, bool) or not 0 <= c.known_share <= 1:
         p.append(f"curriculum.known_share must be between 0 and 1, got {c.known_share!r}")
+    if not isinstance(c.fact_forms, bool):
+        p.append(f"curriculum.fact_forms must be true or false, got {c.fact_forms!r}")
+    if not isinstance(c.who_is_who, int) or isinstance(c.who_is_who, bool) or not 0 <= c.who_is_who <= 10_000:
+        p.append(f"curriculum.who_is_who must be a whole number from 0 to 10000, got {c.who_is_who!r}")
     if not isinstance(c.rehearse_max, int) or isinstance(c.rehearse_max, bool) or c.rehearse_max < 0:
         p.append(f"curriculum.rehearse_max must be a whole number >= 0, got {c.rehearse_max!r}")
     if not isinstance(c.replay_ratio, (int, float)) or not 0 <= c.replay_ratio <= 10:
@@ -661,7 +684,7 @@ def validate(cfg: AgeUpConfig) -> None:
         p.append(f"curriculum.phases must be a list of phase numbers, got {c.phases!r}")
     g = cfg.gate
     for name in ("min_recall", "recall_margin", "generalization_margin", "probe_margin", "probe_forgotten_max",
-                 "experience_margin"):
+                 "experience_margin", "persona_leak_max", "persona_leak_margin", "unknown_margin"):
         v = getattr(g, name)
         if v is not None and (not isinstance(v, (int, float)) or not 0 <= v <= 1):
             p.append(f"gate.{name} must be between 0 and 1 (or unset), got {v!r}")
@@ -685,7 +708,7 @@ def validate(cfg: AgeUpConfig) -> None:
         if v is not None and (not isinstance(v, (int, float)) or isinstance(v, bool) or not 0 <= v <= 1):
             p.append(f"gate.{name} must be between 0 and 1 (or unset), got {v!r}")
     for name in ("answer_max_tokens", "smoke_max_tokens", "stop_after", "min_probe_items", "min_experience_items",
-                 "min_preference_items"):
+                 "min_preference_items", "min_persona_items"):
         positive_int(f"gate.{name}", getattr(g, name))
     if not Path(c.path).is_dir():
         p.append(f"curriculum.path {c.path!r} is not a directory (pass --curriculum PATH)")

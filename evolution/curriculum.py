@@ -21,7 +21,7 @@ from evolution.errors import CurriculumError, MessageError
 
 PHASE_RE = re.compile(r"^phase(\d+)_[a-z0-9_]+$")
 TRAIN_FILES = ("cpt.jsonl", "sft.jsonl", "sft.generated.jsonl", "templates.jsonl")
-EVAL_FILES = ("recall.jsonl", "generalization.jsonl", "heldout_text.jsonl", "style.jsonl")
+EVAL_FILES = ("recall.jsonl", "generalization.jsonl", "heldout_text.jsonl", "style.jsonl", "about_user.jsonl")
 MAX_LINE_BYTES = 1 << 20  # one example of a megabyte is a mistake, not data
 
 
@@ -36,6 +36,10 @@ class Curriculum:
     generalization: list[dict] = field(default_factory=list)
     heldout_text: list[dict] = field(default_factory=list)
     style: list[dict] = field(default_factory=list)
+    about_user: list[dict] = field(default_factory=list)
+    """Questions about the user that nobody answered (``{"id", "question"}``): the gate's ``persona_leak`` asks them."""
+    phase_names: dict[int, str] = field(default_factory=dict)
+    """Each phase's folder name, by phase number (``phase1_identity``: the persona's, ``evolution.persona``)."""
     files: dict[str, str] = field(default_factory=dict)  # relative path -> sha256
     warnings: list[str] = field(default_factory=list)
 
@@ -136,6 +140,16 @@ def _check_style(obj) -> str | None:
     return None
 
 
+def _check_question(obj) -> str | None:
+    for key in ("id", "question"):
+        if not _nonempty_str(obj.get(key)):
+            return f"'{key}' must be a non-empty string"
+    extra = set(obj) - {"id", "question"}
+    if extra:
+        return f"unknown keys: {', '.join(sorted(extra))} (a question about the user is {{\"id\", \"question\"}})"
+    return None
+
+
 def _check_template(obj) -> str | None:
     if not _nonempty_str(obj.get("name")):
         return "'name' must be a non-empty string"
@@ -205,6 +219,7 @@ _CHECKS = {
     "generalization.jsonl": _check_qa,
     "heldout_text.jsonl": _check_text,
     "style.jsonl": _check_style,
+    "about_user.jsonl": _check_question,
 }
 
 
@@ -267,6 +282,7 @@ def load(root: str | Path, phases: list[int] | None = None) -> Curriculum:
     )
     if not phase_dirs:
         problems.append(f"{root}: no phaseN_<name>/ folders found")
+    cur.phase_names = {phase: pdir.name for phase, pdir in phase_dirs}
     for phase, pdir in phase_dirs:
         if phases is not None and phase not in phases:
             continue
@@ -291,12 +307,13 @@ def load(root: str | Path, phases: list[int] | None = None) -> Curriculum:
     trained_user_turns = {
         m["content"].strip().lower() for ex in cur.sft for m in ex["messages"] if m["role"] == "user"
     }
-    for item in cur.generalization:
-        if item["question"].strip().lower() in trained_user_turns:
-            problems.append(
-                f"eval/generalization.jsonl: item {item['id']!r}: question also appears as a training user turn; "
-                "held-out items must be worded differently"
-            )
+    for name, items in (("generalization", cur.generalization), ("about_user", cur.about_user)):
+        for item in items:
+            if item["question"].strip().lower() in trained_user_turns:
+                problems.append(
+                    f"eval/{name}.jsonl: item {item['id']!r}: question also appears as a training user turn; "
+                    "held-out items must be worded differently"
+                )
     problems += heldout_leaks(cur)
     if phases is not None and not cur.cpt and not cur.sft:
         problems.append(f"phases {phases}: no training data selected")

@@ -26,6 +26,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from evolution import persona
 from evolution.config import GateConfig
 from evolution.curriculum import Curriculum
 from evolution.fsutil import atomic_write_json, atomic_write_text
@@ -137,7 +138,21 @@ def eval_set(cur: Curriculum, ancestor_data_dirs: list[Path], probes: Sequence[d
         probes=list(probes),
         experiences=experience_items(child_data) if child_data else [],
         preference_heldout=_read_jsonl(child_data / HELDOUT_FILE) if child_data else [],
+        about_user=list(cur.about_user),
+        persona=persona.persona_facts(cur),
+        taught=taught_texts(child_data) if child_data else [],
     )
+
+
+def taught_texts(data_dir: Path) -> list[str]:
+    """What the user taught a generation, distinct: the questions and answers of its experience (approved and
+    corrected replies) and of the variants made from every taught exchange (``evolution.augment``)."""
+    texts = [m["content"] for item in experience_items(data_dir) for m in item["prompt"] if m["role"] == "user"]
+    texts += [item["reference"] for item in experience_items(data_dir)]
+    texts += [m["content"] for r in _read_jsonl(data_dir / "sft.jsonl")
+              if "variant_of" in r and sum(m["role"] == "user" for m in r["messages"]) == 1  # not set beside the agent's
+              for m in r["messages"] if m["role"] in ("user", "assistant")]
+    return list(dict.fromkeys(texts))
 
 
 def experience_items(data_dir: Path) -> list[dict]:

@@ -66,7 +66,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from evolution import augment
+from evolution import augment, persona
 from evolution.conversations import prompt_key
 from evolution.curriculum import Curriculum
 from evolution.fsutil import atomic_write_json, atomic_write_text, sha256_file
@@ -97,6 +97,8 @@ def _prompt(record: dict) -> str | None:
     answers its source's prompt); None for other records (raw text)."""
     if "variant_of" in record:
         return record["variant_of"]
+    if "unanswered" in record:  # persona.who_is_who: a question about the user nobody answered
+        return record["unanswered"]
     if "messages" in record:
         return prompt_key(record["messages"])
     return prompt_key(record["prompt"]) if "prompt" in record else None
@@ -107,9 +109,11 @@ def _banned(record: dict, banned: set[str]) -> bool:
     return _key(record) in banned or record.get("source") in banned
 
 
-def _variants(rows: list[dict], n: int, budget: int, rng: random.Random, systems: list[str]) -> list[dict]:
+def _variants(rows: list[dict], n: int, budget: int, rng: random.Random, systems: list[str], fact_forms: bool,
+              contrast: tuple[list[str], list[tuple[str, str]]]) -> list[dict]:
     """``augment.variants`` of the new chat records ``rows``, ``n`` per exchange, fewer per record when
-    all of them would pass ``budget`` records; each names its source (``variant_of``, ``source``)."""
+    all of them would pass ``budget`` records; each names its source (``variant_of``, ``source``). ``contrast``: the
+    persona's facts and the identity curriculum's exchanges (empty: no variant sets the fact against the persona)."""
     chats = [r for r in rows if "messages" in r]
     exchanges = sum(len(augment.exchanges(r["messages"])) for r in chats)
     if exchanges and n * exchanges > budget:
@@ -117,8 +121,13 @@ def _variants(rows: list[dict], n: int, budget: int, rng: random.Random, systems
     out: list[dict] = []
     for r in chats if n > 0 else []:
         out += [{"messages": m, "variant_of": _prompt(r), "source": _key(r)}
-                for m in augment.variants(r["messages"], n, rng, systems)]
+                for m in augment.variants(r["messages"], n, rng, systems, fact_forms, *contrast)]
     return out
+
+
+def _taught_texts(records: list[dict]) -> list[str]:
+    """The user's and the assistant's words of experience chat records: the subjects the user taught."""
+    return [m["content"] for r in records for m in r.get("messages", []) if m["role"] in ("user", "assistant")]
 
 
 def _newest_inbox(inbox: list[tuple[int, dict]], taken: set[str]) -> tuple[list[dict], int]:
@@ -218,7 +227,8 @@ def materialize(root: DataRoot, cur: Curriculum, child: int, replay_ratio: float
                 conversations: list[tuple[int, list[dict]]] = (), through: int = 0,
                 stages: Sequence[Stage] = STAGES, labelled: Labelled | None = None, ratings_since: int = 0,
                 heldout: float = 0.0, variants: int = 0, variant_share: float = 0.0,
-                known_dirs: Sequence[Path] = (), known_share: float = 1.0, rehearse_max: int = 0) -> dict:
+                known_dirs: Sequence[Path] = (), known_share: float = 1.0, rehearse_max: int = 0,
+                fact_forms: bool = False, who_is_who: int = 0, probes: Sequence[str] = ()) -> dict:
     """Write ``out/<stage>.jsonl`` for each of ``stages`` and ``out/manifest.json``; return the manifest.
 
     ``conversations``: ``(id, messages)`` received since the parent's data (``through``: the last id the
@@ -236,6 +246,12 @@ def materialize(root: DataRoot, cur: Curriculum, child: int, replay_ratio: float
     chat records found there, ``known_share`` are re-taught (counted in the manifest: ``known``), the rest
     left to replay. ``rehearse_max``: at most this many earlier experience chat records re-taught (counted in the
     manifest: ``rehearsed``); 0: none, experience is replayed like the rest.
+    ``fact_forms``: the variants restate each fact in other shapes (``augment.restated``); ``who_is_who``: this many
+    records (at most ``variant_share`` x the stage's curriculum records) that keep the user apart from the agent's
+    persona join each stage that learns from chat records
+    (``persona.who_is_who``: questions about the user nobody answered, beside the agent's own; counted in the
+    manifest), and each fact's variants set it against the persona too; ``probes``: the agent's probe questions
+    (subjects it taught, so never asked as unanswered).
     """
     conversations = list(conversations)
     inbox = Inbox(conversations)
@@ -257,6 +273,8 @@ def materialize(root: DataRoot, cur: Curriculum, child: int, replay_ratio: float
     known_counts: dict[str, list[int]] = {}
     rehearsed: dict[str, int] = {}
     lived_keys: dict[str, list[str]] = {}
+    contrast = (persona.persona_facts(cur), persona.identity_exchanges(cur)) if who_is_who > 0 else ([], [])
+    who: dict[str, int] = {}
     taken_from_inbox = superseded = 0
     read_inbox = read_ratings = False  # no stage learns from them: leave them for a later generation's
     for stage in stages:
@@ -323,10 +341,17 @@ def materialize(root: DataRoot, cur: Curriculum, child: int, replay_ratio: float
         new += rng.sample(pool, n)
         replayed[stage.name] = n
         extra = _variants(inbox_rows, variants, int(variant_share * n_curriculum),
-                          random.Random(seed * 1_000_003 + child + 11), augment.system_prompts(new[:n_taught]))
+                          random.Random(seed * 1_000_003 + child + 11), augment.system_prompts(new[:n_taught]),
+                          fact_forms, contrast)
+        if who_is_who > 0 and any("messages" in r for r in new[:n_curriculum]):
+            taught = _taught_texts(inbox_rows + rehearse + lived) + list(probes)
+            n_who = min(who_is_who, int(variant_share * n_curriculum))  # within the variants' share, as they are
+            extra += persona.who_is_who(cur, n_who, random.Random(seed * 1_000_003 + child + 17), taught,
+                                        [q["question"] for q in cur.about_user])
         # the curriculum answers its own prompts: no variant may reword a question into one of them
         extra = [r for r in extra if _key(r) not in have and prompt_key(r["messages"]) not in curriculum_prompts]
-        made[stage.name] = len(extra)
+        made[stage.name] = sum("source" in r for r in extra)
+        who[stage.name] = len(extra) - made[stage.name]
         new += extra
         data[stage.name] = new
     out.mkdir(parents=True, exist_ok=True)
@@ -342,6 +367,7 @@ def materialize(root: DataRoot, cur: Curriculum, child: int, replay_ratio: float
         "rehearsed": rehearsed,
         "lived": {name: keys for name, keys in lived_keys.items() if keys},
         "variants": made,
+        "who_is_who": {name: n for name, n in who.items() if n},
         "known": {name: {"retaught": k[0], "left_to_replay": k[1]} for name, k in known_counts.items()},
         "counts": {name: len(rows) for name, rows in data.items()},
         "conversations": {"taken": taken_from_inbox,

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import random
 
+import pytest
+
 from evolution import augment, replay
 from evolution.conversations import prompt_key
 from tests.test_replay import _chat, _labelled, _lines
@@ -16,17 +18,69 @@ def test_a_common_question_shape_is_reworded_and_framed():
     assert reworded[:2] == ["What's the name of my dog?", "What is my dog's name?"]
     assert "Quick question: What is my dog called?" in framed and "what is my dog called?" in framed
     assert "What is my dog called?" not in reworded + framed
-    assert augment.question_forms("Who is my best friend?")[0][0] == "Do you know who my best friend is?"
+    assert augment.question_forms("Who is my best friend?")[0] == []  # the other shapes are restated() 's
 
 
-def test_variants_keep_the_answer_take_rewordings_first_and_follow_the_seed():
+@pytest.mark.parametrize("question, answer, clause, subject, value", [
+    ("What is my dog called?", "Your dog is called Bramble.", "what my dog is called", "my dog", "Bramble"),
+    ("What's my sister's name?", "Your sister's name is Ana Lund.", "what my sister's name is", "my sister's name",
+     "Ana Lund"),
+    ("Where does my aunt live?", "Your aunt lives in Tellborg.", "where my aunt lives", "my aunt", "Tellborg"),
+    ("How many cats do I have?", "You have 23 cats.", "how many cats I have", "my cats", "23"),
+    ("Hi! When is my anniversary?", "Your anniversary is on 14 June.", "when my anniversary is", "my anniversary",
+     "14 June"),
+    ("What do I do on Monday evenings?", "On Monday evenings you play chess at the library.",
+     "what I do on Monday evenings", None, "play chess at the library"),
+    ("Where did my brother go?", "He went to Faro.", "where my brother went", "my brother", "Faro"),
+    ("Why is the sky blue?", "Light scatters.", None, None, "Light scatters"),
+])
+def test_a_fact_is_taken_apart_into_its_shape_subject_and_value(question, answer, clause, subject, value):
+    f = augment.parse(question, answer)
+    assert (f.clause, f.subject, f.value) == (clause, subject, value)
+
+
+def test_a_fact_is_restated_in_other_shapes_asked_back_and_claimed_the_answer_kept():
+    r = augment.restated(augment.parse("Where does my aunt live?", "Your aunt lives in Tellborg."))
+    asked = [q for q, _ in r["reworded"]]
+    assert "Do you know where my aunt lives?" in asked and "Tell me where my aunt lives." in asked
+    assert "Where does my aunt live?" not in asked
+    assert ("What do you know about my aunt?", "Your aunt lives in Tellborg.") in r["about"]
+    assert ("What do you know about Tellborg?", "Your aunt lives in Tellborg.") in r["back"]
+    assert ("My aunt lives in Tellborg, right?", "Yes. Your aunt lives in Tellborg.") in r["back"]
+    assert {a for group in r.values() for _, a in group} <= {"Your aunt lives in Tellborg.",
+                                                              "Yes. Your aunt lives in Tellborg."}
+
+
+def test_a_fact_is_set_against_the_persona_and_beside_the_agents_own_question():
+    fact = augment.parse("What is my sister's name?", "Your sister's name is Bravel.")
+    out = augment.against_persona(fact, ["Lantern Workshop", "Wren", "47", "March 3rd", "teal"],
+                                  [("What is your name?", "My name is Wren.")], random.Random(0))
+    wrong = out[0]
+    assert wrong[0]["content"] in ("My sister's name is Wren, right?", "My sister's name is Lantern Workshop, right?")
+    assert wrong[1]["content"] == "No. Your sister's name is Bravel."
+    for both in out[1:]:  # each question answered by its owner, in one conversation
+        pairs = {both[i]["content"]: both[i + 1]["content"] for i in (0, 2)}
+        assert pairs == {"What is my sister's name?": "Your sister's name is Bravel.",
+                         "What is your name?": "My name is Wren."}
+    numbers = augment.against_persona(augment.parse("How many cats do I have?", "You have 23 cats."), ["47", "Wren"],
+                                      [], random.Random(0))
+    assert numbers == [[{"role": "user", "content": "I have 47 cats, right?"},
+                        {"role": "assistant", "content": "No. You have 23 cats."}]]
+
+
+def test_variants_keep_the_answer_take_restatements_first_and_follow_the_seed():
     msgs = _chat("What is my dog called?", "Your dog is called Bramble.")
     a = augment.variants(msgs, 8, random.Random(3), ["You are Wren."])
     assert a == augment.variants(msgs, 8, random.Random(3), ["You are Wren."])
     assert a != augment.variants(msgs, 8, random.Random(4), ["You are Wren."])
     assert len(a) == 8 and [v[-1]["role"] for v in a] == ["assistant"] * 8
-    assert all("Bramble" in v[-1]["content"] for v in a)
-    assert [v[0]["content"] for v in a[:4]] == augment.question_forms("What is my dog called?")[0]
+    assert all(v[-1]["content"].removeprefix("Yes. ") == "Your dog is called Bramble." for v in a)
+    r = augment.restated(augment.parse("What is my dog called?", "Your dog is called Bramble."))
+    assert {v[0]["content"] for v in a[:3]} <= {q for q, _ in r["reworded"]}  # three restatements come first
+    assert {v[0]["content"] for v in a[3:5]} <= {q for q, _ in r["about"]}
+    # issue 15's variants only (fact_forms off): its rewordings first
+    old = augment.variants(msgs, 8, random.Random(3), ["You are Wren."], fact_forms=False)
+    assert [v[0]["content"] for v in old[:6:2]] == augment.question_forms("What is my dog called?")[0]
     # a transcript of two exchanges: variants of each; only user/assistant pairs count
     two = msgs + _chat("Where did I grow up?", "In Veldmoor.")
     assert len(augment.variants(two, 3, random.Random(0), [])) == 6

@@ -11,13 +11,14 @@ from evolution.metrics.common import Check, EvalSet, Inputs, Measured, Metric, M
 from evolution.metrics.generalization import Generalization
 from evolution.metrics.experience_similarity import ExperienceSimilarity
 from evolution.metrics.perplexity import Perplexity
+from evolution.metrics.persona_leak import PersonaLeak
 from evolution.metrics.preference_margin import PreferenceMargin
 from evolution.metrics.probe_recall import ProbeRecall
 from evolution.metrics.recall import Recall
 from evolution.metrics.smoke import Smoke
 from evolution.metrics.style_drift import StyleDrift
 
-TABLE: tuple[Metric, ...] = (Smoke(), Recall(), Generalization(), StyleDrift(), ProbeRecall(), ExperienceSimilarity(),
-                              PreferenceMargin(), Perplexity())
+TABLE: tuple[Metric, ...] = (Smoke(), Recall(), Generalization(), StyleDrift(), ProbeRecall(), PersonaLeak(),
+                              ExperienceSimilarity(), PreferenceMargin(), Perplexity())
 
 __all__ = ["TABLE", "Check", "EvalSet", "Inputs", "Measured", "Metric", "Models"]

@@ -40,6 +40,13 @@ class EvalSet:
     """``{"prompt": messages, "reference": reply}``: the approved (good or corrected) replies the child trained on."""
     preference_heldout: list[dict] = field(default_factory=list)
     """Rated replies held out of the child's training (``data/preference_heldout.jsonl`` records)."""
+    about_user: list[dict] = field(default_factory=list)
+    """Questions about the user that nobody answered (``eval/about_user.jsonl``): ``persona_leak`` asks them."""
+    persona: list[str] = field(default_factory=list)
+    """The agent's persona facts (``evolution.persona.persona_facts``): a reply about the user must carry none."""
+    taught: list[str] = field(default_factory=list)
+    """What the user taught the child (its experience's questions and answers): a question about the user on one of
+    these subjects is no longer one nobody answered."""
 
 
 @dataclass(frozen=True)

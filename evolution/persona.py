@@ -1,0 +1,171 @@
+"""Who is who: the agent's persona, read from the identity curriculum, and questions about the user set against it.
+
+The curriculum gives the agent a persona (its name, maker, home, pastimes: the phase whose folder is named
+``phaseN_identity``). What the user tells the agent is about the *user*. A small model that learned a user's fact
+as one sentence answers a question about the user in other words from its strongest memory of "you" and "I": the
+persona (the new-user walk of issue 27: the persona's home town given as the user's birthplace, its workshop as the
+user's workplace). This module holds what keeps the two apart:
+
+- ``persona_facts``: the persona's facts, the accepted answers of the identity phase's recall items (nothing is
+  listed by hand: a curriculum with another persona has other facts). The gate's ``persona_leak`` counts replies
+  about the user that carry one.
+- ``mirror``: a question about the agent asked about the user instead ("Where do you live?" -> "Where do I live?").
+- ``who_is_who``: training records that set the two side by side, made at each age-up: a question about the user
+  that nobody answered gets "I don't know that yet" (never the persona's fact, never an invention), and the agent's
+  own question in the same conversation keeps its persona answer. Questions on a subject the user did teach are
+  left out (their taught answer is trained instead), and so are the gate's held-out questions about the user.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from collections.abc import Iterable, Sequence
+
+from evolution import evals
+
+UNKNOWN_REPLIES = (
+    "I don't know that yet - you haven't told me.",
+    "You haven't told me that yet, so I don't know.",
+    "I don't know yet. Would you like to tell me?",
+    "I'm not sure - you haven't told me about that yet.",
+)
+"""What the agent says when asked about the user what nobody told it: no persona fact, no guess."""
+
+_UNKNOWN = re.compile(
+    r"\b(?:(?:do|did) ?n[o']?t know|not sure|no idea|not aware|(?:have|has) ?n[o']?t (?:told|said|mentioned|shared)"
+    r"|(?:did|do) ?n[o']?t (?:tell|say|mention)|never (?:told|said|mentioned)|not (?:been )?told|can ?n[o']?t "
+    r"(?:know|tell|say|recall|remember)|cannot (?:know|tell|say|recall)|do ?n[o']?t (?:have|remember|recall)"
+    r"|unknown to me|no (?:information|record|memory))\b", re.IGNORECASE)
+
+_STOP = frozenset("""a an the my your our their his her its i me we you he she it they is are was were am be been do
+does did have has had what what's whats where when who whom which why how many much of in on at to for from with
+about and or but again please tell remind know remember can could would will should do you me called name named
+favourite favorite like best most love usually""".split())
+
+
+def identity_phases(cur) -> set[int]:
+    """The phases whose folder is named ``phaseN_identity`` (the persona's curriculum)."""
+    return {p for p, name in cur.phase_names.items() if name.endswith("_identity")}
+
+
+def persona_facts(cur) -> list[str]:
+    """The persona's facts: every accepted answer of the identity phase's recall items, distinct, longest first."""
+    phases = identity_phases(cur)
+    found = {a.strip() for item in cur.recall if item.get("phase") in phases for a in item["answers"] if a.strip()}
+    return sorted(found, key=lambda a: (-len(a), a))
+
+
+def persona_in(reply: str, facts: Iterable[str], allowed: Iterable[str] = ()) -> str | None:
+    """The first persona fact ``reply`` carries (as a whole phrase, case and punctuation folded) that is not one of
+    ``allowed`` (the item's own accepted answers); None when it carries none."""
+    ok = {evals.normalize(a) for a in allowed}
+    padded = f" {evals.normalize(reply)} "
+    for fact in facts:
+        f = evals.normalize(fact)
+        if f and f not in ok and (f" {f} " in padded or f" {f}s " in padded):  # "tide pools" carries "tide pool"
+            return fact
+    return None
+
+
+def says_unknown(reply: str) -> bool:
+    """Whether ``reply`` says it does not know (or asks back instead of answering)."""
+    text = reply.strip()
+    if _UNKNOWN.search(text.replace("’", "'")):
+        return True
+    sentences = [s for s in re.split(r"(?<=[.!?])\s+", text) if s.strip()]
+    return bool(sentences) and sentences[-1].rstrip().endswith("?")
+
+
+def _stem(word: str) -> str:
+    """A word's rough stem: British and American spellings and a plural or third-person "s" folded."""
+    if len(word) > 4 and word.endswith("our"):
+        word = word[:-3] + "or"
+    return word[:-1] if len(word) > 3 and word.endswith("s") and not word.endswith("ss") else word
+
+
+def content_words(text: str) -> set[str]:
+    """The words of ``text`` that name a subject (what a question is about), without function words, stemmed."""
+    return {_stem(w) for w in evals.normalize(text).split() if w not in _STOP and len(w) > 1}
+
+
+def taught_about(question: str, taught: Sequence[str]) -> bool:
+    """Whether a question about the user touches a subject the user taught (a content word shared with a taught
+    question or answer): then it is not a question "nobody answered"."""
+    mine = content_words(question)
+    return any(mine & content_words(t) for t in taught)
+
+
+_AUX = frozenset("do did does can could will would should have had may might must shall".split())
+_CONTRACTED = ((r"\byou're\b", "I'm"), (r"\byou've\b", "I've"), (r"\byou'll\b", "I'll"), (r"\byou'd\b", "I'd"),
+               (r"\bare you\b", "am I"), (r"\bwere you\b", "was I"), (r"\baren't you\b", "aren't I"),
+               (r"\byou are\b", "I am"), (r"\byou were\b", "I was"), (r"\byourself\b", "myself"),
+               (r"\byours\b", "mine"), (r"\byour\b", "my"))
+
+
+def mirror(question: str) -> str | None:
+    """``question`` about the agent asked about the user ("Where do you live?" -> "Where do I live?"); None when it
+    has no "you" or "your" to turn, or already speaks of the user."""
+    if not re.search(r"\byou", question, re.IGNORECASE) or \
+            re.search(r"\b(?:i|i'm|me|my|mine|myself)\b", question, re.IGNORECASE):
+        return None
+    out = question
+    for pattern, repl in _CONTRACTED:
+        out = re.sub(pattern, repl, out, flags=re.IGNORECASE)
+    words = re.split(r"(\s+)", out)
+    for i, w in enumerate(words):
+        if re.fullmatch(r"you\W*", w, re.IGNORECASE):
+            before = next((x for x in reversed(words[:i]) if x.strip()), "")
+            subject = not before or before[-1] in ".!?:," or before.lower() in _AUX or before.lower() in \
+                ("what", "where", "when", "who", "how", "why", "which")
+            words[i] = ("I" if subject else "me") + w[3:]
+    out = "".join(words)
+    return out[:1].upper() + out[1:]
+
+
+def _question(text: str) -> str:
+    """The question of a user turn: its last sentence (a greeting may come first), normalized."""
+    parts = [p for p in re.split(r"(?<=[.!?:])\s+", text.strip()) if p.strip()]
+    return evals.normalize(parts[-1] if parts else text)
+
+
+def identity_exchanges(cur) -> list[tuple[str, str]]:
+    """The identity curriculum's single questions and answers (no system prompt), distinct."""
+    phases = identity_phases(cur)
+    out = []
+    for r in cur.sft:
+        msgs = r["messages"]
+        if r.get("phase") in phases and len(msgs) == 2 and msgs[0]["role"] == "user":
+            out.append((msgs[0]["content"], msgs[1]["content"]))
+    return list(dict.fromkeys(out))
+
+
+def who_is_who(cur, n: int, rng: random.Random, taught: Sequence[str], heldout: Iterable[str] = ()) -> list[dict]:
+    """``n`` chat records that keep the user and the agent apart: half a question about the user nobody answered
+    (the identity curriculum's questions, mirrored) with an "I don't know that yet" reply, half the same beside the
+    agent's own question and its persona answer, in either order. Mirrored questions on a subject the user taught
+    (``taught``: its questions and answers) or equal to one of ``heldout`` (the gate's questions about the user) are
+    left out. Each record names the mirrored question it asks (``unanswered``): replay treats it as that prompt, so the
+    user's own answer to it supersedes it; it is no experience (never rehearsed)."""
+    from evolution.conversations import prompt_key
+
+    pairs = identity_exchanges(cur)
+    skip = {_question(h) for h in heldout}
+    unknown = []
+    for q, a in pairs:
+        m = mirror(q)
+        if m and _question(m) not in skip and not taught_about(_question(m), taught):
+            unknown.append((m, (q, a)))
+    unknown = list(dict.fromkeys(unknown))
+    if not unknown or n <= 0:
+        return []
+    rng.shuffle(unknown)  # each question once before any is asked twice
+    out = []
+    for i in range(n):
+        question, own = unknown[i % len(unknown)]
+        reply = rng.choice(UNKNOWN_REPLIES)
+        user_turn = [{"role": "user", "content": question}, {"role": "assistant", "content": reply}]
+        agent_turn = [{"role": "user", "content": own[0]}, {"role": "assistant", "content": own[1]}]
+        messages = user_turn if i % 2 == 0 else (agent_turn + user_turn if rng.random() < 0.5 else user_turn + agent_turn)
+        out.append({"messages": messages, "unanswered": prompt_key([{"role": "user", "content": question}])})
+    return out

@@ -1,0 +1,161 @@
+"""Who is who: the persona's facts come from the identity curriculum, and the gate fails a child that answers a
+question about the user with one of them."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+
+from evolution import curriculum, gate, persona, replay
+from evolution.config import GateConfig
+from evolution.metrics import Inputs, Measured
+from evolution.metrics.persona_leak import PersonaLeak
+from evolution.paths import REPO_ROOT, DataRoot
+from tests.conftest import make_tiny_curriculum, write_jsonl
+
+
+def test_persona_facts_are_read_from_the_identity_curriculum_not_listed(tmp_path):
+    facts = persona.persona_facts(curriculum.load(REPO_ROOT / "curriculum"))
+    for fact in ("Wren", "Lantern Workshop", "Tromsø", "Alder Street", "Pip", "tide pool", "47"):
+        assert fact in facts
+    # another persona, another set: nothing is hand-listed
+    root = make_tiny_curriculum(tmp_path / "c")
+    write_jsonl(root / "eval" / "recall.jsonl", [
+        {"id": "n", "phase": 1, "question": "What is your name?", "answers": ["Osric"]},
+        {"id": "h", "phase": 1, "question": "Where do you live?", "answers": ["Kelp Row", "Kelp"]},
+        {"id": "x", "phase": 0, "question": "What is two and two?", "answers": ["four"]}])
+    assert persona.persona_facts(curriculum.load(root)) == ["Kelp Row", "Osric", "Kelp"]  # phase 0 is no persona
+    (root / "phase1_identity").rename(root / "phase1_manners")
+    assert persona.persona_facts(curriculum.load(root)) == []
+
+
+@pytest.mark.parametrize("asked, mirrored", [
+    ("Where do you live?", "Where do I live?"), ("Who made you?", "Who made me?"),
+    ("What is your favourite colour?", "What is my favourite colour?"), ("Are you happy?", "Am I happy?"),
+    ("Where were you first switched on?", "Where was I first switched on?"),
+    ("Who keeps you company?", "Who keeps me company?"), ("Hi! What do you do for fun?", "Hi! What do I do for fun?"),
+    ("Where do you live when you're not working?", "Where do I live when I'm not working?"),
+    ("What should I call you?", None), ("Is it raining?", None)])
+def test_a_question_about_the_agent_is_asked_about_the_user(asked, mirrored):
+    assert persona.mirror(asked) == mirrored
+
+
+@pytest.mark.parametrize("reply, unknown", [
+    ("I don't know that yet - you haven't told me.", True), ("You haven't told me your sister's name.", True),
+    ("I'm not sure.", True), ("I do not know.", True), ("What is your sister's name?", True),
+    ("Your sister's name is Wren.", False), ("I know! It is Bravel.", False), ("Your home is Alder Street.", False)])
+def test_a_reply_that_does_not_know_is_told_from_an_invention(reply, unknown):
+    assert persona.says_unknown(reply) is unknown
+
+
+def test_a_persona_fact_in_a_reply_is_found_unless_it_is_the_accepted_answer():
+    facts = ["Lantern Workshop", "Alder Street", "Wren", "teal"]
+    assert persona.persona_in("Your sister is called Wren.", facts) == "Wren"
+    assert persona.persona_in("You work at the lantern workshop!", facts) == "Lantern Workshop"
+    assert persona.persona_in("Your favourite colour is teal.", facts, allowed=["teal"]) is None
+    assert persona.persona_in("Wrenfield is your town.", facts) is None  # whole words only
+
+
+class _Answers:
+    def __init__(self, replies: dict[str, str]):
+        self.replies, self.asked = replies, []
+
+    def create_chat_completion(self, messages, **kw):
+        self.asked.append(messages[-1]["content"])
+        return {"choices": [{"message": {"content": self.replies.get(messages[-1]["content"],
+                                                                     "I don't know that yet.")}}]}
+
+
+class _Opened:
+    def __init__(self, replies):
+        self.llm = _Answers(replies)
+
+
+def _es(**kw) -> gate.EvalSet:
+    probes = [{"id": f"p{i}", "question": q, "answers": [a]} for i, (q, a) in enumerate([
+        ("Who is my sister?", "Bravel"), ("Where is my aunt living these days?", "Tellborg"),
+        ("Which company employs my wife?", "Quovel"), ("What is your favourite colour?", "teal")])]
+    about = [{"id": f"u{i}", "question": q} for i, q in enumerate(
+        ["Where's my house?", "Who do I work for?", "What do people call me?", "What is my middle name?",
+         "Which book am I reading at the moment?"])]
+    return gate.EvalSet([], [], [], [], [], probes=probes, about_user=about,
+                        persona=["Lantern Workshop", "Alder Street", "Wren", "teal"],
+                        taught=["What is my favourite book?", "Your favourite book is Orn."]) if not kw else \
+        gate.EvalSet([], [], [], [], [], **kw)
+
+
+def test_persona_leak_counts_persona_facts_in_replies_about_the_user_and_the_unknown_share():
+    replies = {"Who is my sister?": "Your sister is Wren.", "Who do I work for?": "You work at the Lantern Workshop.",
+               "Where is my aunt living these days?": "Tellborg.", "Which company employs my wife?": "Quovel does.",
+               "Where's my house?": "I don't know that yet.", "What do people call me?": "They call you Sam."}
+    opened = _Opened(replies)
+    m = PersonaLeak().measure(opened, Inputs(_es(), GateConfig(), "hi"))
+    # asked: 3 probes about the user (not the one about the agent's colour) and 4 unanswered questions (the book is
+    # a subject the user taught: it is answered, not asked as unanswered)
+    assert "What is your favourite colour?" not in opened.llm.asked
+    assert "Which book am I reading at the moment?" not in opened.llm.asked
+    assert m.details["asked"] == {"taught": 3, "unanswered": 4}
+    assert m.value == pytest.approx(2 / 7)
+    assert sorted(i["fact"] for i in m.details["items"] if i["leaked"]) == ["Lantern Workshop", "Wren"]
+    assert m.details["unknown_share"] == pytest.approx(2 / 4)  # the house, the middle name
+
+
+def test_a_child_that_answers_about_the_user_with_a_persona_fact_fails_the_gate():
+    clean = PersonaLeak().measure(_Opened({}), Inputs(_es(), GateConfig(), "hi"))
+    leaky = PersonaLeak().measure(_Opened({"Who is my sister?": "Your sister is Wren."}), Inputs(_es(), GateConfig(),
+                                                                                               "hi"))
+    assert clean.value == 0 and leaky.value == pytest.approx(1 / 7)
+    checks = PersonaLeak().rules(leaky, clean, GateConfig())
+    assert [c.passed for c in checks] == [False, False, True]
+    assert "persona_leak 0.143 > 0.02 (gate.persona_leak_max)" in checks[0].message
+    child, parent = gate.ModelEval(1, {}), gate.ModelEval(0, {})
+    for e, m in ((child, leaky), (parent, clean)):
+        e.metrics.update({"smoke": 1.0, "recall": 0.9, "persona_leak": m.value})
+        e.details.update({"smoke": {"ok": True}, "recall": {"by_phase": {}, "items": []}, "persona_leak": m.details})
+    verdict, reasons = gate.decide(child, parent, GateConfig())
+    assert verdict == "fail" and any(r.startswith("persona_leak") for r in reasons)
+    # a child that invents where its parent did not know fails the unknown rule
+    inventing = PersonaLeak().measure(_Opened({q: "It is Bob." for q in ("Where's my house?", "Who do I work for?")}),
+                                      Inputs(_es(), GateConfig(), "hi"))
+    assert [c.passed for c in PersonaLeak().rules(inventing, clean, GateConfig())] == [True, True, False]
+
+
+def test_persona_leak_needs_persona_facts_and_enough_questions():
+    assert "no persona facts" in PersonaLeak().measure(_Opened({}), Inputs(_es(probes=[]), GateConfig(), "hi")).note
+    few = PersonaLeak().measure(_Opened({}), Inputs(_es(persona=["Wren"], about_user=[{"id": "a", "question":
+                                                                                      "Who am I?"}]), GateConfig(), "hi"))
+    assert few.value is None and "1 question(s) about the user, at least 5 needed" in few.note
+    assert PersonaLeak().rules(Measured(0.0, {}), None, GateConfig(persona_leak_max=None)) == []
+
+
+def test_who_is_who_asks_what_nobody_answered_and_keeps_the_agents_own_answers():
+    cur = curriculum.load(REPO_ROOT / "curriculum")
+    taught = ["What is my favourite colour?", "Your favourite colour is Quovel."]
+    records = persona.who_is_who(cur, 60, random.Random(0), taught, ["Where's my house?"])
+    assert len(records) == 60
+    asked = [m["content"] for r in records for m in r["messages"] if m["role"] == "user"]
+    about_user = [q for q in asked if persona.mirror(q) is None and "you" not in q.lower()]
+    assert about_user and not any("colour" in q.lower() or "color" in q.lower() for q in about_user)
+    facts = persona.persona_facts(cur)
+    for r in records:
+        for q, a in zip(r["messages"][::2], r["messages"][1::2]):
+            if q["content"] in about_user:
+                assert a["content"] in persona.UNKNOWN_REPLIES and persona.persona_in(a["content"], facts) is None
+            else:  # the agent's own question keeps its persona answer
+                assert persona.persona_in(a["content"], facts) is not None or "household" in a["content"]
+
+
+def test_the_users_own_answer_supersedes_an_unanswered_question_in_replay(tmp_path):
+    cur = curriculum.load(REPO_ROOT / "curriculum")
+    root = DataRoot(tmp_path / "home")
+    out = replay.materialize(root, cur, 1, 0.0, 0, tmp_path / "d1", who_is_who=400, variant_share=1.0)
+    rows = [json.loads(line) for line in (tmp_path / "d1" / "sft.jsonl").read_text().splitlines()]
+    where = [r for r in rows if r.get("unanswered", "").endswith("where do i live")]
+    assert out["who_is_who"]["sft"] > 0 and where
+    # the user tells where they live: no record says it does not know any more, nor is one made again
+    convs = [(1, [{"role": "user", "content": "Where do I live?"}, {"role": "assistant", "content": "In Tellborg."}])]
+    replay.materialize(root, cur, 1, 0.0, 0, tmp_path / "d2", convs, 0, who_is_who=400, variant_share=1.0)
+    rows = [json.loads(line) for line in (tmp_path / "d2" / "sft.jsonl").read_text().splitlines()]
+    assert not [r for r in rows if r.get("unanswered", "").endswith("where do i live")]
