@@ -12,6 +12,6 @@ import os as _os
 # Beside another busy process on the same cores (the daemon's chats while its worker trains, the
 # gate's llama.cpp beside a chat agent) spinning threads starve one another: llama.cpp generated
 # 0.4 tokens/s with the default and 32.6 with PASSIVE on this 2-core machine beside a training run
-# (the README's Performance section). PASSIVE threads sleep instead. It must be set before torch or
-# llama_cpp loads the runtime, so here; a value already in the environment wins.
+# (docs/performance.md, "OpenMP wait policy"). PASSIVE threads sleep instead. It must be set before
+# torch or llama_cpp loads the runtime, so here; a value already in the environment wins.
 _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")

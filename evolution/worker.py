@@ -4,10 +4,12 @@
 
 A separate process keeps the server responsive and its memory small: training runs at a
 lower CPU priority (``--nice``), gets its own torch thread count, and returns every byte it
-used when it exits. Its OpenMP threads keep the default wait policy: measured on 2 cores,
-PASSIVE made its gate 2.9x slower (75 → 218 s) for a chat p50 of 1.13x idle instead of 1.23x;
-the lower priority is what keeps chat responsive (training at nice 0 made it 3.8x). It dies with the daemon (a watchdog on its parent), so a killed daemon
-never leaves an orphan holding the age-up lock; the restarted daemon resumes the age-up.
+used when it exits. Its OpenMP threads sleep at barriers instead of spinning
+(``OMP_WAIT_POLICY=PASSIVE``, set by ``evolution/__init__.py`` unless the environment sets it,
+and inherited from the daemon); the lower priority is what keeps chat responsive (training at
+nice 0 made a chat's p50 3.8x idle, at nice 10 1.23x; docs/performance.md). It dies with the
+daemon (a watchdog on its parent), so a killed daemon never leaves an orphan holding the age-up
+lock; the restarted daemon resumes the age-up.
 
 The worker ends with the child built and its gate result recorded; the daemon decides its fate
 (``evolution.promotion``): it loads a passing child, checks it and swaps it in before it is
