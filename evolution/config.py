@@ -52,7 +52,7 @@ class CurriculumConfig:
     """Of the curriculum's chat records the parent's lineage already trained on, this share (a seeded sample that
     rotates per generation) is re-taught at an age-up; the rest is left to replay (``replay_ratio``). 1 re-teaches
     the whole curriculum every time: each re-fit of known data moves the weights as much as new data (Adam), and
-    five quick age-ups took held-out prose perplexity 43.8 -> 61.3 (issue 17; the README's "No ratchet")."""
+    five quick age-ups took held-out prose perplexity 43.8 -> 61.3 (issue 17; docs/learning.md, "No ratchet")."""
     fact_forms: bool = True
     """Each fact's variants restate it in the other shapes its question can take, ask about its subject and ask it
     back from its value (``evolution.augment.restated``); off: issue 15's framings of the taught question only."""
@@ -261,7 +261,7 @@ class GateConfig:
 
     Absolute thresholds (``min_recall``, ``max_style_drift``) must be set: with either unset the
     gate passes nothing. Margins are non-inferiority bounds against the parent; None disables one.
-    Calibration on the embedded model is documented in the README.
+    Calibration on the embedded model and on measured children: docs/learning.md.
     """
 
     min_recall: float | None = 0.7
@@ -269,6 +269,9 @@ class GateConfig:
     max_style_drift: float | None = 2.0
     """Child style drift from the style references, in reference standard deviations, at most this."""
     recall_margin: float | None = 0.05
+    identity_recall_margin: float | None = 0.02
+    """Recall of the persona's own facts (the identity phase's items) may not fall more than this below the parent's:
+    what keeps the user's facts apart from the agent's must not take the agent's away (issue 27)."""
     """Child recall may not fall more than this below the parent's (forgetting)."""
     generalization_margin: float | None = 0.10
     """Held-out question accuracy may not fall more than this below the parent's."""
@@ -280,7 +283,7 @@ class GateConfig:
     can still tell from no change."""
     probe_margin: float | None = 0.2
     """Probe recall may not fall more than this below the parent's: a taught fact forgotten shows. 0.2 is
-    one probe in the minimum five. Measured (README): children that learned their facts gained 0.93
+    one probe in the minimum five. Measured (docs/learning.md): children that learned their facts gained 0.93
     (the learn benchmark's 40 probes) and 1.0 (the parent did not know them), so it holds no learning
     child back; it catches a child that forgot what its parent had been taught faster than it learned the new facts
     (all probes are asked every generation, so the older ones weigh in)."""
@@ -300,7 +303,7 @@ class GateConfig:
     curriculum's name over an approved other name, a greeting): rejected at 0.05 alone."""
     experience_margin: float | None = 0.05
     """The child's replies to its experiences' prompts may be at most this much further (mean ROUGE-L) from
-    the approved replies than its parent's. Measured (README): children that learned gain 0.43-0.87; the
+    the approved replies than its parent's. Measured (docs/learning.md): children that learned gain 0.43-0.87; the
     same age-up run twice differs by 0.002. A quick child (60 SFT steps, which teach a fact's form, not
     its name) scored 0.012 below its parent: its 6 corrections gained 0.60 on average, while 7 of the 13
     approved replies were the parent's own answers (rated good as served, so the parent repeats them at
@@ -312,7 +315,7 @@ class GateConfig:
     20 % of at least 20 new ratings)."""
     preference_margin_drop: float | None = 0.3
     """The child's margin (nats per token, good minus bad replies it never trained on) may fall at most this
-    far below its parent's: a child that learned the replies rated bad loses margin. Measured (README):
+    far below its parent's: a child that learned the replies rated bad loses margin. Measured (docs/learning.md):
     such a child (tests/test_slow_experience.py) fell 0.79-0.83 below its parent (0.767 to -0.027..-0.058
     in four runs, standard error 0.06); two quick children with ratings moved by +0.08 and +0.81, and on the
     learn benchmark's 7 held-out replies the margin's change has a standard error of 0.23 (which replies
@@ -338,7 +341,7 @@ class GateConfig:
     # could drift a permitted step at a time without limit. These bound it against generation 0 and against the
     # best generation of its lineage so far, whatever the number of steps (a cumulative budget). An anchor counts
     # only when measured on the same items as the child (the metric's fingerprint); generation 0 is re-measured
-    # when its items changed. Defaults and their measurement: the README's "No ratchet".
+    # when its items changed. Defaults and their measurement: docs/learning.md, "No ratchet".
     anchor_perplexity_ratio: float | None = 1.10
     """Held-out text perplexity at most this multiple of generation 0's (the untrained base's general language)."""
     best_perplexity_ratio: float | None = 1.25
@@ -683,7 +686,7 @@ def validate(cfg: AgeUpConfig) -> None:
     if c.phases is not None and (not isinstance(c.phases, list) or not all(isinstance(x, int) and x >= 0 for x in c.phases)):
         p.append(f"curriculum.phases must be a list of phase numbers, got {c.phases!r}")
     g = cfg.gate
-    for name in ("min_recall", "recall_margin", "generalization_margin", "probe_margin", "probe_forgotten_max",
+    for name in ("min_recall", "recall_margin", "identity_recall_margin", "generalization_margin", "probe_margin", "probe_forgotten_max",
                  "experience_margin", "persona_leak_max", "persona_leak_margin", "unknown_margin"):
         v = getattr(g, name)
         if v is not None and (not isinstance(v, (int, float)) or not 0 <= v <= 1):

@@ -140,6 +140,7 @@ def eval_set(cur: Curriculum, ancestor_data_dirs: list[Path], probes: Sequence[d
         preference_heldout=_read_jsonl(child_data / HELDOUT_FILE) if child_data else [],
         about_user=list(cur.about_user),
         persona=persona.persona_facts(cur),
+        identity_phases=sorted(persona.identity_phases(cur)),
         taught=taught_texts(child_data) if child_data else [],
     )
 

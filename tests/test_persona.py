@@ -159,3 +159,19 @@ def test_the_users_own_answer_supersedes_an_unanswered_question_in_replay(tmp_pa
     replay.materialize(root, cur, 1, 0.0, 0, tmp_path / "d2", convs, 0, who_is_who=400, variant_share=1.0)
     rows = [json.loads(line) for line in (tmp_path / "d2" / "sft.jsonl").read_text().splitlines()]
     assert not [r for r in rows if r.get("unanswered", "").endswith("where do i live")]
+
+
+def test_the_agents_own_facts_stay_the_persona_s_identity_recall_within_its_margin():
+    from evolution.metrics.recall import Recall
+
+    items = [{"id": f"i{i}", "phase": 1, "question": f"Identity {i}?", "answers": ["Wren"]} for i in range(10)] + \
+        [{"id": "s", "phase": 2, "question": "State?", "answers": ["kitchen"]}]
+    es = gate.EvalSet(items, [], [], [], [], identity_phases=[1])
+    def measured(right: int) -> Measured:
+        return Recall().measure(_Opened({f"Identity {i}?": "I am Wren." for i in range(right)} | {"State?": "kitchen"}),
+                                Inputs(es, GateConfig(), "hi"))
+    parent, same, lost = measured(10), measured(10), measured(9)
+    assert parent.details["identity"] == 1.0 and lost.details["identity"] == 0.9
+    rule = lambda c: [x for x in Recall().rules(c, parent, GateConfig()) if x.setting == "gate.identity_recall_margin"]
+    assert [x.passed for x in rule(same)] == [True]
+    assert [x.passed for x in rule(lost)] == [False] and "persona's own facts 0.900" in rule(lost)[0].message

@@ -44,6 +44,8 @@ class EvalSet:
     """Questions about the user that nobody answered (``eval/about_user.jsonl``): ``persona_leak`` asks them."""
     persona: list[str] = field(default_factory=list)
     """The agent's persona facts (``evolution.persona.persona_facts``): a reply about the user must carry none."""
+    identity_phases: list[int] = field(default_factory=list)
+    """The persona's phases (``phaseN_identity``): ``recall`` keeps the agent's own facts answered by the persona."""
     taught: list[str] = field(default_factory=list)
     """What the user taught the child (its experience's questions and answers): a question about the user on one of
     these subjects is no longer one nobody answered."""

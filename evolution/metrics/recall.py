@@ -4,8 +4,9 @@ The items are the curriculum's plus those every ancestor generation was gated on
 forgetting an earlier generation's facts shows. An answer counts as in
 ``evolution.evals.is_correct``. With no items the value is 0.0, which fails ``gate.min_recall``:
 the gate's first purpose is recall, and it passes nothing it cannot measure it on.
-Rules: ``gate.min_recall`` (required), ``gate.recall_margin`` below the parent, and against a fixed
-anchor ``gate.best_recall_budget`` below the lineage's best (a cumulative budget, not one per step).
+Rules: ``gate.min_recall`` (required), ``gate.recall_margin`` below the parent, the persona's own facts (the identity
+phase's items) ``gate.identity_recall_margin`` below the parent's, and against a fixed anchor
+``gate.best_recall_budget`` below the lineage's best (a cumulative budget, not one per step).
 """
 
 from __future__ import annotations
@@ -33,12 +34,24 @@ class Recall(Metric):
         by_phase: dict[str, list[bool]] = {}
         for item, r in zip(items, results):
             by_phase.setdefault(str(item.get("phase", "-")), []).append(r.correct)
+        mine = [r.correct for item, r in zip(items, results) if item.get("phase") in inputs.es.identity_phases]
         return Measured(score, {"by_phase": {k: sum(v) / len(v) for k, v in sorted(by_phase.items())},
+                                "identity": sum(mine) / len(mine) if mine else None,
                                 "items": [asdict(r) for r in results]})
 
     def rules(self, child: Measured, parent: Measured | None, cfg: GateConfig) -> list[Check]:
         return (at_least(self.name, child.value, cfg, "min_recall")
-                + not_below_parent(self.name, child.value, parent, cfg, "recall_margin"))
+                + not_below_parent(self.name, child.value, parent, cfg, "recall_margin") + self._identity(child, parent, cfg))
+
+    def _identity(self, child: Measured, parent: Measured | None, cfg: GateConfig) -> list[Check]:
+        c = child.details.get("identity")
+        p = parent.details.get("identity") if parent is not None else None
+        if c is None or p is None or cfg.identity_recall_margin is None:
+            return []
+        ok = c >= p - cfg.identity_recall_margin - 1e-9
+        return [Check(self.name, "gate.identity_recall_margin", f"identity >= parent - {cfg.identity_recall_margin}",
+                      ok, "" if ok else f"recall of the persona's own facts {c:.3f} fell below the parent's {p:.3f} "
+                      f"by more than {cfg.identity_recall_margin} (gate.identity_recall_margin)")]
 
     def anchor_rules(self, child: Measured, gen0: Anchor | None, best: Anchor | None, cfg: GateConfig) -> list[Check]:
         return not_below_anchor(self.name, child.value, best, "the best", cfg, "best_recall_budget")
