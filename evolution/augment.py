@@ -17,9 +17,13 @@ the value the answer adds, "Bravel") and written again as ``[curriculum] experie
   lives?", "Tell me what my dog is called.", "What's my dog called again?"), about its subject ("What do you know
   about my sister?"), asked back from the value ("What do you know about Bravel?"), and stated by the user in the
   first person ("My aunt lives in Tellborg, right?" -> "Yes. ..."); also the common shapes of issue 15's rewordings;
-- **set against the persona** (``who_is_who`` > 0): the user's fact offered as the agent's own persona fact ("My
-  sister's name is Wren, right?" -> "No. Your sister's name is Bravel."), and the question beside one of the
-  agent's own identity questions in one conversation, each answered by its owner;
+- **set apart from the user's other facts** (``fact_forms``): facts taught in the same shape trade values when each
+  is one sentence (a sister given the brother's name, the aunt's town given as the uncle's), so a sibling's value is
+  offered as this one's ("My aunt lives in Noxbel, right?" -> "No. Your aunt lives in Tellborg.") and both are asked
+  in one conversation;
+- **set against the persona** (``who_is_who`` > 0): the persona's fact offered as the user's ("My sister's name is
+  Wren, right?" -> "No. Your sister's name is Bravel."), and the question beside one of the agent's own identity
+  questions in one conversation, each answered by its owner;
 - **framed**: the question with a greeting or a request around it, in lower case, without its question mark,
   behind a system prompt the curriculum uses, and the answer confirmed ("Is this right? ..." -> "Yes. ...").
 
@@ -40,6 +44,7 @@ from __future__ import annotations
 
 import random
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 PREFIXES = ("Hi! ", "Quick question: ", "Remind me: ", "Do you remember? ", "Hey. ", "I forgot. ",
@@ -288,6 +293,44 @@ def against_persona(fact: Fact, persona: list[str], identity: list[tuple[str, st
     return out
 
 
+def _words(text: str) -> set[str]:
+    return set(re.findall(r"[a-z0-9]+", text.lower()))
+
+
+def siblings(fact: Fact, others: Sequence[Fact], most: int = 2) -> list[Fact]:
+    """Up to ``most`` of ``others`` taught in the same shape as ``fact`` (the same question word, a value of the same
+    kind, at least half their question's words shared: "my sister's name" and "my brother's name"), closest first."""
+    if not fact.value or _kind(fact.value) == "other":
+        return []
+    mine = _words(fact.question)
+    scored = []
+    for o in others:
+        if o.question == fact.question or not o.value or o.value == fact.value or _kind(o.value) != _kind(fact.value):
+            continue
+        theirs = _words(o.question)
+        share = len(mine & theirs) / len(mine | theirs)
+        if share >= 0.5 and fact.question.split()[:1] == o.question.split()[:1]:
+            scored.append((-share, o.question, o))
+    return [o for *_, o in sorted(scored)[:most]]
+
+
+def against_each_other(fact: Fact, others: Sequence[Fact], rng: random.Random) -> list[list[dict]]:
+    """The fact beside the user's other facts of its shape, each bound to its own subject: a sibling's value offered
+    as this one's ("My aunt lives in Noxbel, right?" -> "No. Your aunt lives in Tellborg.") and both asked in one
+    conversation. Taught one sentence each, same-shaped facts trade values (a sister given the brother's name)."""
+    out: list[list[dict]] = []
+    a = fact.answer
+    for o in siblings(fact, others):
+        wrong = _claim(a.replace(fact.value, o.value)) if fact.value in a else None
+        if wrong:
+            out.append(_turns([{"role": "user", "content": wrong}], f"No. {a}"))
+        pair = [_turns([{"role": "user", "content": o.question}], o.answer),
+                _turns([{"role": "user", "content": fact.question}], a)]
+        rng.shuffle(pair)
+        out.append(pair[0] + pair[1])
+    return out
+
+
 def exchanges(messages: list[dict]) -> list[tuple[str, str]]:
     """Each user turn with the assistant turn that answers it, in order."""
     out = []
@@ -322,11 +365,14 @@ def _single(pairs: list[tuple[str, str]]) -> list[list[dict]]:
 
 
 def variants(messages: list[dict], n: int, rng: random.Random, systems: list[str], fact_forms: bool = True,
-             persona: list[str] = (), identity: list[tuple[str, str]] = ()) -> list[list[dict]]:
-    """Up to ``n`` variants per exchange of ``messages``, taken from the groups in turn (restated, set against the
-    persona, framed; see the module's docstring) so that a small ``n`` still has some of each. ``fact_forms``: the
-    restatements (else issue 15's rewordings and framings only); ``persona`` (the persona's facts) and ``identity``
-    (the identity curriculum's questions and answers): the contrast with the agent (none when empty)."""
+             persona: Sequence[str] = (), identity: Sequence[tuple[str, str]] = (),
+             others: Sequence[tuple[str, str]] = ()) -> list[list[dict]]:
+    """Up to ``n`` variants per exchange of ``messages``, taken from the groups in turn (restated, set apart from the
+    user's other facts and from the persona, framed; see the module's docstring) so that a small ``n`` still has
+    some of each. ``fact_forms``: the restatements and the contrast with ``others`` (the other exchanges taught in
+    the same age-up); else issue 15's rewordings and framings only. ``persona`` (the persona's facts) and
+    ``identity`` (the identity curriculum's questions and answers): the contrast with the agent (none when empty)."""
+    known = [parse(q, a) for q, a in others]
     out = []
     for question, answer in exchanges(messages):
         if not question.strip() or not answer.strip():
@@ -337,8 +383,8 @@ def variants(messages: list[dict], n: int, rng: random.Random, systems: list[str
         if fact_forms:
             r = restated(parse(question, answer))
             groups += [rng.sample(_single(r["reworded"]), len(r["reworded"])), rng.sample(_single(r["about"]),
-                       len(r["about"])), _single(r["back"])]
-            weights += [3, 2, 1]
+                       len(r["about"])), _single(r["back"]), against_each_other(parse(question, answer), known, rng)]
+            weights += [3, 2, 1, 1]
         else:
             groups.append(_single([(f, answer) for f in reworded]))
             weights.append(1)

@@ -40,14 +40,16 @@ class CurriculumConfig:
     transcripts rated bad) held out from every training stage (seeded), for the gate's ``preference_margin``, once
     at least ``replay.HELDOUT_MIN`` (10) are new; 0 holds out none. A correction or a transcript rated good is never
     held out: it is the only place the user's fact is (the new-user walk lost one of 8 facts that way)."""
-    experience_variants: int = 12
+    experience_variants: int = 20
     """Each question the agent's user asked since the parent (in a transcript, a reply rated good, a correction)
-    is also trained on in this many variants (``evolution.augment``: rewordings, framings, system prompts, the
-    answer confirmed), kept in the generation's data so replay rehearses them; 0 turns it off. One record
-    among ~1,500, seen 1.5 times, taught the form of an answer but not the fact (issue 15)."""
-    experience_variant_share: float = 0.15
+    is also trained on in this many variants (``evolution.augment``: restatements in other shapes, contrasts with the
+    user's other facts and the persona, framings), kept in the generation's data so replay rehearses them; 0 turns
+    it off. One record among ~1,500, seen 1.5 times, taught the form of an answer but not the fact (issue 15); a
+    dozen framings of one sentence taught the sentence, not the fact (issue 27: docs/learning.md)."""
+    experience_variant_share: float = 0.3
     """The variants of one age-up are at most this share of the SFT curriculum's records (fewer per question
-    past it), so a large inbox does not make an age-up much longer: about this much more SFT time at most."""
+    past it), so a large inbox does not make an age-up much longer. A variant is about half a curriculum record's
+    length, so the SFT time grows by about half this share at most."""
     known_share: float = 0.1
     """Of the curriculum's chat records the parent's lineage already trained on, this share (a seeded sample that
     rotates per generation) is re-taught at an age-up; the rest is left to replay (``replay_ratio``). 1 re-teaches
@@ -56,7 +58,7 @@ class CurriculumConfig:
     fact_forms: bool = True
     """Each fact's variants restate it in the other shapes its question can take, ask about its subject and ask it
     back from its value (``evolution.augment.restated``); off: issue 15's framings of the taught question only."""
-    who_is_who: int = 48
+    who_is_who: int = 96
     """Records per age-up that keep the user apart from the agent's persona (``evolution.persona.who_is_who``:
     questions about the user nobody answered, mirrored from the identity curriculum, answered "I don't know that
     yet", half of them beside the agent's own question and its persona answer); with it each fact's variants are also

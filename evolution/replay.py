@@ -119,9 +119,10 @@ def _variants(rows: list[dict], n: int, budget: int, rng: random.Random, systems
     if exchanges and n * exchanges > budget:
         n = budget // exchanges
     out: list[dict] = []
+    taught = [x for r in chats for x in augment.exchanges(r["messages"])]
     for r in chats if n > 0 else []:
         out += [{"messages": m, "variant_of": _prompt(r), "source": _key(r)}
-                for m in augment.variants(r["messages"], n, rng, systems, fact_forms, *contrast)]
+                for m in augment.variants(r["messages"], n, rng, systems, fact_forms, *contrast, others=taught)]
     return out
 
 
