@@ -1,22 +1,30 @@
 """The daemon's HTTP API: OpenAI-compatible chat for the agent, plus karma, conversations and control.
 
-=========================  ======  =====================================================
-path                       token   what
-=========================  ======  =====================================================
-``/v1/chat/completions``   opt.    chat with the served generation (``stream`` or not)
-``/v1/models``             opt.    the served generation, as an OpenAI model
-``/health``                no      200 when a model is served, 503 while starting
-``/status``                no      served generation, age-up stage / step / ETA, karma
-``/metrics``               no      the same state and request counts in the Prometheus text format (``evolution.monitoring``)
-``/karma`` (POST)          yes     ``{"amount", "reason", "idempotency_key"}``
-``/karma`` (GET)           no      karma total, progress and threshold
-``/conversations`` (POST)  yes     ``{"messages": [...], "label", "idempotency_key"}``
-``/probes`` (POST)         yes     ``{"question", "answers": [...]}``: asked by every later gate, never trained on
-``/feedback`` (POST)       yes     ``{"completion_id" | "conversation_id", "label", "correction", "karma"}``
-``/rollback`` (POST)       yes     ``{"to": N, "reason"}``: serve an earlier gated generation
-``/resume`` (POST)         yes     ``{"reason"}``: lift the stop rule (as `evolve resume`)
-``/`` and ``/ui/...``      no      the lineage dashboard (``evolution.dashboard``), read-only pages
-=========================  ======  =====================================================
+===========================  ======  =====================================================
+path                         token   what
+===========================  ======  =====================================================
+``/v1/chat/completions``     opt.    chat with the served generation (``stream`` or not)
+``/v1/models``               opt.    the served generation, as an OpenAI model
+``/health``                  no      200 when a model is served, 503 while starting
+``/status``                  no      served generation, age-up stage / step / ETA, karma
+``/metrics``                 no      the same state and request counts in the Prometheus text format (``evolution.monitoring``)
+``/karma`` (POST)            yes     ``{"amount", "reason", "idempotency_key"}``
+``/karma`` (GET)             no      karma total, progress and threshold
+``/conversations`` (POST)    yes     ``{"messages": [...], "label", "idempotency_key"}``
+``/probes`` (POST)           yes     ``{"question", "answers": [...]}``: asked by every later gate, never trained on
+``/feedback`` (POST)         yes     ``{"completion_id" | "conversation_id", "label", "correction", "karma"}``
+``/rollback`` (POST)         yes     ``{"to": N, "reason"}``: serve an earlier gated generation
+``/resume`` (POST)           yes     ``{"reason"}``: lift the stop rule (as `evolve resume`)
+``/`` and ``/ui/...``        no      the lineage dashboard (``evolution.dashboard``): the page, live state, verify
+``/ui/api/lineage``          priv.   every generation (a rejection's reason may quote a taught probe)
+``/ui/api/generation/<n>``   priv.   one generation's gate report with both models' eval replies
+``/ui/api/experience``       priv.   stored chats and transcripts
+===========================  ======  =====================================================
+
+"priv." reads return stored user text or model replies: they need the token whenever chat does
+(``[daemon] chat_requires_token``) and whenever the daemon listens beyond loopback (``allow_remote``),
+so nobody reads what a chat that needs the token would keep from them; otherwise (loopback, chat
+open) they are open like the rest of the dashboard.
 
 The token is sent as ``Authorization: Bearer <token>`` (what the ``openai`` client sends as
 its ``api_key``) and compared in constant time. Errors use OpenAI's shape,
@@ -32,6 +40,7 @@ once it ran to its end.
 from __future__ import annotations
 
 import hmac
+import ipaddress
 import json
 import logging
 import math
@@ -131,6 +140,36 @@ def _error(status: int, message: str, type_: str, code: str | None = None, param
     return JSONResponse({"error": {"message": message, "type": type_, "code": code, "param": param}}, status_code=status)
 
 
+async def api_error(request: Request, exc: ApiError) -> JSONResponse:
+    """The exception handler that answers an ``ApiError`` in OpenAI's error shape."""
+    return _error(exc.status, exc.message, exc.type, exc.code, exc.param)
+
+
+def require_token(request: Request, token: str, source: str) -> None:
+    """Refuse a request without ``Authorization: Bearer <token>`` (compared in constant time): 401 naming
+    ``source``, where the token is."""
+    header = request.headers.get("authorization", "")
+    scheme, _, given = header.partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
+        raise ApiError(401, "missing or wrong API token: send 'Authorization: Bearer <token>' (the token is in "
+                            f"{source})", "authentication_error", "invalid_api_key")
+
+
+def token_guard(token: str, source: str):
+    """A FastAPI dependency that runs ``require_token`` (the dashboard's guard of private reads)."""
+    def guard(request: Request) -> None:
+        require_token(request, token, source)
+    return guard
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (an IP address or ``localhost``) is reachable from this machine only."""
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 class BodyLimit:
     """ASGI middleware: refuse a body over the path's limit with 413, before reading it all."""
 
@@ -228,17 +267,16 @@ def create_app(daemon: Service) -> FastAPI:
     metrics = monitoring.Metrics(daemon.telemetry)
 
     def authorize(request: Request, required: bool) -> None:
-        if not required:
-            return
-        header = request.headers.get("authorization", "")
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), daemon.token.encode()):
-            raise ApiError(401, "missing or wrong API token: send 'Authorization: Bearer <token>' (the token is in "
-                                f"{daemon.token_source})", "authentication_error", "invalid_api_key")
+        if required:
+            require_token(request, daemon.token, daemon.token_source)
 
-    @app.exception_handler(ApiError)
-    async def _api_error(request, exc: ApiError):
-        return _error(exc.status, exc.message, exc.type, exc.code, exc.param)
+    def private_read(request: Request) -> None:
+        authorize(request, True)
+
+    # Stored user text and model replies are as private as chat (a reader must not see what a chat that
+    # needs the token keeps from them), and private beyond loopback even where chat is left open.
+    reads_private = d.chat_requires_token or not is_loopback(d.host)
+    app.add_exception_handler(ApiError, api_error)
 
     @app.exception_handler(NotReady)
     async def _not_ready(request, exc):
@@ -475,7 +513,8 @@ def create_app(daemon: Service) -> FastAPI:
             raise ApiError(409, str(exc), code="not_paused") from None
         return {"resumed": True, "ledger_seq": entry.seq}
 
-    app.include_router(dashboard.router(dashboard.View(daemon.root, daemon.ledger), daemon.status))
+    app.include_router(dashboard.router(dashboard.View(daemon.root, daemon.ledger), daemon.status,
+                                        guard=private_read if reads_private else None))
     dashboard.add_error_handlers(app)
 
     @app.exception_handler(DiskFull)

@@ -32,5 +32,5 @@ if ! ls "$wheels"/llama_cpp_python-*.whl >/dev/null 2>&1; then
     rm -rf "$wheels" && mv "$wheels.tmp" "$wheels"
 fi
 "$PY" -m pip install --quiet --force-reinstall --no-deps "$wheels"/llama_cpp_python-*.whl
-"$PY" -m pip install --quiet -e ".[test]"
+"$PY" -m pip install --quiet -e ".[test,bench]"
 echo "installed into $VENV"

@@ -2,14 +2,26 @@
 data root (``lineage``: generation 0 and a promoted generation 1 of the tiny taught model), plus the
 read-only `evolve ui` app and the static checks (vendored chart library, page weight, no markup sinks).
 
+Also: stored chats and model replies behind the token under `evolve ui --allow-remote`, and the page
+asking for it; the layout at a laptop's and a phone's width (1280 and 390 px) with 1, 2 and 20
+generations (fabricated ledgers with every gate metric): the page never scrolls sideways, the charts'
+boxes never overlap and each plot stays in its box, the lineage table shows every column at 1280.
+
 Screenshots of every page are kept under ``test-artifacts/dashboard/`` (or $EVOLUTION_TEST_ARTIFACTS).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import itertools
+import os
 import re
 import shutil
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import httpx
@@ -18,7 +30,7 @@ import pytest
 from evolution.dashboard import routes
 from tests.conftest import toml_of
 from tests.daemon_util import DaemonProc, serving_app
-from tests.dashboard_util import Console, artifacts_dir, need_browser
+from tests.dashboard_util import Console, artifacts_dir, fabricate_lineage, need_browser
 
 STATIC = routes.STATIC
 
@@ -188,6 +200,20 @@ def test_lineage_page_shows_both_generations_the_served_one_marked_and_live_stat
     assert page.console.take() == []
 
 
+def test_the_real_lineage_fits_a_laptop_and_a_phone(daemon_proc, browser):
+    for width in (1280, 390):
+        pg = _page_at(browser, width)
+        try:
+            _open(pg, daemon_proc)
+            pg.locator("#lineage tbody tr").nth(1).wait_for()
+            _charts_drawn(pg, 2)
+            _assert_fits(pg, f"the daemon's lineage at {width} px", every_column=width >= 1280)
+            _shot(pg, f"lineage-{width}")
+            assert pg.console.take() == []
+        finally:
+            pg.context.close()
+
+
 def test_generation_page_shows_the_gate_report_and_replies_side_by_side(daemon_proc, page):
     _open(page, daemon_proc, "#/gen/1")
     page.wait_for_selector("#replies tbody tr")
@@ -352,6 +378,232 @@ def test_evolve_ui_refuses_a_non_loopback_host_unless_allowed():
 
     r = CliRunner().invoke(main, ["ui", "--host", "0.0.0.0"])
     assert r.exit_code == 2 and "not a loopback address" in r.output
+
+
+GUARD_TOKEN = "ui-token-0123456789abcdef"
+SECRET = "my bank PIN is the year my cat Pilchard was born"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_evolve_ui_allow_remote_keeps_stored_chats_and_replies_behind_the_token(ledger, root, monkeypatch):
+    """`evolve ui --allow-remote`, run as a user runs it: the reads of stored text answer 401 without the token
+    and with a wrong one, naming where the token is; with it they answer; the rest of the dashboard is open."""
+    from evolution.conversations import ConversationStore
+
+    _hand_made_lineage(root, ledger)
+    ConversationStore(ledger).add([{"role": "user", "content": SECRET}, {"role": "assistant", "content": "Noted."}])
+    monkeypatch.setenv("EVOLUTION_API_TOKEN", GUARD_TOKEN)
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-c", "from evolution.cli import main; main()", "ui", "--port", str(port),
+                             "--allow-remote"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=os.environ | {"PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 60
+        while True:
+            try:
+                httpx.get(url + "/ui/api/live", timeout=2)
+                break
+            except httpx.TransportError:
+                assert proc.poll() is None and time.time() < deadline, proc.stdout.read() if proc.poll() is not None else "slow"
+                time.sleep(0.2)
+        for path in ("/ui/api/experience", "/ui/api/generation/1", "/ui/api/generation/0", "/ui/api/lineage"):
+            for bad in ({}, {"Authorization": "Bearer not-the-token"}, {"Authorization": f"Bearer {GUARD_TOKEN}x"}):
+                r = httpx.get(url + path, headers=bad, timeout=10)
+                assert r.status_code == 401 and "$EVOLUTION_API_TOKEN" in r.json()["error"]["message"], (path, r.text)
+                assert SECRET not in r.text
+            assert httpx.get(url + path, headers={"Authorization": f"Bearer {GUARD_TOKEN}"}, timeout=10).status_code == 200
+        good = httpx.get(url + "/ui/api/experience", headers={"Authorization": f"Bearer {GUARD_TOKEN}"}, timeout=10)
+        assert SECRET in good.text
+        for path in ("/", "/ui/api/verify", "/ui/static/app.js"):
+            r = httpx.get(url + path, timeout=10)
+            assert r.status_code == 200 and SECRET not in r.text, path
+        assert httpx.get(url + "/ui/api/live", timeout=10).json()["token_for_reads"] is True
+    finally:
+        proc.terminate()
+        out = proc.communicate(timeout=20)[0]
+    assert "need the API token, in $EVOLUTION_API_TOKEN" in out, out
+
+
+@pytest.fixture
+def guarded_ui(ledger, root):
+    """`evolve ui`'s app with reads of stored text behind a token (as with --allow-remote), on uvicorn, over the
+    hand-made lineage and one posted transcript."""
+    from evolution.cli.ui import create_app
+    from evolution.conversations import ConversationStore
+
+    _hand_made_lineage(root, ledger)
+    ConversationStore(ledger).add([{"role": "user", "content": SECRET}, {"role": "assistant", "content": "Noted."}])
+    with serving_app(create_app(root, ledger, (GUARD_TOKEN, "the test's token file"))) as url:
+        yield url
+
+
+def test_the_page_asks_for_the_token_where_stored_text_needs_it(guarded_ui, browser):
+    ctx = browser.new_context(viewport={"width": 1280, "height": 1000})
+    try:
+        page = ctx.new_page()
+        page.set_default_timeout(20_000)
+        console = Console(page)
+        page.goto(guarded_ui + "/#/gen/1")
+        page.wait_for_selector("#need-token")
+        ask = page.locator("#need-token").inner_text()
+        assert "needs the API token" in ask and "the test's token file" in ask
+        assert page.locator("#token-form").is_visible() and page.locator("#replies").count() == 0
+        assert "chats" in page.locator("#token").get_attribute("placeholder")
+        _shot(page, "token-asked")
+        page.fill("#token", "not-the-token")
+        page.click("#token-form button[type=submit]")
+        page.wait_for_selector("#need-token p.error:has-text('wrong API token')")
+        page.fill("#token", GUARD_TOKEN)
+        page.click("#token-form button[type=submit]")
+        page.wait_for_selector("#replies tbody tr")
+        assert "onerror=" in page.locator("#replies").inner_text()
+        page.goto(guarded_ui + "/#/experience")
+        page.wait_for_selector("#conversations tbody tr")
+        assert SECRET in page.locator("#conversations").inner_text()
+        assert GUARD_TOKEN not in page.url and ctx.cookies() == []
+        assert console.take(allowed=("status of 401",)) == []
+    finally:
+        ctx.close()
+    ctx = browser.new_context(viewport={"width": 390, "height": 844})  # a new tab, on a phone: no token yet
+    try:
+        page = ctx.new_page()
+        page.set_default_timeout(20_000)
+        page.goto(guarded_ui + "/")
+        page.wait_for_selector("#need-token")  # the lineage too: a rejection's reason may quote what was taught
+        assert page.locator("#live-served").is_visible() and SECRET not in page.content()
+        page.fill("#token", GUARD_TOKEN)
+        page.click("#token-form button[type=submit]")
+        page.wait_for_selector("#lineage tbody tr")
+        assert page.evaluate("document.documentElement.scrollWidth <= document.documentElement.clientWidth")
+    finally:
+        ctx.close()
+
+
+# -- layout: a laptop and a phone, 1, 2 and 20 generations -------------------------------------------
+
+LAYOUT = """() => {
+  const rect = (e) => { const r = e.getBoundingClientRect(); return [r.left, r.top, r.right, r.bottom]; };
+  const t = document.querySelector("#lineage");
+  return {
+    view: document.documentElement.clientWidth, page: document.documentElement.scrollWidth, body: document.body.scrollWidth,
+    charts: [...document.querySelectorAll(".chart")].map((c) => ({ box: rect(c), plot: rect(c.querySelector(".uplot")),
+      area: rect(c.querySelector(".u-wrap")) })),
+    lineage: t ? { box: rect(t.parentElement), table: rect(t), scroll: t.parentElement.scrollWidth,
+      client: t.parentElement.clientWidth } : null,
+  };
+}"""
+
+
+def _page_at(browser, width: int):
+    ctx = browser.new_context(viewport={"width": width, "height": 1400 if width > 500 else 844})
+    pg = ctx.new_page()
+    pg.set_default_timeout(20_000)
+    pg.console = Console(pg)
+    return pg
+
+
+def _charts_drawn(page, count: int) -> None:
+    page.wait_for_function("(n) => document.querySelectorAll('.chart .uplot').length === n", arg=count)
+    page.evaluate("() => new Promise((done) => requestAnimationFrame(() => requestAnimationFrame(done)))")
+
+
+def _inside(inner, outer, slack: float = 0.5) -> bool:
+    return (inner[0] >= outer[0] - slack and inner[1] >= outer[1] - slack and inner[2] <= outer[2] + slack
+            and inner[3] <= outer[3] + slack)
+
+
+def _overlap(a, b) -> bool:
+    return min(a[2], b[2]) - max(a[0], b[0]) > 0.5 and min(a[3], b[3]) - max(a[1], b[1]) > 0.5
+
+
+def _assert_fits(page, where: str, every_column: bool = False) -> None:
+    """No horizontal overflow of the page; every chart's plot inside its box; no two charts' boxes (or plots)
+    overlapping; with ``every_column``, the lineage table shown whole (nothing to scroll to)."""
+    lay = page.evaluate(LAYOUT)
+    assert lay["page"] <= lay["view"] and lay["body"] <= lay["view"], f"{where}: the page scrolls sideways: {lay}"
+    for c in lay["charts"]:
+        assert _inside(c["plot"], c["box"]) and _inside(c["area"], c["box"]), f"{where}: a plot leaves its box: {c}"
+        assert c["box"][0] >= 0 and c["box"][2] <= lay["view"], f"{where}: a chart leaves the window: {c}"
+    for a, b in itertools.combinations(lay["charts"], 2):
+        assert not _overlap(a["box"], b["box"]) and not _overlap(a["plot"], b["plot"]), f"{where}: charts overlap: {a} {b}"
+    if lay["lineage"]:
+        assert lay["lineage"]["box"][2] <= lay["view"], f"{where}: the lineage table leaves the window"
+        if every_column:
+            assert lay["lineage"]["scroll"] <= lay["lineage"]["client"], f"{where}: lineage columns cut: {lay['lineage']}"
+
+
+@pytest.fixture(scope="module")
+def fabricated(tmp_path_factory):
+    """`evolve ui`'s app over three fabricated ledgers (1, 2 and 20 generations, every gate metric), the
+    2-generation one with long chats on its experience page: {generations: URL}."""
+    from evolution.cli.ui import create_app
+    from evolution.conversations import ConversationStore
+    from evolution.experiences import ExperienceStore
+    from evolution.ledger import Ledger
+    from evolution.paths import DataRoot
+
+    with contextlib.ExitStack() as stack:
+        urls = {}
+        for n in (1, 2, 20):
+            root = DataRoot(tmp_path_factory.mktemp(f"gens{n}") / "home")
+            root.root.mkdir()
+            ledger = stack.enter_context(Ledger.open(root))
+            fabricate_lineage(root, ledger, n)
+            if n == 2:
+                long_word = "x" * 300
+                talk = [{"role": "user", "content": f"Remember this: {long_word} and a plain sentence " * 3},
+                        {"role": "assistant", "content": "I will remember it. " * 20}]
+                ConversationStore(ledger).add(talk)
+                ExperienceStore(ledger).capture(talk[:1], long_word + " ok", "chatcmpl-long", "evolution-gen-0001",
+                                                "0" * 64, 1, "stop", False)
+            urls[n] = stack.enter_context(serving_app(create_app(root, ledger)))
+        yield urls
+
+
+@pytest.mark.parametrize("width", [1280, 390])
+@pytest.mark.parametrize("n", [1, 2, 20])
+def test_the_dashboard_fits_a_laptop_and_a_phone(fabricated, browser, n, width):
+    page = _page_at(browser, width)
+    try:
+        page.goto(fabricated[n] + "/")
+        page.locator("#lineage tbody tr").nth(n - 1).wait_for()
+        assert page.locator("#lineage tbody tr").count() == n
+        _charts_drawn(page, 2)
+        _assert_fits(page, f"lineage of {n} at {width} px", every_column=width >= 1280)
+        _shot(page, f"fit-{n}-generations-{width}")
+        page.goto(fabricated[n] + f"/#/gen/{n - 1}")
+        page.wait_for_selector(f"h1:has-text('Generation {n - 1}')")
+        if n > 1:
+            _charts_drawn(page, 2)  # the cpt and sft losses
+        _assert_fits(page, f"generation {n - 1} at {width} px")
+        page.goto(fabricated[n] + "/#/experience")
+        page.wait_for_selector("h1:has-text('Experience')")
+        _assert_fits(page, f"experience at {width} px")
+        if n == 2:
+            _shot(page, f"fit-experience-{width}")
+        assert page.console.take() == []
+    finally:
+        page.context.close()
+
+
+def test_charts_follow_the_window_when_it_is_resized(fabricated, browser):
+    page = _page_at(browser, 1600)
+    try:
+        page.goto(fabricated[20] + "/")
+        _charts_drawn(page, 2)
+        for width in (1600, 1280, 390, 1280):
+            page.set_viewport_size({"width": width, "height": 1000})
+            _charts_drawn(page, 2)
+            _assert_fits(page, f"resized to {width} px", every_column=width >= 1280)
+        assert page.console.take() == []
+    finally:
+        page.context.close()
 
 
 # -- a hand-made ledger: a rejected child, its failed rules and replies (no model needed) ------------

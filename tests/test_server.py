@@ -83,6 +83,80 @@ def test_chat_can_require_the_token(daemon):
         assert c.post("/v1/chat/completions", json=ASK, headers=AUTH).status_code == 200
 
 
+PRIVATE_READS = {"/ui/api/experience", "/ui/api/generation/{n}", "/ui/api/lineage"}
+"""The GET routes that return stored user text or model replies: every other GET route is public, and a new
+route must be sorted into one or the other (``test_reads_of_stored_text_are_private_where_chat_is``)."""
+
+MARKER = "quokka-7731 my sister's name is Ottoline"
+NEAR_MISS_TOKENS = ({}, {"Authorization": "Bearer wrong-token-0123456789"}, {"Authorization": f"Basic {SERVER_TOKEN}"},
+                    {"Authorization": f"Bearer {SERVER_TOKEN[:-1]}"}, {"X-Api-Key": SERVER_TOKEN})
+
+
+def _get_routes(app) -> dict[str, str]:
+    """Every GET route of ``app`` and of the dashboard's router it includes -> a URL that reaches it."""
+    from fastapi.routing import APIRoute
+
+    from evolution import dashboard
+
+    fill = {"{n}": "1", "{name}": "evolution-gen-0001", "{name:path}": "app.js"}
+    out = {}
+    for route in [r for r in app.routes if isinstance(r, APIRoute)] + dashboard.router(None, dict).routes:
+        if "GET" in (getattr(route, "methods", None) or ()):
+            url = route.path
+            for k, v in fill.items():
+                url = url.replace(k, v)
+            assert "{" not in url, f"fill the path parameter of {route.path}"
+            out[route.path] = url
+    return out
+
+
+@pytest.mark.parametrize("setting", ["chat_requires_token", "beyond_loopback", "loopback_chat_open"])
+def test_reads_of_stored_text_are_private_where_chat_is(daemon, setting):
+    """With chat behind the token (or the daemon beyond loopback), each read of stored chats, transcripts and
+    model replies is refused without the token and with near misses of it, 401 naming where the token is; the
+    other reads answer without it and never carry stored text. On loopback with chat open all stay open."""
+    from evolution.server import create_app
+
+    private = setting != "loopback_chat_open"
+    if setting == "chat_requires_token":
+        daemon.dcfg.chat_requires_token = True
+    elif setting == "beyond_loopback":
+        daemon.dcfg.host, daemon.dcfg.allow_remote = "0.0.0.0", True
+    app = create_app(daemon)
+    routes = _get_routes(app)
+    assert PRIVATE_READS <= set(routes), sorted(routes)
+    with TestClient(app) as c:
+        talk = [{"role": "user", "content": MARKER}, {"role": "assistant", "content": "Noted."}]
+        assert c.post("/conversations", json={"messages": talk}, headers=AUTH).status_code == 201
+        chat = c.post("/v1/chat/completions", json=ASK | {"messages": talk[:1]}, headers=AUTH)
+        assert chat.status_code == 200, chat.text
+        assert c.get("/ui/api/live").json()["token_for_reads"] is private
+        for path, url in sorted(routes.items()):
+            if path in PRIVATE_READS:
+                for bad in NEAR_MISS_TOKENS:
+                    r = c.get(url, headers=bad)
+                    if not private:
+                        assert r.status_code == 200, (url, r.text)
+                        continue
+                    assert r.status_code == 401, (url, bad, r.text)
+                    err = r.json()["error"]
+                    assert err["code"] == "invalid_api_key" and "the config's daemon.api_token" in err["message"], err
+                    assert MARKER not in r.text
+                assert c.get(url, headers=AUTH).status_code == 200, url
+            else:
+                r = c.get(url)
+                assert r.status_code in (200, 401), (url, r.status_code, r.text)  # /v1/models: 401 as chat is
+                assert MARKER not in r.text, f"{url} returns stored chat text without the token"
+                assert "Ottoline" not in r.text, url
+        kept = c.get("/ui/api/experience", headers=AUTH).json()
+        assert MARKER in json.dumps(kept["experiences"]) and MARKER in json.dumps(kept["conversations"])
+        if private:  # a malformed or unknown one is refused first: a refusal says nothing of what exists
+            for url in ("/ui/api/generation/abc", "/ui/api/generation/99", "/ui/api/experience?limit=0"):
+                assert c.get(url).status_code == 401, url
+            assert c.get("/ui/api/generation/99", headers=AUTH).status_code == 404
+            assert c.get("/ui/api/experience?limit=0", headers=AUTH).status_code == 400
+
+
 def test_oversized_bodies_get_413_and_nothing_is_stored(client, daemon):
     big = {"messages": [{"role": "user", "content": "x" * 5000}, {"role": "assistant", "content": "ok"}]}
     assert client.post("/conversations", json=big, headers=AUTH).status_code == 413

@@ -1,7 +1,9 @@
 """Who the daemon is on a data root: its API token and ``daemon.json`` (address, threshold, pid).
 
-The token guards every write endpoint. It comes from the config (``[daemon] api_token``), else
-``$EVOLUTION_API_TOKEN``, else a file generated on first start (mode 0600) beside the data.
+The token guards every write endpoint, and the reads of stored chats and model replies where chat
+needs it or the daemon listens beyond loopback (``evolution.server``). It comes from the config
+(``[daemon] api_token``), else ``$EVOLUTION_API_TOKEN``, else a file generated on first start (mode
+0600) beside the data.
 ``daemon.json`` lets `evolve status` find a running daemon. ``daemon.lock`` is held for the
 daemon's life (an OS file lock, released by the kernel when the process dies, even by kill -9), so
 a second daemon on the same data root is refused instead of serving beside the first, running its
@@ -63,7 +65,7 @@ def write_info(root: DataRoot, dcfg: DaemonConfig, port: int, started: float) ->
 
 
 def api_token(root: DataRoot, dcfg: DaemonConfig) -> tuple[str, str]:
-    """The bearer token of write endpoints, and where it came from (said in 401 messages)."""
+    """The bearer token (write endpoints, private reads), and where it came from (said in 401 messages)."""
     if dcfg.api_token:
         return dcfg.api_token, "the config's daemon.api_token"
     if os.environ.get(TOKEN_ENV):

@@ -1,11 +1,19 @@
-"""The dashboard's HTTP routes (FastAPI), over a ``View`` and a live-status function."""
+"""The dashboard's HTTP routes (FastAPI), over a ``View``, a live-status function and a token guard.
+
+The reads that return stored user text or model replies run the caller's ``guard`` first:
+``/ui/api/experience`` (chats and transcripts), ``/ui/api/generation/<n>`` (both models' eval replies,
+taught questions) and ``/ui/api/lineage`` (a rejected generation's reason quotes the gate, which may quote
+a probe the user taught). The daemon's guard and `evolve ui --allow-remote`'s refuse them without the API
+token (401 naming where it is). The page itself, its files, the live state and verify stay open, and the
+live state says whether the others need the token (``token_for_reads``) so the page can ask for it.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
 
-from fastapi import APIRouter, FastAPI, HTTPException, Query
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 
@@ -45,8 +53,11 @@ def _json(obj) -> JSONResponse:
     return JSONResponse(obj, headers={"Cache-Control": "no-store"})
 
 
-def router(view: View, live: Callable[[], dict]) -> APIRouter:
+def router(view: View, live: Callable[[], dict], guard: Callable[[Request], None] | None = None) -> APIRouter:
+    """The routes. ``guard(request)`` raises (a 401) unless the request may read stored user text and model
+    replies; None leaves those reads open (loopback, chat open)."""
     r = APIRouter()
+    private = [Depends(guard)] if guard is not None else []
 
     @r.get("/", include_in_schema=False)
     def index():
@@ -58,11 +69,11 @@ def router(view: View, live: Callable[[], dict]) -> APIRouter:
             raise HTTPException(404)
         return FileResponse(STATIC / name, media_type=FILES[name], headers=HEADERS | {"Cache-Control": "max-age=300"})
 
-    @r.get("/ui/api/lineage")
+    @r.get("/ui/api/lineage", dependencies=private)
     def lineage():
         return _json(view.lineage())
 
-    @r.get("/ui/api/generation/{n}")
+    @r.get("/ui/api/generation/{n}", dependencies=private)
     def generation(n: int):
         try:
             return _json(view.generation(n))
@@ -72,13 +83,13 @@ def router(view: View, live: Callable[[], dict]) -> APIRouter:
 
     @r.get("/ui/api/live")
     def live_state():
-        return _json(live())
+        return _json(live() | {"token_for_reads": guard is not None})
 
     @r.get("/ui/api/verify")
     def verify(artifacts: bool = Query(False)):
         return _json(view.verify(artifacts))
 
-    @r.get("/ui/api/experience")
+    @r.get("/ui/api/experience", dependencies=private)
     def experience(limit: int = Query(30, ge=1, le=200)):
         return _json(view.experience(limit))
 

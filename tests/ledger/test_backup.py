@@ -168,6 +168,7 @@ def test_restore_over_a_live_root_is_refused_without_force_and_a_running_daemon_
     assert out.exit_code == 1 and "--force" in out.output
 
 
+@pytest.mark.unprivileged  # its last check skips as root; .ci/unprivileged.sh runs it as a user
 def test_backup_refuses_an_existing_dest_and_says_when_it_cannot_write(lineage, data_root, tmp_path, backend):
     if backend != "sqlite":
         pytest.skip("files only")

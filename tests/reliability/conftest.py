@@ -173,13 +173,17 @@ def evolve(root, *args: str, spec: str | None = None) -> subprocess.CompletedPro
 
 
 def tmpfs(path: Path, size: str) -> Path:
-    """Mount a ``size``-limited tmpfs at ``path`` (a real disk that fills up); skip if not permitted."""
+    """Mount a ``size``-limited tmpfs at ``path`` (a real disk that fills up); skip if not permitted (fail under
+    ``EVOLUTION_REQUIRE_TMPFS=1``)."""
     path.mkdir(parents=True, exist_ok=True)
     r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True,
                        text=True, check=False)
     if r.returncode != 0:
-        pytest.skip(f"a size-limited filesystem needs `mount -t tmpfs` (root); it failed: {r.stderr.strip()[:200]}; "
-                    "the injected-ENOSPC tests cover the same code paths")
+        why = (f"a size-limited filesystem needs `mount -t tmpfs` (root); it failed: {r.stderr.strip()[:200]}; "
+               "the injected-ENOSPC tests cover the same code paths")
+        if os.environ.get("EVOLUTION_REQUIRE_TMPFS") == "1":  # set by .ci/run: CI must not pass by skipping
+            pytest.fail(f"tmpfs required but {why}")
+        pytest.skip(why)
     return path
 
 

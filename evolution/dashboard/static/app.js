@@ -1,7 +1,12 @@
 // The lineage dashboard: builds the page from the JSON endpoints under /ui/api.
 // Every stored string (chat text, transcripts, curriculum questions, reasons) goes into the page
 // as a text node (el() below); nothing here assigns markup (innerHTML and the like).
-// The API token lives in this tab's sessionStorage and is sent only as an Authorization header.
+// The API token lives in this tab's sessionStorage and is sent only as an Authorization header: with
+// every action, and with every read (the reads of stored chats and model replies need it where chat
+// does; a 401 there turns the page into a request for the token).
+// Layout: a table wider than the window scrolls inside its own box (on a phone the lineage, reply and
+// chat tables show each row as a card), and each chart is sized to its box and follows it, so nothing
+// spills past the window or into a neighbour.
 "use strict";
 
 const TOKEN_KEY = "evolution.token";
@@ -94,14 +99,20 @@ function toast(message, kind = "error") {
 
 // -- talking to the server -----------------------------------------------------------------
 
+function token() { return sessionStorage.getItem(TOKEN_KEY) || ""; }
+
 async function getJSON(path) {
-  const r = await fetch(path, { headers: { Accept: "application/json" }, cache: "no-store" });
+  const headers = { Accept: "application/json" };
+  if (token()) headers.Authorization = "Bearer " + token();
+  const r = await fetch(path, { headers, cache: "no-store", credentials: "omit" });
   const body = await r.json().catch(() => null);
-  if (!r.ok) throw new Error((body && body.error && body.error.message) || `${path}: HTTP ${r.status}`);
+  if (!r.ok) {
+    const e = new Error((body && body.error && body.error.message) || `${path}: HTTP ${r.status}`);
+    e.status = r.status;
+    throw e;
+  }
   return body;
 }
-
-function token() { return sessionStorage.getItem(TOKEN_KEY) || ""; }
 
 async function act(path, body) {
   // An action: POST with the token as a bearer header (never in the URL, never a cookie).
@@ -185,7 +196,9 @@ function renderLive() {
     live.last_error ? el("pre", { class: "bad" }, live.last_error) : el("div", { class: "muted" }, "none")));
   box.replaceChildren(el("div", { class: "cards" }, cards));
   document.getElementById("mode").textContent = readonly() ? "read-only (evolve ui): actions need the daemon" : "";
-  document.getElementById("token-form").hidden = readonly();
+  document.getElementById("token-form").hidden = readonly() && !live.token_for_reads;
+  document.getElementById("token").placeholder = !live.token_for_reads ? "for actions only"
+    : readonly() ? "for stored chats and replies" : "for chats, replies and actions";
 }
 
 async function refreshLive() {
@@ -211,21 +224,68 @@ async function refreshVerify(artifacts = false) {
 
 const COLORS = ["#2463c7", "#c62828", "#1a7f37", "#b26a00", "#7b1fa2", "#00838f"];
 
+const CHART_HEIGHT = 220;
+
+function chartWidth(box) { return Math.max(120, Math.floor(box.clientWidth)); }
+
+function axisSize(self, values, axisIdx, cycleNum) {
+  // The y axis as wide as its longest label (uPlot's axis-autosize demo): 160,000 is not cut to 0,000.
+  const axis = self.axes[axisIdx];
+  if (cycleNum > 1) return axis._size;
+  let size = axis.ticks.size + axis.gap;
+  const longest = (values || []).reduce((acc, v) => (String(v).length > acc.length ? String(v) : acc), "");
+  if (longest) {
+    self.ctx.font = axis.font[0];
+    size += self.ctx.measureText(longest).width / devicePixelRatio;
+  }
+  return Math.ceil(size);
+}
+
 function chart(container, title, xs, series, xLabel) {
-  const width = Math.max(300, Math.min(container.clientWidth || 600, 720));
+  // Drawn into a box already laid out beside its neighbours, at the box's width; a ResizeObserver keeps
+  // it so when the window (or a neighbour) changes the box: a plot never reaches into the next one.
   const opts = {
-    title, width, height: 220,
+    title, width: chartWidth(container), height: CHART_HEIGHT,
     scales: { x: { time: false } },
-    axes: [{ label: xLabel, incrs: [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000] }, {}],
+    axes: [{ label: xLabel, incrs: [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000] }, { size: axisSize }],
     series: [{ label: xLabel }, ...series.map((s, i) => ({ label: s.label, stroke: COLORS[i % COLORS.length], width: 2,
       points: { show: true, size: 6 } }))],
   };
   const u = new uPlot(opts, [xs, ...series.map((s) => s.values)], container);
-  charts.push(u);
+  const follow = new ResizeObserver(() => {
+    const width = chartWidth(container);
+    if (width !== u.width) u.setSize({ width, height: CHART_HEIGHT });
+  });
+  follow.observe(container);
+  charts.push({ u, follow });
   return u;
 }
 
-function clearCharts() { for (const c of charts) c.destroy(); charts = []; }
+function drawCharts(box, specs, xLabel) {
+  // Every box first, then the plots: a chart measured while alone on its row would be too wide once its
+  // neighbour arrives.
+  const boxes = specs.map(() => el("div", { class: "chart" }));
+  box.append(...boxes);
+  specs.forEach(([title, xs, series], i) => chart(boxes[i], title, xs, series, xLabel));
+}
+
+function clearCharts() {
+  for (const c of charts) { c.follow.disconnect(); c.u.destroy(); }
+  charts = [];
+}
+
+function labelCells(table) {
+  // Each cell carries its column's name, shown with it where a row is laid out as a card (table.stack on a phone).
+  const heads = [...table.querySelectorAll("thead th")].map((th) => th.textContent);
+  for (const tr of table.querySelectorAll("tbody tr")) [...tr.children].forEach((td, i) => { if (heads[i]) td.dataset.label = heads[i]; });
+  return table;
+}
+
+function breakable(name) {
+  // A metric's name may break after each underscore (style_drift_from_parent), so its column stays narrow.
+  const parts = String(name).split("_");
+  return parts.map((p, i) => (i < parts.length - 1 ? [p + "_", el("wbr")] : p));
+}
 
 // -- lineage page ----------------------------------------------------------------------------
 
@@ -245,32 +305,29 @@ async function pageLineage(known) {
   lineage = known || await getJSON("/ui/api/lineage");
   const rows = lineage.generations;
   const names = metricNames(rows).filter((n) => rows.some((r) => r.metrics[n] !== null && r.metrics[n] !== undefined));
-  const table = el("table", { id: "lineage" },
-    el("thead", {}, el("tr", {}, ["", "gen", "parent", "created (UTC)", "verdict", ...names, "sha256", "GGUF", "age-up time"].map((h) => el("th", {}, h)))),
+  const table = el("table", { id: "lineage", class: "stack" },
+    el("thead", {}, el("tr", {}, ["", "gen", "parent", "created (UTC)", "verdict"].map((h) => el("th", {}, h)), names.map((n) => el("th", { class: "metric", title: n }, breakable(n))),
+      ["sha256", "GGUF", "age-up time"].map((h) => el("th", {}, h)))),
     el("tbody", {}, rows.map((r) => el("tr", { class: r.served ? "served" : "", data: { gen: r.gen } },
       el("td", {}, r.served ? el("span", { class: "badge ok", title: "served now" }, "▶ served") : rollbackButton(r)),
       el("td", { class: "num" }, el("a", { href: "#/gen/" + r.gen }, String(r.gen))),
       el("td", { class: "num" }, r.parent === null ? "–" : String(r.parent)),
-      el("td", {}, when(r.created)),
+      el("td", {}, when(r.created).split(" ").map((part, i) => [i ? " " : "", el("span", { class: "nowrap" }, part)])),
       el("td", {}, verdictBadge(r), r.reason && (r.status === "rolled_back" || r.status === "rejected") ? el("div", { class: "muted" }, r.reason) : null),
-      names.map((n) => el("td", { class: "num" }, fmt(r.metrics[n]), r.deltas[n] !== undefined ? [" ", fmtDelta(n, r.deltas[n])] : null)),
+      names.map((n) => el("td", { class: "num" }, fmt(r.metrics[n]), r.deltas[n] !== undefined ? [" ", el("span", { class: "delta" }, fmtDelta(n, r.deltas[n]))] : null)),
       el("td", { class: "mono", title: r.gguf_sha256 || "" }, r.gguf_sha256 ? r.gguf_sha256.slice(0, 12) : "–"),
       el("td", { class: "num" }, fmtBytes(r.gguf_size), r.quantization ? el("div", { class: "muted" }, r.quantization) : null),
-      el("td", { class: "num muted", title: Object.entries(r.stage_seconds || {}).map(([k, v]) => `${k} ${fmtSeconds(v)}`).join("\n") },
-        Object.keys(r.stage_seconds || {}).length ? fmtSeconds(Object.values(r.stage_seconds).reduce((a, b) => a + (b || 0), 0)) : "–")))));
+      el("td", { class: "num muted time", title: Object.entries(r.stage_seconds || {}).map(([k, v]) => `${k} ${fmtSeconds(v)}`).join("\n") },
+        Object.keys(r.stage_seconds || {}).length ? fmtSeconds(Object.values(r.stage_seconds).reduce((a, b) => a + (b || 0), 0)).replace(/ (h|min|s)\b/g, "\u00a0$1") : "–")))));
   const chartsBox = el("div", { class: "charts" });
-  main(el("h1", {}, "Lineage"), el("p", { class: "muted" }, `${rows.length} generation(s); ledger ${lineage.ledger}; deltas against each one's parent`),
+  main(el("h1", {}, "Lineage"), el("p", { class: "muted wrap" }, `${rows.length} generation(s); ledger ${lineage.ledger}; deltas against each one's parent`),
     rows.length ? table : el("p", { class: "muted" }, "the ledger is empty: no generation recorded yet"), chartsBox);
   if (rows.length) {
     const xs = rows.map((r) => r.gen);
     const ratio = RATIO_METRICS.filter((n) => names.includes(n)).map((n) => ({ label: n, values: rows.map((r) => r.metrics[n] ?? null) }));
     const other = ["perplexity", "style_drift"].filter((n) => names.includes(n)).map((n) => ({ label: n, values: rows.map((r) => r.metrics[n] ?? null) }));
-    for (const [title, series] of [["recall and friends (0–1, higher is better)", ratio], ["perplexity and style drift (lower is better)", other]]) {
-      if (!series.length) continue;
-      const box = el("div", { class: "chart" });
-      chartsBox.append(box);
-      chart(box, title, xs, series, "generation");
-    }
+    drawCharts(chartsBox, [["recall and friends (0–1, higher is better)", xs, ratio], ["perplexity and style drift (lower is better)", xs, other]]
+      .filter(([, , series]) => series.length), "generation");
   }
 }
 
@@ -303,7 +360,7 @@ async function pageGeneration(n) {
     out.push(el("table", { id: "gate" },
       el("thead", {}, el("tr", {}, ["metric", "child", "parent", "Δ", "rules"].map((h) => el("th", {}, h)))),
       el("tbody", {}, g.gate_rows.map((r) => el("tr", {},
-        el("td", {}, r.metric), el("td", { class: "num" }, fmt(r.child)), el("td", { class: "num" }, fmt(r.parent)),
+        el("td", {}, breakable(r.metric)), el("td", { class: "num" }, fmt(r.child)), el("td", { class: "num" }, fmt(r.parent)),
         el("td", { class: "num" }, typeof r.child === "number" && typeof r.parent === "number" ? fmtDelta(r.metric, r.child - r.parent) : "–"),
         el("td", {}, r.rules.map((x) => el("div", { class: x.passed === false ? "bad" : x.passed ? "ok" : "" }, (x.passed === false ? "✗ " : x.passed ? "✓ " : "") + x.rule)),
           r.skipped.map((s) => el("div", { class: "muted" }, "skipped: " + s))))))));
@@ -313,7 +370,7 @@ async function pageGeneration(n) {
   if (!g.replies.length) {
     out.push(el("p", { class: "muted" }, "no eval report on disk for this generation (eval.json)"));
   } else {
-    out.push(el("table", { id: "replies" },
+    out.push(el("table", { id: "replies", class: "stack" },
       el("thead", {}, el("tr", {}, ["metric", "question", `parent (${fmt(g.gate ? g.gate.parent : null)})`, "", `child (${g.gen})`, ""].map((h) => el("th", {}, h)))),
       el("tbody", {}, g.replies.map((r) => el("tr", { data: { item: r.id } },
         el("td", { class: "muted" }, r.metric), el("td", { class: "reply" }, r.question),
@@ -323,7 +380,7 @@ async function pageGeneration(n) {
         el("td", {}, mark(r.child.correct)))))));
   }
   if (g.style.length) {
-    out.push(el("h3", {}, "Style prompts"), el("table", { id: "style" },
+    out.push(el("h3", {}, "Style prompts"), el("table", { id: "style", class: "stack" },
       el("thead", {}, el("tr", {}, el("th", {}, "parent"), el("th", {}, "child"))),
       el("tbody", {}, g.style.map((s) => el("tr", {}, el("td", { class: "reply" }, s.parent ?? "–"), el("td", { class: "reply" }, s.child ?? "–"))))));
   }
@@ -360,11 +417,8 @@ async function pageGeneration(n) {
     el("tbody", {}, g.events.map((e) => el("tr", {}, el("td", { class: "num" }, String(e.seq)), el("td", {}, when(e.time)), el("td", {}, e.kind))))));
   if (g.config) out.push(el("details", {}, el("summary", {}, "resolved config"), el("pre", {}, JSON.stringify(g.config, null, 2))));
   main(...out);
-  for (const [stage, s] of Object.entries(g.losses || {})) {
-    const box = el("div", { class: "chart" });
-    lossBox.append(box);
-    chart(box, `${stage} loss`, s.step, [{ label: "loss", values: s.loss }], "logged step");
-  }
+  drawCharts(lossBox, Object.entries(g.losses || {}).map(([stage, s]) => [`${stage} loss`, s.step, [{ label: "loss", values: s.loss }]]),
+    "logged step");
 }
 
 // -- experience page -------------------------------------------------------------------------
@@ -395,14 +449,14 @@ async function pageExperience() {
   const x = await getJSON("/ui/api/experience");
   main(el("h1", {}, "Experience"),
     el("h2", {}, "Captured chats"),
-    x.experiences.length ? el("table", { id: "experiences" },
+    x.experiences.length ? el("table", { id: "experiences", class: "stack" },
       el("thead", {}, el("tr", {}, ["id", "when (UTC)", "gen", "prompt", "reply", "label", ""].map((h) => el("th", {}, h)))),
       el("tbody", {}, x.experiences.map((e) => el("tr", { data: { id: e.id } }, el("td", { class: "num" }, String(e.id)), el("td", {}, when(e.time)),
         el("td", { class: "num" }, fmt(e.gen)), el("td", {}, messagesView(e.messages)), el("td", { class: "reply" }, e.reply),
         el("td", {}, labelCell(e.label, e.corrected)), el("td", {}, rateButtons("completion", e.completion_id))))))
       : el("p", { class: "muted" }, "no chats kept (the daemon keeps served chats when [daemon] capture is on)"),
     el("h2", {}, "Posted conversations"),
-    x.conversations.length ? el("table", { id: "conversations" },
+    x.conversations.length ? el("table", { id: "conversations", class: "stack" },
       el("thead", {}, el("tr", {}, ["id", "when (UTC)", "transcript", "label", ""].map((h) => el("th", {}, h)))),
       el("tbody", {}, x.conversations.map((c) => el("tr", { data: { id: c.id } }, el("td", { class: "num" }, String(c.id)), el("td", {}, when(c.time)),
         el("td", {}, messagesView(c.messages)), el("td", {}, labelCell(c.label, c.corrected)), el("td", {}, rateButtons("conversation", c.id))))))
@@ -464,7 +518,17 @@ function confirmResume() {
 
 // -- routing -------------------------------------------------------------------------------
 
-function main(...children) { clearCharts(); document.getElementById("main").replaceChildren(...children); }
+function main(...children) {
+  clearCharts();
+  const box = document.getElementById("main");
+  box.replaceChildren(...children);
+  for (const table of box.querySelectorAll("table")) {  // a table wider than the window scrolls in its own box
+    const wrap = el("div", { class: "scroll" });
+    table.replaceWith(wrap);
+    wrap.append(table);
+  }
+  for (const table of box.querySelectorAll("table.stack")) labelCells(table);
+}
 
 async function route() {
   const hash = location.hash || "#/";
@@ -474,8 +538,22 @@ async function route() {
     else if (hash === "#/experience") await pageExperience();
     else await pageLineage();
   } catch (e) {
-    main(el("p", { class: "error", role: "alert" }, e.message));
+    if (e.status === 401) askToken(e.message);
+    else main(el("p", { class: "error", role: "alert" }, e.message));
   }
+}
+
+function askToken(message) {
+  // This server keeps stored chats and model replies behind the API token: the page says so and where
+  // the token goes; entering it shows the page (setupToken routes again).
+  document.getElementById("token-form").hidden = false;
+  main(el("section", { id: "need-token", class: "card" },
+    el("h1", {}, "This page needs the API token"),
+    el("p", {}, "It shows stored chats, transcripts, model replies or what the gate quoted of them, and this server ",
+      "shows those only with the token. Enter it in the field at the top (“API token”) and press “use”; this tab ",
+      "keeps it until you close it."),
+    el("p", { class: token() ? "error" : "muted", role: "alert" }, message)));
+  document.getElementById("token").focus();
 }
 
 async function refreshLineage() {
@@ -497,6 +575,7 @@ function setupToken() {
     if (input.value.trim()) sessionStorage.setItem(TOKEN_KEY, input.value.trim());
     input.value = "";
     show();
+    if (document.getElementById("need-token")) route();
   });
   document.getElementById("forget").addEventListener("click", () => { sessionStorage.removeItem(TOKEN_KEY); show(); });
   show();
