@@ -313,7 +313,7 @@ class Ledger:
 
     def verify(self, *, artifacts: bool = True, head: Path | None = None) -> VerifyReport:
         """Recompute the chain, check the exported head and re-hash artifacts on disk."""
-        return verify(self, artifacts=artifacts, head_path=head)
+        return verify(self.raw_rows, self.data_root, head or self.head_path, artifacts=artifacts)
 
     def check_history(self) -> None:
         """Raise ``IntegrityError`` unless the hash chain and the exported head verify.

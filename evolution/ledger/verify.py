@@ -26,18 +26,15 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from evolution.errors import LedgerError
 from evolution.fsutil import sha256_file
 from evolution.ledger import events as ev
 from evolution.ledger.chain import GENESIS, entry_hash
 from evolution.ledger.head import Head, read_head
-from evolution.paths import MAIN
-
-if TYPE_CHECKING:
-    from evolution.ledger.store import Ledger
+from evolution.paths import MAIN, DataRoot
 
 
 @dataclass(frozen=True)
@@ -165,7 +162,7 @@ def _check_head(rows, head_path: Path, head: Head | LedgerError | None, report: 
         )
 
 
-def _check_artifacts(ledger: "Ledger", rows, payloads: dict[int, dict], report: VerifyReport) -> None:
+def _check_artifacts(data_root: DataRoot, rows, payloads: dict[int, dict], report: VerifyReport) -> None:
     rejected = {(r.lineage, r.gen) for r in rows if r.kind == ev.REJECTED}
     pruned = ev.pruned_paths((r.seq, r.kind, payloads[r.seq]) for r in rows if r.seq in payloads)
     hashed: dict[Path, str] = {}
@@ -173,11 +170,11 @@ def _check_artifacts(ledger: "Ledger", rows, payloads: dict[int, dict], report: 
     for r in rows:
         if r.kind != ev.EXPORTED or r.seq not in payloads:
             continue
-        if r.lineage != MAIN and not ledger.data_root.for_lineage(r.lineage).home.is_dir():
+        if r.lineage != MAIN and not data_root.for_lineage(r.lineage).home.is_dir():
             elsewhere.add(r.lineage)
             continue
         for art in payloads[r.seq].get("artifacts", []):
-            path = ledger.data_root.root / art["path"]
+            path = data_root.root / art["path"]
             if art["path"] in pruned:
                 if not path.is_file():
                     report.artifacts_pruned += 1
@@ -202,7 +199,7 @@ def _check_artifacts(ledger: "Ledger", rows, payloads: dict[int, dict], report: 
                     f"the ledger recorded {art['sha256'][:12]}…: the file was replaced or corrupted",
                 ))
     for name in sorted(elsewhere):
-        report.warnings.append(f"lineage {name} has no folder under {ledger.data_root.root}: its artifacts were not "
+        report.warnings.append(f"lineage {name} has no folder under {data_root.root}: its artifacts were not "
                                "checked (verify on the data root that holds them)")
 
 
@@ -210,16 +207,19 @@ def _name(lineage: str, gen: int | None) -> str:
     return f"generation {gen}" if lineage == MAIN else f"generation {lineage}/{gen}"
 
 
-def verify(ledger: "Ledger", *, artifacts: bool = True, head_path: Path | None = None) -> VerifyReport:
-    """Check the whole ledger and return every problem found (not only the first)."""
+def verify(read_rows: Callable[[], list], data_root: DataRoot, head_path: Path, *,
+           artifacts: bool = True) -> VerifyReport:
+    """Check the whole ledger and return every problem found (not only the first).
+
+    ``read_rows``: every row of every lineage as stored, in seq order (``Ledger.raw_rows``); ``data_root``: where the
+    artifacts are; ``head_path``: the exported head to compare with."""
     start = time.perf_counter()
-    head_path = head_path or ledger.head_path
     report = VerifyReport(head_path=str(head_path))
     # The head is read before the rows: it is written after each commit, so rows read later
     # always reach it, even while another process appends (the other order would see a
     # "truncated" ledger whenever an append landed in between).
     head = _head_or_error(head_path)
-    rows = ledger.raw_rows()
+    rows = read_rows()
     if head is None and rows:  # the first entry's head may have been written in between
         head = _head_or_error(head_path)
     report.entries = len(rows)
@@ -227,7 +227,7 @@ def verify(ledger: "Ledger", *, artifacts: bool = True, head_path: Path | None =
     payloads = _check_chain(rows, report)
     _check_head(rows, head_path, head, report)
     if artifacts:
-        _check_artifacts(ledger, rows, payloads, report)
+        _check_artifacts(data_root, rows, payloads, report)
     report.problems.sort(key=lambda p: (p.seq is None, p.seq or 0))
     report.seconds = time.perf_counter() - start
     return report
