@@ -16,6 +16,7 @@ stage in order, resumable, with progress callbacks) and ``distributed`` (the sam
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 from evolution.config import TrainConfig
@@ -23,7 +24,8 @@ from evolution.train import cpt, preference, sft
 from evolution.train.backend import load_model, resolve_precision, select_backend
 from evolution.train.checkpoints import COMPLETE, checkpoint_problems, last_complete_checkpoint
 from evolution.train.lanes import LaneCollator, lane_loss
-from evolution.train.runner import ProgressFn, run_stages
+from evolution.train import distributed
+from evolution.train.runner import ProgressFn, run_here
 from evolution.train.stage import Inbox, Records, Stage, StageMetrics, TrainResult, stage_dicts, stage_record
 
 STAGES: tuple[Stage, ...] = (cpt.STAGE, sft.STAGE, preference.STAGE)
@@ -43,6 +45,20 @@ def planned(cfg: TrainConfig, data: dict[str, Records]) -> list[str]:
     return [s.name for s in stages_of(cfg) if s.plan(data.get(s.name, []), sections[s.name])[0] != "skip"]
 
 
+def run_stages(parent: Path, stages: Sequence[Stage], data: dict[str, Records], cfg: TrainConfig, workdir: Path,
+               progress: ProgressFn | None = None, extra_callbacks: list | None = None) -> TrainResult:
+    """Train ``stages`` in order on ``parent`` (an HF checkpoint dir) into ``workdir``; resumable.
+
+    ``data``: each stage's records by stage name. Returns the adapter of the last stage that trained
+    and per-stage metrics. Finished stages are not re-run. With ``cfg.processes`` > 1 the stages run in
+    that many processes (``distributed.launch``; ``extra_callbacks`` stay in this process unused:
+    a SIGTERM stops the ranks instead).
+    """
+    if cfg.processes > 1:
+        return distributed.launch(parent, stages, data, cfg, workdir, progress)
+    return run_here(parent, stages, data, cfg, workdir, progress, extra_callbacks)
+
+
 def train(parent: Path, data: dict[str, Records], cfg: TrainConfig, workdir: Path,
           progress: ProgressFn | None = None, extra_callbacks: list | None = None) -> TrainResult:
     """Train the configured stages on ``parent`` (an HF checkpoint dir) into ``workdir``; resumable.
@@ -55,4 +71,4 @@ def train(parent: Path, data: dict[str, Records], cfg: TrainConfig, workdir: Pat
 
 __all__ = ["BY_NAME", "COMPLETE", "STAGES", "Inbox", "LaneCollator", "ProgressFn", "Records", "Stage", "StageMetrics",
            "TrainResult", "checkpoint_problems", "lane_loss", "last_complete_checkpoint", "load_model",
-           "resolve_precision", "planned", "select_backend", "stage_dicts", "stage_record", "stages_of", "train"]
+           "resolve_precision", "planned", "run_stages", "select_backend", "stage_dicts", "stage_record", "stages_of", "train"]

@@ -1,9 +1,9 @@
 """Data-parallel training: the stages in ``[train] processes`` processes under torchrun (DDP).
 
 With ``processes`` = N > 1, ``launch`` runs
-``python -m torch.distributed.run --standalone --nproc-per-node N -m evolution.train.distributed SPEC``
+``python -m torch.distributed.run --standalone --nproc-per-node N -m evolution.rank SPEC``
 (PyTorch's own launcher; gloo on a CPU, NCCL with one GPU per process on CUDA) and waits for it.
-Every process runs the same stage runner on the same rows; transformers' ``Trainer`` (through
+Every process (``evolution.rank``) runs the same stage runner on the same rows; transformers' ``Trainer`` (through
 accelerate) wraps the model in DDP and deals each global batch out among the processes: with
 ``batch_size`` B per process, process r takes rows ``[r·B, (r+1)·B)`` of the global batch of N·B rows
 the one-process run would take (the same seeded permutation), so N processes train on the same rows,
@@ -73,7 +73,8 @@ def any_rank(flag: bool) -> bool:
     return bool(t.item())
 
 
-def _spec_dir(workdir: Path) -> Path:
+def spec_dir(workdir: Path) -> Path:
+    """Where ``launch`` writes the run's spec and rank 0 its result."""
     return workdir / "distributed"
 
 
@@ -99,15 +100,15 @@ def launch(parent: Path, stages, data: dict, cfg, workdir: Path, progress=None):
     if all(done.values()):  # nothing left to train: no processes to start
         backend = json.loads((workdir / stages[-1].name / "metrics.json").read_text())["backend"]
         return TrainResult(backend=backend, adapter_dir=workdir / stages[-1].name / "adapter", stages=done)
-    spec_dir = _spec_dir(workdir)
-    spec_dir.mkdir(parents=True, exist_ok=True)
-    (spec_dir / "result.json").unlink(missing_ok=True)
+    folder = spec_dir(workdir)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "result.json").unlink(missing_ok=True)
     threads = max(1, (cfg.threads or os.cpu_count() or 1) // cfg.processes)
     spec = {"parent": str(parent), "workdir": str(workdir), "stages": [s.name for s in stages],
             "train": asdict(replace(cfg, threads=threads)), "data": data}
-    atomic_write_json(spec_dir / "spec.json", spec)
+    atomic_write_json(folder / "spec.json", spec)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={cfg.processes}",
-           "-m", "evolution.train.distributed", str(spec_dir / "spec.json")]
+           "-m", "evolution.rank", str(folder / "spec.json")]
     log.info("training in %d processes (%d threads each): %s", cfg.processes, threads, " ".join(cmd))
     env = os.environ | {"OMP_NUM_THREADS": str(threads)}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env, preexec_fn=_die_with_launcher)
@@ -137,7 +138,7 @@ def launch(parent: Path, stages, data: dict, cfg, workdir: Path, progress=None):
         raise EvolutionError(f"data-parallel training ({cfg.processes} processes under torchrun) failed with exit "
                              f"status {rc}; the ranks' errors are in the log above. It resumes from its last "
                              "complete checkpoint when run again; train.processes = 1 trains in one process")
-    d = json.loads((spec_dir / "result.json").read_text())
+    d = json.loads((folder / "result.json").read_text())
     stage_fields = set(StageMetrics.__dataclass_fields__)
     return TrainResult(backend=d["backend"], adapter_dir=Path(d["adapter_dir"]),
                        stages={k: StageMetrics(**{f: x for f, x in v.items() if f in stage_fields})
@@ -160,65 +161,3 @@ def _forward_sigterm(proc: subprocess.Popen, stopping: threading.Event):
 
     signal.signal(signal.SIGTERM, forward)
     return previous
-
-
-def _stop_callback(requested: threading.Event):
-    """Every rank stops after the same step, with a checkpoint, once any rank got a SIGTERM."""
-    from transformers import TrainerCallback
-
-    class _StopTogether(TrainerCallback):
-        stopping = False
-
-        def on_step_end(self, args, state, control, **kw):
-            if any_rank(requested.is_set()):
-                self.stopping = control.should_save = control.should_training_stop = True
-
-        def on_save(self, args, state, control, **kw):
-            if self.stopping:  # the runner's callback, before this one, has marked the checkpoint complete
-                raise KeyboardInterrupt("SIGTERM")
-
-    return _StopTogether()
-
-
-def _progress_line(stage: str, step: int, total: int, loss: float | None) -> None:
-    print(PROGRESS + json.dumps({"stage": stage, "step": step, "total": total, "loss": loss}), flush=True)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """One rank: the stages of the spec ``launch`` wrote, in this process's share of each batch."""
-    import torch
-    import torch.distributed as dist
-
-    from evolution import logsetup
-    from evolution.config import AgeUpConfig, apply_overrides
-    from evolution.fsutil import atomic_write_json
-    from evolution.train import BY_NAME
-    from evolution.train.runner import run_here
-    from evolution.progress import die_with_parent
-
-    (spec_path,) = argv if argv is not None else sys.argv[1:]
-    die_with_parent(os.getppid())
-    logsetup.configure(fmt=f"%(asctime)s %(levelname)s rank {os.environ.get('RANK', '0')}: %(message)s")
-    spec = json.loads(Path(spec_path).read_text())
-    cfg = AgeUpConfig()
-    apply_overrides(cfg, {"train": spec["train"]}, where=spec_path)
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    requested = threading.Event()
-    signal.signal(signal.SIGTERM, lambda signum, frame: requested.set())
-    try:
-        result = run_here(Path(spec["parent"]), [BY_NAME[s] for s in spec["stages"]], spec["data"], cfg.train,
-                          Path(spec["workdir"]), _progress_line if is_main() else None, [_stop_callback(requested)])
-    except KeyboardInterrupt:
-        return 3
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-    if is_main():
-        atomic_write_json(_spec_dir(Path(spec["workdir"])) / "result.json", result.to_dict())
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -6,7 +6,8 @@ before it left. It checkpoints every ``save_steps`` into ``<workdir>/<stage>/che
 (``evolution.train.checkpoints``); a finished stage, whose ``<stage>/adapter`` still matches its
 hashes, is never run again. A stage whose ``plan`` says 'skip', or with no rows, is skipped, and
 its metrics say why. With ``[train] processes`` > 1 the same runner runs in each process of a
-data-parallel run (``evolution.train.distributed``), rank 0 alone writing markers and adapters.
+data-parallel run (``evolution.train.distributed``, ``evolution.rank``), rank 0 alone writing markers and
+adapters.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from pathlib import Path
 from evolution.config import TrainConfig
 from evolution.errors import EvolutionError
 from evolution.train import backend as engine
-from evolution.train import checkpoints
+from evolution.train import checkpoints, distributed
 from evolution.train.stage import Records, Stage, StageMetrics, TrainResult, summarize
 
 log = logging.getLogger(__name__)
@@ -46,8 +47,6 @@ def _callbacks(stage: str, total: int, metrics: StageMetrics, history: list[dict
                 progress(stage, state.global_step, total, metrics.loss_last)
 
         def on_save(self, args, state, control, **kw):
-            from evolution.train import distributed
-
             distributed.barrier()  # every rank has written its RNG state into the checkpoint
             ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             if distributed.is_main() and ckpt.is_dir():
@@ -104,8 +103,6 @@ def run_stage(stage: Stage, model, tokenizer, rows: list[dict], cfg: TrainConfig
               backend: str, progress: ProgressFn | None, extra_callbacks: list | None, parent: Path,
               metrics: StageMetrics) -> StageMetrics:
     """Train one stage on ``rows`` (resuming from its last trusted checkpoint) and save its adapter."""
-    from evolution.train import distributed  # not at the top: `python -m evolution.train.distributed` runs it
-
     settings = cfg.stage_sections()[stage.name]
     args = _training_args(cfg, stage_dir, settings.lr) | stage.args(settings)
     global_batch = args["per_device_train_batch_size"] * args["gradient_accumulation_steps"] * distributed.world_size()
@@ -149,25 +146,10 @@ def run_stage(stage: Stage, model, tokenizer, rows: list[dict], cfg: TrainConfig
     return metrics
 
 
-def run_stages(parent: Path, stages: Sequence[Stage], data: dict[str, Records], cfg: TrainConfig, workdir: Path,
-               progress: ProgressFn | None = None, extra_callbacks: list | None = None) -> TrainResult:
-    """Train ``stages`` in order on ``parent`` (an HF checkpoint dir) into ``workdir``; resumable.
-
-    ``data``: each stage's records by stage name. Returns the adapter of the last stage that trained
-    and per-stage metrics. Finished stages are not re-run. With ``cfg.processes`` > 1 the stages run in
-    that many processes (``evolution.train.distributed``; ``extra_callbacks`` stay in this process unused:
-    a SIGTERM stops the ranks instead).
-    """
-    if cfg.processes > 1:
-        from evolution.train import distributed
-
-        return distributed.launch(parent, stages, data, cfg, workdir, progress)
-    return run_here(parent, stages, data, cfg, workdir, progress, extra_callbacks)
-
-
 def run_here(parent: Path, stages: Sequence[Stage], data: dict[str, Records], cfg: TrainConfig, workdir: Path,
              progress: ProgressFn | None = None, extra_callbacks: list | None = None) -> TrainResult:
-    """``run_stages`` in this process (the only one, or one rank of a data-parallel run)."""
+    """Train ``stages`` in order on ``parent`` (an HF checkpoint dir) into ``workdir`` in this process (the only one,
+    or one rank of a data-parallel run); resumable (``evolution.train.run_stages``)."""
     import torch
 
     if cfg.threads:
