@@ -346,26 +346,22 @@ def check(src: Path) -> dict:
 
 def live_reasons(root: DataRoot) -> list[str]:
     """Why ``root`` is in use: a ledger, generations, a running daemon (empty when it is free to restore into)."""
-    from evolution.daemon.identity import daemon_info  # the daemon package imports serving; only restore needs it
-
     why = []
     if (root.ledger_dir / DB_NAME).exists():
         why.append(f"it has a ledger ({root.ledger_dir / DB_NAME})")
     if root.generations() or root.partial_generations():
         why.append(f"it has generations in {root.checkpoints}")
-    running = _daemon_running(root, daemon_info)
+    running = _daemon_running(root)
     return why + ([f"a daemon is running on it (pid {running['pid']})"] if running else [])
 
 
-def _daemon_running(root: DataRoot, daemon_info) -> dict | None:
-    info = daemon_info(root)
+def _daemon_running(root: DataRoot) -> dict | None:
+    info = root.daemon_info()
     return info if info and isinstance(info.get("pid"), int) and pid_alive(info["pid"]) else None
 
 
 def restore(src: Path, root: DataRoot, *, url: str | None = None, force: bool = False) -> RestoreResult:
     """Restore the backup at ``src`` as data root ``root`` (its ledger at ``url``, default SQLite under it)."""
-    from evolution.daemon.identity import daemon_info
-
     src = Path(src).expanduser().absolute()
     m = check(src)
     kind = m["ledger"]["kind"]
@@ -376,7 +372,7 @@ def restore(src: Path, root: DataRoot, *, url: str | None = None, force: bool = 
     if kind == "sqlite" and url:
         raise BackupError(f"this backup holds a SQLite ledger, restored under the data root; unset {URL_ENV} / "
                           "--ledger-url")
-    running = _daemon_running(root, daemon_info)
+    running = _daemon_running(root)
     if running:
         raise BackupError(f"a daemon is running on {root.root} (pid {running['pid']}); stop it first (SIGTERM), then "
                           "restore (with --force to replace what is there). If no daemon runs there, that pid is "

@@ -12,6 +12,7 @@ The lineage is chosen with ``--lineage NAME`` or ``$EVOLUTION_LINEAGE``.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ LINEAGE_ENV = "EVOLUTION_LINEAGE"
 LINEAGE_RE = re.compile(r"^[a-z][a-z0-9_-]{0,39}$")
 GEN_RE = re.compile(r"^gen_(\d{4,})$")
 PARTIAL_RE = re.compile(r"^gen_(\d{4,})\.partial$")
+INFO_FILE = "daemon.json"
 
 
 def gen_name(n: int) -> str:
@@ -126,6 +128,14 @@ class DataRoot:
                 "sharing this ledger is read with `evolve ledger --all` and `evolve ledger show NAME/N`"
             ])
         return self.prepare()
+
+    def daemon_info(self) -> dict | None:
+        """What the last daemon started on this lineage wrote about itself in ``daemon.json`` (address, karma
+        threshold, pid: ``evolution.daemon.identity``), or None."""
+        try:
+            return json.loads((self.home / INFO_FILE).read_text())
+        except (FileNotFoundError, ValueError):
+            return None
 
     @property
     def ageup_lock(self) -> Path:

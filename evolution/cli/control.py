@@ -28,8 +28,6 @@ def status(as_json: bool) -> None:
     """The served generation, the age-up in progress (stage, step, ETA), karma, and whether age-ups are paused."""
     from evolution import progress
     from evolution.cli.karma import open_karma
-    from evolution.daemon import daemon_info
-
     root = DataRoot.from_env().existing()
     with Ledger.open(root) as ledger:
         info = {
@@ -48,7 +46,7 @@ def status(as_json: bool) -> None:
         if last:
             p = last[-1].payload
             info["last_gate"] = {"child": p["child"], "verdict": p["verdict"], "metrics": p["metrics"]}
-    d = daemon_info(root)
+    d = root.daemon_info()
     if d is not None:
         info["daemon"] = d | {"running": progress.pid_alive(int(d.get("pid", 0)))}
     if as_json:

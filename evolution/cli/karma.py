@@ -15,9 +15,7 @@ from evolution.paths import DataRoot
 
 def open_karma(root: DataRoot, ledger: Ledger) -> Karma:
     """Karma with the threshold the daemon of this data root uses (its daemon.json, else the config)."""
-    from evolution.daemon import daemon_info
-
-    info = daemon_info(root)
+    info = root.daemon_info()
     if info is not None:
         return Karma(ledger, info["threshold"], info.get("threshold_growth", 1.0))
     d = config.resolve_daemon(home=root.home)

@@ -16,6 +16,6 @@ accepting and drains open requests; the worker writes a checkpoint and exits; th
 
 from evolution.daemon.core import Daemon
 from evolution.daemon.entry import listen_socket, run
-from evolution.daemon.identity import INFO_FILE, TOKEN_ENV, TOKEN_FILE, daemon_info
+from evolution.daemon.identity import INFO_FILE, TOKEN_ENV, TOKEN_FILE
 
-__all__ = ["INFO_FILE", "TOKEN_ENV", "TOKEN_FILE", "Daemon", "daemon_info", "listen_socket", "run"]
+__all__ = ["INFO_FILE", "TOKEN_ENV", "TOKEN_FILE", "Daemon", "listen_socket", "run"]

@@ -14,7 +14,6 @@ claims each, and another daemon may serve a lineage it does not.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import secrets
@@ -24,29 +23,20 @@ from filelock import FileLock
 from evolution.config import DaemonConfig
 from evolution.errors import EvolutionError
 from evolution.fsutil import atomic_write_json, atomic_write_text, try_lock
-from evolution.paths import MAIN, DataRoot
+from evolution.paths import INFO_FILE, MAIN, DataRoot
 
 log = logging.getLogger(__name__)
 
 TOKEN_ENV = "EVOLUTION_API_TOKEN"
 TOKEN_FILE = "daemon.token"
-INFO_FILE = "daemon.json"
 LOCK_FILE = "daemon.lock"
-
-
-def daemon_info(root: DataRoot) -> dict | None:
-    """What the last daemon started on this data root wrote about itself (address, threshold)."""
-    try:
-        return json.loads((root.home / INFO_FILE).read_text())
-    except (FileNotFoundError, ValueError):
-        return None
 
 
 def claim(root: DataRoot) -> FileLock:
     """Hold the data root for this daemon, or say which daemon already does and what to do."""
     lock = try_lock(root.home / LOCK_FILE)
     if lock is None:
-        info = daemon_info(root) or {}
+        info = root.daemon_info() or {}
         who = f" (pid {info['pid']}, http://{info.get('host')}:{info.get('port')})" if "pid" in info else ""
         where = f"the data root {root.root}" if root.lineage == MAIN else \
             f"lineage {root.lineage} of the data root {root.root}"
