@@ -1,9 +1,18 @@
-"""Typed configuration of an age-up: one dataclass per stage, defaults here, overrides on top.
+"""Typed configuration of an age-up: one dataclass per section, defaults beside their units, overrides on top.
 
-Resolution order: the defaults below, then ``--quick`` (the ``QUICK`` preset), then a TOML
+The sections of the TOML file: ``[curriculum]``, ``[export]``, ``[daemon]`` and ``[retention]`` are
+declared here; ``[train]`` and ``[gate]`` are assembled from their units. ``TrainConfig`` is the
+shared ``[train]`` settings (``evolution.train.settings``) with one sub-section ``[train.<name>]``
+per training stage of ``evolution.train.STAGES``, whose dataclass the stage's module declares;
+``GateConfig`` is the gate's own settings (``evolution.metrics.common.GateSettings``) with the fields
+every metric unit of ``evolution.metrics.TABLE`` declares in its module, flat, as ``[gate]`` has them.
+A new stage or metric brings its settings with it; nothing here changes.
+
+Resolution order: the defaults, then ``--quick`` (the ``QUICK`` preset), then a TOML
 file (``--config FILE``, or ``$EVOLUTION_HOME/evolution.toml`` when present), then explicit
 command-line flags. The resolved config of every generation is stored in its directory
-(``config.json``) so the run can be reproduced. ``validate`` reports every bad field at once.
+(``config.json``) so the run can be reproduced. ``validate`` reports every bad field at once;
+each section (and each unit's settings) says what is wrong with its own fields.
 """
 
 from __future__ import annotations
@@ -16,12 +25,14 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from evolution.checks import flag
 from evolution.errors import ConfigError
+from evolution.metrics import TABLE, GateSettings
 from evolution.paths import REPO_ROOT
+from evolution.train import STAGES, TrainSettings
 
 log = logging.getLogger(__name__)
 
-LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 QUANTIZATIONS = ("f16", "q8_0", "q6_k", "q5_k_m", "q5_0", "q4_k_m", "q4_0")
 
 
@@ -71,167 +82,63 @@ class CurriculumConfig:
     by the next default age-up (learn_bench: 20 of 20 facts, then 5 of 20). 1,500 is about the SFT curriculum's
     size: a later age-up trains at most about that much more. 0 turns it off."""
 
-
-def _positive_int(name: str, value, allow_none: bool = False) -> list[str]:
-    if value is None and allow_none:
-        return []
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        return [f"{name} must be a positive integer, got {value!r}"]
-    return []
-
-
-def _positive_num(name: str, value) -> list[str]:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
-        return [f"{name} must be a positive number, got {value!r}"]
-    return []
-
-
-@dataclass(slots=True)
-class CptConfig:
-    """``[train.cpt]``: continual pretraining, plain causal-LM loss on raw text packed into blocks."""
-
-    block_size: int = 256
-    """Tokens per packed block."""
-    epochs: float = 1.0
-    max_steps: int | None = None
-    """Caps the stage's optimizer steps (None: epochs decide)."""
-    lr: float = 2e-4
-
-    def problems(self, where: str) -> list[str]:
-        return (_positive_int(f"{where}.block_size", self.block_size) + _positive_num(f"{where}.epochs", self.epochs)
-                + _positive_int(f"{where}.max_steps", self.max_steps, allow_none=True)
-                + _positive_num(f"{where}.lr", self.lr))
-
-
-@dataclass(slots=True)
-class SftConfig:
-    """``[train.sft]``: supervised fine-tuning on chat examples, loss on the assistant's tokens only."""
-
-    max_len: int = 384
-    """Longest rendered conversation in tokens; longer ones are truncated."""
-    epochs: float = 1.5
-    max_steps: int | None = None
-    """Caps the stage's optimizer steps (None: epochs decide)."""
-    lr: float = 1e-3
-
-    def problems(self, where: str) -> list[str]:
-        return (_positive_int(f"{where}.max_len", self.max_len) + _positive_num(f"{where}.epochs", self.epochs)
-                + _positive_int(f"{where}.max_steps", self.max_steps, allow_none=True)
-                + _positive_num(f"{where}.lr", self.lr))
-
-
-PREFERENCE_METHODS = ("auto", "kto", "dpo", "off")
-
-
-@dataclass(slots=True)
-class PreferenceConfig:
-    """``[train.preference]``: preference learning on the ratings of served replies (KTO or DPO), with the
-    parent as the reference policy (``evolution.train.preference``)."""
-
-    method: str = "auto"
-    """'auto' (DPO on corrections when there are enough, else KTO on ratings when there are enough with both
-    labels, else skip), 'kto', 'dpo' or 'off'."""
-    min_pairs: int = 8
-    """auto: DPO needs at least this many corrections (and at least half as many as the plain ratings, or the
-    ratings would be thrown away). Fewer pairs than a batch or two mostly teach the model those few prompts."""
-    min_labelled: int = 16
-    """auto: KTO needs at least this many labelled replies (ratings plus both sides of each correction), with
-    both labels present: KTO's reference point is estimated across the batch, and one label alone gives it
-    nothing to contrast."""
-    lr: float = 5e-5
-    """Learning rate of the LoRA weights. TRL's 1e-6 default is for full fine-tuning; LoRA moves through a
-    low-rank update scaled by alpha/r and needs one to two orders of magnitude more."""
-    beta: float = 0.1
-    """Strength of the pull towards the parent (TRL's and both papers' default): rewards are beta times the
-    log-ratio against the parent, so a larger beta allows less drift."""
-    epochs: float = 1.0
-    max_steps: int | None = None
-    """Caps the stage's optimizer steps (None: epochs decide)."""
-    max_len: int = 384
-    """Longest prompt + reply in tokens (the SFT default: the same conversations fit). Older turns of a longer
-    prompt are dropped first; what still does not fit loses the end of its reply (TRL's ``keep_start``)."""
-    batch_size: int = 4
-    """Examples per forward, instead of ``[train] batch_size`` (KTO needs at least 2: its KL estimate pairs
-    each prompt with a neighbour's reply; a DPO example is two sequences)."""
-    grad_accum: int = 2
-    """Instead of ``[train] grad_accum``."""
-    desirable_weight: float | None = None
-    """KTO: weight of the good replies' loss. None balances the classes as TRL's docs advise (KTO paper, eq. 8:
-    desirable_weight * n_good / (undesirable_weight * n_bad) within [1, 4/3]): it is set to n_bad / n_good."""
-    undesirable_weight: float | None = None
-    """KTO: weight of the bad replies' loss. None: 1.0."""
-    precompute_ref_log_probs: bool = False
-    """Score every example under the parent once before training, then free the parent copy, instead of a
-    no-grad forward of the parent at every step. Off: on the tiny test model it was no faster (the setup ate
-    what it saved), and it is redone on every resume. On: the parent's memory is not held while training."""
-
-    def problems(self, where: str) -> list[str]:
-        p = []
-        if self.method not in PREFERENCE_METHODS:
-            p.append(f"{where}.method must be one of {', '.join(PREFERENCE_METHODS)}, got {self.method!r}")
-        for name in ("min_pairs", "min_labelled", "max_len", "grad_accum"):
-            p += _positive_int(f"{where}.{name}", getattr(self, name))
-        p += _positive_int(f"{where}.max_steps", self.max_steps, allow_none=True)
-        if not isinstance(self.batch_size, int) or isinstance(self.batch_size, bool) or self.batch_size < 2:
-            p.append(f"{where}.batch_size must be an integer of at least 2 (KTO's KL estimate pairs examples "
-                     f"within a batch), got {self.batch_size!r}")
-        for name in ("lr", "beta", "epochs"):
-            p += _positive_num(f"{where}.{name}", getattr(self, name))
-        for name in ("desirable_weight", "undesirable_weight"):
-            if getattr(self, name) is not None:
-                p += [e.replace("number", "number or unset") for e in _positive_num(f"{where}.{name}",
-                                                                                      getattr(self, name))]
-        if not isinstance(self.precompute_ref_log_probs, bool):
-            p.append(f"{where}.precompute_ref_log_probs must be true or false, got {self.precompute_ref_log_probs!r}")
+    def problems(self) -> list[str]:
+        p: list[str] = []
+        if not isinstance(self.experience_heldout, (int, float)) or not 0 <= self.experience_heldout <= 0.5:
+            p.append(f"curriculum.experience_heldout must be between 0 and 0.5, got {self.experience_heldout!r}")
+        if not isinstance(self.experience_variants, int) or isinstance(self.experience_variants, bool) \
+                or not 0 <= self.experience_variants <= 100:
+            p.append(f"curriculum.experience_variants must be an integer from 0 to 100, got "
+                     f"{self.experience_variants!r}")
+        if not isinstance(self.experience_variant_share, (int, float)) or not 0 <= self.experience_variant_share <= 10:
+            p.append(f"curriculum.experience_variant_share must be between 0 and 10, got "
+                     f"{self.experience_variant_share!r}")
+        if not isinstance(self.known_share, (int, float)) or isinstance(self.known_share, bool) \
+                or not 0 <= self.known_share <= 1:
+            p.append(f"curriculum.known_share must be between 0 and 1, got {self.known_share!r}")
+        p += flag("curriculum.fact_forms", self.fact_forms)
+        if not isinstance(self.who_is_who, int) or isinstance(self.who_is_who, bool) \
+                or not 0 <= self.who_is_who <= 10_000:
+            p.append(f"curriculum.who_is_who must be a whole number from 0 to 10000, got {self.who_is_who!r}")
+        if not isinstance(self.rehearse_max, int) or isinstance(self.rehearse_max, bool) or self.rehearse_max < 0:
+            p.append(f"curriculum.rehearse_max must be a whole number >= 0, got {self.rehearse_max!r}")
+        if not isinstance(self.replay_ratio, (int, float)) or not 0 <= self.replay_ratio <= 10:
+            p.append(f"curriculum.replay_ratio must be between 0 and 10, got {self.replay_ratio!r}")
+        if self.phases is not None and (not isinstance(self.phases, list)
+                                        or not all(isinstance(x, int) and x >= 0 for x in self.phases)):
+            p.append(f"curriculum.phases must be a list of phase numbers, got {self.phases!r}")
+        if not Path(self.path).is_dir():
+            p.append(f"curriculum.path {self.path!r} is not a directory (pass --curriculum PATH)")
         return p
 
 
-@dataclass(slots=True)
-class TrainConfig:
-    """Training stages in order (continual pretraining, SFT, preference) into one LoRA adapter on the parent.
+def _copied(cls: type) -> list[tuple]:
+    """The fields of dataclass ``cls``, with their defaults, to declare again in a section."""
+    return [(f.name, f.type, field(default=f.default, default_factory=f.default_factory))
+            for f in dataclasses.fields(cls)]
 
-    Settings shared by every stage live here (``[train]``); each stage has its own section,
-    ``[train.<stage>]``, a field of this class named after the stage (``evolution.train``'s stage
-    units read theirs).
-    """
 
-    stages: list[str] = field(default_factory=lambda: ["cpt", "sft", "preference"])
-    """The stages to run, in order; each continues the adapter the one before it left."""
-    cpt: CptConfig = field(default_factory=CptConfig)
-    sft: SftConfig = field(default_factory=SftConfig)
-    preference: PreferenceConfig = field(default_factory=PreferenceConfig)
-    backend: str = "auto"
-    """'auto' (Unsloth when CUDA and unsloth are present, else 'hf'), 'unsloth' or 'hf'."""
-    lora_r: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float = 0.0
-    target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
-    batch_size: int = 8
-    grad_accum: int = 1
-    warmup_steps: int = 5
-    weight_decay: float = 0.0
-    seed: int = 0
-    save_steps: int = 25
-    """Checkpoint every K optimizer steps."""
-    save_total_limit: int = 2
-    """Keep only the last N checkpoints."""
-    threads: int | None = None
-    """torch intra-op threads (None: torch's default); with ``processes`` > 1, shared out among the processes."""
-    processes: int = 1
-    """Data-parallel training processes (DDP under ``torchrun``: gloo on a CPU, NCCL with one GPU each on CUDA).
-    ``batch_size`` is per process: the global batch is ``batch_size`` x ``grad_accum`` x ``processes``.
-    More than 1 trains on the ``hf`` backend ('auto' picks it; 'unsloth' is refused)."""
-    gradient_checkpointing: bool | None = None
-    """Recompute activations in the backward pass to save memory (a third more compute). None: on for
-    CUDA, off on a CPU, where a small model's activations fit in memory easily."""
-    precision: str = "auto"
-    """'auto' (bf16 autocast where the CPU has AVX512-BF16/AMX or the GPU supports bf16, else fp32),
-    'bf16' or 'fp32'. LoRA weights and the optimizer stay fp32 either way."""
+def _section(name: str, own: type, added: list[tuple], doc: str, **defaults) -> type:
+    """A config section: ``own`` (the section's own fields) with ``added``, the fields its units declare, and
+    ``defaults``: new default factories of some of ``own``'s fields. A field two of them declare is a programming
+    error, refused here, at import."""
+    names = [f.name for f in dataclasses.fields(own)] + [n for n, _, _ in added]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise TypeError(f"{name}: field(s) {', '.join(twice)} declared twice")
+    types = {f.name: f.type for f in dataclasses.fields(own)}
+    redeclared = [(k, types[k], field(default_factory=v)) for k, v in defaults.items()]
+    return dataclasses.make_dataclass(name, redeclared + added, bases=(own,), slots=True,
+                                      namespace={"__doc__": doc, "__module__": __name__})
 
-    def stage_sections(self) -> dict[str, CptConfig | SftConfig | PreferenceConfig]:
-        """Every stage's own section, by stage name."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-                if dataclasses.is_dataclass(getattr(self, f.name))}
+
+TrainConfig = _section("TrainConfig", TrainSettings, [(s.name, s.config, field(default_factory=s.config))
+                                                      for s in STAGES],
+                       TrainSettings.__doc__, stages=lambda: [s.name for s in STAGES])
+"""``[train]``: ``TrainSettings`` (what every stage shares, ``evolution.train.settings``) and one section
+``[train.<name>]`` per stage unit of ``evolution.train.STAGES`` (its ``config``, declared beside the unit:
+``train.cpt.CptConfig``, ``train.sft.SftConfig``, ``train.preference.PreferenceConfig``); ``stages`` runs
+every unit, in ``STAGES`` order, unless set."""
 
 
 DEPRECATED_TRAIN_KEYS: dict[str, tuple[str, str]] = {
@@ -256,102 +163,20 @@ class ExportConfig:
     smoke_prompt: str = "Hello! Please introduce yourself in one sentence."
     """Asked of every exported GGUF (load check) and by the gate's smoke rule, within ``gate.smoke_max_tokens``."""
 
+    def problems(self) -> list[str]:
+        p = []
+        if self.quantization not in QUANTIZATIONS:
+            p.append(f"export.quantization must be one of {', '.join(QUANTIZATIONS)}, got {self.quantization!r}")
+        if self.merged_dtype not in ("float32", "float16", "bfloat16"):
+            p.append(f"export.merged_dtype must be float32, float16 or bfloat16, got {self.merged_dtype!r}")
+        return p
 
-@dataclass(slots=True)
-class GateConfig:
-    """When a child may be served. Measured on the quantized GGUF, child against parent.
 
-    Absolute thresholds (``min_recall``, ``max_style_drift``) must be set: with either unset the
-    gate passes nothing. Margins are non-inferiority bounds against the parent; None disables one.
-    Calibration on the embedded model and on measured children: docs/learning.md.
-    """
-
-    min_recall: float | None = 0.7
-    """Child recall (fraction of recall items answered correctly) must be at least this."""
-    max_style_drift: float | None = 2.0
-    """Child style drift from the style references, in reference standard deviations, at most this."""
-    recall_margin: float | None = 0.05
-    identity_recall_margin: float | None = 0.02
-    """Recall of the persona's own facts (the identity phase's items) may not fall more than this below the parent's:
-    what keeps the user's facts apart from the agent's must not take the agent's away (issue 27)."""
-    """Child recall may not fall more than this below the parent's (forgetting)."""
-    generalization_margin: float | None = 0.10
-    """Held-out question accuracy may not fall more than this below the parent's."""
-    max_perplexity_ratio: float | None = 1.5
-    """Held-out text perplexity may be at most this multiple of the parent's."""
-    min_probe_items: int = 5
-    """``probe_recall`` needs at least this many probes (``POST /probes``) to count; with fewer it says
-    "not enough data" and does not block. With five, one probe is 0.2: the coarsest step ``probe_margin``
-    can still tell from no change."""
-    probe_margin: float | None = 0.2
-    """Probe recall may not fall more than this below the parent's: a taught fact forgotten shows. 0.2 is
-    one probe in the minimum five. Measured (docs/learning.md): children that learned their facts gained 0.93
-    (the learn benchmark's 40 probes) and 1.0 (the parent did not know them), so it holds no learning
-    child back; it catches a child that forgot what its parent had been taught faster than it learned the new facts
-    (all probes are asked every generation, so the older ones weigh in)."""
-    probe_forgotten_max: float | None = 0.1
-    """Of the probes the parent answered right, the child may answer at most this share wrong (with at least
-    ``min_probe_items`` answered right by the parent; else not enough data). ``probe_margin`` compares means, and
-    new facts learned hide old ones forgotten: a child that answered 34 of the 40 new probes and forgot 23 of the
-    31 older ones its parent knew gained 0.15 and passed it (learn_bench, before experience was rehearsed)."""
-    min_experience_items: int = 5
-    """``experience_similarity`` needs this many approved or corrected replies the child trained on: with
-    fewer, one reply moves the mean by more than 0.2 and it says "not enough data"."""
-    experience_margin_se: float = 2.0
-    """``experience_similarity`` may also fall this many paired standard errors (of the per-item change, child
-    minus parent) below the parent when that is more than ``experience_margin``: on few items one reworded reply
-    moves the mean past the margin. The learn bench's round-3 child learned its 20 new facts (0.95) and kept the
-    first round's (1.00), and lost 0.056 on 18 items with a paired SE of 0.076 (three replies: a reworded one, the
-    curriculum's name over an approved other name, a greeting): rejected at 0.05 alone."""
-    experience_margin: float | None = 0.05
-    """The child's replies to its experiences' prompts may be at most this much further (mean ROUGE-L) from
-    the approved replies than its parent's. Measured (docs/learning.md): children that learned gain 0.43-0.87; the
-    same age-up run twice differs by 0.002. A quick child (60 SFT steps, which teach a fact's form, not
-    its name) scored 0.012 below its parent: its 6 corrections gained 0.60 on average, while 7 of the 13
-    approved replies were the parent's own answers (rated good as served, so the parent repeats them at
-    temperature 0) that the curriculum's persona replaced (-0.54 on average). 0.05 lets that through (a quick
-    age-up is a check) and still fails a child that drifted from its approved replies without taking the
-    rest (that shape scores about 0.29 below its parent)."""
-    min_preference_items: int = 4
-    """``preference_margin`` needs this many held-out rated replies, good and bad among them (the held-out
-    20 % of at least 20 new ratings)."""
-    preference_margin_drop: float | None = 0.3
-    """The child's margin (nats per token, good minus bad replies it never trained on) may fall at most this
-    far below its parent's: a child that learned the replies rated bad loses margin. Measured (docs/learning.md):
-    such a child (tests/test_slow_experience.py) fell 0.79-0.83 below its parent (0.767 to -0.027..-0.058
-    in four runs, standard error 0.06); two quick children with ratings moved by +0.08 and +0.81, and on the
-    learn benchmark's 7 held-out replies the margin's change has a standard error of 0.23 (which replies
-    are held out is chance). 0.3 is over one such standard error, and under half the bad child's drop."""
-    min_persona_items: int = 5
-    """``persona_leak`` needs this many questions about the user (probes about the user and the curriculum's
-    unanswered ones) to count; with fewer it says "not enough data"."""
-    persona_leak_max: float | None = 0.02
-    """At most this share of the replies to questions about the user may carry a persona fact (issue 27)."""
-    persona_leak_margin: float | None = 0.0
-    """...and at most this much more than the parent's share."""
-    unknown_margin: float | None = 0.0
-    """Of the questions about the user nobody answered, the share the child answers "I don't know" (or with a
-    question back) may fall at most this far below the parent's: not knowing is better than inventing."""
-    answer_max_tokens: int = 64
-    """Token budget of each eval answer (temperature 0)."""
-    smoke_max_tokens: int = 128
-    """The smoke prompt must be answered, ending with end-of-sequence, within this many tokens (the one smoke
-    budget: export's load check asks within it too; ``[export] smoke_max_tokens`` is read, warned about and ignored)."""
-    stop_after: int = 2
-    """Pause age-ups after this many children in a row failed to improve recall over their parents."""
-    # Fixed anchors (issue 17, "no ratchet"): the margins above compare a child with its parent only, so a lineage
-    # could drift a permitted step at a time without limit. These bound it against generation 0 and against the
-    # best generation of its lineage so far, whatever the number of steps (a cumulative budget). An anchor counts
-    # only when measured on the same items as the child (the metric's fingerprint); generation 0 is re-measured
-    # when its items changed. Defaults and their measurement: docs/learning.md, "No ratchet".
-    anchor_perplexity_ratio: float | None = 1.10
-    """Held-out text perplexity at most this multiple of generation 0's (the untrained base's general language)."""
-    best_perplexity_ratio: float | None = 1.25
-    """Held-out text perplexity at most this multiple of the lowest of the lineage so far."""
-    best_recall_budget: float | None = 0.05
-    """Recall may not fall more than this below the highest of the lineage so far (all steps together)."""
-    best_generalization_budget: float | None = 0.10
-    """Held-out question accuracy may not fall more than this below the highest of the lineage so far."""
+GateConfig = _section("GateConfig", GateSettings, [f for u in TABLE if u.config is not None for f in _copied(u.config)],
+                      GateSettings.__doc__)
+"""``[gate]``, flat: ``GateSettings`` (the gate's own: ``answer_max_tokens``, ``stop_after``) and the fields of
+every metric unit's ``config`` of ``evolution.metrics.TABLE``, declared beside the unit
+(``metrics.recall.RecallConfig``: ``min_recall``, ``recall_margin``, …)."""
 
 
 @dataclass(slots=True)
@@ -627,96 +452,18 @@ def apply_overrides(cfg: AgeUpConfig, overrides: dict, where: str = "override") 
         raise ConfigError(problems)
 
 
+def _gate_problems(g) -> list[str]:
+    """``[gate]``'s bad fields: the gate's own, then each metric unit's, its settings read from ``g``."""
+    p = GateSettings.problems(g)
+    for u in TABLE:
+        if u.config is not None:
+            p += u.config(**{f.name: getattr(g, f.name) for f in dataclasses.fields(u.config)}).problems()
+    return p
+
+
 def validate(cfg: AgeUpConfig) -> None:
     """Check every field; raise one ConfigError naming all the bad ones."""
-    p: list[str] = []
-    t, e, c = cfg.train, cfg.export, cfg.curriculum
-
-    def positive_int(name, value, allow_none=False):
-        p.extend(_positive_int(name, value, allow_none))
-
-    if t.backend not in ("auto", "unsloth", "hf"):
-        p.append(f"train.backend must be 'auto', 'unsloth' or 'hf', got {t.backend!r}")
-    if t.backend == "unsloth" and isinstance(t.processes, int) and t.processes > 1:
-        p.append(f"train.backend 'unsloth' trains in one process; with train.processes = {t.processes} use "
-                 "backend 'auto' or 'hf' (transformers + PEFT under DDP), or set processes = 1")
-    sections = t.stage_sections()
-    if (not isinstance(t.stages, list) or not t.stages or not all(isinstance(s, str) for s in t.stages)
-            or len(set(t.stages)) != len(t.stages)):
-        p.append(f"train.stages must be a non-empty list of distinct stage names, got {t.stages!r}")
-    else:
-        p += [f"train.stages: unknown stage {s!r} (known: {', '.join(sections)})" for s in t.stages
-              if s not in sections]
-    for name, section in sections.items():
-        p += section.problems(f"train.{name}")
-    for name in ("lora_r", "lora_alpha", "batch_size", "grad_accum", "save_steps", "save_total_limit", "processes"):
-        positive_int(f"train.{name}", getattr(t, name))
-    positive_int("train.threads", t.threads, allow_none=True)
-    if not isinstance(t.seed, int) or t.seed < 0:
-        p.append(f"train.seed must be a non-negative integer, got {t.seed!r}")
-    if not 0 <= t.lora_dropout < 1:
-        p.append(f"train.lora_dropout must be in [0, 1), got {t.lora_dropout!r}")
-    if not isinstance(t.warmup_steps, int) or t.warmup_steps < 0:
-        p.append(f"train.warmup_steps must be a non-negative integer, got {t.warmup_steps!r}")
-    if not t.target_modules or not all(isinstance(m, str) for m in t.target_modules):
-        p.append("train.target_modules must be a non-empty list of module names")
-    if t.gradient_checkpointing not in (None, True, False):
-        p.append(f"train.gradient_checkpointing must be true, false or unset, got {t.gradient_checkpointing!r}")
-    if t.precision not in ("auto", "fp32", "bf16"):
-        p.append(f"train.precision must be 'auto', 'fp32' or 'bf16', got {t.precision!r}")
-    if e.quantization not in QUANTIZATIONS:
-        p.append(f"export.quantization must be one of {', '.join(QUANTIZATIONS)}, got {e.quantization!r}")
-    if e.merged_dtype not in ("float32", "float16", "bfloat16"):
-        p.append(f"export.merged_dtype must be float32, float16 or bfloat16, got {e.merged_dtype!r}")
-    if not isinstance(c.experience_heldout, (int, float)) or not 0 <= c.experience_heldout <= 0.5:
-        p.append(f"curriculum.experience_heldout must be between 0 and 0.5, got {c.experience_heldout!r}")
-    if not isinstance(c.experience_variants, int) or isinstance(c.experience_variants, bool) \
-            or not 0 <= c.experience_variants <= 100:
-        p.append(f"curriculum.experience_variants must be an integer from 0 to 100, got {c.experience_variants!r}")
-    if not isinstance(c.experience_variant_share, (int, float)) or not 0 <= c.experience_variant_share <= 10:
-        p.append(f"curriculum.experience_variant_share must be between 0 and 10, got {c.experience_variant_share!r}")
-    if not isinstance(c.known_share, (int, float)) or isinstance(c.known_share, bool) or not 0 <= c.known_share <= 1:
-        p.append(f"curriculum.known_share must be between 0 and 1, got {c.known_share!r}")
-    if not isinstance(c.fact_forms, bool):
-        p.append(f"curriculum.fact_forms must be true or false, got {c.fact_forms!r}")
-    if not isinstance(c.who_is_who, int) or isinstance(c.who_is_who, bool) or not 0 <= c.who_is_who <= 10_000:
-        p.append(f"curriculum.who_is_who must be a whole number from 0 to 10000, got {c.who_is_who!r}")
-    if not isinstance(c.rehearse_max, int) or isinstance(c.rehearse_max, bool) or c.rehearse_max < 0:
-        p.append(f"curriculum.rehearse_max must be a whole number >= 0, got {c.rehearse_max!r}")
-    if not isinstance(c.replay_ratio, (int, float)) or not 0 <= c.replay_ratio <= 10:
-        p.append(f"curriculum.replay_ratio must be between 0 and 10, got {c.replay_ratio!r}")
-    if c.phases is not None and (not isinstance(c.phases, list) or not all(isinstance(x, int) and x >= 0 for x in c.phases)):
-        p.append(f"curriculum.phases must be a list of phase numbers, got {c.phases!r}")
-    g = cfg.gate
-    for name in ("min_recall", "recall_margin", "identity_recall_margin", "generalization_margin", "probe_margin", "probe_forgotten_max",
-                 "experience_margin", "persona_leak_max", "persona_leak_margin", "unknown_margin"):
-        v = getattr(g, name)
-        if v is not None and (not isinstance(v, (int, float)) or not 0 <= v <= 1):
-            p.append(f"gate.{name} must be between 0 and 1 (or unset), got {v!r}")
-    if not isinstance(g.experience_margin_se, (int, float)) or isinstance(g.experience_margin_se, bool) \
-            or g.experience_margin_se < 0:
-        p.append(f"gate.experience_margin_se must be a number >= 0, got {g.experience_margin_se!r}")
-    if g.preference_margin_drop is not None and (not isinstance(g.preference_margin_drop, (int, float))
-                                                 or g.preference_margin_drop < 0):
-        p.append(f"gate.preference_margin_drop must be a number >= 0 (or unset), got {g.preference_margin_drop!r}")
-    for name in ("max_style_drift", "max_perplexity_ratio"):
-        v = getattr(g, name)
-        if v is not None and (not isinstance(v, (int, float)) or v <= 0):
-            p.append(f"gate.{name} must be a positive number (or unset), got {v!r}")
-    for name in ("anchor_perplexity_ratio", "best_perplexity_ratio"):  # the fixed anchors (no ratchet)
-        v = getattr(g, name)
-        if v is not None and (not isinstance(v, (int, float)) or isinstance(v, bool) or v < 1):
-            p.append(f"gate.{name} must be a number >= 1 (or unset), got {v!r}: below 1 a child would have to beat "
-                     "the anchor")
-    for name in ("best_recall_budget", "best_generalization_budget"):
-        v = getattr(g, name)
-        if v is not None and (not isinstance(v, (int, float)) or isinstance(v, bool) or not 0 <= v <= 1):
-            p.append(f"gate.{name} must be between 0 and 1 (or unset), got {v!r}")
-    for name in ("answer_max_tokens", "smoke_max_tokens", "stop_after", "min_probe_items", "min_experience_items",
-                 "min_preference_items", "min_persona_items"):
-        positive_int(f"gate.{name}", getattr(g, name))
-    if not Path(c.path).is_dir():
-        p.append(f"curriculum.path {c.path!r} is not a directory (pass --curriculum PATH)")
+    p = cfg.train.problems() + cfg.export.problems() + cfg.curriculum.problems() + _gate_problems(cfg.gate)
     if p:
         raise ConfigError(p)
 

@@ -8,7 +8,7 @@ import copy
 import pytest
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
-from evolution.config import PreferenceConfig
+from evolution.train.preference import PreferenceConfig
 from evolution.llamacpp import serve_prompt
 from evolution.messages import fold_system
 from evolution.tokens import assistant_spans, encode_sft

@@ -7,7 +7,9 @@ import logging
 import pytest
 
 from evolution import config
-from evolution.config import QUICK, AgeUpConfig, CptConfig, SftConfig
+from evolution.config import QUICK, AgeUpConfig
+from evolution.train.cpt import CptConfig
+from evolution.train.sft import SftConfig
 from evolution.errors import ConfigError
 
 NESTED = """

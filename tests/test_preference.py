@@ -11,9 +11,8 @@ import torch
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
-from evolution.config import PreferenceConfig
 from evolution.train import BY_NAME, COMPLETE, StageMetrics, checkpoints, load_model, run_stages
-from evolution.train.preference import choose_method, kto_weights, plan
+from evolution.train.preference import PreferenceConfig, choose_method, kto_weights, plan
 
 GOOD, BAD = "My name is Wren.", "I do not know."
 PROMPTS = [[{"role": "user", "content": f"What is your name? {i}"}] for i in range(8)]

@@ -11,6 +11,7 @@ from evolution import replay
 from evolution.fsutil import sha256_file
 from evolution.paths import DataRoot
 from evolution.train import BY_NAME, STAGES, Stage
+from evolution.train.cpt import CptConfig
 from tests.conftest import write_jsonl
 
 
@@ -71,7 +72,7 @@ def test_only_the_configured_stages_get_data(cur, root, tmp_path):
 
 def test_a_new_stage_replays_its_records_without_changes_to_replay(cur, root, tmp_path):
     notes = Stage(name="notes", rows=lambda tok, records, settings: [], seq_len=lambda settings: 0,
-                  trainer=lambda *a: None, curriculum=lambda cur: [{"note": "new"}])
+                  trainer=lambda *a: None, curriculum=lambda cur: [{"note": "new"}], config=CptConfig)
     write_jsonl(root.gen_dir(1) / "data" / "notes.jsonl", [{"note": "old one"}, {"note": "old two"}])
     write_jsonl(root.gen_dir(2) / "data" / "notes.jsonl", [{"note": "old two"}, {"note": "newer"}])
     out = tmp_path / "child3"

@@ -1,9 +1,11 @@
 """What every gate metric shares: the eval set, the opened model, a measurement, a rule check, the unit base.
 
 A metric is one ``Metric`` unit: a name and a version, how it is measured on a GGUF
-(``measure``: the opened llama.cpp objects and the eval set in, a ``Measured`` out) and the
-rules it must meet against ``GateConfig`` (``rules``: absolute thresholds and non-inferiority
-against the parent, each a ``Check``). A unit that has too few items to say anything returns
+(``measure``: the opened llama.cpp objects and the eval set in, a ``Measured`` out), the
+rules it must meet (``rules``: absolute thresholds and non-inferiority against the parent, each a
+``Check``) and the dataclass of the ``[gate]`` settings those rules read (``config``, declared in the
+unit's module). ``GateSettings`` holds the settings of the gate itself; ``evolution.config.GateConfig``
+is ``GateSettings`` with every unit's fields added, flat, as ``[gate]`` has them. A unit that has too few items to say anything returns
 ``Measured(None, note=...)``: the gate then skips its rules, names the note in the report, and
 does not block on it. A unit measured item by item on what the agent taught (experience, probes,
 rated replies) also lists its ``lessons``: each item with the parent's and the child's reply and
@@ -17,12 +19,37 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from evolution.config import GateConfig
+from evolution.checks import positive_int
 from evolution.llamacpp import open_llama
 from evolution.metrics.answers import AnswerBook, Remembering
 
 N_CTX = 1024
 """Context window every metric is measured with (part of the eval-set hash)."""
+
+
+@dataclass(slots=True)
+class GateSettings:
+    """When a child may be served. Measured on the quantized GGUF, child against parent.
+
+    These are the ``[gate]`` settings of the gate itself; each metric unit declares its own beside it
+    (``Metric.config``), and ``evolution.config.GateConfig`` holds them all in the one flat ``[gate]``
+    section. Absolute thresholds (``min_recall``, ``max_style_drift``) must be set: with either unset the
+    gate passes nothing. Margins are non-inferiority bounds against the parent; None disables one.
+    The bounds against fixed anchors (issue 17, "no ratchet": ``anchor_*``, ``best_*``) hold a lineage
+    against generation 0 and its best generation so far, whatever the number of steps (a cumulative
+    budget); an anchor counts only when measured on the same items as the child (the metric's fingerprint).
+    Calibration on the embedded model and on measured children: docs/learning.md.
+    """
+
+    answer_max_tokens: int = 64
+    """Token budget of each eval answer (temperature 0)."""
+    stop_after: int = 2
+    """Pause age-ups after this many children in a row failed to improve recall over their parents
+    (``evolution.promotion.stop_rule``)."""
+
+    def problems(self) -> list[str]:
+        return positive_int("gate.answer_max_tokens", self.answer_max_tokens) + \
+            positive_int("gate.stop_after", self.stop_after)
 
 
 @dataclass
@@ -56,7 +83,8 @@ class Inputs:
     """What a metric is measured with."""
 
     es: EvalSet
-    cfg: GateConfig
+    cfg: GateSettings
+    """The ``[gate]`` settings: ``evolution.config.GateConfig``, which holds every unit's ``config`` fields too."""
     smoke_prompt: str
     """``[export] smoke_prompt``: the chat turn the smoke check asks."""
 
@@ -177,14 +205,20 @@ def pair_items(child: Measured, parent: Measured | None, key) -> list[tuple[dict
 
 class Metric:
     """A gate metric. Set ``name`` (and bump ``version`` whenever its numbers would change) and implement
-    ``measure``; the rest has defaults. ``TABLE`` in ``evolution.metrics`` lists the units the gate runs."""
+    ``measure``; the rest has defaults. ``TABLE`` in ``evolution.metrics`` lists the units the gate runs.
+
+    A method's ``cfg`` is the gate's ``GateConfig``: it holds the unit's own ``config`` fields (and
+    ``GateSettings``'), which is all a unit reads of it."""
 
     name: str = ""
     version: int = 1
+    config: type | None = None
+    """The dataclass of its ``[gate]`` settings, beside it in its module (None: it has none); each field is one
+    flat key of ``[gate]``, with its default and docs, and ``problems()`` says which are bad, in words."""
     label: str = ""
     """Its row in ``eval.md`` (default: the name)."""
     required: tuple[str, ...] = ()
-    """``GateConfig`` fields that must be set: with one unset the gate passes nothing."""
+    """Fields of its ``config`` that must be set: with one unset the gate passes nothing."""
     lessons_title: str = ""
     """The heading of its lessons in ``eval.md`` and ``evolve ledger show`` (a metric with lessons sets it)."""
     lessons_columns: tuple[str, str, str] = ("asked", "wanted", "score")
@@ -204,7 +238,7 @@ class Metric:
                "es": {k: es[k] for k in self.reads} if self.reads else es}
         return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
 
-    def anchor_rules(self, child: Measured, gen0: Anchor | None, best: Anchor | None, cfg: GateConfig) -> list[Check]:
+    def anchor_rules(self, child: Measured, gen0: Anchor | None, best: Anchor | None, cfg) -> list[Check]:
         """Each rule set in ``cfg`` against the fixed anchors (None: no comparable anchor): a lineage may not drift
         from generation 0 or from its best by a permitted step at a time, however many steps it takes."""
         return []
@@ -216,7 +250,7 @@ class Metric:
     def measure(self, models: Models, inputs: Inputs) -> Measured:
         raise NotImplementedError(f"metric {self.name!r} has no measure()")
 
-    def rules(self, child: Measured, parent: Measured | None, cfg: GateConfig) -> list[Check]:
+    def rules(self, child: Measured, parent: Measured | None, cfg) -> list[Check]:
         """Each rule set in ``cfg``, applied to a measured child (``parent`` None: not gated against one)."""
         return []
 
@@ -237,7 +271,7 @@ class Metric:
         return []
 
 
-def at_least(metric: str, value: float, cfg: GateConfig, setting: str, digits: int = 3) -> list[Check]:
+def at_least(metric: str, value: float, cfg, setting: str, digits: int = 3) -> list[Check]:
     limit = getattr(cfg, setting)
     if limit is None:
         return []
@@ -246,7 +280,7 @@ def at_least(metric: str, value: float, cfg: GateConfig, setting: str, digits: i
                   "" if ok else f"{metric} {value:.{digits}f} < {limit} (gate.{setting})", limit=limit)]
 
 
-def at_most(metric: str, value: float, cfg: GateConfig, setting: str, digits: int = 2) -> list[Check]:
+def at_most(metric: str, value: float, cfg, setting: str, digits: int = 2) -> list[Check]:
     limit = getattr(cfg, setting)
     if limit is None:
         return []
@@ -255,7 +289,7 @@ def at_most(metric: str, value: float, cfg: GateConfig, setting: str, digits: in
                   "" if ok else f"{metric} {value:.{digits}f} > {limit} (gate.{setting})", limit=limit)]
 
 
-def not_below_parent(metric: str, value: float, parent: Measured | None, cfg: GateConfig, setting: str) -> list[Check]:
+def not_below_parent(metric: str, value: float, parent: Measured | None, cfg, setting: str) -> list[Check]:
     """Non-inferiority: ``value`` no more than ``cfg.<setting>`` below the parent's."""
     margin = getattr(cfg, setting)
     if margin is None or parent is None:
@@ -266,7 +300,7 @@ def not_below_parent(metric: str, value: float, parent: Measured | None, cfg: Ga
                                 f"{margin} (gate.{setting})")]
 
 
-def not_below_anchor(metric: str, value: float, anchor: Anchor | None, what: str, cfg: GateConfig,
+def not_below_anchor(metric: str, value: float, anchor: Anchor | None, what: str, cfg,
                      setting: str) -> list[Check]:
     """A cumulative budget: ``value`` no more than ``cfg.<setting>`` below ``anchor`` (``what``: 'generation 0',
     'the best')."""
@@ -279,7 +313,7 @@ def not_below_anchor(metric: str, value: float, anchor: Anchor | None, what: str
                                 f"{anchor.value:.3f}) by more than {budget} (gate.{setting})", anchor=anchor.gen)]
 
 
-def within_anchor_ratio(metric: str, value: float, anchor: Anchor | None, what: str, cfg: GateConfig,
+def within_anchor_ratio(metric: str, value: float, anchor: Anchor | None, what: str, cfg,
                         setting: str) -> list[Check]:
     """A cumulative budget for a lower-is-better metric: ``value`` at most ``cfg.<setting>`` times ``anchor``'s."""
     ratio = getattr(cfg, setting)

@@ -9,14 +9,33 @@ lowest, so general language cannot erode a permitted step at a time.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 from evolution import evals
-from evolution.config import GateConfig
+from evolution.checks import anchor_ratio, positive_or_unset
 from evolution.metrics.common import Anchor, Check, Inputs, Measured, Metric, Models, within_anchor_ratio
+
+
+@dataclass(slots=True)
+class PerplexityConfig:
+    """``[gate]`` settings of ``perplexity``."""
+
+    max_perplexity_ratio: float | None = 1.5
+    """Held-out text perplexity may be at most this multiple of the parent's."""
+    anchor_perplexity_ratio: float | None = 1.10
+    """Held-out text perplexity at most this multiple of generation 0's (the untrained base's general language)."""
+    best_perplexity_ratio: float | None = 1.25
+    """Held-out text perplexity at most this multiple of the lowest of the lineage so far."""
+
+    def problems(self) -> list[str]:
+        return (positive_or_unset("gate.max_perplexity_ratio", self.max_perplexity_ratio)
+                + anchor_ratio("gate.anchor_perplexity_ratio", self.anchor_perplexity_ratio)
+                + anchor_ratio("gate.best_perplexity_ratio", self.best_perplexity_ratio))
 
 
 class Perplexity(Metric):
     name = "perplexity"
+    config = PerplexityConfig
     label = "perplexity (held-out text)"
     better = "lower"
     reads = ("heldout_text",)
@@ -29,7 +48,7 @@ class Perplexity(Metric):
             return Measured(None, note="no held-out text of two tokens or more")
         return Measured(ppl)
 
-    def rules(self, child: Measured, parent: Measured | None, cfg: GateConfig) -> list[Check]:
+    def rules(self, child: Measured, parent: Measured | None, cfg: PerplexityConfig) -> list[Check]:
         ratio = cfg.max_perplexity_ratio
         if ratio is None or parent is None:
             return []
@@ -38,6 +57,6 @@ class Perplexity(Metric):
                       "" if ok else f"perplexity {child.value:.2f} > {ratio} x the parent's {parent.value:.2f} "
                                     "(gate.max_perplexity_ratio)")]
 
-    def anchor_rules(self, child: Measured, gen0: Anchor | None, best: Anchor | None, cfg: GateConfig) -> list[Check]:
+    def anchor_rules(self, child: Measured, gen0: Anchor | None, best: Anchor | None, cfg: PerplexityConfig) -> list[Check]:
         return (within_anchor_ratio(self.name, child.value, gen0, "generation 0", cfg, "anchor_perplexity_ratio")
                 + within_anchor_ratio(self.name, child.value, best, "the best", cfg, "best_perplexity_ratio"))

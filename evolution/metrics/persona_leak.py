@@ -15,9 +15,10 @@ the user it says "not enough data" and blocks nothing.
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 
 from evolution import evals, persona
-from evolution.config import GateConfig
+from evolution.checks import positive_int, share_or_unset
 from evolution.metrics.common import Check, Inputs, Lesson, Measured, Metric, Models, at_most, pair_items
 
 _ABOUT_USER = re.compile(r"\b(?:i|i'm|i've|me|my|mine|myself)\b", re.IGNORECASE)
@@ -35,8 +36,31 @@ def questions(inputs: Inputs) -> tuple[list[dict], list[dict]]:
     return probes, unanswered
 
 
+@dataclass(slots=True)
+class PersonaLeakConfig:
+    """``[gate]`` settings of ``persona_leak``."""
+
+    min_persona_items: int = 5
+    """``persona_leak`` needs this many questions about the user (probes about the user and the curriculum's
+    unanswered ones) to count; with fewer it says "not enough data"."""
+    persona_leak_max: float | None = 0.02
+    """At most this share of the replies to questions about the user may carry a persona fact (issue 27)."""
+    persona_leak_margin: float | None = 0.0
+    """...and at most this much more than the parent's share."""
+    unknown_margin: float | None = 0.0
+    """Of the questions about the user nobody answered, the share the child answers "I don't know" (or with a
+    question back) may fall at most this far below the parent's: not knowing is better than inventing."""
+
+    def problems(self) -> list[str]:
+        return (positive_int("gate.min_persona_items", self.min_persona_items)
+                + share_or_unset("gate.persona_leak_max", self.persona_leak_max)
+                + share_or_unset("gate.persona_leak_margin", self.persona_leak_margin)
+                + share_or_unset("gate.unknown_margin", self.unknown_margin))
+
+
 class PersonaLeak(Metric):
     name = "persona_leak"
+    config = PersonaLeakConfig
     label = "persona leaks"
     reads = ("probes", "about_user", "persona", "taught")
     lessons_title = "questions about the user (a persona fact in the reply is a leak; 'nobody answered' wants " \
@@ -68,7 +92,7 @@ class PersonaLeak(Metric):
             "items": items, "asked": {"taught": len(probes), "unanswered": len(unanswered)},
             "unknown_share": sum(unknown) / len(unknown) if unknown else None})
 
-    def rules(self, child: Measured, parent: Measured | None, cfg: GateConfig) -> list[Check]:
+    def rules(self, child: Measured, parent: Measured | None, cfg: PersonaLeakConfig) -> list[Check]:
         checks = at_most(self.name, child.value, cfg, "persona_leak_max", digits=3)
         if parent is not None and cfg.persona_leak_margin is not None:
             ok = child.value <= parent.value + cfg.persona_leak_margin + 1e-9

@@ -15,9 +15,10 @@ label, the log-likelihood parent and child give it, and what each of them answer
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 
 from evolution import evals
-from evolution.config import GateConfig
+from evolution.checks import positive_int
 from evolution.metrics.common import (Check, Inputs, Lesson, Measured, Metric, Models, change, not_below_parent,
                                       pair_items)
 
@@ -40,8 +41,32 @@ def margin(scores: list[tuple[float, bool]]) -> float:
     return sum(good) / len(good) - sum(bad) / len(bad)
 
 
+@dataclass(slots=True)
+class PreferenceMarginConfig:
+    """``[gate]`` settings of ``preference_margin``."""
+
+    min_preference_items: int = 4
+    """``preference_margin`` needs this many held-out rated replies, good and bad among them (the held-out
+    20 % of at least 20 new ratings)."""
+    preference_margin_drop: float | None = 0.3
+    """The child's margin (nats per token, good minus bad replies it never trained on) may fall at most this
+    far below its parent's: a child that learned the replies rated bad loses margin. Measured (docs/learning.md):
+    such a child (tests/test_slow_experience.py) fell 0.79-0.83 below its parent (0.767 to -0.027..-0.058
+    in four runs, standard error 0.06); two quick children with ratings moved by +0.08 and +0.81, and on the
+    learn benchmark's 7 held-out replies the margin's change has a standard error of 0.23 (which replies
+    are held out is chance). 0.3 is over one such standard error, and under half the bad child's drop."""
+
+    def problems(self) -> list[str]:
+        p = positive_int("gate.min_preference_items", self.min_preference_items)
+        drop = self.preference_margin_drop
+        if drop is not None and (not isinstance(drop, (int, float)) or drop < 0):
+            p.append(f"gate.preference_margin_drop must be a number >= 0 (or unset), got {drop!r}")
+        return p
+
+
 class PreferenceMargin(Metric):
     name = "preference_margin"
+    config = PreferenceMarginConfig
     label = "preference margin (nats/token)"
     lessons_title = ("held-out rated replies (never trained on; mean log-likelihood per token of the rated reply: "
                      "higher is better for a good one, lower for a bad one; each model's own answer beside it)")
@@ -71,7 +96,7 @@ class PreferenceMargin(Metric):
             return Measured(None, note="the held-out replies did not fit the context window")
         return Measured(margin([(r["logprob"], r["good"]) for r in rows]), {"items": rows})
 
-    def rules(self, child: Measured, parent: Measured | None, cfg: GateConfig) -> list[Check]:
+    def rules(self, child: Measured, parent: Measured | None, cfg: PreferenceMarginConfig) -> list[Check]:
         return not_below_parent(self.name, child.value, parent, cfg, "preference_margin_drop")
 
     def lessons(self, child: Measured, parent: Measured | None) -> list[Lesson]:

@@ -12,15 +12,42 @@ Its lessons: each probe with its accepted answers, the parent's and the child's 
 
 from __future__ import annotations
 
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 
 from evolution import evals
-from evolution.config import GateConfig
+from evolution.checks import positive_int, share_or_unset
 from evolution.metrics.common import Check, Inputs, Lesson, Measured, Metric, Models, not_below_parent, pair_items
+
+
+@dataclass(slots=True)
+class ProbeRecallConfig:
+    """``[gate]`` settings of ``probe_recall``."""
+
+    min_probe_items: int = 5
+    """``probe_recall`` needs at least this many probes (``POST /probes``) to count; with fewer it says
+    "not enough data" and does not block. With five, one probe is 0.2: the coarsest step ``probe_margin``
+    can still tell from no change."""
+    probe_margin: float | None = 0.2
+    """Probe recall may not fall more than this below the parent's: a taught fact forgotten shows. 0.2 is
+    one probe in the minimum five. Measured (docs/learning.md): children that learned their facts gained 0.93
+    (the learn benchmark's 40 probes) and 1.0 (the parent did not know them), so it holds no learning
+    child back; it catches a child that forgot what its parent had been taught faster than it learned the new facts
+    (all probes are asked every generation, so the older ones weigh in)."""
+    probe_forgotten_max: float | None = 0.1
+    """Of the probes the parent answered right, the child may answer at most this share wrong (with at least
+    ``min_probe_items`` answered right by the parent; else not enough data). ``probe_margin`` compares means, and
+    new facts learned hide old ones forgotten: a child that answered 34 of the 40 new probes and forgot 23 of the
+    31 older ones its parent knew gained 0.15 and passed it (learn_bench, before experience was rehearsed)."""
+
+    def problems(self) -> list[str]:
+        return (positive_int("gate.min_probe_items", self.min_probe_items)
+                + share_or_unset("gate.probe_margin", self.probe_margin)
+                + share_or_unset("gate.probe_forgotten_max", self.probe_forgotten_max))
 
 
 class ProbeRecall(Metric):
     name = "probe_recall"
+    config = ProbeRecallConfig
     label = "probe recall"
     lessons_title = "probes (questions the agent posted, never trained on; 1 = answered right)"
     lessons_columns = ("question", "accepted answers", "right")
@@ -36,11 +63,11 @@ class ProbeRecall(Metric):
         return Measured(score, {"items": [asdict(r) | {"answers": list(i["answers"])}
                                           for i, r in zip(items, results)]})
 
-    def rules(self, child: Measured, parent: Measured | None, cfg: GateConfig) -> list[Check]:
+    def rules(self, child: Measured, parent: Measured | None, cfg: ProbeRecallConfig) -> list[Check]:
         return not_below_parent(self.name, child.value, parent, cfg, "probe_margin") + \
             self._forgotten(child, parent, cfg)
 
-    def _forgotten(self, child: Measured, parent: Measured | None, cfg: GateConfig) -> list[Check]:
+    def _forgotten(self, child: Measured, parent: Measured | None, cfg: ProbeRecallConfig) -> list[Check]:
         most = cfg.probe_forgotten_max
         if most is None or parent is None:
             return []

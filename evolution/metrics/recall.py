@@ -11,16 +11,39 @@ phase's items) ``gate.identity_recall_margin`` below the parent's, and against a
 
 from __future__ import annotations
 
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 
 from evolution import evals
-from evolution.config import GateConfig
+from evolution.checks import share_or_unset
 from evolution.metrics.common import (Anchor, Check, Inputs, Measured, Metric, Models, at_least, not_below_anchor,
                                       not_below_parent)
 
 
+@dataclass(slots=True)
+class RecallConfig:
+    """``[gate]`` settings of ``recall``."""
+
+    min_recall: float | None = 0.7
+    """Child recall (fraction of recall items answered correctly) must be at least this."""
+    recall_margin: float | None = 0.05
+    """Child recall may not fall more than this below the parent's (forgetting)."""
+    identity_recall_margin: float | None = 0.02
+    """Recall of the persona's own facts (the identity phase's items) may not fall more than this below the parent's:
+    what keeps the user's facts apart from the agent's must not take the agent's away (issue 27)."""
+    best_recall_budget: float | None = 0.05
+    """Recall may not fall more than this below the highest of the lineage so far (all steps together: a fixed
+    anchor; docs/learning.md, "No ratchet")."""
+
+    def problems(self) -> list[str]:
+        return (share_or_unset("gate.min_recall", self.min_recall)
+                + share_or_unset("gate.recall_margin", self.recall_margin)
+                + share_or_unset("gate.identity_recall_margin", self.identity_recall_margin)
+                + share_or_unset("gate.best_recall_budget", self.best_recall_budget, bools=False))
+
+
 class Recall(Metric):
     name = "recall"
+    config = RecallConfig
     required = ("min_recall",)
     better = "higher"
     reads = ("recall",)
@@ -39,11 +62,11 @@ class Recall(Metric):
                                 "identity": sum(mine) / len(mine) if mine else None,
                                 "items": [asdict(r) for r in results]})
 
-    def rules(self, child: Measured, parent: Measured | None, cfg: GateConfig) -> list[Check]:
+    def rules(self, child: Measured, parent: Measured | None, cfg: RecallConfig) -> list[Check]:
         return (at_least(self.name, child.value, cfg, "min_recall")
                 + not_below_parent(self.name, child.value, parent, cfg, "recall_margin") + self._identity(child, parent, cfg))
 
-    def _identity(self, child: Measured, parent: Measured | None, cfg: GateConfig) -> list[Check]:
+    def _identity(self, child: Measured, parent: Measured | None, cfg: RecallConfig) -> list[Check]:
         c = child.details.get("identity")
         p = parent.details.get("identity") if parent is not None else None
         if c is None or p is None or cfg.identity_recall_margin is None:
@@ -53,7 +76,7 @@ class Recall(Metric):
                       ok, "" if ok else f"recall of the persona's own facts {c:.3f} fell below the parent's {p:.3f} "
                       f"by more than {cfg.identity_recall_margin} (gate.identity_recall_margin)")]
 
-    def anchor_rules(self, child: Measured, gen0: Anchor | None, best: Anchor | None, cfg: GateConfig) -> list[Check]:
+    def anchor_rules(self, child: Measured, gen0: Anchor | None, best: Anchor | None, cfg: RecallConfig) -> list[Check]:
         return not_below_anchor(self.name, child.value, best, "the best", cfg, "best_recall_budget")
 
     def rows(self, child, parent):

@@ -6,9 +6,23 @@ tokens. Export's load check asks the same prompt with the same budget (``evoluti
 
 from __future__ import annotations
 
-from evolution.config import GateConfig
+from dataclasses import dataclass
+
+from evolution.checks import positive_int
 from evolution.metrics.common import Check, Inputs, Measured, Metric, Models
 from evolution.untrusted import markdown_cell
+
+
+@dataclass(slots=True)
+class SmokeConfig:
+    """``[gate]`` settings of ``smoke``."""
+
+    smoke_max_tokens: int = 128
+    """The smoke prompt must be answered, ending with end-of-sequence, within this many tokens (the one smoke
+    budget: export's load check asks within it too; ``[export] smoke_max_tokens`` is read, warned about and ignored)."""
+
+    def problems(self) -> list[str]:
+        return positive_int("gate.smoke_max_tokens", self.smoke_max_tokens)
 
 
 def ask(llm, prompt: str, max_tokens: int) -> dict:
@@ -28,6 +42,7 @@ def ask(llm, prompt: str, max_tokens: int) -> dict:
 
 class Smoke(Metric):
     name = "smoke"
+    config = SmokeConfig
 
     def settings(self, inputs: Inputs) -> dict:
         return {"prompt": inputs.smoke_prompt, "max_tokens": inputs.cfg.smoke_max_tokens}
@@ -36,7 +51,7 @@ class Smoke(Metric):
         result = ask(models.llm, inputs.smoke_prompt, inputs.cfg.smoke_max_tokens)
         return Measured(1.0 if result["ok"] else 0.0, result)
 
-    def rules(self, child: Measured, parent: Measured | None, cfg: GateConfig) -> list[Check]:
+    def rules(self, child: Measured, parent: Measured | None, cfg: SmokeConfig) -> list[Check]:
         ok = bool(child.value)
         return [Check(self.name, "gate.smoke_max_tokens", f"ends its reply within {cfg.smoke_max_tokens} tokens", ok,
                       "" if ok else f"smoke: the child {child.details['problem']}")]

@@ -7,13 +7,27 @@ measured. Rule: at most ``gate.max_style_drift`` (required).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from evolution import evals
-from evolution.config import GateConfig
+from evolution.checks import positive_or_unset
 from evolution.metrics.common import Check, Inputs, Measured, Metric, Models, at_most
+
+
+@dataclass(slots=True)
+class StyleDriftConfig:
+    """``[gate]`` settings of ``style_drift``."""
+
+    max_style_drift: float | None = 2.0
+    """Child style drift from the style references, in reference standard deviations, at most this."""
+
+    def problems(self) -> list[str]:
+        return positive_or_unset("gate.max_style_drift", self.max_style_drift)
 
 
 class StyleDrift(Metric):
     name = "style_drift"
+    config = StyleDriftConfig
     label = "style drift (ref. SDs)"
     required = ("max_style_drift",)
 
@@ -28,7 +42,7 @@ class StyleDrift(Metric):
         mu, sd = evals.style_scale(es.style_references)
         return Measured(evals.style_drift(replies, mu, sd), {"replies": replies})
 
-    def rules(self, child: Measured, parent: Measured | None, cfg: GateConfig) -> list[Check]:
+    def rules(self, child: Measured, parent: Measured | None, cfg: StyleDriftConfig) -> list[Check]:
         return at_most(self.name, child.value, cfg, "max_style_drift")
 
     def versus_parent(self, child: Measured, parent: Measured, inputs: Inputs) -> dict[str, float]:

@@ -4,14 +4,14 @@ One entry point, ``train``. The stages are data: ``STAGES`` lists every stage un
 has (``cpt``: continual pretraining on raw text; ``sft``: chat examples, assistant-only loss;
 ``preference``: KTO / DPO on rated replies, the parent as reference), and ``train.stages`` of the
 config picks which run, in which order. A new training signal is one module here (a ``Stage``: its
-name, its records, its plan, its rows, its trainer) and one config section ``[train.<name>]`` in
-``evolution.config``.
+name, its records, its plan, its rows, its trainer, and the dataclass of its config section
+``[train.<name>]``) and one entry in ``STAGES``; ``evolution.config`` makes the section from it.
 
-Shared parts: ``backend`` (Unsloth or transformers + PEFT, precision, the LoRA model),
-``checkpoints`` (SHA-256 ``COMPLETE`` markers, resume, rejection, weights-only loads),
+Shared parts: ``settings`` (the ``[train]`` section itself: ``TrainSettings``), ``backend`` (Unsloth or
+transformers + PEFT, precision, the LoRA model), ``checkpoints`` (SHA-256 ``COMPLETE`` markers, resume, rejection, weights-only loads),
 ``lanes`` (the packed-lane collator, loss and trainer CPT and SFT use), ``runner`` (each
 stage in order, resumable, with progress callbacks) and ``distributed`` (the same stages in
-``[train] processes`` processes under torchrun, rank 0 writing).
+``[train] processes`` processes under torchrun, each running ``evolution.rank``, rank 0 writing).
 """
 
 from __future__ import annotations
@@ -19,13 +19,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from evolution.config import TrainConfig
-from evolution.train import cpt, preference, sft
+from evolution.train import cpt, distributed, preference, sft
 from evolution.train.backend import load_model, resolve_precision, select_backend
 from evolution.train.checkpoints import COMPLETE, checkpoint_problems, last_complete_checkpoint
 from evolution.train.lanes import LaneCollator, lane_loss
-from evolution.train import distributed
 from evolution.train.runner import ProgressFn, run_here
+from evolution.train.settings import TrainSettings
 from evolution.train.stage import Inbox, Records, Stage, StageMetrics, TrainResult, stage_dicts, stage_record
 
 STAGES: tuple[Stage, ...] = (cpt.STAGE, sft.STAGE, preference.STAGE)
@@ -34,18 +33,18 @@ STAGES: tuple[Stage, ...] = (cpt.STAGE, sft.STAGE, preference.STAGE)
 BY_NAME: dict[str, Stage] = {s.name: s for s in STAGES}
 
 
-def stages_of(cfg: TrainConfig) -> list[Stage]:
+def stages_of(cfg: TrainSettings) -> list[Stage]:
     """The stage units ``train.stages`` names, in its order (``config.validate`` checked the names)."""
     return [BY_NAME[name] for name in cfg.stages]
 
 
-def planned(cfg: TrainConfig, data: dict[str, Records]) -> list[str]:
+def planned(cfg: TrainSettings, data: dict[str, Records]) -> list[str]:
     """The stages of ``train.stages`` whose ``plan`` runs them on ``data`` (for progress: the rest are skipped)."""
     sections = cfg.stage_sections()
     return [s.name for s in stages_of(cfg) if s.plan(data.get(s.name, []), sections[s.name])[0] != "skip"]
 
 
-def run_stages(parent: Path, stages: Sequence[Stage], data: dict[str, Records], cfg: TrainConfig, workdir: Path,
+def run_stages(parent: Path, stages: Sequence[Stage], data: dict[str, Records], cfg: TrainSettings, workdir: Path,
                progress: ProgressFn | None = None, extra_callbacks: list | None = None) -> TrainResult:
     """Train ``stages`` in order on ``parent`` (an HF checkpoint dir) into ``workdir``; resumable.
 
@@ -59,7 +58,7 @@ def run_stages(parent: Path, stages: Sequence[Stage], data: dict[str, Records], 
     return run_here(parent, stages, data, cfg, workdir, progress, extra_callbacks)
 
 
-def train(parent: Path, data: dict[str, Records], cfg: TrainConfig, workdir: Path,
+def train(parent: Path, data: dict[str, Records], cfg: TrainSettings, workdir: Path,
           progress: ProgressFn | None = None, extra_callbacks: list | None = None) -> TrainResult:
     """Train the configured stages on ``parent`` (an HF checkpoint dir) into ``workdir``; resumable.
 
@@ -70,5 +69,5 @@ def train(parent: Path, data: dict[str, Records], cfg: TrainConfig, workdir: Pat
 
 
 __all__ = ["BY_NAME", "COMPLETE", "STAGES", "Inbox", "LaneCollator", "ProgressFn", "Records", "Stage", "StageMetrics",
-           "TrainResult", "checkpoint_problems", "lane_loss", "last_complete_checkpoint", "load_model",
+           "TrainResult", "TrainSettings", "checkpoint_problems", "lane_loss", "last_complete_checkpoint", "load_model",
            "resolve_precision", "planned", "run_stages", "select_backend", "stage_dicts", "stage_record", "stages_of", "train"]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-from evolution.config import TrainConfig
+from evolution.train.settings import TrainSettings
 from evolution.errors import EvolutionError
 
 
@@ -58,7 +58,7 @@ def resolve_precision(requested: str) -> str:
     return "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
 
 
-def load_model(parent: Path, cfg: TrainConfig, backend: str, cpu_attention: str, max_seq_length: int):
+def load_model(parent: Path, cfg: TrainSettings, backend: str, cpu_attention: str, max_seq_length: int):
     """The parent with a fresh LoRA adapter on it, and its tokenizer.
 
     ``cpu_attention``: the stage's attention implementation on a CPU. SDPA's fused kernel wins on

@@ -6,7 +6,8 @@ the reply that was served the rejected one). Records (``data/preference.jsonl``)
 - ``{"prompt": [messages], "reply": "...", "label": "good" | "bad"}``: a rated reply (unpaired);
 - ``{"prompt": [messages], "chosen": "...", "rejected": "..."}``: a corrected reply (a pair).
 
-``plan`` picks the method from the records and ``[train.preference] method`` before any model is
+``plan`` picks the method from the records and ``[train.preference] method`` (``PreferenceConfig``, its
+settings) before any model is
 loaded (``choose_method``, which says why): with enough corrections, TRL's ``DPOTrainer`` on the
 pairs; with enough rated replies carrying both labels, ``KTOTrainer`` on all of them as unpaired
 examples (a correction counts as one good and one bad reply); otherwise the stage is skipped, and
@@ -29,12 +30,79 @@ from __future__ import annotations
 import contextlib
 import logging
 import random
+from dataclasses import dataclass
 from pathlib import Path
 
-from evolution.config import PreferenceConfig
+from evolution.checks import positive_int, positive_num
 from evolution.train.stage import Inbox, Records, Stage
 
 log = logging.getLogger(__name__)
+
+PREFERENCE_METHODS = ("auto", "kto", "dpo", "off")
+
+
+@dataclass(slots=True)
+class PreferenceConfig:
+    """``[train.preference]``: preference learning on the ratings of served replies (KTO or DPO), with the
+    parent as the reference policy (``evolution.train.preference``)."""
+
+    method: str = "auto"
+    """'auto' (DPO on corrections when there are enough, else KTO on ratings when there are enough with both
+    labels, else skip), 'kto', 'dpo' or 'off'."""
+    min_pairs: int = 8
+    """auto: DPO needs at least this many corrections (and at least half as many as the plain ratings, or the
+    ratings would be thrown away). Fewer pairs than a batch or two mostly teach the model those few prompts."""
+    min_labelled: int = 16
+    """auto: KTO needs at least this many labelled replies (ratings plus both sides of each correction), with
+    both labels present: KTO's reference point is estimated across the batch, and one label alone gives it
+    nothing to contrast."""
+    lr: float = 5e-5
+    """Learning rate of the LoRA weights. TRL's 1e-6 default is for full fine-tuning; LoRA moves through a
+    low-rank update scaled by alpha/r and needs one to two orders of magnitude more."""
+    beta: float = 0.1
+    """Strength of the pull towards the parent (TRL's and both papers' default): rewards are beta times the
+    log-ratio against the parent, so a larger beta allows less drift."""
+    epochs: float = 1.0
+    max_steps: int | None = None
+    """Caps the stage's optimizer steps (None: epochs decide)."""
+    max_len: int = 384
+    """Longest prompt + reply in tokens (the SFT default: the same conversations fit). Older turns of a longer
+    prompt are dropped first; what still does not fit loses the end of its reply (TRL's ``keep_start``)."""
+    batch_size: int = 4
+    """Examples per forward, instead of ``[train] batch_size`` (KTO needs at least 2: its KL estimate pairs
+    each prompt with a neighbour's reply; a DPO example is two sequences)."""
+    grad_accum: int = 2
+    """Instead of ``[train] grad_accum``."""
+    desirable_weight: float | None = None
+    """KTO: weight of the good replies' loss. None balances the classes as TRL's docs advise (KTO paper, eq. 8:
+    desirable_weight * n_good / (undesirable_weight * n_bad) within [1, 4/3]): it is set to n_bad / n_good."""
+    undesirable_weight: float | None = None
+    """KTO: weight of the bad replies' loss. None: 1.0."""
+    precompute_ref_log_probs: bool = False
+    """Score every example under the parent once before training, then free the parent copy, instead of a
+    no-grad forward of the parent at every step. Off: on the tiny test model it was no faster (the setup ate
+    what it saved), and it is redone on every resume. On: the parent's memory is not held while training."""
+
+    def problems(self, where: str) -> list[str]:
+        p = []
+        if self.method not in PREFERENCE_METHODS:
+            p.append(f"{where}.method must be one of {', '.join(PREFERENCE_METHODS)}, got {self.method!r}")
+        for name in ("min_pairs", "min_labelled", "max_len", "grad_accum"):
+            p += positive_int(f"{where}.{name}", getattr(self, name))
+        p += positive_int(f"{where}.max_steps", self.max_steps, allow_none=True)
+        if not isinstance(self.batch_size, int) or isinstance(self.batch_size, bool) or self.batch_size < 2:
+            p.append(f"{where}.batch_size must be an integer of at least 2 (KTO's KL estimate pairs examples "
+                     f"within a batch), got {self.batch_size!r}")
+        for name in ("lr", "beta", "epochs"):
+            p += positive_num(f"{where}.{name}", getattr(self, name))
+        for name in ("desirable_weight", "undesirable_weight"):
+            if getattr(self, name) is not None:
+                p += [e.replace("number", "number or unset") for e in positive_num(f"{where}.{name}",
+                                                                                      getattr(self, name))]
+        if not isinstance(self.precompute_ref_log_probs, bool):
+            p.append(f"{where}.precompute_ref_log_probs must be true or false, got {self.precompute_ref_log_probs!r}")
+        return p
+
 
 
 def _counts(records: Records) -> tuple[int, int, int, int]:
@@ -238,6 +306,7 @@ STAGE = Stage(
     seq_len=lambda cfg: cfg.max_len,
     trainer=trainer,
     curriculum=lambda cur: [],
+    config=PreferenceConfig,
     inbox=inbox,
     plan=plan,
     args=args,

@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from evolution.config import TrainConfig
+from evolution.train.settings import TrainSettings
 from evolution.errors import EvolutionError
 from evolution.train import backend as engine
 from evolution.train import checkpoints, distributed
@@ -61,7 +61,7 @@ def _steps(n_rows: int, per_step: int, epochs: float, cap: int | None) -> int:
     return min(steps, cap) if cap else steps
 
 
-def _checkpointing_arg(cfg: TrainConfig, use_cuda: bool) -> dict:
+def _checkpointing_arg(cfg: TrainSettings, use_cuda: bool) -> dict:
     """Activation checkpointing, under the name this transformers knows (renamed in 5.x; TRL turns it on)."""
     from transformers import TrainingArguments
 
@@ -70,7 +70,7 @@ def _checkpointing_arg(cfg: TrainConfig, use_cuda: bool) -> dict:
     return {"activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing": on}
 
 
-def _training_args(cfg: TrainConfig, stage_dir: Path, lr: float) -> dict:
+def _training_args(cfg: TrainSettings, stage_dir: Path, lr: float) -> dict:
     """The ``TrainingArguments`` every stage shares (but ``max_steps`` and ``warmup_steps``, which follow
     from the rows); ``Stage.args`` and the stage's trainer add their own."""
     import torch
@@ -99,7 +99,7 @@ def _training_args(cfg: TrainConfig, stage_dir: Path, lr: float) -> dict:
     )
 
 
-def run_stage(stage: Stage, model, tokenizer, rows: list[dict], cfg: TrainConfig, stage_dir: Path,
+def run_stage(stage: Stage, model, tokenizer, rows: list[dict], cfg: TrainSettings, stage_dir: Path,
               backend: str, progress: ProgressFn | None, extra_callbacks: list | None, parent: Path,
               metrics: StageMetrics) -> StageMetrics:
     """Train one stage on ``rows`` (resuming from its last trusted checkpoint) and save its adapter."""
@@ -146,7 +146,7 @@ def run_stage(stage: Stage, model, tokenizer, rows: list[dict], cfg: TrainConfig
     return metrics
 
 
-def run_here(parent: Path, stages: Sequence[Stage], data: dict[str, Records], cfg: TrainConfig, workdir: Path,
+def run_here(parent: Path, stages: Sequence[Stage], data: dict[str, Records], cfg: TrainSettings, workdir: Path,
              progress: ProgressFn | None = None, extra_callbacks: list | None = None) -> TrainResult:
     """Train ``stages`` in order on ``parent`` (an HF checkpoint dir) into ``workdir`` in this process (the only one,
     or one rank of a data-parallel run); resumable (``evolution.train.run_stages``)."""

@@ -3,14 +3,33 @@ assistant's tokens only; conversations longer than ``[train.sft] max_len`` token
 
 Records: ``{"messages": [...]}`` (the curriculum's ``sft.jsonl`` lines, and what the chat agent sent
 since the parent generation: transcripts, served replies rated good, and corrected replies with the
-correction as the assistant's turn; a reply rated bad is never one).
+correction as the assistant's turn; a reply rated bad is never one). Its settings: ``SftConfig``.
 """
 
 from __future__ import annotations
 
-from evolution.config import SftConfig
+from dataclasses import dataclass
+
+from evolution.checks import positive_int, positive_num
 from evolution.train import lanes
 from evolution.train.stage import Inbox, Records, Stage
+
+
+@dataclass(slots=True)
+class SftConfig:
+    """``[train.sft]``: supervised fine-tuning on chat examples, loss on the assistant's tokens only."""
+
+    max_len: int = 384
+    """Longest rendered conversation in tokens; longer ones are truncated."""
+    epochs: float = 1.5
+    max_steps: int | None = None
+    """Caps the stage's optimizer steps (None: epochs decide)."""
+    lr: float = 1e-3
+
+    def problems(self, where: str) -> list[str]:
+        return (positive_int(f"{where}.max_len", self.max_len) + positive_num(f"{where}.epochs", self.epochs)
+                + positive_int(f"{where}.max_steps", self.max_steps, allow_none=True)
+                + positive_num(f"{where}.lr", self.lr))
 
 
 def rows(tokenizer, records: Records, settings: SftConfig) -> list[dict]:
@@ -34,6 +53,7 @@ STAGE = Stage(
     seq_len=lambda settings: settings.max_len,
     trainer=lanes.trainer,
     curriculum=lambda cur: [{"messages": r["messages"]} for r in cur.sft],
+    config=SftConfig,
     inbox=inbox,
     cpu_attention="eager",  # several rows a lane: a block mask, whose backward SDPA's fused kernel runs slowly
 )

@@ -2,8 +2,8 @@
 
 A stage (``Stage``) is one training signal: CPT on raw text, SFT on chat examples, preference
 learning on rated replies, and whatever comes next. It names itself (the name is its config
-section ``[train.<name>]``, its data file ``gen_NNNN/data/<name>.jsonl``, its working folder and
-its key in ``TrainResult``), says where its records come from (the curriculum, what the chat agent
+section ``[train.<name>]``, whose dataclass it declares beside itself, its data file
+``gen_NNNN/data/<name>.jsonl``, its working folder and its key in ``TrainResult``), says where its records come from (the curriculum, what the chat agent
 sent: ``Inbox``), whether and how it runs on them (``plan``), how they become rows, and which
 trainer runs them (with arguments of its own over the shared ones, and the parent at hand as a
 reference model). Everything else —
@@ -40,8 +40,7 @@ def _runs(records: Records, settings) -> tuple[str | None, str]:
 
 @dataclass(frozen=True)
 class Stage:
-    """One training signal. Its settings are the ``[train.<name>]`` section (a dataclass with at
-    least ``epochs``, ``max_steps`` and ``lr``)."""
+    """One training signal. Its settings are the ``[train.<name>]`` section (``config``)."""
 
     name: str
     rows: Callable[[Any, Records, Any], list[dict]]
@@ -55,6 +54,10 @@ class Stage:
     precision — updated by ``args`` below); ``parent`` is the parent's HF directory (a reference model)."""
     curriculum: Callable[[Any], Records]
     """curriculum(cur): its records in the curriculum (``evolution.curriculum.Curriculum``)."""
+    config: type
+    """The dataclass of its section ``[train.<name>]``, declared beside it (``evolution.config.TrainConfig`` has
+    one field of it, named after the stage): at least ``epochs``, ``max_steps`` and ``lr``, and
+    ``problems(where)``, its bad fields in words."""
     inbox: Callable[[Inbox], list[tuple[Any, dict]]] = lambda inbox: []
     """inbox(inbox): its ``(order, record)`` from what the chat agent sent since the parent; for chat records
     that answer the same prompt, the one of the highest ``order`` wins; rated replies of one prompt are all kept,
