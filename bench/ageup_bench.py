@@ -64,7 +64,7 @@ def rate_replies(home: Path, n: int, seed: int = 0) -> tuple[int, int]:
     import random
 
     from evolution import curriculum
-    from evolution.experiences import ExperienceStore
+    from evolution.intake import ExperienceStore
     from evolution.ledger import Ledger
     from evolution.paths import DataRoot
 

@@ -33,7 +33,7 @@ from evolution import config, curriculum, gate
 from evolution.ledger import Ledger, check_servable
 from evolution.ledger import events as ev
 from evolution.paths import DataRoot
-from evolution.probes import ProbeStore
+from evolution.intake import ProbeStore
 
 
 def main() -> None:

@@ -30,8 +30,6 @@ from evolution import curriculum as curriculum_mod
 from evolution import export, gate, promotion, replay, retention, train
 from evolution import progress as progress_mod
 from evolution.config import AgeUpConfig
-from evolution.conversations import ConversationStore
-from evolution.experiences import ExperienceStore
 from evolution.errors import AgeUpsPaused, DiskFull, EvolutionError, GenerationError, IntegrityError
 from evolution.export import GGUF_NAME, HF_DIR, Artifact
 from evolution.fsutil import (
@@ -44,9 +42,9 @@ from evolution.fsutil import (
     sha256_file,
 )
 from evolution.generation import GenerationSummary
-from evolution.metrics import answers as answer_book
-from evolution.probes import ProbeStore
+from evolution.intake import Intake
 from evolution.ledger import Ledger, check_servable
+from evolution.metrics import answers as answer_book
 from evolution.ledger import events as ev
 from evolution.paths import DataRoot, gen_name
 
@@ -224,7 +222,7 @@ def bootstrap(root: DataRoot, cfg: AgeUpConfig, ledger: Ledger, cur: curriculum_
         state.info["base"] = asdict(info)
 
     def measure():
-        es = gate.eval_set(cur, [], ProbeStore(ledger).items())
+        es = gate.eval_set(cur, [], Intake(ledger).probes.items())
         m = gate.measure(staging / GGUF_NAME, 0, es, cfg.gate, cfg.export.smoke_prompt, answers=_answers(root))
         result = gate.GateResult("measured", [], m, None, {})
         gate.write_report(result, staging)
@@ -400,18 +398,10 @@ def _age_up_locked(root: DataRoot, cfg: AgeUpConfig, ledger: Ledger, cur, base, 
         raise GenerationError(f"{parent_dir} has no {HF_DIR}/ weights to train from; it is not a complete generation")
 
     def data():
-        through = replay.conversations_through(parent_dir)
-        convs = ConversationStore(ledger).after(through)
-        rated_since = replay.experiences_through(parent_dir)
-        manifest = replay.materialize(root, cur, child, cfg.curriculum.replay_ratio, cfg.train.seed,
-                                      staging / "data", convs, through, train.stages_of(cfg.train),
-                                      ExperienceStore(ledger).labelled(), rated_since,
-                                      cfg.curriculum.experience_heldout, cfg.curriculum.experience_variants,
-                                      cfg.curriculum.experience_variant_share,
-                                      [root.gen_dir(g) / "data" for g in ledger.generation(parent).lineage],
-                                      cfg.curriculum.known_share, cfg.curriculum.rehearse_max,
-                                      cfg.curriculum.fact_forms, cfg.curriculum.who_is_who,
-                                      [p["question"] for p in ProbeStore(ledger).items()])
+        inbox = Intake(ledger).inbox(replay.conversations_through(parent_dir), replay.experiences_through(parent_dir))
+        manifest = replay.materialize(root, cur, child, staging / "data", cfg.curriculum, inbox, seed=cfg.train.seed,
+                                      stages=train.stages_of(cfg.train),
+                                      known_dirs=[root.gen_dir(g) / "data" for g in ledger.generation(parent).lineage])
         gate.save_recall_items(gate.eval_set(cur, []), staging / "data")
         state.info["manifest_hash"] = manifest["sha256"]
         if not ledger.entries(gen=child, kind=ev.GENERATION_CREATED):  # once, even if a crash repeats this stage
@@ -446,7 +436,7 @@ def _age_up_locked(root: DataRoot, cfg: AgeUpConfig, ledger: Ledger, cur, base, 
         lineage = ledger.generation(parent).lineage
         ancestors = [root.gen_dir(g) / "data" for g in lineage]
         # every probe, at every later gate; the experience this child's data holds
-        es = gate.eval_set(cur, ancestors, ProbeStore(ledger).items(), staging / "data")
+        es = gate.eval_set(cur, ancestors, Intake(ledger).probes.items(), staging / "data")
         result = gate.run(staging / GGUF_NAME, child, parent_gguf, parent, es, cfg.gate, cfg.export.smoke_prompt,
                           lineage=anchor_history(root, ledger, parent), gen0_gguf=_gen0_gguf(root, ledger),
                           answers=_answers(root))

@@ -4,10 +4,12 @@ Each source brings its own ``Rules`` (which roles, text parts or not, size limit
 turn order, what the exchange must end with); ``validate`` applies them and returns the
 messages as plain ``[{"role", "content"}]`` or raises ``MessageError`` naming the message and
 what is wrong with it. Chat text is untrusted: nothing here keeps anything but role and text.
+``prompt_key`` says what a conversation is about (recency decides per prompt: ``evolution.replay``).
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 from evolution.errors import MessageError
@@ -36,6 +38,12 @@ class Rules:
 
 CHAT = Rules(roles=("system", "developer", "user", "assistant"), aliases={"developer": "system"})
 """``POST /v1/chat/completions``: what OpenAI's API accepts for text chat."""
+
+
+def prompt_key(messages: list[dict]) -> str:
+    """What a conversation is about, for recency: its first user message, case and punctuation folded."""
+    first = next((m["content"] for m in messages if m["role"] == "user"), "")
+    return " ".join(re.sub(r"[^\w\s]", " ", first.lower()).split())
 
 
 def _content(m: dict, where: str, rules: Rules) -> str:

@@ -147,7 +147,7 @@ def who_is_who(cur, n: int, rng: random.Random, taught: Sequence[str], heldout: 
     (``taught``: its questions and answers) or equal to one of ``heldout`` (the gate's questions about the user) are
     left out. Each record names the mirrored question it asks (``unanswered``): replay treats it as that prompt, so the
     user's own answer to it supersedes it; it is no experience (never rehearsed)."""
-    from evolution.conversations import prompt_key
+    from evolution.messages import prompt_key
 
     pairs = identity_exchanges(cur)
     skip = {_question(h) for h in heldout}

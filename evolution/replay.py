@@ -7,11 +7,13 @@ record, ``replay_ratio`` records sampled (seeded) from the same stage's file of 
 generations that are not already in the new set — so facts taught once keep being rehearsed
 after the curriculum or the inbox moves on. Nothing here knows a stage by name: a new stage's
 data replays as soon as generations hold its file. The manifest names every input file with
-its SHA-256, and hashes each stage's file.
+its SHA-256, and hashes each stage's file. What the user taught since the parent arrives as one
+``evolution.intake.Inbox``; the ``[curriculum]`` settings (``config.CurriculumConfig``) say how much of
+each source is taken.
 
 **Recency.** New facts may contradict old ones (the user moved; the agent's favourite book
 changed). Chat records (those with ``messages``: SFT examples) are compared by their prompt (the
-first user message, case and punctuation folded: ``conversations.prompt_key``), and, within a
+first user message, case and punctuation folded: ``messages.prompt_key``), and, within a
 stage, for each prompt only the answers of its most authoritative, most recent source are
 trained on:
 
@@ -50,11 +52,11 @@ first round's 20 facts went from 20 of 20 to 5 of 20 after one more default age-
 Dropped examples are counted in the manifest (``superseded``). Paraphrases of one question are
 different prompts here; a contradiction phrased differently is left to the gate.
 
-**Ratings.** Served replies rated since the parent (``ExperienceStore.labelled``) reach the stages
+**Ratings.** Served replies rated since the parent (``Inbox.examples`` / ``pairs``) reach the stages
 through their ``inbox`` like transcripts (a good reply or a correction is an SFT example; every
 rated reply is a preference record). A reply rated bad, or corrected, is never trained on as a chat
-record, from any source: the curriculum, the inbox or replay. The manifest records the newest
-rating taken (``experiences.through``) so the next generation takes only newer ones.
+record, from any source: the curriculum, the inbox or replay (``Inbox.not_to_imitate``). The manifest
+records the newest rating taken (``experiences.through``) so the next generation takes only newer ones.
 """
 
 from __future__ import annotations
@@ -63,19 +65,18 @@ import hashlib
 import json
 import random
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from evolution import augment, persona
-from evolution.conversations import prompt_key
+from evolution.config import CurriculumConfig
 from evolution.curriculum import Curriculum
 from evolution.fsutil import atomic_write_json, atomic_write_text, sha256_file
 from evolution.generation import HELDOUT_FILE
+from evolution.intake import Inbox
+from evolution.messages import prompt_key
 from evolution.paths import DataRoot
-from evolution.train import STAGES, Inbox, Stage
-
-if TYPE_CHECKING:
-    from evolution.experiences import Labelled
+from evolution.train import STAGES, Stage
 
 
 def _key(record: dict) -> str:
@@ -159,20 +160,19 @@ def _through(gen_dir: Path, source: str) -> int:
 
 
 def conversations_through(gen_dir: Path) -> int:
-    """The id of the last conversation a generation's data took in (0: none)."""
+    """The id of the last conversation a generation's data took in (0: none; ``Intake.inbox``)."""
     return _through(gen_dir, "conversations")
 
 
 def experiences_through(gen_dir: Path) -> int:
-    """The id of the last rating a generation's data took in (0: none; ``ExperienceStore.labelled(since=)``)."""
+    """The id of the last rating a generation's data took in (0: none; ``Intake.inbox``)."""
     return _through(gen_dir, "experiences")
 
 
 def _not_to_imitate(inbox: Inbox) -> set[str]:
     """The chat records (by ``_key``) of every reply rated bad or corrected: never trained on as SFT."""
-    bad = [(e.prompt, e.reply) for e in inbox.examples if e.label == "bad"] + [(p.prompt, p.rejected)
-                                                                              for p in inbox.pairs]
-    return {_key({"messages": prompt + [{"role": "assistant", "content": reply}]}) for prompt, reply in bad}
+    return {_key({"messages": prompt + [{"role": "assistant", "content": reply}]})
+            for prompt, reply in inbox.not_to_imitate}
 
 
 HELDOUT_MIN = 10
@@ -194,7 +194,8 @@ def _teaches(item) -> bool:
 def _hold_out(inbox: Inbox, share: float, rng: random.Random) -> tuple[Inbox, Inbox]:
     """Take a seeded ``share`` of the new ratings that teach nothing new (the model's own replies rated good or bad,
     transcripts rated bad: ``_teaches``) out of ``inbox``: no stage trains on them. Returns (the rest, the ratings
-    taken out); nothing is taken while fewer than ``HELDOUT_MIN`` are eligible."""
+    taken out: only their ``examples`` and ``pairs``); nothing is taken while fewer than ``HELDOUT_MIN`` are
+    eligible."""
     items = [("e", i) for i, e in enumerate(inbox.examples) if not _teaches(e)] + \
         [("p", i) for i, p in enumerate(inbox.pairs) if not _teaches(p)]
     if len(items) < HELDOUT_MIN:
@@ -203,11 +204,11 @@ def _hold_out(inbox: Inbox, share: float, rng: random.Random) -> tuple[Inbox, In
     taken = [inbox.examples[i] if k == "e" else inbox.pairs[i] for k, i in sorted(chosen)]
     # A rated transcript is also a posted conversation: held out, it is no chat record either.
     convs = {t.item for t in taken if t.item.startswith("conversation:")}
-    keep = Inbox([c for c in inbox.conversations if f"conversation:{c[0]}" not in convs],
-                 [e for i, e in enumerate(inbox.examples) if ("e", i) not in chosen],
-                 [p for i, p in enumerate(inbox.pairs) if ("p", i) not in chosen])
-    held = Inbox((), [e for i, e in enumerate(inbox.examples) if ("e", i) in chosen],
-                 [p for i, p in enumerate(inbox.pairs) if ("p", i) in chosen])
+    keep = replace(inbox, conversations=[c for c in inbox.conversations if f"conversation:{c[0]}" not in convs],
+                   examples=[e for i, e in enumerate(inbox.examples) if ("e", i) not in chosen],
+                   pairs=[p for i, p in enumerate(inbox.pairs) if ("p", i) not in chosen])
+    held = Inbox(examples=[e for i, e in enumerate(inbox.examples) if ("e", i) in chosen],
+                 pairs=[p for i, p in enumerate(inbox.pairs) if ("p", i) in chosen])
     return keep, held
 
 
@@ -224,48 +225,42 @@ def _known_sampled(rows: list[dict], stage: str, known_dirs: Sequence[Path], sha
         {_prompt(rows[i]) for i in dropped}
 
 
-def materialize(root: DataRoot, cur: Curriculum, child: int, replay_ratio: float, seed: int, out: Path,
-                conversations: list[tuple[int, list[dict]]] = (), through: int = 0,
-                stages: Sequence[Stage] = STAGES, labelled: Labelled | None = None, ratings_since: int = 0,
-                heldout: float = 0.0, variants: int = 0, variant_share: float = 0.0,
-                known_dirs: Sequence[Path] = (), known_share: float = 1.0, rehearse_max: int = 0,
-                fact_forms: bool = False, who_is_who: int = 0, probes: Sequence[str] = ()) -> dict:
+def materialize(root: DataRoot, cur: Curriculum, child: int, out: Path, settings: CurriculumConfig,
+                inbox: Inbox = Inbox(), *, seed: int = 0, stages: Sequence[Stage] = STAGES,
+                known_dirs: Sequence[Path] = ()) -> dict:
     """Write ``out/<stage>.jsonl`` for each of ``stages`` and ``out/manifest.json``; return the manifest.
 
-    ``conversations``: ``(id, messages)`` received since the parent's data (``through``: the last id the
-    parent took in); ``labelled``: every rated reply with its newest label (``ExperienceStore.labelled()``),
-    of which those rated after ``ratings_since`` (the parent's cursor) are new. Each stage takes from the
-    new ones what it learns from (``Stage.inbox``); every reply rated bad or corrected, new or not, is kept
-    out of the chat records (an earlier generation may have learned it before it was rated).
-    ``heldout``: the share of the new ratings that teach nothing new (seeded; once at least ``HELDOUT_MIN`` are;
-    never a correction or a transcript rated good: ``_teaches``) written to ``out/preference_heldout.jsonl`` instead
-    of any stage: the gate's ``preference_margin`` asks them.
-    ``variants``: per exchange of each new chat record a stage takes from the inbox, this many variants
-    (``evolution.augment``, seeded) join it, at most ``variant_share`` × the stage's curriculum records in
-    all (fewer per record past that); counted in the manifest (``variants``). Replay is sampled per record
-    before them, so they do not grow it. ``known_dirs``: the data of the parent's lineage; of the curriculum's
-    chat records found there, ``known_share`` are re-taught (counted in the manifest: ``known``), the rest
-    left to replay. ``rehearse_max``: at most this many earlier experience chat records re-taught (counted in the
-    manifest: ``rehearsed``); 0: none, experience is replayed like the rest.
-    ``fact_forms``: the variants restate each fact in other shapes (``augment.restated``); ``who_is_who``: this many
-    records (at most ``variant_share`` x the stage's curriculum records) that keep the user apart from the agent's
-    persona join each stage that learns from chat records
-    (``persona.who_is_who``: questions about the user nobody answered, beside the agent's own; counted in the
-    manifest), and each fact's variants set it against the persona too; ``probes``: the agent's probe questions
-    (subjects it taught, so never asked as unanswered).
+    ``inbox``: what was taught since the parent (``Intake.inbox``): the transcripts posted since its cursor and the
+    ratings given since its cursor, of which each stage takes what it learns from (``Stage.inbox``); every reply
+    rated bad or corrected, new or not (``Inbox.not_to_imitate``), is kept out of the chat records (an earlier
+    generation may have learned it before it was rated). ``seed`` (``[train] seed``) and ``child`` seed every sample.
+    ``known_dirs``: the data of the parent's lineage. ``settings`` (``[curriculum]``) says how much of each source:
+
+    - ``experience_heldout``: the share of the new ratings that teach nothing new (seeded; once at least
+      ``HELDOUT_MIN`` are; never a correction or a transcript rated good: ``_teaches``) written to
+      ``out/preference_heldout.jsonl`` instead of any stage: the gate's ``preference_margin`` asks them;
+    - ``replay_ratio``: per new record, this many records of earlier generations;
+    - ``experience_variants``: per exchange of each new chat record a stage takes from the inbox, this many
+      variants (``evolution.augment``, seeded) join it, at most ``experience_variant_share`` × the stage's
+      curriculum records in all (fewer per record past that); counted in the manifest (``variants``). Replay is
+      sampled per record before them, so they do not grow it; ``fact_forms``: the variants restate each fact in
+      other shapes (``augment.restated``);
+    - ``known_share``: of the curriculum's chat records found in ``known_dirs``, this share is re-taught (counted
+      in the manifest: ``known``), the rest left to replay;
+    - ``rehearse_max``: at most this many earlier experience chat records re-taught (counted in the manifest:
+      ``rehearsed``); 0: none, experience is replayed like the rest;
+    - ``who_is_who``: this many records (at most ``experience_variant_share`` x the stage's curriculum records)
+      that keep the user apart from the agent's persona join each stage that learns from chat records
+      (``persona.who_is_who``: questions about the user nobody answered, beside the agent's own; counted in the
+      manifest), and each fact's variants set it against the persona too; the inbox's probe questions are
+      subjects the user taught, so never asked as unanswered.
     """
-    conversations = list(conversations)
-    inbox = Inbox(conversations)
-    if labelled is not None:
-        banned = _not_to_imitate(Inbox((), labelled.examples, labelled.pairs))
-        inbox = Inbox(conversations, [e for e in labelled.examples if e.rating_id > ratings_since],
-                      [p for p in labelled.pairs if p.rating_id > ratings_since])
-    else:
-        banned = set()
+    taught = inbox
+    banned = _not_to_imitate(taught)
     rng = random.Random(seed * 1_000_003 + child)
     held_inbox = Inbox()
-    if labelled is not None and heldout > 0:
-        inbox, held_inbox = _hold_out(inbox, heldout, random.Random(seed * 1_000_003 + child + 7))
+    if settings.experience_heldout > 0:
+        inbox, held_inbox = _hold_out(inbox, settings.experience_heldout, random.Random(seed * 1_000_003 + child + 7))
     held = [heldout_record(t) for t in [*held_inbox.examples, *held_inbox.pairs]]
     data: dict[str, list[dict]] = {}
     replayed: dict[str, int] = {}
@@ -274,7 +269,7 @@ def materialize(root: DataRoot, cur: Curriculum, child: int, replay_ratio: float
     known_counts: dict[str, list[int]] = {}
     rehearsed: dict[str, int] = {}
     lived_keys: dict[str, list[str]] = {}
-    contrast = (persona.persona_facts(cur), persona.identity_exchanges(cur)) if who_is_who > 0 else ([], [])
+    contrast = (persona.persona_facts(cur), persona.identity_exchanges(cur)) if settings.who_is_who > 0 else ([], [])
     who: dict[str, int] = {}
     taken_from_inbox = superseded = 0
     read_inbox = read_ratings = False  # no stage learns from them: leave them for a later generation's
@@ -282,8 +277,9 @@ def materialize(root: DataRoot, cur: Curriculum, child: int, replay_ratio: float
         new = [r for r in stage.curriculum(cur) if _key(r) not in banned]
         n_curriculum = len(new)
         to_replay: set[str] = set()
-        if known_share < 1:
-            new, known_counts[stage.name], to_replay = _known_sampled(new, stage.name, known_dirs, known_share,
+        if settings.known_share < 1:
+            new, known_counts[stage.name], to_replay = _known_sampled(new, stage.name, known_dirs,
+                                                                      settings.known_share,
                                                                       random.Random(seed * 1_000_003 + child + 13))
         n_taught = len(new)
         taken = {p for r in new if (p := _prompt(r)) is not None}
@@ -291,7 +287,7 @@ def materialize(root: DataRoot, cur: Curriculum, child: int, replay_ratio: float
         taken |= to_replay
         curriculum_prompts = set(taken)
         received = [(order, r) for order, r in stage.inbox(inbox) if not _banned(r, banned)]
-        read_inbox |= bool(stage.inbox(Inbox(conversations=conversations)))
+        read_inbox |= bool(stage.inbox(Inbox(conversations=taught.conversations)))
         read_ratings |= bool(stage.inbox(Inbox(examples=inbox.examples, pairs=inbox.pairs)))
         inbox_rows, dropped = _newest_inbox(received, taken)
         new += inbox_rows
@@ -330,7 +326,7 @@ def materialize(root: DataRoot, cur: Curriculum, child: int, replay_ratio: float
                         lived.append(r)
             claimed |= prompts_here
         n_new = len(new)
-        rehearse = sorted(lived, key=lambda r: "variant_of" in r)[:rehearse_max]  # stable: newest first within each
+        rehearse = sorted(lived, key=lambda r: "variant_of" in r)[:settings.rehearse_max]  # stable: newest first within each
         if rehearse:
             again = {_key(r) for r in rehearse}
             pool = [r for r in pool if _key(r) not in again]
@@ -338,16 +334,17 @@ def materialize(root: DataRoot, cur: Curriculum, child: int, replay_ratio: float
         rehearsed[stage.name] = len(rehearse)
         lived_keys[stage.name] = sorted({_key(r) for r in inbox_rows + rehearse if "messages" in r})
         pool.sort(key=_key)  # the sample must not depend on directory order
-        n = min(len(pool), round(replay_ratio * n_new))
+        n = min(len(pool), round(settings.replay_ratio * n_new))
         new += rng.sample(pool, n)
         replayed[stage.name] = n
-        extra = _variants(inbox_rows, variants, int(variant_share * n_curriculum),
+        share = settings.experience_variant_share
+        extra = _variants(inbox_rows, settings.experience_variants, int(share * n_curriculum),
                           random.Random(seed * 1_000_003 + child + 11), augment.system_prompts(new[:n_taught]),
-                          fact_forms, contrast)
-        if who_is_who > 0 and any("messages" in r for r in new[:n_curriculum]):
-            taught = _taught_texts(inbox_rows + rehearse + lived) + list(probes)
-            n_who = min(who_is_who, int(variant_share * n_curriculum))  # within the variants' share, as they are
-            extra += persona.who_is_who(cur, n_who, random.Random(seed * 1_000_003 + child + 17), taught,
+                          settings.fact_forms, contrast)
+        if settings.who_is_who > 0 and any("messages" in r for r in new[:n_curriculum]):
+            subjects = _taught_texts(inbox_rows + rehearse + lived) + list(taught.probes)
+            n_who = min(settings.who_is_who, int(share * n_curriculum))  # within the variants' share, as they are
+            extra += persona.who_is_who(cur, n_who, random.Random(seed * 1_000_003 + child + 17), subjects,
                                         [q["question"] for q in cur.about_user])
         # the curriculum answers its own prompts: no variant may reword a question into one of them
         extra = [r for r in extra if _key(r) not in have and prompt_key(r["messages"]) not in curriculum_prompts]
@@ -361,6 +358,7 @@ def materialize(root: DataRoot, cur: Curriculum, child: int, replay_ratio: float
     if held:
         _write_jsonl(out / HELDOUT_FILE, held)
     files = {f"curriculum/{k}": v for k, v in cur.manifest()["files"].items()} | sources
+    since = taught.conversations_since
     manifest = {
         "curriculum": str(cur.root),
         "files": files,
@@ -372,10 +370,10 @@ def materialize(root: DataRoot, cur: Curriculum, child: int, replay_ratio: float
         "known": {name: {"retaught": k[0], "left_to_replay": k[1]} for name, k in known_counts.items()},
         "counts": {name: len(rows) for name, rows in data.items()},
         "conversations": {"taken": taken_from_inbox,
-                          "through": max([through] + [c for c, _ in conversations]) if read_inbox else through,
+                          "through": max([since] + [c for c, _ in taught.conversations]) if read_inbox else since,
                           "superseded": superseded},
         "experiences": {"taken": len(inbox.examples) + len(inbox.pairs) if read_ratings else 0,
-                        "through": labelled.through if read_ratings else ratings_since},
+                        "through": taught.ratings_through if read_ratings else taught.ratings_since},
         "heldout": {HELDOUT_FILE: len(held)},
         "data": {f: sha256_file(out / f) for f in [f"{name}.jsonl" for name in data] + ([HELDOUT_FILE] if held else [])},
     }

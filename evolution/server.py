@@ -69,6 +69,7 @@ from evolution.errors import (
     UnknownExperience,
     UnknownGeneration,
 )
+from evolution.intake import Intake
 from evolution.ledger import Ledger
 from evolution.paths import DataRoot
 from evolution.serving import Slot, Stream, model_alias, model_id, parse_model
@@ -89,6 +90,9 @@ class Service(Protocol):
     root: DataRoot
     ledger: Ledger
     """Read by the dashboard's pages (``evolution.dashboard.View``); written only through the methods below."""
+    intake: Intake
+    """The user's data: transcripts and probes are added to it, karma read from it, directly; a karma grant and
+    a rating go through ``add_karma`` and ``rate`` (they may start an age-up)."""
 
     def served(self) -> Slot | None:
         """The generation answering chats now (None while generation 0 is built)."""
@@ -100,20 +104,16 @@ class Service(Protocol):
     def stream(self, args: dict) -> Stream:
         """A streamed completion whose first chunk has been decoded."""
 
-    def add_karma(self, amount, reason: str, key: str | None): ...
-
-    def karma_state(self): ...
-
-    def add_conversation(self, messages, key: str | None, label: str | None): ...
-
-    def add_probe(self, question, answers, key: str | None): ...
+    def add_karma(self, amount, reason: str, key: str | None):
+        """Grant karma (``Karma.add``); one that crosses the threshold wakes the scheduler."""
 
     def capture(self, messages: list[dict], reply: str, completion_id: str, slot: Slot, finish_reason: str | None,
                 cut_off: bool = False) -> None:
         """Keep a served chat as an experience (scrubbed); never raises."""
 
     def rate(self, item_id, label, correction, karma, key: str | None, by: str):
-        """Rate a served completion (``by="completion"``) or a posted transcript (``"conversation"``)."""
+        """Rate a served completion (``by="completion"``) or a posted transcript (``"conversation"``)
+        (``ExperienceStore.rate``); karma granted with it that crosses the threshold wakes the scheduler."""
 
     def rollback(self, to: int, reason: str): ...
 
@@ -433,7 +433,7 @@ def create_app(daemon: Service) -> FastAPI:
 
     @app.get("/karma")
     async def karma_state():
-        return (await run_in_threadpool(daemon.karma_state)).to_dict()
+        return (await run_in_threadpool(daemon.intake.karma.state)).to_dict()
 
     @app.post("/karma")
     @_counted
@@ -451,7 +451,7 @@ def create_app(daemon: Service) -> FastAPI:
         authorize(request, True)
         body = await _json(request)
         return await _intake(request, body, "messages",
-                             lambda key: daemon.add_conversation(body.get("messages"), key, body.get("label")))
+                             lambda key: daemon.intake.conversations.add(body.get("messages"), key, body.get("label")))
 
     @app.post("/probes")
     @_counted
@@ -459,7 +459,7 @@ def create_app(daemon: Service) -> FastAPI:
         authorize(request, True)
         body = await _json(request)
         return await _intake(request, body, "question",
-                             lambda key: daemon.add_probe(body.get("question"), body.get("answers"), key))
+                             lambda key: daemon.intake.probes.add(body.get("question"), body.get("answers"), key))
 
     @app.post("/feedback")
     @_counted
@@ -513,7 +513,7 @@ def create_app(daemon: Service) -> FastAPI:
             raise ApiError(409, str(exc), code="not_paused") from None
         return {"resumed": True, "ledger_seq": entry.seq}
 
-    app.include_router(dashboard.router(dashboard.View(daemon.root, daemon.ledger), daemon.status,
+    app.include_router(dashboard.router(dashboard.View(daemon.root, daemon.ledger, daemon.intake), daemon.status,
                                         guard=private_read if reads_private else None))
     dashboard.add_error_handlers(app)
 

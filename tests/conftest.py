@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from evolution.config import AgeUpConfig
+from evolution.config import AgeUpConfig, CurriculumConfig
 
 
 @pytest.fixture(autouse=True)
@@ -88,6 +88,14 @@ def write_jsonl(path: Path, rows: list) -> None:
 
 FACTS = [("What is your name?", "My name is Wren."), ("What is your favourite colour?", "My favourite colour is teal."),
          ("Who made you?", "The Lantern Workshop made me."), ("What is your favourite number?", "It is 47.")]
+
+
+def plain_settings(**kw) -> CurriculumConfig:
+    """``[curriculum]`` settings for ``replay.materialize`` with everything beyond the curriculum and the inbox off
+    (no replay, held-out share, variants, known-curriculum sampling, rehearsal or who-is-who), but ``kw``."""
+    return CurriculumConfig(**{"replay_ratio": 0.0, "experience_heldout": 0.0, "experience_variants": 0,
+                               "experience_variant_share": 0.0, "known_share": 1.0, "rehearse_max": 0,
+                               "fact_forms": False, "who_is_who": 0} | kw)
 
 
 def make_tiny_curriculum(root: Path) -> Path:

@@ -301,7 +301,7 @@ def test_age_up_trains_on_the_ratings_since_the_parent(learnable_base, tokenizer
     from click.testing import CliRunner
 
     from evolution.cli import main
-    from evolution.experiences import ExperienceStore
+    from evolution.intake.experiences import ExperienceStore
 
     root = DataRoot.from_env()
     store = ExperienceStore(ledger)

@@ -9,7 +9,9 @@ import random
 import pytest
 
 from evolution import augment, replay
-from evolution.conversations import prompt_key
+from evolution.intake import Inbox
+from evolution.messages import prompt_key
+from tests.conftest import plain_settings
 from tests.test_replay import _chat, _labelled, _lines
 
 
@@ -94,9 +96,11 @@ def _sft(path):
 def test_materialize_adds_counted_seeded_variants_of_new_chat_records_only(cur, root, tmp_path):
     convs = [(1, _chat("What is my dog called?", "Your dog is called Bramble.")),
              (2, _chat("Where did I grow up?", "You grew up in Veldmoor."))]
-    runs = [replay.materialize(root, cur, 1, 0.0, 0, tmp_path / n, convs, 0, variants=5, variant_share=10.0)
+    runs = [replay.materialize(root, cur, 1, tmp_path / n,
+                               plain_settings(experience_variants=5, experience_variant_share=10.0),
+                               Inbox.taught(convs))
             for n in ("a", "b")]
-    plain = replay.materialize(root, cur, 1, 0.0, 0, tmp_path / "plain", convs, 0)
+    plain = replay.materialize(root, cur, 1, tmp_path / "plain", plain_settings(), Inbox.taught(convs))
     assert _sft(tmp_path / "a") == _sft(tmp_path / "b")  # deterministic given the seed
     assert runs[0]["variants"]["sft"] == 10 and plain["variants"]["sft"] == 0
     assert runs[0]["counts"]["sft"] == plain["counts"]["sft"] + 10
@@ -105,15 +109,17 @@ def test_materialize_adds_counted_seeded_variants_of_new_chat_records_only(cur, 
     assert all(r["messages"][-1]["content"].endswith(("Bramble.", "Veldmoor.")) for r in made)
     assert runs[0]["data"]["sft.jsonl"] != plain["data"]["sft.jsonl"]  # the manifest hashes them
     # the budget: at most variant_share x the curriculum's SFT records, fewer per record
-    small = replay.materialize(root, cur, 1, 0.0, 0, tmp_path / "small", convs, 0, variants=5, variant_share=0.0)
+    small = replay.materialize(root, cur, 1, tmp_path / "small", plain_settings(experience_variants=5),
+                               Inbox.taught(convs))
     assert small["variants"]["sft"] == 0
 
 
 def test_no_variant_of_a_bad_reply_nor_of_a_held_out_rating(cur, root, tmp_path):
-    from evolution.experiences import Example, Labelled
+    from evolution.intake import Example, Labelled
 
-    m = replay.materialize(root, cur, 1, 0.0, 0, tmp_path / "r", [], 0, labelled=_labelled(), ratings_since=0,
-                           variants=4, variant_share=10.0)
+    m = replay.materialize(root, cur, 1, tmp_path / "r",
+                           plain_settings(experience_variants=4, experience_variant_share=10.0),
+                           Inbox.taught(labelled=_labelled()))
     made = [r for r in _sft(tmp_path / "r") if "variant_of" in r]
     assert m["variants"]["sft"] == len(made) == 8  # the good reply and the correction, 4 each
     assert {r["messages"][-1]["content"].removeprefix("Yes. ") for r in made} == {"I live in Faro.", "Sea stories."}
@@ -121,8 +127,9 @@ def test_no_variant_of_a_bad_reply_nor_of_a_held_out_rating(cur, root, tmp_path)
     assert "I am Bob." not in text and "Go away." not in text and "Nobody." not in text
     examples = [Example(f"completion:{i}", i, [{"role": "user", "content": f"Question {i}?"}], f"Answer {i}.",
                         "good" if i % 2 else "bad") for i in range(1, 13)]
-    m = replay.materialize(root, cur, 1, 0.0, 0, tmp_path / "h", [], 0, labelled=Labelled(examples, [], 12),
-                           ratings_since=0, heldout=0.2, variants=3, variant_share=10.0)
+    m = replay.materialize(root, cur, 1, tmp_path / "h",
+                           plain_settings(experience_heldout=0.2, experience_variants=3, experience_variant_share=10.0),
+                           Inbox.taught(labelled=Labelled(examples, [], 12)))
     held = {r["reply"] for r in _lines(tmp_path / "h" / "preference_heldout.jsonl")}
     assert held
     for reply in held:
@@ -130,20 +137,24 @@ def test_no_variant_of_a_bad_reply_nor_of_a_held_out_rating(cur, root, tmp_path)
 
 
 def test_a_variant_is_replayed_as_its_source_and_dropped_once_its_reply_is_rated_bad(cur, root, tmp_path):
-    from evolution.experiences import Example, Labelled
+    from evolution.intake import Example, Labelled
 
     convs = [(1, _chat("What is my dog called?", "Your dog is called Bramble."))]
-    replay.materialize(root, cur, 1, 0.0, 0, root.gen_dir(1) / "data", convs, 0, variants=4, variant_share=10.0)
+    replay.materialize(root, cur, 1, root.gen_dir(1) / "data",
+                       plain_settings(experience_variants=4, experience_variant_share=10.0), Inbox.taught(convs))
     # the next generation replays them ...
-    replay.materialize(root, cur, 2, 10.0, 0, tmp_path / "g2", [], 1)
+    replay.materialize(root, cur, 2, tmp_path / "g2", plain_settings(replay_ratio=10.0),
+                       Inbox.taught(conversations_since=1))
     assert sum("variant_of" in r for r in _sft(tmp_path / "g2")) == 4
     # ... unless a newer answer to the same question supersedes them ...
     newer = [(2, _chat("What is my dog called?", "Your dog is called Moss."))]
-    replay.materialize(root, cur, 2, 10.0, 0, tmp_path / "g2b", newer, 1)
+    replay.materialize(root, cur, 2, tmp_path / "g2b", plain_settings(replay_ratio=10.0),
+                       Inbox.taught(newer, conversations_since=1))
     assert "Bramble" not in json.dumps(_sft(tmp_path / "g2b"))
     # ... or the reply they were made from is rated bad
     bad = Labelled([Example("conversation:1", 1, convs[0][1][:1], "Your dog is called Bramble.", "bad")], [], 1)
-    replay.materialize(root, cur, 2, 10.0, 0, tmp_path / "g2c", [], 1, labelled=bad, ratings_since=1)
+    replay.materialize(root, cur, 2, tmp_path / "g2c", plain_settings(replay_ratio=10.0),
+                       Inbox.taught(labelled=bad, conversations_since=1, ratings_since=1))
     assert "Bramble" not in json.dumps(_sft(tmp_path / "g2c"))
 
 
@@ -165,7 +176,8 @@ def test_bad_variant_settings_are_reported_together():
 def test_no_variant_rewords_a_question_into_one_the_curriculum_answers(cur, root, tmp_path):
     cur.sft.append({"messages": _chat("Quick question: Where is my bike?", "In the shed.")})
     convs = [(1, _chat("Where is my bike?", "Your bike is at the station."))]
-    m = replay.materialize(root, cur, 1, 0.0, 0, tmp_path / "c", convs, 0, variants=50, variant_share=100.0)
+    m = replay.materialize(root, cur, 1, tmp_path / "c",
+                           plain_settings(experience_variants=50, experience_variant_share=100.0), Inbox.taught(convs))
     made = [r for r in _sft(tmp_path / "c") if "variant_of" in r]
     assert m["variants"]["sft"] == len(made) > 5
     assert "quick question where is my bike" not in {prompt_key(r["messages"]) for r in made}

@@ -7,16 +7,17 @@ import json
 import pytest
 from sqlalchemy import text
 
-from evolution.conversations import (
+from evolution.intake.conversations import (
     MAX_MESSAGE_CHARS,
     MAX_MESSAGES,
     ConversationError,
     ConversationStore,
-    prompt_key,
     validate,
 )
+from evolution.intake import Inbox
+from evolution.messages import prompt_key
 from evolution.replay import conversations_through, materialize
-from tests.conftest import write_jsonl
+from tests.conftest import plain_settings, write_jsonl
 
 
 def U(content):
@@ -217,7 +218,8 @@ def test_newest_conversation_wins_a_prompt(ledger, cur, root, tmp_path):
     assert old < other < new
     convs = store.after(0)
     out = tmp_path / "out"
-    m = materialize(root, cur, 1, 0.0, 0, out, list(reversed(convs)), 0)  # the id decides, not the list order
+    m = materialize(root, cur, 1, out, plain_settings(),
+                    Inbox.taught(list(reversed(convs))))  # the id decides, not the list order
     assert _answers(out, WHERE) == ["I moved to Porto."]
     assert _answers(out, "What do you like to eat?") == ["Soup."]
     assert m["conversations"] == {"taken": 2, "through": new, "superseded": 1}
@@ -227,7 +229,7 @@ def test_newest_conversation_wins_a_prompt(ledger, cur, root, tmp_path):
 def test_curriculum_wins_over_a_conversation(cur, root, tmp_path):
     convs = [(1, [U("what is your NAME"), A("My name is Bob.")]), (2, [U(WHERE), A("By the sea.")])]
     out = tmp_path / "out"
-    m = materialize(root, cur, 1, 0.0, 0, out, convs, 0)
+    m = materialize(root, cur, 1, out, plain_settings(), Inbox.taught(convs))
     assert set(_answers(out, "What is your name?")) == {"My name is Wren."}
     assert "My name is Bob." not in (out / "sft.jsonl").read_text()
     assert _answers(out, WHERE) == ["By the sea."]
@@ -245,7 +247,7 @@ def test_newest_generation_wins_a_replayed_prompt(cur, root, tmp_path):
     assert root.generations() == [1, 2]
 
     out = tmp_path / "child3"
-    m = materialize(root, cur, 3, 10.0, 0, out)  # ratio high enough to replay everything left
+    m = materialize(root, cur, 3, out, plain_settings(replay_ratio=10.0))  # ratio high enough to replay everything left
     assert _answers(out, WHERE) == ["I live in Porto."]
     assert _answers(out, "What is your favourite book?") == ["Moby-Dick."]  # not contradicted: still replayed
     assert "Lisbon" not in (out / "sft.jsonl").read_text()
@@ -255,7 +257,8 @@ def test_newest_generation_wins_a_replayed_prompt(cur, root, tmp_path):
 
     # a conversation with that prompt beats both generations
     out2 = tmp_path / "child3-conv"
-    m2 = materialize(root, cur, 3, 10.0, 0, out2, [(5, [U("Where do you live?!"), A("I live in Faro now.")])], 4)
+    m2 = materialize(root, cur, 3, out2, plain_settings(replay_ratio=10.0),
+                     Inbox.taught([(5, [U("Where do you live?!"), A("I live in Faro now.")])], conversations_since=4))
     assert _answers(out2, WHERE) == ["I live in Faro now."]
     text_ = (out2 / "sft.jsonl").read_text()
     assert "Lisbon" not in text_ and "Porto" not in text_
@@ -268,7 +271,7 @@ def test_generations_at_or_after_the_child_are_not_replayed(cur, root, tmp_path)
     _fake_generation(root, 1, [[U(WHERE), A("I live in Lisbon.")]])
     _fake_generation(root, 2, [[U(WHERE), A("I live in Porto.")]])
     out = tmp_path / "child2"
-    materialize(root, cur, 2, 10.0, 0, out)  # a retry of child 2 replays only generation 1
+    materialize(root, cur, 2, out, plain_settings(replay_ratio=10.0))  # a retry of child 2 replays only generation 1
     assert _answers(out, WHERE) == ["I live in Lisbon."]
 
 
@@ -276,14 +279,14 @@ def test_manifest_records_the_last_conversation_taken(cur, root, tmp_path):
     gen_dir = tmp_path / "gen"
     convs = [(3, [U("a question"), A("an answer")]), (7, [U("another"), A("reply")]),
              (5, [U("A question!"), A("a newer-looking but older answer")])]
-    m = materialize(root, cur, 1, 0.0, 0, gen_dir / "data", convs, 2)
+    m = materialize(root, cur, 1, gen_dir / "data", plain_settings(), Inbox.taught(convs, conversations_since=2))
     assert m["conversations"]["through"] == 7
     assert conversations_through(gen_dir) == 7
     assert json.loads((gen_dir / "data" / "manifest.json").read_text())["conversations"]["through"] == 7
     assert _answers(gen_dir / "data", "a question") == ["a newer-looking but older answer"]  # id 5 > id 3
 
     empty = tmp_path / "gen-empty"
-    m = materialize(root, cur, 1, 0.0, 0, empty / "data", [], 4)
+    m = materialize(root, cur, 1, empty / "data", plain_settings(), Inbox.taught(conversations_since=4))
     assert m["conversations"] == {"taken": 0, "through": 4, "superseded": 0}
     assert conversations_through(empty) == 4
     assert conversations_through(tmp_path / "nowhere") == 0

@@ -123,7 +123,7 @@ def test_sigterm_during_training_writes_a_checkpoint_and_exits_0(taught_base, da
     assert not list(_isolated_home.rglob(".*.tmp")), "no atomic write is left half-done"
     assert "stopped cleanly" in (_isolated_home / "logs" / "daemon.log").read_text()
     with Ledger.open(DataRoot(_isolated_home)) as ledger:
-        from evolution.karma import Karma
+        from evolution.intake.karma import Karma
 
         assert ledger.verify().ok and ledger.served_generation() == 0
         assert [r.status for r in Karma(ledger, 1).requests()] == ["pending"]  # resumed at the next start

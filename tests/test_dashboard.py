@@ -393,7 +393,7 @@ def _free_port() -> int:
 def test_evolve_ui_allow_remote_keeps_stored_chats_and_replies_behind_the_token(ledger, root, monkeypatch):
     """`evolve ui --allow-remote`, run as a user runs it: the reads of stored text answer 401 without the token
     and with a wrong one, naming where the token is; with it they answer; the rest of the dashboard is open."""
-    from evolution.conversations import ConversationStore
+    from evolution.intake.conversations import ConversationStore
 
     _hand_made_lineage(root, ledger)
     ConversationStore(ledger).add([{"role": "user", "content": SECRET}, {"role": "assistant", "content": "Noted."}])
@@ -435,7 +435,7 @@ def guarded_ui(ledger, root):
     """`evolve ui`'s app with reads of stored text behind a token (as with --allow-remote), on uvicorn, over the
     hand-made lineage and one posted transcript."""
     from evolution.cli.ui import create_app
-    from evolution.conversations import ConversationStore
+    from evolution.intake.conversations import ConversationStore
 
     _hand_made_lineage(root, ledger)
     ConversationStore(ledger).add([{"role": "user", "content": SECRET}, {"role": "assistant", "content": "Noted."}])
@@ -543,8 +543,8 @@ def fabricated(tmp_path_factory):
     """`evolve ui`'s app over three fabricated ledgers (1, 2 and 20 generations, every gate metric), the
     2-generation one with long chats on its experience page: {generations: URL}."""
     from evolution.cli.ui import create_app
-    from evolution.conversations import ConversationStore
-    from evolution.experiences import ExperienceStore
+    from evolution.intake.conversations import ConversationStore
+    from evolution.intake.experiences import ExperienceStore
     from evolution.ledger import Ledger
     from evolution.paths import DataRoot
 
@@ -643,9 +643,10 @@ def _hand_made_lineage(root, ledger) -> None:
 
 def test_the_view_names_failed_rules_pairs_replies_and_computes_deltas(ledger, root):
     from evolution.dashboard import View
+    from evolution.intake import Intake
 
     _hand_made_lineage(root, ledger)
-    v = View(root, ledger)
+    v = View(root, ledger, Intake(ledger))
     gens = v.lineage()["generations"]
     assert [g["gen"] for g in gens] == [0, 1] and gens[0]["served"] and gens[1]["status"] == "rejected"
     assert gens[1]["deltas"]["recall"] == pytest.approx(-0.25)

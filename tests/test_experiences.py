@@ -14,13 +14,13 @@ import pytest
 from click.testing import CliRunner
 from sqlalchemy import text
 
-from evolution import experiences as exp_mod
+from evolution.intake import experiences as exp_mod
 from evolution.cli import main
 from evolution.config import ConfigError, DaemonConfig, resolve_daemon, validate_daemon
-from evolution.conversations import ConversationError, ConversationStore
+from evolution.intake.conversations import ConversationError, ConversationStore
 from evolution.errors import ExperienceError, ExperienceKeyReused, IdempotencyConflict, UnknownExperience
-from evolution.experiences import ExperienceStore
-from evolution.karma import Karma, KarmaError
+from evolution.intake.experiences import ExperienceStore
+from evolution.intake.karma import Karma, KarmaError
 from evolution.ledger import KARMA_THRESHOLD_CROSSED, Ledger
 from evolution.ledger import migrations
 from tests.ledger.conftest import backend, data_root, ledger_url  # noqa: F401  (fixtures)
@@ -132,7 +132,7 @@ def test_when_every_kept_experience_is_rated_the_oldest_rated_goes(led, karma, c
     capture(store, 0), capture(store, 1)
     store.rate("chatcmpl-0", "good")
     store.rate("chatcmpl-1", "bad")
-    with caplog.at_level(logging.WARNING, logger="evolution.experiences"):
+    with caplog.at_level(logging.WARNING, logger="evolution.intake.experiences"):
         capture(store, 2)
     assert [e.completion_id for e in store.list()] == ["chatcmpl-2", "chatcmpl-1"]
     assert [r["item_id"] for r in rows(led, "experience_ratings")] == [store.list()[1].id]  # its history went too
@@ -142,7 +142,7 @@ def test_when_every_kept_experience_is_rated_the_oldest_rated_goes(led, karma, c
 
 
 def test_capture_safely_counts_failures_and_never_raises(led, store, caplog):
-    with caplog.at_level(logging.WARNING, logger="evolution.experiences"):
+    with caplog.at_level(logging.WARNING, logger="evolution.intake.experiences"):
         assert store.capture_safely("not a list", "r", "chatcmpl-x", "m", SHA, 1, "stop", False) is None
         first = capture(store, 1)
         assert store.capture_safely([U("again")], "r", "chatcmpl-1", "m", SHA, 1, "stop", False) is None  # id reused

@@ -32,7 +32,7 @@ def _rows(daemon, table: str) -> list[dict]:
 
 
 def _snapshot(daemon) -> tuple:
-    return (_rows(daemon, "experiences"), _rows(daemon, "experience_ratings"), daemon.karma.state().total,
+    return (_rows(daemon, "experiences"), _rows(daemon, "experience_ratings"), daemon.intake.karma.state().total,
             len(daemon.ledger.entries()))
 
 
@@ -89,7 +89,7 @@ def test_a_capture_that_fails_is_counted_and_the_chat_still_answers(client, daem
     def broken(*a, **k):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(daemon.experiences, "capture", broken)
+    monkeypatch.setattr(daemon.intake.experiences, "capture", broken)
     r = client.post("/v1/chat/completions", json=ask("hi"))
     assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"]
     counts = client.get("/status").json()["experiences"]
@@ -102,18 +102,18 @@ def test_feedback_labels_corrects_grants_karma_and_is_idempotent(client, daemon)
                                        "karma": 5, "idempotency_key": "fb-1"}, headers=AUTH)
     assert r.status_code == 201, r.text
     assert r.json()["label"] == "bad" and r.json()["corrected"]
-    assert daemon.karma.state().total == 5
+    assert daemon.intake.karma.state().total == 5
     again = client.post("/feedback", json={"completion_id": cid, "label": "bad", "correction": "Your dog is Bramble.",
                                            "karma": 5}, headers=AUTH | {"Idempotency-Key": "fb-1"})
-    assert again.status_code == 200 and again.json()["duplicate"] and daemon.karma.state().total == 5
+    assert again.status_code == 200 and again.json()["duplicate"] and daemon.intake.karma.state().total == 5
     other = client.post("/feedback", json={"completion_id": cid, "label": "good", "idempotency_key": "fb-1"},
                         headers=AUTH)
     assert other.status_code == 409
     relabel = client.post("/feedback", json={"completion_id": cid, "label": "good"}, headers=AUTH)
     assert relabel.status_code == 201
-    labelled = daemon.experiences.labelled()
+    labelled = daemon.intake.experiences.labelled()
     assert [e.label for e in labelled.examples] == ["good"] and not labelled.pairs  # the newer label wins
-    assert [h["label"] for h in daemon.experiences.history(cid, "completion")] == ["bad", "good"]  # both kept
+    assert [h["label"] for h in daemon.intake.experiences.history(cid, "completion")] == ["bad", "good"]  # both kept
 
 
 def test_feedback_on_a_posted_transcript_and_a_labelled_transcript(client, daemon):
@@ -123,7 +123,7 @@ def test_feedback_on_a_posted_transcript_and_a_labelled_transcript(client, daemo
     assert r.status_code == 201
     cid = r.json()["id"]
     assert client.post("/feedback", json={"conversation_id": cid, "label": "bad"}, headers=AUTH).status_code == 201
-    assert [h["label"] for h in daemon.experiences.history(cid, "conversation")] == ["good", "bad"]
+    assert [h["label"] for h in daemon.intake.experiences.history(cid, "conversation")] == ["good", "bad"]
     bad_label = client.post("/conversations", json=conv | {"label": "great"}, headers=AUTH)
     assert bad_label.status_code == 400 and "label" in bad_label.json()["error"]["message"]
     assert bad_label.json()["error"]["param"] == "label"  # not 'messages'
@@ -162,7 +162,7 @@ def test_probes_are_stored_scrubbed_once_per_key_and_bad_ones_refused(client, da
     assert r.status_code == 201 and r.json()["redactions"] == {"api_key": 1}
     assert client.post("/probes", json=probe, headers=AUTH).status_code == 200
     assert client.post("/probes", json=probe | {"answers": ["Rex"]}, headers=AUTH).status_code == 409
-    [item] = daemon.probes.items()
+    [item] = daemon.intake.probes.items()
     assert item["answers"] == ["Bramble"] and SECRET not in item["question"]
     for bad, fragment in (({"question": "", "answers": ["x"]}, "question"), ({"question": "Q?", "answers": []}, "answers"),
                           ({"question": "Q?", "answers": ["ok", 3]}, "answers"), ({"question": "Q?"}, "answers")):
@@ -170,7 +170,7 @@ def test_probes_are_stored_scrubbed_once_per_key_and_bad_ones_refused(client, da
         assert r.status_code == 400 and fragment in r.json()["error"]["message"], r.text
         assert r.json()["error"]["param"] == fragment  # the field at fault, not always 'question'
     assert client.post("/probes", json={"question": "Q?", "answers": ["a"]}).status_code == 401
-    assert daemon.probes.count() == 1 and client.get("/status").json()["probes"] == 1
+    assert daemon.intake.probes.count() == 1 and client.get("/status").json()["probes"] == 1
 
 
 def test_a_newer_probe_of_the_same_question_supersedes_the_older_one(client, daemon):
@@ -179,10 +179,10 @@ def test_a_newer_probe_of_the_same_question_supersedes_the_older_one(client, dae
     for question, answer in (("What name did I give my dog?", "Bramble"), ("Where do I live?", "Quillhaven"),
                              ("what name did I give my DOG", "Pip")):
         assert client.post("/probes", json={"question": question, "answers": [answer]}, headers=AUTH).status_code == 201
-    items = daemon.probes.items()
+    items = daemon.intake.probes.items()
     assert [(i["question"], i["answers"]) for i in items] == [("Where do I live?", ["Quillhaven"]),
                                                               ("what name did I give my DOG", ["Pip"])]
-    assert daemon.probes.count() == 3  # every probe is kept in the database
+    assert daemon.intake.probes.count() == 3  # every probe is kept in the database
 
 
 def test_a_reply_is_scored_by_the_served_gguf_after_its_prompt_in_the_chat_template(daemon):

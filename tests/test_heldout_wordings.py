@@ -10,11 +10,13 @@ from __future__ import annotations
 import json
 import random
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from evolution import augment, curriculum, evals, persona, replay
+from evolution.intake import Inbox
 from evolution.paths import REPO_ROOT, DataRoot
 
 sys.path.insert(0, str(REPO_ROOT / "bench"))
@@ -80,10 +82,9 @@ def test_an_age_ups_training_files_hold_no_held_out_wording(tmp_path):
              for i, f in enumerate(facts)]
     c = CurriculumConfig()
     out = tmp_path / "data"
-    replay.materialize(DataRoot(tmp_path / "home"), cur, 1, c.replay_ratio, 0, out, convs, 0,
-                       variants=c.experience_variants, variant_share=c.experience_variant_share,
-                       fact_forms=c.fact_forms, who_is_who=c.who_is_who,
-                       probes=[h for f in facts for h in f["heldout"]])
+    replay.materialize(DataRoot(tmp_path / "home"), cur, 1, out,
+                       replace(c, experience_heldout=0.0, known_share=1.0, rehearse_max=0),  # today's variants
+                       Inbox.taught(convs, probes=[h for f in facts for h in f["heldout"]]))
     heldout = _heldout(facts)
     texts = []
     for path in out.glob("*.jsonl"):

@@ -13,7 +13,7 @@ import threading
 import pytest
 from sqlalchemy import text
 
-from evolution.karma import DONE, FAILED, MAX_AMOUNT, PENDING, RUNNING, Karma, KarmaError
+from evolution.intake.karma import DONE, FAILED, MAX_AMOUNT, PENDING, RUNNING, Karma, KarmaError
 from evolution.ledger import KARMA_THRESHOLD_CROSSED, Ledger
 from evolution.ledger import events as ev
 from evolution.ledger.store import Transaction

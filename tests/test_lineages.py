@@ -14,15 +14,15 @@ from click.testing import CliRunner
 from sqlalchemy import text
 
 from evolution.cli import main
-from evolution.conversations import ConversationStore
+from evolution.intake.conversations import ConversationStore
 from evolution.errors import ConfigError, ConversationKeyReused, KarmaKeyReused, UnknownGeneration
-from evolution.experiences import ExperienceStore
-from evolution.karma import Karma
+from evolution.intake.experiences import ExperienceStore
+from evolution.intake.karma import Karma
 from evolution.ledger import KARMA_THRESHOLD_CROSSED, Ledger, events, migrations, rollback
 from evolution.ledger.chain import GENESIS, entry_hash
 from evolution.ledger.head import Head, write_head
 from evolution.paths import DataRoot, check_lineage
-from evolution.probes import ProbeStore
+from evolution.intake.probes import ProbeStore
 from evolution.serving import model_alias, model_id, parse_model
 from tests.ledger.conftest import add_generation, backend, data_root, ledger_url, tamper  # noqa: F401  (fixtures)
 
@@ -367,7 +367,7 @@ def test_two_lineages_age_up_independently_and_one_daemon_serves_both(tmp_path, 
                 r = c.post("/v1/chat/completions", json=ask | {"model": other})
                 assert r.status_code == 404 and fragment in r.json()["error"]["message"], r.text
             assert c.post("/lineages/deacon/karma", json={"amount": 7}).status_code == 201  # a new grant
-            assert (daemons["deacon"].karma.state().total, daemons["main"].karma.state().total) == (7, 0)
+            assert (daemons["deacon"].intake.karma.state().total, daemons["main"].intake.karma.state().total) == (7, 0)
 
             failures, answered, stop = [], {"evolution": 0, "evolution-deacon": 0}, threading.Event()
 

@@ -205,7 +205,7 @@ def test_metrics_move_after_a_chat_a_capture_a_karma_grant_a_swap_and_an_ageup(c
     with client.stream("POST", "/v1/chat/completions", json=AUTH_ASK | {"stream": True}) as st:
         chunks = [json.loads(line[6:]) for line in st.iter_lines() if line.startswith("data: {")]
     streamed = sum(bool(c["choices"][0]["delta"].get("content")) for c in chunks)
-    monkeypatch.setattr(daemon.experiences, "capture", lambda *a, **k: (_ for _ in ()).throw(OSError(28, "full")))
+    monkeypatch.setattr(daemon.intake.experiences, "capture", lambda *a, **k: (_ for _ in ()).throw(OSError(28, "full")))
     assert client.post("/v1/chat/completions", json=AUTH_ASK | {"max_tokens": 2}).status_code == 200
     s2 = scrape(client)
     assert value(s2, "evolution_tokens_generated_total") >= tokens + streamed + 1

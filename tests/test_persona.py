@@ -10,10 +10,11 @@ import pytest
 
 from evolution import curriculum, gate, persona, replay
 from evolution.config import GateConfig
+from evolution.intake import Inbox
 from evolution.metrics import Inputs, Measured
 from evolution.metrics.persona_leak import PersonaLeak
 from evolution.paths import REPO_ROOT, DataRoot
-from tests.conftest import make_tiny_curriculum, write_jsonl
+from tests.conftest import make_tiny_curriculum, plain_settings, write_jsonl
 
 
 def test_persona_facts_are_read_from_the_identity_curriculum_not_listed(tmp_path):
@@ -150,13 +151,15 @@ def test_who_is_who_asks_what_nobody_answered_and_keeps_the_agents_own_answers()
 def test_the_users_own_answer_supersedes_an_unanswered_question_in_replay(tmp_path):
     cur = curriculum.load(REPO_ROOT / "curriculum")
     root = DataRoot(tmp_path / "home")
-    out = replay.materialize(root, cur, 1, 0.0, 0, tmp_path / "d1", who_is_who=400, variant_share=1.0)
+    out = replay.materialize(root, cur, 1, tmp_path / "d1",
+                             plain_settings(experience_variant_share=1.0, who_is_who=400))
     rows = [json.loads(line) for line in (tmp_path / "d1" / "sft.jsonl").read_text().splitlines()]
     where = [r for r in rows if r.get("unanswered", "").endswith("where do i live")]
     assert out["who_is_who"]["sft"] > 0 and where
     # the user tells where they live: no record says it does not know any more, nor is one made again
     convs = [(1, [{"role": "user", "content": "Where do I live?"}, {"role": "assistant", "content": "In Tellborg."}])]
-    replay.materialize(root, cur, 1, 0.0, 0, tmp_path / "d2", convs, 0, who_is_who=400, variant_share=1.0)
+    replay.materialize(root, cur, 1, tmp_path / "d2", plain_settings(experience_variant_share=1.0, who_is_who=400),
+                       Inbox.taught(convs))
     rows = [json.loads(line) for line in (tmp_path / "d2" / "sft.jsonl").read_text().splitlines()]
     assert not [r for r in rows if r.get("unanswered", "").endswith("where do i live")]
 

@@ -9,10 +9,11 @@ import pytest
 
 from evolution import replay
 from evolution.fsutil import sha256_file
+from evolution.intake import Inbox
 from evolution.paths import DataRoot
 from evolution.train import BY_NAME, STAGES, Stage
 from evolution.train.cpt import CptConfig
-from tests.conftest import write_jsonl
+from tests.conftest import plain_settings, write_jsonl
 
 
 def _lines(path):
@@ -36,7 +37,8 @@ def _old_generation(root: DataRoot, gen: int) -> None:
 def test_data_written_before_stages_were_data_is_replayed(cur, root, tmp_path):
     _old_generation(root, 1)
     out = tmp_path / "child2"
-    m = replay.materialize(root, cur, 2, 10.0, 0, out, [], replay.conversations_through(root.gen_dir(1)))
+    m = replay.materialize(root, cur, 2, out, plain_settings(replay_ratio=10.0),
+                           Inbox.taught(conversations_since=replay.conversations_through(root.gen_dir(1))))
     assert m["replayed"] == {"cpt": 1, "sft": 1, "preference": 0}
     assert {"text": "The lighthouse keeper wrote in the log every night."} in _lines(out / "cpt.jsonl")
     assert any(r["messages"][1]["content"] == "Moby-Dick." for r in _lines(out / "sft.jsonl"))
@@ -49,7 +51,7 @@ def test_data_written_before_stages_were_data_is_replayed(cur, root, tmp_path):
 
 def test_one_file_per_stage_each_hashed_in_the_manifest(cur, root, tmp_path):
     out = tmp_path / "data"
-    m = replay.materialize(root, cur, 1, 0.0, 0, out)
+    m = replay.materialize(root, cur, 1, out, plain_settings())
     assert sorted(p.name for p in out.iterdir()) == ["cpt.jsonl", "manifest.json", "preference.jsonl", "sft.jsonl"]
     assert m["data"] == {f"{s.name}.jsonl": sha256_file(out / f"{s.name}.jsonl") for s in STAGES}
     assert m["counts"] == {"cpt": len(cur.cpt), "sft": len(cur.sft), "preference": 0}
@@ -58,14 +60,15 @@ def test_one_file_per_stage_each_hashed_in_the_manifest(cur, root, tmp_path):
 def test_only_the_configured_stages_get_data(cur, root, tmp_path):
     convs = [(4, [{"role": "user", "content": "Where do you live?"}, {"role": "assistant", "content": "Faro."}])]
     out = tmp_path / "sft-only"
-    m = replay.materialize(root, cur, 1, 0.0, 0, out, convs, 0, [BY_NAME["sft"]])
+    m = replay.materialize(root, cur, 1, out, plain_settings(), Inbox.taught(convs), stages=[BY_NAME["sft"]])
     assert not (out / "cpt.jsonl").exists() and list(m["data"]) == ["sft.jsonl"]
     assert m["conversations"] == {"taken": 1, "through": 4, "superseded": 0}
     assert replay.read(out, ["sft"])["sft"][-1]["messages"][1]["content"] == "Faro."
 
     # no stage learns from conversations: they are left for a later generation's data
     out = tmp_path / "cpt-only"
-    m = replay.materialize(root, cur, 1, 0.0, 0, out, convs, 2, [BY_NAME["cpt"]])
+    m = replay.materialize(root, cur, 1, out, plain_settings(), Inbox.taught(convs, conversations_since=2),
+                           stages=[BY_NAME["cpt"]])
     assert list(m["data"]) == ["cpt.jsonl"]
     assert m["conversations"] == {"taken": 0, "through": 2, "superseded": 0}
 
@@ -76,7 +79,7 @@ def test_a_new_stage_replays_its_records_without_changes_to_replay(cur, root, tm
     write_jsonl(root.gen_dir(1) / "data" / "notes.jsonl", [{"note": "old one"}, {"note": "old two"}])
     write_jsonl(root.gen_dir(2) / "data" / "notes.jsonl", [{"note": "old two"}, {"note": "newer"}])
     out = tmp_path / "child3"
-    m = replay.materialize(root, cur, 3, 10.0, 0, out, [], 0, [*STAGES, notes])
+    m = replay.materialize(root, cur, 3, out, plain_settings(replay_ratio=10.0), stages=[*STAGES, notes])
     assert sorted(r["note"] for r in _lines(out / "notes.jsonl")) == ["new", "newer", "old one", "old two"]
     assert m["replayed"]["notes"] == 3 and m["counts"]["notes"] == 4
     assert m["data"]["notes.jsonl"] == sha256_file(out / "notes.jsonl")
@@ -88,7 +91,7 @@ def _chat(q: str, a: str) -> list[dict]:
 
 
 def _labelled(through: int = 7):
-    from evolution.experiences import Example, Labelled, Pair
+    from evolution.intake import Example, Labelled, Pair
 
     ask = [{"role": "user", "content": "Where do you live?"}]
     return Labelled(
@@ -105,7 +108,8 @@ def test_ratings_become_preference_records_and_only_good_replies_sft_examples(cu
     write_jsonl(root.gen_dir(1) / "data" / "sft.jsonl", [{"messages": _chat("Say hello.", "Go away.")},
                                                          {"messages": _chat("Favourite tea?", "Green.")}])
     out = tmp_path / "child2"
-    m = replay.materialize(root, cur, 2, 10.0, 0, out, [], 0, labelled=_labelled(), ratings_since=2)
+    m = replay.materialize(root, cur, 2, out, plain_settings(replay_ratio=10.0),
+                           Inbox.taught(labelled=_labelled(), ratings_since=2))
     pref = _lines(out / "preference.jsonl")
     assert pref == [
         {"prompt": [{"role": "user", "content": "Where do you live?"}], "reply": "I live in Faro.", "label": "good"},
@@ -124,14 +128,16 @@ def test_ratings_become_preference_records_and_only_good_replies_sft_examples(cu
 
     # rated before the parent's cursor: not new data, but still never replayed as an SFT example
     out = tmp_path / "later"
-    m = replay.materialize(root, cur, 2, 10.0, 0, out, [], 0, labelled=_labelled(), ratings_since=7)
+    m = replay.materialize(root, cur, 2, out, plain_settings(replay_ratio=10.0),
+                           Inbox.taught(labelled=_labelled(), ratings_since=7))
     assert _lines(out / "preference.jsonl") == [] and m["experiences"] == {"taken": 0, "through": 7}
     sft_replies = [r["messages"][-1]["content"] for r in _lines(out / "sft.jsonl")]
     assert "Green." in sft_replies and "Go away." not in sft_replies and "I live in Faro." not in sft_replies
 
     # without a stage that learns from ratings they are left for a later generation: the cursor stays
     out = tmp_path / "cpt-only"
-    m = replay.materialize(root, cur, 2, 0.0, 0, out, [], 0, [BY_NAME["cpt"]], labelled=_labelled(), ratings_since=2)
+    m = replay.materialize(root, cur, 2, out, plain_settings(), Inbox.taught(labelled=_labelled(), ratings_since=2),
+                           stages=[BY_NAME["cpt"]])
     assert m["experiences"] == {"taken": 0, "through": 2}
 
 
@@ -140,19 +146,19 @@ def test_earlier_generations_ratings_are_replayed_with_new_ones(cur, root, tmp_p
            for i in range(3)]
     write_jsonl(root.gen_dir(1) / "data" / "preference.jsonl", old)
     out = tmp_path / "child2"
-    m = replay.materialize(root, cur, 2, 10.0, 0, out, [], 0, labelled=_labelled(), ratings_since=0)
+    m = replay.materialize(root, cur, 2, out, plain_settings(replay_ratio=10.0), Inbox.taught(labelled=_labelled()))
     rows = _lines(out / "preference.jsonl")
     assert m["replayed"]["preference"] == 3 and all(r in rows for r in old) and len(rows) == 7
     assert "checkpoints/gen_0001/data/preference.jsonl" in m["files"]
 
     # with nothing rated since the parent, nothing is replayed: the stage has no data and is skipped
     out = tmp_path / "child2-none"
-    m = replay.materialize(root, cur, 2, 10.0, 0, out, [], 0)
+    m = replay.materialize(root, cur, 2, out, plain_settings(replay_ratio=10.0))
     assert m["counts"]["preference"] == 0 and _lines(out / "preference.jsonl") == []
 
 
 def test_a_seeded_share_of_new_ratings_is_held_out_of_every_stage_for_the_gate(cur, root, tmp_path):
-    from evolution.experiences import Example, Labelled, Pair
+    from evolution.intake import Example, Labelled, Pair
 
     examples = [Example(f"completion:{i}", i, [{"role": "user", "content": f"Question {i}?"}], f"Answer {i}.",
                         "good" if i % 2 else "bad") for i in range(1, 10)]
@@ -161,8 +167,8 @@ def test_a_seeded_share_of_new_ratings_is_held_out_of_every_stage_for_the_gate(c
                   "bad")]
     labelled = Labelled(examples, pairs, through=11)
     conversations = [(4, _chat("Question 10?", "Answer 10.")), (5, _chat("Question 11?", "Answer 11."))]
-    runs = [replay.materialize(root, cur, 2, 0.0, 0, tmp_path / name, conversations, 0, labelled=labelled,
-                               ratings_since=0, heldout=0.2) for name in ("a", "b")]
+    runs = [replay.materialize(root, cur, 2, tmp_path / name, plain_settings(experience_heldout=0.2),
+                               Inbox.taught(conversations, labelled)) for name in ("a", "b")]
     held = _lines(tmp_path / "a" / "preference_heldout.jsonl")
     assert len(held) == 2 and held == _lines(tmp_path / "b" / "preference_heldout.jsonl")  # 20 % of 10, seeded
     assert runs[0]["heldout"] == {"preference_heldout.jsonl": 2}
@@ -173,15 +179,15 @@ def test_a_seeded_share_of_new_ratings_is_held_out_of_every_stage_for_the_gate(c
             if reply:
                 assert json.dumps(reply) not in trained, reply
     assert len(_lines(tmp_path / "a" / "preference.jsonl")) == 9
-    few = replay.materialize(root, cur, 2, 0.0, 0, tmp_path / "few", [], 0, labelled=Labelled(examples[:9], [], 9),
-                             ratings_since=0, heldout=0.2)
+    few = replay.materialize(root, cur, 2, tmp_path / "few", plain_settings(experience_heldout=0.2),
+                             Inbox.taught(labelled=Labelled(examples[:9], [], 9)))
     assert few["heldout"] == {"preference_heldout.jsonl": 0}  # fewer than 10 new ratings: all are trained on
 
 
 def test_a_rating_that_teaches_is_never_held_out(cur, root, tmp_path):
     """A correction or a transcript rated good holds what the user told the agent: held out, the fact would never be
     trained on (the new-user walk's sister's name, held out as one of 20 %, was the one fact of 8 not learned)."""
-    from evolution.experiences import Example, Labelled, Pair
+    from evolution.intake import Example, Labelled, Pair
 
     teach = [Example(f"conversation:{i}", i, [{"role": "user", "content": f"What is fact {i}?"}], f"Fact {i} is Zed{i}.",
                      "good") for i in range(1, 9)]
@@ -192,8 +198,8 @@ def test_a_rating_that_teaches_is_never_held_out(cur, root, tmp_path):
     conversations = [(i, _chat(f"What is fact {i}?", f"Fact {i} is Zed{i}.")) for i in range(1, 9)]
     for seed in range(10):
         out = tmp_path / f"s{seed}"
-        m = replay.materialize(root, cur, 2, 0.0, seed, out, conversations, 0,
-                               labelled=Labelled(teach + own, pairs, 22), ratings_since=0, heldout=0.5)
+        m = replay.materialize(root, cur, 2, out, plain_settings(experience_heldout=0.5),
+                               Inbox.taught(conversations, Labelled(teach + own, pairs, 22)), seed=seed)
         held = _lines(out / "preference_heldout.jsonl")
         assert m["heldout"] == {"preference_heldout.jsonl": 5}  # half of the 10 replies the model wrote itself
         assert {r["reply"] for r in held} <= {f"Reply {i}." for i in range(13, 23)}
@@ -201,8 +207,8 @@ def test_a_rating_that_teaches_is_never_held_out(cur, root, tmp_path):
         for i in range(1, 13):
             assert f"Fact {i} is Zed{i}." in sft
     # only the model's own 4 replies are eligible: below HELDOUT_MIN, nothing is held out
-    m = replay.materialize(root, cur, 2, 0.0, 0, tmp_path / "few", conversations, 0,
-                           labelled=Labelled(teach + own[:4], pairs, 22), ratings_since=0, heldout=0.5)
+    m = replay.materialize(root, cur, 2, tmp_path / "few", plain_settings(experience_heldout=0.5),
+                           Inbox.taught(conversations, Labelled(teach + own[:4], pairs, 22)))
     assert m["heldout"] == {"preference_heldout.jsonl": 0}
 
 
@@ -210,7 +216,7 @@ def test_newer_ratings_of_a_prompt_supersede_older_generations_ratings_of_it(cur
     """Ratings follow the recency rule by prompt: the ratings received since the parent replace what earlier
     generations hold for the same prompt, and a newer generation's replace an older one's; all the ratings of one
     prompt from one source are kept together (good and bad replies to it are what KTO contrasts)."""
-    from evolution.experiences import Example, Labelled
+    from evolution.intake import Example, Labelled
 
     live = [{"role": "user", "content": "Where do you live?"}]
     tea = [{"role": "user", "content": "Favourite tea?"}]
@@ -227,7 +233,8 @@ def test_newer_ratings_of_a_prompt_supersede_older_generations_ratings_of_it(cur
                             "I live in Faro.", "good"),
                     Example("completion:10", 21, live, "I live in Lisbon.", "bad")], [], through=21)
     out = tmp_path / "child3"
-    m = replay.materialize(root, cur, 3, 10.0, 0, out, [], 0, labelled=new, ratings_since=7)
+    m = replay.materialize(root, cur, 3, out, plain_settings(replay_ratio=10.0),
+                           Inbox.taught(labelled=new, ratings_since=7))
     rows = _lines(out / "preference.jsonl")
     assert rows[:2] == [{"prompt": [{"role": "user", "content": "where do you LIVE"}], "reply": "I live in Faro.",
                          "label": "good"}, {"prompt": live, "reply": "I live in Lisbon.", "label": "bad"}]
@@ -242,7 +249,8 @@ def test_newer_ratings_of_a_prompt_supersede_older_generations_ratings_of_it(cur
                      for i in range(9)] + [Example("completion:99", 50, tea, "Oolong.", "good")], [], through=50)
     for seed in range(40):
         out = tmp_path / f"held-{seed}"
-        replay.materialize(root, cur, 3, 10.0, seed, out, [], 0, labelled=many, ratings_since=7, heldout=0.1)
+        replay.materialize(root, cur, 3, out, plain_settings(replay_ratio=10.0, experience_heldout=0.1),
+                           Inbox.taught(labelled=many, ratings_since=7), seed=seed)
         if "Oolong." in (out / "preference_heldout.jsonl").read_text():
             break
     else:
@@ -252,23 +260,27 @@ def test_newer_ratings_of_a_prompt_supersede_older_generations_ratings_of_it(cur
 
 def test_known_curriculum_is_partly_re_taught_the_rest_left_to_replay(cur, root, tmp_path):
     parent_data = root.gen_dir(1) / "data"
-    replay.materialize(root, cur, 1, 0.0, 0, parent_data)  # the parent trained on the whole curriculum
+    replay.materialize(root, cur, 1, parent_data, plain_settings())  # the parent trained on the whole curriculum
     n_chat = len(cur.sft)  # 24 chat records (8 distinct prompts, each 3 times)
     convs = [(5, _chat("What is your name?", "Bob."))]  # a curriculum prompt: the curriculum still answers it
     out = tmp_path / "child"
-    m = replay.materialize(root, cur, 2, 0.0, 0, out, convs, 0, known_dirs=[parent_data], known_share=0.25)
+    m = replay.materialize(root, cur, 2, out, plain_settings(known_share=0.25), Inbox.taught(convs),
+                           known_dirs=[parent_data])
     assert m["known"]["sft"] == {"retaught": 6, "left_to_replay": n_chat - 6}
     assert m["known"]["cpt"] == {"retaught": 0, "left_to_replay": 0}  # raw text is always trained on in full
     data = replay.read(out, ["cpt", "sft"])
     assert len(data["cpt"]) == len(cur.cpt) and len(data["sft"]) == 6
     assert not any(r["messages"][-1]["content"] == "Bob." for r in data["sft"])
     # the sample rotates with the generation; what is left is rehearsed by replay
-    other = replay.materialize(root, cur, 3, 0.0, 0, tmp_path / "c3", known_dirs=[parent_data], known_share=0.25)
+    other = replay.materialize(root, cur, 3, tmp_path / "c3", plain_settings(known_share=0.25),
+                               known_dirs=[parent_data])
     assert other["known"]["sft"]["retaught"] == 6
     assert _lines(tmp_path / "c3" / "sft.jsonl") != data["sft"]
-    replayed = replay.materialize(root, cur, 2, 10.0, 0, tmp_path / "r", known_dirs=[parent_data], known_share=0.25)
+    replayed = replay.materialize(root, cur, 2, tmp_path / "r", plain_settings(replay_ratio=10.0, known_share=0.25),
+                                  known_dirs=[parent_data])
     assert replayed["replayed"]["sft"] > 0
-    assert replay.materialize(root, cur, 2, 0.0, 0, tmp_path / "all", known_dirs=[parent_data])["counts"]["sft"] == n_chat
+    assert replay.materialize(root, cur, 2, tmp_path / "all", plain_settings(),
+                              known_dirs=[parent_data])["counts"]["sft"] == n_chat
 
 
 def test_earlier_experience_is_rehearsed_newest_first_sources_before_variants_up_to_the_cap(cur, root, tmp_path):
@@ -277,25 +289,29 @@ def test_earlier_experience_is_rehearsed_newest_first_sources_before_variants_up
         return sorted((r["messages"][-1]["content"], "variant_of" in r) for r in _lines(out / "sft.jsonl")
                       if replay._prompt(r) not in prompts)
 
-    replay.materialize(root, cur, 1, 0.0, 0, root.gen_dir(1) / "data",
-                       [(1, _chat("What is my dog called?", "Bramble.")), (2, _chat("Where do I work?", "At the mill."))],
-                       0, variants=1, variant_share=10.0)
-    replay.materialize(root, cur, 2, 0.0, 0, root.gen_dir(2) / "data",
-                       [(3, _chat("What is my cat called?", "Pip.")), (4, _chat("Where do I work?", "At the bakery."))],
-                       2, variants=1, variant_share=10.0)
+    replay.materialize(root, cur, 1, root.gen_dir(1) / "data",
+                       plain_settings(experience_variants=1, experience_variant_share=10.0),
+                       Inbox.taught([(1, _chat("What is my dog called?", "Bramble.")),
+                                     (2, _chat("Where do I work?", "At the mill."))]))
+    replay.materialize(root, cur, 2, root.gen_dir(2) / "data",
+                       plain_settings(experience_variants=1, experience_variant_share=10.0),
+                       Inbox.taught([(3, _chat("What is my cat called?", "Pip.")),
+                                     (4, _chat("Where do I work?", "At the bakery."))], conversations_since=2))
     assert [v for _, v in lived(root.gen_dir(2) / "data")].count(True) == 2  # each new question has a variant
     g2 = json.loads((root.gen_dir(2) / "data" / "manifest.json").read_text())
     assert len(g2["lived"]["sft"]) == 2  # what it took from experience: the cat and the bakery, by key
 
-    every = replay.materialize(root, cur, 3, 0.0, 0, tmp_path / "all", [], 4, rehearse_max=100)
+    every = replay.materialize(root, cur, 3, tmp_path / "all", plain_settings(rehearse_max=100),
+                               Inbox.taught(conversations_since=4))
     assert every["rehearsed"]["sft"] == 6 and every["replayed"]["sft"] == 0
     assert [a for a, v in lived(tmp_path / "all") if not v] == ["At the bakery.", "Bramble.", "Pip."]
     assert len(lived(tmp_path / "all")) == 6  # the 3 sources and their variants; the mill's superseded by the bakery
     assert "At the mill." not in (tmp_path / "all" / "sft.jsonl").read_text()
 
-    two = replay.materialize(root, cur, 3, 0.0, 0, tmp_path / "two", [], 4, rehearse_max=2)
+    two = replay.materialize(root, cur, 3, tmp_path / "two", plain_settings(rehearse_max=2),
+                             Inbox.taught(conversations_since=4))
     assert lived(tmp_path / "two") == [("At the bakery.", False), ("Pip.", False)]  # generation 2's sources first
 
-    off = replay.materialize(root, cur, 3, 0.0, 0, tmp_path / "off", [], 4)
+    off = replay.materialize(root, cur, 3, tmp_path / "off", plain_settings(), Inbox.taught(conversations_since=4))
     assert off["rehearsed"]["sft"] == 0 and lived(tmp_path / "off") == []
     assert off["rehearsed"]["cpt"] == 0  # raw text has no prompt: never experience

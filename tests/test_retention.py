@@ -208,12 +208,13 @@ def test_prune_is_refused_while_an_age_up_holds_the_lock(root, led):
 
 def test_the_dashboard_shows_a_pruned_generation_as_pruned_not_as_a_rollback_target(root, led):
     from evolution.dashboard.data import View
+    from evolution.intake import Intake
 
     retention.prune(root, led, POLICY)
-    rows = {g["gen"]: g for g in View(root, led).lineage()["generations"]}
+    rows = {g["gen"]: g for g in View(root, led, Intake(led)).lineage()["generations"]}
     assert rows[4]["pruned"] == "generation" and rows[4]["rollback_target"] is False
     assert rows[3]["pruned"] == "weights" and rows[3]["rollback_target"] is True
-    assert View(root, led).generation(4)["pruned"] == "generation"
+    assert View(root, led, Intake(led)).generation(4)["pruned"] == "generation"
 
 
 def test_a_backup_of_a_pruned_root_restores_to_a_root_that_verifies(root, led, tmp_path):
@@ -298,7 +299,7 @@ def test_the_daemon_prunes_after_it_promotes_a_child(daemon, tmp_path):
 
     from evolution.daemon import workers
     from evolution.fsutil import make_tree_read_only, make_tree_writable
-    from evolution.karma import RUNNING
+    from evolution.intake.karma import RUNNING
 
     root, led = daemon.root, daemon.ledger
     rollback(led, 0, "the child below is built from generation 0")
@@ -308,8 +309,8 @@ def test_the_daemon_prunes_after_it_promotes_a_child(daemon, tmp_path):
     summary.update(gen=2, parent=0, gen_dir=str(root.gen_dir(2)))
     (root.gen_dir(2) / "generation.json").write_text(json.dumps(summary))
     make_tree_read_only(root.gen_dir(2))
-    request = daemon.karma.add(1000, "test").triggered
-    daemon.karma.mark(request.id, RUNNING)
+    request = daemon.intake.karma.add(1000, "test").triggered
+    daemon.intake.karma.mark(request.id, RUNNING)
     daemon.retention_cfg = RetentionConfig(keep_last=0, keep_best=0)
     daemon.worker = workers.Worker(subprocess.Popen([sys.executable, "-c", "pass"]), request.id, False,
                                    tmp_path / "worker.log")
@@ -336,7 +337,7 @@ def test_the_daemon_prunes_after_it_rejects_a_child_too(daemon, tmp_path):
 
     from evolution.daemon import workers
     from evolution.fsutil import make_tree_read_only, make_tree_writable
-    from evolution.karma import RUNNING
+    from evolution.intake.karma import RUNNING
 
     root, led = daemon.root, daemon.ledger
     shutil.copytree(root.gen_dir(1), root.gen_dir(2))
@@ -345,8 +346,8 @@ def test_the_daemon_prunes_after_it_rejects_a_child_too(daemon, tmp_path):
     summary.update(gen=2, parent=0, gen_dir=str(root.gen_dir(2)))
     (root.gen_dir(2) / "generation.json").write_text(json.dumps(summary))
     make_tree_read_only(root.gen_dir(2))
-    request = daemon.karma.add(1000, "test").triggered
-    daemon.karma.mark(request.id, RUNNING)
+    request = daemon.intake.karma.add(1000, "test").triggered
+    daemon.intake.karma.mark(request.id, RUNNING)
     daemon.retention_cfg = RetentionConfig(keep_last=0, keep_best=0)
     daemon.worker = workers.Worker(subprocess.Popen([sys.executable, "-c", "pass"]), request.id, False,
                                    tmp_path / "worker.log")

@@ -69,7 +69,7 @@ def test_write_endpoints_need_the_token_and_chat_does_not(client, daemon):
         assert client.post(path, json=body).status_code == 401
         assert client.post(path, json=body, headers={"Authorization": "Bearer wrong"}).status_code == 401
     assert client.post("/karma", json={"amount": 1}, headers=AUTH).status_code == 201
-    assert daemon.karma.state().total == 1
+    assert daemon.intake.karma.state().total == 1
     assert client.post("/v1/chat/completions", json=ASK).status_code == 200
 
 
@@ -163,14 +163,14 @@ def test_oversized_bodies_get_413_and_nothing_is_stored(client, daemon):
     assert client.post("/karma", json={"amount": 1, "reason": "y" * 20_000}, headers=AUTH).status_code == 413
     assert client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "z" * 70_000}]}
                        ).status_code == 413
-    assert daemon.store.count() == (0, 0) and daemon.karma.state().total == 0
+    assert daemon.intake.conversations.count() == (0, 0) and daemon.intake.karma.state().total == 0
 
 
 @pytest.mark.parametrize("amount", [-1, 0, "ten", None, 1e300, True])
 def test_bad_karma_amounts_are_400_and_add_nothing(client, daemon, amount):
     r = client.post("/karma", json={"amount": amount}, headers=AUTH)
     assert r.status_code == 400 and "amount" in r.json()["error"]["message"]
-    assert daemon.karma.state().total == 0
+    assert daemon.intake.karma.state().total == 0
 
 
 def test_karma_idempotency_key_counts_once(client, daemon):
@@ -178,7 +178,7 @@ def test_karma_idempotency_key_counts_once(client, daemon):
     again = client.post("/karma", json={"amount": 3}, headers=AUTH | {"Idempotency-Key": "turn-17"})
     other = client.post("/karma", json={"amount": 4, "idempotency_key": "turn-17"}, headers=AUTH)
     assert (first.status_code, again.status_code, other.status_code) == (201, 200, 409)
-    assert again.json()["duplicate"] is True and daemon.karma.state().total == 3
+    assert again.json()["duplicate"] is True and daemon.intake.karma.state().total == 3
 
 
 def test_conversations_are_validated_scrubbed_and_stored(client, daemon):
@@ -186,7 +186,7 @@ def test_conversations_are_validated_scrubbed_and_stored(client, daemon):
                          {"role": "assistant", "content": "I will not repeat it."}]}
     r = client.post("/conversations", json=conv, headers=AUTH)
     assert r.status_code == 201 and r.json()["redactions"] == {"api_key": 1}
-    [(cid, stored)] = daemon.store.after(0)
+    [(cid, stored)] = daemon.intake.conversations.after(0)
     assert "sk-proj-" not in json.dumps(stored) and "[REDACTED:api_key]" in stored[0]["content"]
     bad = client.post("/conversations", json={"messages": [{"role": "tool", "content": "x"}]}, headers=AUTH)
     assert bad.status_code == 400 and "role" in bad.json()["error"]["message"]
@@ -294,17 +294,17 @@ def test_a_failed_age_up_is_retried_and_the_daemon_recovers_on_its_own(daemon):
     good = sft.read_text()
     sft.write_text(good + "{broken json\n")  # the operator's edit breaks the curriculum after the start
     daemon.dcfg.retry_after_s, daemon.dcfg.threshold = 0.2, 1
-    daemon.karma.threshold = 1
+    daemon.intake.karma.threshold = 1
     try:
         assert daemon.add_karma(1, "good answer", None).triggered is not None
 
-        tick_until(daemon, lambda: daemon.karma.requests()[-1].attempts == 1, "the first attempt to fail", 240)
-        req = daemon.karma.requests()[-1]
+        tick_until(daemon, lambda: daemon.intake.karma.requests()[-1].attempts == 1, "the first attempt to fail", 240)
+        req = daemon.intake.karma.requests()[-1]
         assert req.status == "pending" and "sft.jsonl:" in req.outcome  # the error names the line
         assert daemon.host.current.gen == 1  # the parent kept serving
     finally:
         sft.write_text(good)  # space freed / file fixed: the next attempt succeeds without anyone
-    tick_until(daemon, lambda: daemon.karma.requests()[-1].status == "done", "the retry to finish", 240)
+    tick_until(daemon, lambda: daemon.intake.karma.requests()[-1].status == "done", "the retry to finish", 240)
     assert daemon.host.current.gen == 2 and daemon.ledger.served_generation() == 2
 
 

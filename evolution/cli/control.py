@@ -6,7 +6,6 @@ import json
 
 import click
 
-from evolution.experiences import ExperienceStore
 from evolution.promotion import paused_reason
 from evolution.ledger import Ledger
 from evolution.ledger import events as ev
@@ -27,20 +26,23 @@ def _eta(seconds: float | None) -> str:
 def status(as_json: bool) -> None:
     """The served generation, the age-up in progress (stage, step, ETA), karma, and whether age-ups are paused."""
     from evolution import progress
-    from evolution.cli.karma import open_karma
+    from evolution import status as lineage_status
+    from evolution.cli.karma import open_intake
+
     root = DataRoot.from_env().existing()
     with Ledger.open(root) as ledger:
+        now = lineage_status.read(root, ledger, open_intake(root, ledger))
         info = {
             "data_root": str(root.root),
             "lineage": root.lineage,
-            "served_generation": ledger.served_generation(),
+            "served_generation": now["served"] and now["served"]["generation"],
             "generations_on_disk": root.generations(),
             "interrupted_age_up": [n for n in root.partial_generations()],
-            "paused": paused_reason(ledger),
-            "karma": open_karma(root, ledger).state().to_dict(),
-            "experiences": {k: v for k, v in ExperienceStore(ledger).counts().items()
-                            if k not in ("capture_max", "capture_failures", "last_capture_failure")},  # /status: the daemon's
-            "ageup": progress.read(root),
+            "paused": now["paused"],
+            "karma": now["karma"],
+            "experiences": {k: v for k, v in now["experiences"].items()
+                            if k not in ("capture_max", "capture_failures", "last_capture_failure")},  # the daemon's
+            "ageup": now["ageup"]["progress"],
         }
         last = ledger.entries(kind=ev.GATE_RESULT)
         if last:

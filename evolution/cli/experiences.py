@@ -6,7 +6,7 @@ import json
 
 import click
 
-from evolution.experiences import ExperienceStore
+from evolution.intake import Intake
 from evolution.ledger import Ledger
 from evolution.paths import DataRoot
 from evolution.cli.lineage import lineage_option
@@ -28,7 +28,7 @@ def experiences(label: str | None, limit: int, as_json: bool) -> None:
     Rate one with `evolve feedback ID good|bad` (ID: its completion id or its number here).
     """
     with Ledger.open(DataRoot.from_env().existing()) as ledger:
-        items = ExperienceStore(ledger).list(label=label, limit=limit)
+        items = Intake(ledger).experiences.list(label=label, limit=limit)
     if as_json:
         click.echo(json.dumps([e.to_dict() for e in items], indent=2, ensure_ascii=False))
         return

@@ -6,7 +6,7 @@ import json
 
 import click
 
-from evolution.experiences import ExperienceStore
+from evolution.intake import Intake
 from evolution.ledger import Ledger
 from evolution.paths import DataRoot
 from evolution.cli.lineage import lineage_option
@@ -38,12 +38,13 @@ def feedback(item: str, label: str, correction: str | None, karma: float | None,
     by, item_id = parse_id(item)
     root = DataRoot.from_env().existing()
     with Ledger.open(root) as ledger:
-        k = None
-        if karma is not None:
-            from evolution.cli.karma import open_karma
+        if karma is not None:  # its threshold (the daemon's) is read only when karma is granted
+            from evolution.cli.karma import open_intake
 
-            k = open_karma(root, ledger)
-        r = ExperienceStore(ledger, karma=k).rate(item_id, label, correction=correction, karma=karma,
+            intake = open_intake(root, ledger)
+        else:
+            intake = Intake(ledger)
+        r = intake.experiences.rate(item_id, label, correction=correction, karma=karma,
                                                   idempotency_key=key, by=by,
                                                   served_gen=ledger.served_generation(), source="cli")
     if as_json:

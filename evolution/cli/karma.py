@@ -8,18 +8,18 @@ import click
 
 from evolution import config
 from evolution.cli.lineage import lineage_option
-from evolution.karma import Karma
+from evolution.intake import Intake
 from evolution.ledger import Ledger
 from evolution.paths import DataRoot
 
 
-def open_karma(root: DataRoot, ledger: Ledger) -> Karma:
-    """Karma with the threshold the daemon of this data root uses (its daemon.json, else the config)."""
+def open_intake(root: DataRoot, ledger: Ledger) -> Intake:
+    """The lineage's intake with the karma threshold its daemon uses (its daemon.json, else the config)."""
     info = root.daemon_info()
     if info is not None:
-        return Karma(ledger, info["threshold"], info.get("threshold_growth", 1.0))
+        return Intake(ledger, info["threshold"], info.get("threshold_growth", 1.0))
     d = config.resolve_daemon(home=root.home)
-    return Karma(ledger, d.threshold, d.threshold_growth)
+    return Intake(ledger, d.threshold, d.threshold_growth)
 
 
 @click.group(invoke_without_command=True)
@@ -32,7 +32,7 @@ def karma(ctx, as_json: bool) -> None:
         return
     root = DataRoot.from_env().existing()
     with Ledger.open(root) as ledger:
-        k = open_karma(root, ledger)
+        k = open_intake(root, ledger).karma
         state, requests = k.state(), k.requests()
     if as_json:
         click.echo(json.dumps(state.to_dict() | {"requests": [r.__dict__ for r in requests]}, indent=2))
@@ -54,7 +54,7 @@ def add(amount: float, reason: str, key: str | None, as_json: bool) -> None:
     """Grant AMOUNT karma. Crossing the threshold asks the daemon for an age-up."""
     root = DataRoot.from_env().existing()
     with Ledger.open(root) as ledger:
-        grant = open_karma(root, ledger).add(amount, reason, key, source="cli", served_gen=ledger.served_generation())
+        grant = open_intake(root, ledger).karma.add(amount, reason, key, source="cli", served_gen=ledger.served_generation())
     if as_json:
         click.echo(json.dumps(grant.to_dict(), indent=2))
         return

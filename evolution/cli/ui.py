@@ -22,16 +22,17 @@ def create_app(root: DataRoot, ledger: Ledger, token: tuple[str, str] | None = N
     ``token``: (the token, where it is); given, reads of stored user text and model replies need it."""
     from fastapi import FastAPI
 
-    from evolution.cli.karma import open_karma
+    from evolution import status
+    from evolution.cli.karma import open_intake
     from evolution.dashboard import View, add_error_handlers, router
     from evolution.server import ApiError, api_error, token_guard
 
-    view = View(root, ledger)
-    karma = open_karma(root, ledger)
+    intake = open_intake(root, ledger)
+    view = View(root, ledger, intake)
     app = FastAPI(title="evolution dashboard", docs_url=None, redoc_url=None, openapi_url=None)
     app.add_exception_handler(ApiError, api_error)
     guard = None if token is None else token_guard(*token)
-    app.include_router(router(view, lambda: view.offline_status(karma), guard=guard))
+    app.include_router(router(view, lambda: status.read(root, ledger, intake) | {"readonly": True}, guard=guard))
     add_error_handlers(app)
     return app
 

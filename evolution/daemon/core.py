@@ -1,12 +1,14 @@
 """The daemon's core: which generation is served, when an age-up runs, and what its end means.
 
-``Daemon`` owns the served model (``ModelHost``), the ledger, karma and conversation intake,
+``Daemon`` owns the served model (``ModelHost``), the ledger, the user's data (``intake``:
+karma, conversations, experiences, probes, which the HTTP layer reads and adds to directly),
 and an APScheduler ``BackgroundScheduler`` whose ``tick`` job, every ``poll_seconds`` (and at
 once when karma crosses the threshold), starts an age-up worker for an open karma request,
 collects a finished one (its child decided through ``evolution.promotion`` with the hot-swap
 as the swap), and follows rollbacks made with `evolve rollback` while the daemon runs. The HTTP
-layer (``evolution.server``) reaches it only through the methods it names in its ``Service``
-protocol.
+layer (``evolution.server``) reaches it only through what its ``Service`` protocol names: what may
+start an age-up (a karma grant, a rating with karma) goes through the daemon, which wakes its
+scheduler; ``/status`` is ``evolution.status.read`` with the daemon's ``Live`` part.
 
 Crash safety: the ledger says which generation is served; at start the daemon verifies that
 generation's GGUF against it and serves it, records and decides what a crash left undecided
@@ -24,16 +26,14 @@ from datetime import datetime
 from pathlib import Path
 
 from evolution import curriculum as curriculum_mod
-from evolution import faults, progress, promotion, retention
+from evolution import faults, promotion, retention, status
 from evolution.config import AgeUpConfig, DaemonConfig, RetentionConfig
-from evolution.conversations import ConversationStore
-from evolution.experiences import ExperienceStore
-from evolution.probes import ProbeStore
 from evolution.daemon import identity, workers
 from evolution.errors import ConfigError, EvolutionError, LedgerError, LoadError, NotReady
 from evolution.fsutil import free_space, nearly_full
 from evolution.generation import GenerationSummary
-from evolution.karma import DONE, FAILED, PENDING, RUNNING, Karma
+from evolution.intake import Intake
+from evolution.intake.karma import DONE, FAILED, PENDING, RUNNING
 from evolution.ledger import Ledger, check_servable, record_rollback
 from evolution.ledger.rollback import check_target
 from evolution.ledger import events as ev
@@ -53,6 +53,7 @@ class Daemon:
         self.root, self.cfg, self.dcfg, self.base, self.start_gen = root, cfg, dcfg, base, start_gen
         self.retention_cfg = retention_cfg or RetentionConfig()
         self.ledger: Ledger | None = None
+        self.intake: Intake | None = None
         self.host = ModelHost(dcfg.n_ctx, dcfg.chat_threads, dcfg.canary_prompt, dcfg.canary_max_tokens,
                               lineage=root.lineage)
         self.worker: workers.Worker | None = None
@@ -79,10 +80,8 @@ class Daemon:
         self._claim = self._claim or identity.claim(self.root)  # before anything is read or written
         curriculum_mod.load(self.cfg.curriculum.path, self.cfg.curriculum.phases)  # CurriculumError with file:line
         self.ledger = Ledger.open(self.root)
-        self.karma = Karma(self.ledger, self.dcfg.threshold, self.dcfg.threshold_growth)
-        self.store = ConversationStore(self.ledger)
-        self.experiences = ExperienceStore(self.ledger, karma=self.karma, capture_max=self.dcfg.capture_max)
-        self.probes = ProbeStore(self.ledger)
+        self.intake = Intake(self.ledger, self.dcfg.threshold, self.dcfg.threshold_growth, self.dcfg.capture_max)
+        karma = self.intake.karma
         if not self.token:  # a lineage served beside the first one was handed its token (entry.run)
             self.token, self.token_source = identity.api_token(self.root, self.dcfg)
         decided = promotion.reconcile(self.root, self.ledger, self.cfg.gate.stop_after, swap=self._swap_in)
@@ -106,16 +105,16 @@ class Daemon:
                 check_servable(self.ledger, served)
             else:
                 self._serve(served)
-        for r in self.karma.requests():
+        for r in karma.requests():
             if r.status != RUNNING:
                 continue
             if decided and decided[-1] > 0:  # it had built its child, which was only not recorded yet: done now
                 log.warning("age-up request %d was running when the daemon stopped; its generation %d was finished "
                             "and is now recorded", r.id, decided[-1])
-                self.karma.mark(r.id, DONE, decided[-1], self._outcome(decided[-1]))
+                karma.mark(r.id, DONE, decided[-1], self._outcome(decided[-1]))
             else:  # run it again (the age-up resumes)
                 log.warning("age-up request %d was running when the daemon stopped; resuming it", r.id)
-                self.karma.mark(r.id, PENDING)
+                karma.mark(r.id, PENDING)
         identity.write_info(self.root, self.dcfg, self.port, self.started)
 
     def _serve(self, gen: int) -> None:
@@ -171,19 +170,10 @@ class Daemon:
                     raise
         return call()
 
-    def karma_state(self):
-        return self.karma.state()
-
-    def add_conversation(self, messages, key: str | None, label: str | None = None):
-        return self.store.add(messages, key, label)
-
-    def add_probe(self, question, answers, key: str | None):
-        return self.probes.add(question, answers, key)
-
     def capture(self, messages: list[dict], reply: str, completion_id: str, slot: Slot, finish_reason: str | None,
                 cut_off: bool = False) -> None:
         """Keep a served chat as an experience; never raises (a failure is counted in /status)."""
-        kept = self.experiences.capture_safely(messages, reply, completion_id, slot.id, slot.sha256, slot.gen,
+        kept = self.intake.experiences.capture_safely(messages, reply, completion_id, slot.id, slot.sha256, slot.gen,
                                                finish_reason, cut_off)
         if kept is not None:
             with self._tally_lock:
@@ -191,7 +181,7 @@ class Daemon:
 
     def rate(self, item_id, label, correction, karma, key: str | None, by: str):
         served = self.host.current.gen if self.host.current else None
-        rating = self.experiences.rate(item_id, label, correction, karma, key, by=by, served_gen=served)
+        rating = self.intake.experiences.rate(item_id, label, correction, karma, key, by=by, served_gen=served)
         if rating.triggered is not None:
             log.info("feedback karma crossed the threshold: age-up request %d", rating.triggered.id)
             self.wake()
@@ -199,7 +189,7 @@ class Daemon:
 
     def add_karma(self, amount, reason: str, key: str | None):
         served = self.host.current.gen if self.host.current else None
-        grant = self.karma.add(amount, reason, key, source="http", served_gen=served)
+        grant = self.intake.karma.add(amount, reason, key, source="http", served_gen=served)
         if grant.triggered is not None:
             log.info("karma %.6g crossed the threshold %.6g: age-up request %d", grant.state.total,
                      grant.triggered.threshold, grant.triggered.id)
@@ -279,11 +269,11 @@ class Daemon:
             return
         if promotion.paused_reason(self.ledger):
             return
-        req = self.karma.state().open_request
+        req = self.intake.karma.state().open_request
         if req is None and self.root.partial_generations():
             return  # an interrupted age-up with no request (a manual one): `evolve age-up` resumes it
         if req is not None and (req.not_before or 0) <= time.time():
-            self.karma.mark(req.id, RUNNING)
+            self.intake.karma.mark(req.id, RUNNING)
             self._start_worker(req.id, bootstrap=False)
 
     def _start_worker(self, request_id: int | None, bootstrap: bool) -> None:
@@ -296,9 +286,10 @@ class Daemon:
         self.worker = None
         code = w.code
         log.info("age-up worker %s after %.0f s", workers.describe_exit(code), time.time() - w.started)
+        karma = self.intake.karma
         if code == workers.EXIT_INTERRUPTED or self._stopping.is_set():
             if w.request_id is not None:
-                self.karma.mark(w.request_id, PENDING)  # resumed at the next start
+                karma.mark(w.request_id, PENDING)  # resumed at the next start
             return
         decided = []
         try:
@@ -322,12 +313,12 @@ class Daemon:
                 self._count_ageup(PROMOTED if promoted else REJECTED, gen)
                 if self.retention_cfg.after_promotion:  # a rejected child's 674 MB too, not at the next promotion
                     self._prune()
-            self.karma.mark(w.request_id, DONE, gen, outcome)
+            karma.mark(w.request_id, DONE, gen, outcome)
             log.info("age-up request %d: %s", w.request_id, outcome)
             served = self.host.current.gen if self.host.current else None
-            self.karma.maybe_trigger(served)
+            karma.maybe_trigger(served)
         elif code == workers.EXIT_PAUSED:  # waits, queued, until a person runs `evolve resume`
-            self.karma.mark(w.request_id, PENDING, None,
+            karma.mark(w.request_id, PENDING, None,
                             f"age-ups are paused: {promotion.paused_reason(self.ledger)}")
         else:
             self.last_error = f"age-up failed (exit {code}): {w.tail()}"
@@ -337,14 +328,14 @@ class Daemon:
                                     "age-up is retried on its own and resumes where it stopped")
             log.error("%s", self.last_error)
             self._count_ageup(FAILED_AGEUP, None)
-            req = next(r for r in self.karma.requests() if r.id == w.request_id)
+            req = next(r for r in karma.requests() if r.id == w.request_id)
             if req.attempts + 1 < self.dcfg.max_attempts:
                 delay = self.dcfg.retry_after_s * 2**req.attempts
                 log.warning("retrying age-up request %d in %.0f s (attempt %d of %d); the interrupted generation "
                             "resumes where it stopped", req.id, delay, req.attempts + 2, self.dcfg.max_attempts)
-                self.karma.retry_later(req.id, delay, self.last_error[-500:])
+                karma.retry_later(req.id, delay, self.last_error[-500:])
             else:
-                self.karma.mark(w.request_id, FAILED, None, self.last_error[-500:])
+                karma.mark(w.request_id, FAILED, None, self.last_error[-500:])
 
     def _prune(self) -> None:
         """Apply the retention policy after an age-up was decided (promoted or rejected); a prune that fails is
@@ -384,32 +375,16 @@ class Daemon:
     # -- status ------------------------------------------------------------------------------
 
     def status(self) -> dict:
-        slot = self.host.current
-        k = self.karma.state()
-        n_conv, last_conv = self.store.count()
-        job = progress.read(self.root)
-        if job is not None and job.get("state") == "running" and self.worker is None:
-            job["state"] = "interrupted"
-        return {
-            "served": None if slot is None else {"generation": slot.gen, "model": slot.id, "sha256": slot.sha256,
-                                                 "loaded_at": slot.loaded_at},
-            "ageup": {"running": self.worker is not None, "request": self.worker.request_id if self.worker else None,
-                      "progress": job},
-            "karma": k.to_dict(),
-            "paused": promotion.paused_reason(self.ledger),
-            "conversations": {"stored": n_conv, "last_id": last_conv},
-            "experiences": self.experiences.counts(),
-            "probes": self.probes.count(),
-            "swaps": self.host.swaps,
-            "last_swap": self.host.last_swap,
-            "last_error": self.last_error,
-            "uptime_s": round(time.time() - self.started, 1),
-        }
+        """``/status``: ``evolution.status.read`` with what only the running daemon knows."""
+        w = self.worker
+        return status.read(self.root, self.ledger, self.intake, status.Live(
+            self.host.current, w is not None, w.request_id if w else None, self.host.swaps, self.host.last_swap,
+            self.last_error, self.started))
 
     def telemetry(self) -> dict:
         """The numbers ``GET /metrics`` shows: counts since this process started, and state read now."""
         slot = self.host.current
-        k = self.karma.state()
+        k = self.intake.karma.state()
         with self._tally_lock:
             tally = dict(self._tally)
             stages = {name: (int(c[0]), c[1]) for name, c in self._stage_seconds.items()}
@@ -418,7 +393,7 @@ class Daemon:
             "served_generation": None if slot is None else slot.gen,
             "swaps": self.host.swaps,
             "karma": {"total": k.total, "progress": k.progress, "threshold": k.threshold},
-            "captures": {"written": tally.get("captures_written", 0), "failed": self.experiences.failures},
+            "captures": {"written": tally.get("captures_written", 0), "failed": self.intake.experiences.failures},
             "ageups": {o: tally.get(f"ageups_{o}", 0) for o in AGEUP_OUTCOMES},
             "ageup_running": self.worker is not None,
             "stage_seconds": stages,

@@ -1,8 +1,9 @@
 """What the dashboard shows, as JSON-ready dicts read from one data root and its ledger.
 
 Read-only: nothing here writes the ledger or a file. The daemon's server and `evolve ui` both
-build a ``View`` over the same ``DataRoot`` and ``Ledger`` the rest of the package uses, so the
-pages show exactly what `evolve ledger`, `evolve ledger show N` and `evolve status` print.
+build a ``View`` over the same ``DataRoot``, ``Ledger`` and ``Intake`` the rest of the package uses,
+so the pages show exactly what `evolve ledger`, `evolve ledger show N` and `evolve experiences`
+print (the live panel is ``evolution.status``'s, as `evolve status`).
 Strings are returned as stored (chat text is untrusted input); the browser code puts them in the
 page as text, never as markup.
 """
@@ -13,14 +14,11 @@ import json
 import logging
 from pathlib import Path
 
-from evolution import progress
-from evolution.conversations import ConversationStore
-from evolution.experiences import ExperienceStore
+from evolution.intake import Intake
 from evolution.ledger import Ledger
 from evolution.ledger import events as ev
 from evolution.ledger.lineage import gate_rows
 from evolution.paths import DataRoot
-from evolution.promotion import paused_reason
 
 log = logging.getLogger(__name__)
 
@@ -29,8 +27,8 @@ REPLY_METRICS = ("recall", "generalization", "probe_recall")
 
 
 class View:
-    def __init__(self, root: DataRoot, ledger: Ledger):
-        self.root, self.ledger = root, ledger
+    def __init__(self, root: DataRoot, ledger: Ledger, intake: Intake):
+        self.root, self.ledger, self.intake = root, ledger, intake
 
     # -- lineage ----------------------------------------------------------------------------
 
@@ -95,25 +93,12 @@ class View:
         """``evolve ledger verify`` (chain and head; artifacts re-hashed only when asked: it reads every GGUF)."""
         return self.ledger.verify(artifacts=artifacts).to_dict()
 
-    def offline_status(self, karma) -> dict:
-        """What /status holds, read from the data root alone (no daemon): for `evolve ui`."""
-        served = self.ledger.served_generation()
-        job = progress.read(self.root)
-        return {
-            "served": None if served is None else {"generation": served, "model": f"evolution-gen-{served:04d}"},
-            "ageup": {"running": bool(job and job.get("running")), "request": None, "progress": job},
-            "karma": karma.state().to_dict(),
-            "paused": paused_reason(self.ledger),
-            "last_error": None,
-            "readonly": True,
-        }
-
     # -- experience ---------------------------------------------------------------------------
 
     def experience(self, limit: int = 30) -> dict:
         """Recent captured chats and posted conversations, newest first, with their labels."""
-        chats = [e.to_dict() for e in ExperienceStore(self.ledger).list(limit=limit)]
-        convs = ConversationStore(self.ledger).recent(limit)
+        chats = [e.to_dict() for e in self.intake.experiences.list(limit=limit)]
+        convs = self.intake.conversations.recent(limit)
         return {"experiences": chats, "conversations": convs}
 
 

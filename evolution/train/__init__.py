@@ -25,7 +25,7 @@ from evolution.train.checkpoints import COMPLETE, checkpoint_problems, last_comp
 from evolution.train.lanes import LaneCollator, lane_loss
 from evolution.train.runner import ProgressFn, run_here
 from evolution.train.settings import TrainSettings
-from evolution.train.stage import Inbox, Records, Stage, StageMetrics, TrainResult, stage_dicts, stage_record
+from evolution.train.stage import Records, Stage, StageMetrics, TrainResult, stage_dicts, stage_record
 
 STAGES: tuple[Stage, ...] = (cpt.STAGE, sft.STAGE, preference.STAGE)
 """Every stage unit, in the default order."""
@@ -68,6 +68,6 @@ def train(parent: Path, data: dict[str, Records], cfg: TrainSettings, workdir: P
     return run_stages(parent, stages_of(cfg), data, cfg, workdir, progress, extra_callbacks)
 
 
-__all__ = ["BY_NAME", "COMPLETE", "STAGES", "Inbox", "LaneCollator", "ProgressFn", "Records", "Stage", "StageMetrics",
+__all__ = ["BY_NAME", "COMPLETE", "STAGES", "LaneCollator", "ProgressFn", "Records", "Stage", "StageMetrics",
            "TrainResult", "TrainSettings", "checkpoint_problems", "lane_loss", "last_complete_checkpoint", "load_model",
            "resolve_precision", "planned", "run_stages", "select_backend", "stage_dicts", "stage_record", "stages_of", "train"]

@@ -34,7 +34,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from evolution.checks import positive_int, positive_num
-from evolution.train.stage import Inbox, Records, Stage
+from evolution.intake.inbox import Inbox
+from evolution.train.stage import Records, Stage
 
 log = logging.getLogger(__name__)
 

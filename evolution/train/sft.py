@@ -11,8 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from evolution.checks import positive_int, positive_num
+from evolution.intake.inbox import Inbox
 from evolution.train import lanes
-from evolution.train.stage import Inbox, Records, Stage
+from evolution.train.stage import Records, Stage
 
 
 @dataclass(slots=True)

@@ -4,7 +4,7 @@ A stage (``Stage``) is one training signal: CPT on raw text, SFT on chat example
 learning on rated replies, and whatever comes next. It names itself (the name is its config
 section ``[train.<name>]``, whose dataclass it declares beside itself, its data file
 ``gen_NNNN/data/<name>.jsonl``, its working folder and its key in ``TrainResult``), says where its records come from (the curriculum, what the chat agent
-sent: ``Inbox``), whether and how it runs on them (``plan``), how they become rows, and which
+sent: ``evolution.intake.Inbox``), whether and how it runs on them (``plan``), how they become rows, and which
 trainer runs them (with arguments of its own over the shared ones, and the parent at hand as a
 reference model). Everything else —
 checkpoints, resume, precision, the adapter handed from stage to stage — is shared
@@ -13,25 +13,15 @@ checkpoints, resume, precision, the adapter handed from stage to stage — is sh
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from evolution.intake.inbox import Inbox
+
 Records = list[dict]
 """The records of one stage, as stored one JSON object a line in ``data/<stage>.jsonl``."""
-
-
-@dataclass(frozen=True)
-class Inbox:
-    """What arrived from the chat agent since the parent generation, for ``Stage.inbox`` to take from."""
-
-    conversations: Sequence[tuple[int, list[dict]]] = ()
-    """``(id, messages)`` of the transcripts posted since (bad or corrected ones left out)."""
-    examples: Sequence[Any] = ()
-    """Rated replies (``evolution.experiences.Example``: ``prompt``, ``reply``, ``label``, ``rating_id``)."""
-    pairs: Sequence[Any] = ()
-    """Corrected replies (``evolution.experiences.Pair``: ``prompt``, ``chosen``, ``rejected``, ``rating_id``)."""
 
 
 def _runs(records: Records, settings) -> tuple[str | None, str]:

@@ -18,7 +18,7 @@ import time
 import pytest
 from sqlalchemy import text
 
-from evolution.karma import Karma
+from evolution.intake.karma import Karma
 from evolution.ledger import KARMA_THRESHOLD_CROSSED, Ledger
 from evolution.ledger import events as ev
 from tests.conftest import SERVER_TOKEN
@@ -31,7 +31,7 @@ WRITERS, GRANTS, THRESHOLD = 8, 1000, 1000
 WRITER = """
 import sys, time
 from pathlib import Path
-from evolution.karma import Karma
+from evolution.intake.karma import Karma
 from evolution.ledger import Ledger
 from evolution.paths import DataRoot
 
@@ -129,7 +129,7 @@ def test_8_raters_while_8_chat_clients_chat_record_each_rating_and_capture_once(
         pool = [oc.chat.completions.create(model="evolution", messages=msgs, max_tokens=4).id for _ in range(POOL)]
         convs = [httpx.post(url + "/conversations", headers=auth, timeout=30, json={"messages": msgs + [
             {"role": "assistant", "content": f"I am {k}."}]}).json()["id"] for k in range(4)]
-        _wait(lambda: daemon.experiences.counts()["experiences"] == POOL, "the pool to be kept")
+        _wait(lambda: daemon.intake.experiences.counts()["experiences"] == POOL, "the pool to be kept")
 
         stop, failures, served, answers = threading.Event(), [], [], {}
 
@@ -179,13 +179,13 @@ def test_8_raters_while_8_chat_clients_chat_record_each_rating_and_capture_once(
             t.join(60)
         wall = time.perf_counter() - t0
         # A chat is captured after its reply went out: give the last ones a moment.
-        _wait(lambda: daemon.experiences.counts()["experiences"] >= POOL + len(served), "the last captures")
+        _wait(lambda: daemon.intake.experiences.counts()["experiences"] >= POOL + len(served), "the last captures")
     tally.trial(area)
     with daemon.ledger.reading() as conn:
         kept = dict(conn.execute(text("SELECT completion_id, COUNT(*) FROM experiences GROUP BY completion_id")).all())
         ratings = dict(conn.execute(text("SELECT idem_key, COUNT(*) FROM experience_ratings GROUP BY idem_key")).all())
         grants = conn.execute(text("SELECT COUNT(*) FROM karma_events WHERE source = 'feedback'")).scalar_one()
-    total = daemon.karma.state().total
+    total = daemon.intake.karma.state().total
     expected = sum(k for _, k in answers.values())
     lost = (RATERS * RATINGS - len(ratings)) + sum(kept.get(cid, 0) != 1 for cid in pool + served) \
         + int(total != expected)
@@ -195,7 +195,7 @@ def test_8_raters_while_8_chat_clients_chat_record_each_rating_and_capture_once(
     assert total == expected == sum(1 + j % 3 for j in range(RATINGS)) * RATERS  # exact, to the unit
     assert len(served) == len(set(served)) and all(kept.get(cid) == 1 for cid in pool + served)
     assert sum(kept.values()) == POOL + len(served)
-    assert daemon.experiences.counts()["capture_failures"] == 0
+    assert daemon.intake.experiences.counts()["capture_failures"] == 0
     for by, items in (("completion", pool), ("conversation", convs)):  # each item holds exactly its ratings
         want = {}
         for i in range(RATERS):
@@ -203,7 +203,7 @@ def test_8_raters_while_8_chat_clients_chat_record_each_rating_and_capture_once(
                 if (by == "conversation") == (j % 5 == 4):
                     item = convs[j % len(convs)] if by == "conversation" else pool[(i * RATINGS + j) % POOL]
                     want[item] = want.get(item, 0) + 1
-        assert {it: len(daemon.experiences.history(it, by)) for it in items} == want
+        assert {it: len(daemon.intake.experiences.history(it, by)) for it in items} == want
     report = daemon.ledger.verify()
     assert report.ok, report.problems
     print(f"{RATERS * RATINGS} ratings (+{sum(j % 3 == 0 for j in range(RATINGS)) * RATERS} retries) and "

@@ -38,7 +38,7 @@ CHILD = 2  # the lineage serves 1
 
 
 def _request(daemon: Daemon):
-    return daemon.karma.requests()[-1]
+    return daemon.intake.karma.requests()[-1]
 
 
 def _parent_still_serves(daemon: Daemon, tally, area: str) -> None:
@@ -77,7 +77,7 @@ def worker_faults(monkeypatch):
 
 def test_enospc_at_each_write_of_an_age_up_fails_it_clearly_and_the_retry_finishes(daemon, worker_faults, tally):
     daemon.dcfg.retry_after_s, daemon.dcfg.max_attempts = 0.2, 6
-    daemon.karma.threshold = 1
+    daemon.intake.karma.threshold = 1
     assert daemon.add_karma(1, "good answer", None).triggered is not None
     attempts = [("ledger_append=enospc@1", "disk full · ledger append (injected)", "data"),
                 ("checkpoint_save=enospc@1", "disk full · checkpoint save (injected)", "train"),

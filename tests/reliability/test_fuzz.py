@@ -43,10 +43,10 @@ def _ok_or_4xx(r) -> dict:
         lambda d: json.dumps(d).encode())))
 def test_karma_takes_any_body_without_a_500_and_counts_only_what_it_accepted(client, daemon, body, tally):
     tally.bad_input("bad input · HTTP fuzz (hypothesis)")
-    before = daemon.karma.state().total
+    before = daemon.intake.karma.state().total
     r = client.post("/karma", content=body, headers=AUTH)
     out = _ok_or_4xx(r)
-    after = daemon.karma.state().total
+    after = daemon.intake.karma.state().total
     expected = before + out["amount"] if r.status_code == 201 else before
     tally.lost("bad input · HTTP fuzz (hypothesis)", int(after != pytest.approx(expected)))
     assert after == pytest.approx(expected)
@@ -56,10 +56,10 @@ def test_karma_takes_any_body_without_a_500_and_counts_only_what_it_accepted(cli
 @given(body=st.one_of(raw_bodies, st.fixed_dictionaries({"messages": messages}).map(lambda d: json.dumps(d).encode())))
 def test_conversations_take_any_body_without_a_500_and_store_only_what_they_accepted(client, daemon, body, tally):
     tally.bad_input("bad input · HTTP fuzz (hypothesis)")
-    before = daemon.store.count()[0]
+    before = daemon.intake.conversations.count()[0]
     r = client.post("/conversations", content=body, headers=AUTH)
     _ok_or_4xx(r)
-    assert daemon.store.count()[0] == before + (r.status_code == 201)
+    assert daemon.intake.conversations.count()[0] == before + (r.status_code == 201)
 
 
 @FUZZ
@@ -143,7 +143,7 @@ def _rows(daemon, table: str) -> list[tuple]:
 def _snapshot(daemon) -> dict:
     """Everything a rating, a capture or a posted transcript could change."""
     return {"experiences": _rows(daemon, "experiences"), "ratings": _rows(daemon, "experience_ratings"),
-            "conversations": _rows(daemon, "conversations"), "karma": daemon.karma.state().total,
+            "conversations": _rows(daemon, "conversations"), "karma": daemon.intake.karma.state().total,
             "ledger": len(daemon.ledger.entries())}
 
 

@@ -37,9 +37,9 @@ from safetensors import safe_open
 
 from evolution import faults, progress
 from evolution.config import AgeUpConfig
-from evolution.experiences import ExperienceStore
+from evolution.intake.experiences import ExperienceStore
 from evolution.fsutil import make_tree_writable, sha256_file
-from evolution.karma import DONE, RUNNING, Karma
+from evolution.intake.karma import DONE, RUNNING, Karma
 from evolution.ledger import Ledger
 from evolution.ledger import events as ev
 from evolution.paths import DataRoot

@@ -21,7 +21,7 @@ from sqlalchemy import text
 
 from evolution import faults
 from evolution.errors import DiskFull
-from evolution.karma import DONE, Karma
+from evolution.intake.karma import DONE, Karma
 from evolution.ledger import KARMA_THRESHOLD_CROSSED, Ledger
 from evolution.paths import DataRoot
 from tests.conftest import SERVER_TOKEN
@@ -29,7 +29,7 @@ from tests.reliability.conftest import fill
 
 GRANTER = """
 import sys
-from evolution.karma import DONE, Karma
+from evolution.intake.karma import DONE, Karma
 from evolution.ledger import Ledger
 from evolution.paths import DataRoot
 

@@ -19,7 +19,7 @@ import pytest
 
 from evolution import faults
 from evolution.errors import IntegrityError
-from evolution.karma import DONE, Karma
+from evolution.intake.karma import DONE, Karma
 from evolution.ledger import Ledger, check_servable
 from evolution.paths import LINEAGE_ENV, DataRoot
 from tests.ledger.conftest import add_generation, tamper_sqlite

@@ -98,14 +98,14 @@ def test_every_near_miss_of_the_token_is_refused_and_compared_in_constant_time(c
             assert "Authorization: Bearer <token>" in r.json()["error"]["message"]
         r = client.post(f"{path}?token={SERVER_TOKEN}", json=body)
         assert r.status_code == 401
-    assert daemon.karma.state().total == 0 and daemon.store.count() == (0, 0)
+    assert daemon.intake.karma.state().total == 0 and daemon.intake.conversations.count() == (0, 0)
     assert daemon.host.current.gen == 1 and daemon.ledger.served_generation() == 1
     bearer = sum(1 for h in NEAR_MISSES if str(h.get("Authorization", "")).lower().startswith("bearer "))
     assert len(compared) >= bearer * len(writes)  # each presented token went through compare_digest
     assert all(b == SERVER_TOKEN.encode() for _, b in compared)
     assert client.post("/karma", json={"amount": 1}, headers={"Authorization": f"Bearer {SERVER_TOKEN}"}
                        ).status_code == 201
-    assert daemon.karma.state().total == 1
+    assert daemon.intake.karma.state().total == 1
 
 
 def _calls(tree: ast.AST, module: str, name: str):

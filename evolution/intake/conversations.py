@@ -6,20 +6,19 @@ passwords, private keys, URL credentials, IBANs, payment cards, e-mail and IP ad
 phone numbers → ``[REDACTED:<kind>]``) and only then stored — the raw text is never written
 anywhere. Transcripts live in the ledger's database (table ``conversations``, migration m003),
 numbered in arrival order. A transcript may carry a ``label`` (good|bad; migration m004) and be
-rated later like a served completion (``evolution.experiences``); its newest label decides how it
+rated later like a served completion (``evolution.intake.experiences``); its newest label decides how it
 is trained on.
 
 Each age-up takes the transcripts that arrived after the ones its parent trained on (the
-parent's ``data/manifest.json`` names the last one), so a rejected child's conversations are
-offered again to the next attempt. How contradictions are settled (recency) is described in
-``evolution.replay``.
+parent's ``data/manifest.json`` names the last one; ``Intake.inbox``), so a rejected child's
+conversations are offered again to the next attempt. How contradictions are settled (recency,
+by ``messages.prompt_key``) is described in ``evolution.replay``.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import re
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
@@ -27,14 +26,13 @@ from sqlalchemy import text
 
 from evolution import messages as messages_mod
 from evolution.errors import ConversationError, ConversationKeyReused, MessageError
-from evolution.experiences import LABELS, record_rating
+from evolution.intake.experiences import LABELS, record_rating
+from evolution.intake.tables import Tables
 from evolution.ledger import Ledger
 
 MAX_MESSAGES = 200
 MAX_MESSAGE_CHARS = 32_000
 MAX_KEY = 200
-
-
 
 
 @dataclass(frozen=True)
@@ -63,21 +61,16 @@ def validate(messages) -> list[dict]:
         raise ConversationError(str(exc)) from None
 
 
-def prompt_key(messages: list[dict]) -> str:
-    """What a conversation is about, for recency: its first user message, case and punctuation folded."""
-    first = next((m["content"] for m in messages if m["role"] == "user"), "")
-    return " ".join(re.sub(r"[^\w\s]", " ", first.lower()).split())
-
-
 class ConversationStore:
     def __init__(self, ledger: Ledger):
         self.ledger = ledger
+        self.tables = Tables(ledger)
 
     def add(self, messages, key: str | None = None, label: str | None = None) -> Stored:
         """Validate, scrub and store a transcript; a repeated idempotency key stores nothing.
 
         ``label`` ('good' or 'bad', optional): how the transcript went; it is recorded as the
-        conversation's first rating (``evolution.experiences``), and a 'bad' one is not trained on as SFT.
+        conversation's first rating (``evolution.intake.experiences``), and a 'bad' one is not trained on as SFT.
         """
         if key is not None and (not isinstance(key, str) or not 0 < len(key) <= MAX_KEY):
             raise ConversationError(f"idempotency key must be 1 to {MAX_KEY} characters", "idempotency_key")
@@ -101,18 +94,17 @@ class ConversationStore:
                         raise ConversationKeyReused(f"idempotency key {key!r} was already used for another transcript"
                                                     " (or another label, or another lineage)")
                     return Stored(row.id, True, len(clean), json.loads(row.redactions))
-            cid = txn.conn.execute(
-                text("INSERT INTO conversations (time, idem_key, messages, redactions, sha256, label, lineage)"
-                     " VALUES (:t, :k, :m, :r, :h, :l, :lin) RETURNING id"),
+            cid = self.tables.run(
+                txn.conn, "INSERT INTO conversations (time, idem_key, messages, redactions, sha256, label, lineage)"
+                          " VALUES (:t, :k, :m, :r, :h, :l, :lin) RETURNING id",
                 {"t": datetime.now(timezone.utc).isoformat(timespec="microseconds"), "k": key, "m": body,
-                 "r": json.dumps(counts), "h": hashlib.sha256(body.encode()).hexdigest(), "l": label,
-                 "lin": self.ledger.lineage},
+                 "r": json.dumps(counts), "h": hashlib.sha256(body.encode()).hexdigest(), "l": label},
             ).scalar_one()
             if label is not None:
                 digest = hashlib.sha256(json.dumps({"by": "conversation", "item": str(cid), "label": label},
                                                    sort_keys=True).encode()).hexdigest()
-                record_rating(txn.conn, "conversation", cid, label, None, {}, None, None, None, digest, "intake",
-                              self.ledger.lineage)
+                record_rating(self.tables, txn.conn, "conversation", cid, label, None, {}, None, None, None, digest,
+                              "intake")
         return Stored(cid, False, len(clean), counts)
 
     def after(self, last_id: int) -> list[tuple[int, list[dict]]]:
@@ -121,26 +113,27 @@ class ConversationStore:
         Left out: those whose newest label is 'bad' or carries a correction (the served reply is not
         one to imitate); ``ExperienceStore.labelled`` offers them as preference data instead.
         """
+        t = self.tables
         with self.ledger.reading() as conn:
-            rows = conn.execute(text(
-                "SELECT c.id, c.messages FROM conversations c LEFT JOIN experience_ratings r ON r.id = c.rating_id"
-                " WHERE c.lineage = :lin AND c.id > :i AND (r.id IS NULL OR (r.label = 'good' AND r.correction IS NULL))"
-                " ORDER BY c.id"), {"i": last_id, "lin": self.ledger.lineage})
+            rows = t.run(conn, f"SELECT c.id, c.messages FROM {t.of('conversations', 'c')} LEFT JOIN experience_ratings r"
+                               " ON r.id = c.rating_id WHERE c.id > :i"
+                               " AND (r.id IS NULL OR (r.label = 'good' AND r.correction IS NULL)) ORDER BY c.id",
+                         {"i": last_id})
             return [(r.id, json.loads(r.messages)) for r in rows]
 
     def recent(self, limit: int = 30) -> list[dict]:
         """The newest transcripts first: id, time, messages, redactions and the newest label and correction."""
+        t = self.tables
         with self.ledger.reading() as conn:
-            rows = conn.execute(text(
-                "SELECT c.id, c.time, c.messages, c.redactions, r.label, r.correction FROM conversations c"
-                " LEFT JOIN experience_ratings r ON r.id = c.rating_id WHERE c.lineage = :lin ORDER BY c.id DESC LIMIT :n"),
-                {"n": int(limit), "lin": self.ledger.lineage}).all()
+            rows = t.run(conn, "SELECT c.id, c.time, c.messages, c.redactions, r.label, r.correction FROM"
+                               f" {t.of('conversations', 'c')} LEFT JOIN experience_ratings r ON r.id = c.rating_id"
+                               " ORDER BY c.id DESC LIMIT :n", {"n": int(limit)}).all()
         return [{"id": r.id, "time": r.time, "messages": json.loads(r.messages), "redactions": json.loads(r.redactions),
                  "label": r.label, "corrected": r.correction is not None} for r in rows]
 
     def count(self) -> tuple[int, int]:
         """(number stored, id of the newest or 0)."""
         with self.ledger.reading() as conn:
-            n, last = conn.execute(text("SELECT COUNT(*), COALESCE(MAX(id), 0) FROM conversations WHERE lineage = :lin"),
-                                   {"lin": self.ledger.lineage}).one()
+            n, last = self.tables.run(conn, f"SELECT COUNT(*), COALESCE(MAX(id), 0) FROM {self.tables.of('conversations')}"
+                                      ).one()
         return int(n), int(last)

@@ -2,7 +2,7 @@
 
 ``capture`` keeps one served chat completion: the request's messages, the reply, its
 completion id (``chatcmpl-…``), the generation that answered (model id and GGUF SHA-256),
-why it stopped and when. Like a posted transcript (``evolution.conversations``) every text is
+why it stopped and when. Like a posted transcript (``evolution.intake.conversations``) every text is
 scrubbed (``evolution.scrub``) before anything is written. Capture is one INSERT in the
 ledger's database (table ``experiences``, migration m004) and is bounded: past ``capture_max``
 the oldest *unrated* experiences are deleted first (rated ones are training data; they go,
@@ -26,8 +26,8 @@ returns the first result and changes nothing; with another body it raises
 - ``ExperienceError`` → 400 (bad label, correction, karma, key or ``by``).
 
 On any error nothing changed. ``labelled(since)`` hands the training side the items whose
-newest label came after rating ``since``: unpaired good/bad examples (KTO) and
-correction pairs (DPO, and ``Pair.sft`` for SFT); ``through`` is the cursor to store.
+newest label came after rating ``since`` (``evolution.intake.inbox``): unpaired good/bad examples
+(KTO) and correction pairs (DPO, and ``Pair.sft`` for SFT); ``through`` is the cursor to store.
 """
 
 from __future__ import annotations
@@ -44,7 +44,9 @@ from sqlalchemy.engine import Connection
 
 from evolution import faults
 from evolution.errors import ExperienceError, ExperienceKeyReused, KarmaError, UnknownExperience
-from evolution.karma import AgeUpRequest, Karma, check_amount
+from evolution.intake.inbox import Example, Labelled, Pair
+from evolution.intake.karma import AgeUpRequest, Karma, check_amount
+from evolution.intake.tables import Tables
 from evolution.ledger import Ledger
 
 BY = ("completion", "conversation")
@@ -109,42 +111,6 @@ class Rating:
         return d
 
 
-@dataclass(frozen=True)
-class Example:
-    """An unpaired labelled reply (KTO): ``prompt`` messages, the ``reply`` served, ``label``."""
-
-    item: str
-    rating_id: int
-    prompt: list[dict]
-    reply: str
-    label: str
-
-
-@dataclass(frozen=True)
-class Pair:
-    """A correction: ``chosen`` (the correction) over ``rejected`` (the reply served) for ``prompt`` (DPO)."""
-
-    item: str
-    rating_id: int
-    prompt: list[dict]
-    chosen: str
-    rejected: str
-    label: str
-
-    @property
-    def sft(self) -> list[dict]:
-        """The corrected chat as an SFT example."""
-        return self.prompt + [{"role": "assistant", "content": self.chosen}]
-
-
-@dataclass(frozen=True)
-class Labelled:
-    examples: list[Example]
-    pairs: list[Pair]
-    through: int
-    """The newest rating id when read: pass it as ``since`` next time."""
-
-
 def _content(content, where: str) -> str:
     """A request message's text: a string, OpenAI text parts joined (other parts left out), or nothing."""
     if content is None:
@@ -184,16 +150,17 @@ def _number(item_id) -> int | None:
     return None
 
 
-def record_rating(conn: Connection, kind: str, item: int, label: str, correction: str | None, redactions: dict,
-                  karma: float | None, grant_id: int | None, key: str | None, digest: str, source: str,
-                  lineage: str) -> int:
-    """Insert one rating and make it the item's newest label (inside the caller's write transaction)."""
-    rid = conn.execute(
-        text("INSERT INTO experience_ratings (time, item_kind, item_id, label, correction, redactions, karma,"
-             " grant_id, idem_key, body_sha256, source, lineage)"
-             " VALUES (:t, :kind, :item, :l, :c, :r, :k, :g, :key, :h, :s, :lin) RETURNING id"),
+def record_rating(tables: Tables, conn: Connection, kind: str, item: int, label: str, correction: str | None,
+                  redactions: dict, karma: float | None, grant_id: int | None, key: str | None, digest: str,
+                  source: str) -> int:
+    """Insert one rating of ``tables``' lineage and make it the item's newest label (inside the caller's write
+    transaction)."""
+    rid = tables.run(
+        conn, "INSERT INTO experience_ratings (time, item_kind, item_id, label, correction, redactions, karma,"
+              " grant_id, idem_key, body_sha256, source, lineage)"
+              " VALUES (:t, :kind, :item, :l, :c, :r, :k, :g, :key, :h, :s, :lin) RETURNING id",
         {"t": _now(), "kind": kind, "item": item, "l": label, "c": correction, "r": json.dumps(redactions),
-         "k": karma, "g": grant_id, "key": key, "h": digest, "s": source, "lin": lineage},
+         "k": karma, "g": grant_id, "key": key, "h": digest, "s": source},
     ).scalar_one()
     table = "experiences" if kind == "completion" else "conversations"
     conn.execute(text(f"UPDATE {table} SET rating_id = :r WHERE id = :i"), {"r": rid, "i": item})
@@ -217,6 +184,7 @@ class ExperienceStore:
         if isinstance(capture_max, bool) or not isinstance(capture_max, int) or capture_max <= 0:
             raise ExperienceError(f"capture_max must be a positive integer, got {capture_max!r}")
         self.ledger = ledger
+        self.tables = Tables(ledger)
         self.karma = karma
         self.capture_max = capture_max
         self.failures = 0
@@ -244,13 +212,13 @@ class ExperienceStore:
         clean, counts = _scrub_all(texts + [reply])
         body = json.dumps([{"role": r, "content": c} for r, c in zip(roles, clean)], ensure_ascii=False)
         with self.ledger.transaction() as txn:
-            eid = txn.conn.execute(
-                text("INSERT INTO experiences (time, completion_id, model_id, sha256, gen, finish_reason, cut_off,"
-                     " messages, reply, redactions, lineage)"
-                     " VALUES (:t, :c, :m, :h, :g, :f, :x, :msgs, :r, :red, :lin) RETURNING id"),
+            eid = self.tables.run(
+                txn.conn, "INSERT INTO experiences (time, completion_id, model_id, sha256, gen, finish_reason, cut_off,"
+                          " messages, reply, redactions, lineage)"
+                          " VALUES (:t, :c, :m, :h, :g, :f, :x, :msgs, :r, :red, :lin) RETURNING id",
                 {"t": _now(), "c": completion_id, "m": str(model_id), "h": sha256, "g": generation,
                  "f": finish_reason, "x": int(bool(cut_off)), "msgs": body, "r": clean[-1],
-                 "red": json.dumps(counts), "lin": self.ledger.lineage},
+                 "red": json.dumps(counts)},
             ).scalar_one()
             self._evict(txn.conn, eid)
             faults.point("capture")  # test hook (evolution/faults.py): inserted, not yet committed
@@ -259,19 +227,17 @@ class ExperienceStore:
     def _evict(self, conn: Connection, newest: int) -> None:
         # Ids only grow, so there can be no more rows than ids between the oldest and the newest:
         # the common case costs one index lookup, and only a store at its bound is counted.
-        lin = {"lin": self.ledger.lineage}  # each lineage keeps its own newest capture_max
-        oldest = conn.execute(text("SELECT MIN(id) FROM experiences WHERE lineage = :lin"), lin).scalar_one()
+        t, mine = self.tables, self.tables.of("experiences")  # each lineage keeps its own newest capture_max
+        oldest = t.run(conn, f"SELECT MIN(id) FROM {mine}").scalar_one()
         if newest - oldest + 1 <= self.capture_max:
             return
-        excess = conn.execute(text("SELECT COUNT(*) FROM experiences WHERE lineage = :lin"), lin).scalar_one() \
-            - self.capture_max
+        excess = t.run(conn, f"SELECT COUNT(*) FROM {mine}").scalar_one() - self.capture_max
         if excess <= 0:
             return
         excess += self.capture_max // 100  # make room for the next 1 %: a full store does not delete at every chat
-        rows = conn.execute(
-            text("SELECT id, rating_id FROM experiences WHERE lineage = :lin AND id < :new"  # never the chat just kept
-                 " ORDER BY CASE WHEN rating_id IS NULL THEN 0 ELSE 1 END, id LIMIT :n"),
-            {"new": newest, "n": excess, **lin}).all()
+        rows = t.run(conn, f"SELECT id, rating_id FROM {mine} WHERE id < :new"  # never the chat just kept
+                           " ORDER BY CASE WHEN rating_id IS NULL THEN 0 ELSE 1 END, id LIMIT :n",
+                     {"new": newest, "n": excess}).all()
         rated = sum(r.rating_id is not None for r in rows)
         if rated:
             log.warning("experiences: all %d kept are rated; evicting the %d oldest rated one(s) (raise "
@@ -298,20 +264,21 @@ class ExperienceStore:
         """(id, completion id) of the item rated, or UnknownExperience."""
         number = _number(item_id)
         in_range = number is not None and 0 < number <= MAX_ROW_ID  # no row has another id; the driver refuses one
+        t = self.tables
         if by == "completion":
             if number is None:
-                row = conn.execute(text("SELECT id, completion_id FROM experiences WHERE completion_id = :c"
-                                        " AND lineage = :lin"), {"c": item_id, "lin": self.ledger.lineage}).first()
+                row = t.run(conn, f"SELECT id, completion_id FROM {t.of('experiences')} WHERE completion_id = :c",
+                            {"c": item_id}).first()
             else:
-                row = conn.execute(text("SELECT id, completion_id FROM experiences WHERE id = :i AND lineage = :lin"),
-                                   {"i": number, "lin": self.ledger.lineage}).first() if in_range else None
+                row = t.run(conn, f"SELECT id, completion_id FROM {t.of('experiences')} WHERE id = :i",
+                            {"i": number}).first() if in_range else None
             if row is None:
                 raise UnknownExperience(
                     f"no served completion {item_id!r} is kept: use the 'id' of a /v1/chat/completions reply "
                     f"(chatcmpl-…); `evolve experiences` lists the ones kept (the newest {self.capture_max})")
             return row.id, row.completion_id
-        row = conn.execute(text("SELECT id FROM conversations WHERE id = :i AND lineage = :lin"),
-                           {"i": number, "lin": self.ledger.lineage}).first() if in_range else None
+        row = t.run(conn, f"SELECT id FROM {t.of('conversations')} WHERE id = :i",
+                    {"i": number}).first() if in_range else None
         if row is None:
             raise UnknownExperience(f"no conversation {item_id!r}: use the 'id' that POST /conversations returned")
         return row.id, None
@@ -386,8 +353,8 @@ class ExperienceStore:
                                                 source="feedback", served_gen=served_gen).id
                 except KarmaError as exc:
                     raise ExperienceError(str(exc), "karma") from None
-            rid = record_rating(conn, by, item, label, correction, redactions, karma, grant_id, idempotency_key,
-                                digest, source, self.ledger.lineage)
+            rid = record_rating(self.tables, conn, by, item, label, correction, redactions, karma, grant_id,
+                                idempotency_key, digest, source)
             row = conn.execute(text("SELECT * FROM experience_ratings WHERE id = :r"), {"r": rid}).one()
             return self._result(conn, row, completion_id, False)
 
@@ -412,20 +379,17 @@ class ExperienceStore:
             else:
                 pairs.append(Pair(name, rid, prompt, correction, reply, label))
 
+        t = self.tables
         with self.ledger.reading() as conn:
-            lin = self.ledger.lineage
-            through = conn.execute(text("SELECT COALESCE(MAX(id), 0) FROM experience_ratings WHERE lineage = :lin"),
-                                   {"lin": lin}).scalar_one()
-            rows = conn.execute(text(
-                "SELECT e.id, e.messages, e.reply, r.id AS rid, r.label, r.correction FROM experiences e"
-                " JOIN experience_ratings r ON r.id = e.rating_id WHERE e.lineage = :lin AND r.id > :s AND r.id <= :t"
-                " ORDER BY r.id"), {"s": since, "t": through, "lin": lin})
+            through = t.run(conn, f"SELECT COALESCE(MAX(id), 0) FROM {t.of('experience_ratings')}").scalar_one()
+            rows = t.run(conn, "SELECT e.id, e.messages, e.reply, r.id AS rid, r.label, r.correction FROM"
+                               f" {t.of('experiences', 'e')} JOIN experience_ratings r ON r.id = e.rating_id"
+                               " WHERE r.id > :s AND r.id <= :t ORDER BY r.id", {"s": since, "t": through})
             for r in rows:
                 add("completion", r.id, r.rid, json.loads(r.messages), r.reply, r.label, r.correction)
-            rows = conn.execute(text(
-                "SELECT c.id, c.messages, r.id AS rid, r.label, r.correction FROM conversations c"
-                " JOIN experience_ratings r ON r.id = c.rating_id WHERE c.lineage = :lin AND r.id > :s AND r.id <= :t"
-                " ORDER BY r.id"), {"s": since, "t": through, "lin": lin})
+            rows = t.run(conn, "SELECT c.id, c.messages, r.id AS rid, r.label, r.correction FROM"
+                               f" {t.of('conversations', 'c')} JOIN experience_ratings r ON r.id = c.rating_id"
+                               " WHERE r.id > :s AND r.id <= :t ORDER BY r.id", {"s": since, "t": through})
             for r in rows:
                 prompt, reply = _split(json.loads(r.messages))
                 add("conversation", r.id, r.rid, prompt, reply, r.label, r.correction)
@@ -439,32 +403,31 @@ class ExperienceStore:
             raise ExperienceError(f"label must be 'good', 'bad' or 'none', got {repr(label)[:40]}")
         if isinstance(limit, bool) or not isinstance(limit, int) or limit <= 0:
             raise ExperienceError(f"limit must be a positive integer, got {limit!r}")
-        where, params = " WHERE e.lineage = :lin", {"n": limit, "lin": self.ledger.lineage}
+        where, params = "", {"n": limit}
         if label == "none":
-            where += " AND e.rating_id IS NULL"
+            where = " WHERE e.rating_id IS NULL"
         elif label is not None:
-            where, params["l"] = where + " AND r.label = :l", label
+            where, params["l"] = " WHERE r.label = :l", label
+        t = self.tables
         with self.ledger.reading() as conn:
-            rows = conn.execute(text(
-                "SELECT e.*, r.label, r.correction FROM experiences e LEFT JOIN experience_ratings r"
-                f" ON r.id = e.rating_id{where} ORDER BY e.id DESC LIMIT :n"), params).all()
+            rows = t.run(conn, f"SELECT e.*, r.label, r.correction FROM {t.of('experiences', 'e')} LEFT JOIN"
+                               f" experience_ratings r ON r.id = e.rating_id{where} ORDER BY e.id DESC LIMIT :n",
+                         params).all()
         return [Experience(r.id, r.completion_id, r.time, r.model_id, r.sha256, r.gen, r.finish_reason,
                            bool(r.cut_off), json.loads(r.messages), r.reply, r.label, r.correction is not None)
                 for r in rows]
 
     def counts(self) -> dict:
         """For /status: experiences kept, by label, corrections, labelled conversations, capture failures."""
+        t = self.tables
         with self.ledger.reading() as conn:
-            n, good, bad, corrected = conn.execute(text(
-                "SELECT COUNT(*), SUM(CASE WHEN r.label = 'good' THEN 1 ELSE 0 END),"
-                " SUM(CASE WHEN r.label = 'bad' THEN 1 ELSE 0 END),"
-                " SUM(CASE WHEN r.correction IS NOT NULL THEN 1 ELSE 0 END)"
-                " FROM experiences e LEFT JOIN experience_ratings r ON r.id = e.rating_id WHERE e.lineage = :lin"),
-                {"lin": self.ledger.lineage}).one()
-            conv = conn.execute(text("SELECT COUNT(*) FROM conversations WHERE rating_id IS NOT NULL AND lineage = :lin"),
-                                {"lin": self.ledger.lineage}).scalar_one()
-            ratings = conn.execute(text("SELECT COUNT(*) FROM experience_ratings WHERE lineage = :lin"),
-                                   {"lin": self.ledger.lineage}).scalar_one()
+            n, good, bad, corrected = t.run(
+                conn, "SELECT COUNT(*), SUM(CASE WHEN r.label = 'good' THEN 1 ELSE 0 END),"
+                      " SUM(CASE WHEN r.label = 'bad' THEN 1 ELSE 0 END),"
+                      " SUM(CASE WHEN r.correction IS NOT NULL THEN 1 ELSE 0 END)"
+                      f" FROM {t.of('experiences', 'e')} LEFT JOIN experience_ratings r ON r.id = e.rating_id").one()
+            conv = t.run(conn, f"SELECT COUNT(*) FROM {t.of('conversations')} WHERE rating_id IS NOT NULL").scalar_one()
+            ratings = t.run(conn, f"SELECT COUNT(*) FROM {t.of('experience_ratings')}").scalar_one()
         good, bad = int(good or 0), int(bad or 0)
         return {"experiences": int(n), "good": good, "bad": bad, "unrated": int(n) - good - bad,
                 "corrected": int(corrected or 0), "labelled_conversations": int(conv), "ratings": int(ratings),

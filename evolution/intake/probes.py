@@ -17,6 +17,7 @@ from datetime import datetime, timezone
 from sqlalchemy import text
 
 from evolution.errors import ProbeError, ProbeKeyReused
+from evolution.intake.tables import Tables
 from evolution.ledger import Ledger
 
 MAX_QUESTION_CHARS = 2_000
@@ -50,6 +51,7 @@ def _check(question, answers) -> None:
 class ProbeStore:
     def __init__(self, ledger: Ledger):
         self.ledger = ledger
+        self.tables = Tables(ledger)
 
     def add(self, question, answers, key: str | None = None) -> StoredProbe:
         """Validate, scrub and store a probe; a repeated idempotency key stores nothing."""
@@ -75,12 +77,11 @@ class ProbeStore:
                         raise ProbeKeyReused(f"idempotency key {key!r} was already used for another probe"
                                              " (or another lineage)")
                     return StoredProbe(row.id, True, json.loads(row.redactions))
-            pid = txn.conn.execute(
-                text("INSERT INTO probes (time, idem_key, question, answers, redactions, sha256, lineage)"
-                     " VALUES (:t, :k, :q, :a, :r, :h, :lin) RETURNING id"),
+            pid = self.tables.run(
+                txn.conn, "INSERT INTO probes (time, idem_key, question, answers, redactions, sha256, lineage)"
+                          " VALUES (:t, :k, :q, :a, :r, :h, :lin) RETURNING id",
                 {"t": datetime.now(timezone.utc).isoformat(timespec="microseconds"), "k": key, "q": clean[0],
-                 "a": body, "r": json.dumps(counts), "lin": self.ledger.lineage,
-                 "h": hashlib.sha256(json.dumps([clean[0], body]).encode()).hexdigest()},
+                 "a": body, "r": json.dumps(counts), "h": hashlib.sha256(json.dumps([clean[0], body]).encode()).hexdigest()},
             ).scalar_one()
         return StoredProbe(pid, False, counts)
 
@@ -95,13 +96,11 @@ class ProbeStore:
         from evolution.evals import normalize
 
         with self.ledger.reading() as conn:
-            rows = conn.execute(text("SELECT id, question, answers FROM probes WHERE lineage = :lin ORDER BY id"),
-                                {"lin": self.ledger.lineage})
+            rows = self.tables.run(conn, f"SELECT id, question, answers FROM {self.tables.of('probes')} ORDER BY id")
             newest = {normalize(r.question): {"id": f"probe-{r.id}", "question": r.question,
                                               "answers": json.loads(r.answers)} for r in rows}
         return sorted(newest.values(), key=lambda item: int(item["id"].removeprefix("probe-")))
 
     def count(self) -> int:
         with self.ledger.reading() as conn:
-            return int(conn.execute(text("SELECT COUNT(*) FROM probes WHERE lineage = :lin"),
-                                    {"lin": self.ledger.lineage}).scalar_one())
+            return int(self.tables.run(conn, f"SELECT COUNT(*) FROM {self.tables.of('probes')}").scalar_one())

@@ -1,7 +1,8 @@
 """Karma: the counter the chat agent raises, and the age-ups it asks for.
 
 Karma lives in the ledger's database (tables ``karma_events`` and ``ageup_requests``,
-migration m003), so it survives restarts and works the same on SQLite and PostgreSQL.
+migration m003; one lineage's rows: ``evolution.intake.tables``), so it survives restarts and works
+the same on SQLite and PostgreSQL.
 Every grant runs in one write transaction under the ledger's write lock:
 
 1. the grant is inserted (a repeated idempotency key returns the first result and adds nothing);
@@ -25,6 +26,7 @@ from sqlalchemy import text
 from sqlalchemy.engine import Connection
 
 from evolution.errors import KarmaError, KarmaKeyReused
+from evolution.intake.tables import MINE, Tables
 from evolution.ledger import Ledger
 from evolution.ledger import events as ev
 
@@ -35,8 +37,6 @@ MAX_KEY = 200
 PENDING, RUNNING, DONE, FAILED = "pending", "running", "done", "failed"
 OPEN = (PENDING, RUNNING)
 EPSILON = 1e-9
-
-
 
 
 @dataclass(frozen=True)
@@ -121,6 +121,7 @@ class Karma:
         if not (isinstance(growth, (int, float)) and math.isfinite(growth) and growth >= 1):
             raise KarmaError(f"the threshold growth must be a number >= 1, got {growth!r}")
         self.ledger = ledger
+        self.tables = Tables(ledger)
         self.threshold = float(threshold)
         self.growth = float(growth)
 
@@ -131,15 +132,11 @@ class Karma:
     # -- reading -----------------------------------------------------------------------------
 
     def _state(self, conn: Connection) -> KarmaState:
-        lin = {"lin": self.ledger.lineage}
-        total = conn.execute(text("SELECT COALESCE(SUM(amount), 0) FROM karma_events WHERE lineage = :lin"),
-                             lin).scalar_one()
-        spent, k = conn.execute(text("SELECT COALESCE(SUM(threshold), 0), COUNT(*) FROM ageup_requests"
-                                     " WHERE lineage = :lin"), lin).one()
-        row = conn.execute(
-            text("SELECT * FROM ageup_requests WHERE lineage = :lin AND status IN (:p, :r) ORDER BY id LIMIT 1"),
-            {"p": PENDING, "r": RUNNING, **lin},
-        ).first()
+        t = self.tables
+        total = t.run(conn, f"SELECT COALESCE(SUM(amount), 0) FROM {t.of('karma_events')}").scalar_one()
+        spent, k = t.run(conn, f"SELECT COALESCE(SUM(threshold), 0), COUNT(*) FROM {t.of('ageup_requests')}").one()
+        row = t.run(conn, f"SELECT * FROM {t.of('ageup_requests')} WHERE status IN (:p, :r) ORDER BY id LIMIT 1",
+                    {"p": PENDING, "r": RUNNING}).first()
         return KarmaState(float(total), float(total) - float(spent), self.threshold_for(int(k)),
                           AgeUpRequest(**row._mapping) if row else None)
 
@@ -149,8 +146,8 @@ class Karma:
 
     def requests(self) -> list[AgeUpRequest]:
         with self.ledger.reading() as conn:
-            return [AgeUpRequest(**r._mapping) for r in conn.execute(
-                text("SELECT * FROM ageup_requests WHERE lineage = :lin ORDER BY id"), {"lin": self.ledger.lineage})]
+            return [AgeUpRequest(**r._mapping)
+                    for r in self.tables.run(conn, f"SELECT * FROM {self.tables.of('ageup_requests')} ORDER BY id")]
 
     # -- writing -----------------------------------------------------------------------------
 
@@ -159,10 +156,10 @@ class Karma:
         if state.open_request is not None or state.progress < state.threshold * (1 - EPSILON):
             return None
         now = _now()
-        rid = txn.conn.execute(
-            text("INSERT INTO ageup_requests (time, karma, threshold, status, grant_id, lineage)"
-                 " VALUES (:t, :k, :th, :s, :g, :lin) RETURNING id"),
-            {"t": now, "k": state.total, "th": state.threshold, "s": PENDING, "g": grant_id, "lin": self.ledger.lineage},
+        rid = self.tables.run(
+            txn.conn, "INSERT INTO ageup_requests (time, karma, threshold, status, grant_id, lineage)"
+                      " VALUES (:t, :k, :th, :s, :g, :lin) RETURNING id",
+            {"t": now, "k": state.total, "th": state.threshold, "s": PENDING, "g": grant_id},
         ).scalar_one()
         txn.record(ev.karma_threshold_crossed(state.total, state.threshold, gen, request=rid))
         return AgeUpRequest(rid, now, state.total, state.threshold, PENDING, None, None, None, grant_id,
@@ -173,10 +170,10 @@ class Karma:
         import time
 
         with self.ledger.transaction() as txn:
-            txn.conn.execute(
-                text("UPDATE ageup_requests SET status = :s, attempts = attempts + 1, not_before = :nb,"
-                     " outcome = :o WHERE id = :i AND lineage = :lin"),
-                {"s": PENDING, "nb": time.time() + delay_s, "o": error, "i": request_id, "lin": self.ledger.lineage},
+            self.tables.run(
+                txn.conn, "UPDATE ageup_requests SET status = :s, attempts = attempts + 1, not_before = :nb,"
+                          f" outcome = :o WHERE id = :i AND {MINE}",
+                {"s": PENDING, "nb": time.time() + delay_s, "o": error, "i": request_id},
             )
 
     def add(self, amount, reason: str = "", key: str | None = None, source: str = "cli",
@@ -208,10 +205,10 @@ class Karma:
                                           {"g": row.id}).first()
                 return Grant(row.id, row.amount, True, AgeUpRequest(**opened._mapping) if opened else None,
                              self._state(txn.conn))
-        gid = txn.conn.execute(
-            text("INSERT INTO karma_events (time, amount, reason, idem_key, source, lineage)"
-                 " VALUES (:t, :a, :r, :k, :s, :lin) RETURNING id"),
-            {"t": _now(), "a": amount, "r": reason, "k": key, "s": source, "lin": self.ledger.lineage},
+        gid = self.tables.run(
+            txn.conn, "INSERT INTO karma_events (time, amount, reason, idem_key, source, lineage)"
+                      " VALUES (:t, :a, :r, :k, :s, :lin) RETURNING id",
+            {"t": _now(), "a": amount, "r": reason, "k": key, "s": source},
         ).scalar_one()
         req = self._trigger(txn, self._state(txn.conn), served_gen, gid)
         return Grant(gid, amount, False, req, self._state(txn.conn))
@@ -226,11 +223,11 @@ class Karma:
         if status not in (PENDING, RUNNING, DONE, FAILED):
             raise ValueError(status)
         with self.ledger.transaction() as txn:
-            found = txn.conn.execute(
-                text("UPDATE ageup_requests SET status = :s, gen = COALESCE(:g, gen), outcome = COALESCE(:o, outcome),"
-                     " finished_time = :f WHERE id = :i AND lineage = :lin"),
+            found = self.tables.run(
+                txn.conn, "UPDATE ageup_requests SET status = :s, gen = COALESCE(:g, gen), outcome = COALESCE(:o, outcome),"
+                          f" finished_time = :f WHERE id = :i AND {MINE}",
                 {"s": status, "g": gen, "o": outcome, "f": _now() if status in (DONE, FAILED) else None,
-                 "i": request_id, "lin": self.ledger.lineage},
+                 "i": request_id},
             ).rowcount
             if not found:
                 raise KarmaError(f"no age-up request {request_id}")
