@@ -22,7 +22,7 @@ The points (``POINTS``):
 - ``swap``: the daemon has loaded a generation (and, when promoting, swapped it in) but not yet
   recorded it as promoted or rolled back (``evolution.daemon``);
 - ``capture``: a served chat is inserted as an experience, its transaction not yet committed
-  (``evolution.experiences.ExperienceStore.capture``);
+  (``evolution.intake.experiences.ExperienceStore.capture``);
 - ``backup_copy``: a backup has copied the ledger snapshot, or one more file, into its hidden
   folder, not yet renamed to its destination (``evolution.backup``);
 - ``prune``: a prune has recorded its ``pruned`` event and is about to delete one more of the files

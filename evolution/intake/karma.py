@@ -35,7 +35,6 @@ MAX_REASON = 500
 MAX_KEY = 200
 
 PENDING, RUNNING, DONE, FAILED = "pending", "running", "done", "failed"
-OPEN = (PENDING, RUNNING)
 EPSILON = 1e-9
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from datetime import datetime
 
 from evolution.errors import LedgerError
 from evolution.paths import MAIN
@@ -22,10 +21,6 @@ class Entry:
     prev_hash: str
     entry_hash: str
     lineage: str = MAIN
-
-    @property
-    def timestamp(self) -> datetime:
-        return datetime.fromisoformat(self.time)
 
     def to_dict(self) -> dict:
         return {

@@ -98,11 +98,6 @@ def gate_rows(gate: dict) -> list[dict]:
     return rows
 
 
-def _gguf(artifacts: list[dict]) -> dict | None:
-    ggufs = [a for a in artifacts if a.get("kind") == "gguf"]
-    return ggufs[-1] if ggufs else None
-
-
 def summarize(entries: list[Entry]) -> list[GenerationRow]:
     gens: dict[int, GenerationRow] = {}
     served: int | None = None

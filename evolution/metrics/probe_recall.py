@@ -1,6 +1,6 @@
 """probe_recall: the fraction of the agent's probes answered correctly — did the lessons reach the child?
 
-Probes are questions the chat agent posts (``POST /probes``, ``evolution.probes``) to check a fact
+Probes are questions the chat agent posts (``POST /probes``, ``evolution.intake.probes``) to check a fact
 it taught in other words than it taught it. They are never trained on, and every later gate asks
 all of them again, so a fact the lineage forgets shows as a drop against the parent. Scored like
 ``recall`` (``evolution.evals.is_correct``). With fewer than ``gate.min_probe_items`` probes the
