@@ -255,12 +255,15 @@ def materialize(root: DataRoot, cur: Curriculum, child: int, out: Path, settings
       manifest), and each fact's variants set it against the persona too; the inbox's probe questions are
       subjects the user taught, so never asked as unanswered.
     """
-    taught = inbox
-    banned = _not_to_imitate(taught)
+    replay_ratio, heldout, known_share = settings.replay_ratio, settings.experience_heldout, settings.known_share
+    variants, variant_share = settings.experience_variants, settings.experience_variant_share
+    rehearse_max, fact_forms, who_is_who = settings.rehearse_max, settings.fact_forms, settings.who_is_who
+    conversations, through, probes = list(inbox.conversations), inbox.conversations_since, inbox.probes
+    banned = _not_to_imitate(inbox)
     rng = random.Random(seed * 1_000_003 + child)
     held_inbox = Inbox()
-    if settings.experience_heldout > 0:
-        inbox, held_inbox = _hold_out(inbox, settings.experience_heldout, random.Random(seed * 1_000_003 + child + 7))
+    if heldout > 0:
+        inbox, held_inbox = _hold_out(inbox, heldout, random.Random(seed * 1_000_003 + child + 7))
     held = [heldout_record(t) for t in [*held_inbox.examples, *held_inbox.pairs]]
     data: dict[str, list[dict]] = {}
     replayed: dict[str, int] = {}
@@ -269,7 +272,7 @@ def materialize(root: DataRoot, cur: Curriculum, child: int, out: Path, settings
     known_counts: dict[str, list[int]] = {}
     rehearsed: dict[str, int] = {}
     lived_keys: dict[str, list[str]] = {}
-    contrast = (persona.persona_facts(cur), persona.identity_exchanges(cur)) if settings.who_is_who > 0 else ([], [])
+    contrast = (persona.persona_facts(cur), persona.identity_exchanges(cur)) if who_is_who > 0 else ([], [])
     who: dict[str, int] = {}
     taken_from_inbox = superseded = 0
     read_inbox = read_ratings = False  # no stage learns from them: leave them for a later generation's
@@ -277,9 +280,8 @@ def materialize(root: DataRoot, cur: Curriculum, child: int, out: Path, settings
         new = [r for r in stage.curriculum(cur) if _key(r) not in banned]
         n_curriculum = len(new)
         to_replay: set[str] = set()
-        if settings.known_share < 1:
-            new, known_counts[stage.name], to_replay = _known_sampled(new, stage.name, known_dirs,
-                                                                      settings.known_share,
+        if known_share < 1:
+            new, known_counts[stage.name], to_replay = _known_sampled(new, stage.name, known_dirs, known_share,
                                                                       random.Random(seed * 1_000_003 + child + 13))
         n_taught = len(new)
         taken = {p for r in new if (p := _prompt(r)) is not None}
@@ -287,7 +289,7 @@ def materialize(root: DataRoot, cur: Curriculum, child: int, out: Path, settings
         taken |= to_replay
         curriculum_prompts = set(taken)
         received = [(order, r) for order, r in stage.inbox(inbox) if not _banned(r, banned)]
-        read_inbox |= bool(stage.inbox(Inbox(conversations=taught.conversations)))
+        read_inbox |= bool(stage.inbox(Inbox(conversations=conversations)))
         read_ratings |= bool(stage.inbox(Inbox(examples=inbox.examples, pairs=inbox.pairs)))
         inbox_rows, dropped = _newest_inbox(received, taken)
         new += inbox_rows
@@ -326,7 +328,7 @@ def materialize(root: DataRoot, cur: Curriculum, child: int, out: Path, settings
                         lived.append(r)
             claimed |= prompts_here
         n_new = len(new)
-        rehearse = sorted(lived, key=lambda r: "variant_of" in r)[:settings.rehearse_max]  # stable: newest first within each
+        rehearse = sorted(lived, key=lambda r: "variant_of" in r)[:rehearse_max]  # stable: newest first within each
         if rehearse:
             again = {_key(r) for r in rehearse}
             pool = [r for r in pool if _key(r) not in again]
@@ -334,17 +336,16 @@ def materialize(root: DataRoot, cur: Curriculum, child: int, out: Path, settings
         rehearsed[stage.name] = len(rehearse)
         lived_keys[stage.name] = sorted({_key(r) for r in inbox_rows + rehearse if "messages" in r})
         pool.sort(key=_key)  # the sample must not depend on directory order
-        n = min(len(pool), round(settings.replay_ratio * n_new))
+        n = min(len(pool), round(replay_ratio * n_new))
         new += rng.sample(pool, n)
         replayed[stage.name] = n
-        share = settings.experience_variant_share
-        extra = _variants(inbox_rows, settings.experience_variants, int(share * n_curriculum),
+        extra = _variants(inbox_rows, variants, int(variant_share * n_curriculum),
                           random.Random(seed * 1_000_003 + child + 11), augment.system_prompts(new[:n_taught]),
-                          settings.fact_forms, contrast)
-        if settings.who_is_who > 0 and any("messages" in r for r in new[:n_curriculum]):
-            subjects = _taught_texts(inbox_rows + rehearse + lived) + list(taught.probes)
-            n_who = min(settings.who_is_who, int(share * n_curriculum))  # within the variants' share, as they are
-            extra += persona.who_is_who(cur, n_who, random.Random(seed * 1_000_003 + child + 17), subjects,
+                          fact_forms, contrast)
+        if who_is_who > 0 and any("messages" in r for r in new[:n_curriculum]):
+            taught = _taught_texts(inbox_rows + rehearse + lived) + list(probes)
+            n_who = min(who_is_who, int(variant_share * n_curriculum))  # within the variants' share, as they are
+            extra += persona.who_is_who(cur, n_who, random.Random(seed * 1_000_003 + child + 17), taught,
                                         [q["question"] for q in cur.about_user])
         # the curriculum answers its own prompts: no variant may reword a question into one of them
         extra = [r for r in extra if _key(r) not in have and prompt_key(r["messages"]) not in curriculum_prompts]
@@ -358,7 +359,6 @@ def materialize(root: DataRoot, cur: Curriculum, child: int, out: Path, settings
     if held:
         _write_jsonl(out / HELDOUT_FILE, held)
     files = {f"curriculum/{k}": v for k, v in cur.manifest()["files"].items()} | sources
-    since = taught.conversations_since
     manifest = {
         "curriculum": str(cur.root),
         "files": files,
@@ -370,10 +370,10 @@ def materialize(root: DataRoot, cur: Curriculum, child: int, out: Path, settings
         "known": {name: {"retaught": k[0], "left_to_replay": k[1]} for name, k in known_counts.items()},
         "counts": {name: len(rows) for name, rows in data.items()},
         "conversations": {"taken": taken_from_inbox,
-                          "through": max([since] + [c for c, _ in taught.conversations]) if read_inbox else since,
+                          "through": max([through] + [c for c, _ in conversations]) if read_inbox else through,
                           "superseded": superseded},
         "experiences": {"taken": len(inbox.examples) + len(inbox.pairs) if read_ratings else 0,
-                        "through": taught.ratings_through if read_ratings else taught.ratings_since},
+                        "through": inbox.ratings_through if read_ratings else inbox.ratings_since},
         "heldout": {HELDOUT_FILE: len(held)},
         "data": {f: sha256_file(out / f) for f in [f"{name}.jsonl" for name in data] + ([HELDOUT_FILE] if held else [])},
     }

@@ -54,7 +54,8 @@ def add(amount: float, reason: str, key: str | None, as_json: bool) -> None:
     """Grant AMOUNT karma. Crossing the threshold asks the daemon for an age-up."""
     root = DataRoot.from_env().existing()
     with Ledger.open(root) as ledger:
-        grant = open_intake(root, ledger).karma.add(amount, reason, key, source="cli", served_gen=ledger.served_generation())
+        grant = open_intake(root, ledger).karma.add(amount, reason, key, source="cli",
+                                                    served_gen=ledger.served_generation())
     if as_json:
         click.echo(json.dumps(grant.to_dict(), indent=2))
         return

@@ -173,8 +173,8 @@ class Daemon:
     def capture(self, messages: list[dict], reply: str, completion_id: str, slot: Slot, finish_reason: str | None,
                 cut_off: bool = False) -> None:
         """Keep a served chat as an experience; never raises (a failure is counted in /status)."""
-        kept = self.intake.experiences.capture_safely(messages, reply, completion_id, slot.id, slot.sha256, slot.gen,
-                                               finish_reason, cut_off)
+        kept = self.intake.experiences.capture_safely(messages, reply, completion_id, slot.id, slot.sha256,
+                                                      slot.gen, finish_reason, cut_off)
         if kept is not None:
             with self._tally_lock:
                 self._tally["captures_written"] += 1

@@ -115,8 +115,8 @@ class ConversationStore:
         """
         t = self.tables
         with self.ledger.reading() as conn:
-            rows = t.run(conn, f"SELECT c.id, c.messages FROM {t.of('conversations', 'c')} LEFT JOIN experience_ratings r"
-                               " ON r.id = c.rating_id WHERE c.id > :i"
+            rows = t.run(conn, f"SELECT c.id, c.messages FROM {t.of('conversations', 'c')}"
+                               " LEFT JOIN experience_ratings r ON r.id = c.rating_id WHERE c.id > :i"
                                " AND (r.id IS NULL OR (r.label = 'good' AND r.correction IS NULL)) ORDER BY c.id",
                          {"i": last_id})
             return [(r.id, json.loads(r.messages)) for r in rows]
@@ -134,6 +134,6 @@ class ConversationStore:
     def count(self) -> tuple[int, int]:
         """(number stored, id of the newest or 0)."""
         with self.ledger.reading() as conn:
-            n, last = self.tables.run(conn, f"SELECT COUNT(*), COALESCE(MAX(id), 0) FROM {self.tables.of('conversations')}"
-                                      ).one()
+            n, last = self.tables.run(
+                conn, f"SELECT COUNT(*), COALESCE(MAX(id), 0) FROM {self.tables.of('conversations')}").one()
         return int(n), int(last)

@@ -223,8 +223,8 @@ class Karma:
             raise ValueError(status)
         with self.ledger.transaction() as txn:
             found = self.tables.run(
-                txn.conn, "UPDATE ageup_requests SET status = :s, gen = COALESCE(:g, gen), outcome = COALESCE(:o, outcome),"
-                          f" finished_time = :f WHERE id = :i AND {MINE}",
+                txn.conn, "UPDATE ageup_requests SET status = :s, gen = COALESCE(:g, gen),"
+                          f" outcome = COALESCE(:o, outcome), finished_time = :f WHERE id = :i AND {MINE}",
                 {"s": status, "g": gen, "o": outcome, "f": _now() if status in (DONE, FAILED) else None,
                  "i": request_id},
             ).rowcount

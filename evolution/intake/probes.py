@@ -81,7 +81,8 @@ class ProbeStore:
                 txn.conn, "INSERT INTO probes (time, idem_key, question, answers, redactions, sha256, lineage)"
                           " VALUES (:t, :k, :q, :a, :r, :h, :lin) RETURNING id",
                 {"t": datetime.now(timezone.utc).isoformat(timespec="microseconds"), "k": key, "q": clean[0],
-                 "a": body, "r": json.dumps(counts), "h": hashlib.sha256(json.dumps([clean[0], body]).encode()).hexdigest()},
+                 "a": body, "r": json.dumps(counts),
+                 "h": hashlib.sha256(json.dumps([clean[0], body]).encode()).hexdigest()},
             ).scalar_one()
         return StoredProbe(pid, False, counts)
 

@@ -47,5 +47,6 @@ class Generalization(Metric):
     def rules(self, child: Measured, parent: Measured | None, cfg: GeneralizationConfig) -> list[Check]:
         return not_below_parent(self.name, child.value, parent, cfg, "generalization_margin")
 
-    def anchor_rules(self, child: Measured, gen0: Anchor | None, best: Anchor | None, cfg: GeneralizationConfig) -> list[Check]:
+    def anchor_rules(self, child: Measured, gen0: Anchor | None, best: Anchor | None,
+                     cfg: GeneralizationConfig) -> list[Check]:
         return not_below_anchor(self.name, child.value, best, "the best", cfg, "best_generalization_budget")

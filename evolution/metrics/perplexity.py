@@ -57,6 +57,7 @@ class Perplexity(Metric):
                       "" if ok else f"perplexity {child.value:.2f} > {ratio} x the parent's {parent.value:.2f} "
                                     "(gate.max_perplexity_ratio)")]
 
-    def anchor_rules(self, child: Measured, gen0: Anchor | None, best: Anchor | None, cfg: PerplexityConfig) -> list[Check]:
+    def anchor_rules(self, child: Measured, gen0: Anchor | None, best: Anchor | None,
+                     cfg: PerplexityConfig) -> list[Check]:
         return (within_anchor_ratio(self.name, child.value, gen0, "generation 0", cfg, "anchor_perplexity_ratio")
                 + within_anchor_ratio(self.name, child.value, best, "the best", cfg, "best_perplexity_ratio"))

@@ -8,8 +8,8 @@ name, its records, its plan, its rows, its trainer, and the dataclass of its con
 ``[train.<name>]``) and one entry in ``STAGES``; ``evolution.config`` makes the section from it.
 
 Shared parts: ``settings`` (the ``[train]`` section itself: ``TrainSettings``), ``backend`` (Unsloth or
-transformers + PEFT, precision, the LoRA model), ``checkpoints`` (SHA-256 ``COMPLETE`` markers, resume, rejection, weights-only loads),
-``lanes`` (the packed-lane collator, loss and trainer CPT and SFT use), ``runner`` (each
+transformers + PEFT, precision, the LoRA model), ``checkpoints`` (SHA-256 ``COMPLETE`` markers, resume,
+rejection, weights-only loads), ``lanes`` (the packed-lane collator, loss and trainer CPT and SFT use), ``runner`` (each
 stage in order, resumable, with progress callbacks) and ``distributed`` (the same stages in
 ``[train] processes`` processes under torchrun, each running ``evolution.rank``, rank 0 writing).
 """
