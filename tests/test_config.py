@@ -191,3 +191,18 @@ def test_preference_fields_are_not_flat_keys_of_train(tmp_path):
     assert "[train] has no field 'preference_method'" in exc.value.problems[1]
     with pytest.raises(ConfigError, match=r"\[train.preference\] has no field 'methods'"):
         _resolve(tmp_path, "[train.preference]\nmethods = \"kto\"\n")
+
+
+def test_gate_config_holds_every_metric_units_settings_flat_with_the_units_defaults():
+    import dataclasses
+
+    from evolution.metrics import TABLE, GateSettings
+    from evolution.train import TrainSettings
+
+    names = [f.name for f in dataclasses.fields(config.GateConfig)]
+    units = [u.config for u in TABLE if u.config is not None]
+    assert names == [f.name for part in (GateSettings, *units) for f in dataclasses.fields(part)]
+    gate = config.GateConfig()
+    for part in units:  # each unit's defaults are the section's, and a unit's settings read back from it equal
+        assert part(**{f.name: getattr(gate, f.name) for f in dataclasses.fields(part)}) == part()
+    assert isinstance(gate, GateSettings) and isinstance(config.TrainConfig(), TrainSettings)

@@ -452,3 +452,22 @@ def test_cli_feedback_errors_exit_non_zero_with_the_message(led, evolve):
     out = evolve("feedback", "chatcmpl-1", "good", "--karma", "-5")
     assert out.exit_code == 1 and "greater than 0" in out.output
     assert ExperienceStore(led).counts()["ratings"] == 0
+
+
+def test_the_inbox_of_an_age_up_holds_what_came_since_the_parents_cursors(led):
+    from evolution.intake import Intake
+
+    intake = Intake(led)
+    first = intake.conversations.add([U("Where do I live?"), A("In Faro.")]).id
+    later = intake.conversations.add([U("What is my dog called?"), A("Pip.")]).id
+    capture(intake.experiences, 1)
+    capture(intake.experiences, 2)
+    old = intake.experiences.rate("chatcmpl-1", "bad").id
+    new = intake.experiences.rate("chatcmpl-2", "good").id
+    intake.probes.add("Where do I live now?", ["Faro"])
+    inbox = intake.inbox(conversations_since=first, ratings_since=old)
+    assert [cid for cid, _ in inbox.conversations] == [later]
+    assert [e.rating_id for e in inbox.examples] == [new] and inbox.pairs == []
+    assert [reply for _, reply in inbox.not_to_imitate] == ["Paris."]  # rated bad before the cursor: still banned
+    assert inbox.probes == ["Where do I live now?"]
+    assert (inbox.conversations_since, inbox.ratings_since, inbox.ratings_through) == (first, old, new)
