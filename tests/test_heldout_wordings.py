@@ -84,7 +84,14 @@ def test_an_age_ups_training_files_hold_no_held_out_wording(tmp_path):
                        variants=c.experience_variants, variant_share=c.experience_variant_share,
                        fact_forms=c.fact_forms, who_is_who=c.who_is_who,
                        probes=[h for f in facts for h in f["heldout"]])
+    # and before any of them was taught: no question about the user "nobody answered" may be one of the wordings
+    replay.materialize(DataRoot(tmp_path / "home0"), cur, 1, c.replay_ratio, 0, tmp_path / "data0", [], 0,
+                       variants=c.experience_variants, variant_share=c.experience_variant_share,
+                       fact_forms=c.fact_forms, who_is_who=10_000)
     heldout = _heldout(facts)
+    before = [t for path in (tmp_path / "data0").glob("*.jsonl") for line in path.read_text().splitlines()
+              if line.strip() for t in _user_turns([json.loads(line)])]
+    assert [t for t in before if evals.normalize(t) in heldout] == []
     texts = []
     for path in out.glob("*.jsonl"):
         rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
