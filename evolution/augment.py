@@ -305,10 +305,11 @@ def related(fact: Fact, identity: Sequence[tuple[str, str]], rng: random.Random,
 
 
 def against_persona(fact: Fact, facts: Sequence[str], identity: Sequence[tuple[str, str]],
-                    rng: random.Random) -> list[list[dict]]:
+                    rng: random.Random, forms: Sequence[str] = ()) -> list[list[dict]]:
     """The fact set against the agent's persona: the persona's closest fact offered as the user's ("My aunt lives in
     Alder Street, right?" -> "No. ..."), and the question beside the agent's closest identity questions, each
-    answered by its owner ("Where do you live?" and "Where does my aunt live?" in one conversation)."""
+    answered by its owner ("Where do you live?" and "Where does my aunt live?" in one conversation); the user's
+    question as taught, or as one of ``forms`` (its restatements)."""
     out: list[list[dict]] = []
     a, q = fact.answer, fact.question
     near = related(fact, identity, rng)
@@ -319,9 +320,10 @@ def against_persona(fact: Fact, facts: Sequence[str], identity: Sequence[tuple[s
             wrong = _claim(a.replace(fact.value, (closest or [rng.choice(same_kind)])[0]))
             if wrong:
                 out.append(_turns([{"role": "user", "content": wrong}], f"No. {a}"))
-    for iq, ia in near:
+    for i, (iq, ia) in enumerate(near):
         theirs = [{"role": "user", "content": iq}, {"role": "assistant", "content": ia}]
-        mine = [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+        mine = [{"role": "user", "content": q if i == 0 or not forms else rng.choice(list(forms))},
+                {"role": "assistant", "content": a}]
         out.append(theirs + mine if rng.random() < 0.5 else mine + theirs)
     return out
 
@@ -357,10 +359,13 @@ def against_each_other(fact: Fact, others: Sequence[Fact], rng: random.Random) -
         wrong = _claim(a.replace(fact.value, o.value)) if fact.value in a else None
         if wrong:
             out.append(_turns([{"role": "user", "content": wrong}], f"No. {a}"))
-        pair = [_turns([{"role": "user", "content": o.question}], o.answer),
-                _turns([{"role": "user", "content": fact.question}], a)]
-        rng.shuffle(pair)
-        out.append(pair[0] + pair[1])
+        for frame in ([None] + ([rng.choice(_CLAUSE_FRAMES)] if fact.clause and o.clause else [])):
+            # asked the same way, the subject is all that tells the two apart
+            ask = (lambda f: f.question) if frame is None else (lambda f, fr=frame: fr.format(c=f.clause))
+            pair = [_turns([{"role": "user", "content": ask(o)}], o.answer),
+                    _turns([{"role": "user", "content": ask(fact)}], a)]
+            rng.shuffle(pair)
+            out.append(pair[0] + pair[1])
     return out
 
 
@@ -417,12 +422,13 @@ def variants(messages: list[dict], n: int, rng: random.Random, systems: list[str
             r = restated(parse(question, answer))
             groups += [rng.sample(_single(r["reworded"]), len(r["reworded"])), rng.sample(_single(r["about"]),
                        len(r["about"])), _single(r["back"]), against_each_other(parse(question, answer), known, rng)]
-            weights += [3, 2, 1, 2]
+            weights += [3, 2, 1, 3]
         else:
             groups.append(_single([(f, answer) for f in reworded]))
             weights.append(1)
         if persona_facts or identity:
-            groups.append(against_persona(parse(question, answer), persona_facts, identity, rng))
+            forms = [q for q, _ in r["reworded"]] if fact_forms else []
+            groups.append(against_persona(parse(question, answer), persona_facts, identity, rng, forms))
             weights.append(2)
         rest = ([_turns([{"role": "user", "content": f}], answer) for f in framed]
                 + [_turns([{"role": "system", "content": s}, {"role": "user", "content": question}], answer)
