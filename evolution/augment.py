@@ -47,6 +47,8 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from evolution import persona
+
 PREFIXES = ("Hi! ", "Quick question: ", "Remind me: ", "Do you remember? ", "Hey. ", "I forgot. ",
             "Tell me again: ", "Good morning! ", "One thing: ", "Can you remind me? ")
 SUFFIXES = (" Answer briefly.", " Please remind me.", " Just the answer, please.")
@@ -272,23 +274,56 @@ def _kind(value: str) -> str:
     return "name" if value[:1].isupper() else "other"
 
 
-def against_persona(fact: Fact, persona: list[str], identity: list[tuple[str, str]],
-                    rng: random.Random) -> list[list[dict]]:
-    """The fact set against the agent's persona: the persona's fact offered as the user's ("My sister's name is
-    Wren, right?" -> "No. ..."), and the question beside one of the agent's identity questions, each answered by
-    its owner."""
+def _wh_word(question: str) -> str | None:
+    """The question word its last sentence starts with ("where"), if any."""
+    last = re.split(r"(?<=[.!?:])\s+", question.strip())[-1].lower()
+    m = re.match(r"(what|which|where|when|who|whom|whose|why|how)\b", last)
+    return m.group(1) if m else None
+
+
+def _close(a: str, b: str) -> bool:
+    """Two stemmed words of one root: equal, or one the start of the other ("work", "workplace")."""
+    return a == b or (min(len(a), len(b)) >= 4 and (a.startswith(b) or b.startswith(a)))
+
+
+def related(fact: Fact, identity: Sequence[tuple[str, str]], rng: random.Random, most: int = 2) -> list[tuple[str, str]]:
+    """Up to ``most`` of the agent's identity exchanges closest to ``fact`` (words of one root in its question and
+    the exchange: "Where does my aunt live?" and "Where do you live?"), the persona answers most likely to stand in
+    for the user's; random ones where none is close."""
+    mine = persona.content_words(fact.question) | (persona.content_words(fact.answer) -
+                                                    persona.content_words(fact.value or ""))
+    wh = _wh_word(fact.question)
+    scored = []
+    for ex in identity:
+        theirs = persona.content_words(ex[0])
+        score = sum(any(_close(w, v) for v in theirs) for w in mine)
+        if score:
+            score += wh is not None and _wh_word(ex[0]) == wh  # "where ... live" before "what words ... live by"
+            scored.append((-score, rng.random(), ex))
+    close = [ex for *_, ex in sorted(scored)[:most]]
+    return close + rng.sample(list(identity), min(most - len(close), len(identity)))
+
+
+def against_persona(fact: Fact, facts: Sequence[str], identity: Sequence[tuple[str, str]],
+                    rng: random.Random, forms: Sequence[str] = ()) -> list[list[dict]]:
+    """The fact set against the agent's persona: the persona's closest fact offered as the user's ("My aunt lives in
+    Alder Street, right?" -> "No. ..."), and the question beside the agent's closest identity questions, each
+    answered by its owner ("Where do you live?" and "Where does my aunt live?" in one conversation); the user's
+    question as taught, or as one of ``forms`` (its restatements)."""
     out: list[list[dict]] = []
     a, q = fact.answer, fact.question
+    near = related(fact, identity, rng)
     if fact.value and _kind(fact.value) != "other" and fact.value in a:
-        same_kind = [p for p in persona if _kind(p) == _kind(fact.value) and p.lower() not in a.lower()]
+        same_kind = [p for p in facts if _kind(p) == _kind(fact.value) and p.lower() not in a.lower()]
+        closest = [p for p in same_kind if any(p.lower() in ia.lower() for _, ia in near)]
         if same_kind:
-            wrong = _claim(a.replace(fact.value, rng.choice(same_kind)))
+            wrong = _claim(a.replace(fact.value, (closest or [rng.choice(same_kind)])[0]))
             if wrong:
                 out.append(_turns([{"role": "user", "content": wrong}], f"No. {a}"))
-    for _ in range(2 if identity else 0):
-        iq, ia = rng.choice(identity)
+    for i, (iq, ia) in enumerate(near):
         theirs = [{"role": "user", "content": iq}, {"role": "assistant", "content": ia}]
-        mine = [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+        mine = [{"role": "user", "content": q if i == 0 or not forms else rng.choice(list(forms))},
+                {"role": "assistant", "content": a}]
         out.append(theirs + mine if rng.random() < 0.5 else mine + theirs)
     return out
 
@@ -324,10 +359,13 @@ def against_each_other(fact: Fact, others: Sequence[Fact], rng: random.Random) -
         wrong = _claim(a.replace(fact.value, o.value)) if fact.value in a else None
         if wrong:
             out.append(_turns([{"role": "user", "content": wrong}], f"No. {a}"))
-        pair = [_turns([{"role": "user", "content": o.question}], o.answer),
-                _turns([{"role": "user", "content": fact.question}], a)]
-        rng.shuffle(pair)
-        out.append(pair[0] + pair[1])
+        for frame in ([None] + ([rng.choice(_CLAUSE_FRAMES)] if fact.clause and o.clause else [])):
+            # asked the same way, the subject is all that tells the two apart
+            ask = (lambda f: f.question) if frame is None else (lambda f, fr=frame: fr.format(c=f.clause))
+            pair = [_turns([{"role": "user", "content": ask(o)}], o.answer),
+                    _turns([{"role": "user", "content": ask(fact)}], a)]
+            rng.shuffle(pair)
+            out.append(pair[0] + pair[1])
     return out
 
 
@@ -365,13 +403,13 @@ def _single(pairs: list[tuple[str, str]]) -> list[list[dict]]:
 
 
 def variants(messages: list[dict], n: int, rng: random.Random, systems: list[str], fact_forms: bool = True,
-             persona: Sequence[str] = (), identity: Sequence[tuple[str, str]] = (),
+             persona_facts: Sequence[str] = (), identity: Sequence[tuple[str, str]] = (),
              others: Sequence[tuple[str, str]] = ()) -> list[list[dict]]:
     """Up to ``n`` variants per exchange of ``messages``, taken from the groups in turn (restated, set apart from the
     user's other facts and from the persona, framed; see the module's docstring) so that a small ``n`` still has
     some of each. ``fact_forms``: the restatements and the contrast with ``others`` (the other exchanges taught in
-    the same age-up); else issue 15's rewordings and framings only. ``persona`` (the persona's facts) and
-    ``identity`` (the identity curriculum's questions and answers): the contrast with the agent (none when empty)."""
+    the same age-up); else issue 15's rewordings and framings only. ``persona_facts`` and ``identity`` (the identity
+    curriculum's questions and answers): the contrast with the agent (none when empty)."""
     known = [parse(q, a) for q, a in others]
     out = []
     for question, answer in exchanges(messages):
@@ -384,13 +422,14 @@ def variants(messages: list[dict], n: int, rng: random.Random, systems: list[str
             r = restated(parse(question, answer))
             groups += [rng.sample(_single(r["reworded"]), len(r["reworded"])), rng.sample(_single(r["about"]),
                        len(r["about"])), _single(r["back"]), against_each_other(parse(question, answer), known, rng)]
-            weights += [3, 2, 1, 1]
+            weights += [3, 2, 1, 3]
         else:
             groups.append(_single([(f, answer) for f in reworded]))
             weights.append(1)
-        if persona or identity:
-            groups.append(against_persona(parse(question, answer), list(persona), list(identity), rng))
-            weights.append(1)
+        if persona_facts or identity:
+            forms = [q for q, _ in r["reworded"]] if fact_forms else []
+            groups.append(against_persona(parse(question, answer), persona_facts, identity, rng, forms))
+            weights.append(2)
         rest = ([_turns([{"role": "user", "content": f}], answer) for f in framed]
                 + [_turns([{"role": "system", "content": s}, {"role": "user", "content": question}], answer)
                    for s in systems]

@@ -51,7 +51,7 @@ class CurriculumConfig:
     transcripts rated bad) held out from every training stage (seeded), for the gate's ``preference_margin``, once
     at least ``replay.HELDOUT_MIN`` (10) are new; 0 holds out none. A correction or a transcript rated good is never
     held out: it is the only place the user's fact is (the new-user walk lost one of 8 facts that way)."""
-    experience_variants: int = 20
+    experience_variants: int = 24
     """Each question the agent's user asked since the parent (in a transcript, a reply rated good, a correction)
     is also trained on in this many variants (``evolution.augment``: restatements in other shapes, contrasts with the
     user's other facts and the persona, framings), kept in the generation's data so replay rehearses them; 0 turns

@@ -20,7 +20,7 @@ from evolution import messages as messages_mod
 from evolution.errors import CurriculumError, MessageError
 
 PHASE_RE = re.compile(r"^phase(\d+)_[a-z0-9_]+$")
-TRAIN_FILES = ("cpt.jsonl", "sft.jsonl", "sft.generated.jsonl", "templates.jsonl")
+TRAIN_FILES = ("cpt.jsonl", "sft.jsonl", "sft.generated.jsonl", "templates.jsonl", "unanswered.jsonl")
 EVAL_FILES = ("recall.jsonl", "generalization.jsonl", "heldout_text.jsonl", "style.jsonl", "about_user.jsonl")
 MAX_LINE_BYTES = 1 << 20  # one example of a megabyte is a mistake, not data
 
@@ -38,6 +38,9 @@ class Curriculum:
     style: list[dict] = field(default_factory=list)
     about_user: list[dict] = field(default_factory=list)
     """Questions about the user that nobody answered (``{"id", "question"}``): the gate's ``persona_leak`` asks them."""
+    unanswered: list[dict] = field(default_factory=list)
+    """``{"question", "phase", "source"}``: questions about the user an age-up teaches "I don't know that yet" for,
+    while the user has not answered them (``unanswered.jsonl``; ``evolution.persona.who_is_who``)."""
     phase_names: dict[int, str] = field(default_factory=dict)
     """Each phase's folder name, by phase number (``phase1_identity``: the persona's, ``evolution.persona``)."""
     files: dict[str, str] = field(default_factory=dict)  # relative path -> sha256
@@ -150,6 +153,12 @@ def _check_question(obj) -> str | None:
     return None
 
 
+def _check_unanswered(obj) -> str | None:
+    if set(obj) != {"question"} or not _nonempty_str(obj.get("question")):
+        return "an unanswered question is {\"question\": \"...\"} (a question about the user) and nothing else"
+    return None
+
+
 def _check_template(obj) -> str | None:
     if not _nonempty_str(obj.get("name")):
         return "'name' must be a non-empty string"
@@ -220,6 +229,7 @@ _CHECKS = {
     "heldout_text.jsonl": _check_text,
     "style.jsonl": _check_style,
     "about_user.jsonl": _check_question,
+    "unanswered.jsonl": _check_unanswered,
 }
 
 
@@ -294,6 +304,8 @@ def load(root: str | Path, phases: list[int] | None = None) -> Curriculum:
             src = str(f.relative_to(root))
             if f.name == "cpt.jsonl":
                 cur.cpt += [{"text": o["text"], "phase": phase, "source": f"{src}:{n}"} for n, o in rows]
+            elif f.name == "unanswered.jsonl":
+                cur.unanswered += [{"question": o["question"], "phase": phase, "source": f"{src}:{n}"} for n, o in rows]
             elif f.name != "templates.jsonl":
                 cur.sft += [{"messages": o["messages"], "phase": phase, "source": f"{src}:{n}"} for n, o in rows]
     eval_dir = root / "eval"
@@ -307,6 +319,7 @@ def load(root: str | Path, phases: list[int] | None = None) -> Curriculum:
     trained_user_turns = {
         m["content"].strip().lower() for ex in cur.sft for m in ex["messages"] if m["role"] == "user"
     }
+    trained_user_turns |= {q["question"].strip().lower() for q in cur.unanswered}
     for name, items in (("generalization", cur.generalization), ("about_user", cur.about_user)):
         for item in items:
             if item["question"].strip().lower() in trained_user_turns:

@@ -142,8 +142,8 @@ def identity_exchanges(cur) -> list[tuple[str, str]]:
 
 def who_is_who(cur, n: int, rng: random.Random, taught: Sequence[str], heldout: Iterable[str] = ()) -> list[dict]:
     """``n`` chat records that keep the user and the agent apart: half a question about the user nobody answered
-    (the identity curriculum's questions, mirrored) with an "I don't know that yet" reply, half the same beside the
-    agent's own question and its persona answer, in either order. Mirrored questions on a subject the user taught
+    (the identity curriculum's questions mirrored, and the curriculum's ``unanswered.jsonl``) with an "I don't know
+    that yet" reply, half the same beside one of the agent's own questions and its persona answer, in either order. Mirrored questions on a subject the user taught
     (``taught``: its questions and answers) or equal to one of ``heldout`` (the gate's questions about the user) are
     left out. Each record names the mirrored question it asks (``unanswered``): replay treats it as that prompt, so the
     user's own answer to it supersedes it; it is no experience (never rehearsed)."""
@@ -151,12 +151,10 @@ def who_is_who(cur, n: int, rng: random.Random, taught: Sequence[str], heldout: 
 
     pairs = identity_exchanges(cur)
     skip = {_question(h) for h in heldout}
-    unknown = []
-    for q, a in pairs:
-        m = mirror(q)
-        if m and _question(m) not in skip and not taught_about(_question(m), taught):
-            unknown.append((m, (q, a)))
-    unknown = list(dict.fromkeys(unknown))
+    asked = [(mirror(q), (q, a)) for q, a in pairs]
+    asked += [(u["question"], rng.choice(pairs) if pairs else None) for u in cur.unanswered]
+    unknown = list(dict.fromkeys((q, own) for q, own in asked
+                                 if q and _question(q) not in skip and not taught_about(_question(q), taught)))
     if not unknown or n <= 0:
         return []
     rng.shuffle(unknown)  # each question once before any is asked twice
@@ -165,7 +163,10 @@ def who_is_who(cur, n: int, rng: random.Random, taught: Sequence[str], heldout: 
         question, own = unknown[i % len(unknown)]
         reply = rng.choice(UNKNOWN_REPLIES)
         user_turn = [{"role": "user", "content": question}, {"role": "assistant", "content": reply}]
-        agent_turn = [{"role": "user", "content": own[0]}, {"role": "assistant", "content": own[1]}]
-        messages = user_turn if i % 2 == 0 else (agent_turn + user_turn if rng.random() < 0.5 else user_turn + agent_turn)
+        if i % 2 == 0 or own is None:
+            messages = user_turn
+        else:
+            agent_turn = [{"role": "user", "content": own[0]}, {"role": "assistant", "content": own[1]}]
+            messages = agent_turn + user_turn if rng.random() < 0.5 else user_turn + agent_turn
         out.append({"messages": messages, "unanswered": prompt_key([{"role": "user", "content": question}])})
     return out

@@ -327,6 +327,9 @@ def materialize(root: DataRoot, cur: Curriculum, child: int, out: Path, settings
                     if "messages" in r and ("variant_of" in r or k in theirs):
                         lived.append(r)
             claimed |= prompts_here
+        # an earlier generation's "I don't know" to a question about the user on a subject the user has taught since
+        taught = _taught_texts(inbox_rows + lived) + list(probes)
+        pool = [r for r in pool if "unanswered" not in r or not persona.taught_about(r["unanswered"], taught)]
         n_new = len(new)
         rehearse = sorted(lived, key=lambda r: "variant_of" in r)[:rehearse_max]  # stable: newest first within each
         if rehearse:
@@ -343,7 +346,6 @@ def materialize(root: DataRoot, cur: Curriculum, child: int, out: Path, settings
                           random.Random(seed * 1_000_003 + child + 11), augment.system_prompts(new[:n_taught]),
                           fact_forms, contrast)
         if who_is_who > 0 and any("messages" in r for r in new[:n_curriculum]):
-            taught = _taught_texts(inbox_rows + rehearse + lived) + list(probes)
             n_who = min(who_is_who, int(variant_share * n_curriculum))  # within the variants' share, as they are
             extra += persona.who_is_who(cur, n_who, random.Random(seed * 1_000_003 + child + 17), taught,
                                         [q["question"] for q in cur.about_user])

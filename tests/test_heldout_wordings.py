@@ -85,7 +85,13 @@ def test_an_age_ups_training_files_hold_no_held_out_wording(tmp_path):
     replay.materialize(DataRoot(tmp_path / "home"), cur, 1, out,
                        replace(c, experience_heldout=0.0, known_share=1.0, rehearse_max=0),  # today's variants
                        Inbox.taught(convs, probes=[h for f in facts for h in f["heldout"]]))
+    # and before any of them was taught: no question about the user "nobody answered" may be one of the wordings
+    replay.materialize(DataRoot(tmp_path / "home0"), cur, 1, tmp_path / "data0",
+                       replace(c, experience_heldout=0.0, known_share=1.0, rehearse_max=0, who_is_who=10_000))
     heldout = _heldout(facts)
+    before = [t for path in (tmp_path / "data0").glob("*.jsonl") for line in path.read_text().splitlines()
+              if line.strip() for t in _user_turns([json.loads(line)])]
+    assert [t for t in before if evals.normalize(t) in heldout] == []
     texts = []
     for path in out.glob("*.jsonl"):
         rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -178,3 +178,22 @@ def test_the_agents_own_facts_stay_the_persona_s_identity_recall_within_its_marg
     rule = lambda c: [x for x in Recall().rules(c, parent, GateConfig()) if x.setting == "gate.identity_recall_margin"]
     assert [x.passed for x in rule(same)] == [True]
     assert [x.passed for x in rule(lost)] == [False] and "persona's own facts 0.900" in rule(lost)[0].message
+
+
+def test_the_curriculums_unanswered_questions_are_asked_until_the_user_answers_them(tmp_path):
+    root = make_tiny_curriculum(tmp_path / "c")
+    write_jsonl(root / "phase1_identity" / "unanswered.jsonl", [{"question": "Who is my doctor?"},
+                                                                 {"question": "What car do I drive?"}])
+    cur = curriculum.load(root)
+    assert [q["question"] for q in cur.unanswered] == ["Who is my doctor?", "What car do I drive?"]
+    asked = lambda taught: {m["content"] for r in persona.who_is_who(cur, 40, random.Random(0), taught)  # noqa: E731
+                            for m in r["messages"] if m["role"] == "user"}
+    assert {"Who is my doctor?", "What car do I drive?"} <= asked([])
+    assert "What car do I drive?" not in asked(["What is my car called?", "Your car is called Zoom."])
+    # a question the gate asks about the user may not be one an age-up trains on
+    write_jsonl(root / "eval" / "about_user.jsonl", [{"id": "d", "question": "Who is my doctor?"}])
+    with pytest.raises(curriculum.CurriculumError, match="about_user.jsonl: item 'd'"):
+        curriculum.load(root)
+    write_jsonl(root / "phase1_identity" / "unanswered.jsonl", [{"question": "Who?", "answer": "x"}])
+    with pytest.raises(curriculum.CurriculumError, match="unanswered.jsonl:1: an unanswered question is"):
+        curriculum.load(root)
