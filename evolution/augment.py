@@ -69,6 +69,19 @@ _REWORDS: tuple[tuple[re.Pattern, tuple[str, ...]], ...] = tuple(
 _CLAUSE_FRAMES = ("Do you know {c}?", "Do you remember {c}?", "Can you tell me {c}?", "Could you remind me {c}?",
                   "Tell me {c}.", "I forgot {c}.", "I'd like to know {c}.", "Any idea {c}?", "I need to know {c}.",
                   "Do you still remember {c}?", "Remind me {c}.", "I can't remember {c}.")
+# Common relations said with a noun instead of a verb: a question "where my aunt lives" is also one about "my aunt's
+# home" (a small model ties the noun to the persona's own home unless it was taught otherwise). Matched on the
+# fact's clause; {o} is its owner ("my aunt"), {s} the subject ("my car").
+_RELATIONS: tuple[tuple[re.Pattern, tuple[str, ...]], ...] = tuple(
+    (re.compile(p), forms) for p, forms in (
+        (r"where (?P<o>(?:my|our) .+) (?:lives|live)", ("Where is {o}'s home?", "Tell me about {o}'s home.",
+                                                          "Which town is {o}'s home in?")),
+        (r"where (?P<o>(?:my|our) .+) (?:works|work)", ("Where is {o}'s job?", "Who is {o}'s employer?",
+                                                          "Tell me about {o}'s job.")),
+        (r"what brand (?P<s>(?:my|our) .+) is", ("Who is the maker of {s}?", "Tell me the brand of {s}.",
+                                                  "What company is behind {s}?")),
+        (r"what (?:I|we) do on (?P<t>.+)", ("What are my {t} like?", "Tell me about my {t}.")),
+    ))
 # Questions about the subject itself ("my sister").
 _SUBJECT_FRAMES = ("What do you know about {np}?", "Tell me about {np}.", "What did I tell you about {np}?",
                    "What about {np}?", "Do you remember {np}?", "{Np}?")
@@ -252,6 +265,11 @@ def restated(fact: Fact) -> dict[str, list[tuple[str, str]]]:
     if fact.subject:
         owner = re.sub(r"'s name$", "", fact.subject)
         about = [f.format(np=owner, Np=owner[:1].upper() + owner[1:]) for f in _SUBJECT_FRAMES]
+    for pattern, forms in _RELATIONS if fact.clause else ():
+        m = pattern.fullmatch(fact.clause)
+        if m:
+            about = [f.format(**m.groupdict()) for f in forms] + about
+            break
     back = []
     if fact.value and (fact.value[:1].isupper() or fact.value[:1].isdigit()):
         is_date = any(m in fact.value.lower().split() for m in _MONTHS)

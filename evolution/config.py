@@ -51,13 +51,13 @@ class CurriculumConfig:
     transcripts rated bad) held out from every training stage (seeded), for the gate's ``preference_margin``, once
     at least ``replay.HELDOUT_MIN`` (10) are new; 0 holds out none. A correction or a transcript rated good is never
     held out: it is the only place the user's fact is (the new-user walk lost one of 8 facts that way)."""
-    experience_variants: int = 24
+    experience_variants: int = 32
     """Each question the agent's user asked since the parent (in a transcript, a reply rated good, a correction)
     is also trained on in this many variants (``evolution.augment``: restatements in other shapes, contrasts with the
     user's other facts and the persona, framings), kept in the generation's data so replay rehearses them; 0 turns
     it off. One record among ~1,500, seen 1.5 times, taught the form of an answer but not the fact (issue 15); a
     dozen framings of one sentence taught the sentence, not the fact (issue 27: docs/learning.md)."""
-    experience_variant_share: float = 0.3
+    experience_variant_share: float = 0.4
     """The variants of one age-up are at most this share of the SFT curriculum's records (fewer per question
     past it), so a large inbox does not make an age-up much longer. A variant is about half a curriculum record's
     length, so the SFT time grows by about half this share at most."""

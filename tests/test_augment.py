@@ -165,7 +165,7 @@ def test_bad_variant_settings_are_reported_together():
     from evolution.errors import ConfigError
 
     cfg = config.AgeUpConfig()
-    assert (cfg.curriculum.experience_variants, cfg.curriculum.experience_variant_share) == (24, 0.3)
+    assert (cfg.curriculum.experience_variants, cfg.curriculum.experience_variant_share) == (32, 0.4)
     cfg.curriculum.experience_variants, cfg.curriculum.experience_variant_share = -1, "lots"
     with pytest.raises(ConfigError) as exc:
         config.validate(cfg)
