@@ -27,7 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from train_bench import Contention
+from report import Contention
 
 from evolution import config, curriculum, gate
 from evolution.ledger import Ledger, check_servable

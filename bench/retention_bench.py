@@ -30,7 +30,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from train_bench import Contention
+from report import Contention
 
 from evolution import retention
 from evolution.config import RetentionConfig

@@ -59,6 +59,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from report import Contention  # noqa: E402  (what else ran: a figure beside a busy neighbour is not a figure)
 
 from evolution import base as base_model
 from evolution import curriculum
@@ -80,30 +83,6 @@ def matmul_peak(dtype: torch.dtype, seconds: float = 1.5) -> float:
             reps += 1
         best = max(best, 2 * n**3 * reps / (time.perf_counter() - t0) / 1e9)
     return best
-
-
-class Contention:
-    """How much CPU other processes used meanwhile: a benchmark run beside a busy neighbour is not a figure.
-
-    torch's OpenMP threads wait for each other at every op; one busy process, even at nice 19, costs
-    training up to 10x here (measured: SFT 21 instead of 190 tokens/s).
-    """
-
-    def __init__(self):
-        self.t0 = self._sample()
-
-    @staticmethod
-    def _sample() -> tuple[float, float, float]:
-        cpu = [int(x) for x in Path("/proc/stat").read_text().split("\n")[0].split()[1:]]
-        busy, total = sum(cpu) - cpu[3] - cpu[4], sum(cpu)
-        # utime, stime, and those of finished children (a benchmark that runs the product as a subprocess)
-        own = sum(int(x) for x in Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[11:15])
-        return busy, total, own
-
-    def others(self) -> float:
-        """Fraction of the machine's CPU time used by other processes since this object was made."""
-        (b0, t0, o0), (b1, t1, o1) = self.t0, self._sample()
-        return max(0.0, (b1 - b0) - (o1 - o0)) / max(t1 - t0, 1)
 
 
 class StepTimer:
