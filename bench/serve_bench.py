@@ -96,6 +96,7 @@ def serve(port: int, gguf: Path) -> None:
 
     with tempfile.TemporaryDirectory(prefix="serve-bench-") as home:
         daemon = Daemon(DataRoot(Path(home)), AgeUpConfig(), DaemonConfig(api_token="bench-token-0123456789"))
+        daemon.prepare()  # its ledger and intake: every chat is captured, as users run it (capture on)
         sha = sha256_file(gguf)
         daemon.host.swap(daemon.host.load(0, gguf, sha))
         app = create_app(daemon)
