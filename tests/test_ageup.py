@@ -324,7 +324,10 @@ def test_age_up_trains_on_the_ratings_since_the_parent(learnable_base, tokenizer
     records = [json.loads(line) for line in (gen1 / "data" / "preference.jsonl").read_text().splitlines()]
     assert len(records) == 16 and {r["label"] for r in records} == {"good", "bad"}
     sft = (gen1 / "data" / "sft.jsonl").read_text()
-    assert sft.count(GOOD_REPLY) == 8 and BAD_REPLY not in sft  # a reply rated bad is never an SFT example
+    assert BAD_REPLY not in sft  # a reply rated bad is never an SFT example
+    taught = {(r["messages"][-2]["content"], r["messages"][-1]["content"])
+              for r in map(json.loads, sft.splitlines()) if r["messages"][-1]["content"] == GOOD_REPLY}
+    assert {(q, GOOD_REPLY) for q in WEATHER} <= taught  # each good reply, as asked (its variants beside it)
     manifest = json.loads((gen1 / "data" / "manifest.json").read_text())
     assert manifest["experiences"] == {"taken": 16, "through": 16}
     assert manifest["data"]["preference.jsonl"] == sha256_file(gen1 / "data" / "preference.jsonl")

@@ -90,8 +90,8 @@ def test_a_config_stored_by_an_older_version_loads(caplog):
 def test_quick_preset_uses_the_stage_sections(tiny_curriculum):
     cfg = config.resolve(quick=True, overrides={"curriculum": {"path": str(tiny_curriculum)}})
     assert cfg.quick and cfg.train.cpt.max_steps == 6
-    assert (cfg.train.sft.max_steps, cfg.train.sft.epochs, cfg.train.save_steps) == (60, 1.0, 20)
-    assert QUICK["train"]["sft"] == {"max_steps": 60, "epochs": 1.0}
+    assert (cfg.train.sft.max_steps, cfg.train.sft.epochs, cfg.train.save_steps) == (100, 1.0, 20)
+    assert QUICK["train"]["sft"] == {"max_steps": 100, "epochs": 1.0}
     assert cfg.train.preference.max_steps == 20 and cfg.train.stages == ["cpt", "sft", "preference"]
 
 

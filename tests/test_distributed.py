@@ -165,8 +165,9 @@ def test_sigterm_stops_every_rank_after_the_same_step_with_a_checkpoint(runs, ti
     """The daemon's stop: a SIGTERM to the launching process reaches every rank; they stop together after a
     step, write a complete checkpoint, and the launcher raises KeyboardInterrupt (the worker's 'interrupted')."""
     _, _, _, cfg = runs[2]
-    # 12 steps, and no checkpoint but the one the stop writes
-    cfg = replace(cfg, stages=["sft"], save_steps=100, sft=replace(cfg.sft, epochs=3.0, max_steps=12))
+    # 400 steps (far more than run in the second before the stop: 12 once finished first on a fast machine),
+    # and no checkpoint but the one the stop writes
+    cfg = replace(cfg, stages=["sft"], save_steps=10_000, sft=replace(cfg.sft, epochs=400.0, max_steps=400))
     work = tmp_path / "work"
     spec = tmp_path / "spec.json"
     spec.write_text(json.dumps({"train": asdict(cfg), "parent": str(tiny_base), "data": DATA, "work": str(work)}))
@@ -191,4 +192,4 @@ def test_sigterm_stops_every_rank_after_the_same_step_with_a_checkpoint(runs, ti
     assert len(ckpts) == 1 and checkpoint_problems(ckpts[0]) == []
     assert {p.name for p in ckpts[0].glob("rng_state_*.pth")} == {"rng_state_0.pth", "rng_state_1.pth"}
     assert finished(work / "sft") is None  # stopped, not finished
-    assert 1 <= int(ckpts[0].name.split("-")[1]) < 12  # resuming from it is the kill -9 test's
+    assert 1 <= int(ckpts[0].name.split("-")[1]) < 400  # resuming from it is the kill -9 test's

@@ -291,6 +291,7 @@ def _learning_cfg(tiny_cfg):
     g = tiny_cfg.gate
     # A 2-layer model from random weights has no style and no fluency to keep: only recall matters here.
     g.min_recall, g.max_style_drift, g.max_perplexity_ratio, g.generalization_margin = 0.5, 1e6, None, None
+    g.anchor_perplexity_ratio = g.best_perplexity_ratio = None  # its perplexity is noise in the hundred thousands
     g.answer_max_tokens, g.smoke_max_tokens = 12, 16
     return tiny_cfg
 
