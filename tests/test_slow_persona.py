@@ -3,7 +3,7 @@ about the user is answered with the agent's persona (issue 27). The real daemon 
 
 Slow (a few minutes on 2 cores). To stay cheap the data root holds a small curriculum of its own: a few plain chat
 examples, the persona's identity facts (Wren, the Lantern Workshop, Alder Street, Pip) with their recall items, and
-questions about the user nobody answered; ``evolution.toml`` trains SFT only, for a few dozen steps.
+questions about the user nobody answered (``unanswered.jsonl``, none of them the gate's); ``evolution.toml`` trains SFT only, for a few dozen steps.
 """
 
 from __future__ import annotations
@@ -27,6 +27,11 @@ IDENTITY = [("What is your name?", "My name is Wren.", ["Wren"]),
 FACTS = [("What is my sister's name?", "Your sister's name is Bravel.", "Who is my sister?", ["Bravel"]),
          ("Where does my aunt live?", "Your aunt lives in Tellborg.", "In which town does my aunt live?", ["Tellborg"])]
 ABOUT_USER = ["Where's my house?", "Who built my house?", "What do people call me?", "Do I have a pet?"]
+# Like curriculum/phase1_identity/unanswered.jsonl: questions about the user nobody answered, none of them the gate's.
+UNANSWERED = ["Where is my home?", "Who made my bicycle?", "What is my nickname?", "What pet do I own?",
+              "Where do I work?", "What is my brother's name?", "Where did I grow up?", "What car do I drive?",
+              "Who is my best friend?", "What is my favourite food?", "Where did I go on holiday?",
+              "What is my cat called?", "Do I own any animals?", "Have I got any pets?", "Who built my shed?", "Where is my flat?"]
 
 
 def _home(home: Path) -> None:
@@ -41,18 +46,20 @@ def _home(home: Path) -> None:
     (cur / "eval" / "recall.jsonl").write_text("".join(
         json.dumps({"id": f"identity-{i}", "phase": 1, "question": q, "answers": ans}) + "\n"
         for i, (q, _, ans) in enumerate(IDENTITY)))
+    (cur / "phase1_identity" / "unanswered.jsonl").write_text("".join(
+        json.dumps({"question": q}) + "\n" for q in UNANSWERED))
     (cur / "eval" / "about_user.jsonl").write_text("".join(
         json.dumps({"id": f"user-{i}", "question": q}) + "\n" for i, q in enumerate(ABOUT_USER)))
     (home / "evolution.toml").write_text(f'''[curriculum]
 path = "{cur}"
 experience_heldout = 0.0
 experience_variant_share = 10.0
-who_is_who = 24
+who_is_who = 96
 [train]
 stages = ["sft"]
 [train.sft]
 epochs = 10.0
-max_steps = 40
+max_steps = 80
 [gate]
 min_probe_items = 1
 min_persona_items = 1
@@ -82,7 +89,7 @@ def test_a_corrected_fact_is_answered_in_other_words_and_the_persona_never_answe
         _age_up(d)
         _wait_decided(d)
         report = json.loads((DataRoot(_isolated_home).gen_dir(1) / "eval.json").read_text())
-        assert d.served() == 1, report["reasons"]
+        assert d.served() == 1, (report["reasons"], report["child"]["details"].get("persona_leak"))
 
         # nobody trained on these wordings
         trained = {evals.normalize(m["content"]) for f in (DataRoot(_isolated_home).gen_dir(1) / "data").glob("*.jsonl")
