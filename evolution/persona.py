@@ -89,11 +89,43 @@ def content_words(text: str) -> set[str]:
     return {_stem(w) for w in evals.normalize(text).split() if w not in _STOP and len(w) > 1}
 
 
+_POSSESSED = re.compile(r"\b(?:my|your)\s+([\w'-]+(?:\s+[\w'-]+){0,3})", re.IGNORECASE)
+_HAVE = re.compile(r"\b(?:i|you)\s+(?:have|had|got|own|bought|adopted|keep|'ve got|have got)\s+([\w'-]+(?:\s+[\w'-]+){0,3})",
+                   re.IGNORECASE)
+_MODIFIERS = frozenset("""a an the some two three four any favourite favorite best own new old little dear first last
+middle younger older elder big small""".split())
+_SPEAKS_OF_USER = re.compile(r"\b(?:i|i'm|i've|me|my|mine|myself|you|you're|your|yours)\b", re.IGNORECASE)
+
+
+def _head(phrase: str) -> set[str]:
+    """The thing a possessive phrase names: "aunt's home" -> aunt, home; "favourite colour" -> colour."""
+    out = set()
+    for w in phrase.lower().split():
+        if w.endswith("'s"):
+            out.add(w[:-2])
+        elif w not in _MODIFIERS:
+            out.add(w)
+            break
+    return {_stem(x) for x in (evals.normalize(w) for w in out) if x}
+
+
+def possessed(text: str) -> set[str]:
+    """The stems of what ``text`` says the user has: the noun after "my" or "your" ("my aunt's home" -> aunt, home),
+    or after "I have a" / "you got a"."""
+    return {w for rx in (_POSSESSED, _HAVE) for m in rx.finditer(text) for w in _head(m.group(1))}
+
+
 def taught_about(question: str, taught: Sequence[str]) -> bool:
-    """Whether a question about the user touches a subject the user taught (a content word shared with a taught
-    question or answer): then it is not a question "nobody answered"."""
+    """Whether a question about the user touches a subject the user taught: then it is not a question "nobody
+    answered". Where the question names something of the user's ("my house"), a taught text must name the same
+    thing as the user's ("your house", "I have a house"); a word in passing ("a home toolbox", "your flight home")
+    is another subject. A question naming nothing of the user's ("How old am I?") shares a content word with a
+    taught text that speaks of the user."""
+    subjects = possessed(question)
+    if subjects:
+        return any(subjects & possessed(t) for t in taught)
     mine = content_words(question)
-    return any(mine & content_words(t) for t in taught)
+    return any(mine & content_words(t) for t in taught if _SPEAKS_OF_USER.search(t))
 
 
 _AUX = frozenset("do did does can could will would should have had may might must shall".split())

@@ -197,3 +197,22 @@ def test_the_curriculums_unanswered_questions_are_asked_until_the_user_answers_t
     write_jsonl(root / "phase1_identity" / "unanswered.jsonl", [{"question": "Who?", "answer": "x"}])
     with pytest.raises(curriculum.CurriculumError, match="unanswered.jsonl:1: an unanswered question is"):
         curriculum.load(root)
+
+
+TAUGHT_TEXTS = ["When is my flight home?", "Your flight home is on Friday.",
+                "What should I put in a basic home toolbox?", "Keep a hammer and pliers.",
+                "Where does my aunt live?", "Your aunt lives in Tellborg.", "I got a new dog, his name is Rex."]
+
+
+@pytest.mark.parametrize("question, taught", [
+    ("Where is my home?", False),  # "home" only in passing: a flight home, a home toolbox
+    ("Who designed my house?", False),
+    ("What is my favourite colour?", False),
+    ("What city is my aunt's home?", True),  # the aunt the user told of
+    ("Where does my aunt work?", True),
+    ("What is my dog's name?", True),  # "I got a new dog"
+    ("Do I have a dog?", True),
+    ("How old am I?", False),
+])
+def test_a_question_is_on_a_taught_subject_only_where_the_user_told_of_that_thing(question, taught):
+    assert persona.taught_about(question, TAUGHT_TEXTS) is taught
