@@ -400,7 +400,7 @@ def _age_up_locked(root: DataRoot, cfg: AgeUpConfig, ledger: Ledger, cur, base, 
     def data():
         inbox = Intake(ledger).inbox(replay.conversations_through(parent_dir), replay.experiences_through(parent_dir))
         manifest = replay.materialize(root, cur, child, staging / "data", cfg.curriculum, inbox, seed=cfg.train.seed,
-                                      stages=train.stages_of(cfg.train),
+                                      stages=train.stages_of(cfg.train), capped=train.capped_records(cfg.train),
                                       known_dirs=[root.gen_dir(g) / "data" for g in ledger.generation(parent).lineage])
         gate.save_recall_items(gate.eval_set(cur, []), staging / "data")
         state.info["manifest_hash"] = manifest["sha256"]

@@ -315,3 +315,38 @@ def test_earlier_experience_is_rehearsed_newest_first_sources_before_variants_up
     off = replay.materialize(root, cur, 3, tmp_path / "off", plain_settings(), Inbox.taught(conversations_since=4))
     assert off["rehearsed"]["sft"] == 0 and lived(tmp_path / "off") == []
     assert off["rehearsed"]["cpt"] == 0  # raw text has no prompt: never experience
+
+
+def test_a_capped_stage_sees_what_was_taught_first_and_the_curriculum_fills_the_rest(cur, root, tmp_path):
+    convs = [(i + 1, [{"role": "user", "content": f"What is my neighbour number {i} called?"},
+                      {"role": "assistant", "content": f"Your neighbour number {i} is called Ostrava{i}."}])
+             for i in range(3)]
+    settings = plain_settings(experience_variants=8, experience_variant_share=10.0)
+    full = replay.materialize(root, cur, 1, tmp_path / "full", settings, Inbox.taught(convs), stages=[BY_NAME["sft"]])
+    n_all, n_variants = full["counts"]["sft"], full["variants"]["sft"]
+    assert n_all == len(cur.sft) + 3 + n_variants and n_variants == 24 and full["capped"] == {}
+
+    m = replay.materialize(root, cur, 1, tmp_path / "capped", settings, Inbox.taught(convs),
+                           stages=[BY_NAME["sft"]], capped={"sft": 20})
+    rows = _lines(tmp_path / "capped" / "sft.jsonl")
+    assert len(rows) == 20 and m["capped"] == {"sft": {"kept": 20, "left": n_all - 20}}
+    originals = [r for r in rows if "variant_of" not in r and "Ostrava" in r["messages"][-1]["content"]]
+    assert len(originals) == 3  # every record taught since the parent
+    assert m["variants"]["sft"] == sum("variant_of" in r for r in rows) == 7  # with them, half of the 20
+    assert sum("Ostrava" not in r["messages"][-1]["content"] for r in rows) == 10  # the curriculum fills the rest
+
+    # a cap the records fit under changes nothing
+    same = replay.materialize(root, cur, 1, tmp_path / "same", settings, Inbox.taught(convs),
+                              stages=[BY_NAME["sft"]], capped={"sft": n_all})
+    assert same["data"] == full["data"] and same["capped"] == {}
+
+
+def test_only_stages_of_one_row_per_record_whose_steps_are_capped_are_counted():
+    from evolution import config
+    from evolution.train import capped_records
+
+    assert capped_records(config.resolve().train) == {}  # the default age-up: epochs decide
+    quick = config.resolve(quick=True).train
+    assert capped_records(quick) == {"sft": 100 * 8}  # CPT packs text in blocks, preference has no curriculum
+    quick.processes, quick.sft.epochs = 2, 3.0  # rows seen: steps x the global batch, whatever the epochs
+    assert capped_records(quick) == {"sft": 100 * 8 * 2}

@@ -58,6 +58,21 @@ def run_stages(parent: Path, stages: Sequence[Stage], data: dict[str, Records], 
     return run_here(parent, stages, data, cfg, workdir, progress, extra_callbacks)
 
 
+def capped_records(cfg: TrainSettings) -> dict[str, int]:
+    """Per stage of ``cfg`` that makes one row per record and whose ``max_steps`` caps it: how many rows its steps
+    see (``max_steps`` x the global batch); where a stage has more records, some are never seen, and
+    ``replay.materialize`` keeps what was taught since the parent among those that are (the quick preset: 100 SFT
+    steps see 800 of ~2,300 records)."""
+    sections = cfg.stage_sections()
+    out = {}
+    for stage in stages_of(cfg):
+        settings = sections[stage.name]
+        if stage.one_row_per_record and settings.max_steps:
+            per_step = cfg.batch_size * cfg.grad_accum * cfg.processes
+            out[stage.name] = settings.max_steps * per_step
+    return out
+
+
 def train(parent: Path, data: dict[str, Records], cfg: TrainSettings, workdir: Path,
           progress: ProgressFn | None = None, extra_callbacks: list | None = None) -> TrainResult:
     """Train the configured stages on ``parent`` (an HF checkpoint dir) into ``workdir``; resumable.
@@ -68,6 +83,6 @@ def train(parent: Path, data: dict[str, Records], cfg: TrainSettings, workdir: P
     return run_stages(parent, stages_of(cfg), data, cfg, workdir, progress, extra_callbacks)
 
 
-__all__ = ["BY_NAME", "COMPLETE", "STAGES", "LaneCollator", "ProgressFn", "Records", "Stage", "StageMetrics",
+__all__ = ["BY_NAME", "COMPLETE", "STAGES", "capped_records", "LaneCollator", "ProgressFn", "Records", "Stage", "StageMetrics",
            "TrainResult", "TrainSettings", "checkpoint_problems", "lane_loss", "last_complete_checkpoint", "load_model",
            "resolve_precision", "planned", "run_stages", "select_backend", "stage_dicts", "stage_record", "stages_of", "train"]

@@ -56,5 +56,6 @@ STAGE = Stage(
     curriculum=lambda cur: [{"messages": r["messages"]} for r in cur.sft],
     config=SftConfig,
     inbox=inbox,
+    one_row_per_record=True,
     cpu_attention="eager",  # several rows a lane: a block mask, whose backward SDPA's fused kernel runs slowly
 )

@@ -59,6 +59,9 @@ class Stage:
     """args(settings): ``TrainingArguments`` keywords of its own, over the shared ones."""
     cpu_attention: str = "sdpa"
     """Attention implementation on a CPU (CUDA always uses SDPA)."""
+    one_row_per_record: bool = False
+    """Each record makes one row (chat records), so capped steps see a countable number of records
+    (``evolution.train.capped_records``); CPT packs text into blocks, and is not."""
 
 
 SUMMARY_STEPS = 5
