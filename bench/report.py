@@ -97,6 +97,7 @@ def write(name: str, title: str, body: list[str], data: dict, contention: Conten
     meta = {"bench": name, "date": now.isoformat(timespec="seconds"), "commit": commit(), "machine": machine(),
             "wall_s": round(time.time() - started, 1) if started else None}
     if contention is not None:
+        contention.tick()  # the interval since the last tick counts toward the peak (a bench that never ticked)
         meta["other_load"] = {"mean": round(contention.others(), 3), "peak": round(contention.peak, 3)}
     stem = out / f"{now:%Y-%m-%d}-{name}"
     stem.with_suffix(".json").write_text(json.dumps(meta | {"results": data}, indent=1, ensure_ascii=False) + "\n")
