@@ -396,6 +396,7 @@ def main() -> None:
     started, contention = time.time(), Contention()
     table = load_table()
     mode = "quick" if args.quick else "default"
+    suffix = "-quick" if args.quick else ""  # a quick run's report beside the default one, not over it
     if args.ablation:
         args.rounds = 1
         runs = [run(args, extra + args.curriculum, label, contention) for label, _, extra in ABLATION]
@@ -405,14 +406,14 @@ def main() -> None:
         for r in runs:
             body += [f"# {r['label']}", ""] + round_tables(r, table)
         data = {"mode": mode, "facts": args.facts, "runs": runs}
-        name, title = "learn-ablation" + ("-quick" if args.quick else ""), f"Learn bench ablation ({mode} age-ups)"
+        name, title = "learn-ablation" + suffix, f"Learn bench ablation ({mode} age-ups)"
     else:
         r = run(args, args.curriculum, "learn", contention)
         body = [f"{args.rounds} {mode} age-ups, {args.facts} new facts each (a third per channel), facts from "
                 "`bench/learn_facts.json`; the parent measured in the same run is the baseline.", ""]
         body += round_tables(r, table)
         data = {"mode": mode, "facts": args.facts, "run": r}
-        name, title = "learn" + ("-quick" if args.quick else ""), f"Learn bench ({mode} age-ups)"
+        name, title = "learn" + suffix, f"Learn bench ({mode} age-ups)"
     print("\n".join(body))
     if not args.no_report:
         print("report:", write(name, title, body, data, contention, started))

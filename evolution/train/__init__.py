@@ -83,6 +83,6 @@ def train(parent: Path, data: dict[str, Records], cfg: TrainSettings, workdir: P
     return run_stages(parent, stages_of(cfg), data, cfg, workdir, progress, extra_callbacks)
 
 
-__all__ = ["BY_NAME", "COMPLETE", "STAGES", "capped_records", "LaneCollator", "ProgressFn", "Records", "Stage", "StageMetrics",
-           "TrainResult", "TrainSettings", "checkpoint_problems", "lane_loss", "last_complete_checkpoint", "load_model",
+__all__ = ["BY_NAME", "COMPLETE", "STAGES", "LaneCollator", "ProgressFn", "Records", "Stage", "StageMetrics",
+           "TrainResult", "TrainSettings", "capped_records", "checkpoint_problems", "lane_loss", "last_complete_checkpoint", "load_model",
            "resolve_precision", "planned", "run_stages", "select_backend", "stage_dicts", "stage_record", "stages_of", "train"]
