@@ -286,6 +286,43 @@ class RetentionConfig:
     """The daemon prunes after each decided age-up (promoted or rejected); false leaves pruning to `evolve prune`."""
 
 
+@dataclass(slots=True)
+class RetrievalConfig:
+    """``[retrieval]``: what the user taught since the served generation, given to it in the chat (``evolution.retrieval``).
+
+    Until an age-up's child learns a lesson, the served generation does not know it; retrieval finds the lessons
+    that bear on a chat's last question and puts them in its prompt, marked as notes (data, not instructions).
+    A lesson leaves once a served generation answered it right at its gate without retrieval."""
+
+    enabled: bool = True
+    """Off: chats are answered by the weights alone (a request can also opt out: ``"retrieval": false`` in its body
+    or the header ``X-Evolution-Retrieval: off``)."""
+    top_k: int = 3
+    """At most this many lessons go into one prompt (the best matches of the chat's last question)."""
+    max_tokens: int = 256
+    """...and at most about this many tokens of them (counted as characters / 3, an upper bound for English)."""
+    backend: str = "fts5"
+    """``fts5``: SQLite full-text search (BM25), built in, nothing to download. The only one so far."""
+
+
+BACKENDS = ("fts5",)
+
+
+def validate_retrieval(r: RetrievalConfig) -> None:
+    p = []
+    if not isinstance(r.enabled, bool):
+        p.append(f"retrieval.enabled must be true or false, got {r.enabled!r}")
+    if isinstance(r.top_k, bool) or not isinstance(r.top_k, int) or not 1 <= r.top_k <= 50:
+        p.append(f"retrieval.top_k must be an integer from 1 to 50 (lessons per prompt), got {r.top_k!r}")
+    if isinstance(r.max_tokens, bool) or not isinstance(r.max_tokens, int) or not 16 <= r.max_tokens <= 8192:
+        p.append(f"retrieval.max_tokens must be an integer from 16 to 8192 (prompt tokens of lessons), "
+                 f"got {r.max_tokens!r}")
+    if r.backend not in BACKENDS:
+        p.append(f"retrieval.backend must be one of {', '.join(BACKENDS)}, got {r.backend!r}")
+    if p:
+        raise ConfigError(p)
+
+
 def validate_retention(r: RetentionConfig) -> None:
     p = [f"retention.{name} must be an integer >= 0, got {getattr(r, name)!r}" for name in ("keep_last", "keep_best")
          if isinstance(getattr(r, name), bool) or not isinstance(getattr(r, name), int) or getattr(r, name) < 0]
@@ -384,6 +421,14 @@ def resolve_daemon(config_file: str | Path | None = None, overrides: dict | None
     return d
 
 
+def resolve_retrieval(config_file: str | Path | None = None, overrides: dict | None = None,
+                      home: Path | None = None) -> RetrievalConfig:
+    """Defaults, then ``[retrieval]`` of the TOML file, then flags; validated."""
+    r = _resolve_section(RetrievalConfig(), "retrieval", config_file, overrides, home)
+    validate_retrieval(r)
+    return r
+
+
 def resolve_retention(config_file: str | Path | None = None, overrides: dict | None = None,
                       home: Path | None = None) -> RetentionConfig:
     """Defaults, then ``[retention]`` of the TOML file, then flags; validated."""
@@ -477,6 +522,7 @@ def resolve(quick: bool = False, config_file: str | Path | None = None, override
     data, where = _load_toml(config_file, home)
     data.pop("daemon", None)  # the daemon's own section: resolve_daemon
     data.pop("retention", None)  # not part of an age-up (nor of its config hash): resolve_retention
+    data.pop("retrieval", None)  # the served model's, not the age-up's: resolve_retrieval
     if where is not None:
         apply_overrides(cfg, data, where)
     if overrides:

@@ -67,6 +67,20 @@ class DaemonCollector(Collector):
         for outcome, n in t["ageups"].items():
             ageups.add_metric([outcome], n)
         yield ageups
+        r = t.get("retrieval") or {}
+        if r.get("pending") is not None:
+            yield GaugeMetricFamily("evolution_retrieval_pending", "Lessons in retrieval that no served generation "
+                                    "has shown it learned", value=r["pending"])
+            yield GaugeMetricFamily("evolution_retrieval_carried", "Lessons a served generation answered right "
+                                    "without retrieval (left the index)", value=r["carried"])
+        counts = r.get("counts") or {}
+        for name, what in (("lookups", "Chats whose question was looked up in retrieval"),
+                           ("notes", "Lessons put into chat prompts"),
+                           ("withheld", "Lessons kept out of prompts because they read as instructions"),
+                           ("rebuilds", "Times the retrieval index was written from the ledger")):
+            if name in counts:
+                yield CounterMetricFamily(f"evolution_retrieval_{name}", what + " since the daemon started",
+                                          value=counts[name])
         yield GaugeMetricFamily("evolution_ageup_running", "1 while an age-up worker runs",
                                 value=int(t["ageup_running"]))
         stages = SummaryMetricFamily("evolution_ageup_stage_seconds", "Time in each stage of the age-ups this "

@@ -38,7 +38,7 @@ _UNKNOWN = re.compile(
     r"(?:know|tell|say|recall|remember)|cannot (?:know|tell|say|recall)|do ?n[o']?t (?:have|remember|recall)"
     r"|unknown to me|no (?:information|record|memory))\b", re.IGNORECASE)
 
-_STOP = frozenset("""a an the my your our their his her its i me we you he she it they is are was were am be been do
+STOP_WORDS = frozenset("""a an the my your our their his her its i me we you he she it they is are was were am be been do
 does did have has had what what's whats where when who whom which why how many much of in on at to for from with
 about and or but again please tell remind know remember can could would will should do you me called name named
 favourite favorite like best most love usually""".split())
@@ -86,7 +86,7 @@ def _stem(word: str) -> str:
 
 def content_words(text: str) -> set[str]:
     """The words of ``text`` that name a subject (what a question is about), without function words, stemmed."""
-    return {_stem(w) for w in evals.normalize(text).split() if w not in _STOP and len(w) > 1}
+    return {_stem(w) for w in evals.normalize(text).split() if w not in STOP_WORDS and len(w) > 1}
 
 
 _POSSESSED = re.compile(r"\b(?:my|your)\s+([\w'-]+(?:\s+[\w'-]+){0,3})", re.IGNORECASE)

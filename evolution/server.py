@@ -91,18 +91,25 @@ class Service(Protocol):
     ledger: Ledger
     """Read by the dashboard's pages (``evolution.dashboard.View``); written only through the methods below."""
     intake: Intake
-    """The user's data: transcripts and probes are added to it, karma read from it, directly; a karma grant and
-    a rating go through ``add_karma`` and ``rate`` (they may start an age-up)."""
+    """The user's data: probes are added to it, karma read from it, directly; a karma grant, a rating and a
+    transcript go through ``add_karma``, ``rate`` and ``add_conversation`` (they may start an age-up, or teach
+    what retrieval gives the next chat)."""
 
     def served(self) -> Slot | None:
         """The generation answering chats now (None while generation 0 is built)."""
 
-    def chat(self, args: dict) -> tuple[dict, Slot]:
-        """One chat completion (OpenAI's shape) and the generation that answered it; ValueError when the
-        prompt does not fit; NotReady."""
+    def notes(self, args: dict, retrieve: bool) -> list:
+        """The lessons retrieval puts into this chat's prompt (``evolution.retrieval``; none when not ``retrieve``)."""
 
-    def stream(self, args: dict) -> Stream:
+    def chat(self, args: dict, notes: list = ()) -> tuple[dict, Slot]:
+        """One chat completion (OpenAI's shape), ``notes`` in its prompt, and the generation that answered it;
+        ValueError when the prompt does not fit; NotReady."""
+
+    def stream(self, args: dict, notes: list = ()) -> Stream:
         """A streamed completion whose first chunk has been decoded."""
+
+    def add_conversation(self, messages, key: str | None, label: str | None):
+        """Store a posted transcript (``ConversationStore.add``); the next chat can retrieve it."""
 
     def add_karma(self, amount, reason: str, key: str | None):
         """Grant karma (``Karma.add``); one that crosses the threshold wakes the scheduler."""
@@ -260,6 +267,23 @@ def _chat_args(body: dict, default_max_tokens: int, n_ctx: int) -> dict[str, Any
     return args
 
 
+RETRIEVAL_HEADER = "X-Evolution-Retrieval"
+"""A request's header that turns retrieval off for it (``off``), like the body field ``"retrieval": false``."""
+NOTES_HEADER = "X-Evolution-Notes"
+"""A chat reply's header: how many retrieved lessons its prompt held."""
+
+
+def _retrieval_wanted(request: Request, body: dict) -> bool:
+    flag = body.get("retrieval")
+    if flag is not None and not isinstance(flag, bool):
+        raise ApiError(400, f"'retrieval' must be true or false, got {flag!r}", param="retrieval")
+    header = request.headers.get(RETRIEVAL_HEADER)
+    if header is not None and header.strip().lower() not in ("on", "off"):
+        raise ApiError(400, f"header {RETRIEVAL_HEADER} must be 'on' or 'off', got {header[:20]!r}",
+                       param=RETRIEVAL_HEADER)
+    return flag is not False and (header or "on").strip().lower() != "off"
+
+
 def create_app(daemon: Service) -> FastAPI:
     d = daemon.dcfg
     app = FastAPI(title="evolution", docs_url=None, redoc_url=None, openapi_url=None)
@@ -345,9 +369,11 @@ def create_app(daemon: Service) -> FastAPI:
         if store is not None and not isinstance(store, bool):
             raise ApiError(400, f"'store' must be true or false, got {store!r}", param="store")
         keep = d.capture if store is None else store
+        notes = await run_in_threadpool(daemon.notes, args, _retrieval_wanted(request, body))
         if body.get("stream"):
-            return await _stream(args, keep)
-        return await run_in_threadpool(_complete, args, keep)
+            return await _stream(args, keep, notes)
+        out = await run_in_threadpool(_complete, args, keep, notes)
+        return JSONResponse(out, headers={NOTES_HEADER: str(len(notes))})
 
     def _check_model(asked, slot: Slot | None) -> None:
         """Refuse a model id of ours that this daemon does not serve: another lineage, or a generation that is
@@ -363,9 +389,9 @@ def create_app(daemon: Service) -> FastAPI:
             raise ApiError(404, f"model {asked!r} is not the served generation ({slot.id}); "
                                 f"omit 'model' or use {alias!r} to get whichever is served", code="model_not_found")
 
-    def _complete(args: dict, keep: bool) -> dict:
+    def _complete(args: dict, keep: bool, notes: list) -> dict:
         try:
-            out, slot = daemon.chat(args)
+            out, slot = daemon.chat(args, notes)
         except ValueError as exc:  # e.g. the prompt does not fit the context window
             raise ApiError(400, str(exc), code="context_length_exceeded") from None
         stats["completions"] += 1
@@ -378,9 +404,9 @@ def create_app(daemon: Service) -> FastAPI:
                            choice.get("finish_reason"))
         return out
 
-    async def _stream(args: dict, keep: bool):
+    async def _stream(args: dict, keep: bool, notes: list):
         try:
-            st = await run_in_threadpool(daemon.stream, args)
+            st = await run_in_threadpool(daemon.stream, args, notes)
         except ValueError as exc:
             raise ApiError(400, str(exc), code="context_length_exceeded") from None
 
@@ -415,7 +441,8 @@ def create_app(daemon: Service) -> FastAPI:
             finally:
                 st.cancel()  # a client that hung up lets the model go at the next chunk
 
-        return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        return StreamingResponse(events(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", NOTES_HEADER: str(len(notes))})
 
     async def _intake(request: Request, body: dict, param: str, fn, item_param: str | None = None):
         """Store something the agent sent (``fn(idempotency_key)``), once per idempotency key: 201 new,
@@ -451,7 +478,7 @@ def create_app(daemon: Service) -> FastAPI:
         authorize(request, True)
         body = await _json(request)
         return await _intake(request, body, "messages",
-                             lambda key: daemon.intake.conversations.add(body.get("messages"), key, body.get("label")))
+                             lambda key: daemon.add_conversation(body.get("messages"), key, body.get("label")))
 
     @app.post("/probes")
     @_counted

@@ -43,6 +43,7 @@ def status(as_json: bool) -> None:
             "experiences": {k: v for k, v in now["experiences"].items()
                             if k not in ("capture_max", "capture_failures", "last_capture_failure")},  # the daemon's
             "ageup": now["ageup"]["progress"],
+            "retrieval": now["retrieval"],
         }
         last = ledger.entries(kind=ev.GATE_RESULT)
         if last:
@@ -78,6 +79,14 @@ def status(as_json: bool) -> None:
     x = info["experiences"]
     click.echo(f"experiences:      {x['experiences']} kept ({x['good']} good, {x['bad']} bad, "
                f"{x['unrated']} unrated); {x['labelled_conversations']} labelled conversations")
+    r = info["retrieval"]
+    if r.get("enabled") is False:
+        click.echo("retrieval:        off ([retrieval] enabled = false)")
+    elif r.get("pending") is None:
+        click.echo(f"retrieval:        {r.get('note')}")
+    else:
+        click.echo(f"retrieval:        {r['pending']} lessons pending (answered from notes until a generation learns "
+                   f"them), {r['carried']} carried by the weights")
     if "last_gate" in info:
         g = info["last_gate"]
         nums = ", ".join(f"{k} {'-' if v is None else f'{v:.3g}'}" for k, v in g["metrics"].items())

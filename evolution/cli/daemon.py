@@ -56,7 +56,8 @@ def daemon(start_gen, host, port, threshold, threshold_growth, quick, config_fil
             cfg = config.resolve(quick=quick, config_file=config_file, overrides=overrides, home=root.home)
             dcfg = config.resolve_daemon(config_file, flags, home=root.home)
             rcfg = config.resolve_retention(config_file, home=root.home)
-            daemons.append(Daemon(root, cfg, dcfg, base, start_gen, rcfg))
+            qcfg = config.resolve_retrieval(config_file, home=root.home)
+            daemons.append(Daemon(root, cfg, dcfg, base, start_gen, rcfg, qcfg))
         first = daemons[0]
         logsetup.to_file(first.root.logs / "daemon.log", first.dcfg.log_max_bytes, first.dcfg.log_backups)
         code = run(*daemons)

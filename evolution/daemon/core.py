@@ -27,7 +27,7 @@ from pathlib import Path
 
 from evolution import curriculum as curriculum_mod
 from evolution import faults, promotion, retention, status
-from evolution.config import AgeUpConfig, DaemonConfig, RetentionConfig
+from evolution.config import AgeUpConfig, DaemonConfig, RetentionConfig, RetrievalConfig
 from evolution.daemon import identity, workers
 from evolution.errors import ConfigError, EvolutionError, LedgerError, LoadError, NotReady
 from evolution.fsutil import free_space, nearly_full
@@ -38,6 +38,7 @@ from evolution.ledger import Ledger, check_servable, record_rollback
 from evolution.ledger.rollback import check_target
 from evolution.ledger import events as ev
 from evolution.paths import DataRoot
+from evolution.retrieval import Retrieval, with_notes
 from evolution.serving import ModelHost, Slot, Stream
 
 log = logging.getLogger(__name__)
@@ -49,11 +50,14 @@ AGEUP_OUTCOMES = (PROMOTED, REJECTED, FAILED_AGEUP)
 
 class Daemon:
     def __init__(self, root: DataRoot, cfg: AgeUpConfig, dcfg: DaemonConfig, base: Path | None = None,
-                 start_gen: int | None = None, retention_cfg: RetentionConfig | None = None):
+                 start_gen: int | None = None, retention_cfg: RetentionConfig | None = None,
+                 retrieval_cfg: RetrievalConfig | None = None):
         self.root, self.cfg, self.dcfg, self.base, self.start_gen = root, cfg, dcfg, base, start_gen
         self.retention_cfg = retention_cfg or RetentionConfig()
+        self.retrieval_cfg = retrieval_cfg or RetrievalConfig()
         self.ledger: Ledger | None = None
         self.intake: Intake | None = None
+        self.retrieval: Retrieval | None = None
         self.host = ModelHost(dcfg.n_ctx, dcfg.chat_threads, dcfg.canary_prompt, dcfg.canary_max_tokens,
                               lineage=root.lineage)
         self.worker: workers.Worker | None = None
@@ -81,6 +85,7 @@ class Daemon:
         curriculum_mod.load(self.cfg.curriculum.path, self.cfg.curriculum.phases)  # CurriculumError with file:line
         self.ledger = Ledger.open(self.root)
         self.intake = Intake(self.ledger, self.dcfg.threshold, self.dcfg.threshold_growth, self.dcfg.capture_max)
+        self.retrieval = Retrieval(self.root, self.ledger, self.intake, self.retrieval_cfg)
         karma = self.intake.karma
         if not self.token:  # a lineage served beside the first one was handed its token (entry.run)
             self.token, self.token_source = identity.api_token(self.root, self.dcfg)
@@ -115,6 +120,7 @@ class Daemon:
             else:  # run it again (the age-up resumes)
                 log.warning("age-up request %d was running when the daemon stopped; resuming it", r.id)
                 karma.mark(r.id, PENDING)
+        self.retrieval.sync(self.ledger.served_generation())  # built (or checked) before the first chat
         identity.write_info(self.root, self.dcfg, self.port, self.started)
 
     def _serve(self, gen: int) -> None:
@@ -142,18 +148,36 @@ class Daemon:
     def served(self) -> Slot | None:
         return self.host.current
 
-    def chat(self, args: dict) -> tuple[dict, Slot]:
-        """One chat completion from the served model and the generation that answered it
-        (``ValueError`` when it cannot fit)."""
+    def notes(self, args: dict, retrieve: bool) -> list:
+        """The lessons retrieval adds to this chat's prompt (none where the request or the lineage opts out)."""
+        return self.retrieval.notes_for(args["messages"]) if retrieve and self.retrieval is not None else []
+
+    @staticmethod
+    def _prompted(args: dict, notes: list) -> dict:
+        return args | {"messages": with_notes(args["messages"], notes)} if notes else args
+
+    def chat(self, args: dict, notes: list = ()) -> tuple[dict, Slot]:
+        """One chat completion from the served model, with ``notes`` (``notes``) in its prompt, and the generation
+        that answered it (``ValueError`` when it cannot fit even without the notes)."""
         def run(slot: Slot) -> tuple[dict, Slot]:
-            out = slot.model.chat(args)
+            try:
+                out = slot.model.chat(self._prompted(args, notes))
+            except ValueError:  # the notes pushed it past the context window: the question alone
+                if not notes:
+                    raise
+                out = slot.model.chat(args)
             out["model"] = slot.id
             return out, slot
 
         return self._loaded(lambda: self.host.call(run))
 
-    def stream(self, args: dict) -> Stream:
-        return self._loaded(lambda: self.host.stream(lambda slot: slot.model.stream(args)))
+    def stream(self, args: dict, notes: list = ()) -> Stream:
+        try:
+            return self._loaded(lambda: self.host.stream(lambda slot: slot.model.stream(self._prompted(args, notes))))
+        except ValueError:
+            if not notes:
+                raise
+            return self._loaded(lambda: self.host.stream(lambda slot: slot.model.stream(args)))
 
     def _loaded(self, call):
         """``call()`` on the host, loading the served generation first when it was unloaded for idling
@@ -182,10 +206,16 @@ class Daemon:
     def rate(self, item_id, label, correction, karma, key: str | None, by: str):
         served = self.host.current.gen if self.host.current else None
         rating = self.intake.experiences.rate(item_id, label, correction, karma, key, by=by, served_gen=served)
+        self.retrieval.sync(self.ledger.served_generation())  # the next chat has the lesson
         if rating.triggered is not None:
             log.info("feedback karma crossed the threshold: age-up request %d", rating.triggered.id)
             self.wake()
         return rating
+
+    def add_conversation(self, messages, key: str | None, label: str | None):
+        stored = self.intake.conversations.add(messages, key, label)
+        self.retrieval.sync(self.ledger.served_generation())  # the next chat has what it said
+        return stored
 
     def add_karma(self, amount, reason: str, key: str | None):
         served = self.host.current.gen if self.host.current else None
@@ -236,6 +266,7 @@ class Daemon:
             if self._stopping.is_set():
                 return
             self._follow_ledger()
+            self.retrieval.sync(self.ledger.served_generation())  # a swap's hand-over; an index lost or changed
             if self.worker is None:
                 self._maybe_start_worker()
             if self.dcfg.idle_unload_s:
@@ -379,7 +410,7 @@ class Daemon:
         w = self.worker
         return status.read(self.root, self.ledger, self.intake, status.Live(
             self.host.current, w is not None, w.request_id if w else None, self.host.swaps, self.host.last_swap,
-            self.last_error, self.started))
+            self.last_error, self.started), retrieval=self.retrieval.summary())
 
     def telemetry(self) -> dict:
         """The numbers ``GET /metrics`` shows: counts since this process started, and state read now."""
@@ -398,6 +429,7 @@ class Daemon:
             "ageup_running": self.worker is not None,
             "stage_seconds": stages,
             "last_stage_seconds": last,
+            "retrieval": self.retrieval.summary(),
         }
 
     # -- run ---------------------------------------------------------------------------------
