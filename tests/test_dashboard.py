@@ -194,6 +194,7 @@ def test_lineage_page_shows_both_generations_the_served_one_marked_and_live_stat
     assert "pass" in rows.nth(1).inner_text() and "base" in rows.nth(0).inner_text()
     assert page.locator("#live-served").inner_text().count("evolution-gen-0001") == 1
     assert "toward the next age-up" in page.locator("#live-karma").inner_text()
+    assert "0 lessons pending" in page.locator("#live-retrieval").inner_text()
     page.wait_for_selector("#live-verify .ok")
     assert page.locator(".uplot").count() >= 1, "the metrics chart is drawn"
     _shot(page, "lineage")

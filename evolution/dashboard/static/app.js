@@ -192,6 +192,16 @@ function renderLive() {
       el("div", { class: "muted" }, `${live.conversations ? live.conversations.stored : 0} conversations posted · `,
         el("a", { href: "#/experience" }, "see them"))));
   }
+  const r = live.retrieval;
+  if (r) {
+    const body = r.enabled === false ? [el("div", { class: "muted" }, "off ([retrieval] enabled = false)")]
+      : r.pending == null ? [el("div", { class: "muted" }, r.note || "no index yet")]
+      : [el("div", {}, `${r.pending} lessons pending: answered from notes until a generation learns them`),
+         el("div", { class: "muted" }, `${r.carried} carried by the weights` + (r.by_source
+           ? ` · ${r.by_source.correction} corrections, ${r.by_source.good} rated good, ${r.by_source.transcript} from transcripts`
+           : ""))];
+    cards.push(el("div", { class: "card", id: "live-retrieval" }, el("h3", {}, "retrieval"), body));
+  }
   cards.push(el("div", { class: "card", id: "live-error" }, el("h3", {}, "last error"),
     live.last_error ? el("pre", { class: "bad" }, live.last_error) : el("div", { class: "muted" }, "none")));
   box.replaceChildren(el("div", { class: "cards" }, cards));
