@@ -323,6 +323,56 @@ def validate_retrieval(r: RetrievalConfig) -> None:
         raise ConfigError(p)
 
 
+@dataclass(slots=True)
+class StalenessConfig:
+    """``[staleness]``: when the served generation has fallen behind what it should know, ask for an age-up
+    without waiting for karma (``evolution.staleness``).
+
+    Every ``check_every_s`` the daemon asks the served model, without retrieval, the lessons pending in
+    retrieval, the agent's probes and the curriculum's recall items that changed since the served generation was
+    gated, and hashes the declared ``sources``. Drift is the share of those it answers wrong (a changed source
+    counts as one wrong item); at ``threshold`` or more it records a ``stale`` request in the ledger and the
+    age-up runs as a karma one would, at most once per ``cooldown_s``."""
+
+    enabled: bool = True
+    sources: list[str] = field(default_factory=list)
+    """Files or folders besides the curriculum whose change makes the served generation stale (an agent's
+    conventions files, say); relative paths are from the lineage's home (the data root for ``main``)."""
+    threshold: float = 0.5
+    """Drift (the share of items answered wrong) at which an age-up is requested: 0.5 is half of what the user
+    taught or changed since the served generation still unknown to its weights."""
+    min_items: int = 4
+    """Fewer items than this (asked, plus changed sources) measure no drift: one wrong answer is no trend."""
+    max_items: int = 40
+    """At most this many items are asked per check (the newest first): about 20 s of the served model's time."""
+    check_every_s: float = 3600.0
+    """How often drift is measured (seconds)."""
+    cooldown_s: float = 86400.0
+    """At most one staleness request per this many seconds (a day), whatever the drift."""
+
+
+def validate_staleness(s: StalenessConfig) -> None:
+    import math
+
+    p = []
+    if not isinstance(s.enabled, bool):
+        p.append(f"staleness.enabled must be true or false, got {s.enabled!r}")
+    if not isinstance(s.sources, list) or not all(isinstance(x, str) and x.strip() for x in s.sources):
+        p.append(f"staleness.sources must be a list of file or folder paths, got {s.sources!r}")
+    if isinstance(s.threshold, bool) or not isinstance(s.threshold, (int, float)) or not 0 < s.threshold <= 1:
+        p.append(f"staleness.threshold must be a share in (0, 1], got {s.threshold!r}")
+    for name, lo, hi in (("min_items", 1, 10_000), ("max_items", 1, 10_000)):
+        v = getattr(s, name)
+        if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+            p.append(f"staleness.{name} must be an integer from {lo} to {hi}, got {v!r}")
+    for name, lo in (("check_every_s", 10.0), ("cooldown_s", 0.0)):
+        v = getattr(s, name)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < lo:
+            p.append(f"staleness.{name} must be a number of seconds >= {lo:g}, got {v!r}")
+    if p:
+        raise ConfigError(p)
+
+
 def validate_retention(r: RetentionConfig) -> None:
     p = [f"retention.{name} must be an integer >= 0, got {getattr(r, name)!r}" for name in ("keep_last", "keep_best")
          if isinstance(getattr(r, name), bool) or not isinstance(getattr(r, name), int) or getattr(r, name) < 0]
@@ -429,6 +479,14 @@ def resolve_retrieval(config_file: str | Path | None = None, overrides: dict | N
     return r
 
 
+def resolve_staleness(config_file: str | Path | None = None, overrides: dict | None = None,
+                      home: Path | None = None) -> StalenessConfig:
+    """Defaults, then ``[staleness]`` of the TOML file, then flags; validated."""
+    s = _resolve_section(StalenessConfig(), "staleness", config_file, overrides, home)
+    validate_staleness(s)
+    return s
+
+
 def resolve_retention(config_file: str | Path | None = None, overrides: dict | None = None,
                       home: Path | None = None) -> RetentionConfig:
     """Defaults, then ``[retention]`` of the TOML file, then flags; validated."""
@@ -523,6 +581,7 @@ def resolve(quick: bool = False, config_file: str | Path | None = None, override
     data.pop("daemon", None)  # the daemon's own section: resolve_daemon
     data.pop("retention", None)  # not part of an age-up (nor of its config hash): resolve_retention
     data.pop("retrieval", None)  # the served model's, not the age-up's: resolve_retrieval
+    data.pop("staleness", None)  # the daemon's: resolve_staleness
     if where is not None:
         apply_overrides(cfg, data, where)
     if overrides:

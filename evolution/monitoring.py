@@ -73,6 +73,12 @@ class DaemonCollector(Collector):
                                     "has shown it learned", value=r["pending"])
             yield GaugeMetricFamily("evolution_retrieval_carried", "Lessons a served generation answered right "
                                     "without retrieval (left the index)", value=r["carried"])
+        last = (t.get("staleness") or {}).get("last_check") or {}
+        if last.get("drift") is not None:
+            yield GaugeMetricFamily("evolution_staleness_drift", "Share of the last staleness check's items the served "
+                                    "generation answered wrong without retrieval", value=last["drift"])
+            yield GaugeMetricFamily("evolution_staleness_items", "Items the last staleness check counted",
+                                    value=last["items"])
         counts = r.get("counts") or {}
         for name, what in (("lookups", "Chats whose question was looked up in retrieval"),
                            ("notes", "Lessons put into chat prompts"),

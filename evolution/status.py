@@ -40,11 +40,12 @@ class Live:
 
 
 def read(root: DataRoot, ledger: Ledger, intake: Intake, live: Live | None = None,
-         retrieval: dict | None = None) -> dict:
+         retrieval: dict | None = None, staleness: dict | None = None) -> dict:
     """The lineage's state as ``/status`` shows it; ``live``: the running daemon's part (None: none runs here,
     read the data root alone: the served generation from the ledger, and no swaps, error or uptime);
     ``retrieval``: what is pending in retrieval (``evolution.retrieval.summary``; None: read from the index file
-    with the lineage's ``[retrieval]`` settings)."""
+    with the lineage's ``[retrieval]`` settings); ``staleness``: the last drift check (``evolution.staleness.summary``;
+    None: read from its state file likewise)."""
     job = progress.read(root)
     if live is None:
         served = ledger.served_generation()
@@ -57,15 +58,21 @@ def read(root: DataRoot, ledger: Ledger, intake: Intake, live: Live | None = Non
         out = {"served": None if slot is None else {"generation": slot.gen, "model": slot.id, "sha256": slot.sha256,
                                                     "loaded_at": slot.loaded_at},
                "ageup": {"running": live.worker, "request": live.request, "progress": job}}
-    if retrieval is None:
-        from evolution import config, retrieval as retrieval_mod
+    if retrieval is None or staleness is None:
+        from evolution import config
+        from evolution import retrieval as retrieval_mod
+        from evolution import staleness as staleness_mod
 
         try:
-            retrieval = retrieval_mod.summary(root, config.resolve_retrieval(home=root.home))
+            retrieval = retrieval or retrieval_mod.summary(root, config.resolve_retrieval(home=root.home))
         except ConfigError as exc:
             retrieval = {"enabled": None, "note": str(exc)}
+        try:
+            staleness = staleness or staleness_mod.summary(root, config.resolve_staleness(home=root.home))
+        except ConfigError as exc:
+            staleness = {"enabled": None, "note": str(exc)}
     out |= {"karma": intake.karma.state().to_dict(), "paused": paused_reason(ledger)} | intake.counts()
-    out["retrieval"] = retrieval
+    out["retrieval"], out["staleness"] = retrieval, staleness
     if live is None:
         return out | {"last_error": None}
     return out | {"swaps": live.swaps, "last_swap": live.last_swap, "last_error": live.last_error,

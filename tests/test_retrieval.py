@@ -11,7 +11,7 @@ import pytest
 
 from evolution import config
 from evolution.errors import ConfigError
-from evolution.retrieval import HEADER, Retrieval, note, query_words, with_notes
+from evolution.retrieval import HEADER, Retrieval, note, query_words, same_subject, with_notes
 from evolution.retrieval import items as items_mod
 from evolution.retrieval.fts import Fts5Index
 from evolution.retrieval.items import Item
@@ -61,7 +61,9 @@ def test_a_correction_is_in_the_next_chats_prompt_and_not_in_what_is_captured(cl
     assert r.status_code == 200 and r.headers["X-Evolution-Notes"] == "1"
     block = notes_in(prompts[-1])
     assert "Anna Bravel" in block and "What is my sister's name?" in block
-    assert prompts[-1][-1] == {"role": "user", "content": "Who is my sister?"}
+    # the best note's answer again after the question, where a small model reads last
+    assert prompts[-1][-1] == {"role": "user", "content": "Who is my sister?\n\n(From your notes: Your sister is "
+                                                          "called Anna Bravel.)"}
     # what is kept for training is what the client sent: no notes
     kept = daemon.intake.experiences.list(limit=1)[0]
     assert kept.messages == [{"role": "user", "content": "Who is my sister?"}]
@@ -211,16 +213,30 @@ def test_a_crash_mid_write_leaves_the_previous_index(tmp_path):
 
 def test_notes_fold_into_an_agents_system_turn_and_stay_one_quoted_line_each():
     note = Item("c:1", 'Say "hi"\nthen', "Line one\n- The user asked \"x\"", "correction", 1)
-    out = with_notes([{"role": "system", "content": "You are helpful."}, {"role": "user", "content": "hi"}], [note])
+    newer = Item("c:2", "What is my dog called?", "Your dog is Bramble.", "correction", 2)
+    asked = [{"role": "system", "content": "You are helpful."}, {"role": "user", "content": "hi"}]
+    out = with_notes(asked, [newer, note])
     assert len(out) == 2 and out[0]["content"].startswith("You are helpful.\n\n" + HEADER)
+    assert asked[1] == {"role": "user", "content": "hi"}  # the request itself is not changed
     lines = out[0]["content"].split("\n")
-    assert len(lines) == 4 and lines[-1].count('"') == 4  # the note cannot open a line of its own
+    assert len(lines) == 5 and lines[-2].count('"') == 4  # the note cannot open a line of its own
+    assert "Bramble" in lines[-1]  # the newer note last
+    assert out[1]["content"] == "hi\n\n(From your notes: Your dog is Bramble.)"  # the best (first) again
     assert with_notes([{"role": "user", "content": "hi"}], []) == [{"role": "user", "content": "hi"}]
 
 
 def test_query_words_leave_out_function_words_and_what_names_the_model():
     assert query_words("Who are you?") == [] and query_words("What is your name?") == []
     assert query_words("What's my favourite colour?") == ["colour"]
+
+
+def test_a_lesson_about_the_user_answers_no_question_about_the_agent():
+    lesson = Item("c:1", "Where does my godfather live?", "Your godfather lives in Ostsor.", "correction", 1)
+    assert not same_subject("Where do you live?", lesson)
+    assert same_subject("Where is my godfather living these days?", lesson)
+    assert same_subject("Which town is Ostsor near?", lesson)  # general: either may answer
+    renamed = Item("c:2", "What should I call you?", "Call me Pip.", "correction", 2)
+    assert same_subject("What should I call you?", renamed)
 
 
 @pytest.mark.parametrize("reply, right", [("She is called Anna Bravel.", True), ("Anna.", False),

@@ -44,6 +44,7 @@ def status(as_json: bool) -> None:
                             if k not in ("capture_max", "capture_failures", "last_capture_failure")},  # the daemon's
             "ageup": now["ageup"]["progress"],
             "retrieval": now["retrieval"],
+            "staleness": now["staleness"],
         }
         last = ledger.entries(kind=ev.GATE_RESULT)
         if last:
@@ -87,6 +88,18 @@ def status(as_json: bool) -> None:
     else:
         click.echo(f"retrieval:        {r['pending']} lessons pending (answered from notes until a generation learns "
                    f"them), {r['carried']} carried by the weights")
+    st = info["staleness"]
+    last = st.get("last_check") if st.get("enabled") else None
+    if st.get("enabled") is False:
+        click.echo("staleness:        off ([staleness] enabled = false)")
+    elif last is None:
+        click.echo("staleness:        not measured yet (every [staleness] check_every_s)")
+    else:
+        d_ = last.get("drift")
+        click.echo(f"staleness:        drift {'-' if d_ is None else f'{d_:.2f}'} of generation {last['served']} "
+                   f"(threshold {st['threshold']:g}; {last['items']} items)"
+                   + (f"; age-up request {last['requested']} opened" if last.get("requested") else
+                      f"; {last['why_not']}" if last.get("why_not") else ""))
     if "last_gate" in info:
         g = info["last_gate"]
         nums = ", ".join(f"{k} {'-' if v is None else f'{v:.3g}'}" for k, v in g["metrics"].items())

@@ -57,7 +57,8 @@ def daemon(start_gen, host, port, threshold, threshold_growth, quick, config_fil
             dcfg = config.resolve_daemon(config_file, flags, home=root.home)
             rcfg = config.resolve_retention(config_file, home=root.home)
             qcfg = config.resolve_retrieval(config_file, home=root.home)
-            daemons.append(Daemon(root, cfg, dcfg, base, start_gen, rcfg, qcfg))
+            scfg = config.resolve_staleness(config_file, home=root.home)
+            daemons.append(Daemon(root, cfg, dcfg, base, start_gen, rcfg, qcfg, scfg))
         first = daemons[0]
         logsetup.to_file(first.root.logs / "daemon.log", first.dcfg.log_max_bytes, first.dcfg.log_backups)
         code = run(*daemons)

@@ -26,8 +26,8 @@ from datetime import datetime
 from pathlib import Path
 
 from evolution import curriculum as curriculum_mod
-from evolution import faults, promotion, retention, status
-from evolution.config import AgeUpConfig, DaemonConfig, RetentionConfig, RetrievalConfig
+from evolution import faults, promotion, retention, staleness, status
+from evolution.config import AgeUpConfig, DaemonConfig, RetentionConfig, RetrievalConfig, StalenessConfig
 from evolution.daemon import identity, workers
 from evolution.errors import ConfigError, EvolutionError, LedgerError, LoadError, NotReady
 from evolution.fsutil import free_space, nearly_full
@@ -51,10 +51,11 @@ AGEUP_OUTCOMES = (PROMOTED, REJECTED, FAILED_AGEUP)
 class Daemon:
     def __init__(self, root: DataRoot, cfg: AgeUpConfig, dcfg: DaemonConfig, base: Path | None = None,
                  start_gen: int | None = None, retention_cfg: RetentionConfig | None = None,
-                 retrieval_cfg: RetrievalConfig | None = None):
+                 retrieval_cfg: RetrievalConfig | None = None, staleness_cfg: StalenessConfig | None = None):
         self.root, self.cfg, self.dcfg, self.base, self.start_gen = root, cfg, dcfg, base, start_gen
         self.retention_cfg = retention_cfg or RetentionConfig()
         self.retrieval_cfg = retrieval_cfg or RetrievalConfig()
+        self.staleness_cfg = staleness_cfg or StalenessConfig()
         self.ledger: Ledger | None = None
         self.intake: Intake | None = None
         self.retrieval: Retrieval | None = None
@@ -83,6 +84,8 @@ class Daemon:
         self.root.prepare()
         self._claim = self._claim or identity.claim(self.root)  # before anything is read or written
         curriculum_mod.load(self.cfg.curriculum.path, self.cfg.curriculum.phases)  # CurriculumError with file:line
+        if self.staleness_cfg.enabled:
+            staleness.check_sources(self.root, self.staleness_cfg)
         self.ledger = Ledger.open(self.root)
         self.intake = Intake(self.ledger, self.dcfg.threshold, self.dcfg.threshold_growth, self.dcfg.capture_max)
         self.retrieval = Retrieval(self.root, self.ledger, self.intake, self.retrieval_cfg)
@@ -403,6 +406,32 @@ class Daemon:
         kinds = {e.kind for e in self.ledger.entries(gen=gen)}
         return f"generation {gen} " + ("promoted and served" if ev.PROMOTED in kinds else "rejected")
 
+    def check_staleness(self, request: bool = True) -> staleness.Drift | None:
+        """Measure the served generation's drift and, past ``[staleness] threshold``, request an age-up
+        (``evolution.staleness``); None when there is nothing to measure: no generation served, or an age-up
+        queued or running (its child is about to change what is served)."""
+        served = self.ledger.served_generation()
+        if served is None or self.worker is not None or self.intake.karma.state().open_request is not None:
+            return None
+
+        def ask(question: str) -> str:  # the weights alone: no notes
+            out, _ = self.chat({"messages": [{"role": "user", "content": question}], "max_tokens": 48,
+                                "temperature": 0.0, "seed": 0})
+            return out["choices"][0]["message"].get("content") or ""
+
+        drift = staleness.check(self.root, self.ledger, self.intake, self.staleness_cfg, self.cfg.curriculum.path,
+                                served, ask, request=request)
+        if drift.requested is not None:
+            self.wake()
+        return drift
+
+    def _staleness_job(self) -> None:
+        try:
+            self.check_staleness()
+        except Exception as exc:  # the scheduler must keep running; the error is shown in /status
+            self.last_error = f"staleness check: {type(exc).__name__}: {exc}"
+            log.exception("staleness check failed")
+
     # -- status ------------------------------------------------------------------------------
 
     def status(self) -> dict:
@@ -410,7 +439,8 @@ class Daemon:
         w = self.worker
         return status.read(self.root, self.ledger, self.intake, status.Live(
             self.host.current, w is not None, w.request_id if w else None, self.host.swaps, self.host.last_swap,
-            self.last_error, self.started), retrieval=self.retrieval.summary())
+            self.last_error, self.started), retrieval=self.retrieval.summary(),
+            staleness=staleness.summary(self.root, self.staleness_cfg))
 
     def telemetry(self) -> dict:
         """The numbers ``GET /metrics`` shows: counts since this process started, and state read now."""
@@ -430,6 +460,7 @@ class Daemon:
             "stage_seconds": stages,
             "last_stage_seconds": last,
             "retrieval": self.retrieval.summary(),
+            "staleness": staleness.summary(self.root, self.staleness_cfg),
         }
 
     # -- run ---------------------------------------------------------------------------------
@@ -441,6 +472,9 @@ class Daemon:
                                                            "misfire_grace_time": None})
         self.scheduler.add_job(self.tick, "interval", seconds=self.dcfg.poll_seconds, id="tick",
                                next_run_time=datetime.now())
+        if self.staleness_cfg.enabled:  # the first check one interval after start: generation 0 may be building
+            self.scheduler.add_job(self._staleness_job, "interval", seconds=self.staleness_cfg.check_every_s,
+                                   id="staleness")
         self.scheduler.start()
 
     def stop(self) -> None:

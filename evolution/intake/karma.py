@@ -133,7 +133,9 @@ class Karma:
     def _state(self, conn: Connection) -> KarmaState:
         t = self.tables
         total = t.run(conn, f"SELECT COALESCE(SUM(amount), 0) FROM {t.of('karma_events')}").scalar_one()
-        spent, k = t.run(conn, f"SELECT COALESCE(SUM(threshold), 0), COUNT(*) FROM {t.of('ageup_requests')}").one()
+        # a staleness request spends no karma and does not raise the next threshold (threshold 0)
+        spent, k = t.run(conn, "SELECT COALESCE(SUM(threshold), 0), COALESCE(SUM(CASE WHEN threshold > 0 THEN 1"
+                               f" ELSE 0 END), 0) FROM {t.of('ageup_requests')}").one()
         row = t.run(conn, f"SELECT * FROM {t.of('ageup_requests')} WHERE status IN (:p, :r) ORDER BY id LIMIT 1",
                     {"p": PENDING, "r": RUNNING}).first()
         return KarmaState(float(total), float(total) - float(spent), self.threshold_for(int(k)),
@@ -163,6 +165,21 @@ class Karma:
         txn.record(ev.karma_threshold_crossed(state.total, state.threshold, gen, request=rid))
         return AgeUpRequest(rid, now, state.total, state.threshold, PENDING, None, None, None, grant_id,
                             lineage=self.ledger.lineage)
+
+    def request_stale(self, reason: str, drift: float, served_gen: int | None, **detail) -> AgeUpRequest | None:
+        """Open an age-up request that spends no karma (threshold 0), with a ``stale`` ledger event saying why
+        (``evolution.staleness``); None when a request is open already."""
+        with self.ledger.transaction() as txn:
+            state = self._state(txn.conn)
+            if state.open_request is not None:
+                return None
+            now = _now()
+            rid = self.tables.run(
+                txn.conn, "INSERT INTO ageup_requests (time, karma, threshold, status, outcome, lineage)"
+                          " VALUES (:t, :k, 0, :s, NULL, :lin) RETURNING id",
+                {"t": now, "k": state.total, "s": PENDING}).scalar_one()
+            txn.record(ev.stale(reason, drift, served_gen, request=rid, **detail))
+        return AgeUpRequest(rid, now, state.total, 0.0, PENDING, None, None, lineage=self.ledger.lineage)
 
     def retry_later(self, request_id: int, delay_s: float, error: str) -> None:
         """A failed attempt: count it and put the request back in the queue after ``delay_s``."""

@@ -38,6 +38,7 @@ AGEUPS_PAUSED = "ageups_paused"
 AGEUPS_RESUMED = "ageups_resumed"
 PRUNED = "pruned"
 REBUILT = "rebuilt"
+STALE = "stale"
 
 PASS = "pass"
 FAIL = "fail"
@@ -63,11 +64,12 @@ REQUIRED_FIELDS: dict[str, tuple[str, ...]] = {
     AGEUPS_RESUMED: ("reason",),
     PRUNED: ("artifacts", "scope", "reason"),
     REBUILT: ("artifacts", "chain"),
+    STALE: ("reason", "drift"),
 }
 KINDS = tuple(REQUIRED_FIELDS)
 
 #: Kinds that must name a generation in the ``gen`` column.
-_NEEDS_GEN = frozenset(KINDS) - {KARMA_THRESHOLD_CROSSED, AGEUPS_PAUSED, AGEUPS_RESUMED}
+_NEEDS_GEN = frozenset(KINDS) - {KARMA_THRESHOLD_CROSSED, AGEUPS_PAUSED, AGEUPS_RESUMED, STALE}
 _ARTIFACT_KEYS = ("path", "sha256", "size", "kind")
 
 
@@ -189,6 +191,11 @@ def ageups_paused(reason: str, **extra) -> Event:
 
 def ageups_resumed(reason: str, **extra) -> Event:
     return Event(AGEUPS_RESUMED, None, dict(reason=reason, **extra))
+
+
+def stale(reason: str, drift: float, gen: int | None = None, **extra) -> Event:
+    """The served generation ``gen`` fell behind (``evolution.staleness``): an age-up was requested without karma."""
+    return Event(STALE, gen, dict(reason=reason, drift=drift, **extra))
 
 
 def pruned(gen: int, artifacts: list[dict], scope: str, reason: str, **extra) -> Event:

@@ -202,6 +202,15 @@ function renderLive() {
            : ""))];
     cards.push(el("div", { class: "card", id: "live-retrieval" }, el("h3", {}, "retrieval"), body));
   }
+  const st = live.staleness;
+  if (st && st.enabled) {
+    const c = st.last_check;
+    cards.push(el("div", { class: "card", id: "live-staleness" }, el("h3", {}, "staleness"),
+      c ? [el("div", { class: c.requested ? "bad" : "" },
+             `drift ${c.drift == null ? "-" : c.drift.toFixed(2)} of generation ${c.served} (threshold ${st.threshold})`),
+           el("div", { class: "muted" }, c.requested ? `age-up request ${c.requested} opened` : (c.why_not || ""))]
+        : el("div", { class: "muted" }, "not measured yet")));
+  }
   cards.push(el("div", { class: "card", id: "live-error" }, el("h3", {}, "last error"),
     live.last_error ? el("pre", { class: "bad" }, live.last_error) : el("div", { class: "muted" }, "none")));
   box.replaceChildren(el("div", { class: "cards" }, cards));
