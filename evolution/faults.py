@@ -26,7 +26,9 @@ The points (``POINTS``):
 - ``backup_copy``: a backup has copied the ledger snapshot, or one more file, into its hidden
   folder, not yet renamed to its destination (``evolution.backup``);
 - ``prune``: a prune has recorded its ``pruned`` event and is about to delete one more of the files
-  it names (``evolution.retention``).
+  it names (``evolution.retention``);
+- ``retrieval_index``: the retrieval index is written whole and synced beside itself, not yet renamed
+  into place (``evolution.retrieval.fts``).
 
 The variable is read once per process, at the first point reached; when it is unset a point
 costs a dictionary lookup. A malformed value is an error at once, so a misspelt test cannot
@@ -42,7 +44,7 @@ import threading
 
 ENV = "EVOLUTION_FAULTS"
 POINTS = ("train_step", "checkpoint_save", "gguf_export", "ledger_append", "ledger_commit", "swap", "capture",
-          "backup_copy", "prune")
+          "backup_copy", "prune", "retrieval_index")
 ACTIONS = ("kill", "enospc")
 
 _plan: dict[str, tuple[str, int]] | None = None

@@ -19,6 +19,7 @@ import os
 import sqlite3
 from pathlib import Path
 
+from evolution import faults
 from evolution.retrieval.items import Item
 
 SCHEMA = 1
@@ -64,6 +65,7 @@ class Fts5Index:
                 conn.close()
             with open(tmp, "rb") as f:
                 os.fsync(f.fileno())
+            faults.point("retrieval_index")
             os.replace(tmp, self.path)
         except BaseException:
             with contextlib.suppress(OSError):
