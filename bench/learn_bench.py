@@ -166,17 +166,22 @@ class Agent:
                                                  messages=[{"role": "user", "content": question}])
 
 
+def teach_fact(agent: Agent, f: dict) -> None:
+    """One fact through its channel: a correction of the served model's reply, or a transcript (rated good or not)."""
+    if f["channel"] == "correction":
+        reply = agent.ask(f["question"])
+        agent.post("/feedback", {"completion_id": reply.id, "label": "bad", "correction": f["statement"]})
+    else:
+        body = {"messages": [{"role": "user", "content": f["question"]},
+                             {"role": "assistant", "content": f["statement"]}]}
+        agent.post("/conversations", body | ({"label": "good"} if f["channel"] == "rated" else {}))
+
+
 def teach(agent: Agent, batch: list[dict], bad_prompts: list[str], good_prompts: list[str]) -> dict:
     """Each fact through its channel; bad and good ratings of other replies; the held-out wordings as probes."""
     counts = {c: 0 for c in CHANNELS} | {"bad": 0, "good": 0, "probes": 0}
     for f in batch:
-        if f["channel"] == "correction":
-            reply = agent.ask(f["question"])
-            agent.post("/feedback", {"completion_id": reply.id, "label": "bad", "correction": f["statement"]})
-        else:
-            body = {"messages": [{"role": "user", "content": f["question"]},
-                                 {"role": "assistant", "content": f["statement"]}]}
-            agent.post("/conversations", body | ({"label": "good"} if f["channel"] == "rated" else {}))
+        teach_fact(agent, f)
         counts[f["channel"]] += 1
         for h in f["heldout"]:
             agent.post("/probes", {"question": h, "answers": f["answers"]})

@@ -34,7 +34,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from learn_bench import CHANNEL_LABELS, CHANNELS, Agent, facts  # noqa: E402
+from learn_bench import CHANNEL_LABELS, CHANNELS, Agent, facts, teach_fact  # noqa: E402
 from report import Contention, write  # noqa: E402
 
 from evolution import curriculum, evals, persona  # noqa: E402
@@ -44,17 +44,6 @@ from evolution.retrieval.items import Item  # noqa: E402
 from tests.daemon_util import DaemonProc  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-def teach(agent: Agent, batch: list[dict]) -> None:
-    for f in batch:
-        if f["channel"] == "correction":
-            reply = agent.ask(f["question"])
-            agent.post("/feedback", {"completion_id": reply.id, "label": "bad", "correction": f["statement"]})
-        else:
-            body = {"messages": [{"role": "user", "content": f["question"]},
-                                 {"role": "assistant", "content": f["statement"]}]}
-            agent.post("/conversations", body | ({"label": "good"} if f["channel"] == "rated" else {}))
 
 
 def ask(agent: Agent, question: str, retrieval: bool) -> tuple[str, int, float]:
@@ -115,7 +104,8 @@ def main() -> None:
         served = d.served()
         contention.tick()
         t0 = time.time()
-        teach(agent, batch)
+        for f in batch:
+            teach_fact(agent, f)
         taught_s = time.time() - t0
         rows, latency = [], {True: [], False: []}
         for f in batch:

@@ -92,10 +92,10 @@ def test_a_changed_curriculum_item_is_asked(daemon, tmp_path):
     assert drift.requested is None and drift.why_not == "not requested (measured only)"
 
 
-@pytest.mark.parametrize("section, fragment", [({"threshold": 0}, "threshold"), ({"threshold": 1.5}, "threshold"),
-                                               ({"sources": "notes.md"}, "sources"), ({"min_items": 0}, "min_items"),
-                                               ({"check_every_s": 1}, "check_every_s"), ({"cooldown_s": -1}, "cooldown"),
-                                               ({"enabled": 1}, "enabled")])
+@pytest.mark.parametrize("section, fragment", [
+    ({"threshold": 0}, "threshold"), ({"threshold": 1.5}, "threshold"), ({"sources": "notes.md"}, "sources"),
+    ({"min_items": 0}, "min_items"), ({"check_every_s": 1}, "check_every_s"), ({"cooldown_s": -1}, "cooldown"),
+    ({"enabled": 1}, "enabled")])
 def test_bad_staleness_settings_are_clear_errors(tmp_path, section, fragment):
     toml = tmp_path / "evolution.toml"
     toml.write_text("[staleness]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in section.items()))

@@ -408,11 +408,13 @@ class Daemon:
 
     def check_staleness(self, request: bool = True) -> staleness.Drift | None:
         """Measure the served generation's drift and, past ``[staleness] threshold``, request an age-up
-        (``evolution.staleness``); None when there is nothing to measure: no generation served, or an age-up
-        queued or running (its child is about to change what is served)."""
+        (``evolution.staleness``); None when there is nothing to measure: no generation served, an age-up queued
+        or running (its child is about to change what is served), or the model unloaded for idling."""
         served = self.ledger.served_generation()
         if served is None or self.worker is not None or self.intake.karma.state().open_request is not None:
             return None
+        if self.dcfg.idle_unload_s and self.host.current is None:
+            return None  # unloaded for idling: a check would load it again; the next one runs once it is used
 
         def ask(question: str) -> str:  # the weights alone: no notes
             out, _ = self.chat({"messages": [{"role": "user", "content": question}], "max_tokens": 48,
