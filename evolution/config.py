@@ -447,8 +447,9 @@ def _load_toml(config_file: str | Path | None, home: Path | None) -> tuple[dict,
 
 
 def _resolve_section(obj, section: str, config_file: str | Path | None, overrides: dict | None,
-                     home: Path | None):
-    """Set ``obj``'s fields from ``[section]`` of the TOML file, then from flags."""
+                     home: Path | None, check):
+    """Set ``obj``'s fields from ``[section]`` of the TOML file, then from flags; ``check`` it (a ConfigError
+    naming every bad field)."""
     data, where = _load_toml(config_file, home)
     names = {f.name for f in dataclasses.fields(obj)}
     problems = []
@@ -460,39 +461,32 @@ def _resolve_section(obj, section: str, config_file: str | Path | None, override
                 setattr(obj, k, None if v == "off" else v)
     if problems:
         raise ConfigError(problems)
+    check(obj)
     return obj
 
 
 def resolve_daemon(config_file: str | Path | None = None, overrides: dict | None = None,
                    home: Path | None = None) -> DaemonConfig:
     """Defaults, then ``[daemon]`` of the TOML file, then flags; validated."""
-    d = _resolve_section(DaemonConfig(), "daemon", config_file, overrides, home)
-    validate_daemon(d)
-    return d
+    return _resolve_section(DaemonConfig(), "daemon", config_file, overrides, home, validate_daemon)
 
 
 def resolve_retrieval(config_file: str | Path | None = None, overrides: dict | None = None,
                       home: Path | None = None) -> RetrievalConfig:
     """Defaults, then ``[retrieval]`` of the TOML file, then flags; validated."""
-    r = _resolve_section(RetrievalConfig(), "retrieval", config_file, overrides, home)
-    validate_retrieval(r)
-    return r
+    return _resolve_section(RetrievalConfig(), "retrieval", config_file, overrides, home, validate_retrieval)
 
 
 def resolve_staleness(config_file: str | Path | None = None, overrides: dict | None = None,
                       home: Path | None = None) -> StalenessConfig:
     """Defaults, then ``[staleness]`` of the TOML file, then flags; validated."""
-    s = _resolve_section(StalenessConfig(), "staleness", config_file, overrides, home)
-    validate_staleness(s)
-    return s
+    return _resolve_section(StalenessConfig(), "staleness", config_file, overrides, home, validate_staleness)
 
 
 def resolve_retention(config_file: str | Path | None = None, overrides: dict | None = None,
                       home: Path | None = None) -> RetentionConfig:
     """Defaults, then ``[retention]`` of the TOML file, then flags; validated."""
-    r = _resolve_section(RetentionConfig(), "retention", config_file, overrides, home)
-    validate_retention(r)
-    return r
+    return _resolve_section(RetentionConfig(), "retention", config_file, overrides, home, validate_retention)
 
 
 QUICK: dict = {

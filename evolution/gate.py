@@ -127,7 +127,7 @@ def eval_set(cur: Curriculum, ancestor_data_dirs: list[Path], probes: Sequence[d
              child_data: Path | None = None) -> EvalSet:
     """The curriculum's eval items, with the recall items of every ancestor added (the curriculum wins on id),
     the agent's probes, and the experience the child's data holds (``child_data``: its ``data/``)."""
-    recall = {item["id"]: item for d in ancestor_data_dirs for item in _read_jsonl(d / RECALL_FILE)}
+    recall = {item["id"]: item for d in ancestor_data_dirs for item in saved_recall_items(d)}
     recall.update({item["id"]: item for item in cur.recall})
     return EvalSet(
         recall=list(recall.values()),
@@ -192,6 +192,11 @@ def save_recall_items(es: EvalSet, data_dir: Path) -> None:
     """Keep the recall items a generation was gated on, so its descendants are tested on them too."""
     data_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(data_dir / RECALL_FILE, "".join(json.dumps(i, ensure_ascii=False) + "\n" for i in es.recall))
+
+
+def saved_recall_items(data_dir: Path) -> list[dict]:
+    """The recall items a generation was gated on (``save_recall_items``; none where it kept none)."""
+    return _read_jsonl(data_dir / RECALL_FILE)
 
 
 def _read_jsonl(path: Path) -> list[dict]:

@@ -135,11 +135,10 @@ def changed_sources(root: DataRoot, cfg: StalenessConfig, served: int, state: di
 
 def changed_curriculum(root: DataRoot, curriculum_path: str | Path, served: int) -> list[dict]:
     """Recall items of the curriculum now that the served generation was not gated on (new or changed)."""
-    saved = root.gen_dir(served) / "data" / gate.RECALL_FILE
-    if not saved.is_file():
+    saved = gate.saved_recall_items(root.gen_dir(served) / "data")
+    if not saved:
         return []
-    known = {(evals.normalize(i["question"]), tuple(sorted(i["answers"])))
-             for i in (json.loads(line) for line in saved.read_text(encoding="utf-8").splitlines() if line.strip())}
+    known = {(evals.normalize(i["question"]), tuple(sorted(i["answers"]))) for i in saved}
     cur = curriculum_mod.load(curriculum_path)
     return [i for i in cur.recall if (evals.normalize(i["question"]), tuple(sorted(i["answers"]))) not in known]
 

@@ -15,7 +15,7 @@ from evolution.retrieval import HEADER, Retrieval, note, query_words, same_subje
 from evolution.retrieval import items as items_mod
 from evolution.retrieval.fts import Fts5Index
 from evolution.retrieval.items import Item
-from tests.conftest import SERVER_TOKEN
+from tests.conftest import SERVER_TOKEN, toml_of
 
 AUTH = {"Authorization": f"Bearer {SERVER_TOKEN}"}
 
@@ -250,7 +250,7 @@ def test_answers_right_looks_for_the_taught_value(reply, right):
                                                ({"topk": 3}, "no field 'topk'")])
 def test_bad_retrieval_settings_are_clear_errors(tmp_path, section, fragment):
     toml = tmp_path / "evolution.toml"
-    toml.write_text("[retrieval]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in section.items()))
+    toml.write_text(toml_of({"retrieval": section}))
     with pytest.raises(ConfigError, match=fragment):
         config.resolve_retrieval(toml)
 

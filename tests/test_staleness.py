@@ -13,7 +13,7 @@ from evolution.config import StalenessConfig
 from evolution.errors import ConfigError
 from evolution.intake.karma import PENDING
 from evolution.ledger import events as ev
-from tests.conftest import SERVER_TOKEN
+from tests.conftest import SERVER_TOKEN, toml_of
 
 AUTH = {"Authorization": f"Bearer {SERVER_TOKEN}"}
 
@@ -98,6 +98,6 @@ def test_a_changed_curriculum_item_is_asked(daemon, tmp_path):
     ({"enabled": 1}, "enabled")])
 def test_bad_staleness_settings_are_clear_errors(tmp_path, section, fragment):
     toml = tmp_path / "evolution.toml"
-    toml.write_text("[staleness]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in section.items()))
+    toml.write_text(toml_of({"staleness": section}))
     with pytest.raises(ConfigError, match=fragment):
         config.resolve_staleness(toml)

@@ -150,7 +150,6 @@ class Retrieval:
         self._seen: tuple | None = None
         self._carried: tuple[int | None, set] = (None, set())
         self.counts = {"lookups": 0, "notes": 0, "withheld": 0, "rebuilds": 0, "errors": 0}
-        self.last_sync: dict = {}
 
     # -- keeping the index in step ------------------------------------------------------------
 
@@ -158,13 +157,12 @@ class Retrieval:
         t = Tables(self.ledger)
         with self.ledger.reading() as conn:
             ratings = t.run(conn, f"SELECT COUNT(*), COALESCE(MAX(id), 0) FROM {t.of('experience_ratings')}").one()
-            convs = t.run(conn, f"SELECT COUNT(*), COALESCE(MAX(id), 0) FROM {t.of('conversations')}").one()
         try:
             st = os.stat(self.index.path)
             stat = (st.st_ino, st.st_size, st.st_mtime_ns)
         except FileNotFoundError:
             stat = None
-        return served, tuple(ratings), tuple(convs), stat
+        return served, tuple(ratings), self.intake.conversations.count(), stat
 
     def _carried_by(self, served: int | None) -> set:
         if self._carried[0] != served or served is None:
@@ -208,7 +206,6 @@ class Retrieval:
                 "by_source": by_source, "withheld": sum(items_mod.instructs(i) for i in want), "built": time.time()}
         self.index.write(want, meta)
         self.counts["rebuilds"] += 1
-        self.last_sync = meta
         self._seen = self._fingerprint(served)
         return True
 

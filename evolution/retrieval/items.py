@@ -88,17 +88,18 @@ def learned(root: DataRoot, ledger: Ledger, served: int | None) -> set[tuple[str
     if served is None:
         return set()
     out: set[tuple[str, str]] = set()
+    from evolution.gate import ModelEval
+
     for gen in ledger.generation(served).lineage:
         path = root.gen_dir(gen) / "eval.json"
         try:
-            child = json.loads(path.read_text())["child"]
-            rows = ((child.get("details") or {}).get("experience_similarity") or {}).get("items") or []
+            measured = ModelEval.from_dict(json.loads(path.read_text())["child"]).measured("experience_similarity")
         except FileNotFoundError:
             continue
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
             log.warning("retrieval: cannot read %s (%s); its generation's lessons stay in retrieval", path, exc)
             continue
-        for r in rows:
+        for r in (measured.details.get("items") or []) if measured is not None else []:
             if isinstance(r, dict) and answers_right(str(r.get("reply", "")), str(r.get("prompt", "")),
                                                       str(r.get("reference", ""))):
                 out.add(_key(str(r["prompt"]), str(r["reference"])))
