@@ -399,31 +399,21 @@ def materialize(root: DataRoot, cur: Curriculum, child: int, out: Path, settings
     return manifest
 
 
-CAPPED_TAUGHT_SHARE = 0.6
+CAPPED_TAUGHT_SHARE = 0.5
 """Of the records a capped stage sees (``materialize``'s ``capped``), at most this share is what was taught since
-the parent: the rest keeps the curriculum's recall (the quick child's gate asks it as it asks the facts). At 0.5
-the quick child of the learn bench answered 0.67 of 24 facts as taught with curriculum recall 0.92 (``min_recall``
-0.7): the curriculum had room to give."""
-
-CAPPED_REPEAT = 3
-"""In a capped stage each record taught since the parent is seen this many times (within ``CAPPED_TAUGHT_SHARE``):
-100 quick SFT steps see it once otherwise, against about four times (itself and rehearsal) in a default age-up."""
+the parent: the rest keeps the curriculum's recall (the quick child's gate asks it as it asks the facts)."""
 
 
 def _within(records: list[dict], budget: int, first: list[dict], then: list[dict], rng: random.Random) -> list[dict]:
-    """``budget`` of ``records`` in their order: ``first`` (the inbox's), each up to ``CAPPED_REPEAT`` times, and a
-    sample of ``then`` (rehearsed, variants, who-is-who) up to ``CAPPED_TAUGHT_SHARE`` of it, the others sampled to
-    fill the rest. The repeats follow the records (the trainer shuffles)."""
+    """``budget`` of ``records`` in their order: ``first`` (the inbox's) and a sample of ``then`` (rehearsed,
+    variants, who-is-who) up to ``CAPPED_TAUGHT_SHARE`` of it, the others sampled to fill the rest."""
     mine = {id(r) for r in first + then}
     others = [r for r in records if id(r) not in mine]
     share = max(1, int(budget * CAPPED_TAUGHT_SHARE), budget - len(others))  # more where the others leave room
     taught = first[:share]
-    rounds = min(CAPPED_REPEAT - 1, (share - len(taught)) // 2 // max(1, len(taught)))  # half the room at most
-    repeats = [r for _ in range(rounds) for r in taught]
-    taught += rng.sample(then, min(len(then), share - len(taught) - len(repeats)))
-    keep = {id(r) for r in taught} | {id(r) for r in rng.sample(others, min(len(others),
-                                                                          budget - len(taught) - len(repeats)))}
-    return [r for r in records if id(r) in keep] + repeats
+    taught += rng.sample(then, min(len(then), share - len(taught)))
+    keep = {id(r) for r in taught} | {id(r) for r in rng.sample(others, min(len(others), budget - len(taught)))}
+    return [r for r in records if id(r) in keep]
 
 
 def read(data_dir: Path, stages: Sequence[str]) -> dict[str, list[dict]]:
