@@ -69,7 +69,7 @@ class CurriculumConfig:
     fact_forms: bool = True
     """Each fact's variants restate it in the other shapes its question can take, ask about its subject and ask it
     back from its value (``evolution.augment.restated``); off: issue 15's framings of the taught question only."""
-    who_is_who: int = 192
+    who_is_who: int = 288
     """Records per age-up that keep the user apart from the agent's persona (``evolution.persona.who_is_who``:
     questions about the user nobody answered, mirrored from the identity curriculum, answered "I don't know that
     yet", half of them beside the agent's own question and its persona answer); with it each fact's variants are also

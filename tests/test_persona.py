@@ -138,7 +138,8 @@ def test_who_is_who_asks_what_nobody_answered_and_keeps_the_agents_own_answers()
     assert len(records) == 60
     asked = [m["content"] for r in records for m in r["messages"] if m["role"] == "user"]
     about_user = [q for q in asked if persona.mirror(q) is None and "you" not in q.lower()]
-    assert about_user and not any("colour" in q.lower() or "color" in q.lower() for q in about_user)
+    colours = {q for q in about_user if "colour" in q.lower() or "color" in q.lower()}
+    assert about_user and colours <= {"What colour is my house?"}  # the house's colour is another subject
     facts = persona.persona_facts(cur)
     for r in records:
         for q, a in zip(r["messages"][::2], r["messages"][1::2]):
@@ -152,13 +153,13 @@ def test_the_users_own_answer_supersedes_an_unanswered_question_in_replay(tmp_pa
     cur = curriculum.load(REPO_ROOT / "curriculum")
     root = DataRoot(tmp_path / "home")
     out = replay.materialize(root, cur, 1, tmp_path / "d1",
-                             plain_settings(experience_variant_share=1.0, who_is_who=400))
+                             plain_settings(experience_variant_share=10.0, who_is_who=1000))
     rows = [json.loads(line) for line in (tmp_path / "d1" / "sft.jsonl").read_text().splitlines()]
     where = [r for r in rows if r.get("unanswered", "").endswith("where do i live")]
     assert out["who_is_who"]["sft"] > 0 and where
     # the user tells where they live: no record says it does not know any more, nor is one made again
     convs = [(1, [{"role": "user", "content": "Where do I live?"}, {"role": "assistant", "content": "In Tellborg."}])]
-    replay.materialize(root, cur, 1, tmp_path / "d2", plain_settings(experience_variant_share=1.0, who_is_who=400),
+    replay.materialize(root, cur, 1, tmp_path / "d2", plain_settings(experience_variant_share=10.0, who_is_who=1000),
                        Inbox.taught(convs))
     rows = [json.loads(line) for line in (tmp_path / "d2" / "sft.jsonl").read_text().splitlines()]
     assert not [r for r in rows if r.get("unanswered", "").endswith("where do i live")]
