@@ -34,6 +34,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import daemon_args
 from report import Contention
 
 from evolution.train import stage_dicts
@@ -59,7 +60,7 @@ def _summary(home: Path, gen: int) -> dict:
     return json.loads(found[0].read_text())
 
 
-def rate_replies(home: Path, n: int, seed: int = 0) -> tuple[int, int]:
+def rate_replies(home: Path, n: int, cur: Path, seed: int = 0) -> tuple[int, int]:
     """Keep ``n`` served-style replies as experiences of generation 0 and rate them; (good, bad)."""
     import random
 
@@ -68,7 +69,7 @@ def rate_replies(home: Path, n: int, seed: int = 0) -> tuple[int, int]:
     from evolution.ledger import Ledger
     from evolution.paths import DataRoot
 
-    sft = curriculum.load(REPO / "curriculum").sft
+    sft = curriculum.load(cur).sft
     picked = random.Random(seed).sample(range(len(sft)), n)
     answers = [sft[i]["messages"][-1]["content"] for i in picked]
     good = bad = 0
@@ -121,21 +122,26 @@ def main() -> None:
     ap.add_argument("--skip-default", action="store_true", help="only generation 0 and the quick age-up")
     ap.add_argument("--home", type=Path, help="data root to use (default: a new temporary one)")
     ap.add_argument("--ratings", type=int, default=0, help="rate this many served replies first (half good, half bad)")
+    daemon_args.add(ap)
     args = ap.parse_args()
     home = args.home or Path(tempfile.mkdtemp(prefix="ageup-bench-"))
     print(f"data root {home}", flush=True)
+    opts = daemon_args.options(args)
+    if args.toml:
+        (home / "evolution.toml").write_text(daemon_args.toml(args, default=""))
+        opts += ["--config", str(home / "evolution.toml")]
     if args.ratings:
-        good, bad = rate_replies(home, args.ratings)
+        good, bad = rate_replies(home, args.ratings, daemon_args.curriculum_dir(args))
         print(f"rated {args.ratings} served replies: {good} good, {bad} bad", flush=True)
 
-    wall_q, others_q = _run(home, "age-up", "--quick")
+    wall_q, others_q = _run(home, "age-up", "--quick", *opts)
     gen0, quick = _summary(home, 0), _summary(home, 1)
     print(f"quick age-up (with generation 0): {wall_q:.0f} s", flush=True)
     rows = [_row("generation 0 bootstrap", gen0, None, None), _row("quick age-up", quick, wall_q, others_q)]
     prefs = [_preference("quick age-up", quick, None)]
     if not args.skip_default:
         _run(home, "rollback", "--to", "0", "--reason", "ageup bench: default age-up from generation 0")
-        wall_d, others_d = _run(home, "age-up")
+        wall_d, others_d = _run(home, "age-up", *opts)
         print(f"default age-up: {wall_d:.0f} s", flush=True)
         rows.append(_row("default age-up", _summary(home, 2), wall_d, others_d))
         prefs.append(_preference("default age-up", _summary(home, 2), wall_d))

@@ -41,6 +41,7 @@ import psutil
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import daemon_args  # noqa: E402
 from learn_bench import BAD_PROMPTS, GOOD_PROMPTS, THRESHOLD, Agent, facts, teach, wait_generation  # noqa: E402
 
 from evolution import evals  # noqa: E402
@@ -114,21 +115,17 @@ def main() -> None:
     ap.add_argument("--chats", type=int, default=1000, help="chats over the whole run (recall questions included)")
     ap.add_argument("--home", type=Path, default=None, help="data root (default: a temp dir, removed)")
     ap.add_argument("--json", type=Path, default=None, help="also write the figures here (after every generation)")
-    ap.add_argument("--base", type=Path, default=None, help="the daemon's --base (a check of the bench on a tiny model)")
-    ap.add_argument("--curriculum", type=Path, default=None, help="the daemon's --curriculum")
-    ap.add_argument("--toml", type=Path, default=None, help="more of the data root's evolution.toml (a check's settings)")
+    daemon_args.add(ap)
     args = ap.parse_args()
 
     home = args.home or Path(tempfile.mkdtemp(prefix="horizon-bench-"))
     home.mkdir(parents=True, exist_ok=True)
-    extra = args.toml.read_text() if args.toml else ""
-    (home / "evolution.toml").write_text(extra if "stop_after" in extra else "[gate]\nstop_after = 1000\n" + extra)
+    (home / "evolution.toml").write_text(daemon_args.toml(args))
     n = args.generations
     all_facts = facts(args.facts * n, seed=17)
     rounds = [all_facts[r * args.facts:(r + 1) * args.facts] for r in range(n)]
     d = DaemonProc(home, "--start-gen", "0", "--threshold", str(THRESHOLD), *(["--quick"] if args.quick else []),
-                   *(["--base", str(args.base)] if args.base else []),
-                   *(["--curriculum", str(args.curriculum)] if args.curriculum else []))
+                   *daemon_args.options(args))
     d.start()
     report: dict = {"quick": args.quick, "generations": n, "facts": args.facts, "rows": []}
     chats = swaps = 0

@@ -47,6 +47,7 @@ import openai
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import daemon_args  # noqa: E402
 from report import Contention, write  # noqa: E402
 
 from evolution import evals  # noqa: E402
@@ -259,12 +260,13 @@ def run(args, toml_extra: str, label: str, contention: Contention) -> dict:
     table = load_table()
     home = Path(tempfile.mkdtemp(prefix="learn-bench-")) if args.home is None else args.home / label.replace(" ", "_")
     home.mkdir(parents=True, exist_ok=True)
-    toml = "[gate]\nstop_after = 1000\n" + (f"[curriculum]\n{toml_extra}" if toml_extra else "")
+    toml = daemon_args.toml(args) + (f"[curriculum]\n{toml_extra}" if toml_extra else "")
     (home / "evolution.toml").write_text(toml)
     all_facts = facts(args.facts * args.rounds, table=table)
     rounds = [all_facts[r * args.facts:(r + 1) * args.facts] for r in range(args.rounds)]
     bad = BAD_PROMPTS * (args.bad // len(BAD_PROMPTS) + 2)
-    d = DaemonProc(home, "--start-gen", "0", "--threshold", str(THRESHOLD), *(["--quick"] if args.quick else []))
+    d = DaemonProc(home, "--start-gen", "0", "--threshold", str(THRESHOLD), *(["--quick"] if args.quick else []),
+                   *daemon_args.options(args))
     d.start()
     out: dict = {"label": label, "config": toml, "rounds": []}
     try:
@@ -397,6 +399,7 @@ def main() -> None:
     ap.add_argument("--home", type=Path, default=None, help="keep the data roots here (default: temp dirs, removed)")
     ap.add_argument("--json", type=Path, default=None, help="also write the running figures here")
     ap.add_argument("--no-report", action="store_true", help="do not write docs/bench/ (a trial run)")
+    daemon_args.add(ap, "--curriculum-dir")
     args = ap.parse_args()
     started, contention = time.time(), Contention()
     table = load_table()

@@ -17,7 +17,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-REPORTS = REPO / "docs" / "bench"
+REPORTS = Path(os.environ.get("EVOLUTION_BENCH_REPORTS") or REPO / "docs" / "bench")
+"""Where reports go: ``docs/bench`` unless ``EVOLUTION_BENCH_REPORTS`` names another directory (a smoke run's)."""
 
 
 class Contention:

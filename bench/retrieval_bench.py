@@ -35,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from learn_bench import CHANNEL_LABELS, CHANNELS, Agent, facts, teach_fact  # noqa: E402
+import daemon_args  # noqa: E402
 from report import Contention, write  # noqa: E402
 
 from evolution import curriculum, evals, persona  # noqa: E402
@@ -43,7 +44,6 @@ from evolution.retrieval.fts import Fts5Index  # noqa: E402
 from evolution.retrieval.items import Item  # noqa: E402
 from tests.daemon_util import DaemonProc  # noqa: E402
 
-REPO = Path(__file__).resolve().parent.parent
 
 
 def ask(agent: Agent, question: str, retrieval: bool) -> tuple[str, int, float]:
@@ -87,14 +87,17 @@ def main() -> None:
     ap.add_argument("--items", type=int, default=10_000)
     ap.add_argument("--home", type=Path, help="a data root whose daemon serves a generation already (else a fresh one)")
     ap.add_argument("--offset", type=int, default=0, help="skip the first N of the learn bench's facts")
+    daemon_args.add(ap)
     args = ap.parse_args()
     started, contention = time.time(), Contention()
     home = args.home or Path(tempfile.mkdtemp(prefix="retrieval-bench-"))
-    cur = curriculum.load(REPO / "curriculum")
+    if args.home is None and (args.toml or args.base):  # a fresh root's settings (default: none)
+        (home / "evolution.toml").write_text(daemon_args.toml(args, default=""))
+    cur = curriculum.load(daemon_args.curriculum_dir(args))
     persona_facts = persona.persona_facts(cur)
     identity = persona.identity_phases(cur)
     batch = facts(args.offset + args.facts)[args.offset:]
-    d = DaemonProc(home, "--start-gen", "0", "--quick", "--threshold", "10").start()
+    d = DaemonProc(home, "--start-gen", "0", "--quick", "--threshold", "10", *daemon_args.options(args)).start()
     try:
         d.wait(lambda: d.served() is not None, 2400, "a generation to be served", interval=2)
         agent = Agent(d)

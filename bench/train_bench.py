@@ -98,6 +98,10 @@ class StepTimer:
         timer = self
 
         class _Cb(TrainerCallback):
+            def on_train_begin(self, args, state, control, **kw):
+                if timer.warmup == 0:  # no warm-up: the clock starts with the first step
+                    timer._t0, timer._seen0 = time.perf_counter(), state.num_input_tokens_seen
+
             def on_step_end(self, args, state, control, **kw):
                 if state.global_step == timer.warmup:
                     timer._t0, timer._seen0 = time.perf_counter(), state.num_input_tokens_seen
