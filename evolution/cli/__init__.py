@@ -31,7 +31,8 @@ def main(verbose: bool) -> None:
 
 
 def _register() -> None:
-    from evolution.cli import ageup, backup, control, curriculum, daemon, experiences, feedback, karma, prune, ui
+    from evolution.cli import (ageup, backup, control, curriculum, daemon, experiences, export, feedback, karma, prune,
+                               ui)
 
     main.add_command(ageup.age_up)
     main.add_command(daemon.daemon)
@@ -45,6 +46,7 @@ def _register() -> None:
     main.add_command(backup.backup)
     main.add_command(backup.restore)
     main.add_command(prune.prune)
+    main.add_command(export.export)
 
     from evolution.cli import ledger as ledger_cli
 
