@@ -260,7 +260,9 @@ def run(args, toml_extra: str, label: str, contention: Contention) -> dict:
     table = load_table()
     home = Path(tempfile.mkdtemp(prefix="learn-bench-")) if args.home is None else args.home / label.replace(" ", "_")
     home.mkdir(parents=True, exist_ok=True)
-    toml = daemon_args.toml(args) + (f"[curriculum]\n{toml_extra}" if toml_extra else "")
+    # the child is measured whatever its verdict: the daemon must not prune a rejected child's GGUF first
+    toml = daemon_args.toml(args) + "[retention]\nafter_promotion = false\n" + \
+        (f"[curriculum]\n{toml_extra}" if toml_extra else "")
     (home / "evolution.toml").write_text(toml)
     all_facts = facts(args.facts * args.rounds, table=table)
     rounds = [all_facts[r * args.facts:(r + 1) * args.facts] for r in range(args.rounds)]
