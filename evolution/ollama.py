@@ -196,13 +196,13 @@ def export(root: DataRoot, ledger: Ledger, gen: int | None = None, out: Path | N
     tmp = gguf.with_name(gguf.name + ".tmp")
     tmp.unlink(missing_ok=True)
     try:
-        os.link(src, tmp)
-    except OSError:  # another file system (or one without hard links): a copy
+        os.link(src, tmp)  # the very file check_servable hashed: nothing to hash again
+    except OSError:  # another file system (or one without hard links): a copy, hashed as the ledger recorded
         shutil.copyfile(src, tmp)
-    if sha256_file(tmp) != record["sha256"]:
-        tmp.unlink(missing_ok=True)
-        raise ExportError(f"the copy of generation {gen}'s GGUF does not hash as the ledger recorded; "
-                          "nothing was exported")
+        if sha256_file(tmp) != record["sha256"]:
+            tmp.unlink(missing_ok=True)
+            raise ExportError(f"the copy of generation {gen}'s GGUF does not hash as the ledger recorded; "
+                              "nothing was exported")
     os.replace(tmp, gguf)
     text = modelfile(gguf.name, fmt, system)
     tmp_mf = target.with_name("Modelfile.tmp")
