@@ -45,6 +45,7 @@ from evolution.generation import GenerationSummary
 from evolution.intake import Intake
 from evolution.ledger import Ledger, check_servable
 from evolution.metrics import answers as answer_book
+from evolution.metrics import probe_sample
 from evolution.ledger import events as ev
 from evolution.paths import DataRoot, gen_name
 
@@ -192,6 +193,20 @@ def anchor_history(root: DataRoot, ledger: Ledger, parent: int) -> list[gate.Mod
 def _answers(root: DataRoot) -> Path:
     """Where the gate remembers each GGUF's replies (``evolution.metrics.answers``): per lineage."""
     return root.checkpoints / answer_book.FOLDER
+
+
+def _probe_history(ledger: Ledger, lineage: list[int]) -> list[probe_sample.Asked]:
+    """What each gate of the lineage (``lineage``: the parent, its parent, ... back to 0) asked of the probes,
+    oldest first."""
+    return probe_sample.history({g: ledger.generation(g).gate for g in reversed(lineage) if g != 0})
+
+
+def _probe_record(sample: probe_sample.Sample, result: gate.GateResult, limit: float | None) -> dict:
+    """The sample, which probes the child answered right, and the forgetting rule's power on it."""
+    child = result.child.details.get("probe_recall", {}).get("items", [])
+    parent = result.parent.details.get("probe_recall", {}).get("items", []) if result.parent else []
+    sample.power = probe_sample.power_summary(sum(1 for r in parent if r["correct"]), limit) if parent else {}
+    return sample.record([r["id"] for r in child if r["correct"]])
 
 
 def _gate_info(result: gate.GateResult) -> dict:
@@ -435,11 +450,14 @@ def _age_up_locked(root: DataRoot, cfg: AgeUpConfig, ledger: Ledger, cur, base, 
         parent_gguf = root.root / check_servable(ledger, parent)["path"]  # hash verified against the ledger
         lineage = ledger.generation(parent).lineage
         ancestors = [root.gen_dir(g) / "data" for g in lineage]
-        # every probe, at every later gate; the experience this child's data holds
-        es = gate.eval_set(cur, ancestors, Intake(ledger).probes.items(), staging / "data")
+        # the probes the lineage's gates are due to ask (a bounded sample); the experience this child's data holds
+        sample = probe_sample.choose(Intake(ledger).probes.items(), _probe_history(ledger, lineage),
+                                     cfg.gate.probe_sample, cfg.gate.probe_every, seed=child)
+        es = gate.eval_set(cur, ancestors, sample.items, staging / "data")
         result = gate.run(staging / GGUF_NAME, child, parent_gguf, parent, es, cfg.gate, cfg.export.smoke_prompt,
                           lineage=anchor_history(root, ledger, parent), gen0_gguf=_gen0_gguf(root, ledger),
                           answers=_answers(root))
+        result.probes = _probe_record(sample, result, cfg.gate.probe_forgotten_max)
         gate.write_report(result, staging)
         state.info["gate"] = _gate_info(result)
 

@@ -34,6 +34,7 @@ from evolution.generation import HELDOUT_FILE
 from evolution.ledger.events import FAIL, PASS
 from evolution.metrics import TABLE, Check, EvalSet, Inputs, Measured, Metric, Models
 from evolution.metrics.common import N_CTX, Anchor, Lesson
+from evolution.metrics import probe_sample
 from evolution.untrusted import markdown_cell
 
 log = logging.getLogger(__name__)
@@ -107,6 +108,8 @@ class GateResult:
     """Numbers comparing child and parent (``style_drift_from_parent``)."""
     anchors: dict[str, dict[str, dict]] = field(default_factory=dict)
     """Per metric, the fixed anchors the child was bounded against: ``{"gen0" | "best": {"gen", "value"}}``."""
+    probes: dict = field(default_factory=dict)
+    """Which probes the gate asked (``evolution.metrics.probe_sample.Sample.record``); empty: not recorded."""
 
     def metrics(self) -> dict[str, float | None]:
         return self.child.metrics | self.versus_parent
@@ -120,7 +123,8 @@ class GateResult:
                 "parent_metrics": self.parent.metrics if self.parent else None,
                 "parent": self.parent.gen if self.parent else None, "thresholds": self.thresholds,
                 "checks": [asdict(c) for c in self.checks], "metric_versions": dict(self.child.versions),
-                "anchors": self.anchors, "fingerprints": dict(self.child.fingerprints)}
+                "anchors": self.anchors, "fingerprints": dict(self.child.fingerprints)} | \
+            ({"probes": self.probes} if self.probes else {})
 
 
 def eval_set(cur: Curriculum, ancestor_data_dirs: list[Path], probes: Sequence[dict] = (),
@@ -440,6 +444,7 @@ def write_report(result: GateResult, out_dir: Path, table: Sequence[Metric] = TA
         lines += [f"| {name} | {_cell(cv)} | {_cell(pv)} |" for name, cv, pv in rows]
     lines += [f"| {name.replace('_', ' ')} | {v:.3f} | - |" for name, v in result.versus_parent.items()]
     lines.append("")
+    lines += probe_sample.report_lines(result.probes) if result.probes else []
     lines += _anchor_lines(result)
     for u, cm, _ in units:
         if cm.value is not None:

@@ -356,3 +356,27 @@ def test_age_up_trains_on_the_ratings_since_the_parent(learnable_base, tokenizer
     assert s2.train["preference"]["method"] == "skip" and s2.train["preference"]["steps"] == 0
     assert s2.train["preference"]["reason"] == "no rated replies since the parent"
     assert (root.gen_dir(2) / "data" / "preference.jsonl").read_text() == ""
+
+
+def test_a_gate_asks_the_probes_its_lineage_is_due_to_ask_and_the_ledger_keeps_which(tiny_base, tiny_cfg, ledger):
+    from evolution.intake import Intake
+    from evolution.ledger import events as ev
+
+    root = DataRoot.from_env()
+    grow(root, tiny_cfg, ledger, base=tiny_base)
+    probes = Intake(ledger).probes
+    ids = [f"probe-{probes.add(f'What is fact {i}?', [f'F{i}']).id}" for i in range(12)]
+    # generation 1 passed a gate that asked the first six probes; the next six were posted since
+    ledger.record(ev.gate_result(0, 1, {"recall": 1.0}, {"recall": 0.5}, "pass",
+                                 probes={"asked": ids[:6], "right": ids[:3]}))
+    ledger.record(ev.promoted(1))
+    tiny_cfg.gate.probe_sample, tiny_cfg.gate.probe_every = 5, 2
+    s2 = grow(root, tiny_cfg, ledger)
+    assert (s2.gen, s2.parent) == (2, 1)
+    asked = ledger.entries(kind="gate_result")[-1].payload["probes"]
+    # the budget is max(5, 12 / 2) = 6: the six never asked; none of the first six is due after one gate
+    assert asked["asked"] == ids[6:] and (asked["posted"], asked["new"], asked["due"], asked["drawn"]) == (12, 6, 0, 0)
+    report = json.loads((root.gen_dir(2) / "eval.json").read_text())
+    assert [r["id"] for r in report["child"]["details"]["probe_recall"]["items"]] == ids[6:]
+    assert "Probes: 6 of 12 posted were asked: 6 no gate of the lineage had asked" in \
+        (root.gen_dir(2) / "eval.md").read_text()

@@ -136,3 +136,9 @@ def test_retrieval_bench(tmp_path, tiny):
     bench("retrieval", "--facts", "3", "--items", "50", *_tiny_args(tiny), tmp_path=tmp_path)
     figures = _report(tmp_path, "retrieval")
     assert figures["facts"] == 3 and figures["lookup"]["items"] == 50
+
+
+def test_gate_bench(tmp_path, tiny):
+    printed = bench("gate", "--probes", "12", "--gates", "2", "--experiences", "6", "--curriculum", str(tiny.curriculum),
+                    "--toml", str(tiny.toml), tmp_path=tmp_path)
+    assert _report(tmp_path, "gate")["sample"]["asked"] <= 12 and "probe_recall" in printed

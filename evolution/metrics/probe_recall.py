@@ -1,8 +1,10 @@
 """probe_recall: the fraction of the agent's probes answered correctly — did the lessons reach the child?
 
 Probes are questions the chat agent posts (``POST /probes``, ``evolution.intake.probes``) to check a fact
-it taught in other words than it taught it. They are never trained on, and every later gate asks
-all of them again, so a fact the lineage forgets shows as a drop against the parent. Scored like
+it taught in other words than it taught it. They are never trained on, and later gates ask
+them again (all of them up to ``probe_sample``; beyond it a sample in which each is asked at least once every
+``probe_every`` gates: ``evolution.metrics.probe_sample``), so a fact the lineage forgets shows as a drop
+against the parent. Scored like
 ``recall`` (``evolution.evals.is_correct``). With fewer than ``gate.min_probe_items`` probes the
 value is None ("not enough data") and nothing is blocked. Rules: ``gate.probe_margin`` below the parent, and
 ``gate.probe_forgotten_max``: of the probes the parent answered right, the share the child answers wrong (a mean
@@ -32,17 +34,27 @@ class ProbeRecallConfig:
     one probe in the minimum five. Measured (docs/learning.md): children that learned their facts gained 0.93
     (the learn benchmark's 40 probes) and 1.0 (the parent did not know them), so it holds no learning
     child back; it catches a child that forgot what its parent had been taught faster than it learned the new facts
-    (all probes are asked every generation, so the older ones weigh in)."""
+    (older probes are asked again at later gates, so they weigh in)."""
     probe_forgotten_max: float | None = 0.1
     """Of the probes the parent answered right, the child may answer at most this share wrong (with at least
     ``min_probe_items`` answered right by the parent; else not enough data). ``probe_margin`` compares means, and
     new facts learned hide old ones forgotten: a child that answered 34 of the 40 new probes and forgot 23 of the
     31 older ones its parent knew gained 0.15 and passed it (learn_bench, before experience was rehearsed)."""
+    probe_sample: int = 100
+    """A gate asks at most this many probes (``evolution.metrics.probe_sample``; more where ``probe_every`` needs
+    it): every probe not asked by the lineage's gates yet, every one due under ``probe_every``, and a sample of
+    the rest stratified by age and by the last answer. 100 probes are about 27 s of a child's gate on 2 cores;
+    a lineage with fewer probes is asked every one. The report gives the forgetting rule's power on the sample."""
+    probe_every: int = 10
+    """Each probe is asked at least once in any this many consecutive gates of a lineage: none is retired
+    unasked. With 1,000 probes posted, 10 keeps the sample at 100 a gate."""
 
     def problems(self) -> list[str]:
         return (positive_int("gate.min_probe_items", self.min_probe_items)
                 + share_or_unset("gate.probe_margin", self.probe_margin)
-                + share_or_unset("gate.probe_forgotten_max", self.probe_forgotten_max))
+                + share_or_unset("gate.probe_forgotten_max", self.probe_forgotten_max)
+                + positive_int("gate.probe_sample", self.probe_sample)
+                + positive_int("gate.probe_every", self.probe_every))
 
 
 class ProbeRecall(Metric):
