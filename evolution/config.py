@@ -246,6 +246,13 @@ class DaemonConfig:
     idle_unload_s: float = 0.0
     """Unload the served model after this many seconds without a request, and load it again on the
     next one (as Ollama's keep_alive); 0 keeps it loaded. For one daemon serving several lineages."""
+    older_max: int = 2
+    """How many gated generations other than the served one may be loaded at once to answer requests that name
+    them (``model="evolution@N"``, for comparison); the least recently used is let go first. 0 turns asking
+    by name off."""
+    older_memory_mb: float = 1024.0
+    """...and how many MB of GGUF files they may hold between them (a loaded model maps its whole file): the
+    children of the embedded model are 138 MB (q8_0)."""
     capture: bool = True
     """Keep every served chat completion (scrubbed, like posted conversations) so it can be rated with
     ``POST /feedback`` or ``evolve feedback``; a request's OpenAI ``store: false`` opts it out."""
@@ -412,6 +419,11 @@ def validate_daemon(d: DaemonConfig) -> None:
         v = getattr(d, name)
         if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v <= 0):
             p.append(f"daemon.{name} must be a positive integer (or unset), got {v!r}")
+    if isinstance(d.older_max, bool) or not isinstance(d.older_max, int) or d.older_max < 0:
+        p.append(f"daemon.older_max must be an integer >= 0 (0: no generation by name), got {d.older_max!r}")
+    v = d.older_memory_mb
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+        p.append(f"daemon.older_memory_mb must be a number of MB > 0, got {v!r}")
     v = d.idle_unload_s
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
         p.append(f"daemon.idle_unload_s must be a number of seconds >= 0 (0: never unload), got {v!r}")

@@ -4,7 +4,7 @@
 path                         token   what
 ===========================  ======  =====================================================
 ``/v1/chat/completions``     opt.    chat with the served generation (``stream`` or not)
-``/v1/models``               opt.    the served generation, as an OpenAI model
+``/v1/models``               opt.    the served generation, as an OpenAI model; then each one by name (``@N``)
 ``/health``                  no      200 when a model is served, 503 while starting
 ``/status``                  no      served generation, age-up stage / step / ETA, karma
 ``/metrics``                 no      the same state and request counts in the Prometheus text format (``evolution.monitoring``)
@@ -72,7 +72,7 @@ from evolution.errors import (
 from evolution.intake import Intake
 from evolution.ledger import Ledger
 from evolution.paths import DataRoot
-from evolution.serving import Slot, Stream, model_alias, model_id, parse_model
+from evolution.serving import Slot, Stream, model_alias, model_id, parse_model, parse_pinned, pinned_id
 
 log = logging.getLogger(__name__)
 
@@ -101,12 +101,17 @@ class Service(Protocol):
     def notes(self, args: dict, retrieve: bool) -> list:
         """The lessons retrieval puts into this chat's prompt (``evolution.retrieval``; none when not ``retrieve``)."""
 
-    def chat(self, args: dict, notes: list = ()) -> tuple[dict, Slot]:
-        """One chat completion (OpenAI's shape), ``notes`` in its prompt, and the generation that answered it;
-        ValueError when the prompt does not fit; NotReady."""
+    def chat(self, args: dict, notes: list = (), gen: int | None = None) -> tuple[dict, Slot]:
+        """One chat completion (OpenAI's shape), ``notes`` in its prompt, and the generation that answered it: the
+        served one, or gated generation ``gen`` asked by name (LedgerError, IntegrityError, LoadError when it cannot
+        answer); ValueError when the prompt does not fit; NotReady."""
 
-    def stream(self, args: dict, notes: list = ()) -> Stream:
+    def stream(self, args: dict, notes: list = (), gen: int | None = None) -> Stream:
         """A streamed completion whose first chunk has been decoded."""
+
+    def older_generations(self) -> list[dict]:
+        """The gated generations that may be asked by name (``evolution@N``), kept, not pruned: ``generation``,
+        ``created`` (Unix time), ``sha256``."""
 
     def add_conversation(self, messages, key: str | None, label: str | None):
         """Store a posted transcript (``ConversationStore.add``); the next chat can retrieve it."""
@@ -347,12 +352,22 @@ def create_app(daemon: Service) -> FastAPI:
         slot = daemon.served()
         data = [] if slot is None else [{"id": slot.id, "object": "model", "created": int(slot.loaded_at),
                                          "owned_by": "evolution", "generation": slot.gen, "sha256": slot.sha256}]
+        # every gated generation kept, by name, for comparison (loaded on first use)
+        data += [{"id": pinned_id(g["generation"], daemon.root.lineage), "object": "model", "created": g["created"],
+                  "owned_by": "evolution", "generation": g["generation"], "sha256": g["sha256"]}
+                 for g in await run_in_threadpool(daemon.older_generations)]
         return {"object": "list", "data": data}
 
     @app.get("/v1/models/{name}")
     async def model(name: str, request: Request):
         authorize(request, d.chat_requires_token)
         slot = daemon.served()
+        pinned = parse_pinned(name)
+        if pinned is not None and pinned[0] == daemon.root.lineage:
+            for g in await run_in_threadpool(daemon.older_generations):
+                if g["generation"] == pinned[1]:
+                    return {"id": name, "object": "model", "created": g["created"], "owned_by": "evolution",
+                            "generation": pinned[1], "sha256": g["sha256"]}
         if slot is None or name != slot.id:
             raise ApiError(404, f"model {name!r} is not served here; GET /v1/models lists the one that is",
                            code="model_not_found")
@@ -364,24 +379,34 @@ def create_app(daemon: Service) -> FastAPI:
         authorize(request, d.chat_requires_token)
         body = await _json(request)
         args = _chat_args(body, d.max_tokens, d.n_ctx)
-        _check_model(body.get("model"), daemon.served())
+        gen = _check_model(body.get("model"), daemon.served())
         store = body.get("store")
         if store is not None and not isinstance(store, bool):
             raise ApiError(400, f"'store' must be true or false, got {store!r}", param="store")
         keep = d.capture if store is None else store
         notes = await run_in_threadpool(daemon.notes, args, _retrieval_wanted(request, body))
         if body.get("stream"):
-            return await _stream(args, keep, notes)
-        out = await run_in_threadpool(_complete, args, keep, notes)
+            return await _stream(args, keep, notes, gen)
+        out = await run_in_threadpool(_complete, args, keep, notes, gen)
         return JSONResponse(out, headers={NOTES_HEADER: str(len(notes))})
 
-    def _check_model(asked, slot: Slot | None) -> None:
-        """Refuse a model id of ours that this daemon does not serve: another lineage, or a generation that is
-        not the served one. Any other name gets the served generation (clients that insist on a model name)."""
+    def _check_model(asked, slot: Slot | None) -> int | None:
+        """The generation asked for by name (``evolution@N``: ``Daemon.older_host``), or None for the served one.
+        Refuse a model id of ours that this daemon does not serve: another lineage, or a ``-gen-N`` id that is not
+        the served one. Any other name gets the served generation (clients that insist on a model name)."""
         if not isinstance(asked, str):
-            return
-        ours = parse_model(asked)
+            return None
         lineage, alias = daemon.root.lineage, model_alias(daemon.root.lineage)
+        pinned = parse_pinned(asked)
+        if pinned is not None:
+            if pinned[0] != lineage:
+                raise ApiError(404, f"model {asked!r} is not served here: this daemon serves lineage {lineage!r} "
+                                    f"({alias}@N names its generation N)", code="model_not_found", param="model")
+            return pinned[1]
+        if asked.startswith(alias + "@"):
+            raise ApiError(400, f"model {asked!r}: put a generation number after '@' ({alias}@3 asks generation 3)",
+                           param="model")
+        ours = parse_model(asked)
         if ours is not None and ours[0] != lineage:
             raise ApiError(404, f"model {asked!r} is not served here: this daemon serves lineage {lineage!r} "
                                 f"({alias}); GET /v1/models lists it", code="model_not_found")
@@ -389,9 +414,24 @@ def create_app(daemon: Service) -> FastAPI:
             raise ApiError(404, f"model {asked!r} is not the served generation ({slot.id}); "
                                 f"omit 'model' or use {alias!r} to get whichever is served", code="model_not_found")
 
-    def _complete(args: dict, keep: bool, notes: list) -> dict:
+    def _by_name(gen: int | None, call):
+        """``call()``, with the errors of asking generation ``gen`` by name (it cannot be loaded) as statuses."""
         try:
-            out, slot = daemon.chat(args, notes)
+            return call()
+        except LedgerError as exc:  # unknown, rejected, pruned, missing, or asking by name is off
+            if gen is None:
+                raise
+            raise ApiError(404, f"model {pinned_id(gen, daemon.root.lineage)!r}: {exc}", code="model_not_found",
+                           param="model") from None
+        except (IntegrityError, LoadError) as exc:
+            if gen is None:
+                raise
+            raise ApiError(409, f"model {pinned_id(gen, daemon.root.lineage)!r}: {exc}", code="not_servable",
+                           param="model") from None
+
+    def _complete(args: dict, keep: bool, notes: list, gen: int | None = None) -> dict:
+        try:
+            out, slot = _by_name(gen, lambda: daemon.chat(args, notes, gen))
         except ValueError as exc:  # e.g. the prompt does not fit the context window
             raise ApiError(400, str(exc), code="context_length_exceeded") from None
         stats["completions"] += 1
@@ -404,9 +444,9 @@ def create_app(daemon: Service) -> FastAPI:
                            choice.get("finish_reason"))
         return out
 
-    async def _stream(args: dict, keep: bool, notes: list):
+    async def _stream(args: dict, keep: bool, notes: list, gen: int | None = None):
         try:
-            st = await run_in_threadpool(daemon.stream, args, notes)
+            st = await run_in_threadpool(_by_name, gen, lambda: daemon.stream(args, notes, gen))
         except ValueError as exc:
             raise ApiError(400, str(exc), code="context_length_exceeded") from None
 

@@ -18,6 +18,10 @@ that started it, and its workers keep spinning for that thread: decoding from an
 then runs at a third of the speed (measured on 2 cores: 90 → 30 tokens/s), and one context
 decodes one request at a time anyway. Callers wait on a future (``call``) or read a queue of
 chunks (``stream``).
+
+**Older generations by name.** ``OlderGenerations`` keeps a few other gated generations loaded, each in a
+``ModelHost`` of its own on that same thread, for requests that name one (``evolution@N``): what is served
+is never one of them.
 """
 
 from __future__ import annotations
@@ -98,6 +102,29 @@ def parse_model(name: str) -> tuple[str, int | None] | None:
     return (rest[1:], gen) if rest.startswith("-") and LINEAGE_RE.match(rest[1:]) else None
 
 
+_PINNED = re.compile(r"@([0-9]{1,9})$")
+
+
+def parse_pinned(name: str) -> tuple[str, int] | None:
+    """``(lineage, N)`` for ``evolution[-LINEAGE]@N`` (generation N by name: ``OlderGenerations``), else None."""
+    if not isinstance(name, str) or not (m := _PINNED.search(name)):
+        return None
+    ours = parse_model(name[:m.start()])
+    return (ours[0], int(m.group(1))) if ours is not None and ours[1] is None else None
+
+
+def model_lineage(name) -> str | None:
+    """The lineage an id of ours names (``evolution-deacon``, ``evolution-deacon-gen-3``, ``evolution-deacon@3``),
+    else None."""
+    ours = parse_pinned(name) or parse_model(name)
+    return ours[0] if ours is not None else None
+
+
+def pinned_id(gen: int, lineage: str = MAIN) -> str:
+    """The OpenAI model id that names generation ``gen`` whatever is served: ``evolution@3``, ``evolution-deacon@3``."""
+    return f"{model_alias(lineage)}@{gen}"
+
+
 @dataclass(eq=False)
 class Slot:
     gen: int
@@ -158,7 +185,9 @@ class ModelHost:
     """Holds the current model; see the module docstring."""
 
     def __init__(self, n_ctx: int = 2048, n_threads: int | None = None, canary_prompt: str = "Hello!",
-                 canary_max_tokens: int = 24, backend: Backend | None = None, lineage: str = MAIN):
+                 canary_max_tokens: int = 24, backend: Backend | None = None, lineage: str = MAIN,
+                 llama: ThreadPoolExecutor | None = None):
+        """``llama``: another host's llama thread to share (``OlderGenerations``: one llama thread a process)."""
         from evolution.llamacpp import LlamaCppBackend
 
         self.lineage = lineage
@@ -169,7 +198,8 @@ class ModelHost:
         self.canary_max_tokens = canary_max_tokens
         self._current: Slot | None = None
         self._cv = threading.Lock()
-        self._llama = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llama")
+        self._owns_llama = llama is None
+        self._llama = llama or ThreadPoolExecutor(max_workers=1, thread_name_prefix="llama")
         self.swaps = 0
         self.last_swap: dict | None = None
         self.last_used = time.time()
@@ -306,12 +336,91 @@ class ModelHost:
         st.first = first
         return st
 
+    def retire(self) -> Slot | None:
+        """Stop serving the current model: it is freed on the llama thread once its last request ends (a request
+        after this finds none: ``NotReady``). Returns it."""
+        with self._cv:
+            slot, self._current = self._current, None
+            if slot is None:
+                return None
+            slot.retired = True
+            free = slot.users == 0
+        if free:
+            self._llama.submit(slot.close)
+        return slot
+
     def close(self) -> None:
         with self._cv:
             slot, self._current = self._current, None
         if slot is not None and slot.users == 0:
             self._llama.submit(slot.close)
-        self._llama.shutdown(wait=True)
+        if self._owns_llama:
+            self._llama.shutdown(wait=True)
+
+
+class OlderGenerations:
+    """Gated generations other than the served one, by name (``model="evolution@N"``), for comparison and A/B.
+
+    A small least-recently-used set of loaded models, each in its own ``ModelHost`` on the served host's llama
+    thread (one llama thread a process, see above): at most ``most`` of them, and at most ``memory_mb`` of GGUF
+    files between them (llama.cpp maps the file: its size is what a loaded model costs, plus its context). The
+    least recently used is let go when another is loaded; a request still running on it finishes first. Loading
+    one hashes its file against the ledger's SHA-256 and asks it the canary, like a swap; it never changes what
+    is served. ``load`` is given the generation's GGUF record once the caller has checked it may be served.
+    """
+
+    def __init__(self, make_host: Callable[[], ModelHost], most: int, memory_mb: float):
+        self.make_host, self.most, self.memory_mb = make_host, most, memory_mb
+        self._hosts: dict[int, tuple[ModelHost, float]] = {}  # gen -> (its host, MB); insertion order = use order
+        self._lock = threading.Lock()
+        self._loading: dict[int, threading.Lock] = {}
+        self.loads = 0
+
+    def loaded(self) -> list[int]:
+        with self._lock:
+            return list(self._hosts)
+
+    def get(self, gen: int) -> ModelHost | None:
+        """The host of ``gen`` if it is loaded (now the most recently used), else None."""
+        with self._lock:
+            found = self._hosts.pop(gen, None)
+            if found is None:
+                return None
+            self._hosts[gen] = found
+            return found[0]
+
+    def load(self, gen: int, path: Path, sha256: str) -> ModelHost:
+        """Load ``gen`` (once, however many requests ask for it at the same time) and let go of the least
+        recently used beyond the bounds; ``LoadError`` if it alone is over ``memory_mb``."""
+        size = path.stat().st_size / 2**20 if path.is_file() else 0.0
+        if size > self.memory_mb:
+            raise LoadError(f"generation {gen}'s GGUF is {size:.0f} MB, more than [daemon] older_memory_mb = "
+                            f"{self.memory_mb:g} allows for older generations; raise it to ask this one by name")
+        with self._lock:
+            gate = self._loading.setdefault(gen, threading.Lock())
+        with gate:
+            host = self.get(gen)
+            if host is not None:
+                return host
+            host = self.make_host()
+            host.swap(host.load(gen, path, sha256))
+            with self._lock:
+                self._hosts[gen] = (host, size)
+                self.loads += 1
+                out = []
+                while len(self._hosts) > self.most or sum(mb for _, mb in self._hosts.values()) > self.memory_mb:
+                    old = next(iter(self._hosts))
+                    out.append((old, self._hosts.pop(old)[0]))
+            for old, h in out:
+                h.retire()
+                log.info("let go of generation %d (asked by name; least recently used)", old)
+            return host
+
+    def close(self) -> None:
+        with self._lock:
+            hosts, self._hosts = [h for h, _ in self._hosts.values()], {}
+        for h in hosts:
+            h.retire()
 
 
 class Stream:

@@ -354,14 +354,18 @@ def test_two_lineages_age_up_independently_and_one_daemon_serves_both(tmp_path, 
         with serving_app(app_for(list(daemons.values()))) as url, \
                 httpx.Client(base_url=url, headers=auth, timeout=60) as c:
             listed = c.get("/v1/models").json()["data"]
-            assert [(m["id"], m["loaded"]) for m in listed] == [("evolution-gen-0001", False),
-                                                                ("evolution-deacon-gen-0001", False)]
+            assert [(m["id"], m["loaded"]) for m in listed] == [
+                ("evolution-gen-0001", False), ("evolution-deacon-gen-0001", False), ("evolution@0", False),
+                ("evolution@1", False), ("evolution-deacon@0", False), ("evolution-deacon@1", False)]
             assert c.get("/health").json() == {"status": "ok", "served_generation": 1, "model": "evolution-gen-0001",
                                                "loaded": False}
             r = c.post("/v1/chat/completions", json=ask | {"model": "evolution-deacon"})
             assert r.status_code == 200 and r.json()["model"] == "evolution-deacon-gen-0001"
             assert daemons["main"].host.current is None and daemons["deacon"].host.current is not None
             assert c.post("/v1/chat/completions", json=ask).json()["model"] == "evolution-gen-0001"
+            r = c.post("/v1/chat/completions", json=ask | {"model": "evolution-deacon@0"})  # by name, to its lineage
+            assert r.status_code == 200 and r.json()["model"] == "evolution-deacon-gen-0000"
+            assert daemons["deacon"].older.loaded() == [0] and daemons["main"].older.loaded() == []
             for other, fragment in (("evolution-witness", "not served here"),
                                     ("evolution-deacon-gen-0000", "not the served generation")):
                 r = c.post("/v1/chat/completions", json=ask | {"model": other})
@@ -443,12 +447,14 @@ def test_the_router_hands_each_request_to_its_lineages_app():
     client = TestClient(Router({"main": echo("main"), "deacon": echo("deacon")}, {}, max_body_bytes=200))
     chat = "/v1/chat/completions"
     for model, lineage in (("evolution-deacon", "deacon"), ("evolution-deacon-gen-0003", "deacon"),
-                           ("evolution", "main"), ("evolution-gen-0001", "main"), ("gpt-4", "main"), (None, "main")):
+                           ("evolution-deacon@3", "deacon"), ("evolution", "main"), ("evolution-gen-0001", "main"),
+                           ("evolution@2", "main"), ("gpt-4", "main"), (None, "main")):
         body = json.dumps({"model": model, "messages": []})
         r = client.post(chat, content=body)
         assert r.json() == {"lineage": lineage, "path": chat, "body": body}  # the same bytes, unchanged
     r = client.post(chat, content=json.dumps({"model": "evolution-witness"}))
     assert r.status_code == 404 and "lineage 'witness' is not served here" in r.json()["error"]["message"]
+    assert client.post(chat, content=json.dumps({"model": "evolution-witness@1"})).status_code == 404
     assert client.post(chat, content="{not json").json()["lineage"] == "main"  # main's app says what is wrong
     big = json.dumps({"model": "evolution-deacon", "pad": "x" * 300}).encode()
     r = client.post(chat, content=big)  # declared too big: unread, to the first app, whose own limit says 413

@@ -27,7 +27,7 @@ ASK = {"messages": [{"role": "user", "content": "What is your name?"}], "max_tok
 def test_health_models_and_chat_answer_from_the_served_generation(client):
     assert client.get("/health").json() == {"status": "ok", "served_generation": 1, "model": "evolution-gen-0001"}
     models = client.get("/v1/models").json()
-    assert [m["id"] for m in models["data"]] == ["evolution-gen-0001"]
+    assert [m["id"] for m in models["data"]] == ["evolution-gen-0001", "evolution@0", "evolution@1"]
     r = client.post("/v1/chat/completions", json=ASK)
     assert r.status_code == 200, r.text
     body = r.json()
@@ -239,7 +239,100 @@ def test_a_child_that_fails_to_load_is_rejected_and_the_parent_keeps_serving(dae
     assert "could not be served" in rej.payload["reason"] and "canary" in rej.payload["reason"]
 
 
+def test_an_older_generation_answers_by_name_and_what_is_served_never_changes(client, daemon):
+    ask = ASK | {"messages": [{"role": "user", "content": "Where do you live?"}], "max_tokens": 12}
+    r = client.post("/v1/chat/completions", json=ask | {"model": "evolution@0"})
+    assert r.status_code == 200, r.text
+    by_name = r.json()
+    assert by_name["model"] == "evolution-gen-0000"  # which generation answered
+    assert daemon.host.current.gen == 1 and daemon.ledger.served_generation() == 1 and daemon.older.loaded() == [0]
+    assert client.post("/v1/chat/completions", json=ask).json()["model"] == "evolution-gen-0001"
+    [kept] = [e for e in daemon.intake.experiences.list() if e.completion_id == by_name["id"]]
+    assert kept.gen == 0  # a captured chat records the generation that answered it
+    with client.stream("POST", "/v1/chat/completions", json=ask | {"model": "evolution@0", "stream": True}) as s:
+        chunks = [json.loads(line[6:]) for line in s.iter_lines() if line and line != "data: [DONE]"]
+    assert {c["model"] for c in chunks} == {"evolution-gen-0000"}
+    assert daemon.older.loads == 1  # loaded once, then reused
+    # the served generation by name is the served model itself: nothing more is loaded
+    assert client.post("/v1/chat/completions", json=ask | {"model": "evolution@1"}).json()["model"] == \
+        "evolution-gen-0001" and daemon.older.loaded() == [0]
+    assert client.get("/v1/models/evolution@0").json()["generation"] == 0
+    assert client.get("/v1/models/evolution@9").status_code == 404
+    # generation 0 by name answers as generation 0 served does (temperature 0)
+    assert client.post("/rollback", json={"to": 0}, headers=AUTH).status_code == 200
+    served = client.post("/v1/chat/completions", json=ask).json()
+    assert served["choices"][0]["message"]["content"] == by_name["choices"][0]["message"]["content"]
+
+
+def test_asking_a_generation_that_cannot_answer_by_name_is_a_clear_error(client, daemon):
+    daemon.ledger.record(ev.generation_created(5, 1, "tiny", "c" * 64, None))
+    daemon.ledger.record(ev.gate_result(1, 5, {"recall": 0.1}, {"min_recall": 0.5}, "fail", reasons=["recall"]))
+    for model, status, fragment in [("evolution@7", 404, "not in the ledger"), ("evolution@5", 404, "failed its gate"),
+                                    ("evolution@x", 400, "put a generation number after '@'"),
+                                    ("evolution-deacon@0", 404, "serves lineage 'main'")]:
+        r = client.post("/v1/chat/completions", json=ASK | {"model": model})
+        assert r.status_code == status and fragment in r.json()["error"]["message"], (model, r.text)
+        assert r.json()["error"]["param"] == "model"
+    gguf = daemon.root.gen_dir(0) / "model.gguf"
+    make_tree_writable(daemon.root.gen_dir(0))
+    data = bytearray(gguf.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    gguf.write_bytes(bytes(data))
+    r = client.post("/v1/chat/completions", json=ASK | {"model": "evolution@0"})
+    assert r.status_code == 409 and "sha256" in r.json()["error"]["message"]
+    assert daemon.host.current.gen == 1 and daemon.older.loaded() == []
+    assert client.post("/v1/chat/completions", json=ASK).status_code == 200  # the served model never noticed
+    daemon.dcfg.older_max = 0
+    r = client.post("/v1/chat/completions", json=ASK | {"model": "evolution@0"})
+    assert r.status_code == 404 and "older_max = 0" in r.json()["error"]["message"]
+    assert [m["id"] for m in client.get("/v1/models").json()["data"]] == ["evolution-gen-0001"]
+
+
 # -- ModelHost -------------------------------------------------------------------------------------
+
+
+def test_older_generations_keep_a_bounded_set_and_let_the_least_recently_used_go(daemon):
+    from evolution.serving import OlderGenerations
+
+    hosts = []
+
+    def make():
+        hosts.append(ModelHost(n_ctx=256, llama=daemon.host._llama))
+        return hosts[-1]
+
+    older = OlderGenerations(make, most=1, memory_mb=1024)
+    first = older.load(0, *_gguf(daemon, 0))
+    held = threading.Event()
+    release = threading.Event()
+
+    def slow(slot):
+        held.set()
+        release.wait(10)
+        return slot.model.chat({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4})
+
+    in_flight = threading.Thread(target=lambda: first.call(slow))
+    in_flight.start()
+    held.wait(10)
+    second = threading.Thread(target=lambda: older.load(1, *_gguf(daemon, 1)))  # loads on the same llama thread
+    second.start()
+    time.sleep(0.2)
+    release.set()
+    in_flight.join(10)
+    second.join(30)
+    assert older.loaded() == [1] and first.current is None  # generation 0 let go once its request ended
+    assert older.get(1) is hosts[1] and older.get(0) is None
+    path, sha = _gguf(daemon, 0)
+    too_small = OlderGenerations(make, most=2, memory_mb=path.stat().st_size / 2**20 / 2)
+    with pytest.raises(LoadError, match="older_memory_mb"):
+        too_small.load(0, path, sha)
+    two = OlderGenerations(make, most=2, memory_mb=2 * path.stat().st_size / 2**20 * 1.01)
+    two.load(0, path, sha)
+    two.load(1, *_gguf(daemon, 1))
+    assert two.loaded() == [0, 1]
+    two.get(0)  # used: generation 1 is now the least recently used
+    assert two.loaded() == [1, 0]
+    older.close()
+    two.close()
 
 
 def _gguf(daemon, gen: int):

@@ -35,11 +35,12 @@ from evolution.generation import GenerationSummary
 from evolution.intake import Intake
 from evolution.intake.karma import DONE, FAILED, PENDING, RUNNING
 from evolution.ledger import Ledger, check_servable, record_rollback
+from evolution.ledger.rollback import servable
 from evolution.ledger.rollback import check_target
 from evolution.ledger import events as ev
 from evolution.paths import DataRoot
 from evolution.retrieval import Retrieval, with_notes
-from evolution.serving import ModelHost, Slot, Stream
+from evolution.serving import ModelHost, OlderGenerations, Slot, Stream
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,10 @@ class Daemon:
         self.retrieval: Retrieval | None = None
         self.host = ModelHost(dcfg.n_ctx, dcfg.chat_threads, dcfg.canary_prompt, dcfg.canary_max_tokens,
                               lineage=root.lineage)
+        self.older = OlderGenerations(
+            lambda: ModelHost(dcfg.n_ctx, dcfg.chat_threads, dcfg.canary_prompt, dcfg.canary_max_tokens,
+                              backend=self.host.backend, lineage=root.lineage, llama=self.host._llama),
+            dcfg.older_max, dcfg.older_memory_mb)
         self.worker: workers.Worker | None = None
         self.started = time.time()
         self.last_error: str | None = None
@@ -159,9 +164,10 @@ class Daemon:
     def _prompted(args: dict, notes: list) -> dict:
         return args | {"messages": with_notes(args["messages"], notes)} if notes else args
 
-    def chat(self, args: dict, notes: list = ()) -> tuple[dict, Slot]:
-        """One chat completion from the served model, with ``notes`` (``notes``) in its prompt, and the generation
-        that answered it (``ValueError`` when it cannot fit even without the notes)."""
+    def chat(self, args: dict, notes: list = (), gen: int | None = None) -> tuple[dict, Slot]:
+        """One chat completion from the served model (or from gated generation ``gen``, asked by name), with
+        ``notes`` in its prompt, and the generation that answered it (``ValueError`` when it cannot fit even
+        without the notes)."""
         def run(slot: Slot) -> tuple[dict, Slot]:
             try:
                 out = slot.model.chat(self._prompted(args, notes))
@@ -172,15 +178,48 @@ class Daemon:
             out["model"] = slot.id
             return out, slot
 
-        return self._loaded(lambda: self.host.call(run))
+        return self._on(gen, lambda host: host.call(run))
 
-    def stream(self, args: dict, notes: list = ()) -> Stream:
+    def stream(self, args: dict, notes: list = (), gen: int | None = None) -> Stream:
         try:
-            return self._loaded(lambda: self.host.stream(lambda slot: slot.model.stream(self._prompted(args, notes))))
+            return self._on(gen, lambda host: host.stream(lambda slot: slot.model.stream(self._prompted(args, notes))))
         except ValueError:
             if not notes:
                 raise
-            return self._loaded(lambda: self.host.stream(lambda slot: slot.model.stream(args)))
+            return self._on(gen, lambda host: host.stream(lambda slot: slot.model.stream(args)))
+
+    def _on(self, gen: int | None, call):
+        """``call(host)`` on the host of the served generation, or of gated generation ``gen`` asked by name."""
+        if gen is None or (self.host.current is not None and self.host.current.gen == gen):
+            return self._loaded(lambda: call(self.host))
+        for _ in range(2):  # let go of between finding and using it (another was loaded): load it again
+            try:
+                return call(self.older_host(gen))
+            except NotReady:
+                continue
+        return call(self.older_host(gen))
+
+    def older_generations(self) -> list[dict]:
+        """Every generation that may be asked by name (``generation``, ``created`` as Unix time, ``sha256``): passed
+        its gate (or 0) and kept (``servable``)."""
+        if not self.dcfg.older_max:
+            return []
+        keep = set(servable(self.ledger))
+        return [{"generation": r.gen, "sha256": r.gguf_sha256,
+                 "created": int(datetime.fromisoformat(r.created).timestamp()) if r.created else 0}
+                for r in self.ledger.history() if r.gen in keep]
+
+    def older_host(self, gen: int) -> ModelHost:
+        """The loaded host of gated generation ``gen`` (not the served one): loaded on first use, checked against
+        the ledger like a rollback target. ``LedgerError`` (unknown, rejected, pruned, missing), ``IntegrityError``
+        or ``LoadError``; what is served is never changed."""
+        if self.dcfg.older_max == 0:
+            raise LedgerError("asking a generation by name is off here ([daemon] older_max = 0); omit the '@N'")
+        host = self.older.get(gen)
+        if host is not None:
+            return host
+        gguf = check_servable(self.ledger, gen, hash_file=False)  # the host hashes it as it loads it
+        return self.older.load(gen, self.root.root / gguf["path"], gguf["sha256"])
 
     def _loaded(self, call):
         """``call()`` on the host, loading the served generation first when it was unloaded for idling
@@ -442,7 +481,7 @@ class Daemon:
         return status.read(self.root, self.ledger, self.intake, status.Live(
             self.host.current, w is not None, w.request_id if w else None, self.host.swaps, self.host.last_swap,
             self.last_error, self.started), retrieval=self.retrieval.summary(),
-            staleness=staleness.summary(self.root, self.staleness_cfg))
+            staleness=staleness.summary(self.root, self.staleness_cfg)) | {"older_loaded": self.older.loaded()}
 
     def telemetry(self) -> dict:
         """The numbers ``GET /metrics`` shows: counts since this process started, and state read now."""
@@ -489,6 +528,7 @@ class Daemon:
             w.stop(self.dcfg.shutdown_grace_s)
         if w is not None and self.ledger is not None:
             self._collect_worker()
+        self.older.close()  # before the host: they share its llama thread, which closing the host ends
         self.host.close()
         if self.ledger is not None:
             self.ledger.close()

@@ -2,11 +2,11 @@
 
 Which lineage a request is for:
 
-- ``POST /v1/chat/completions``: the OpenAI ``model`` field (``evolution-NAME``, ``evolution-NAME-gen-N``;
-  ``evolution`` / ``evolution-gen-N`` are ``main``'s); a name that is not ours goes to the first lineage;
+- ``POST /v1/chat/completions``: the OpenAI ``model`` field (``evolution-NAME``, ``evolution-NAME-gen-N``,
+  ``evolution-NAME@N``; ``evolution`` / ``evolution-gen-N`` / ``evolution@N`` are ``main``'s); a name that is not ours goes to the first lineage;
   a lineage of ours that is not served here is refused with 404 ``model_not_found``;
 - ``GET /v1/models``: every lineage's served generation (loaded or not: one unloaded for idling is
-  loaded by its next request); ``GET /v1/models/NAME``: NAME's lineage;
+  loaded by its next request), then every lineage's gated generations by name (``evolution-NAME@N``); ``GET /v1/models/NAME``: NAME's lineage;
 - ``/lineages/NAME/...``: everything else for lineage NAME (``/lineages/deacon/karma``,
   ``/feedback``, ``/rollback``, ``/status`` …); any other path is the first lineage's.
 
@@ -19,9 +19,10 @@ from __future__ import annotations
 
 import json
 
+from starlette.concurrency import run_in_threadpool
 from starlette.responses import JSONResponse
 
-from evolution.serving import model_alias, model_id, parse_model
+from evolution.serving import model_alias, model_id, model_lineage, pinned_id
 
 CHAT, MODELS, PREFIX = "/v1/chat/completions", "/v1/models", "/lineages/"
 
@@ -66,10 +67,10 @@ class Router:
         return _error(404, f"lineage {name!r} is not served here; this daemon serves {served}", "model_not_found")
 
     async def _by_model(self, name: str, scope, receive, send):
-        ours = parse_model(name)
-        if ours is not None and ours[0] not in self.apps:
-            return await self._unknown(ours[0])(scope, receive, send)
-        return await self.apps[self.first if ours is None else ours[0]](scope, receive, send)
+        lineage = model_lineage(name)
+        if lineage is not None and lineage not in self.apps:
+            return await self._unknown(lineage)(scope, receive, send)
+        return await self.apps[lineage or self.first](scope, receive, send)
 
     async def _chat(self, scope, receive, send):
         declared = dict(scope.get("headers") or []).get(b"content-length")
@@ -89,9 +90,9 @@ class Router:
             asked = json.loads(body).get("model")
         except (ValueError, AttributeError):  # not JSON, or not an object: the app says what is wrong
             asked = None
-        ours = parse_model(asked)
-        if ours is not None and ours[0] not in self.apps:
-            return await self._unknown(ours[0])(scope, receive, send)
+        lineage = model_lineage(asked)
+        if lineage is not None and lineage not in self.apps:
+            return await self._unknown(lineage)(scope, receive, send)
         sent = False
 
         async def replay():
@@ -101,7 +102,7 @@ class Router:
             sent = True
             return {"type": "http.request", "body": body, "more_body": False}
 
-        return await self.apps[self.first if ours is None else ours[0]](scope, replay, send)
+        return await self.apps[lineage or self.first](scope, replay, send)
 
     async def _models(self, scope, receive, send):
         """The first lineage's app answers (its token check included); every lineage's model is listed."""
@@ -128,4 +129,10 @@ class Router:
             if gen is not None:
                 data.append({"id": model_id(gen, name), "object": "model", "created": 0, "owned_by": "evolution",
                              "generation": gen, "lineage": name, "loaded": False})
+        for name, d in self.daemons.items():  # every gated generation kept, by name (loaded on first use)
+            loaded = set(d.older.loaded())
+            data += [{"id": pinned_id(g["generation"], name), "object": "model", "created": g["created"],
+                      "owned_by": "evolution", "generation": g["generation"], "sha256": g["sha256"], "lineage": name,
+                      "loaded": g["generation"] in loaded}
+                     for g in await run_in_threadpool(d.older_generations)]
         return await JSONResponse({"object": "list", "data": data})(scope, receive, send)
