@@ -5,8 +5,8 @@
 DIR is a data root with a generation N that passed its gate (default: the newest promoted one), e.g. what
 ``bench/learn_bench.py --home DIR`` leaves. Nothing in it is changed: the answers are kept in a temp folder.
 Generation N is measured as the next age-up's gate measures its parent: every metric of the gate's table, on
-the eval set that age-up would build (the curriculum's items, the lineage's recall items, every probe posted
-so far, the experience generation N trained on). Three times, timed:
+the eval set that age-up would build (the curriculum's items, the lineage's recall items, the probes
+its gate would ask, the experience generation N trained on). Three times, timed:
 
 1. without a book (the gate before it remembered answers: the baseline);
 2. with an empty book (a GGUF's first gate: it asks everything and writes the book);
@@ -29,7 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from report import Contention
 
-from evolution import config, curriculum, gate
+from evolution import ageup, config, curriculum, gate
+from evolution.metrics import probe_sample
 from evolution.ledger import Ledger, check_servable
 from evolution.ledger import events as ev
 from evolution.paths import DataRoot
@@ -52,8 +53,11 @@ def main() -> None:
             gen = max(promoted) if promoted else 0
         gguf = root.root / check_servable(ledger, gen)["path"]
         lineage = ledger.generation(gen).lineage
+        # the probes the next age-up's gate would ask (its sample: evolution.metrics.probe_sample)
+        sample = probe_sample.choose(ProbeStore(ledger).items(), ageup._probe_history(ledger, lineage),
+                                     cfg.gate.probe_sample, cfg.gate.probe_every, seed=gen + 1)
         es = gate.eval_set(curriculum.load(cfg.curriculum.path), [root.gen_dir(g) / "data" for g in lineage],
-                           ProbeStore(ledger).items(), root.gen_dir(gen) / "data")
+                           sample.items, root.gen_dir(gen) / "data")
     print(f"generation {gen} of {root.root}: {len(es.recall)} recall, {len(es.generalization)} generalization, "
           f"{len(es.probes)} probes, {len(es.experiences)} experience, {len(es.preference_heldout)} held-out rated")
     out: dict = {"gen": gen, "items": {"recall": len(es.recall), "generalization": len(es.generalization),

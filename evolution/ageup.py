@@ -27,7 +27,7 @@ from filelock import FileLock, Timeout
 
 from evolution import base as base_model
 from evolution import curriculum as curriculum_mod
-from evolution import export, gate, promotion, replay, retention, train
+from evolution import export, gate, promotion, replay, retention, train, weights
 from evolution import progress as progress_mod
 from evolution.config import AgeUpConfig
 from evolution.errors import AgeUpsPaused, DiskFull, EvolutionError, GenerationError, IntegrityError
@@ -118,6 +118,7 @@ def _finalize(root: DataRoot, state: _State, staging: Path, base_name: str) -> G
         created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         resumed=state.info.get("resumed", False),
         gate=state.info.get("gate"),
+        weights=state.info.get("weights"),
     )
     atomic_write_json(staging / "config.json", state.config)
     atomic_write_json(staging / "generation.json", summary.to_dict())
@@ -444,6 +445,14 @@ def _age_up_locked(root: DataRoot, cfg: AgeUpConfig, ledger: Ledger, cur, base, 
     _run(state, "train", do_train, stage_cb)
     _run(state, "merge", lambda: export.merge(parent_hf, staging / "adapter", staging / HF_DIR,
                                              cfg.export.merged_dtype), stage_cb)
+
+    def do_weights():  # how the weights moved, per layer (``evolution.weights``)
+        gen0_hf = root.gen_dir(0) / HF_DIR
+        state.info["weights"] = weights.measure(staging / "adapter", staging / HF_DIR, parent_hf,
+                                                gen0_hf if gen0_hf.is_dir() else None)
+        atomic_write_json(staging / weights.FILE, state.info["weights"])
+
+    _run(state, "weights", do_weights, stage_cb)
     _export_stages(state, staging, cfg, stage_cb)
 
     def do_gate():

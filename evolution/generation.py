@@ -41,6 +41,9 @@ class GenerationSummary:
     resumed: bool = False
     gate: dict | None = None
     """verdict, reasons, metrics, parent_metrics, thresholds ("measured" for generation 0)."""
+    weights: dict | None = None
+    """How the weights moved against the parent and generation 0, per layer (``evolution.weights``); None for
+    generation 0 and for a generation built before it was measured."""
 
     @property
     def verdict(self) -> str | None:

@@ -90,7 +90,7 @@ class DaemonCollector(Collector):
         yield GaugeMetricFamily("evolution_ageup_running", "1 while an age-up worker runs",
                                 value=int(t["ageup_running"]))
         stages = SummaryMetricFamily("evolution_ageup_stage_seconds", "Time in each stage of the age-ups this "
-                                     "daemon finished (data, train, merge, gguf_f16, quantize, smoke, gate, "
+                                     "daemon finished (data, train, merge, weights, gguf_f16, quantize, smoke, gate, "
                                      "finalize)", labels=["stage"])
         for stage, (count, total) in sorted(t["stage_seconds"].items()):
             stages.add_metric([stage], count, total)

@@ -25,7 +25,7 @@ from evolution.fsutil import atomic_write_json
 from evolution.paths import DataRoot
 
 FILE = "ageup.json"
-ORDER = ("data", "train", "merge", "gguf_f16", "quantize", "smoke", "gate", "finalize")
+ORDER = ("data", "train", "merge", "weights", "gguf_f16", "quantize", "smoke", "gate", "finalize")
 BOOT_ORDER = ("base", "gguf_f16", "quantize", "smoke", "measure", "finalize")
 
 

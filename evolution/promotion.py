@@ -42,7 +42,8 @@ def record_built(root: DataRoot, ledger: Ledger, s: GenerationSummary) -> None:
     if ev.EXPORTED not in have:
         rel = root.gen_dir(s.gen).relative_to(root.root)
         artifacts = [asdict(a) | {"path": (rel / a.path).as_posix()} for a in s.artifacts]
-        ledger.record(ev.exported(s.gen, artifacts, s.quantization, stage_seconds=s.stage_seconds, smoke=s.smoke))
+        ledger.record(ev.exported(s.gen, artifacts, s.quantization, stage_seconds=s.stage_seconds, smoke=s.smoke,
+                                  **({"weights": s.weights} if s.weights else {})))
     g = s.gate or {}
     if s.gen != 0 and ev.GATE_RESULT not in have:
         ledger.record(ev.gate_result(s.parent, s.gen, g["metrics"], g["thresholds"], g["verdict"],

@@ -76,6 +76,21 @@ def test_age_up_builds_hashed_read_only_generations(tiny_base, tiny_cfg, ledger)
         "method": "skip", "reason": "no rated replies since the parent", "steps": 0, "skipped": True, "summary": None}
     assert summary.train["sft"]["steps"] == 6 and summary.train["adapter_dir"].endswith("sft/adapter")
     assert ledger.entries(kind="training_finished")[-1].payload["stages"]["preference"]["method"] == "skip"
+    # how the weights moved, per layer: kept beside the generation and in its ledger entry, printed by the CLI
+    moved = json.loads((gen1 / "weights.json").read_text())
+    assert [r["layer"] for r in moved["layers"]][:2] == ["0", "1"] and moved["total"]["vs_parent"] > 0
+    assert all(r["adapter_norm"] > 0 for r in moved["layers"][:2])
+    assert moved["total"]["vs_gen0"] == moved["total"]["vs_parent"]  # its parent is generation 0
+    assert exported["weights"] == moved and summary.weights == moved
+    from click.testing import CliRunner
+
+    from evolution.cli import main
+
+    out = CliRunner().invoke(main, ["ledger", "show", "1", "--weights"])
+    assert out.exit_code == 0 and "generation 1: how its weights moved, per layer" in out.output, out.output
+    assert out.output.splitlines()[2].split()[0] == "0"  # a row per layer
+    out = CliRunner().invoke(main, ["ledger", "show", "0", "--weights", "--json"])
+    assert json.loads(out.output) == {"gen": 0, "weights": None}
 
 
 def test_second_age_up_replays_earlier_data_and_trains_from_the_served(tiny_base, tiny_cfg, tiny_curriculum, ledger):

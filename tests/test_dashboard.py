@@ -207,7 +207,7 @@ def test_the_real_lineage_fits_a_laptop_and_a_phone(daemon_proc, browser):
         try:
             _open(pg, daemon_proc)
             pg.locator("#lineage tbody tr").nth(1).wait_for()
-            _charts_drawn(pg, 2)
+            _charts_drawn(pg, 3)  # metrics, perplexity and style drift, and how far the weights moved
             _assert_fits(pg, f"the daemon's lineage at {width} px", every_column=width >= 1280)
             _shot(pg, f"lineage-{width}")
             assert pg.console.take() == []
@@ -225,6 +225,10 @@ def test_generation_page_shows_the_gate_report_and_replies_side_by_side(daemon_p
     assert re.search(r"(right|wrong)", first.inner_text())
     assert page.locator("#gate tbody tr").count() >= 3
     page.wait_for_selector("#losses .uplot")
+    page.wait_for_selector("#weights .uplot")  # per layer: change against parent and generation 0, adapter norm
+    assert page.locator("#weights .uplot").count() == 2
+    assert page.locator("#weights-flag").inner_text() in ("no layer dominates the update",) or \
+        "of this generation's update" in page.locator("#weights-flag").inner_text()
     _shot(page, "generation-1")
     _open(page, daemon_proc, "#/gen/0")
     page.wait_for_selector("h1")

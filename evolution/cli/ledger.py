@@ -25,6 +25,7 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
+from evolution import weights as weights_mod
 from evolution.ledger import GenerationDetail, GenerationRow, Ledger, VerifyReport
 from evolution.ledger import events as ev
 from evolution.ledger import rollback as do_rollback
@@ -245,6 +246,12 @@ def _print_lessons(found: list, problem: str | None) -> None:
         con.print(t)
 
 
+def _weights(d: GenerationDetail) -> dict | None:
+    """The ``weights`` its ``exported`` entry recorded (``evolution.weights``), if any."""
+    found = [e.payload.get("weights") for e in d.events if e.kind == ev.EXPORTED and e.gen == d.summary.gen]
+    return found[-1] if found and found[-1] else None
+
+
 def _print_detail(d: GenerationDetail, lessons: list = (), lessons_problem: str | None = None) -> None:
     con = _console()
     s = d.summary
@@ -258,6 +265,11 @@ def _print_detail(d: GenerationDetail, lessons: list = (), lessons_problem: str 
         con.print(f"training: {d.training.get('steps')} steps; losses: {json.dumps(losses, default=str)[:200]}")
         for name, st in (d.training.get("stages") or {}).items():
             con.print(f"  {name}: {_stage_line(st)}")
+    moved = _weights(d)
+    if moved and moved.get("dominant"):
+        top = moved["dominant"]
+        con.print(f"[yellow]weights: layer {top['layer']} holds {top['share']:.0%} of this generation's update[/] "
+                  f"(`evolve ledger show {s.gen} --weights`)")
     if d.gate:
         g = d.gate
         t = Table(title=f"gate vs parent {g.get('parent')}: {g.get('verdict')}")
@@ -309,9 +321,12 @@ def _generation_ref(value: str) -> tuple[str | None, int]:
 @click.argument("ref", metavar="[LINEAGE/]N")
 @url_option
 @json_option
+@click.option("--weights", "show_weights", is_flag=True,
+              help="Only how its weights moved, per layer: the adapter's update and the change against the parent "
+                   "and generation 0.")
 @lineage_option
 @click.pass_context
-def show(ctx: click.Context, ref: str, ledger_url: str | None, as_json: bool) -> None:
+def show(ctx: click.Context, ref: str, ledger_url: str | None, as_json: bool, show_weights: bool) -> None:
     """All about generation N: lineage to the base, config, data manifest, metrics, artifacts, events, and
     its lessons: each experience, probe and held-out rated reply with the parent's and the child's reply.
     LINEAGE/N names a generation of another lineage."""
@@ -320,6 +335,15 @@ def show(ctx: click.Context, ref: str, ledger_url: str | None, as_json: bool) ->
     if name is not None:
         led = led.view(name)
     d = led.generation(n)
+    if show_weights:
+        rec = _weights(d)
+        if as_json:
+            _echo_json({"gen": n, "weights": rec})
+        elif rec is None:
+            click.echo(f"generation {n} has no weight record: generation 0, or built before weights were measured")
+        else:
+            click.echo("\n".join([f"generation {n}: how its weights moved, per layer"] + weights_mod.table(rec)))
+        return
     found, problem = _lessons(led, d)
     if as_json:
         _echo_json(d.to_dict() | {"lessons": {u.name: [asdict(x) for x in items] for u, items in found},

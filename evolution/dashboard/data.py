@@ -37,12 +37,15 @@ class View:
         rows = self.ledger.history()
         by_gen = {r.gen: r for r in rows}
         entries = self.ledger.entries()
-        sizes, seconds = {}, {}
+        sizes, seconds, moved = {}, {}, {}
         for e in entries:
             if e.kind == ev.EXPORTED and e.gen is not None:
                 arts = [a for a in e.payload.get("artifacts", []) if a.get("kind") == "gguf"]
                 if arts:
                     sizes[e.gen] = arts[-1].get("size")
+                w = e.payload.get("weights")
+                if w:
+                    moved[e.gen] = (w.get("total") or {}) | {"dominant": w.get("dominant")}
             elif e.kind == ev.TRAINING_FINISHED and e.gen is not None:
                 seconds[e.gen] = _stage_seconds(e.payload)
         out = []
@@ -55,6 +58,7 @@ class View:
             d["deltas"] = {k: v - pm[k] for k, v in metrics.items()
                            if isinstance(v, (int, float)) and isinstance(pm.get(k), (int, float))}
             d["gguf_size"] = sizes.get(r.gen)
+            d["weights"] = moved.get(r.gen)  # the whole model's change against its parent and generation 0
             d["stage_seconds"] = seconds.get(r.gen) or self._generation_json(r.gen).get("stage_seconds")
             d["rollback_target"] = not r.served and (r.verdict == ev.PASS or (r.gen == 0 and r.parent is None)) \
                 and r.gguf_sha256 is not None and r.pruned != ev.PRUNE_GENERATION
@@ -77,6 +81,8 @@ class View:
         out["replies"] = _replies(report)
         out["style"] = _style(report)
         out["losses"] = _losses(d.training)
+        out["weights"] = next((e.payload.get("weights") for e in reversed(d.events)
+                               if e.kind == ev.EXPORTED and e.gen == n), None)
         out["generation_json"] = self._generation_json(n)
         return out
 

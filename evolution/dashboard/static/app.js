@@ -345,7 +345,10 @@ async function pageLineage(known) {
     const xs = rows.map((r) => r.gen);
     const ratio = RATIO_METRICS.filter((n) => names.includes(n)).map((n) => ({ label: n, values: rows.map((r) => r.metrics[n] ?? null) }));
     const other = ["perplexity", "style_drift"].filter((n) => names.includes(n)).map((n) => ({ label: n, values: rows.map((r) => r.metrics[n] ?? null) }));
-    drawCharts(chartsBox, [["recall and friends (0–1, higher is better)", xs, ratio], ["perplexity and style drift (lower is better)", xs, other]]
+    const moved = rows.some((r) => r.weights) ? [{ label: "vs parent", values: rows.map((r) => (r.weights ? r.weights.vs_parent : null)) },
+      { label: "vs generation 0", values: rows.map((r) => (r.weights ? r.weights.vs_gen0 : null)) }] : [];
+    drawCharts(chartsBox, [["recall and friends (0–1, higher is better)", xs, ratio], ["perplexity and style drift (lower is better)", xs, other],
+      ["weights moved (relative change of the whole model)", xs, moved]]
       .filter(([, , series]) => series.length), "generation");
   }
 }
@@ -417,6 +420,18 @@ async function pageGeneration(n) {
   }
   out.push(lossBox);
 
+  out.push(el("h2", {}, "Weights"));
+  const weightBox = el("div", { class: "charts", id: "weights" });
+  const w = g.weights;
+  const layers = w ? w.layers.filter((r) => /^\d+$/.test(r.layer)) : [];
+  if (!w) {
+    out.push(el("p", { class: "muted" }, "not measured (generation 0, or built before weights were measured)"));
+  } else {
+    out.push(el("p", { class: w.dominant ? "bad" : "muted", id: "weights-flag" }, w.dominant
+      ? `layer ${w.dominant.layer} holds ${Math.round(100 * w.dominant.share)} % of this generation's update`
+      : "no layer dominates the update"), weightBox);
+  }
+
   out.push(el("h2", {}, "Data manifest"));
   const m = g.manifest;
   if (m && typeof m === "object" && !Array.isArray(m)) {
@@ -438,6 +453,12 @@ async function pageGeneration(n) {
   main(...out);
   drawCharts(lossBox, Object.entries(g.losses || {}).map(([stage, s]) => [`${stage} loss`, s.step, [{ label: "loss", values: s.loss }]]),
     "logged step");
+  if (layers.length) {
+    const xs = layers.map((r) => Number(r.layer));
+    drawCharts(weightBox, [["relative change per layer", xs, [{ label: "vs parent", values: layers.map((r) => r.vs_parent) },
+      { label: "vs generation 0", values: layers.map((r) => r.vs_gen0) }]],
+      ["adapter update norm per layer", xs, [{ label: "‖scaling · B A‖", values: layers.map((r) => r.adapter_norm) }]]], "layer");
+  }
 }
 
 // -- experience page -------------------------------------------------------------------------
