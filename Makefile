@@ -2,7 +2,7 @@
 VENV ?= .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: age-up daemon test test-fast
+.PHONY: age-up daemon test test-fast install-gpu
 
 $(STAMP): pyproject.toml scripts/install.sh
 	bash scripts/install.sh $(VENV)
@@ -23,3 +23,8 @@ test: $(STAMP)
 ## the fast hermetic tests only
 test-fast: $(STAMP)
 	$(VENV)/bin/python -m pytest -m "not slow"
+
+## a CUDA host: torch's CUDA build, Unsloth (the gpu extra) and llama.cpp built with CUDA, into .venv
+install-gpu:
+	bash scripts/install.sh --gpu $(VENV)
+	touch $(STAMP)

@@ -3,7 +3,8 @@
     python bench/gpu_bench.py [--size 1b|tiny] [--steps 10] [--warmup 3] [--json OUT]
 
 One run trains the SFT stage (``evolution.train.train`` exactly as an age-up runs it, LoRA r=16 on
-every projection) with each backend in turn: ``hf`` (transformers + PEFT) and ``unsloth`` (Unsloth's
+every projection) with each backend in turn, each in a process of its own (Unsloth is imported there before
+anything else, as it must be): ``hf`` (transformers + PEFT) and ``unsloth`` (Unsloth's
 ``FastLanguageModel``), on a model built from a ``LlamaConfig`` with random weights (no download):
 ``1b`` is Llama-3.2-1B's shape (2048 wide, 16 layers, 32 heads / 8 KV heads, 8192 MLP) with the
 embedded SmolLM2 tokenizer's 49k vocabulary, 1.07 B parameters; ``tiny`` is the 2-layer, 64-wide test
@@ -28,11 +29,18 @@ import argparse
 import json
 import random
 import resource
+import subprocess
 import sys
 import tempfile
 import time
 from importlib import metadata
 from pathlib import Path
+
+if __name__ == "__main__" and "--one=unsloth" in sys.argv:
+    try:  # Unsloth patches transformers, TRL and PEFT as it is imported: first, in its own process
+        import unsloth  # noqa: F401
+    except ImportError:
+        pass  # run_backend says why it cannot run
 
 import torch
 
@@ -181,13 +189,32 @@ def run_backend(backend: str, base: Path, size: str, steps: int, warmup: int, wo
             "tokens": timer.tokens, "seconds": timer.seconds, "peak_memory_gb": peak / 1e9}
 
 
+def run_isolated(backend: str, base: Path, size: str, steps: int, warmup: int, work: Path) -> dict:
+    """``run_backend`` in a process of its own (``--one``): Unsloth must be imported before transformers, and
+    each backend's peak memory is its own."""
+    out = work / f"{backend}.json"
+    p = subprocess.run([sys.executable, __file__, f"--one={backend}", "--base", str(base), "--size", size,
+                        "--steps", str(steps), "--warmup", str(warmup), "--out", str(out)],
+                       capture_output=True, text=True)
+    if p.returncode != 0 or not out.is_file():
+        raise RuntimeError(f"{backend}: its process failed ({p.returncode}):\n{p.stdout[-2000:]}\n{p.stderr[-3000:]}")
+    return json.loads(out.read_text())
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--size", choices=sorted(SIZES), default="1b")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--json", type=Path)
+    p.add_argument("--one", choices=("hf", "unsloth"), help=argparse.SUPPRESS)  # run_isolated's child
+    p.add_argument("--base", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
+    if a.one:
+        row = run_backend(a.one, a.base, a.size, a.steps, a.warmup, a.out.parent)
+        a.out.write_text(json.dumps(row))
+        return row
     device = "cuda" if torch.cuda.is_available() else "cpu"
     size = a.size if device == "cuda" else "tiny"
     if size != a.size:
@@ -196,7 +223,7 @@ def main(argv: list[str] | None = None) -> dict:
     tokenizer = load_embedded_tokenizer()
     with tempfile.TemporaryDirectory() as tmp:
         n_params = build_model(size, Path(tmp) / "base", tokenizer)
-        rows = [run_backend(b, Path(tmp) / "base", size, a.steps, a.warmup, Path(tmp)) for b in ("hf", "unsloth")]
+        rows = [run_isolated(b, Path(tmp) / "base", size, a.steps, a.warmup, Path(tmp)) for b in ("hf", "unsloth")]
     for r in rows:
         r["packages"] = packages(r["backend"])
         r["installed_mb"] = sum(mb for _, _, mb in r["packages"] if mb)

@@ -208,6 +208,11 @@ class ModelHost:
     def current(self) -> Slot | None:
         return self._current
 
+    def sibling(self) -> "ModelHost":
+        """Another host with these settings, on this one's backend and llama thread (``OlderGenerations``)."""
+        return ModelHost(self.n_ctx, self.n_threads, self.canary_prompt, self.canary_max_tokens, self.backend,
+                         self.lineage, llama=self._llama)
+
     def load(self, gen: int, path: Path, sha256: str) -> Slot:
         """Open and hash-check a GGUF here, then load and canary-test it on the llama thread; raise
         LoadError / IntegrityError otherwise. The current model keeps serving meanwhile."""

@@ -50,7 +50,7 @@ def test_karma_past_the_threshold_ages_up_and_swaps_while_chat_never_fails(taugh
             d.wait_serving(1, 900)
             ids = [m.id for m in chat.client.models.list().data]
             time.sleep(1.0)  # a few more requests on the child
-        assert ids == ["evolution-gen-0001"]
+        assert ids == ["evolution-gen-0001", "evolution@0", "evolution@1"]  # served, then each by name
         assert chat.failures == [], chat.failures[:3]
         assert {"evolution-gen-0000", "evolution-gen-0001"} <= set(chat.models), set(chat.models)
         st = d.status()

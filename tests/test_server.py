@@ -297,7 +297,7 @@ def test_older_generations_keep_a_bounded_set_and_let_the_least_recently_used_go
     hosts = []
 
     def make():
-        hosts.append(ModelHost(n_ctx=256, llama=daemon.host._llama))
+        hosts.append(daemon.host.sibling())
         return hosts[-1]
 
     older = OlderGenerations(make, most=1, memory_mb=1024)

@@ -39,7 +39,7 @@ def test_daemon_on_the_embedded_model_learns_the_identity_facts_and_swaps_them_i
     try:
         d.wait_serving(0, 900)
         client = openai.OpenAI(base_url=d.url + "/v1", api_key="not-needed", max_retries=0, timeout=120)
-        assert [m.id for m in client.models.list().data] == ["evolution-gen-0000"]
+        assert [m.id for m in client.models.list().data] == ["evolution-gen-0000", "evolution@0"]
         first = client.chat.completions.create(model="evolution", max_tokens=24, temperature=0,
                                                messages=[{"role": "user", "content": "What is your name?"}])
         assert first.choices[0].message.content and "wren" not in first.choices[0].message.content.lower()

@@ -62,10 +62,7 @@ class Daemon:
         self.retrieval: Retrieval | None = None
         self.host = ModelHost(dcfg.n_ctx, dcfg.chat_threads, dcfg.canary_prompt, dcfg.canary_max_tokens,
                               lineage=root.lineage)
-        self.older = OlderGenerations(
-            lambda: ModelHost(dcfg.n_ctx, dcfg.chat_threads, dcfg.canary_prompt, dcfg.canary_max_tokens,
-                              backend=self.host.backend, lineage=root.lineage, llama=self.host._llama),
-            dcfg.older_max, dcfg.older_memory_mb)
+        self.older = OlderGenerations(self.host.sibling, dcfg.older_max, dcfg.older_memory_mb)
         self.worker: workers.Worker | None = None
         self.started = time.time()
         self.last_error: str | None = None
@@ -190,7 +187,10 @@ class Daemon:
 
     def _on(self, gen: int | None, call):
         """``call(host)`` on the host of the served generation, or of gated generation ``gen`` asked by name."""
-        if gen is None or (self.host.current is not None and self.host.current.gen == gen):
+        current = self.host.current
+        served = current.gen if current is not None else \
+            self.ledger.served_generation() if self.dcfg.idle_unload_s else None  # unloaded for idling
+        if gen is None or gen == served:
             return self._loaded(lambda: call(self.host))
         for _ in range(2):  # let go of between finding and using it (another was loaded): load it again
             try:
