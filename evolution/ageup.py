@@ -187,8 +187,14 @@ def anchor_history(root: DataRoot, ledger: Ledger, parent: int) -> list[gate.Mod
     other than 0 and the parent (re-measured beside the child), and generation 0's ``eval.json``. Only the
     ledger's lineage: ``ledger`` reads its own lineage's entries, ``root`` its own folder, so another lineage's
     generation of the same number is never an anchor."""
-    return gate.lineage_evals({g: ledger.generation(g).gate for g in ledger.generation(parent).lineage
-                               if g not in (0, parent)}, root.gen_dir(0))
+    gates = _gate_results(ledger)
+    return gate.lineage_evals({g: gates.get(g) for g in ledger.generation(parent).lineage if g not in (0, parent)},
+                              root.gen_dir(0))
+
+
+def _gate_results(ledger: Ledger) -> dict[int, dict]:
+    """Each generation's last ``gate_result`` payload, in one read of the ledger (not one per generation)."""
+    return {e.gen: e.payload for e in ledger.entries(kind=ev.GATE_RESULT)}
 
 
 def _answers(root: DataRoot) -> Path:
@@ -199,15 +205,16 @@ def _answers(root: DataRoot) -> Path:
 def _probe_history(ledger: Ledger, lineage: list[int]) -> list[probe_sample.Asked]:
     """What each gate of the lineage (``lineage``: the parent, its parent, ... back to 0) asked of the probes,
     oldest first."""
-    return probe_sample.history({g: ledger.generation(g).gate for g in reversed(lineage) if g != 0})
+    gates = _gate_results(ledger)
+    return probe_sample.history({g: gates.get(g) for g in reversed(lineage) if g != 0})
 
 
 def _probe_record(sample: probe_sample.Sample, result: gate.GateResult, limit: float | None) -> dict:
     """The sample, which probes the child answered right, and the forgetting rule's power on it."""
     child = result.child.details.get("probe_recall", {}).get("items", [])
     parent = result.parent.details.get("probe_recall", {}).get("items", []) if result.parent else []
-    sample.power = probe_sample.power_summary(sum(1 for r in parent if r["correct"]), limit) if parent else {}
-    return sample.record([r["id"] for r in child if r["correct"]])
+    power = probe_sample.power_summary(sum(1 for r in parent if r["correct"]), limit) if parent else {}
+    return sample.record([r["id"] for r in child if r["correct"]], power)
 
 
 def _gate_info(result: gate.GateResult) -> dict:

@@ -72,7 +72,7 @@ from evolution.errors import (
 from evolution.intake import Intake
 from evolution.ledger import Ledger
 from evolution.paths import DataRoot
-from evolution.serving import Slot, Stream, model_alias, model_id, parse_model, parse_pinned, pinned_id
+from evolution.serving import Slot, Stream, model_alias, model_id, parse_model, parse_pinned, pinned_id, pinned_model
 
 log = logging.getLogger(__name__)
 
@@ -353,9 +353,7 @@ def create_app(daemon: Service) -> FastAPI:
         data = [] if slot is None else [{"id": slot.id, "object": "model", "created": int(slot.loaded_at),
                                          "owned_by": "evolution", "generation": slot.gen, "sha256": slot.sha256}]
         # every gated generation kept, by name, for comparison (loaded on first use)
-        data += [{"id": pinned_id(g["generation"], daemon.root.lineage), "object": "model", "created": g["created"],
-                  "owned_by": "evolution", "generation": g["generation"], "sha256": g["sha256"]}
-                 for g in await run_in_threadpool(daemon.older_generations)]
+        data += [pinned_model(g, daemon.root.lineage) for g in await run_in_threadpool(daemon.older_generations)]
         return {"object": "list", "data": data}
 
     @app.get("/v1/models/{name}")
@@ -366,8 +364,7 @@ def create_app(daemon: Service) -> FastAPI:
         if pinned is not None and pinned[0] == daemon.root.lineage:
             for g in await run_in_threadpool(daemon.older_generations):
                 if g["generation"] == pinned[1]:
-                    return {"id": name, "object": "model", "created": g["created"], "owned_by": "evolution",
-                            "generation": pinned[1], "sha256": g["sha256"]}
+                    return pinned_model(g, daemon.root.lineage)
         if slot is None or name != slot.id:
             raise ApiError(404, f"model {name!r} is not served here; GET /v1/models lists the one that is",
                            code="model_not_found")
@@ -418,15 +415,13 @@ def create_app(daemon: Service) -> FastAPI:
         """``call()``, with the errors of asking generation ``gen`` by name (it cannot be loaded) as statuses."""
         try:
             return call()
-        except LedgerError as exc:  # unknown, rejected, pruned, missing, or asking by name is off
+        except (LedgerError, IntegrityError, LoadError) as exc:
             if gen is None:
                 raise
-            raise ApiError(404, f"model {pinned_id(gen, daemon.root.lineage)!r}: {exc}", code="model_not_found",
-                           param="model") from None
-        except (IntegrityError, LoadError) as exc:
-            if gen is None:
-                raise
-            raise ApiError(409, f"model {pinned_id(gen, daemon.root.lineage)!r}: {exc}", code="not_servable",
+            # the ledger's refusal (unknown, rejected, pruned, missing; asking by name off) is 404; a file that
+            # changed or would not load, 409
+            status, code = (404, "model_not_found") if isinstance(exc, LedgerError) else (409, "not_servable")
+            raise ApiError(status, f"model {pinned_id(gen, daemon.root.lineage)!r}: {exc}", code=code,
                            param="model") from None
 
     def _complete(args: dict, keep: bool, notes: list, gen: int | None = None) -> dict:

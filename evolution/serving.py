@@ -125,6 +125,12 @@ def pinned_id(gen: int, lineage: str = MAIN) -> str:
     return f"{model_alias(lineage)}@{gen}"
 
 
+def pinned_model(g: dict, lineage: str = MAIN) -> dict:
+    """The OpenAI model object of a generation asked by name (``g``: one of ``Daemon.older_generations``)."""
+    return {"id": pinned_id(g["generation"], lineage), "object": "model", "created": g["created"],
+            "owned_by": "evolution", "generation": g["generation"], "sha256": g["sha256"]}
+
+
 @dataclass(eq=False)
 class Slot:
     gen: int
@@ -355,10 +361,7 @@ class ModelHost:
         return slot
 
     def close(self) -> None:
-        with self._cv:
-            slot, self._current = self._current, None
-        if slot is not None and slot.users == 0:
-            self._llama.submit(slot.close)
+        self.retire()
         if self._owns_llama:
             self._llama.shutdown(wait=True)
 

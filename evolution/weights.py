@@ -24,6 +24,7 @@ import logging
 import math
 import re
 from collections.abc import Iterable
+from contextlib import ExitStack
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -54,16 +55,6 @@ def _order(rows: Iterable[str]) -> list[str]:
     return sorted(rows, key=lambda r: (0, int(r)) if r.isdigit() else (1 if r == "embeddings" else 2, r))
 
 
-def _tensors(hf_dir: Path):
-    """``(name, open file)`` for every tensor of the safetensors files in ``hf_dir``."""
-    from safetensors import safe_open
-
-    for path in sorted(Path(hf_dir).glob("*.safetensors")):
-        with safe_open(str(path), framework="pt") as f:
-            for name in f.keys():
-                yield name, f
-
-
 def adapter_norms(adapter_dir: Path) -> dict[str, float]:
     """Per row, the norm of the update the LoRA adapter in ``adapter_dir`` adds (``scaling · B @ A``)."""
     import torch
@@ -87,30 +78,40 @@ def adapter_norms(adapter_dir: Path) -> dict[str, float]:
 
 def relative_change(new_hf: Path, old_hf: Path) -> dict[str, float]:
     """Per row, ``‖new − old‖ / ‖old‖`` over the tensors both hold (one tensor at a time); ``ALL``: over all."""
+    return relative_changes(new_hf, {"old": old_hf})["old"]
+
+
+def relative_changes(new_hf: Path, olds: dict[str, Path]) -> dict[str, dict[str, float]]:
+    """``relative_change`` of ``new_hf`` against each of ``olds`` (key -> folder), in one pass over the new
+    weights; a folder named twice (a child of generation 0: its parent is generation 0) is compared once."""
     from safetensors import safe_open
 
-    olds = {}
-    for path in sorted(Path(old_hf).glob("*.safetensors")):
-        with safe_open(str(path), framework="pt") as f:
-            olds.update({name: path for name in f.keys()})
-    diff: dict[str, float] = {}
-    base: dict[str, float] = {}
-    opened: dict[Path, object] = {}
-    try:
-        for name, f in _tensors(new_hf):
-            if name not in olds:
-                continue
-            if olds[name] not in opened:
-                opened[olds[name]] = safe_open(str(olds[name]), framework="pt").__enter__()
-            new, old = f.get_tensor(name).double(), opened[olds[name]].get_tensor(name).double()
-            if new.shape != old.shape:
-                continue
-            row = layer_of(name)
-            diff[row] = diff.get(row, 0.0) + float(((new - old) ** 2).sum())
-            base[row] = base.get(row, 0.0) + float((old ** 2).sum())
-    finally:
-        for handle in opened.values():
-            handle.__exit__(None, None, None)
+    with ExitStack() as stack:
+        def tensors(folder: Path) -> dict:  # tensor name -> the open file holding it
+            found = {}
+            for path in sorted(Path(folder).glob("*.safetensors")):
+                f = stack.enter_context(safe_open(str(path), framework="pt"))
+                found.update(dict.fromkeys(f.keys(), f))
+            return found
+
+        new = tensors(new_hf)
+        distinct = {Path(p).resolve(): tensors(p) for p in olds.values()}
+        diff = {p: {} for p in distinct}
+        base = {p: {} for p in distinct}
+        for name, f in new.items():
+            tensor, row = f.get_tensor(name).double(), layer_of(name)
+            for p, old_tensors in distinct.items():
+                if name not in old_tensors:
+                    continue
+                old = old_tensors[name].get_tensor(name).double()
+                if old.shape != tensor.shape:
+                    continue
+                diff[p][row] = diff[p].get(row, 0.0) + float(((tensor - old) ** 2).sum())
+                base[p][row] = base[p].get(row, 0.0) + float((old ** 2).sum())
+    return {key: _ratios(diff[Path(p).resolve()], base[Path(p).resolve()]) for key, p in olds.items()}
+
+
+def _ratios(diff: dict[str, float], base: dict[str, float]) -> dict[str, float]:
     out = {row: math.sqrt(diff[row]) / math.sqrt(base[row]) if base[row] else 0.0 for row in diff}
     total = sum(base.values())
     out[ALL] = math.sqrt(sum(diff.values()) / total) if total else 0.0
@@ -135,8 +136,9 @@ def measure(adapter_dir: Path | None, merged_hf: Path, parent_hf: Path, gen0_hf:
     model's ``vs_parent`` and ``vs_gen0``) and ``dominant``."""
     norms = adapter_norms(adapter_dir) if adapter_dir is not None and (adapter_dir / "adapter_config.json").is_file() \
         else {}
-    parent = relative_change(merged_hf, parent_hf)
-    gen0 = relative_change(merged_hf, gen0_hf) if gen0_hf is not None and any(gen0_hf.glob("*.safetensors")) else None
+    have_gen0 = gen0_hf is not None and any(gen0_hf.glob("*.safetensors"))
+    changes = relative_changes(merged_hf, {"parent": parent_hf} | ({"gen0": gen0_hf} if have_gen0 else {}))
+    parent, gen0 = changes["parent"], changes.get("gen0")
     total = {"vs_parent": _round(parent.pop(ALL)), "vs_gen0": _round(gen0.pop(ALL)) if gen0 is not None else None}
     rows = _order(set(norms) | set(parent) | set(gen0 or {}))
     flagged = dominant(norms or parent)

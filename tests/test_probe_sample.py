@@ -22,7 +22,7 @@ def test_below_the_sample_size_every_probe_is_asked_as_before():
     probes = _probes(40)
     s = ps.choose(probes, [], most=100, every=10, seed=1)
     assert s.items == probes and (s.posted, s.new, s.due, s.drawn) == (40, 40, 0, 0)
-    assert ps.report_lines(s.record([]))[0] == "Probes: all 40 posted were asked."
+    assert ps.report_lines(s.record([], {}))[0] == "Probes: all 40 posted were asked."
 
 
 def test_a_lineage_of_1000_probes_asks_a_bounded_sample_and_each_probe_once_every_k_gates():

@@ -246,12 +246,6 @@ def _print_lessons(found: list, problem: str | None) -> None:
         con.print(t)
 
 
-def _weights(d: GenerationDetail) -> dict | None:
-    """The ``weights`` its ``exported`` entry recorded (``evolution.weights``), if any."""
-    found = [e.payload.get("weights") for e in d.events if e.kind == ev.EXPORTED and e.gen == d.summary.gen]
-    return found[-1] if found and found[-1] else None
-
-
 def _print_detail(d: GenerationDetail, lessons: list = (), lessons_problem: str | None = None) -> None:
     con = _console()
     s = d.summary
@@ -265,7 +259,7 @@ def _print_detail(d: GenerationDetail, lessons: list = (), lessons_problem: str 
         con.print(f"training: {d.training.get('steps')} steps; losses: {json.dumps(losses, default=str)[:200]}")
         for name, st in (d.training.get("stages") or {}).items():
             con.print(f"  {name}: {_stage_line(st)}")
-    moved = _weights(d)
+    moved = d.weights
     if moved and moved.get("dominant"):
         top = moved["dominant"]
         con.print(f"[yellow]weights: layer {top['layer']} holds {top['share']:.0%} of this generation's update[/] "
@@ -336,7 +330,7 @@ def show(ctx: click.Context, ref: str, ledger_url: str | None, as_json: bool, sh
         led = led.view(name)
     d = led.generation(n)
     if show_weights:
-        rec = _weights(d)
+        rec = d.weights
         if as_json:
             _echo_json({"gen": n, "weights": rec})
         elif rec is None:

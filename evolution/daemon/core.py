@@ -35,7 +35,7 @@ from evolution.generation import GenerationSummary
 from evolution.intake import Intake
 from evolution.intake.karma import DONE, FAILED, PENDING, RUNNING
 from evolution.ledger import Ledger, check_servable, record_rollback
-from evolution.ledger.rollback import servable
+from evolution.ledger.rollback import is_servable
 from evolution.ledger.rollback import check_target
 from evolution.ledger import events as ev
 from evolution.paths import DataRoot
@@ -204,10 +204,9 @@ class Daemon:
         its gate (or 0) and kept (``servable``)."""
         if not self.dcfg.older_max:
             return []
-        keep = set(servable(self.ledger))
         return [{"generation": r.gen, "sha256": r.gguf_sha256,
                  "created": int(datetime.fromisoformat(r.created).timestamp()) if r.created else 0}
-                for r in self.ledger.history() if r.gen in keep]
+                for r in self.ledger.history() if is_servable(r)]
 
     def older_host(self, gen: int) -> ModelHost:
         """The loaded host of gated generation ``gen`` (not the served one): loaded on first use, checked against

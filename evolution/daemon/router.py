@@ -22,7 +22,7 @@ import json
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import JSONResponse
 
-from evolution.serving import model_alias, model_id, model_lineage, pinned_id
+from evolution.serving import model_alias, model_id, model_lineage, pinned_model
 
 CHAT, MODELS, PREFIX = "/v1/chat/completions", "/v1/models", "/lineages/"
 
@@ -131,8 +131,6 @@ class Router:
                              "generation": gen, "lineage": name, "loaded": False})
         for name, d in self.daemons.items():  # every gated generation kept, by name (loaded on first use)
             loaded = set(d.older.loaded())
-            data += [{"id": pinned_id(g["generation"], name), "object": "model", "created": g["created"],
-                      "owned_by": "evolution", "generation": g["generation"], "sha256": g["sha256"], "lineage": name,
-                      "loaded": g["generation"] in loaded}
+            data += [pinned_model(g, name) | {"lineage": name, "loaded": g["generation"] in loaded}
                      for g in await run_in_threadpool(d.older_generations)]
         return await JSONResponse({"object": "list", "data": data})(scope, receive, send)

@@ -81,8 +81,6 @@ class View:
         out["replies"] = _replies(report)
         out["style"] = _style(report)
         out["losses"] = _losses(d.training)
-        out["weights"] = next((e.payload.get("weights") for e in reversed(d.events)
-                               if e.kind == ev.EXPORTED and e.gen == n), None)
         out["generation_json"] = self._generation_json(n)
         return out
 

@@ -61,6 +61,9 @@ class GenerationDetail:
     artifacts: list[dict]
     gate: dict | None
     events: list[Entry]
+    weights: dict | None = None
+    """How its weights moved, per layer, as its ``exported`` entry recorded it (``evolution.weights``); None for
+    generation 0 and a generation built before it was measured."""
 
     @property
     def gguf(self) -> dict | None:
@@ -181,4 +184,5 @@ def detail(entries: list[Entry], n: int) -> GenerationDetail:
         artifacts=list(exported.get("artifacts", [])) if exported else [],
         gate=last(ev.GATE_RESULT),
         events=mine,
+        weights=(exported or {}).get("weights") or None,
     )

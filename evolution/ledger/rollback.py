@@ -15,6 +15,7 @@ from evolution.errors import IntegrityError, LedgerError
 from evolution.fsutil import sha256_file
 from evolution.ledger import events as ev
 from evolution.ledger.entry import Entry
+from evolution.ledger.lineage import GenerationRow
 from evolution.ledger.store import Ledger
 
 log = logging.getLogger(__name__)
@@ -66,9 +67,13 @@ def check_servable(ledger: Ledger, n: int, hash_file: bool = True) -> dict:
 
 def servable(ledger: Ledger) -> list[int]:
     """Generations the ledger allows to be served (passed their gate, or 0) and the retention policy kept."""
-    return [r.gen for r in ledger.history()
-            if (r.verdict == ev.PASS or (r.gen == 0 and r.parent is None)) and r.gguf_sha256
-            and r.pruned != ev.PRUNE_GENERATION]
+    return [r.gen for r in ledger.history() if is_servable(r)]
+
+
+def is_servable(r: GenerationRow) -> bool:
+    """``servable``'s test of one row of ``Ledger.history``."""
+    return bool((r.verdict == ev.PASS or (r.gen == 0 and r.parent is None)) and r.gguf_sha256
+                and r.pruned != ev.PRUNE_GENERATION)
 
 
 def check_target(ledger: Ledger, to: int, served: int | None) -> None:

@@ -28,7 +28,7 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 STRATA_AGES = 4
 """Age strata: quartiles of the order the probes were posted in."""
@@ -54,13 +54,12 @@ class Sample:
     """Not asked by the last ``every - 1`` gates."""
     drawn: int
     every: int
-    power: dict = field(default_factory=dict)
-    """Filled in after the gate: ``forgetting_power``."""
 
-    def record(self, right: Sequence[str]) -> dict:
-        """What the gate's ledger entry keeps: enough for the next gate's ``history``."""
+    def record(self, right: Sequence[str], power: dict) -> dict:
+        """What the gate's ledger entry keeps: enough for the next gate's ``history``, and the forgetting rule's
+        ``power`` on the sample (``power_summary``)."""
         return {"asked": [i["id"] for i in self.items], "right": sorted(right), "posted": self.posted,
-                "new": self.new, "due": self.due, "drawn": self.drawn, "every": self.every, "power": self.power}
+                "new": self.new, "due": self.due, "drawn": self.drawn, "every": self.every, "power": power}
 
 
 def report_lines(rec: dict) -> list[str]:
