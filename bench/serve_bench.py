@@ -7,13 +7,17 @@ All on the embedded SmolLM2-135M-Instruct GGUF, in one run, so every figure has 
 1. **Throughput**: completion tokens/s of the same chat requests (temperature 0) through
    ``/v1/chat/completions`` with the official ``openai`` client, against ``Llama`` called
    directly. Goal: at most 5 % overhead.
-2. **Swaps under load**: ``--clients`` threads chat without pause; first a phase without swaps
-   (baseline), then ``--swaps`` hot-swaps (load beside, hash, canary, swap) while they chat.
-   Prints failed requests (goal 0) and the largest extra latency a client saw (max latency
-   during swaps − max latency without them).
-3. **Chat during training**: one client's chat latency while idle, while a LoRA training
+2. **Chat during training**: one client's chat latency while idle, while a LoRA training
    process runs at normal priority, and while it runs at ``nice 10`` (what the daemon does),
    plus the training throughput in each case.
+3. **Swaps under load**, once per ``--chat-threads`` (the daemon's default and all cores): one
+   swap with nobody chatting, then ``--clients`` threads chat without pause; first a phase
+   without swaps (baseline), then ``--swaps`` hot-swaps (hash, load beside, canary between
+   requests, switch) while they chat. Prints failed requests (goal 0), the largest extra
+   latency a client saw (max latency during swaps − max latency without them; goal ≤ 100 ms)
+   and the server's memory (peak RSS during the swaps against one model loaded).
+
+Writes ``docs/bench/<date>-serve.md`` and ``.json`` (``bench/report.py``).
 """
 
 from __future__ import annotations
@@ -28,6 +32,10 @@ import time
 from pathlib import Path
 
 import openai
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import report
 
 from evolution.base import embedded_gguf
 from evolution.config import AgeUpConfig, DaemonConfig
@@ -49,10 +57,11 @@ class Server:
     ``evolution.serving``), so the direct baseline and the server are separate processes.
     """
 
-    def __init__(self, gguf: Path):
+    def __init__(self, gguf: Path, chat_threads: int | None = None):
         self.port = _free_port()
-        self.proc = subprocess.Popen([sys.executable, __file__, "--serve", str(self.port), "--gguf", str(gguf)],
-                                     stderr=subprocess.DEVNULL)
+        threads = ["--chat-threads", str(chat_threads)] if chat_threads else []
+        self.proc = subprocess.Popen([sys.executable, __file__, "--serve", str(self.port), "--gguf", str(gguf)]
+                                     + threads, stderr=subprocess.DEVNULL)
         self.client = openai.OpenAI(base_url=f"http://127.0.0.1:{self.port}/v1", api_key="x", max_retries=0,
                                     timeout=300)
         self.http = f"http://127.0.0.1:{self.port}"
@@ -74,6 +83,12 @@ class Server:
 
         return httpx.post(self.http + "/bench/swap", json={"gen": gen}, timeout=120).json()["seconds"]
 
+    def rss_mb(self) -> tuple[float, float]:
+        """The server's resident memory now and its peak so far, MB (2**20 bytes)."""
+        status = dict(line.split(":", 1) for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines()
+                      if ":" in line)
+        return int(status["VmRSS"].split()[0]) / 1024, int(status["VmHWM"].split()[0]) / 1024
+
     def stop(self) -> None:
         self.proc.terminate()
         self.proc.wait()
@@ -87,7 +102,7 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def serve(port: int, gguf: Path) -> None:
+def serve(port: int, gguf: Path, chat_threads: int | None) -> None:
     """``--serve``: the server process (the daemon's app and model host, plus a swap trigger)."""
     import uvicorn
 
@@ -95,7 +110,10 @@ def serve(port: int, gguf: Path) -> None:
     from evolution.server import create_app
 
     with tempfile.TemporaryDirectory(prefix="serve-bench-") as home:
-        daemon = Daemon(DataRoot(Path(home)), AgeUpConfig(), DaemonConfig(api_token="bench-token-0123456789"))
+        dcfg = DaemonConfig(api_token="bench-token-0123456789")
+        if chat_threads:
+            dcfg.chat_threads = chat_threads
+        daemon = Daemon(DataRoot(Path(home)), AgeUpConfig(), dcfg)
         daemon.prepare()  # its ledger and intake: every chat is captured, as users run it (capture on)
         sha = sha256_file(gguf)
         daemon.host.swap(daemon.host.load(0, gguf, sha))
@@ -241,60 +259,109 @@ def shutil_rm(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
+def swaps_at(gguf: Path, threads: int, clients: int, seconds: float, swaps: int) -> dict:
+    """A server with ``threads`` llama.cpp threads: one swap with nobody chatting, then ``clients`` chatting
+    without pause, first without swaps (the baseline), then through ``swaps`` swaps; its memory throughout."""
+    server = Server(gguf, threads)
+    try:
+        server.client.chat.completions.create(model="evolution", messages=PROMPT, max_tokens=8, temperature=0)
+        idle_swap = server.swap(1)
+        base = load_phase(server, clients, seconds)
+        rss_one, peak_one = server.rss_mb()
+        sw = load_phase(server, clients, seconds, swaps)
+        rss_after, peak_swaps = server.rss_mb()
+    finally:
+        server.stop()
+    return {"threads": threads, "idle_swap_s": idle_swap, "base": base, "swaps": sw,
+            "extra_max_s": max(0.0, sw["max"] - base["max"]), "extra_p50_s": sw["p50"] - base["p50"],
+            "rss_one_model_mb": rss_one, "peak_before_swaps_mb": peak_one, "peak_during_swaps_mb": peak_swaps,
+            "rss_after_mb": rss_after}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--swaps", type=int, default=20)
     p.add_argument("--clients", type=int, default=4)
     p.add_argument("--runs", type=int, default=8, help="throughput requests per side")
     p.add_argument("--seconds", type=float, default=40.0, help="length of each load / training phase")
+    p.add_argument("--chat-threads", type=int, action="append",
+                   help="llama.cpp threads of the swap phases (repeatable) [default: the daemon's default and, "
+                        "where different, all cores]")
     p.add_argument("--skip-training", action="store_true")
     p.add_argument("--serve", type=int, help=argparse.SUPPRESS)
     p.add_argument("--gguf", type=Path, help="GGUF to serve [default: the embedded model]")
     args = p.parse_args()
     gguf = args.gguf or embedded_gguf()
     if args.serve:
-        serve(args.serve, gguf)
+        serve(args.serve, gguf, (args.chat_threads or [None])[0])
         return
     from evolution.serving import default_threads
 
-    print(f"model: {gguf.name}, {os.cpu_count()} CPUs, llama.cpp threads {default_threads()} (the daemon's default)")
+    started, busy = time.time(), report.Contention()
+    threads = args.chat_threads or sorted({default_threads(), os.cpu_count() or 1})
+    model_mb = gguf.stat().st_size / 2**20
+    body = [f"Model: `{gguf.name}` ({model_mb:.0f} MB), {os.cpu_count()} CPUs; llama.cpp threads "
+            f"{default_threads()} by default (`[daemon] chat_threads`). Command: `python bench/serve_bench.py "
+            + " ".join(sys.argv[1:]) + "`."]
+    out: dict = {"model": gguf.name, "model_mb": model_mb}
     with tempfile.TemporaryDirectory(prefix="serve-bench-") as tmp:
         server = Server(gguf)
         try:
             tp = throughput(server, gguf, args.runs, 128)
-            print("\n## Throughput (completion tokens/s, 128-token replies, temperature 0)")
-            print("| path | tokens/s |\n| --- | ---: |")
-            print(f"| llama-cpp-python directly | {tp['direct_tok_s']:.1f} |")
-            print(f"| our server + openai client | {tp['server_tok_s']:.1f} |")
-            print(f"overhead: {tp['overhead_pct']:.1f} % (goal <= 5 %)")
-
-            base = load_phase(server, args.clients, args.seconds)
-            sw = load_phase(server, args.clients, args.seconds, args.swaps)
-            print(f"\n## Swaps under load ({args.clients} clients chatting without pause)")
-            print("| phase | requests | failed | p50 s | p99 s | max s |\n| --- | ---: | ---: | ---: | ---: | ---: |")
-            for name, r in (("no swaps", base), (f"{args.swaps} swaps", sw)):
-                print(f"| {name} | {r['requests']} | {r['failed']} | {r['p50']:.3f} | {r['p99']:.3f} | {r['max']:.3f} |")
-            print(f"failed requests: {base['failed'] + sw['failed']} (goal 0); largest extra latency seen by a "
-                  f"client: {max(0.0, sw['max'] - base['max']):.3f} s; one swap (load + hash + canary): "
-                  f"p50 {_pct(sw['swap_s'], 0.5):.2f} s, max {max(sw['swap_s']):.2f} s")
-            if sw["errors"]:
-                print("errors:", sw["errors"])
-
+            busy.tick()
+            body += ["", "## Throughput (completion tokens/s, 128-token replies, temperature 0)", "",
+                     "| path | tokens/s |", "| --- | ---: |",
+                     f"| llama-cpp-python directly (baseline) | {tp['direct_tok_s']:.1f} |",
+                     f"| our server + openai client | {tp['server_tok_s']:.1f} |", "",
+                     f"Overhead: {tp['overhead_pct']:.1f} % (goal ≤ 5 %)."]
+            out["throughput"] = tp
             if not args.skip_training:
                 from evolution import base as base_model
 
                 hf = Path(tmp) / "hf"
                 base_model.materialize(hf)
                 rows = chat_during_training(server, hf, Path(tmp) / "train", args.seconds)
-                print("\n## Chat latency while an age-up trains (1 client, 32-token replies)")
-                print("| case | chats | p50 s | p99 s | training SFT steps/min |\n| --- | ---: | ---: | ---: | ---: |")
+                busy.tick()
+                idle = rows[0]["chat_p50"]
+                body += ["", "## Chat latency while an age-up trains (1 client, 32-token replies)", "",
+                         "| case | chats | p50 s | p99 s | p50 × idle | p99 × idle | training SFT steps/min |",
+                         "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
                 for r in rows:
                     steps = "" if r["train_steps_per_min"] is None else f"{r['train_steps_per_min']:.1f}"
-                    print(f"| {r['case']} | {r['chats']} | {r['chat_p50']:.3f} | {r['chat_p99']:.3f} | {steps} |")
-                idle = rows[0]["chat_p50"]
-                print("ratio to idle (p50): " + ", ".join(f"{r['case']} {r['chat_p50'] / idle:.2f}x" for r in rows[1:]))
+                    body.append(f"| {r['case']} | {r['chats']} | {r['chat_p50']:.3f} | {r['chat_p99']:.3f} | "
+                                f"{r['chat_p50'] / idle:.2f} | {r['chat_p99'] / rows[0]['chat_p99']:.2f} | {steps} |")
+                body += ["", "Goal beside an age-up at the daemon's priorities (nice 10, PASSIVE): p50 ≤ 1.3 × and "
+                         "p99 ≤ 2 × idle."]
+                out["chat_during_training"] = rows
         finally:
             server.stop()
+    out["swaps"] = []
+    for n in threads:
+        r = swaps_at(gguf, n, args.clients, args.seconds, args.swaps)
+        busy.tick()
+        out["swaps"].append(r)
+        b, sw = r["base"], r["swaps"]
+        body += ["", f"## Swaps under load: {args.clients} clients chatting without pause, {n} llama.cpp "
+                 f"thread{'s' if n > 1 else ''}", "",
+                 "| phase | requests | failed | p50 s | p99 s | max s |", "| --- | ---: | ---: | ---: | ---: | ---: |",
+                 f"| no swaps (baseline) | {b['requests']} | {b['failed']} | {b['p50']:.3f} | {b['p99']:.3f} | "
+                 f"{b['max']:.3f} |",
+                 f"| {args.swaps} swaps | {sw['requests']} | {sw['failed']} | {sw['p50']:.3f} | {sw['p99']:.3f} | "
+                 f"{sw['max']:.3f} |", "",
+                 f"- failed requests: {b['failed'] + sw['failed']} (goal 0)",
+                 f"- largest extra latency a client saw (max with swaps − max without): **{r['extra_max_s']:.3f} s** "
+                 f"(goal ≤ 0.100 s); p50 {r['extra_p50_s'] * 1000:+.0f} ms",
+                 f"- one swap (hash, load beside, canary between requests, switch): {r['idle_swap_s']:.2f} s with "
+                 f"nobody chatting; under this load p50 {_pct(sw['swap_s'], 0.5):.2f} s, max {max(sw['swap_s']):.2f} s",
+                 f"- memory (RSS, MB): one model loaded {r['rss_one_model_mb']:.0f} (peak so far "
+                 f"{r['peak_before_swaps_mb']:.0f}); peak during the swaps {r['peak_during_swaps_mb']:.0f} "
+                 f"(+{r['peak_during_swaps_mb'] - r['peak_before_swaps_mb']:.0f}: a second model is "
+                 f"{model_mb:.0f} MB of file plus its context); after them {r['rss_after_mb']:.0f}"]
+        if sw["errors"]:
+            body.append(f"- errors: {sw['errors']}")
+    print("\n".join(body))
+    print(report.write("serve", "Serve bench: throughput, swaps under load, chat while training", body, out, busy,
+                       started))
 
 
 if __name__ == "__main__":

@@ -13,7 +13,8 @@ conversation training rendered too (``evolution.messages.fold_system``).
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+import time
+from collections.abc import Generator, Iterator
 from pathlib import Path
 
 from evolution.messages import fold_system, takes_system
@@ -71,6 +72,7 @@ class LlamaCppModel:
 
     def __init__(self, llm):
         self.llm = llm
+        self._formatter = template_formatter(llm)
 
     def chat(self, args: dict) -> dict:
         """One chat completion (OpenAI's response shape); ``ValueError`` when the prompt does not fit."""
@@ -79,6 +81,44 @@ class LlamaCppModel:
     def stream(self, args: dict) -> Iterator[dict]:
         """The completion as OpenAI ``chat.completion.chunk`` dicts."""
         return self.llm.create_chat_completion(stream=True, **args)
+
+    def chat_in_slices(self, args: dict, slice_s: float) -> Generator[None, None, str]:
+        """``chat(args)``'s reply text, computed a slice of about ``slice_s`` seconds at a time: a generator that
+        yields between slices (``LlamaThread.background`` runs them between requests). The prompt is evaluated a
+        few tokens at a time (as many as fit the slice, measured as it goes); the completion then finds them in
+        its cache and only generates, a token or a few per slice."""
+        llm, t0 = self.llm, time.perf_counter()
+        tokens = self._prompt_tokens(args["messages"])
+        llm.reset()
+        done, step = 0, 4
+        while done < len(tokens) - 1:  # the completion evaluates the last prompt token itself
+            n = min(step, len(tokens) - 1 - done)
+            s = time.perf_counter()
+            llm.eval(tokens[done:done + n])
+            took, done = time.perf_counter() - s, done + n
+            step = max(1, min(64, int(n * slice_s / max(took, 1e-6))))
+            if time.perf_counter() - t0 + took > slice_s:
+                yield
+                t0 = time.perf_counter()
+        parts, last = [], 0.0
+        for chunk in llm.create_chat_completion(stream=True, **args):
+            parts.append(chunk["choices"][0]["delta"].get("content") or "")
+            now = time.perf_counter()
+            took, last = now - last if last else 0.0, now
+            if now - t0 + took > slice_s:
+                yield
+                t0 = last = time.perf_counter()
+        return "".join(parts)
+
+    def _prompt_tokens(self, messages: list[dict]) -> list[int]:
+        """The tokens a chat completion of ``messages`` starts from, as llama-cpp-python's chat handler makes
+        them from the GGUF's template ([] where it has none: the completion then evaluates its whole prompt)."""
+        if self._formatter is None:
+            return []
+        if messages and messages[0]["role"] == "system" and not _takes_system(self._formatter):
+            messages = fold_system(messages)
+        rendered = self._formatter(messages=messages)
+        return self.llm.tokenize(rendered.prompt.encode("utf-8"), add_bos=not rendered.added_special, special=True)
 
     def close(self) -> None:
         self.llm.close()

@@ -12,12 +12,17 @@ The file is opened once and hashed through that descriptor, and llama.cpp maps i
 ``/proc/self/fd/N`` (on Linux): what is loaded is exactly the bytes that were hashed, even
 if the path were replaced in between.
 
-**One llama thread.** Every llama.cpp call of the process — load, canary, every request —
-runs on one dedicated thread, in arrival order. llama.cpp's OpenMP team belongs to the thread
-that started it, and its workers keep spinning for that thread: decoding from any other thread
-then runs at a third of the speed (measured on 2 cores: 90 → 30 tokens/s), and one context
-decodes one request at a time anyway. Callers wait on a future (``call``) or read a queue of
-chunks (``stream``).
+**One llama thread.** Every decode of the process — every request, and the canary of a model
+being loaded — runs on one dedicated thread (``evolution.llamathread``). llama.cpp's OpenMP team
+belongs to the thread that started it, and its workers keep spinning for that thread: decoding
+from any other thread then runs at a third of the speed (measured on 2 cores: 90 → 30 tokens/s),
+and one context decodes one request at a time anyway. Requests run in arrival order; callers wait
+on a future (``call``) or read a queue of chunks (``stream``). A model being swapped in is
+loaded on the caller's thread (mapping the file and making a context decode nothing; one load
+at a time in a process, since llama-cpp-python points the process's stdout and stderr at
+/dev/null while it loads: the log file keeps every line), and its canary runs on the llama
+thread in slices of a few tokens between requests, so a swap adds at most
+``llamathread.MAX_WAIT_S`` to any request instead of the whole load and canary.
 
 **Older generations by name.** ``OlderGenerations`` keeps a few other gated generations loaded, each in a
 ``ModelHost`` of its own on that same thread, for requests that name one (``evolution@N``): what is served
@@ -35,16 +40,17 @@ import re
 import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol, TypeVar
 
 from evolution.errors import IntegrityError, LoadError, NotReady
+from evolution.llamathread import SLICE_S, LlamaThread
 from evolution.paths import LINEAGE_RE, MAIN
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+_LOADING = threading.Lock()  # one model load at a time in a process (see "One llama thread")
 
 
 class Model(Protocol):
@@ -58,12 +64,16 @@ class Model(Protocol):
 
     def close(self) -> None: ...
 
+    # Optional: ``chat_in_slices(args, slice_s)``, a generator returning ``chat``'s reply text, computed a slice at a
+    # time (``LlamaCppModel``); the canary of a model without it runs in one piece.
+
 
 class Backend(Protocol):
     """What loads a generation's GGUF for serving (``evolution.llamacpp.LlamaCppBackend`` by default)."""
 
     def load(self, path: Path, fd: int) -> Model:
-        """Load the file open as ``fd`` (already hash-checked; ``path`` is its name); raise on failure."""
+        """Load the file open as ``fd`` (already hash-checked; ``path`` is its name); raise on failure. Called off
+        the llama thread: a load must not decode."""
 
 
 def default_threads() -> int:
@@ -192,7 +202,7 @@ class ModelHost:
 
     def __init__(self, n_ctx: int = 2048, n_threads: int | None = None, canary_prompt: str = "Hello!",
                  canary_max_tokens: int = 24, backend: Backend | None = None, lineage: str = MAIN,
-                 llama: ThreadPoolExecutor | None = None):
+                 llama: LlamaThread | None = None):
         """``llama``: another host's llama thread to share (``OlderGenerations``: one llama thread a process)."""
         from evolution.llamacpp import LlamaCppBackend
 
@@ -205,7 +215,7 @@ class ModelHost:
         self._current: Slot | None = None
         self._cv = threading.Lock()
         self._owns_llama = llama is None
-        self._llama = llama or ThreadPoolExecutor(max_workers=1, thread_name_prefix="llama")
+        self._llama = llama or LlamaThread()
         self.swaps = 0
         self.last_swap: dict | None = None
         self.last_used = time.time()
@@ -220,7 +230,7 @@ class ModelHost:
                          self.lineage, llama=self._llama)
 
     def load(self, gen: int, path: Path, sha256: str) -> Slot:
-        """Open and hash-check a GGUF here, then load and canary-test it on the llama thread; raise
+        """Open and hash-check a GGUF, load it here and canary-test it between requests on the llama thread; raise
         LoadError / IntegrityError otherwise. The current model keeps serving meanwhile."""
         t0 = time.perf_counter()
         path = Path(path)
@@ -233,30 +243,36 @@ class ModelHost:
             if actual != sha256:
                 raise IntegrityError(f"generation {gen}: {path} has sha256 {actual}, the ledger recorded {sha256}; "
                                      "it is not the file that was gated and will not be served")
-            slot = self._llama.submit(self._load, gen, path, sha256, fd).result()
+            with _LOADING:
+                try:
+                    model = self.backend.load(path, fd)
+                except Exception as exc:  # llama.cpp says only "Failed to load model from file"
+                    raise LoadError(f"generation {gen}: llama.cpp could not load {path}: {exc}") from None
         except BaseException:
             os.close(fd)
             raise
-        log.info("loaded generation %d (%s) in %.2f s; canary: %r", gen, path.name, time.perf_counter() - t0,
-                 slot.canary_reply[:60])
-        return slot
-
-    def _load(self, gen: int, path: Path, sha256: str, fd: int) -> Slot:
         try:
-            model = self.backend.load(path, fd)
-        except Exception as exc:  # llama.cpp says only "Failed to load model from file"
-            raise LoadError(f"generation {gen}: llama.cpp could not load {path}: {exc}") from None
-        try:
-            out = model.chat({"messages": [{"role": "user", "content": self.canary_prompt}],
-                              "max_tokens": self.canary_max_tokens, "temperature": 0.0})
-            reply = (out["choices"][0]["message"].get("content") or "").strip()
+            reply = self._llama.background(self._canary(model)).result().strip()
         except Exception as exc:
-            model.close()
-            raise LoadError(f"generation {gen}: the canary prompt failed: {exc}") from None
-        if not reply:
-            model.close()
-            raise LoadError(f"generation {gen}: gave an empty answer to the canary prompt {self.canary_prompt!r}")
+            err = LoadError(f"generation {gen}: the canary prompt failed: {exc}")
+        else:
+            err = None if reply else LoadError(f"generation {gen}: gave an empty answer to the canary prompt "
+                                               f"{self.canary_prompt!r}")
+        if err is not None:
+            Slot(gen, sha256, path, model, fd, lineage=self.lineage).close()
+            raise err
+        log.info("loaded generation %d (%s) in %.2f s; canary: %r", gen, path.name, time.perf_counter() - t0,
+                 reply[:60])
         return Slot(gen, sha256, path, model, fd, canary_reply=reply, lineage=self.lineage)
+
+    def _canary(self, model: Model):
+        """The canary's reply text, a slice at a time where the model can (``LlamaCppModel.chat_in_slices``)."""
+        args = {"messages": [{"role": "user", "content": self.canary_prompt}],
+                "max_tokens": self.canary_max_tokens, "temperature": 0.0}
+        sliced = getattr(model, "chat_in_slices", None)
+        if sliced is not None:
+            return (yield from sliced(args, SLICE_S))
+        return model.chat(args)["choices"][0]["message"].get("content") or ""
 
     def swap(self, slot: Slot) -> Slot | None:
         """Serve ``slot`` from now on; return the model it replaced (freed once its requests end)."""
