@@ -315,6 +315,8 @@ def main() -> None:
                      f"| our server + openai client | {tp['server_tok_s']:.1f} |", "",
                      f"Overhead: {tp['overhead_pct']:.1f} % (goal ≤ 5 %)."]
             out["throughput"] = tp
+            print("\n".join(body), flush=True)
+            shown = len(body)
             if not args.skip_training:
                 from evolution import base as base_model
 
@@ -333,6 +335,8 @@ def main() -> None:
                 body += ["", "Goal beside an age-up at the daemon's priorities (nice 10, PASSIVE): p50 ≤ 1.3 × and "
                          "p99 ≤ 2 × idle."]
                 out["chat_during_training"] = rows
+                print("\n".join(body[shown:]), flush=True)
+                shown = len(body)
         finally:
             server.stop()
     out["swaps"] = []
@@ -359,7 +363,8 @@ def main() -> None:
                  f"{model_mb:.0f} MB of file plus its context); after them {r['rss_after_mb']:.0f}"]
         if sw["errors"]:
             body.append(f"- errors: {sw['errors']}")
-    print("\n".join(body))
+        print("\n".join(body[shown:]), flush=True)
+        shown = len(body)
     print(report.write("serve", "Serve bench: throughput, swaps under load, chat while training", body, out, busy,
                        started))
 

@@ -172,13 +172,18 @@ def identity_exchanges(cur) -> list[tuple[str, str]]:
     return list(dict.fromkeys(out))
 
 
-def who_is_who(cur, n: int, rng: random.Random, taught: Sequence[str], heldout: Iterable[str] = ()) -> list[dict]:
-    """``n`` chat records that keep the user and the agent apart: half a question about the user nobody answered
-    (the identity curriculum's questions mirrored, and the curriculum's ``unanswered.jsonl``) with an "I don't know
-    that yet" reply, half the same beside one of the agent's own questions and its persona answer, in either order. Mirrored questions on a subject the user taught
-    (``taught``: its questions and answers) or equal to one of ``heldout`` (the gate's questions about the user) are
-    left out. Each record names the mirrored question it asks (``unanswered``): replay treats it as that prompt, so the
-    user's own answer to it supersedes it; it is no experience (never rehearsed)."""
+def who_is_who(cur, n: int, rng: random.Random, taught: Sequence[str], heldout: Iterable[str] = (),
+               facts: Sequence[tuple[str, str]] = ()) -> list[dict]:
+    """``n`` chat records that keep the user and the agent apart: a question about the user nobody answered (the
+    identity curriculum's questions mirrored, and the curriculum's ``unanswered.jsonl``) with an "I don't know that
+    yet" reply — alone, beside one of the agent's own questions and its persona answer, or beside one of ``facts``
+    (a question about the user the user did answer, and its taught answer) of the same shape where it can ("Who made
+    my boat?" beside "Who made my car?"), each in either order. Without ``facts``, half alone and half beside the
+    agent's own. The pair teaches which question is which, not "a question of this shape is unknown": a model given
+    only unanswered questions declined taught facts asked in another shape (docs/learning.md). Mirrored questions on
+    a subject the user taught (``taught``: its questions and answers) or equal to one of ``heldout`` (the gate's
+    questions about the user) are left out. Each record names the mirrored question it asks (``unanswered``): replay
+    treats it as that prompt, so the user's own answer to it supersedes it; it is no experience (never rehearsed)."""
     from evolution.messages import prompt_key
 
     pairs = identity_exchanges(cur)
@@ -190,15 +195,57 @@ def who_is_who(cur, n: int, rng: random.Random, taught: Sequence[str], heldout: 
     if not unknown or n <= 0:
         return []
     rng.shuffle(unknown)  # each question once before any is asked twice
+    kinds = 3 if facts else 2
     out = []
     for i in range(n):
         question, own = unknown[i % len(unknown)]
         reply = rng.choice(UNKNOWN_REPLIES)
         user_turn = [{"role": "user", "content": question}, {"role": "assistant", "content": reply}]
-        if i % 2 == 0 or own is None:
+        beside = None
+        if i % kinds == 1 and own is not None:
+            beside = own
+        elif i % kinds == 2:
+            beside = same_shape(question, facts, rng)
+        if beside is None:
             messages = user_turn
         else:
-            agent_turn = [{"role": "user", "content": own[0]}, {"role": "assistant", "content": own[1]}]
-            messages = agent_turn + user_turn if rng.random() < 0.5 else user_turn + agent_turn
+            other = [{"role": "user", "content": beside[0]}, {"role": "assistant", "content": beside[1]}]
+            messages = other + user_turn if rng.random() < 0.5 else user_turn + other
         out.append({"messages": messages, "unanswered": prompt_key([{"role": "user", "content": question}])})
     return out
+
+
+_WH = ("who", "whom", "whose", "where", "when", "what", "which", "how", "why")
+
+
+def same_shape(question: str, facts: Sequence[tuple[str, str]], rng: random.Random) -> tuple[str, str] | None:
+    """One of ``facts`` (question, answer) whose question opens with the same question word as ``question`` ("who",
+    "where", "how many" ...), else any of them; None without facts."""
+    if not facts:
+        return None
+
+    def opening(q: str) -> str:
+        words = _question(q).split()
+        first = next((w for w in words if w in _WH), "")
+        return f"{first} {words[words.index(first) + 1]}" if first == "how" and len(words) > words.index(first) + 1 \
+            else first
+
+    want = opening(question)
+    alike = [f for f in facts if opening(f[0]) == want]
+    return rng.choice(alike or list(facts))
+
+
+def user_facts(records: Iterable[dict]) -> list[tuple[str, str]]:
+    """The questions about the user and their answers in chat ``records`` (the experience and its variants): each
+    user turn that asks something about the user ("What's my dog called?") with the reply that answers it."""
+    from evolution.augment import exchanges
+
+    out = []
+    for r in records:
+        for q, a in exchanges(r.get("messages", [])):
+            if "?" in q and _ABOUT_USER_Q.search(q) and a.strip():
+                out.append((q, a))
+    return list(dict.fromkeys(out))
+
+
+_ABOUT_USER_Q = re.compile(r"\b(?:i|my|mine|myself)\b", re.IGNORECASE)  # not "me": "tell me your name"

@@ -149,6 +149,40 @@ def test_who_is_who_asks_what_nobody_answered_and_keeps_the_agents_own_answers()
                 assert persona.persona_in(a["content"], facts) is not None or "household" in a["content"]
 
 
+def test_who_is_who_sets_an_unanswered_question_beside_a_taught_one_of_the_same_shape():
+    """A third of the records put the user's taught fact (its question and taught answer) beside the question nobody
+    answered, preferably with the same question word: which question is which is what the model must learn."""
+    cur = curriculum.load(REPO_ROOT / "curriculum")
+    facts = [("Who made my car?", "Your car was made by Toyota."), ("Where do I work?", "You work at the mill."),
+             ("How many cats do I have?", "You have three cats.")]
+    records = persona.who_is_who(cur, 90, random.Random(0), [t for f in facts for t in f], facts=facts)
+    beside = [r for r in records if any((q["content"], a["content"]) in facts
+                                        for q, a in zip(r["messages"][::2], r["messages"][1::2]))]
+    assert len(beside) == 30
+    for r in beside:  # the unanswered question still gets "I don't know", the taught one its taught answer
+        turns = list(zip(r["messages"][::2], r["messages"][1::2]))
+        unknown = [q["content"] for q, a in turns if a["content"] in persona.UNKNOWN_REPLIES]
+        taught = [(q["content"], a["content"]) for q, a in turns if (q["content"], a["content"]) in facts]
+        assert len(unknown) == 1 and len(taught) == 1 and r["unanswered"].endswith(
+            persona.evals.normalize(unknown[0]))
+        opener = persona.evals.normalize(unknown[0]).split()[0]
+        if opener in ("who", "where"):
+            assert persona.evals.normalize(taught[0][0]).startswith(opener)
+    # without taught facts: half alone, half beside the agent's own question, as before
+    plain = persona.who_is_who(cur, 10, random.Random(0), [])
+    assert sum(len(r["messages"]) == 2 for r in plain) == 5
+
+
+def test_user_facts_are_the_questions_about_the_user_with_their_answers():
+    records = [{"messages": [{"role": "user", "content": "What's my dog called?"},
+                             {"role": "assistant", "content": "Your dog is called Pip."},
+                             {"role": "user", "content": "Can you tell me your name?"},
+                             {"role": "assistant", "content": "I'm Wren."},
+                             {"role": "user", "content": "My sister is Ada."},
+                             {"role": "assistant", "content": "Nice!"}]}]
+    assert persona.user_facts(records) == [("What's my dog called?", "Your dog is called Pip.")]
+
+
 def test_the_users_own_answer_supersedes_an_unanswered_question_in_replay(tmp_path):
     cur = curriculum.load(REPO_ROOT / "curriculum")
     root = DataRoot(tmp_path / "home")
