@@ -78,7 +78,7 @@ def test_memory_bench(tmp_path):
 
 def test_serve_bench(tmp_path):
     printed = bench("serve", "--swaps", "1", "--clients", "1", "--runs", "1", "--seconds", "2", "--skip-training",
-                    "--chat-threads", "1", tmp_path=tmp_path)
+                    "--chat-threads", "1", "--all-core-swaps", "1", tmp_path=tmp_path)
     assert "swap" in printed.lower()
     swaps = _report(tmp_path, "serve")["swaps"]
     assert [r["threads"] for r in swaps] == [1] and swaps[0]["swaps"]["failed"] == 0
