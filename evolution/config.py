@@ -75,6 +75,12 @@ class CurriculumConfig:
     yet", half of them beside the agent's own question and its persona answer); with it each fact's variants are also
     set against the persona. At most ``experience_variant_share`` x the SFT curriculum's records (a tiny curriculum
     gets a few). 0 turns both off."""
+    who_is_who_beside_taught: bool = False
+    """A third of the ``who_is_who`` records set the question nobody answered beside one the user did answer, of the
+    same shape where there is one ("Who made my boat?" -> "I don't know that yet" beside "Who made my car?" -> its
+    taught maker), instead of half of them beside the agent's own question. Off by default: in its one trial (learn
+    bench, 24 facts, docs/learning.md) held-out wordings rose 0.83 -> 0.92 but one question about the user was
+    answered with the persona's lucky number, and the gate rejected the child (persona_leak 0.011 > the parent's 0)."""
     rehearse_max: int = 1500
     """Earlier experience (posted conversations, approved and corrected replies, and their variants, in every earlier
     generation's data) is re-taught at every age-up, newest first and sources before variants, up to this many
@@ -100,6 +106,7 @@ class CurriculumConfig:
         if not isinstance(self.who_is_who, int) or isinstance(self.who_is_who, bool) \
                 or not 0 <= self.who_is_who <= 10_000:
             p.append(f"curriculum.who_is_who must be a whole number from 0 to 10000, got {self.who_is_who!r}")
+        p += flag("curriculum.who_is_who_beside_taught", self.who_is_who_beside_taught)
         if not isinstance(self.rehearse_max, int) or isinstance(self.rehearse_max, bool) or self.rehearse_max < 0:
             p.append(f"curriculum.rehearse_max must be a whole number >= 0, got {self.rehearse_max!r}")
         if not isinstance(self.replay_ratio, (int, float)) or not 0 <= self.replay_ratio <= 10:

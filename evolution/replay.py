@@ -356,7 +356,8 @@ def materialize(root: DataRoot, cur: Curriculum, child: int, out: Path, settings
             n_who = min(who_is_who, int(variant_share * n_curriculum))  # within the variants' share, as they are
             extra += persona.who_is_who(cur, n_who, random.Random(seed * 1_000_003 + child + 17), taught,
                                         [q["question"] for q in cur.about_user],
-                                        persona.user_facts(inbox_rows + rehearse + extra))
+                                        persona.user_facts(inbox_rows + rehearse + extra)
+                                        if settings.who_is_who_beside_taught else ())
         # the curriculum answers its own prompts: no variant may reword a question into one of them
         extra = [r for r in extra if _key(r) not in have and prompt_key(r["messages"]) not in curriculum_prompts]
         new += extra

@@ -173,6 +173,23 @@ def test_who_is_who_sets_an_unanswered_question_beside_a_taught_one_of_the_same_
     assert sum(len(r["messages"]) == 2 for r in plain) == 5
 
 
+def test_an_age_up_sets_unanswered_questions_beside_taught_ones_only_where_asked_to(tmp_path):
+    cur = curriculum.load(REPO_ROOT / "curriculum")
+    convs = [(1, [{"role": "user", "content": "Who made my car?"},
+                  {"role": "assistant", "content": "Your car was made by Zantor."}])]
+
+    def beside(on: bool) -> int:
+        out = tmp_path / f"d{on}"
+        replay.materialize(DataRoot(tmp_path / f"home{on}"), cur, 1, out,
+                           plain_settings(experience_variant_share=10.0, who_is_who=300, who_is_who_beside_taught=on),
+                           Inbox.taught(convs))
+        rows = [json.loads(line) for line in (out / "sft.jsonl").read_text().splitlines()]
+        return sum(1 for r in rows if "unanswered" in r and "Zantor" in json.dumps(r["messages"]))
+
+    assert beside(False) == 0
+    assert beside(True) >= 50
+
+
 def test_user_facts_are_the_questions_about_the_user_with_their_answers():
     records = [{"messages": [{"role": "user", "content": "What's my dog called?"},
                              {"role": "assistant", "content": "Your dog is called Pip."},
