@@ -18,8 +18,8 @@ belongs to the thread that started it, and its workers keep spinning for that th
 from any other thread then runs at a third of the speed (measured on 2 cores: 90 → 30 tokens/s),
 and one context decodes one request at a time anyway. Requests run in arrival order; callers wait
 on a future (``call``) or read a queue of chunks (``stream``). A model being swapped in is
-loaded on the caller's thread (mapping the file and making a context decode nothing; one load
-at a time in a process, since llama-cpp-python points the process's stdout and stderr at
+loaded on the caller's thread (a load maps the file and makes a context; it decodes nothing; one
+load at a time in a process, since llama-cpp-python points the process's stdout and stderr at
 /dev/null while it loads: the log file keeps every line), and its canary runs on the llama
 thread in slices of a few tokens between requests, so a swap adds at most
 ``llamathread.MAX_WAIT_S`` to any request instead of the whole load and canary.
