@@ -84,6 +84,12 @@ def test_serve_bench(tmp_path):
     assert [r["threads"] for r in swaps] == [1] and swaps[0]["swaps"]["failed"] == 0
 
 
+def test_serve_bench_chat_while_training(tmp_path):
+    bench("serve", "--runs", "1", "--seconds", "2", "--skip-swaps", tmp_path=tmp_path)
+    rows = _report(tmp_path, "serve")["chat_during_training"]
+    assert rows[0]["case"] == "idle" and rows[0]["chats"] > 0 and rows[1]["chats"] == 0 and len(rows) == 5
+
+
 def test_restate_bench(tmp_path):
     printed = bench("restate", "--facts", "1", "--samples", "1", "--no-report", tmp_path=tmp_path)
     assert printed.strip()
