@@ -62,9 +62,14 @@ def _takes_system(formatter) -> bool:
 def serve_prompt(formatter, messages: list[dict]) -> str:
     """``messages`` rendered up to the assistant's turn as serving renders them (folded where ``formatter``'s
     template has no system role)."""
+    return _render(formatter, messages).prompt
+
+
+def _render(formatter, messages: list[dict]):
+    """``formatter``'s ``ChatFormatterResponse`` for ``messages``, folded where its template has no system role."""
     if messages and messages[0]["role"] == "system" and not _takes_system(formatter):
         messages = fold_system(messages)
-    return formatter(messages=messages).prompt
+    return formatter(messages=messages)
 
 
 class LlamaCppModel:
@@ -84,10 +89,23 @@ class LlamaCppModel:
 
     def chat_in_slices(self, args: dict, slice_s: float) -> Generator[None, None, str]:
         """``chat(args)``'s reply text, computed a slice of about ``slice_s`` seconds at a time: a generator that
-        yields between slices (``LlamaThread.background`` runs them between requests). The prompt is evaluated a
-        few tokens at a time (as many as fit the slice, measured as it goes); the completion then finds them in
-        its cache and only generates, a token or a few per slice."""
-        llm, t0 = self.llm, time.perf_counter()
+        yields between slices (``LlamaThread.background`` runs them between requests). A slice ends before the next
+        unit of work (``_units``) would take it past ``slice_s``, judged by the unit just done."""
+        parts: list[str] = []
+        t0 = start = time.perf_counter()
+        for _ in self._units(args, parts, slice_s):
+            now = time.perf_counter()
+            if now - t0 + (now - start) > slice_s:
+                yield
+                t0 = time.perf_counter()
+            start = time.perf_counter()
+        return "".join(parts)
+
+    def _units(self, args: dict, parts: list[str], slice_s: float) -> Iterator[None]:
+        """The work of ``chat(args)`` a unit per step: the prompt evaluated a few tokens at a time (as many as fit
+        ``slice_s``, measured as it goes), then the completion — which finds them in its cache and only generates —
+        a chunk at a time, its text appended to ``parts``."""
+        llm = self.llm
         tokens = self._prompt_tokens(args["messages"])
         llm.reset()
         done, step = 0, 4
@@ -95,29 +113,19 @@ class LlamaCppModel:
             n = min(step, len(tokens) - 1 - done)
             s = time.perf_counter()
             llm.eval(tokens[done:done + n])
-            took, done = time.perf_counter() - s, done + n
-            step = max(1, min(64, int(n * slice_s / max(took, 1e-6))))
-            if time.perf_counter() - t0 + took > slice_s:
-                yield
-                t0 = time.perf_counter()
-        parts, last = [], 0.0
+            done += n
+            step = max(1, min(64, int(n * slice_s / max(time.perf_counter() - s, 1e-6))))
+            yield
         for chunk in llm.create_chat_completion(stream=True, **args):
             parts.append(chunk["choices"][0]["delta"].get("content") or "")
-            now = time.perf_counter()
-            took, last = now - last if last else 0.0, now
-            if now - t0 + took > slice_s:
-                yield
-                t0 = last = time.perf_counter()
-        return "".join(parts)
+            yield
 
     def _prompt_tokens(self, messages: list[dict]) -> list[int]:
         """The tokens a chat completion of ``messages`` starts from, as llama-cpp-python's chat handler makes
         them from the GGUF's template ([] where it has none: the completion then evaluates its whole prompt)."""
         if self._formatter is None:
             return []
-        if messages and messages[0]["role"] == "system" and not _takes_system(self._formatter):
-            messages = fold_system(messages)
-        rendered = self._formatter(messages=messages)
+        rendered = _render(self._formatter, messages)
         return self.llm.tokenize(rendered.prompt.encode("utf-8"), add_bos=not rendered.added_special, special=True)
 
     def close(self) -> None:

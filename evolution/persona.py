@@ -216,6 +216,7 @@ def who_is_who(cur, n: int, rng: random.Random, taught: Sequence[str], heldout: 
 
 
 _WH = ("who", "whom", "whose", "where", "when", "what", "which", "how", "why")
+_ABOUT_USER_Q = re.compile(r"\b(?:i|my|mine|myself)\b", re.IGNORECASE)  # not "me": "tell me your name"
 
 
 def same_shape(question: str, facts: Sequence[tuple[str, str]], rng: random.Random) -> tuple[str, str] | None:
@@ -224,15 +225,18 @@ def same_shape(question: str, facts: Sequence[tuple[str, str]], rng: random.Rand
     if not facts:
         return None
 
-    def opening(q: str) -> str:
-        words = _question(q).split()
-        first = next((w for w in words if w in _WH), "")
-        return f"{first} {words[words.index(first) + 1]}" if first == "how" and len(words) > words.index(first) + 1 \
-            else first
-
-    want = opening(question)
-    alike = [f for f in facts if opening(f[0]) == want]
+    want = _opening(question)
+    alike = [f for f in facts if _opening(f[0]) == want]
     return rng.choice(alike or list(facts))
+
+
+def _opening(question: str) -> str:
+    """The question word ``question`` opens with ("who"; "how" with the word after it: "how many"), or ""."""
+    words = _question(question).split()
+    for i, w in enumerate(words):
+        if w in _WH:
+            return " ".join(words[i:i + 2]) if w == "how" else w
+    return ""
 
 
 def user_facts(records: Iterable[dict]) -> list[tuple[str, str]]:
@@ -247,5 +251,3 @@ def user_facts(records: Iterable[dict]) -> list[tuple[str, str]]:
                 out.append((q, a))
     return list(dict.fromkeys(out))
 
-
-_ABOUT_USER_Q = re.compile(r"\b(?:i|my|mine|myself)\b", re.IGNORECASE)  # not "me": "tell me your name"
