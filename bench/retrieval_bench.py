@@ -1,6 +1,7 @@
 """Is what the user told the agent answered in the very next chat, before any age-up — and does nothing else change?
 
     python bench/retrieval_bench.py [--facts 24] [--offset 0] [--home DIR] [--items 10000]
+    python bench/retrieval_bench.py --backends fts5 chroma [--chroma-items 1000]   (the index alone)
 
 Plays a chat agent against the real daemon, through its HTTP API and the official ``openai`` client: in a fresh data
 root, ``run_daemon.py --start-gen 0 --quick`` builds generation 0 and one quick age-up on the curriculum alone makes
@@ -63,9 +64,8 @@ def _share(xs: list[bool]) -> float | None:
 def lookup_latency(n: int, queries: list[str]) -> dict:
     """The index alone: ``n`` lessons like the bench's, searched for each query's words."""
     rng = random.Random(0)
-    words = "sister brother aunt garden bike dog cat teacher office river bakery train piano tea coffee monday".split()
-    items = [Item(f"c:{i}", f"What is my {rng.choice(words)} {rng.choice(words)} number {i}?",
-                  f"Your {rng.choice(words)} is {rng.choice(words).title()} {i}.", "correction", i) for i in range(n)]
+    items = [Item(f"c:{i}", f"What is my {rng.choice(FILLER)} {rng.choice(FILLER)} number {i}?",
+                  f"Your {rng.choice(FILLER)} is {rng.choice(FILLER).title()} {i}.", "correction", i) for i in range(n)]
     with tempfile.TemporaryDirectory() as d:
         index = Fts5Index(Path(d) / "r.sqlite")
         t0 = time.perf_counter()
@@ -81,14 +81,91 @@ def lookup_latency(n: int, queries: list[str]) -> dict:
             "p95_ms": round(1000 * times[int(len(times) * 0.95)], 3), "lookups": len(times)}
 
 
+def make_index(backend: str, folder: Path, gguf: Path | None):
+    if backend == "fts5":
+        return Fts5Index(folder / "r.sqlite")
+    from evolution.retrieval import chroma
+
+    return chroma.ChromaIndex(folder / "chroma", lambda: chroma.gguf_embedding(gguf, n_threads=2))
+
+
+def backends(args) -> None:
+    """``--backends``: the index alone, no daemon and no model answering. The learn bench's facts are indexed as the
+    daemon indexes a correction (the question, the corrected reply) among ``--items`` other lessons; each is then
+    searched for with its held-out wordings and as taught, and ``choose`` picks the notes as the daemon does. Counts
+    how often the fact's own lesson is the first note (what the reminder repeats) and among the notes, and times
+    the lookup. The ``chroma`` backend embeds with generation 0's GGUF (``--gguf``, default: the embedded model)."""
+    from evolution import base
+    from evolution.config import RetrievalConfig
+    from evolution.retrieval import choose
+
+    started, contention = time.time(), Contention()
+    gguf = args.gguf or base.embedded_gguf()
+    batch = facts(args.facts)
+    lessons = [Item(f"c:{f['id']}", f["question"], f["statement"], "correction", i) for i, f in enumerate(batch)]
+    cfg = RetrievalConfig()
+    data = {"facts": len(batch), "gguf": str(gguf), "backends": {}}
+    for backend in args.backends:
+        n = args.items if backend == "fts5" else args.chroma_items
+        rng = random.Random(0)
+        filler = [Item(f"f:{i}", f"What is my {rng.choice(FILLER)} {rng.choice(FILLER)} number {i}?",
+                       f"Your {rng.choice(FILLER)} is {rng.choice(FILLER).title()} {i}.", "correction", 100_000 + i)
+                  for i in range(n)]
+        with tempfile.TemporaryDirectory() as d:
+            index = make_index(backend, Path(d), gguf)
+            t0 = time.perf_counter()
+            index.write(lessons + filler, {})
+            build = time.perf_counter() - t0
+            first, among, times = {"as taught": [], "held out": []}, {"as taught": [], "held out": []}, []
+            for les, f in zip(lessons, batch):
+                for wording, q in [("as taught", f["question"])] + [("held out", h) for h in f["heldout"]]:
+                    t0 = time.perf_counter()
+                    hits = index.search(query_words(q), cfg.top_k * 2)
+                    times.append(time.perf_counter() - t0)
+                    notes, _ = choose(hits, q, cfg.top_k, cfg.max_tokens)
+                    first[wording].append(bool(notes) and notes[0].key == les.key)
+                    among[wording].append(any(x.key == les.key for x in notes))
+            contention.tick()
+            if hasattr(index, "close"):
+                index.close()
+        times.sort()
+        data["backends"][backend] = {
+            "items": len(lessons) + n, "build_s": round(build, 2),
+            "first": {w: _share(v) for w, v in first.items()}, "among": {w: _share(v) for w, v in among.items()},
+            "p50_ms": round(1000 * times[len(times) // 2], 2), "p95_ms": round(1000 * times[int(len(times) * 0.95)], 2)}
+    f = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
+    body = [f"The index alone: {len(batch)} of the learn bench's facts indexed as corrections among other lessons, "
+            "searched with each fact's question as taught and its held-out wordings; the notes chosen as the daemon "
+            f"chooses them (top_k {cfg.top_k}). Chroma's embeddings: `{Path(gguf).name}` through llama.cpp.", "",
+            "| backend | lessons | the fact's lesson first, as taught / held out | among the notes, held out | "
+            "lookup p50 / p95 (ms) | index written (s) |", "|---|---|---|---|---|---|"]
+    for name, b in data["backends"].items():
+        body.append(f"| {name} | {b['items']:,} | {f(b['first']['as taught'])} / {f(b['first']['held out'])} | "
+                    f"{f(b['among']['held out'])} | {b['p50_ms']} / {b['p95_ms']} | {b['build_s']} |")
+    print("\n".join(body))
+    if not args.no_report:
+        print(write("retrieval-backends", "Retrieval bench: the index backends", body, data, contention, started))
+
+
+FILLER = "sister brother aunt garden bike dog cat teacher office river bakery train piano tea coffee monday".split()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--facts", type=int, default=24)
     ap.add_argument("--items", type=int, default=10_000)
+    ap.add_argument("--backends", nargs="+", choices=("fts5", "chroma"),
+                    help="compare the index backends alone (no daemon): which lesson each finds, and how fast")
+    ap.add_argument("--chroma-items", type=int, default=1_000,
+                    help="--backends: other lessons in the Chroma index (each is embedded: slower to build)")
+    ap.add_argument("--gguf", type=Path, help="--backends: the GGUF Chroma embeds with (default: the embedded model)")
+    ap.add_argument("--no-report", action="store_true", help="--backends: do not write docs/bench/")
     ap.add_argument("--home", type=Path, help="a data root whose daemon serves a generation already (else a fresh one)")
     ap.add_argument("--offset", type=int, default=0, help="skip the first N of the learn bench's facts")
     daemon_args.add(ap)
     args = ap.parse_args()
+    if args.backends:
+        return backends(args)
     started, contention = time.time(), Contention()
     home = args.home or Path(tempfile.mkdtemp(prefix="retrieval-bench-"))
     if args.home is None and (args.toml or args.base):  # a fresh root's settings (default: none)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib.util
 import json
 import logging
 import tomllib
@@ -75,12 +76,14 @@ class CurriculumConfig:
     yet", half of them beside the agent's own question and its persona answer); with it each fact's variants are also
     set against the persona. At most ``experience_variant_share`` x the SFT curriculum's records (a tiny curriculum
     gets a few). 0 turns both off."""
-    who_is_who_beside_taught: bool = False
+    who_is_who_beside_taught: bool = True
     """A third of the ``who_is_who`` records set the question nobody answered beside one the user did answer, of the
     same shape where there is one ("Who made my boat?" -> "I don't know that yet" beside "Who made my car?" -> its
-    taught maker), instead of half of them beside the agent's own question. Off by default: in its one trial (learn
-    bench, 24 facts, docs/learning.md) held-out wordings rose 0.83 -> 0.92 but one question about the user was
-    answered with the persona's lucky number, and the gate rejected the child (persona_leak 0.011 > the parent's 0)."""
+    taught maker), instead of half of them beside the agent's own question. Off: half alone, half beside the agent's.
+    On the learn bench (24 facts, docs/learning.md), with the curriculum's questions about the user nobody answered
+    that sit next to the persona's facts ("Do I have a lucky number?"): held-out wordings 0.85 against 0.83 off,
+    no persona leak, every question nobody answered "I don't know"; without those questions it reached 0.92 but
+    answered one with the persona's lucky number, and the gate rejected the child."""
     rehearse_max: int = 1500
     """Earlier experience (posted conversations, approved and corrected replies, and their variants, in every earlier
     generation's data) is re-taught at every age-up, newest first and sources before variants, up to this many
@@ -316,10 +319,17 @@ class RetrievalConfig:
     max_tokens: int = 256
     """...and at most about this many tokens of them (counted as characters / 3, an upper bound for English)."""
     backend: str = "fts5"
-    """``fts5``: SQLite full-text search (BM25), built in, nothing to download. The only one so far."""
+    """``fts5``: SQLite full-text search (BM25), built in, nothing to download. ``chroma``: a ChromaDB store
+    (``pip install 'evolution[chroma]'``), searched by embeddings (``chroma_embedding``)."""
+    chroma_path: str = ""
+    """``chroma``: the persistent Chroma directory (relative to the lineage's folder); empty: ``index/chroma``."""
+    chroma_embedding: str = "default"
+    """``chroma``: ``default``, Chroma's own embedding model (downloaded once into ``~/.cache/chroma``), or
+    ``gguf``, generation 0's GGUF through llama.cpp (offline, but a chat model is a weaker embedder)."""
 
 
-BACKENDS = ("fts5",)
+BACKENDS = ("fts5", "chroma")
+CHROMA_EMBEDDINGS = ("default", "gguf")
 
 
 def validate_retrieval(r: RetrievalConfig) -> None:
@@ -333,6 +343,14 @@ def validate_retrieval(r: RetrievalConfig) -> None:
                  f"got {r.max_tokens!r}")
     if r.backend not in BACKENDS:
         p.append(f"retrieval.backend must be one of {', '.join(BACKENDS)}, got {r.backend!r}")
+    if r.chroma_embedding not in CHROMA_EMBEDDINGS:
+        p.append(f"retrieval.chroma_embedding must be one of {', '.join(CHROMA_EMBEDDINGS)}, "
+                 f"got {r.chroma_embedding!r}")
+    if not isinstance(r.chroma_path, str):
+        p.append(f"retrieval.chroma_path must be a folder path (text), got {r.chroma_path!r}")
+    if r.backend == "chroma" and importlib.util.find_spec("chromadb") is None:
+        p.append("retrieval.backend is \"chroma\" but ChromaDB is not installed: pip install 'evolution[chroma]', "
+                 "or set [retrieval] backend = \"fts5\" (built in)")
     if p:
         raise ConfigError(p)
 

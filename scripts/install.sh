@@ -20,7 +20,7 @@ GPU=0
 if [ "${1:-}" = "--gpu" ]; then GPU=1; shift; fi
 VENV="${1:-.venv}"
 LLAMA_VERSION="0.3.36"
-EXTRAS="test,bench"
+EXTRAS="test,bench,chroma"  # chroma: so that its backend is tested, not skipped
 if [ "$GPU" = 1 ]; then
     if [ -z "${EVOLUTION_LLAMA_CMAKE_ARGS:-}" ] && ! command -v nvcc >/dev/null 2>&1; then
         echo "install.sh --gpu: nvcc (the CUDA toolkit) is not on PATH; llama.cpp is built with CUDA for serving." >&2
@@ -30,7 +30,7 @@ if [ "$GPU" = 1 ]; then
     # PyPI's torch 2.13.0 on Linux x86_64 is the CUDA build (Unsloth 2026.10 needs torch <2.15).
     TORCH_SPEC="${EVOLUTION_TORCH:-torch==2.13.0}"
     LLAMA_CMAKE_ARGS="${EVOLUTION_LLAMA_CMAKE_ARGS:--DGGML_CUDA=ON -DGGML_NATIVE=OFF}"
-    EXTRAS="test,bench,gpu"
+    EXTRAS="test,bench,chroma,gpu"
 else
     TORCH_SPEC="${EVOLUTION_TORCH:-torch==2.13.0}"
     LLAMA_CMAKE_ARGS="${EVOLUTION_LLAMA_CMAKE_ARGS:--DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON}"

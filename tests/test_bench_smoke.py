@@ -146,6 +146,15 @@ def test_retrieval_bench(tmp_path, tiny):
     assert figures["facts"] == 3 and figures["lookup"]["items"] == 50
 
 
+def test_retrieval_bench_backends(tmp_path):
+    pytest.importorskip("chromadb")
+    bench("retrieval", "--backends", "fts5", "chroma", "--facts", "3", "--items", "20", "--chroma-items", "5",
+          tmp_path=tmp_path)
+    figures = _report(tmp_path, "retrieval-backends")["backends"]
+    assert figures["fts5"]["items"] == 23 and figures["chroma"]["items"] == 8
+    assert figures["fts5"]["first"]["as taught"] is not None
+
+
 def test_gate_bench(tmp_path, tiny):
     printed = bench("gate", "--probes", "12", "--gates", "2", "--experiences", "6", "--curriculum", str(tiny.curriculum),
                     "--toml", str(tiny.toml), tmp_path=tmp_path)

@@ -246,7 +246,7 @@ def test_answers_right_looks_for_the_taught_value(reply, right):
 
 
 @pytest.mark.parametrize("section, fragment", [({"top_k": 0}, "top_k"), ({"max_tokens": 2}, "max_tokens"),
-                                               ({"enabled": "yes"}, "enabled"), ({"backend": "chroma"}, "backend"),
+                                               ({"enabled": "yes"}, "enabled"), ({"backend": "chromadb"}, "backend"),
                                                ({"topk": 3}, "no field 'topk'")])
 def test_bad_retrieval_settings_are_clear_errors(tmp_path, section, fragment):
     toml = tmp_path / "evolution.toml"

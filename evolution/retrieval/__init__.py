@@ -140,12 +140,31 @@ def with_notes(messages: list[dict], notes: list[Item]) -> list[dict]:
     return out
 
 
+def open_index(root: DataRoot, cfg: RetrievalConfig, ledger: Ledger | None = None):
+    """The lineage's index for ``cfg.backend``: the FTS5 file, or a Chroma store (``evolution.retrieval.chroma``;
+    its ``gguf`` embeddings are generation 0's GGUF, hash-checked against ``ledger``)."""
+    if cfg.backend != "chroma":
+        return Fts5Index(items_mod.items_path(root))
+    from evolution.retrieval import chroma
+
+    def embedding():
+        if cfg.chroma_embedding != "gguf":
+            return chroma.default_embedding()
+        from evolution.ledger import check_servable
+
+        if ledger is None:
+            raise ValueError("the gguf embedding needs the lineage's ledger")
+        return chroma.gguf_embedding(root.root / check_servable(ledger, 0)["path"])
+
+    return chroma.ChromaIndex(root.home / (cfg.chroma_path or "index/chroma"), embedding)
+
+
 class Retrieval:
     """One lineage's retrieval: its index, kept in step with the ledger, and the notes of a chat."""
 
     def __init__(self, root: DataRoot, ledger: Ledger, intake: Intake, cfg: RetrievalConfig):
         self.root, self.ledger, self.intake, self.cfg = root, ledger, intake, cfg
-        self.index = Fts5Index(items_mod.items_path(root))
+        self.index = open_index(root, cfg, ledger)
         self._lock = threading.Lock()
         self._seen: tuple | None = None
         self._carried: tuple[int | None, set] = (None, set())
@@ -243,7 +262,7 @@ def summary(root: DataRoot, cfg: RetrievalConfig) -> dict:
     """The retrieval part of a lineage's status, from its index file alone (no daemon needed)."""
     if not cfg.enabled:
         return {"enabled": False}
-    m = Fts5Index(items_mod.items_path(root)).meta()
+    m = open_index(root, cfg).meta()
     if m is None:
         return {"enabled": True, "pending": None, "carried": None, "note": "no index yet (the daemon builds it)"}
     meta = m["meta"]
