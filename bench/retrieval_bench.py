@@ -120,7 +120,7 @@ def backends(args) -> None:
             for les, f in zip(lessons, batch):
                 for wording, q in [("as taught", f["question"])] + [("held out", h) for h in f["heldout"]]:
                     t0 = time.perf_counter()
-                    hits = index.search(query_words(q), cfg.top_k * 2)
+                    hits = index.search(query_words(q), cfg.top_k * 2, question=q)
                     times.append(time.perf_counter() - t0)
                     notes, _ = choose(hits, q, cfg.top_k, cfg.max_tokens)
                     first[wording].append(bool(notes) and notes[0].key == les.key)

@@ -139,9 +139,7 @@ def test_who_is_who_asks_what_nobody_answered_and_keeps_the_agents_own_answers()
     asked = [m["content"] for r in records for m in r["messages"] if m["role"] == "user"]
     about_user = [q for q in asked if persona.mirror(q) is None and "you" not in q.lower()]
     colours = {q for q in about_user if "colour" in q.lower() or "color" in q.lower()}
-    # the house's colour, a lucky colour and the colour worn most are other subjects than the favourite colour
-    assert about_user and colours <= {"What colour is my house?", "What is my lucky colour?",
-                                      "Which colour do I wear most?"}
+    assert about_user and colours <= {"What colour is my house?"}  # the house's colour is another subject
     facts = persona.persona_facts(cur)
     for r in records:
         for q, a in zip(r["messages"][::2], r["messages"][1::2]):

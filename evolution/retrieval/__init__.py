@@ -243,7 +243,7 @@ class Retrieval:
             return []
         self.counts["lookups"] += 1
         try:
-            hits = self.index.search(words, self.cfg.top_k * 2)
+            hits = self.index.search(words, self.cfg.top_k * 2, question=question)
         except Exception as exc:  # noqa: BLE001 — a missing or broken index: answered without; the tick rebuilds
             self._seen = None
             log.warning("retrieval: lookup failed (%s); answering without notes", exc)

@@ -11,9 +11,9 @@ chroma_embedding``):
 - ``default``: Chroma's own default embedding function (all-MiniLM-L6-v2 through ONNX Runtime), which Chroma
   downloads into ``~/.cache/chroma`` the first time it is used: a machine with no network needs it there already.
 - ``gguf``: the mean-pooled hidden states of the lineage's generation 0 GGUF through llama.cpp: offline, nothing
-  downloaded, fixed across generations (a swap never re-embeds). A chat model is a weak embedder: on the learn
-  bench's held-out wordings the embedded 135M model finds the right lesson first for 0.45 of them, FTS5 for 0.97
-  (``bench/retrieval_bench.py --backend chroma``; docs/learning.md).
+  downloaded, fixed across generations (a swap never re-embeds). A chat model is a weak, slow embedder: among
+  1,048 lessons the embedded 135M model finds a held-out wording's lesson first for 0.34 of them (FTS5: 0.84 among
+  10,048), at ~96 ms a lookup (``bench/retrieval_bench.py --backends fts5 chroma``; docs/learning.md).
 
 Writing is atomic in the way that matters: each build is a new Chroma folder (``build-*``) beside the one in
 use, and only once it is complete does the pointer file (``current.json``, replaced atomically) name it; a crash
@@ -197,9 +197,11 @@ class ChromaIndex:
             return None
         return m["digest"] if digest(held) == m["digest"] else None
 
-    def search(self, words: list[str], k: int) -> list[tuple[Item, float]]:
-        """The ``k`` lessons nearest to ``words`` (the question's content words), best first, scored as FTS5
-        scores are (lower is better): minus the cosine similarity."""
+    def search(self, words: list[str], k: int, question: str = "") -> list[tuple[Item, float]]:
+        """The ``k`` lessons nearest to ``question`` (embedded whole: its content ``words`` alone embed far worse,
+        0.05 against 0.37 of held-out wordings finding their lesson first with the embedded model), best first,
+        scored as FTS5 scores are (lower is better): minus the cosine similarity. No ``words``: none (a question
+        with no content words, "Who are you?", finds nothing, as with FTS5)."""
         if not words or k <= 0:
             return []
         coll = self._collection()
@@ -208,7 +210,7 @@ class ChromaIndex:
         n = coll.count()
         if n == 0:
             return []
-        got = coll.query(query_embeddings=self._embed([" ".join(words)]), n_results=min(k, n),
+        got = coll.query(query_embeddings=self._embed([question or " ".join(words)]), n_results=min(k, n),
                          include=["documents", "metadatas", "distances"])
         return [(Item(key, q, m["answer"], m["source"], int(m["ord"])), -(1.0 - float(d)))
                 for key, q, m, d in zip(got["ids"][0], got["documents"][0], got["metadatas"][0],

@@ -107,9 +107,10 @@ class Fts5Index:
             return None
         return m["digest"] if digest(held) == m["digest"] else None
 
-    def search(self, words: list[str], k: int) -> list[tuple[Item, float]]:
+    def search(self, words: list[str], k: int, question: str = "") -> list[tuple[Item, float]]:
         """The ``k`` items that best match any of ``words`` (BM25, the question weighted twice the answer), best
-        first, with their scores (lower is better, as FTS5 ranks)."""
+        first, with their scores (lower is better, as FTS5 ranks). ``question`` (the whole text) is for backends
+        that embed it; words are what FTS5 ranks."""
         if not words or k <= 0:
             return []
         query = " OR ".join(f'"{w}"' for w in words)
