@@ -196,16 +196,22 @@ def who_is_who(cur, n: int, rng: random.Random, taught: Sequence[str], heldout: 
         return []
     rng.shuffle(unknown)  # each question once before any is asked twice
     kinds = 3 if facts else 2
+    pool = subjects_nobody_answered(cur, taught)
     out = []
     for i in range(n):
         question, own = unknown[i % len(unknown)]
-        reply = rng.choice(UNKNOWN_REPLIES)
-        user_turn = [{"role": "user", "content": question}, {"role": "assistant", "content": reply}]
         beside = None
         if i % kinds == 1 and own is not None:
             beside = own
         elif i % kinds == 2:
-            beside = same_shape(question, facts, rng)
+            fact = facts[(i // kinds) % len(facts)]
+            swapped = other_subject(fact[0], pool, taught, rng)
+            if swapped is not None and _question(swapped) not in skip:
+                question, beside = swapped, fact  # the very shape of a taught question, another subject
+            else:
+                beside = same_shape(question, facts, rng)
+        reply = rng.choice(UNKNOWN_REPLIES)
+        user_turn = [{"role": "user", "content": question}, {"role": "assistant", "content": reply}]
         if beside is None:
             messages = user_turn
         else:
@@ -213,6 +219,45 @@ def who_is_who(cur, n: int, rng: random.Random, taught: Sequence[str], heldout: 
             messages = other + user_turn if rng.random() < 0.5 else user_turn + other
         out.append({"messages": messages, "unanswered": prompt_key([{"role": "user", "content": question}])})
     return out
+
+
+_NAMED = re.compile(r"(?:who is my ([\w-]+)|what is my ([\w-]+)'s name|what is my ([\w-]+) called|what do i call my "
+                    r"([\w-]+))\??", re.IGNORECASE)
+_ASKS_A_NAME = re.compile(r"\bname\b|\bcalled\b|\bcall\b|^\W*who\b", re.IGNORECASE)
+
+
+def subjects_nobody_answered(cur, taught: Sequence[str]) -> list[str]:
+    """The people and pets of the user's whose name the curriculum's unanswered questions ask ("Who is my plumber?",
+    "What is my cat called?") and that no ``taught`` text is about, distinct, in the file's order."""
+    out = []
+    for u in cur.unanswered:
+        m = _NAMED.fullmatch(u["question"].strip())
+        word = next((g for g in m.groups() if g), None) if m else None
+        if word and not taught_about(f"my {word}", taught):
+            out.append(word)
+    return list(dict.fromkeys(out))
+
+
+def other_subject(question: str, pool: Sequence[str], taught: Sequence[str], rng: random.Random) -> str | None:
+    """``question`` (one the user answered that asks a name: "What is my brother's name?") asking it of another of
+    the user's people or pets that nobody told ("What is my plumber's name?"): the word after "my" (modifiers
+    skipped) swapped for one of ``pool`` (``subjects_nobody_answered``) that no ``taught`` text is about. None where
+    it asks no name, names nothing after "my", or no such subject is left. Set beside the taught question, the pair
+    turns on the subject, not on the shape: a model given "I don't know" for questions of other shapes declined
+    taught names asked in another shape ("Who is my brother?"; docs/learning.md)."""
+    m = _POSSESSED.search(question)
+    if not m or not _ASKS_A_NAME.search(question):
+        return None
+    word = next((w[:-2] if w.lower().endswith("'s") else w for w in m.group(1).split()
+                 if w.lower() not in _MODIFIERS), None)
+    if not word or not evals.normalize(word):
+        return None
+    choices = [w for w in pool if _stem(w.lower()) != _stem(evals.normalize(word))
+               and not taught_about(f"my {w}", taught)]
+    if not choices:
+        return None
+    start = m.start(1) + m.group(1).index(word)
+    return question[:start] + rng.choice(choices) + question[start + len(word):]
 
 
 _WH = ("who", "whom", "whose", "where", "when", "what", "which", "how", "why")

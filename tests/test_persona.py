@@ -268,3 +268,25 @@ TAUGHT_TEXTS = ["When is my flight home?", "Your flight home is on Friday.",
 ])
 def test_a_question_is_on_a_taught_subject_only_where_the_user_told_of_that_thing(question, taught):
     assert persona.taught_about(question, TAUGHT_TEXTS) is taught
+
+
+def test_a_taught_name_is_set_beside_the_same_question_about_someone_nobody_named():
+    cur = curriculum.load(REPO_ROOT / "curriculum")
+    taught = ["What is my brother's name?", "Your brother's name is Zembelpex.", "What is my mother's name?",
+              "Your mother's name is Ilsa."]
+    pool = persona.subjects_nobody_answered(cur, taught)
+    assert "plumber" in pool and "mother" not in pool  # the user named their mother
+    rng = random.Random(0)
+    swapped = persona.other_subject("Do you know what my brother's name is?", pool, taught, rng)
+    assert swapped.startswith("Do you know what my ") and swapped.endswith("'s name is?")
+    assert "brother" not in swapped and "mother" not in swapped
+    assert persona.other_subject("Where does my aunt live?", pool, taught, rng) is None  # asks no name
+    facts = [("What is my brother's name?", "Your brother's name is Zembelpex.")]
+    records = persona.who_is_who(cur, 30, random.Random(1), taught, (), facts)
+    paired = [r for r in records if any("Zembelpex" in m["content"] for m in r["messages"])]
+    assert paired
+    for r in paired:  # the other person's name, asked in the very shape of the taught question, is not known
+        unknown = [m for m in r["messages"] if m["role"] == "assistant" and m["content"] in persona.UNKNOWN_REPLIES]
+        assert len(unknown) == 1
+        asked = r["messages"][r["messages"].index(unknown[0]) - 1]["content"]
+        assert asked.startswith("What is my ") and asked.endswith("'s name?") and "brother" not in asked
