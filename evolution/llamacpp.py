@@ -43,6 +43,16 @@ def open_llama(path: str | Path, *, n_ctx: int, n_threads: int | None = None, lo
     return llm
 
 
+def open_embedder(path: str | Path, *, n_threads: int = 1, n_ctx: int = 512):
+    """A ``llama_cpp.Llama`` for the GGUF at ``path`` that embeds text (mean-pooled hidden states; ``embed``), quiet:
+    retrieval's ``gguf`` embeddings (``evolution.retrieval.chroma``)."""
+    import llama_cpp
+
+    return llama_cpp.Llama(model_path=str(path), embedding=True, n_ctx=n_ctx,
+                           pooling_type=llama_cpp.LLAMA_POOLING_TYPE_MEAN, n_threads=n_threads,
+                           n_threads_batch=n_threads, verbose=False)
+
+
 def template_formatter(llm):
     """The GGUF's own chat template as llama-cpp-python renders it, with its BOS/EOS text (None: it has none)."""
     from llama_cpp.llama_chat_format import Jinja2ChatFormatter

@@ -86,14 +86,11 @@ def gguf_embedding(path: Path, n_threads: int = 1) -> Embed:
     def embed(texts: list[str]) -> list[list[float]]:
         with lock:  # one llama.cpp context: not to be used from two threads at once
             if "llm" not in held:
-                import llama_cpp
-
+                from evolution.llamacpp import open_embedder
                 from evolution.serving import _LOADING
 
                 with _LOADING:  # llama-cpp-python points fds 1 and 2 elsewhere while it loads
-                    held["llm"] = llama_cpp.Llama(model_path=str(path), embedding=True, n_ctx=512,
-                                                  pooling_type=llama_cpp.LLAMA_POOLING_TYPE_MEAN,
-                                                  n_threads=n_threads, n_threads_batch=n_threads, verbose=False)
+                    held["llm"] = open_embedder(path, n_threads=n_threads)
             out = held["llm"].embed(texts, normalize=True, truncate=True)
         return [list(map(float, v)) for v in out]
     return embed
