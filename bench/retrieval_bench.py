@@ -61,11 +61,20 @@ def _share(xs: list[bool]) -> float | None:
     return round(sum(xs) / len(xs), 3) if xs else None
 
 
+FILLER = "sister brother aunt garden bike dog cat teacher office river bakery train piano tea coffee monday".split()
+
+
+def filler_lessons(n: int, prefix: str, first_order: int) -> list[Item]:
+    """``n`` corrections like the bench's facts, to search among (the same every run)."""
+    rng = random.Random(0)
+    return [Item(f"{prefix}:{i}", f"What is my {rng.choice(FILLER)} {rng.choice(FILLER)} number {i}?",
+                 f"Your {rng.choice(FILLER)} is {rng.choice(FILLER).title()} {i}.", "correction", first_order + i)
+            for i in range(n)]
+
+
 def lookup_latency(n: int, queries: list[str]) -> dict:
     """The index alone: ``n`` lessons like the bench's, searched for each query's words."""
-    rng = random.Random(0)
-    items = [Item(f"c:{i}", f"What is my {rng.choice(FILLER)} {rng.choice(FILLER)} number {i}?",
-                  f"Your {rng.choice(FILLER)} is {rng.choice(FILLER).title()} {i}.", "correction", i) for i in range(n)]
+    items = filler_lessons(n, "c", 0)
     with tempfile.TemporaryDirectory() as d:
         index = Fts5Index(Path(d) / "r.sqlite")
         t0 = time.perf_counter()
@@ -107,10 +116,7 @@ def backends(args) -> None:
     data = {"facts": len(batch), "gguf": str(gguf), "backends": {}}
     for backend in args.backends:
         n = args.items if backend == "fts5" else args.chroma_items
-        rng = random.Random(0)
-        filler = [Item(f"f:{i}", f"What is my {rng.choice(FILLER)} {rng.choice(FILLER)} number {i}?",
-                       f"Your {rng.choice(FILLER)} is {rng.choice(FILLER).title()} {i}.", "correction", 100_000 + i)
-                  for i in range(n)]
+        filler = filler_lessons(n, "f", 100_000)
         with tempfile.TemporaryDirectory() as d:
             index = make_index(backend, Path(d), gguf)
             t0 = time.perf_counter()
@@ -145,9 +151,6 @@ def backends(args) -> None:
     print("\n".join(body))
     if not args.no_report:
         print(write("retrieval-backends", "Retrieval bench: the index backends", body, data, contention, started))
-
-
-FILLER = "sister brother aunt garden bike dog cat teacher office river bakery train piano tea coffee monday".split()
 
 
 def main() -> None:

@@ -331,6 +331,8 @@ class RetrievalConfig:
 
 BACKENDS = ("fts5", "chroma")
 CHROMA_EMBEDDINGS = ("default", "gguf")
+CHROMA_MISSING = ("retrieval.backend is \"chroma\" but ChromaDB is not installed: pip install 'evolution[chroma]', "
+                  "or set [retrieval] backend = \"fts5\" (built in)")
 
 
 def validate_retrieval(r: RetrievalConfig) -> None:
@@ -350,8 +352,7 @@ def validate_retrieval(r: RetrievalConfig) -> None:
     if not isinstance(r.chroma_path, str):
         p.append(f"retrieval.chroma_path must be a folder path (text), got {r.chroma_path!r}")
     if r.backend == "chroma" and importlib.util.find_spec("chromadb") is None:
-        p.append("retrieval.backend is \"chroma\" but ChromaDB is not installed: pip install 'evolution[chroma]', "
-                 "or set [retrieval] backend = \"fts5\" (built in)")
+        p.append(CHROMA_MISSING)
     if p:
         raise ConfigError(p)
 

@@ -196,7 +196,7 @@ def who_is_who(cur, n: int, rng: random.Random, taught: Sequence[str], heldout: 
         return []
     rng.shuffle(unknown)  # each question once before any is asked twice
     kinds = 3 if facts else 2
-    pool = subjects_nobody_answered(cur, taught)
+    pool = subjects_nobody_answered(cur, taught) if facts else []
     out = []
     for i in range(n):
         question, own = unknown[i % len(unknown)]
@@ -205,7 +205,7 @@ def who_is_who(cur, n: int, rng: random.Random, taught: Sequence[str], heldout: 
             beside = own
         elif i % kinds == 2:
             fact = facts[(i // kinds) % len(facts)]
-            swapped = other_subject(fact[0], pool, taught, rng)
+            swapped = other_subject(fact[0], pool, rng)
             if swapped is not None and _question(swapped) not in skip:
                 question, beside = swapped, fact  # the very shape of a taught question, another subject
             else:
@@ -238,10 +238,10 @@ def subjects_nobody_answered(cur, taught: Sequence[str]) -> list[str]:
     return list(dict.fromkeys(out))
 
 
-def other_subject(question: str, pool: Sequence[str], taught: Sequence[str], rng: random.Random) -> str | None:
+def other_subject(question: str, pool: Sequence[str], rng: random.Random) -> str | None:
     """``question`` (one the user answered that asks a name: "What is my brother's name?") asking it of another of
     the user's people or pets that nobody told ("What is my plumber's name?"): the word after "my" (modifiers
-    skipped) swapped for one of ``pool`` (``subjects_nobody_answered``) that no ``taught`` text is about. None where
+    skipped) swapped for one of ``pool`` (``subjects_nobody_answered``: none the user taught). None where
     it asks no name, names nothing after "my", or no such subject is left. Set beside the taught question, the pair
     turns on the subject, not on the shape: a model given "I don't know" for questions of other shapes declined
     taught names asked in another shape ("Who is my brother?"; docs/learning.md)."""
@@ -252,8 +252,7 @@ def other_subject(question: str, pool: Sequence[str], taught: Sequence[str], rng
                  if w.lower() not in _MODIFIERS), None)
     if not word or not evals.normalize(word):
         return None
-    choices = [w for w in pool if _stem(w.lower()) != _stem(evals.normalize(word))
-               and not taught_about(f"my {w}", taught)]
+    choices = [w for w in pool if _stem(w.lower()) != _stem(evals.normalize(word))]
     if not choices:
         return None
     start = m.start(1) + m.group(1).index(word)

@@ -277,10 +277,10 @@ def test_a_taught_name_is_set_beside_the_same_question_about_someone_nobody_name
     pool = persona.subjects_nobody_answered(cur, taught)
     assert "plumber" in pool and "mother" not in pool  # the user named their mother
     rng = random.Random(0)
-    swapped = persona.other_subject("Do you know what my brother's name is?", pool, taught, rng)
+    swapped = persona.other_subject("Do you know what my brother's name is?", pool, rng)
     assert swapped.startswith("Do you know what my ") and swapped.endswith("'s name is?")
     assert "brother" not in swapped and "mother" not in swapped
-    assert persona.other_subject("Where does my aunt live?", pool, taught, rng) is None  # asks no name
+    assert persona.other_subject("Where does my aunt live?", pool, rng) is None  # asks no name
     facts = [("What is my brother's name?", "Your brother's name is Zembelpex.")]
     records = persona.who_is_who(cur, 30, random.Random(1), taught, (), facts)
     paired = [r for r in records if any("Zembelpex" in m["content"] for m in r["messages"])]

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import shutil
 import threading
 import time
@@ -35,12 +34,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 from evolution import faults
+from evolution.config import CHROMA_MISSING
 from evolution.errors import EvolutionError
 from evolution.fsutil import atomic_write_json
 from evolution.retrieval.fts import digest
 from evolution.retrieval.items import Item
-
-log = logging.getLogger(__name__)
 
 SCHEMA = 1
 BUILD = "build-"
@@ -58,9 +56,7 @@ def _chromadb():
     try:
         import chromadb
     except ImportError as e:
-        raise ChromaMissing("retrieval.backend is \"chroma\" but ChromaDB is not installed: pip install "
-                            "'evolution[chroma]' (or chromadb), or set [retrieval] backend = \"fts5\", the built-in "
-                            "default") from e
+        raise ChromaMissing(CHROMA_MISSING) from e
     return chromadb
 
 
