@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -86,6 +88,84 @@ def to_gguf_f16(hf_dir: Path, out: Path) -> None:
         tail = "\n".join(proc.stderr.strip().splitlines()[-15:])
         raise ExportError(f"GGUF conversion of {hf_dir} failed (exit {proc.returncode}):\n{tail}")
     fsync_file(tmp)
+    faults.point("gguf_export")
+    tmp.rename(out)
+
+
+_LORA_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.default)?\.weight$")
+_LORA_ARCHS = {"LlamaForCausalLM": "LLAMA"}  # what ``lora_to_gguf`` maps; the embedded base is a Llama
+
+
+def lora_to_gguf(adapter_dir: Path, base_hf: Path, out: Path, task: str | None = None) -> None:
+    """Write the PEFT LoRA in ``adapter_dir`` (trained on ``base_hf``, an HF checkpoint) as a GGUF LoRA adapter that
+    llama.cpp applies at load or per request on top of ``base_hf``'s GGUF (``llama_set_adapters_lora``).
+
+    Each ``lora_A`` / ``lora_B`` pair becomes ``<GGUF tensor>.lora_a`` / ``.lora_b`` (the base tensor's GGUF name
+    from ``gguf``'s own name map), in float32, with ``adapter.lora.alpha`` set so that llama.cpp's scale (alpha / r)
+    is PEFT's. A Llama's query and key rows are stored permuted in its GGUF (the converter's layout for llama.cpp's
+    rotary embedding), so ``lora_B`` of ``q_proj`` / ``k_proj`` is permuted the same way: then B·A is the permuted
+    update of the permuted weight."""
+    import gguf
+    import numpy as np
+    from safetensors.numpy import load_file
+
+    config = json.loads((base_hf / "config.json").read_text())
+    arch = next((a for a in config.get("architectures", []) if a in _LORA_ARCHS), None)
+    if arch is None:
+        raise ExportError(f"a GGUF LoRA can be written for {', '.join(_LORA_ARCHS)} models; {base_hf} is "
+                          f"{config.get('architectures')}")
+    conf = json.loads((adapter_dir / "adapter_config.json").read_text())
+    r = int(conf["r"])
+    alpha = float(conf.get("lora_alpha", r))
+    if conf.get("use_rslora"):
+        alpha = alpha * r ** 0.5  # PEFT scales by alpha / sqrt(r); llama.cpp by alpha / r
+    if conf.get("use_dora") or conf.get("modules_to_save"):
+        raise ExportError(f"{adapter_dir}: DoRA and modules_to_save have no GGUF LoRA form")
+    n_layers, n_head = config["num_hidden_layers"], config["num_attention_heads"]
+    n_kv = config.get("num_key_value_heads", n_head)
+    names = gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, _LORA_ARCHS[arch]), n_layers)
+    pairs: dict[str, dict[str, np.ndarray]] = {}
+    for key, value in load_file(adapter_dir / "adapter_model.safetensors").items():
+        m = _LORA_KEY.match(key)
+        if m is None:
+            raise ExportError(f"{adapter_dir}: tensor {key!r} is not a LoRA A or B matrix")
+        pairs.setdefault(m["module"], {})[m["ab"]] = value.astype(np.float32)
+
+    def permute(b: np.ndarray, heads: int) -> np.ndarray:
+        return b.reshape(heads, 2, b.shape[0] // heads // 2, b.shape[1]).swapaxes(1, 2).reshape(b.shape)
+
+    tensors = []
+    for module, ab in sorted(pairs.items()):
+        if set(ab) != {"A", "B"}:
+            raise ExportError(f"{adapter_dir}: {module} has lora_{''.join(ab)} only")
+        target = names.get_name(module + ".weight", try_suffixes=(".weight",))
+        if target is None:
+            raise ExportError(f"{adapter_dir}: {module} has no GGUF tensor to adapt")
+        b = ab["B"]
+        if module.endswith("self_attn.q_proj"):
+            b = permute(b, n_head)
+        elif module.endswith("self_attn.k_proj"):
+            b = permute(b, n_kv)
+        tensors += [(f"{target}.lora_a", ab["A"]), (f"{target}.lora_b", b)]
+    tmp = out.with_name(out.name + ".tmp")
+    writer = gguf.GGUFWriter(str(tmp), gguf.MODEL_ARCH_NAMES[getattr(gguf.MODEL_ARCH, _LORA_ARCHS[arch])])
+    writer.add_string(gguf.Keys.General.TYPE, gguf.GGUFType.ADAPTER)
+    writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
+    writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
+    if task:
+        writer.add_string(gguf.Keys.Adapter.LORA_TASK_NAME, task)
+    for name, value in tensors:
+        writer.add_tensor(name, np.ascontiguousarray(value))
+    try:
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        fsync_file(tmp)
+    except BaseException:
+        writer.close()
+        tmp.unlink(missing_ok=True)
+        raise
     faults.point("gguf_export")
     tmp.rename(out)
 

@@ -83,19 +83,62 @@ def _render(formatter, messages: list[dict]):
 
 
 class LlamaCppModel:
-    """A loaded GGUF that answers OpenAI-shaped chat requests (``evolution.serving.Model``)."""
+    """A loaded GGUF that answers OpenAI-shaped chat requests (``evolution.serving.Model``).
+
+    **Task adapters.** ``load_adapter`` loads a GGUF LoRA (``export.lora_to_gguf``) for this model under a name; a
+    request applies the ones its ``args["adapters"]`` names (stacked in that order, each at scale 1), none where it
+    names none. Switching is ``llama_set_adapters_lora`` on the one context, between requests (all run on the llama
+    thread), plus a cleared prompt cache: what the cache holds was computed under the adapters of the request
+    before. The adapters are freed with the model."""
 
     def __init__(self, llm):
         self.llm = llm
         self._formatter = template_formatter(llm)
+        self._adapters: dict[str, object] = {}
+        self._applied: tuple[str, ...] = ()
+
+    def load_adapter(self, name: str, path: str | Path) -> None:
+        """Load the GGUF LoRA at ``path`` (may be ``/proc/self/fd/N``) as ``name``; ``ValueError`` where llama.cpp
+        cannot (another architecture, shapes that do not fit this model: its log says which)."""
+        import llama_cpp
+
+        handle = llama_cpp.llama_adapter_lora_init(self.llm.model, str(path).encode())
+        if not handle:
+            raise ValueError(f"llama.cpp cannot load the LoRA adapter {path} for this model")
+        self._adapters[name] = handle
+
+    @property
+    def adapters(self) -> list[str]:
+        return list(self._adapters)
+
+    def _use(self, args: dict) -> dict:
+        """``args`` without ``adapters``, the adapters it names applied to the context first."""
+        import ctypes
+
+        import llama_cpp
+
+        args = dict(args)
+        names = tuple(args.pop("adapters", None) or ())
+        if names != self._applied:
+            missing = [n for n in names if n not in self._adapters]
+            if missing:
+                raise KeyError(f"no adapter {missing[0]!r} is loaded for this model")
+            handles = (llama_cpp.llama_adapter_lora_p_ctypes * len(names))(*(self._adapters[n] for n in names))
+            scales = (ctypes.c_float * len(names))(*([1.0] * len(names)))
+            if llama_cpp.llama_set_adapters_lora(self.llm.ctx, handles, len(names), scales) != 0:
+                raise RuntimeError(f"llama.cpp could not apply the adapters {', '.join(names)}")
+            self._applied = names
+            self.llm.reset()
+            llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self.llm.ctx), True)
+        return args
 
     def chat(self, args: dict) -> dict:
         """One chat completion (OpenAI's response shape); ``ValueError`` when the prompt does not fit."""
-        return self.llm.create_chat_completion(**args)
+        return self.llm.create_chat_completion(**self._use(args))
 
     def stream(self, args: dict) -> Iterator[dict]:
         """The completion as OpenAI ``chat.completion.chunk`` dicts."""
-        return self.llm.create_chat_completion(stream=True, **args)
+        return self.llm.create_chat_completion(stream=True, **self._use(args))
 
     def chat_in_slices(self, args: dict, slice_s: float) -> Generator[None, None, str]:
         """``chat(args)``'s reply text, computed a slice of about ``slice_s`` seconds at a time: a generator that
@@ -116,6 +159,7 @@ class LlamaCppModel:
         ``slice_s``, measured as it goes), then the completion — which finds them in its cache and only generates —
         a chunk at a time, its text appended to ``parts``."""
         llm = self.llm
+        args = self._use(args)
         tokens = self._prompt_tokens(args["messages"])
         llm.reset()
         done, step = 0, 4

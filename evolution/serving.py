@@ -64,6 +64,8 @@ class Model(Protocol):
 
     def close(self) -> None: ...
 
+    # Optional: ``load_adapter(name, path)``, a GGUF LoRA a request may then name in ``args["adapters"]`` (applied
+    # in that order; ``LlamaCppModel``; ``ModelHost.load_adapter`` checks the file first).
     # Optional: ``chat_in_slices(args, slice_s)``, a generator returning ``chat``'s reply text, computed a slice at a
     # time (``LlamaCppModel``); the canary of a model without it runs in one piece.
 
@@ -264,6 +266,33 @@ class ModelHost:
         log.info("loaded generation %d (%s) in %.2f s; canary: %r", gen, path.name, time.perf_counter() - t0,
                  reply[:60])
         return Slot(gen, sha256, path, model, fd, canary_reply=reply, lineage=self.lineage)
+
+    def load_adapter(self, slot: Slot, name: str, path: Path, sha256: str) -> None:
+        """Load the GGUF LoRA at ``path`` into ``slot``'s model as ``name`` (a request then names it: ``Model``'s
+        ``args["adapters"]``), after checking its SHA-256 against ``sha256`` through the descriptor llama.cpp
+        reads; on the llama thread, between requests. Raise IntegrityError / LoadError otherwise; the model and its
+        other adapters are unchanged then."""
+        path = Path(path)
+        load = getattr(slot.model, "load_adapter", None)
+        if load is None:
+            raise LoadError(f"the serving backend cannot apply adapters ({type(slot.model).__name__})")
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError as exc:
+            raise LoadError(f"adapter {name!r}: cannot open {path}: {exc.strerror}") from None
+        try:
+            actual = _hash_fd(fd)
+            if actual != sha256:
+                raise IntegrityError(f"adapter {name!r}: {path} has sha256 {actual}, the ledger recorded {sha256}; "
+                                     "it is not the file that was gated and will not be served")
+            proc = Path(f"/proc/self/fd/{fd}")
+            try:
+                self._llama.submit(load, name, proc if proc.exists() else path).result()
+            except Exception as exc:
+                raise LoadError(f"adapter {name!r}: llama.cpp could not load {path}: {exc}") from None
+        finally:
+            os.close(fd)
+        log.info("loaded adapter %s (%s) for generation %d", name, path.name, slot.gen)
 
     def _canary(self, model: Model):
         """The canary's reply text, a slice at a time where the model can (``LlamaCppModel.chat_in_slices``)."""

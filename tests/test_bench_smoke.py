@@ -84,6 +84,12 @@ def test_serve_bench(tmp_path):
     assert [r["threads"] for r in swaps] == [1] and swaps[0]["swaps"]["failed"] == 0
 
 
+def test_adapter_bench(tmp_path):
+    bench("adapter", "--requests", "1", "--max-tokens", "2", "--rank", "2", tmp_path=tmp_path)
+    r = _report(tmp_path, "adapters")
+    assert set(r["latency_s"]) == {"no adapter", "one adapter", "switching"} and r["adapter_bytes"] > 0
+
+
 def test_serve_bench_chat_while_training(tmp_path):
     bench("serve", "--runs", "1", "--seconds", "2", "--skip-swaps", tmp_path=tmp_path)
     rows = _report(tmp_path, "serve")["chat_during_training"]
