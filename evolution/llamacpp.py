@@ -88,14 +88,22 @@ class LlamaCppModel:
     **Task adapters.** ``load_adapter`` loads a GGUF LoRA (``export.lora_to_gguf``) for this model under a name; a
     request applies the ones its ``args["adapters"]`` names (stacked in that order, each at scale 1), none where it
     names none. Switching is ``llama_set_adapters_lora`` on the one context, between requests (all run on the llama
-    thread), plus a cleared prompt cache: what the cache holds was computed under the adapters of the request
-    before. The adapters are freed with the model."""
+    thread). What the prompt cache holds was computed under the adapters of the request before, so it cannot serve
+    the next; instead each set of adapters keeps its own: on a switch the cache of the set left (its first
+    ``KEPT_TOKENS`` tokens: an agent's system prompt) is copied out and the cache the next set left is copied back,
+    so requests that share a prefix do not evaluate it again after every switch. The adapters are freed with the
+    model."""
+
+    KEPT_TOKENS = 1024
+    """Tokens of the prompt cache each set of adapters keeps while another is applied (at most ``KEPT_SETS`` sets)."""
+    KEPT_SETS = 8
 
     def __init__(self, llm):
         self.llm = llm
         self._formatter = template_formatter(llm)
         self._adapters: dict[str, object] = {}
         self._applied: tuple[str, ...] = ()
+        self._kept: dict[tuple[str, ...], tuple] = {}  # adapter set -> (tokens, KV bytes, size) of its cache
 
     def load_adapter(self, name: str, path: str | Path) -> None:
         """Load the GGUF LoRA at ``path`` (may be ``/proc/self/fd/N``) as ``name``; ``ValueError`` where llama.cpp
@@ -106,6 +114,9 @@ class LlamaCppModel:
         if not handle:
             raise ValueError(f"llama.cpp cannot load the LoRA adapter {path} for this model")
         self._adapters[name] = handle
+        self._kept = {k: v for k, v in self._kept.items() if name not in k}  # computed under the one it replaces
+        if name in self._applied:
+            self._applied = ("",)  # applied again by the next request
 
     @property
     def adapters(self) -> list[str]:
@@ -123,14 +134,53 @@ class LlamaCppModel:
             missing = [n for n in names if n not in self._adapters]
             if missing:
                 raise KeyError(f"no adapter {missing[0]!r} is loaded for this model")
+            self._keep_cache()
             handles = (llama_cpp.llama_adapter_lora_p_ctypes * len(names))(*(self._adapters[n] for n in names))
             scales = (ctypes.c_float * len(names))(*([1.0] * len(names)))
             if llama_cpp.llama_set_adapters_lora(self.llm.ctx, handles, len(names), scales) != 0:
                 raise RuntimeError(f"llama.cpp could not apply the adapters {', '.join(names)}")
             self._applied = names
-            self.llm.reset()
-            llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self.llm.ctx), True)
+            self._restore_cache(names)
         return args
+
+    def _keep_cache(self) -> None:
+        """Copy out the prompt cache of the adapters applied now (its first ``KEPT_TOKENS`` tokens)."""
+        import ctypes
+
+        import llama_cpp
+
+        llm, key = self.llm, self._applied
+        n = min(llm.n_tokens, self.KEPT_TOKENS)
+        self._kept.pop(key, None)
+        if n == 0 or "" in key:
+            return
+        llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(llm.ctx), 0, n, -1)
+        size = llama_cpp.llama_state_seq_get_size(llm.ctx, 0)
+        buf = (ctypes.c_uint8 * size)()
+        got = llama_cpp.llama_state_seq_get_data(llm.ctx, buf, size, 0)
+        if got:
+            self._kept[key] = (llm.input_ids[:n].copy(), buf, got)
+            while len(self._kept) > self.KEPT_SETS:
+                self._kept.pop(next(iter(self._kept)))
+
+    def _restore_cache(self, key: tuple[str, ...]) -> None:
+        """The prompt cache ``key``'s adapters left, copied back (an empty one where they left none)."""
+        import llama_cpp
+
+        llm = self.llm
+        llm.reset()
+        memory = llama_cpp.llama_get_memory(llm.ctx)
+        llama_cpp.llama_memory_clear(memory, True)
+        kept = self._kept.pop(key, None)
+        if kept is None:
+            return
+        tokens, buf, size = kept
+        if llama_cpp.llama_state_seq_set_data(llm.ctx, buf, size, 0) != size:
+            llama_cpp.llama_memory_clear(memory, True)
+            return
+        llm.input_ids[:len(tokens)] = tokens
+        llm.n_tokens = len(tokens)
+        llm._requires_eval = True  # the logits are not restored: the next request evaluates at least one token
 
     def chat(self, args: dict) -> dict:
         """One chat completion (OpenAI's response shape); ``ValueError`` when the prompt does not fit."""

@@ -19,8 +19,10 @@ from evolution.fsutil import sha256_file
 from evolution.llamacpp import open_llama
 from evolution.serving import ModelHost
 
-PROMPT = [{"role": "user", "content": "Hello there, who are you?"}]
+PROMPT = [{"role": "system", "content": "You answer in one short sentence."},
+          {"role": "user", "content": "Hello there, who are you?"}]
 ARGS = {"messages": PROMPT, "temperature": 0.0, "max_tokens": 12, "seed": 0}
+ARGS2 = {**ARGS, "messages": PROMPT[:1] + [{"role": "user", "content": "What is the weather like?"}]}  # same prefix
 
 
 def _lora(base, out, seed: int, r: int = 8):
@@ -81,15 +83,16 @@ def _reply(out: dict) -> str:
 def test_each_request_gets_the_adapters_it_names_and_no_other(built):
     from llama_cpp import Llama
 
-    def alone(lora=None):  # llama.cpp with the adapter applied at load: what a request naming it must get
+    def alone(lora=None, args=ARGS):  # llama.cpp with the adapter applied at load: what a request naming it gets
         llm = Llama(str(built / "base.gguf"), n_ctx=256, n_threads=1, verbose=False, seed=0,
                     lora_path=str(built / f"lora-{lora}.gguf") if lora else None)
         try:
-            return _reply(llm.create_chat_completion(**ARGS))
+            return _reply(llm.create_chat_completion(**args))
         finally:
             llm.close()
 
     want = {(): alone(), ("a",): alone("a"), ("b",): alone("b")}
+    want2 = {(): alone(args=ARGS2), ("a",): alone("a", ARGS2), ("b",): alone("b", ARGS2)}
     assert len(set(want.values())) == 3
     host = ModelHost(n_ctx=256, n_threads=1)
     try:
@@ -99,9 +102,13 @@ def test_each_request_gets_the_adapters_it_names_and_no_other(built):
             host.load_adapter(slot, name, built / f"lora-{name}.gguf", sha256_file(built / f"lora-{name}.gguf"))
         assert slot.model.adapters == ["a", "b"]
         # every order of switches: the prompt cache of the request before never leaks into the next
-        for names in [(), ("a",), ("a",), (), ("b",), ("a",), ("b",), ()]:
-            got = host.call(lambda s: _reply(s.model.chat({**ARGS, "adapters": list(names)})))
-            assert got == want[names], names
+        for i, names in enumerate([(), ("a",), ("a",), (), ("b",), ("a",), ("b",), (), ("a",), ("b",), ()]):
+            args, expect = (ARGS, want) if i % 2 == 0 else (ARGS2, want2)  # a cache kept under a shared prefix
+            got = host.call(lambda s: _reply(s.model.chat({**args, "adapters": list(names)})))
+            assert got == expect[names], (i, names)
+        # switching back to a set used before finds its prompt cache: the shared prefix is not evaluated again
+        assert host.call(lambda s: (s.model._use({"adapters": ["a"]}), s.model.llm.n_tokens)[1]) > len(PROMPT)
+        assert host.call(lambda s: _reply(s.model.chat({**ARGS, "adapters": ["a"]}))) == want[("a",)]
         both = host.call(lambda s: _reply(s.model.chat({**ARGS, "adapters": ["a", "b"]})))
         assert both not in want.values()  # stacked: both applied
         with pytest.raises(KeyError, match="no adapter 'c'"):
