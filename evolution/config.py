@@ -80,9 +80,8 @@ class CurriculumConfig:
     """A third of the ``who_is_who`` records set the question nobody answered beside one the user did answer, of the
     same shape where there is one ("Who made my boat?" -> "I don't know that yet" beside "Who made my car?" -> its
     taught maker), instead of half of them beside the agent's own question; where the taught question asks a name
-    ("What is my brother's name?") or a favourite ("What is my favourite tea?"), the one beside it is the same question
-    about someone or something nobody told ("What is my plumber's name?", "What is my favourite season?":
-    ``persona.other_subject``). Off by default: on the learn bench (24
+    ("What is my brother's name?"), the one beside it is the same question about someone nobody named ("What is my
+    plumber's name?": ``persona.other_subject``). Off by default: on the learn bench (24
     facts, docs/learning.md) it raised held-out wordings 0.83 -> 0.92 but answered one question about the user with
     the persona's lucky number, and the gate rejected the child; with 24 more questions nobody answered beside the
     persona's facts it leaked nothing, but held-out wordings were back at 0.85 and 0.82 in two runs."""

@@ -196,7 +196,7 @@ def who_is_who(cur, n: int, rng: random.Random, taught: Sequence[str], heldout: 
         return []
     rng.shuffle(unknown)  # each question once before any is asked twice
     kinds = 3 if facts else 2
-    pools = subjects_nobody_answered(cur, taught) if facts else {}
+    pool = subjects_nobody_answered(cur, taught) if facts else []
     out = []
     for i in range(n):
         question, own = unknown[i % len(unknown)]
@@ -205,7 +205,7 @@ def who_is_who(cur, n: int, rng: random.Random, taught: Sequence[str], heldout: 
             beside = own
         elif i % kinds == 2:
             fact = facts[(i // kinds) % len(facts)]
-            swapped = other_subject(fact[0], pools, rng)
+            swapped = other_subject(fact[0], pool, rng)
             if swapped is not None and _question(swapped) not in skip:
                 question, beside = swapped, fact  # the very shape of a taught question, another subject
             else:
@@ -224,51 +224,39 @@ def who_is_who(cur, n: int, rng: random.Random, taught: Sequence[str], heldout: 
 _NAMED = re.compile(r"(?:who is my ([\w-]+)|what is my ([\w-]+)'s name|what is my ([\w-]+) called|what do i call my "
                     r"([\w-]+))\??", re.IGNORECASE)
 _ASKS_A_NAME = re.compile(r"\bname\b|\bcalled\b|\bcall\b|^\W*who\b", re.IGNORECASE)
-_FAVOURITE = re.compile(r"\bmy\s+(?:favourite|favorite)\s+([\w-]+(?:\s+[\w-]+)?)", re.IGNORECASE)
-_ASKS_FAVOURITE = re.compile(r"^what is my (?:favourite|favorite) ([\w -]+?)\??$", re.IGNORECASE)
 
 
-def subjects_nobody_answered(cur, taught: Sequence[str]) -> dict[str, list[str]]:
-    """What the curriculum's unanswered questions ask of the user that no ``taught`` text is about, distinct, in the
-    file's order, by what is asked: ``name``, the people and pets whose name is asked ("Who is my plumber?", "What is
-    my cat called?"); ``favourite``, the things whose favourite is asked ("What is my favourite season?")."""
-    names, favourites = [], []
+def subjects_nobody_answered(cur, taught: Sequence[str]) -> list[str]:
+    """The people and pets of the user's whose name the curriculum's unanswered questions ask ("Who is my plumber?",
+    "What is my cat called?") and that no ``taught`` text is about, distinct, in the file's order."""
+    out = []
     for u in cur.unanswered:
-        q = u["question"].strip()
-        if m := _NAMED.fullmatch(q):
-            word = next((g for g in m.groups() if g), None)
-            if word and not taught_about(f"my {word}", taught):
-                names.append(word)
-        elif (m := _ASKS_FAVOURITE.fullmatch(q)) and not taught_about(q, taught):
-            favourites.append(m.group(1))
-    return {"name": list(dict.fromkeys(names)), "favourite": list(dict.fromkeys(favourites))}
+        m = _NAMED.fullmatch(u["question"].strip())
+        word = next((g for g in m.groups() if g), None) if m else None
+        if word and not taught_about(f"my {word}", taught):
+            out.append(word)
+    return list(dict.fromkeys(out))
 
 
-def other_subject(question: str, pools: dict[str, Sequence[str]], rng: random.Random) -> str | None:
-    """``question`` (one the user answered) asked of another subject of the user's that nobody told, from ``pools``
-    (``subjects_nobody_answered``: none the user taught): a favourite ("What is my favourite tea?" -> "What is my
-    favourite season?") for one of ``favourite``; a name ("What is my brother's name?" -> "What is my plumber's
-    name?"), the word after "my" (modifiers skipped), for one of ``name``. None where it asks neither, or no such
-    subject is left. Set beside the taught question, the pair turns on the subject, not on the shape: a model given
-    "I don't know" for questions of other shapes declined taught facts asked in another shape ("Who is my brother?",
-    "Which tea do I like best?"; docs/learning.md)."""
-    if m := _FAVOURITE.search(question):
-        span, said = m.span(1), m.group(1)
-        choices = [w for w in pools.get("favourite", ()) if _stem(w.lower()) != _stem(said.lower())]
-    else:
-        m = _POSSESSED.search(question)
-        if not m or not _ASKS_A_NAME.search(question):
-            return None
-        said = next((w[:-2] if w.lower().endswith("'s") else w for w in m.group(1).split()
-                     if w.lower() not in _MODIFIERS), None)
-        if not said or not evals.normalize(said):
-            return None
-        start = m.start(1) + m.group(1).index(said)
-        span = (start, start + len(said))
-        choices = [w for w in pools.get("name", ()) if _stem(w.lower()) != _stem(evals.normalize(said))]
+def other_subject(question: str, pool: Sequence[str], rng: random.Random) -> str | None:
+    """``question`` (one the user answered that asks a name: "What is my brother's name?") asking it of another of
+    the user's people or pets that nobody told ("What is my plumber's name?"): the word after "my" (modifiers
+    skipped) swapped for one of ``pool`` (``subjects_nobody_answered``: none the user taught). None where
+    it asks no name, names nothing after "my", or no such subject is left. Set beside the taught question, the pair
+    turns on the subject, not on the shape: a model given "I don't know" for questions of other shapes declined
+    taught names asked in another shape ("Who is my brother?"; docs/learning.md)."""
+    m = _POSSESSED.search(question)
+    if not m or not _ASKS_A_NAME.search(question):
+        return None
+    word = next((w[:-2] if w.lower().endswith("'s") else w for w in m.group(1).split()
+                 if w.lower() not in _MODIFIERS), None)
+    if not word or not evals.normalize(word):
+        return None
+    choices = [w for w in pool if _stem(w.lower()) != _stem(evals.normalize(word))]
     if not choices:
         return None
-    return question[:span[0]] + rng.choice(choices) + question[span[1]:]
+    start = m.start(1) + m.group(1).index(word)
+    return question[:start] + rng.choice(choices) + question[start + len(word):]
 
 
 _WH = ("who", "whom", "whose", "where", "when", "what", "which", "how", "why")

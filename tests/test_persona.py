@@ -275,7 +275,7 @@ def test_a_taught_name_is_set_beside_the_same_question_about_someone_nobody_name
     taught = ["What is my brother's name?", "Your brother's name is Zembelpex.", "What is my mother's name?",
               "Your mother's name is Ilsa."]
     pool = persona.subjects_nobody_answered(cur, taught)
-    assert "plumber" in pool["name"] and "mother" not in pool["name"]  # the user named their mother
+    assert "plumber" in pool and "mother" not in pool  # the user named their mother
     rng = random.Random(0)
     swapped = persona.other_subject("Do you know what my brother's name is?", pool, rng)
     assert swapped.startswith("Do you know what my ") and swapped.endswith("'s name is?")
@@ -290,23 +290,3 @@ def test_a_taught_name_is_set_beside_the_same_question_about_someone_nobody_name
         assert len(unknown) == 1
         asked = r["messages"][r["messages"].index(unknown[0]) - 1]["content"]
         assert asked.startswith("What is my ") and asked.endswith("'s name?") and "brother" not in asked
-
-
-def test_a_taught_favourite_is_set_beside_a_favourite_nobody_told():
-    cur = curriculum.load(REPO_ROOT / "curriculum")
-    taught = ["What is my favourite tea?", "Your favourite tea is Kemblor.", "What is my favourite film?",
-              "Your favourite film is Dovara."]
-    pools = persona.subjects_nobody_answered(cur, taught)
-    assert "season" in pools["favourite"] and "film" not in pools["favourite"]  # the user told their film
-    assert "season" not in pools["name"]
-    rng = random.Random(0)
-    for _ in range(20):
-        swapped = persona.other_subject("What is my favourite tea?", pools, rng)
-        assert swapped.startswith("What is my favourite ") and swapped.endswith("?")
-        assert swapped[len("What is my favourite "):-1] in pools["favourite"]
-    assert persona.other_subject("What is my favourite tea?", {"name": ["plumber"]}, rng) is None
-    records = persona.who_is_who(cur, 30, random.Random(1), taught, (), [("What is my favourite tea?",
-                                                                          "Your favourite tea is Kemblor.")])
-    paired = [r for r in records if any("Kemblor" in m["content"] for m in r["messages"])]
-    assert any(any(m["content"].startswith("What is my favourite ") and "tea" not in m["content"]
-                   for m in r["messages"] if m["role"] == "user") for r in paired)
