@@ -8,13 +8,16 @@ materialized base. Each phase sends the same ``--requests`` chat requests one af
 a different question after one shared system prompt, as an agent's are), with the adapters a, b, none, a, ...:
 
 1. **never switched** (the baseline of the same run): each set's requests one after another;
-2. **switching**: the same requests in their order, each naming other adapters than the one before;
+2. **switching**: the same requests in their order, each naming other adapters than the one before.
 
 Both run ``--repeats`` times, interleaved, and each request's time is its fastest (one request's time varies by
 ±100 ms on a shared 2-core VM). The extra latency of a switch is taken per request (switching − never switched: the
 same prompt, the same adapters, the same reply at temperature 0), so replies of different lengths under different
-adapters do not enter it; the baseline's own spread (slowest − fastest of a request) is reported beside it. Reports each phase's latency p50 and p100, the extra latency switching costs a request (p50 and p100), the switch itself (``llama_set_adapters_lora`` and the cleared prompt cache, timed
-alone), an adapter's load time and file size. Writes ``docs/bench/<date>-adapters.md`` and ``.json``.
+adapters do not enter it; the baseline's own spread (slowest − fastest of a request) is reported beside it.
+
+Reports each phase's latency p50 and p100, the extra latency switching costs a request (p50 and p100), the switch
+itself (``llama_set_adapters_lora`` and the prompt caches copied out and back, timed alone), an adapter's load time
+and file size. Writes ``docs/bench/<date>-adapters.md`` and ``.json``.
 """
 
 from __future__ import annotations
@@ -120,7 +123,7 @@ def run(args) -> dict:
                 print(f"[adapters] {phase}: p50 {_pct(xs, 0.5) * 1000:.0f} ms, p100 {max(xs) * 1000:.0f} ms",
                       flush=True)
             switch = []
-            for i in range(50):  # the switch alone: set the adapters, clear the prompt cache
+            for i in range(50):  # the switch alone: set the adapters, copy the prompt caches out and back
                 t = time.perf_counter()
                 host.call(lambda s, n=cycle[i % 3]: s.model._use({"adapters": n}))
                 switch.append(time.perf_counter() - t)
@@ -159,7 +162,7 @@ def main() -> None:
             f"Extra latency of switching (per request, switching − never switched): p50 {ms(extra['p50'])} ms, p100 "
             f"{ms(extra['p100'])} ms, mean {ms(extra['mean'])} ms (goal ≤ 50 ms), each request's fastest of "
             f"{r['repeats']}; the baseline's own spread (a request's slowest − fastest): p50 {ms(noise['p50'])} ms, "
-            f"p100 {ms(noise['p100'])} ms. The switch alone (set the adapters, clear the prompt cache): "
+            f"p100 {ms(noise['p100'])} ms. The switch alone (set the adapters, copy the prompt caches out and back): "
             f"p50 {r['switch_alone_s']['p50'] * 1e6:.0f} µs, p100 {r['switch_alone_s']['p100'] * 1e6:.0f} µs."]
     print(f"[adapters] extra latency of switching: p50 {ms(extra['p50'])} ms, p100 {ms(extra['p100'])} ms "
           f"(the baseline's own spread: p50 {ms(noise['p50'])} ms, p100 {ms(noise['p100'])} ms); "
