@@ -76,15 +76,14 @@ class CurriculumConfig:
     yet", half of them beside the agent's own question and its persona answer); with it each fact's variants are also
     set against the persona. At most ``experience_variant_share`` x the SFT curriculum's records (a tiny curriculum
     gets a few). 0 turns both off."""
-    who_is_who_beside_taught: bool = False
+    who_is_who_beside_taught: bool = True
     """A third of the ``who_is_who`` records set the question nobody answered beside one the user did answer, of the
     same shape where there is one ("Who made my boat?" -> "I don't know that yet" beside "Who made my car?" -> its
     taught maker), instead of half of them beside the agent's own question; where the taught question asks a name
     ("What is my brother's name?"), the one beside it is the same question about someone nobody named ("What is my
-    plumber's name?": ``persona.other_subject``). Off by default: on the learn bench (24
-    facts, docs/learning.md) it raised held-out wordings 0.83 -> 0.92 but answered one question about the user with
-    the persona's lucky number, and the gate rejected the child; with 24 more questions nobody answered beside the
-    persona's facts it leaked nothing, but held-out wordings were back at 0.85 and 0.82 in two runs."""
+    plumber's name?": ``persona.other_subject``). On by default since two learn-bench runs (24 facts,
+    docs/learning.md): held-out wordings 0.89 and 0.91 against the default's 0.83 before, no persona leak, a pass,
+    SFT tokens +3 %. False: half of the records beside the agent's own question instead."""
     rehearse_max: int = 1500
     """Earlier experience (posted conversations, approved and corrected replies, and their variants, in every earlier
     generation's data) is re-taught at every age-up, newest first and sources before variants, up to this many
