@@ -533,7 +533,9 @@ QUICK: dict = {
     "quick": True,
     # Who is who at its earlier 192: at 288 (the default since b1e709d) the quick child of the embedded-model test
     # was rejected on style drift (2.06 > 2.0): in 100 steps its many "I don't know" replies outweigh the style.
-    "curriculum": {"who_is_who": 192},
+    # Beside taught questions off (the default is on): one quick learn-bench run with it on kept curriculum recall at
+    # 0.77 against 0.92 with it off (docs/bench/2026-12-07-learn-quick-trial-beside.md); 100 steps have no room for it.
+    "curriculum": {"who_is_who": 192, "who_is_who_beside_taught": False},
     # Preference steps are capped too: each runs the parent beside the child (a reference forward).
     "train": {"cpt": {"max_steps": 6}, "sft": {"max_steps": 100, "epochs": 1.0}, "preference": {"max_steps": 20},
               "save_steps": 20},

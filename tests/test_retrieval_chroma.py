@@ -101,6 +101,12 @@ def test_the_daemons_lessons_in_chroma_with_generation_0s_gguf_embeddings(daemon
     from evolution.retrieval import summary
 
     assert summary(daemon.root, cfg)["pending"] == 1
+    r2.close()  # the daemon's stop: the store's client let go
+    assert r2.index._open is None
+    assert [n.answer for n in r2.notes_for([{"role": "user", "content": "What is my dog called?"}])] == \
+        ["Your dog is called Bramble."]  # opened again on use
+    r.close()
+    r2.close()
 
 
 def test_without_chromadb_the_error_says_what_to_install(tmp_path, monkeypatch):

@@ -529,6 +529,8 @@ class Daemon:
             self._collect_worker()
         self.older.close()  # before the host: they share its llama thread, which closing the host ends
         self.host.close()
+        if self.retrieval is not None:
+            self.retrieval.close()
         if self.ledger is not None:
             self.ledger.close()
         if self._claim is not None:

@@ -253,6 +253,12 @@ class Retrieval:
         self.counts["notes"] += len(chosen)
         return chosen
 
+    def close(self) -> None:
+        """Let go of the index (a Chroma store's client; FTS5 opens its file per call and holds nothing)."""
+        close = getattr(self.index, "close", None)
+        if close is not None:
+            close()
+
     def summary(self) -> dict:
         """What ``/status`` shows: on or off, lessons pending in retrieval (by source), lessons the weights carry."""
         return summary(self.root, self.cfg) | {"counts": dict(self.counts)}
