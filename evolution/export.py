@@ -123,7 +123,8 @@ def lora_to_gguf(adapter_dir: Path, base_hf: Path, out: Path, task: str | None =
         raise ExportError(f"{adapter_dir}: DoRA and modules_to_save have no GGUF LoRA form")
     n_layers, n_head = config["num_hidden_layers"], config["num_attention_heads"]
     n_kv = config.get("num_key_value_heads", n_head)
-    names = gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, _LORA_ARCHS[arch]), n_layers)
+    model_arch = getattr(gguf.MODEL_ARCH, _LORA_ARCHS[arch])
+    names = gguf.get_tensor_name_map(model_arch, n_layers)
     pairs: dict[str, dict[str, np.ndarray]] = {}
     for key, value in load_file(adapter_dir / "adapter_model.safetensors").items():
         m = _LORA_KEY.match(key)
@@ -148,7 +149,7 @@ def lora_to_gguf(adapter_dir: Path, base_hf: Path, out: Path, task: str | None =
             b = permute(b, n_kv)
         tensors += [(f"{target}.lora_a", ab["A"]), (f"{target}.lora_b", b)]
     tmp = out.with_name(out.name + ".tmp")
-    writer = gguf.GGUFWriter(str(tmp), gguf.MODEL_ARCH_NAMES[getattr(gguf.MODEL_ARCH, _LORA_ARCHS[arch])])
+    writer = gguf.GGUFWriter(str(tmp), gguf.MODEL_ARCH_NAMES[model_arch])
     writer.add_string(gguf.Keys.General.TYPE, gguf.GGUFType.ADAPTER)
     writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
     writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)

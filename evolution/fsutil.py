@@ -44,6 +44,13 @@ def tree_mismatches(root: str | os.PathLike, expected: dict[str, str], skip: fro
     return problems
 
 
+def fd_path(fd: int, path: str | os.PathLike) -> Path:
+    """The name that opens exactly the file open as ``fd`` (``/proc/self/fd/N`` on Linux: even if ``path`` was
+    replaced since), else ``path``."""
+    proc = Path(f"/proc/self/fd/{fd}")
+    return proc if proc.exists() else Path(path)
+
+
 def fsync_dir(path: str | os.PathLike) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:

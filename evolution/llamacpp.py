@@ -102,7 +102,7 @@ class LlamaCppModel:
         self.llm = llm
         self._formatter = template_formatter(llm)
         self._adapters: dict[str, object] = {}
-        self._applied: tuple[str, ...] = ()
+        self._applied: tuple[str, ...] | None = ()  # None: applied adapters were replaced; set them again
         self._kept: dict[tuple[str, ...], tuple] = {}  # adapter set -> (tokens, KV bytes, size) of its cache
 
     def load_adapter(self, name: str, path: str | Path) -> None:
@@ -115,8 +115,8 @@ class LlamaCppModel:
             raise ValueError(f"llama.cpp cannot load the LoRA adapter {path} for this model")
         self._adapters[name] = handle
         self._kept = {k: v for k, v in self._kept.items() if name not in k}  # computed under the one it replaces
-        if name in self._applied:
-            self._applied = ("",)  # applied again by the next request
+        if self._applied is not None and name in self._applied:
+            self._applied = None  # applied again by the next request
 
     @property
     def adapters(self) -> list[str]:
@@ -151,8 +151,10 @@ class LlamaCppModel:
 
         llm, key = self.llm, self._applied
         n = min(llm.n_tokens, self.KEPT_TOKENS)
+        if key is None:  # computed under an adapter since replaced: nothing worth keeping
+            return
         self._kept.pop(key, None)
-        if n == 0 or "" in key:
+        if n == 0:
             return
         llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(llm.ctx), 0, n, -1)
         size = llama_cpp.llama_state_seq_get_size(llm.ctx, 0)
@@ -245,6 +247,6 @@ class LlamaCppBackend:
     def load(self, path: Path, fd: int) -> LlamaCppModel:
         """Load the GGUF open as ``fd`` (hashed by the caller), mapped through ``/proc/self/fd/N`` on
         Linux so what loads is exactly what was hashed; ``path`` elsewhere."""
-        proc = Path(f"/proc/self/fd/{fd}")
-        return LlamaCppModel(open_llama(proc if proc.exists() else path, n_ctx=self.n_ctx,
-                                        n_threads=self.n_threads, seed=None))
+        from evolution.fsutil import fd_path
+
+        return LlamaCppModel(open_llama(fd_path(fd, path), n_ctx=self.n_ctx, n_threads=self.n_threads, seed=None))

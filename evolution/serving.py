@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import Protocol, TypeVar
 
 from evolution.errors import IntegrityError, LoadError, NotReady
+from evolution.fsutil import fd_path
 from evolution.llamathread import SLICE_S, LlamaThread
 from evolution.paths import LINEAGE_RE, MAIN
 
@@ -199,6 +200,26 @@ def _hash_fd(fd: int) -> str:
     return h.hexdigest()
 
 
+def _open_checked(what: str, path: Path, sha256: str) -> int:
+    """``path`` opened read-only and hashed through that descriptor, which is returned (the caller closes it) when the
+    digest is ``sha256``: ``what`` (a generation, an adapter) then loads exactly these bytes (``fsutil.fd_path``).
+    LoadError where it cannot be opened, IntegrityError where its bytes changed."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError as exc:
+        raise LoadError(f"{what}: cannot open {path}: {exc.strerror}") from None
+    try:
+        actual = _hash_fd(fd)
+    except BaseException:
+        os.close(fd)
+        raise
+    if actual != sha256:
+        os.close(fd)
+        raise IntegrityError(f"{what}: {path} has sha256 {actual}, the ledger recorded {sha256}; it is not the file "
+                             "that was gated and will not be served")
+    return fd
+
+
 class ModelHost:
     """Holds the current model; see the module docstring."""
 
@@ -236,15 +257,8 @@ class ModelHost:
         LoadError / IntegrityError otherwise. The current model keeps serving meanwhile."""
         t0 = time.perf_counter()
         path = Path(path)
+        fd = _open_checked(f"generation {gen}", path, sha256)  # off the llama thread: requests go on meanwhile
         try:
-            fd = os.open(path, os.O_RDONLY)
-        except OSError as exc:
-            raise LoadError(f"generation {gen}: cannot open {path}: {exc.strerror}") from None
-        try:
-            actual = _hash_fd(fd)  # off the llama thread: requests keep being answered while it hashes
-            if actual != sha256:
-                raise IntegrityError(f"generation {gen}: {path} has sha256 {actual}, the ledger recorded {sha256}; "
-                                     "it is not the file that was gated and will not be served")
             with _LOADING:
                 try:
                     model = self.backend.load(path, fd)
@@ -276,20 +290,11 @@ class ModelHost:
         load = getattr(slot.model, "load_adapter", None)
         if load is None:
             raise LoadError(f"the serving backend cannot apply adapters ({type(slot.model).__name__})")
+        fd = _open_checked(f"adapter {name!r}", path, sha256)
         try:
-            fd = os.open(path, os.O_RDONLY)
-        except OSError as exc:
-            raise LoadError(f"adapter {name!r}: cannot open {path}: {exc.strerror}") from None
-        try:
-            actual = _hash_fd(fd)
-            if actual != sha256:
-                raise IntegrityError(f"adapter {name!r}: {path} has sha256 {actual}, the ledger recorded {sha256}; "
-                                     "it is not the file that was gated and will not be served")
-            proc = Path(f"/proc/self/fd/{fd}")
-            try:
-                self._llama.submit(load, name, proc if proc.exists() else path).result()
-            except Exception as exc:
-                raise LoadError(f"adapter {name!r}: llama.cpp could not load {path}: {exc}") from None
+            self._llama.submit(load, name, fd_path(fd, path)).result()
+        except Exception as exc:
+            raise LoadError(f"adapter {name!r}: llama.cpp could not load {path}: {exc}") from None
         finally:
             os.close(fd)
         log.info("loaded adapter %s (%s) for generation %d", name, path.name, slot.gen)

@@ -114,6 +114,10 @@ def test_each_request_gets_the_adapters_it_names_and_no_other(built):
         with pytest.raises(KeyError, match="no adapter 'c'"):
             host.call(lambda s: s.model.chat({**ARGS, "adapters": ["c"]}))
         assert host.call(lambda s: _reply(s.model.chat(ARGS))) == want[()]
+        host.call(lambda s: s.model.chat({**ARGS, "adapters": ["a"]}))
+        # "a" loaded again from b's file while applied: the next request gets the new one, not a's cache
+        host.load_adapter(slot, "a", built / "lora-b.gguf", sha256_file(built / "lora-b.gguf"))
+        assert host.call(lambda s: _reply(s.model.chat({**ARGS, "adapters": ["a"]}))) == want[("b",)]
     finally:
         host.close()
 
