@@ -27,7 +27,7 @@ from filelock import FileLock, Timeout
 
 from evolution import base as base_model
 from evolution import curriculum as curriculum_mod
-from evolution import export, gate, promotion, replay, retention, train, weights
+from evolution import export, gate, promotion, replay, retention, tasks, train, weights
 from evolution import progress as progress_mod
 from evolution.config import AgeUpConfig
 from evolution.errors import AgeUpsPaused, DiskFull, EvolutionError, GenerationError, IntegrityError
@@ -101,6 +101,8 @@ def _finalize(root: DataRoot, state: _State, staging: Path, base_name: str) -> G
         arts.append(Artifact.of(staging, f"{HF_DIR}/{f.name}", "safetensors"))
     for f in sorted((staging / "adapter").glob("*.safetensors")) if (staging / "adapter").is_dir() else []:
         arts.append(Artifact.of(staging, f"adapter/{f.name}", "adapter"))
+    for f in sorted((staging / tasks.FOLDER).glob("*.gguf")) if (staging / tasks.FOLDER).is_dir() else []:
+        arts.append(Artifact.of(staging, f"{tasks.FOLDER}/{f.name}", tasks.KIND))
     cfg = AgeUpConfig.from_dict(state.config)
     summary = GenerationSummary(
         gen=state.gen,
@@ -119,6 +121,7 @@ def _finalize(root: DataRoot, state: _State, staging: Path, base_name: str) -> G
         resumed=state.info.get("resumed", False),
         gate=state.info.get("gate"),
         weights=state.info.get("weights"),
+        tasks=state.info.get("tasks"),
     )
     atomic_write_json(staging / "config.json", state.config)
     atomic_write_json(staging / "generation.json", summary.to_dict())
@@ -478,6 +481,22 @@ def _age_up_locked(root: DataRoot, cfg: AgeUpConfig, ledger: Ledger, cur, base, 
         state.info["gate"] = _gate_info(result)
 
     _run(state, "gate", do_gate, stage_cb)
+
+    def do_tasks():  # one adapter per task of [tasks], on a child that passed (``evolution.tasks``)
+        if (state.info.get("gate") or {}).get("verdict") != ev.PASS:
+            log.info("tasks: %s failed its gate; no task adapter is trained on it", gen_name(child))
+            return
+
+        def save(done: dict) -> None:
+            state.info["tasks"] = done
+            state.save()
+
+        tasks.build(staging, staging / GGUF_NAME, staging / HF_DIR, child, parent, root.root, ledger, cfg,
+                    gate.saved_recall_items(staging / "data"), replay.read(staging / "data", ["sft"])["sft"],
+                    dict(state.info.get("tasks") or {}), save, progress)
+
+    if cfg.tasks.names:
+        _run(state, "tasks", do_tasks, stage_cb)
     stage_cb("finalize", "start")
     summary = _finalize(root, state, staging, GenerationSummary.load(parent_dir).base)
     stage_cb("finalize", "done")

@@ -26,7 +26,7 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from evolution.checks import flag
+from evolution.checks import flag, positive_int, positive_num, share_or_unset
 from evolution.errors import ConfigError
 from evolution.metrics import TABLE, GateSettings
 from evolution.paths import REPO_ROOT
@@ -182,6 +182,67 @@ class ExportConfig:
         return p
 
 
+@dataclass(slots=True)
+class TasksConfig:
+    """``[tasks]``: task adapters (``evolution.tasks``): one LoRA per task on top of each passed generation.
+
+    A chat to ``evolution[-LINEAGE]:TASK``, a transcript or probe posted with ``"task"``, is the task's: kept out
+    of the lineage's own training, trained into the task's adapter, answered with it applied."""
+
+    names: list[str] = field(default_factory=list)
+    """The tasks (lower-case letters, digits, '-' and '_'; e.g. ["review", "planning"]); none: no adapters."""
+    min_rows: int = 4
+    """New taught rows (transcripts, replies rated good, corrections) a task needs before an age-up trains its
+    adapter again; with fewer, the adapter it has is carried to the child (if it still passes there)."""
+    max_steps: int = 60
+    """SFT steps of one task adapter (its rows are few: epochs over them, up to this)."""
+    epochs: float = 8.0
+    """Passes over a task's rows, capped by ``max_steps``."""
+    lr: float = 1e-3
+    """The adapter's learning rate (a fresh LoRA on few rows; ``[train.sft] lr`` is the lineage's own)."""
+    rehearse: float = 1.0
+    """Rows of the child's own SFT data trained beside each task row, so that the adapter learns what is the task's
+    and leaves the rest as it was (without them, a task's style spreads to every prompt, and the lineage's recall
+    with the adapter applied falls: on the tests' tiny model, from 1.0 to 0.0). 0 trains on the task's rows alone."""
+    min_gain: float = 0.05
+    """The adapter's replies to its taught prompts must come this much closer (mean ROUGE-L) to the taught replies
+    than the generation's own replies."""
+    recall_tolerance: float = 0.05
+    """The lineage's recall with the adapter applied may fall at most this much below the generation's own."""
+    stacks: dict[str, list[str]] = field(default_factory=dict)
+    """Adapters applied together, in order, for a task: ``review = ["git", "review"]`` answers ``:review`` with
+    both. A task not listed gets its own adapter alone."""
+
+    def stack(self, task: str) -> list[str]:
+        """The adapters applied, in order, for a request to ``task``."""
+        return list(self.stacks.get(task) or [task])
+
+    def problems(self) -> list[str]:
+        from evolution.serving import TASK_RE
+
+        p = []
+        if not isinstance(self.names, list) or not all(isinstance(n, str) and TASK_RE.match(n) for n in self.names):
+            p.append(f"tasks.names must be a list of names (lower-case letters, digits, '-', '_'; at most 40), "
+                     f"got {self.names!r}")
+        elif len(set(self.names)) != len(self.names):
+            p.append(f"tasks.names lists a task twice: {self.names!r}")
+        p += positive_int("tasks.min_rows", self.min_rows) + positive_int("tasks.max_steps", self.max_steps)
+        if isinstance(self.rehearse, bool) or not isinstance(self.rehearse, (int, float)) or self.rehearse < 0:
+            p.append(f"tasks.rehearse must be a number >= 0, got {self.rehearse!r}")
+        p += positive_num("tasks.epochs", self.epochs) + positive_num("tasks.lr", self.lr) + share_or_unset("tasks.min_gain", self.min_gain, bools=False)
+        p += share_or_unset("tasks.recall_tolerance", self.recall_tolerance, bools=False)
+        if not isinstance(self.stacks, dict):
+            p.append(f"tasks.stacks must be a table of task = [tasks...], got {self.stacks!r}")
+        else:
+            names = set(self.names) if isinstance(self.names, list) else set()
+            for task, stack in self.stacks.items():
+                if task not in names:
+                    p.append(f"tasks.stacks.{task}: {task!r} is not in tasks.names {sorted(names)}")
+                elif not isinstance(stack, list) or not stack or any(n not in names for n in stack):
+                    p.append(f"tasks.stacks.{task} must be a non-empty list of tasks from tasks.names, got {stack!r}")
+        return p
+
+
 GateConfig = _section("GateConfig", GateSettings, [f for u in TABLE if u.config is not None for f in _copied(u.config)],
                       GateSettings.__doc__)
 """``[gate]``, flat: ``GateSettings`` (the gate's own: ``answer_max_tokens``, ``stop_after``) and the fields of
@@ -195,6 +256,7 @@ class AgeUpConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     gate: GateConfig = field(default_factory=GateConfig)
+    tasks: TasksConfig = field(default_factory=TasksConfig)
     quick: bool = False
 
     def to_dict(self) -> dict:
@@ -585,7 +647,7 @@ def apply_overrides(cfg: AgeUpConfig, overrides: dict, where: str = "override") 
         section = getattr(cfg, key, None)
         if not dataclasses.is_dataclass(section) or not isinstance(value, dict):
             problems.append(f"{where}: unknown section [{key}] "
-                            "(known: curriculum, train, export, gate, daemon, retention)")
+                            "(known: curriculum, train, export, gate, tasks, daemon, retention, retrieval, staleness)")
             continue
         _set_fields(section, key, value, where, problems)
     if problems:
@@ -603,7 +665,8 @@ def _gate_problems(g) -> list[str]:
 
 def validate(cfg: AgeUpConfig) -> None:
     """Check every field; raise one ConfigError naming all the bad ones."""
-    p = cfg.train.problems() + cfg.export.problems() + cfg.curriculum.problems() + _gate_problems(cfg.gate)
+    p = (cfg.train.problems() + cfg.export.problems() + cfg.curriculum.problems() + _gate_problems(cfg.gate)
+         + cfg.tasks.problems())
     if p:
         raise ConfigError(p)
 

@@ -44,6 +44,8 @@ class GenerationSummary:
     weights: dict | None = None
     """How the weights moved against the parent and generation 0, per layer (``evolution.weights``); None for
     generation 0 and for a generation built before it was measured."""
+    tasks: dict | None = None
+    """Task -> what the ``tasks`` stage did for it (``evolution.tasks.TaskOutcome``); None without ``[tasks]``."""
 
     @property
     def verdict(self) -> str | None:

@@ -21,19 +21,20 @@ from evolution.messages import fold_system, takes_system
 
 
 def open_llama(path: str | Path, *, n_ctx: int, n_threads: int | None = None, logits_all: bool = False,
-               seed: int | None = None):
+               seed: int | None = None, lora: str | Path | None = None):
     """A ``llama_cpp.Llama`` for the GGUF at ``path`` (may be ``/proc/self/fd/N``): quiet, all cores
     unless ``n_threads``, for prompt batches and generation alike.
 
     ``logits_all`` keeps the logits of every position (perplexity needs them; chat does not).
     ``seed`` None keeps llama.cpp's random default, for serving, where a request may bring its own;
     measuring (the gate, export's load check) passes 0 so that it is repeatable. llama.cpp's own
-    errors (a ``ValueError`` for a file it cannot load) are left to each caller to translate.
+    errors (a ``ValueError`` for a file it cannot load) are left to each caller to translate. ``lora``: a GGUF LoRA
+    applied at load (a task adapter's gate, ``evolution.tasks``; serving applies them per request instead).
     """
     from llama_cpp import Llama
 
     threads = n_threads or os.cpu_count() or 1
-    extra = {} if seed is None else {"seed": seed}
+    extra = ({} if seed is None else {"seed": seed}) | ({} if lora is None else {"lora_path": str(lora)})
     llm = Llama(model_path=str(path), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads,
                 logits_all=logits_all, verbose=False, **extra)
     formatter = template_formatter(llm)

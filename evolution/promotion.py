@@ -51,6 +51,10 @@ def record_built(root: DataRoot, ledger: Ledger, s: GenerationSummary) -> None:
                                      # a generation gated before the metric table has neither:
                                      **{k: g[k] for k in ("checks", "metric_versions", "anchors", "fingerprints", "probes")
                                         if k in g}))
+    if s.tasks:
+        from evolution import tasks  # its gate's llama.cpp and ROUGE only where a generation has task adapters
+
+        tasks.record(ledger, s.gen, s.tasks)
 
 
 def fate(ledger: Ledger, gen: int) -> str:

@@ -52,7 +52,7 @@ from starlette.concurrency import run_in_threadpool
 
 from evolution import dashboard, monitoring
 from evolution import messages as messages_mod
-from evolution.config import DaemonConfig
+from evolution.config import AgeUpConfig, DaemonConfig
 from evolution.errors import (
     ConversationError,
     DiskFull,
@@ -72,7 +72,8 @@ from evolution.errors import (
 from evolution.intake import Intake
 from evolution.ledger import Ledger
 from evolution.paths import DataRoot
-from evolution.serving import Slot, Stream, model_alias, model_id, parse_model, parse_pinned, pinned_id, pinned_model
+from evolution.serving import (Slot, Stream, answered_by, model_alias, model_id, parse_model, parse_pinned, pinned_id,
+                               pinned_model, split_task)
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +86,8 @@ class Service(Protocol):
     """
 
     dcfg: DaemonConfig
+    cfg: AgeUpConfig
+    """The lineage's age-up settings: its ``[tasks]`` are what ``evolution:TASK`` and a posted ``"task"`` may name."""
     token: str
     token_source: str
     root: DataRoot
@@ -101,27 +104,33 @@ class Service(Protocol):
     def notes(self, args: dict, retrieve: bool) -> list:
         """The lessons retrieval puts into this chat's prompt (``evolution.retrieval``; none when not ``retrieve``)."""
 
-    def chat(self, args: dict, notes: list = (), gen: int | None = None) -> tuple[dict, Slot]:
+    def chat(self, args: dict, notes: list = (), gen: int | None = None, task: str | None = None) -> tuple[dict, Slot]:
         """One chat completion (OpenAI's shape), ``notes`` in its prompt, and the generation that answered it: the
         served one, or gated generation ``gen`` asked by name (LedgerError, IntegrityError, LoadError when it cannot
-        answer); ValueError when the prompt does not fit; NotReady."""
+        answer); with ``task``'s adapters applied; ValueError when the prompt does not fit; NotReady."""
 
-    def stream(self, args: dict, notes: list = (), gen: int | None = None) -> Stream:
+    def stream(self, args: dict, notes: list = (), gen: int | None = None, task: str | None = None) -> Stream:
         """A streamed completion whose first chunk has been decoded."""
+
+    def task_models(self) -> list[dict]:
+        """The OpenAI model object of each task (``evolution:TASK``), with the adapters the served generation has."""
+
+    def task_problem(self, task: str) -> str | None:
+        """Why ``task`` cannot be answered now (its adapter would not load), else None."""
 
     def older_generations(self) -> list[dict]:
         """The gated generations that may be asked by name (``evolution@N``), kept, not pruned: ``generation``,
         ``created`` (Unix time), ``sha256``."""
 
-    def add_conversation(self, messages, key: str | None, label: str | None):
+    def add_conversation(self, messages, key: str | None, label: str | None, task: str | None = None):
         """Store a posted transcript (``ConversationStore.add``); the next chat can retrieve it."""
 
     def add_karma(self, amount, reason: str, key: str | None):
         """Grant karma (``Karma.add``); one that crosses the threshold wakes the scheduler."""
 
     def capture(self, messages: list[dict], reply: str, completion_id: str, slot: Slot, finish_reason: str | None,
-                cut_off: bool = False) -> None:
-        """Keep a served chat as an experience (scrubbed); never raises."""
+                cut_off: bool = False, task: str | None = None) -> None:
+        """Keep a served chat as an experience (scrubbed; ``task``'s where one was asked); never raises."""
 
     def rate(self, item_id, label, correction, karma, key: str | None, by: str):
         """Rate a served completion (``by="completion"``) or a posted transcript (``"conversation"``)
@@ -352,6 +361,7 @@ def create_app(daemon: Service) -> FastAPI:
         slot = daemon.served()
         data = [] if slot is None else [{"id": slot.id, "object": "model", "created": int(slot.loaded_at),
                                          "owned_by": "evolution", "generation": slot.gen, "sha256": slot.sha256}]
+        data += daemon.task_models()  # the served generation with each task's adapters
         # every gated generation kept, by name, for comparison (loaded on first use)
         data += [pinned_model(g, daemon.root.lineage) for g in await run_in_threadpool(daemon.older_generations)]
         return {"object": "list", "data": data}
@@ -365,6 +375,9 @@ def create_app(daemon: Service) -> FastAPI:
             for g in await run_in_threadpool(daemon.older_generations):
                 if g["generation"] == pinned[1]:
                     return pinned_model(g, daemon.root.lineage)
+        for m in daemon.task_models():
+            if m["id"] == name:
+                return m
         if slot is None or name != slot.id:
             raise ApiError(404, f"model {name!r} is not served here; GET /v1/models lists the one that is",
                            code="model_not_found")
@@ -376,30 +389,34 @@ def create_app(daemon: Service) -> FastAPI:
         authorize(request, d.chat_requires_token)
         body = await _json(request)
         args = _chat_args(body, d.max_tokens, d.n_ctx)
-        gen = _check_model(body.get("model"), daemon.served())
+        gen, task = _check_model(body.get("model"), daemon.served())
         store = body.get("store")
         if store is not None and not isinstance(store, bool):
             raise ApiError(400, f"'store' must be true or false, got {store!r}", param="store")
         keep = d.capture if store is None else store
         notes = await run_in_threadpool(daemon.notes, args, _retrieval_wanted(request, body))
         if body.get("stream"):
-            return await _stream(args, keep, notes, gen)
-        out = await run_in_threadpool(_complete, args, keep, notes, gen)
+            return await _stream(args, keep, notes, gen, task)
+        out = await run_in_threadpool(_complete, args, keep, notes, gen, task)
         return JSONResponse(out, headers={NOTES_HEADER: str(len(notes))})
 
-    def _check_model(asked, slot: Slot | None) -> int | None:
-        """The generation asked for by name (``evolution@N``: ``Daemon.older_host``), or None for the served one.
-        Refuse a model id of ours that this daemon does not serve: another lineage, or a ``-gen-N`` id that is not
-        the served one. Any other name gets the served generation (clients that insist on a model name)."""
+    def _check_model(asked, slot: Slot | None) -> tuple[int | None, str | None]:
+        """``(generation, task)``: the generation asked for by name (``evolution@N``: ``Daemon.older_host``) or None
+        for the served one, and the task whose adapters answer (``evolution:TASK``, ``[tasks]``) or None.
+        Refuse a model id of ours that this daemon does not serve: another lineage, an unknown task, or a ``-gen-N``
+        id that is not the served one. Any other name gets the served generation (clients that insist on a name)."""
         if not isinstance(asked, str):
-            return None
+            return None, None
         lineage, alias = daemon.root.lineage, model_alias(daemon.root.lineage)
+        asked, task = split_task(asked)
+        if task is not None:
+            return _check_task(asked, task, lineage, alias)
         pinned = parse_pinned(asked)
         if pinned is not None:
             if pinned[0] != lineage:
                 raise ApiError(404, f"model {asked!r} is not served here: this daemon serves lineage {lineage!r} "
                                     f"({alias}@N names its generation N)", code="model_not_found", param="model")
-            return pinned[1]
+            return pinned[1], None
         if asked.startswith(alias + "@"):
             raise ApiError(400, f"model {asked!r}: put a generation number after '@' ({alias}@3 asks generation 3)",
                            param="model")
@@ -410,6 +427,26 @@ def create_app(daemon: Service) -> FastAPI:
         if asked.startswith(alias + "-gen-") and slot is not None and asked != slot.id:  # malformed ones too
             raise ApiError(404, f"model {asked!r} is not the served generation ({slot.id}); "
                                 f"omit 'model' or use {alias!r} to get whichever is served", code="model_not_found")
+        return None, None
+
+    def _check_task(asked: str, task: str, lineage: str, alias: str) -> tuple[None, str]:
+        """``evolution[-LINEAGE]:TASK``: the served generation with ``task``'s adapters, if this lineage has it."""
+        ours = parse_model(asked)
+        if ours is not None and ours[0] != lineage:
+            raise ApiError(404, f"model '{asked}:{task}' is not served here: this daemon serves lineage {lineage!r} "
+                                f"({alias}:TASK names its tasks)", code="model_not_found", param="model")
+        if asked != alias:
+            raise ApiError(400, f"model '{asked}:{task}': a task is asked of the served generation, as "
+                                f"'{alias}:{task}' (not of a generation by number)", param="model")
+        names = daemon.cfg.tasks.names
+        if task not in names:
+            raise ApiError(404, f"model '{asked}:{task}': lineage {lineage!r} has no task {task!r}; its tasks: "
+                                f"{', '.join(names) or 'none ([tasks] names in evolution.toml)'}",
+                           code="model_not_found", param="model")
+        problem = daemon.task_problem(task)
+        if problem is not None:
+            raise ApiError(409, f"model '{asked}:{task}': {problem}", code="not_servable", param="model")
+        return None, task
 
     def _by_name(gen: int | None, call):
         """``call()``, with the errors of asking generation ``gen`` by name (it cannot be loaded) as statuses."""
@@ -424,9 +461,9 @@ def create_app(daemon: Service) -> FastAPI:
             raise ApiError(status, f"model {pinned_id(gen, daemon.root.lineage)!r}: {exc}", code=code,
                            param="model") from None
 
-    def _complete(args: dict, keep: bool, notes: list, gen: int | None = None) -> dict:
+    def _complete(args: dict, keep: bool, notes: list, gen: int | None = None, task: str | None = None) -> dict:
         try:
-            out, slot = _by_name(gen, lambda: daemon.chat(args, notes, gen))
+            out, slot = _by_name(gen, lambda: daemon.chat(args, notes, gen, task))
         except ValueError as exc:  # e.g. the prompt does not fit the context window
             raise ApiError(400, str(exc), code="context_length_exceeded") from None
         stats["completions"] += 1
@@ -436,12 +473,12 @@ def create_app(daemon: Service) -> FastAPI:
             # against a reply's hundreds); a capture that fails is counted, never raised.
             choice = out["choices"][0]
             daemon.capture(args["messages"], choice["message"].get("content") or "", out["id"], slot,
-                           choice.get("finish_reason"))
+                           choice.get("finish_reason"), task=task)
         return out
 
-    async def _stream(args: dict, keep: bool, notes: list, gen: int | None = None):
+    async def _stream(args: dict, keep: bool, notes: list, gen: int | None = None, task: str | None = None):
         try:
-            st = await run_in_threadpool(_by_name, gen, lambda: daemon.stream(args, notes, gen))
+            st = await run_in_threadpool(_by_name, gen, lambda: daemon.stream(args, notes, gen, task))
         except ValueError as exc:
             raise ApiError(400, str(exc), code="context_length_exceeded") from None
 
@@ -457,7 +494,7 @@ def create_app(daemon: Service) -> FastAPI:
                         err = {"error": {"message": str(item), "type": "server_error", "code": None}}
                         yield f"data: {json.dumps(err)}\n\n"
                         return
-                    item["model"] = st.slot.id
+                    item["model"] = answered_by(st.slot, task)
                     completion_id = item.get("id", completion_id)
                     for choice in item.get("choices") or []:
                         parts.append((choice.get("delta") or {}).get("content") or "")
@@ -471,7 +508,7 @@ def create_app(daemon: Service) -> FastAPI:
                 # at a yield above), and before [DONE]: the agent may rate it as soon as the stream ends.
                 if keep and completion_id:
                     await run_in_threadpool(daemon.capture, args["messages"], "".join(parts), completion_id,
-                                            st.slot, finish)
+                                            st.slot, finish, False, task)
                 yield "data: [DONE]\n\n"
             finally:
                 st.cancel()  # a client that hung up lets the model go at the next chunk
@@ -512,16 +549,27 @@ def create_app(daemon: Service) -> FastAPI:
     async def conversations(request: Request):
         authorize(request, True)
         body = await _json(request)
+        task = _task_field(body)
         return await _intake(request, body, "messages",
-                             lambda key: daemon.add_conversation(body.get("messages"), key, body.get("label")))
+                             lambda key: daemon.add_conversation(body.get("messages"), key, body.get("label"), task))
 
     @app.post("/probes")
     @_counted
     async def probes(request: Request):
         authorize(request, True)
         body = await _json(request)
+        task = _task_field(body)
         return await _intake(request, body, "question",
-                             lambda key: daemon.intake.probes.add(body.get("question"), body.get("answers"), key))
+                             lambda key: daemon.intake.probes.add(body.get("question"), body.get("answers"), key, task))
+
+    def _task_field(body: dict) -> str | None:
+        """A posted transcript's or probe's ``task`` (``[tasks] names``), checked; None: the lineage's own."""
+        task = body.get("task")
+        if task is not None and task not in daemon.cfg.tasks.names:
+            names = daemon.cfg.tasks.names
+            raise ApiError(400, f"unknown task {str(task)[:60]!r}; this lineage's tasks: "
+                                f"{', '.join(names) or 'none ([tasks] names in evolution.toml)'}", param="task")
+        return task
 
     @app.post("/feedback")
     @_counted

@@ -126,16 +126,40 @@ def parse_pinned(name: str) -> tuple[str, int] | None:
     return (ours[0], int(m.group(1))) if ours is not None and ours[1] is None else None
 
 
+TASK_RE = re.compile(r"^[a-z][a-z0-9_-]{0,39}$")
+"""A task's name (``[tasks] names``): what follows the ':' of ``evolution[-LINEAGE]:TASK``."""
+
+
+def split_task(name) -> tuple[object, str | None]:
+    """``(the id before ':', the task after it)`` for ``evolution[-LINEAGE]:TASK`` (the served generation with the
+    task's adapter: ``[tasks]``), else ``(name, None)``. The task is returned as written; the server checks it."""
+    if isinstance(name, str) and name.startswith("evolution") and ":" in name:
+        base, _, task = name.partition(":")
+        return base, task
+    return name, None
+
+
 def model_lineage(name) -> str | None:
-    """The lineage an id of ours names (``evolution-deacon``, ``evolution-deacon-gen-3``, ``evolution-deacon@3``),
-    else None."""
+    """The lineage an id of ours names (``evolution-deacon``, ``evolution-deacon-gen-3``, ``evolution-deacon@3``,
+    ``evolution-deacon:review``), else None."""
+    name = split_task(name)[0]
     ours = parse_pinned(name) or parse_model(name)
     return ours[0] if ours is not None else None
+
+
+def task_id(task: str, lineage: str = MAIN) -> str:
+    """The OpenAI model id of the served generation with task ``task``'s adapter: ``evolution:review``."""
+    return f"{model_alias(lineage)}:{task}"
 
 
 def pinned_id(gen: int, lineage: str = MAIN) -> str:
     """The OpenAI model id that names generation ``gen`` whatever is served: ``evolution@3``, ``evolution-deacon@3``."""
     return f"{model_alias(lineage)}@{gen}"
+
+
+def answered_by(slot: "Slot", task: str | None) -> str:
+    """The ``model`` of a reply: the generation's id, and the task whose adapters it applied (``…-gen-0003:review``)."""
+    return slot.id if task is None else f"{slot.id}:{task}"
 
 
 def pinned_model(g: dict, lineage: str = MAIN) -> dict:
@@ -156,6 +180,10 @@ class Slot:
     users: int = 0
     retired: bool = False
     lineage: str = MAIN
+    tasks: dict[str, str] = field(default_factory=dict)
+    """Task -> SHA-256 of its adapter loaded into ``model`` (``ModelHost.load_adapter``; ``evolution.tasks``)."""
+    task_errors: dict[str, str] = field(default_factory=dict)
+    """Task -> why the generation's adapter for it could not be loaded (its requests are refused with this)."""
 
     @property
     def id(self) -> str:
@@ -297,6 +325,8 @@ class ModelHost:
             raise LoadError(f"adapter {name!r}: llama.cpp could not load {path}: {exc}") from None
         finally:
             os.close(fd)
+        slot.tasks[name] = sha256
+        slot.task_errors.pop(name, None)
         log.info("loaded adapter %s (%s) for generation %d", name, path.name, slot.gen)
 
     def _canary(self, model: Model):

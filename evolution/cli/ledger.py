@@ -246,6 +246,21 @@ def _print_lessons(found: list, problem: str | None) -> None:
         con.print(t)
 
 
+def _print_tasks(outcomes: list[dict]) -> None:
+    """The task adapters gated on the generation (``task_adapter`` events): with the adapter / the generation alone."""
+    if not outcomes:
+        return
+    t = Table(title="task adapters (with the adapter / the generation alone)")
+    for col in ("task", "verdict", "trained on", "taught replies", "probes", "recall", "why"):
+        t.add_column(col)
+    for p in outcomes:
+        w, wo = (p.get("metrics") or {}).get("with", {}), (p.get("metrics") or {}).get("without", {})
+        pair = {k: f"{_fmt(w.get(k))} / {_fmt(wo.get(k))}" for k in ("taught_similarity", "probe_recall", "recall")}
+        t.add_row(p["task"], p["verdict"], _fmt(p.get("trained_on")), pair["taught_similarity"], pair["probe_recall"],
+                  pair["recall"], escape("; ".join(p.get("reasons") or [])) or "-")
+    _console().print(t)
+
+
 def _print_detail(d: GenerationDetail, lessons: list = (), lessons_problem: str | None = None) -> None:
     con = _console()
     s = d.summary
@@ -276,6 +291,7 @@ def _print_detail(d: GenerationDetail, lessons: list = (), lessons_problem: str 
             rules += [f"[dim]skipped: {escape(why)}[/]" for why in r["skipped"]]
             t.add_row(name, _fmt(r["child"]), _fmt(r["parent"]), "\n".join(rules) or "-")
         con.print(t)
+    _print_tasks([e.payload for e in d.events if e.kind == ev.TASK_ADAPTER and e.gen == s.gen])
     if s.reason:
         con.print(f"reason: {s.reason}")
     gone = ev.pruned_paths((e.seq, e.kind, e.payload) for e in d.events if e.gen == s.gen)

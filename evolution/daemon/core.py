@@ -26,10 +26,10 @@ from datetime import datetime
 from pathlib import Path
 
 from evolution import curriculum as curriculum_mod
-from evolution import faults, promotion, retention, staleness, status
+from evolution import faults, promotion, retention, staleness, status, tasks
 from evolution.config import AgeUpConfig, DaemonConfig, RetentionConfig, RetrievalConfig, StalenessConfig
 from evolution.daemon import identity, workers
-from evolution.errors import ConfigError, EvolutionError, LedgerError, LoadError, NotReady
+from evolution.errors import ConfigError, EvolutionError, IntegrityError, LedgerError, LoadError, NotReady
 from evolution.fsutil import free_space, nearly_full
 from evolution.generation import GenerationSummary
 from evolution.intake import Intake
@@ -40,7 +40,7 @@ from evolution.ledger.rollback import check_target
 from evolution.ledger import events as ev
 from evolution.paths import DataRoot
 from evolution.retrieval import Retrieval, with_notes
-from evolution.serving import ModelHost, OlderGenerations, Slot, Stream
+from evolution.serving import ModelHost, OlderGenerations, Slot, Stream, answered_by, task_id
 
 log = logging.getLogger(__name__)
 
@@ -134,8 +134,28 @@ class Daemon:
         with self._swap_mutex:
             if self.host.current is not None and self.host.current.gen == gen:
                 return
-            slot = self.host.load(gen, self.root.root / gguf["path"], gguf["sha256"])
-            self.host.swap(slot)
+            self.host.swap(self._load(gen, gguf))
+
+    def _load(self, gen: int, gguf: dict) -> Slot:
+        """Generation ``gen`` loaded from ``gguf`` (the ledger's record, hashed as it loads), with the adapters of the
+        tasks of ``[tasks]`` that passed their gate on it (``evolution.tasks``): a slot ready to swap in. An adapter
+        that does not hash right or load is left out, and its task's requests say why; the generation serves."""
+        slot = self.host.load(gen, self.root.root / gguf["path"], gguf["sha256"])
+        if not self.cfg.tasks.names:
+            return slot
+        try:
+            for task, art in tasks.served_adapters(self.ledger, gen).items():
+                if task not in self.cfg.tasks.names:
+                    continue
+                try:
+                    self.host.load_adapter(slot, task, self.root.root / art["path"], art["sha256"])
+                except (IntegrityError, LoadError) as exc:
+                    slot.task_errors[task] = str(exc)
+                    log.error("generation %d serves without its %r adapter: %s", gen, task, exc)
+        except BaseException:
+            slot.close()
+            raise
+        return slot
 
     def _swap_in(self, gen: int, gguf: dict | None) -> None:
         """The swap ``promotion`` is given: load the gated child beside the parent, verify, canary, swap.
@@ -144,8 +164,7 @@ class Daemon:
         if gguf is None:
             raise LedgerError(f"generation {gen} has no exported GGUF in the ledger; it cannot be served")
         with self._swap_mutex:
-            slot = self.host.load(gen, self.root.root / gguf["path"], gguf["sha256"])
-            self.host.swap(slot)
+            self.host.swap(self._load(gen, gguf))
             faults.point("swap")  # swapped in, not yet recorded as promoted (promotion records it)
 
     # -- the HTTP layer's ``Service`` ----------------------------------------------------------
@@ -161,29 +180,59 @@ class Daemon:
     def _prompted(args: dict, notes: list) -> dict:
         return args | {"messages": with_notes(args["messages"], notes)} if notes else args
 
-    def chat(self, args: dict, notes: list = (), gen: int | None = None) -> tuple[dict, Slot]:
-        """One chat completion from the served model (or from gated generation ``gen``, asked by name), with
-        ``notes`` in its prompt, and the generation that answered it (``ValueError`` when it cannot fit even
-        without the notes)."""
+    def chat(self, args: dict, notes: list = (), gen: int | None = None, task: str | None = None) -> tuple[dict, Slot]:
+        """One chat completion from the served model (or from gated generation ``gen``, asked by name; with task
+        ``task``'s adapters applied), with ``notes`` in its prompt, and the generation that answered it
+        (``ValueError`` when it cannot fit even without the notes)."""
         def run(slot: Slot) -> tuple[dict, Slot]:
+            asked = self._adapted(args, slot, task)
             try:
-                out = slot.model.chat(self._prompted(args, notes))
+                out = slot.model.chat(self._prompted(asked, notes))
             except ValueError:  # the notes pushed it past the context window: the question alone
                 if not notes:
                     raise
-                out = slot.model.chat(args)
-            out["model"] = slot.id
+                out = slot.model.chat(asked)
+            out["model"] = answered_by(slot, task)
             return out, slot
 
         return self._on(gen, lambda host: host.call(run))
 
-    def stream(self, args: dict, notes: list = (), gen: int | None = None) -> Stream:
+    def stream(self, args: dict, notes: list = (), gen: int | None = None, task: str | None = None) -> Stream:
         try:
-            return self._on(gen, lambda host: host.stream(lambda slot: slot.model.stream(self._prompted(args, notes))))
+            return self._on(gen, lambda host: host.stream(
+                lambda slot: slot.model.stream(self._prompted(self._adapted(args, slot, task), notes))))
         except ValueError:
             if not notes:
                 raise
-            return self._on(gen, lambda host: host.stream(lambda slot: slot.model.stream(args)))
+            return self._on(gen, lambda host: host.stream(
+                lambda slot: slot.model.stream(self._adapted(args, slot, task))))
+
+    def _adapted(self, args: dict, slot: Slot, task: str | None) -> dict:
+        """``args`` with the adapters of ``task``'s stack (``[tasks] stacks``) that ``slot``'s generation has; a task
+        with none yet is answered by the generation alone (its chats are what trains its first adapter)."""
+        if task is None:
+            return args
+        return args | {"adapters": [n for n in self.cfg.tasks.stack(task) if n in slot.tasks]}
+
+    def task_models(self) -> list[dict]:
+        """The OpenAI model object of each task of ``[tasks]`` (``evolution:TASK``): the served generation and the
+        adapters it applies for the task (none yet: the generation alone answers)."""
+        slot = self.host.current
+        out = []
+        for task in self.cfg.tasks.names:
+            stack = self.cfg.tasks.stack(task)
+            have = [{"task": n, "sha256": slot.tasks[n]} for n in stack if slot is not None and n in slot.tasks]
+            out.append({"id": task_id(task, self.root.lineage), "object": "model",
+                        "created": int(slot.loaded_at) if slot is not None else 0, "owned_by": "evolution",
+                        "generation": slot.gen if slot is not None else None, "task": task, "adapters": have}
+                       | ({"error": problem} if (problem := self.task_problem(task)) else {}))
+        return out
+
+    def task_problem(self, task: str) -> str | None:
+        """Why a request to ``task`` cannot be answered now (its adapter failed to load), else None."""
+        slot = self.host.current
+        broken = [n for n in self.cfg.tasks.stack(task) if slot is not None and n in slot.task_errors]
+        return slot.task_errors[broken[0]] if broken else None
 
     def _on(self, gen: int | None, call):
         """``call(host)`` on the host of the served generation, or of gated generation ``gen`` asked by name."""
@@ -236,10 +285,11 @@ class Daemon:
         return call()
 
     def capture(self, messages: list[dict], reply: str, completion_id: str, slot: Slot, finish_reason: str | None,
-                cut_off: bool = False) -> None:
-        """Keep a served chat as an experience; never raises (a failure is counted in /status)."""
-        kept = self.intake.experiences.capture_safely(messages, reply, completion_id, slot.id, slot.sha256,
-                                                      slot.gen, finish_reason, cut_off)
+                cut_off: bool = False, task: str | None = None) -> None:
+        """Keep a served chat as an experience (task ``task``'s, where it was asked of one); never raises (a failure
+        is counted in /status)."""
+        kept = self.intake.experiences.capture_safely(messages, reply, completion_id, answered_by(slot, task),
+                                                      slot.sha256, slot.gen, finish_reason, cut_off, task)
         if kept is not None:
             with self._tally_lock:
                 self._tally["captures_written"] += 1
@@ -253,8 +303,8 @@ class Daemon:
             self.wake()
         return rating
 
-    def add_conversation(self, messages, key: str | None, label: str | None):
-        stored = self.intake.conversations.add(messages, key, label)
+    def add_conversation(self, messages, key: str | None, label: str | None, task: str | None = None):
+        stored = self.intake.conversations.add(messages, key, label, task)
         self.retrieval.sync(self.ledger.served_generation())  # the next chat has what it said
         return stored
 
@@ -274,7 +324,7 @@ class Daemon:
         with self._swap_mutex:
             gguf = check_servable(self.ledger, to, hash_file=False)  # the chain first: a changed ledger says so
             check_target(self.ledger, to, self.ledger.served_generation())
-            slot = self.host.load(to, self.root.root / gguf["path"], gguf["sha256"])
+            slot = self._load(to, gguf)
             try:
                 faults.point("swap")  # loaded, not yet recorded as rolled back
                 entry = record_rollback(self.ledger, to, reason, gguf)

@@ -3,7 +3,7 @@
 Which lineage a request is for:
 
 - ``POST /v1/chat/completions``: the OpenAI ``model`` field (``evolution-NAME``, ``evolution-NAME-gen-N``,
-  ``evolution-NAME@N``; ``evolution`` / ``evolution-gen-N`` / ``evolution@N`` are ``main``'s); a name that is not ours goes to the first lineage;
+  ``evolution-NAME@N``, ``evolution-NAME:TASK``; ``evolution`` / ``evolution-gen-N`` / ``evolution@N`` are ``main``'s); a name that is not ours goes to the first lineage;
   a lineage of ours that is not served here is refused with 404 ``model_not_found``;
 - ``GET /v1/models``: every lineage's served generation (loaded or not: one unloaded for idling is
   loaded by its next request), then every lineage's gated generations by name (``evolution-NAME@N``); ``GET /v1/models/NAME``: NAME's lineage;
@@ -129,6 +129,8 @@ class Router:
             if gen is not None:
                 data.append({"id": model_id(gen, name), "object": "model", "created": 0, "owned_by": "evolution",
                              "generation": gen, "lineage": name, "loaded": False})
+        for name, d in self.daemons.items():  # each task: the served generation with the task's adapters
+            data += [m | {"lineage": name} for m in d.task_models()]
         for name, d in self.daemons.items():  # every gated generation kept, by name (loaded on first use)
             loaded = set(d.older.loaded())
             data += [pinned_model(g, name) | {"lineage": name, "loaded": g["generation"] in loaded}

@@ -37,7 +37,7 @@ class View:
         rows = self.ledger.history()
         by_gen = {r.gen: r for r in rows}
         entries = self.ledger.entries()
-        sizes, seconds, moved = {}, {}, {}
+        sizes, seconds, moved, tasks = {}, {}, {}, {}
         for e in entries:
             if e.kind == ev.EXPORTED and e.gen is not None:
                 arts = [a for a in e.payload.get("artifacts", []) if a.get("kind") == "gguf"]
@@ -48,6 +48,8 @@ class View:
                     moved[e.gen] = (w.get("total") or {}) | {"dominant": w.get("dominant")}
             elif e.kind == ev.TRAINING_FINISHED and e.gen is not None:
                 seconds[e.gen] = _stage_seconds(e.payload)
+            elif e.kind == ev.TASK_ADAPTER:
+                tasks.setdefault(e.gen, {})[e.payload["task"]] = e.payload["verdict"]
         out = []
         for r in rows:
             d = r.to_dict()
@@ -59,6 +61,7 @@ class View:
                            if isinstance(v, (int, float)) and isinstance(pm.get(k), (int, float))}
             d["gguf_size"] = sizes.get(r.gen)
             d["weights"] = moved.get(r.gen)  # the whole model's change against its parent and generation 0
+            d["tasks"] = tasks.get(r.gen, {})  # task -> its adapter's verdict on this generation
             d["stage_seconds"] = seconds.get(r.gen) or self._generation_json(r.gen).get("stage_seconds")
             d["rollback_target"] = not r.served and (r.verdict == ev.PASS or (r.gen == 0 and r.parent is None)) \
                 and r.gguf_sha256 is not None and r.pruned != ev.PRUNE_GENERATION
@@ -82,6 +85,7 @@ class View:
         out["style"] = _style(report)
         out["losses"] = _losses(d.training)
         out["generation_json"] = self._generation_json(n)
+        out["tasks"] = [e.payload for e in d.events if e.kind == ev.TASK_ADAPTER and e.gen == n]
         return out
 
     def _eval_report(self, n: int) -> dict:

@@ -51,13 +51,14 @@ class Intake:
         self.experiences = ExperienceStore(ledger, karma=self.karma, capture_max=capture_max)
         self.probes = ProbeStore(ledger)
 
-    def inbox(self, conversations_since: int = 0, ratings_since: int = 0) -> Inbox:
+    def inbox(self, conversations_since: int = 0, ratings_since: int = 0, task: str | None = None) -> Inbox:
         """What was taught since a parent whose data took in the transcripts through ``conversations_since`` and
         the ratings through ``ratings_since`` (its cursors: ``replay.conversations_through`` /
-        ``experiences_through``), with every probe question."""
-        return Inbox.taught(self.conversations.after(conversations_since), self.experiences.labelled(),
+        ``experiences_through``), with every probe question: the lineage's own (``task`` None) or task ``task``'s
+        (``evolution.tasks``)."""
+        return Inbox.taught(self.conversations.after(conversations_since, task), self.experiences.labelled(task=task),
                             conversations_since=conversations_since, ratings_since=ratings_since,
-                            probes=[p["question"] for p in self.probes.items()])
+                            probes=[p["question"] for p in self.probes.items(task)])
 
     def counts(self) -> dict:
         """What the status shows of it: transcripts stored (and the newest id), experiences by label, probes."""

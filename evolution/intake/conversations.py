@@ -66,11 +66,12 @@ class ConversationStore:
         self.ledger = ledger
         self.tables = Tables(ledger)
 
-    def add(self, messages, key: str | None = None, label: str | None = None) -> Stored:
+    def add(self, messages, key: str | None = None, label: str | None = None, task: str | None = None) -> Stored:
         """Validate, scrub and store a transcript; a repeated idempotency key stores nothing.
 
         ``label`` ('good' or 'bad', optional): how the transcript went; it is recorded as the
         conversation's first rating (``evolution.intake.experiences``), and a 'bad' one is not trained on as SFT.
+        ``task``: the task it belongs to (``[tasks]``; the caller checked the name), None for the lineage's own.
         """
         if key is not None and (not isinstance(key, str) or not 0 < len(key) <= MAX_KEY):
             raise ConversationError(f"idempotency key must be 1 to {MAX_KEY} characters", "idempotency_key")
@@ -87,18 +88,18 @@ class ConversationStore:
         body = json.dumps(clean, ensure_ascii=False)
         with self.ledger.transaction() as txn:
             if key is not None:
-                row = txn.conn.execute(text("SELECT id, messages, redactions, label, lineage FROM conversations"
+                row = txn.conn.execute(text("SELECT id, messages, redactions, label, lineage, task FROM conversations"
                                             " WHERE idem_key = :k"), {"k": key}).first()
                 if row is not None:
-                    if row.messages != body or row.label != label or row.lineage != self.ledger.lineage:
+                    if (row.messages, row.label, row.lineage, row.task) != (body, label, self.ledger.lineage, task):
                         raise ConversationKeyReused(f"idempotency key {key!r} was already used for another transcript"
-                                                    " (or another label, or another lineage)")
+                                                    " (or another label, lineage or task)")
                     return Stored(row.id, True, len(clean), json.loads(row.redactions))
             cid = self.tables.run(
-                txn.conn, "INSERT INTO conversations (time, idem_key, messages, redactions, sha256, label, lineage)"
-                          " VALUES (:t, :k, :m, :r, :h, :l, :lin) RETURNING id",
+                txn.conn, "INSERT INTO conversations (time, idem_key, messages, redactions, sha256, label, lineage,"
+                          " task) VALUES (:t, :k, :m, :r, :h, :l, :lin, :task) RETURNING id",
                 {"t": datetime.now(timezone.utc).isoformat(timespec="microseconds"), "k": key, "m": body,
-                 "r": json.dumps(counts), "h": hashlib.sha256(body.encode()).hexdigest(), "l": label},
+                 "r": json.dumps(counts), "h": hashlib.sha256(body.encode()).hexdigest(), "l": label, "task": task},
             ).scalar_one()
             if label is not None:
                 digest = hashlib.sha256(json.dumps({"by": "conversation", "item": str(cid), "label": label},
@@ -107,18 +108,20 @@ class ConversationStore:
                               "intake")
         return Stored(cid, False, len(clean), counts)
 
-    def after(self, last_id: int) -> list[tuple[int, list[dict]]]:
-        """Transcripts stored after ``last_id``, oldest first: ``(id, messages)``.
+    def after(self, last_id: int, task: str | None = None) -> list[tuple[int, list[dict]]]:
+        """Transcripts stored after ``last_id``, oldest first: ``(id, messages)``: the lineage's own (``task`` None)
+        or task ``task``'s.
 
         Left out: those whose newest label is 'bad' or carries a correction (the served reply is not
         one to imitate); ``ExperienceStore.labelled`` offers them as preference data instead.
         """
         t = self.tables
+        mine, params = t.task_is("c.task", task)
         with self.ledger.reading() as conn:
             rows = t.run(conn, f"SELECT c.id, c.messages FROM {t.of('conversations', 'c')}"
-                               " LEFT JOIN experience_ratings r ON r.id = c.rating_id WHERE c.id > :i"
+                               f" LEFT JOIN experience_ratings r ON r.id = c.rating_id WHERE c.id > :i AND {mine}"
                                " AND (r.id IS NULL OR (r.label = 'good' AND r.correction IS NULL)) ORDER BY c.id",
-                         {"i": last_id})
+                         {"i": last_id} | params)
             return [(r.id, json.loads(r.messages)) for r in rows]
 
     def recent(self, limit: int = 30) -> list[dict]:

@@ -195,8 +195,9 @@ class ExperienceStore:
     # -- capture -------------------------------------------------------------------------------
 
     def capture(self, messages, reply, completion_id, model_id, sha256, generation, finish_reason,
-                cut_off: bool) -> int:
-        """Scrub and keep one served chat; return its experience id. Raises on any failure (see ``capture_safely``)."""
+                cut_off: bool, task: str | None = None) -> int:
+        """Scrub and keep one served chat (``task``: the task whose adapter answered it, None for the lineage's own);
+        return its experience id. Raises on any failure (see ``capture_safely``)."""
         if not isinstance(messages, list):
             raise ExperienceError(f"messages must be a list, got {type(messages).__name__}")
         roles, texts = [], []
@@ -214,11 +215,11 @@ class ExperienceStore:
         with self.ledger.transaction() as txn:
             eid = self.tables.run(
                 txn.conn, "INSERT INTO experiences (time, completion_id, model_id, sha256, gen, finish_reason, cut_off,"
-                          " messages, reply, redactions, lineage)"
-                          " VALUES (:t, :c, :m, :h, :g, :f, :x, :msgs, :r, :red, :lin) RETURNING id",
+                          " messages, reply, redactions, lineage, task)"
+                          " VALUES (:t, :c, :m, :h, :g, :f, :x, :msgs, :r, :red, :lin, :task) RETURNING id",
                 {"t": _now(), "c": completion_id, "m": str(model_id), "h": sha256, "g": generation,
                  "f": finish_reason, "x": int(bool(cut_off)), "msgs": body, "r": clean[-1],
-                 "red": json.dumps(counts)},
+                 "red": json.dumps(counts), "task": task},
             ).scalar_one()
             self._evict(txn.conn, eid)
             faults.point("capture")  # test hook (evolution/faults.py): inserted, not yet committed
@@ -368,8 +369,9 @@ class ExperienceStore:
 
     # -- reading -------------------------------------------------------------------------------
 
-    def labelled(self, since: int = 0) -> Labelled:
-        """Items whose newest label was given after rating ``since``: examples, correction pairs, and the cursor."""
+    def labelled(self, since: int = 0, task: str | None = None) -> Labelled:
+        """Items whose newest label was given after rating ``since``: examples, correction pairs, and the cursor; the
+        lineage's own items (``task`` None) or task ``task``'s."""
         examples, pairs = [], []
 
         def add(kind: str, item: int, rid: int, prompt: list[dict], reply: str, label: str, correction):
@@ -382,14 +384,18 @@ class ExperienceStore:
         t = self.tables
         with self.ledger.reading() as conn:
             through = t.run(conn, f"SELECT COALESCE(MAX(id), 0) FROM {t.of('experience_ratings')}").scalar_one()
+            mine, params = t.task_is("e.task", task)
             rows = t.run(conn, "SELECT e.id, e.messages, e.reply, r.id AS rid, r.label, r.correction FROM"
                                f" {t.of('experiences', 'e')} JOIN experience_ratings r ON r.id = e.rating_id"
-                               " WHERE r.id > :s AND r.id <= :t ORDER BY r.id", {"s": since, "t": through})
+                               f" WHERE r.id > :s AND r.id <= :t AND {mine} ORDER BY r.id",
+                         {"s": since, "t": through} | params)
             for r in rows:
                 add("completion", r.id, r.rid, json.loads(r.messages), r.reply, r.label, r.correction)
+            mine, params = t.task_is("c.task", task)
             rows = t.run(conn, "SELECT c.id, c.messages, r.id AS rid, r.label, r.correction FROM"
                                f" {t.of('conversations', 'c')} JOIN experience_ratings r ON r.id = c.rating_id"
-                               " WHERE r.id > :s AND r.id <= :t ORDER BY r.id", {"s": since, "t": through})
+                               f" WHERE r.id > :s AND r.id <= :t AND {mine} ORDER BY r.id",
+                         {"s": since, "t": through} | params)
             for r in rows:
                 prompt, reply = _split(json.loads(r.messages))
                 add("conversation", r.id, r.rid, prompt, reply, r.label, r.correction)

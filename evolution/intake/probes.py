@@ -53,8 +53,9 @@ class ProbeStore:
         self.ledger = ledger
         self.tables = Tables(ledger)
 
-    def add(self, question, answers, key: str | None = None) -> StoredProbe:
-        """Validate, scrub and store a probe; a repeated idempotency key stores nothing."""
+    def add(self, question, answers, key: str | None = None, task: str | None = None) -> StoredProbe:
+        """Validate, scrub and store a probe (``task``: asked of that task's adapter, None: of the lineage's
+        generations); a repeated idempotency key stores nothing."""
         if key is not None and (not isinstance(key, str) or not 0 < len(key) <= MAX_KEY):
             raise ProbeError(f"idempotency key must be 1 to {MAX_KEY} characters", "idempotency_key")
         _check(question, answers)
@@ -70,24 +71,26 @@ class ProbeStore:
         body = json.dumps(clean[1:], ensure_ascii=False)
         with self.ledger.transaction() as txn:
             if key is not None:
-                row = txn.conn.execute(text("SELECT id, question, answers, redactions, lineage FROM probes"
+                row = txn.conn.execute(text("SELECT id, question, answers, redactions, lineage, task FROM probes"
                                             " WHERE idem_key = :k"), {"k": key}).first()
                 if row is not None:
-                    if (row.question, row.answers, row.lineage) != (clean[0], body, self.ledger.lineage):
+                    if (row.question, row.answers, row.lineage, row.task) != (clean[0], body, self.ledger.lineage,
+                                                                              task):
                         raise ProbeKeyReused(f"idempotency key {key!r} was already used for another probe"
-                                             " (or another lineage)")
+                                             " (or another lineage or task)")
                     return StoredProbe(row.id, True, json.loads(row.redactions))
             pid = self.tables.run(
-                txn.conn, "INSERT INTO probes (time, idem_key, question, answers, redactions, sha256, lineage)"
-                          " VALUES (:t, :k, :q, :a, :r, :h, :lin) RETURNING id",
+                txn.conn, "INSERT INTO probes (time, idem_key, question, answers, redactions, sha256, lineage, task)"
+                          " VALUES (:t, :k, :q, :a, :r, :h, :lin, :task) RETURNING id",
                 {"t": datetime.now(timezone.utc).isoformat(timespec="microseconds"), "k": key, "q": clean[0],
                  "a": body, "r": json.dumps(counts),
-                 "h": hashlib.sha256(json.dumps([clean[0], body]).encode()).hexdigest()},
+                 "h": hashlib.sha256(json.dumps([clean[0], body]).encode()).hexdigest(), "task": task},
             ).scalar_one()
         return StoredProbe(pid, False, counts)
 
-    def items(self) -> list[dict]:
-        """The probes to ask as recall items (``id``, ``question``, ``answers``), oldest first.
+    def items(self, task: str | None = None) -> list[dict]:
+        """The probes to ask as recall items (``id``, ``question``, ``answers``), oldest first: the lineage's own
+        (``task`` None: its gates ask them) or task ``task``'s (its adapter's gate asks them).
 
         A newer probe of the same question (case and punctuation folded, ``evals.normalize``) supersedes an older
         one: the user told the agent something new ("my dog is called Pip now") and the agent asks it again with
@@ -96,8 +99,10 @@ class ProbeStore:
         rejected for 31 probes "forgotten"). Every probe stays in the database."""
         from evolution.evals import normalize
 
+        mine, params = self.tables.task_is("task", task)
         with self.ledger.reading() as conn:
-            rows = self.tables.run(conn, f"SELECT id, question, answers FROM {self.tables.of('probes')} ORDER BY id")
+            rows = self.tables.run(conn, f"SELECT id, question, answers FROM {self.tables.of('probes')} WHERE {mine}"
+                                         " ORDER BY id", params)
             newest = {normalize(r.question): {"id": f"probe-{r.id}", "question": r.question,
                                               "answers": json.loads(r.answers)} for r in rows}
         return sorted(newest.values(), key=lambda item: int(item["id"].removeprefix("probe-")))

@@ -37,6 +37,12 @@ class Tables:
         """``table`` for a FROM clause: only this lineage's rows, under ``alias`` (default: the table's name)."""
         return f"(SELECT * FROM {table} WHERE {MINE}) {alias or table}"
 
+    @staticmethod
+    def task_is(column: str, task: str | None) -> tuple[str, dict]:
+        """The condition (and its parameter) that keeps the lineage's own rows of a table with a ``task`` column
+        (``task`` None: ``column IS NULL``) or task ``task``'s (m007: a task's rows train its adapter alone)."""
+        return (f"{column} IS NULL", {}) if task is None else (f"{column} = :task", {"task": task})
+
     def run(self, conn: Connection, sql: str, params: dict | None = None) -> CursorResult:
         """Run ``sql`` in ``conn`` with ``params`` and ``:lin``, this lineage."""
         return conn.execute(text(sql), {"lin": self.lineage, **(params or {})})

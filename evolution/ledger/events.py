@@ -11,6 +11,7 @@ Which generation an event is filed under (its ``gen`` column):
 - ``rolled_back``: the generation now served (``to``);
 - ``karma_threshold_crossed``: none (``gen`` is ``None``), or the generation being served;
 - ``ageups_paused`` / ``ageups_resumed``: none (the stop rule, and the person who lifts it);
+- ``task_adapter``: the generation a task's adapter was gated on, and is served with (``evolution.tasks``);
 - ``pruned`` / ``rebuilt``: the generation whose files were deleted by the retention policy, or whose
   dropped merged weights were rebuilt from its adapters (``evolution.retention``).
 """
@@ -39,6 +40,7 @@ AGEUPS_RESUMED = "ageups_resumed"
 PRUNED = "pruned"
 REBUILT = "rebuilt"
 STALE = "stale"
+TASK_ADAPTER = "task_adapter"
 
 PASS = "pass"
 FAIL = "fail"
@@ -65,6 +67,7 @@ REQUIRED_FIELDS: dict[str, tuple[str, ...]] = {
     PRUNED: ("artifacts", "scope", "reason"),
     REBUILT: ("artifacts", "chain"),
     STALE: ("reason", "drift"),
+    TASK_ADAPTER: ("task", "verdict", "reasons"),
 }
 KINDS = tuple(REQUIRED_FIELDS)
 
@@ -95,8 +98,8 @@ def validate(kind: str, gen: int | None, payload: dict) -> None:
     missing = [k for k in REQUIRED_FIELDS[kind] if k not in payload]
     if missing:
         raise LedgerError(f"{kind}: payload lacks {', '.join(missing)}; build it with evolution.ledger.events.{kind}()")
-    if kind == GATE_RESULT and payload["verdict"] not in (PASS, FAIL):
-        raise LedgerError(f"gate_result: verdict must be 'pass' or 'fail', got {payload['verdict']!r}")
+    if kind in (GATE_RESULT, TASK_ADAPTER) and payload["verdict"] not in (PASS, FAIL):
+        raise LedgerError(f"{kind}: verdict must be 'pass' or 'fail', got {payload['verdict']!r}")
     if kind == PRUNED and payload["scope"] not in PRUNE_SCOPES:
         raise LedgerError(f"pruned: scope must be one of {', '.join(PRUNE_SCOPES)}, got {payload['scope']!r}")
     if kind in (EXPORTED, PRUNED, REBUILT):
@@ -196,6 +199,13 @@ def ageups_resumed(reason: str, **extra) -> Event:
 def stale(reason: str, drift: float, gen: int | None = None, **extra) -> Event:
     """The served generation ``gen`` fell behind (``evolution.staleness``): an age-up was requested without karma."""
     return Event(STALE, gen, dict(reason=reason, drift=drift, **extra))
+
+
+def task_adapter(gen: int, task: str, verdict: str, reasons: list[str], **extra) -> Event:
+    """Task ``task``'s adapter gated on generation ``gen``: ``verdict``, why (``reasons``), and where it passed, its
+    ``sha256``, ``path``, ``trained_on`` (the generation it was trained on: ``gen``, or an earlier one whose adapter
+    was carried) and the gate's numbers."""
+    return Event(TASK_ADAPTER, gen, dict(task=task, verdict=verdict, reasons=list(reasons), **extra))
 
 
 def pruned(gen: int, artifacts: list[dict], scope: str, reason: str, **extra) -> Event:

@@ -196,8 +196,24 @@ m006_lineages = Migration(
     {"sqlite": _m006("sqlite"), "postgresql": _m006("postgresql"), "default": _m006("default")},
 )
 
+#: Tables whose rows may belong to a task (m007): ``task`` NULL is the lineage's own row, else the task's
+#: (``[tasks]``): trained into that task's adapter, never into the lineage's generations.
+TASK_TABLES = ("conversations", "experiences", "probes")
+
+
+def _m007(dialect: str) -> tuple[str, ...]:
+    # A nullable column with no default touches no row: every row before tasks is the lineage's own.
+    return tuple(f"ALTER TABLE {t} ADD COLUMN task VARCHAR(40)" for t in TASK_TABLES)
+
+
+m007_tasks = Migration(
+    7,
+    "m007_tasks",
+    {"sqlite": _m007("sqlite"), "postgresql": _m007("postgresql"), "default": _m007("default")},
+)
+
 MIGRATIONS: tuple[Migration, ...] = (m001_entries, m002_append_only, m003_daemon, m004_experiences, m005_probes,
-                                     m006_lineages)
+                                     m006_lineages, m007_tasks)
 LATEST = MIGRATIONS[-1].version
 
 _BOOTSTRAP = (

@@ -135,6 +135,7 @@ PINNED_CHECKSUMS = {
     4: "ac47381f12781dc7f2bf0ae232962c8339909a477c28c87ca41a382a0339fd4e",  # m004_experiences
     5: "409f65c2fcbf1002ef2abb91c02ab2e40f1b4c74f26631f20f8dbf02bbd4ef67",  # m005_probes
     6: "87a811140e67a1f466a98c0d7584be65b933a88e0c7b8c3c89bf04759fce7253",  # m006_lineages
+    7: "5080a6af5e9b012de0b7b9426c065fdecd8e43e5cef1b9d667ce301fe70f1260",  # m007_tasks
 }
 
 

@@ -332,7 +332,9 @@ async function pageLineage(known) {
       el("td", { class: "num" }, el("a", { href: "#/gen/" + r.gen }, String(r.gen))),
       el("td", { class: "num" }, r.parent === null ? "–" : String(r.parent)),
       el("td", {}, when(r.created).split(" ").map((part, i) => [i ? " " : "", el("span", { class: "nowrap" }, part)])),
-      el("td", {}, verdictBadge(r), r.reason && (r.status === "rolled_back" || r.status === "rejected") ? el("div", { class: "muted" }, r.reason) : null),
+      el("td", {}, verdictBadge(r), r.reason && (r.status === "rolled_back" || r.status === "rejected") ? el("div", { class: "muted" }, r.reason) : null,
+        Object.keys(r.tasks || {}).length ? el("div", { class: "muted tasks" }, Object.entries(r.tasks).map(([t, v]) =>
+          el("span", { class: "badge " + (v === "pass" ? "ok" : "bad"), title: `task adapter ${t}: ${v}` }, `${t} ${v === "pass" ? "✓" : "✗"}`))) : null),
       names.map((n) => el("td", { class: "num" }, fmt(r.metrics[n]), r.deltas[n] !== undefined ? [" ", el("span", { class: "delta" }, fmtDelta(n, r.deltas[n]))] : null)),
       el("td", { class: "mono", title: r.gguf_sha256 || "" }, r.gguf_sha256 ? r.gguf_sha256.slice(0, 12) : "–"),
       el("td", { class: "num" }, fmtBytes(r.gguf_size), r.quantization ? el("div", { class: "muted" }, r.quantization) : null),
@@ -430,6 +432,20 @@ async function pageGeneration(n) {
     out.push(el("p", { class: w.dominant ? "bad" : "muted", id: "weights-flag" }, w.dominant
       ? `layer ${w.dominant.layer} holds ${Math.round(100 * w.dominant.share)} % of this generation's update`
       : "no layer dominates the update"), weightBox);
+  }
+
+  out.push(el("h2", {}, "Task adapters"));
+  if (!(g.tasks || []).length) {
+    out.push(el("p", { class: "muted" }, "none gated on this generation ([tasks] in evolution.toml)"));
+  } else {
+    const pair = (t, k) => `${fmt(((t.metrics || {}).with || {})[k])} / ${fmt(((t.metrics || {}).without || {})[k])}`;
+    out.push(el("table", { id: "tasks" }, el("thead", {}, el("tr", {}, ["task", "verdict", "trained on", "taught replies", "probes", "recall", "why"].map((h) => el("th", {}, h)))),
+      el("tbody", {}, g.tasks.map((t) => el("tr", { data: { task: t.task } }, el("td", {}, t.task),
+        el("td", {}, el("span", { class: "badge " + (t.verdict === "pass" ? "ok" : "bad") }, t.verdict)),
+        el("td", { class: "num" }, fmt(t.trained_on)), el("td", { class: "num" }, pair(t, "taught_similarity")),
+        el("td", { class: "num" }, pair(t, "probe_recall")), el("td", { class: "num" }, pair(t, "recall")),
+        el("td", { class: "muted" }, (t.reasons || []).join("; ") || "–"))))),
+      el("p", { class: "muted" }, "each pair: with the adapter applied / the generation alone"));
   }
 
   out.push(el("h2", {}, "Data manifest"));
