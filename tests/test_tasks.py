@@ -277,3 +277,22 @@ def test_kill_9_in_a_task_adapters_training_or_export_resumes_there(tmp_path, ta
         assert ledger.verify(artifacts=True).ok
     summary = json.loads((root.gen_dir(1) / "generation.json").read_text())
     assert summary["tasks"]["pirate"]["sha256"] == events[0].payload["sha256"]
+
+
+def test_a_pruned_generations_task_adapters_go_with_it_and_the_ledger_says_so(task_lineage, tmp_path):
+    from evolution import retention
+    from evolution.config import RetentionConfig
+    from evolution.ledger import check_servable, record_rollback
+
+    src, _, _, _ = task_lineage
+    root = DataRoot(tmp_path / "root")
+    shutil.copytree(src.root, root.root, symlinks=True)
+    adapter = root.gen_dir(1) / "tasks" / "pirate.gguf"
+    with Ledger.open(root) as ledger:
+        record_rollback(ledger, 0, "test", check_servable(ledger, 0))  # 1 and 2 are now neither served nor a parent
+        retention.prune(root, ledger, RetentionConfig(keep_last=1, keep_best=0))  # keeps 2 (without its weights)
+        pruned = {e.gen: {a["path"] for a in e.payload["artifacts"]} for e in ledger.entries(kind=ev.PRUNED)}
+        assert ledger.verify(artifacts=True).ok
+    assert adapter.relative_to(root.root).as_posix() in pruned[1] and not adapter.exists()  # gone with generation 1
+    assert (root.gen_dir(2) / "tasks" / "pirate.gguf").is_file()  # the kept generation keeps its adapter
+    assert pruned[2] == {"checkpoints/gen_0002/hf/model.safetensors"}
