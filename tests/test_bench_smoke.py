@@ -90,6 +90,13 @@ def test_adapter_bench(tmp_path):
     assert set(r["latency_s"]) == {"never switched", "switching every request"} and r["adapter_bytes"] > 0
 
 
+def test_task_bench(tmp_path, tiny):
+    bench("task", "--rows", "4", "--max-steps", "2", *_tiny_args(tiny), tmp_path=tmp_path)
+    r = _report(tmp_path, "tasks")
+    assert r["verdict"] in ("pass", "fail") and r["training"]["steps"] == 2 and r["adapter_bytes"] > 0
+    assert set(r["with"]) == set(r["without"]) == {"taught_similarity", "probe_recall", "recall"}
+
+
 def test_serve_bench_chat_while_training(tmp_path):
     bench("serve", "--runs", "1", "--seconds", "2", "--skip-swaps", tmp_path=tmp_path)
     rows = _report(tmp_path, "serve")["chat_during_training"]
