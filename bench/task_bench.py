@@ -1,13 +1,14 @@
 """Task-adapter benchmark: does a task adapter learn its task and leave the lineage as it was (issue 30, item 1)?
 
-    python bench/task_bench.py [--rows 16] [--max-steps 60] [--rehearse 1.0] [--base DIR] [--curriculum DIR]
+    python bench/task_bench.py [--rows 16] [--max-steps 60] [--rehearse 1.0 0] [--base DIR] [--curriculum DIR]
                                [--toml FILE]
 
 On the embedded SmolLM2-135M-Instruct (or ``--base``): a task ``ticket`` taught ``--rows`` transcripts that turn a
 bug report into one line, ``TICKET: <title> | PRIORITY: <p> | OWNER: <team>``. The adapter is trained and gated
 exactly as the age-up's ``tasks`` stage does (``evolution.tasks``: SFT on the task's rows plus ``[tasks]
 rehearse`` rows of the lineage's own SFT data per task row, on the generation's merged weights; then
-``export.lora_to_gguf`` and the task gate), with the ``[tasks]`` settings of the config (``--toml``) but the flags.
+``export.lora_to_gguf`` and the task gate), with the ``[tasks]`` settings of the config (``--toml``) but the flags;
+one adapter for each ``--rehearse`` value.
 
 Baseline, in the same run: the generation alone, asked the same. Reported, with and without the adapter:
 
@@ -70,12 +71,14 @@ def run(args) -> dict:
     if args.curriculum:
         cfg.curriculum.path = args.curriculum
     t = cfg.tasks
-    t.max_steps, t.rehearse = args.max_steps, args.rehearse
+    t.max_steps = args.max_steps
     cur = curriculum_mod.load(cfg.curriculum.path, cfg.curriculum.phases)
     recs = [_transcript(q, a) for q, a in TAUGHT[:args.rows]]
     own = [{"messages": r["messages"]} for r in cur.sft]
     probes = [{"id": f"held-{i}", "question": q, "answers": ["TICKET:"]} for i, q in enumerate(HELD_OUT)]
     items = tasks.items_of(recs, probes, gate.eval_set(cur, []).recall)
+    pick = ("taught_similarity", "probe_recall", "recall")
+    runs, without = [], None
     with tempfile.TemporaryDirectory(prefix="task-bench-") as tmp:
         tmp = Path(tmp)
         hf = tmp / "hf"
@@ -84,52 +87,67 @@ def run(args) -> dict:
         base_model.materialize(hf, Path(args.base) if args.base else None)
         export.to_gguf_f16(hf, tmp / "model.f16.gguf")
         export.quantize(tmp / "model.f16.gguf", tmp / "model.gguf", cfg.export.quantization)
-        adapter = tmp / "ticket.gguf"
-        t0 = time.perf_counter()
-        training = tasks._train(hf, recs, own, cfg, tmp / "work", adapter, "ticket", None)
-        train_s = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        passed, reasons, with_, without = tasks.gate(tmp / "model.gguf", adapter, items, t, cfg.gate.answer_max_tokens)
-        gate_s = time.perf_counter() - t0
-        size = adapter.stat().st_size
-    pick = ("taught_similarity", "probe_recall", "recall")
-    return {"rows": len(recs), "rehearsed": training["rehearsed"], "settings": {
-                "max_steps": t.max_steps, "epochs": t.epochs, "lr": t.lr, "rehearse": t.rehearse, "min_gain": t.min_gain,
-                "recall_tolerance": t.recall_tolerance, "lora_r": cfg.train.lora_r},
-            "training": training, "train_s": round(train_s, 1), "gate_s": round(gate_s, 1), "adapter_bytes": size,
-            "with": {k: with_[k] for k in pick}, "without": {k: without[k] for k in pick},
-            "held_out_replies": {"with": with_["probes"][:4], "without": without["probes"][:4]},
-            "recall_items": len(items.recall), "verdict": "pass" if passed else "fail", "reasons": reasons}
+        for i, rehearse in enumerate(args.rehearse):
+            t.rehearse = rehearse
+            adapter = tmp / f"ticket-{i}.gguf"
+            t0 = time.perf_counter()
+            training = tasks._train(hf, recs, own, cfg, tmp / f"work-{i}", adapter, "ticket", None)
+            train_s = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            passed, reasons, with_, without = tasks.gate(tmp / "model.gguf", adapter, items, t,
+                                                         cfg.gate.answer_max_tokens, without)
+            runs.append({"rehearse": rehearse, "rehearsed": training["rehearsed"], "training": training,
+                         "train_s": round(train_s, 1), "gate_s": round(time.perf_counter() - t0, 1),
+                         "adapter_bytes": adapter.stat().st_size, "with": {k: with_[k] for k in pick},
+                         "held_out_replies": with_["probes"][:4], "verdict": "pass" if passed else "fail",
+                         "reasons": reasons})
+    return {"rows": len(recs), "settings": {"max_steps": t.max_steps, "epochs": t.epochs, "lr": t.lr,
+                                            "min_gain": t.min_gain, "recall_tolerance": t.recall_tolerance,
+                                            "lora_r": cfg.train.lora_r},
+            "without": {k: without[k] for k in pick}, "without_held_out_replies": without["probes"][:4],
+            "recall_items": len(items.recall), "runs": runs}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rows", type=int, default=16, help=f"taught transcripts (at most {len(TAUGHT)})")
     ap.add_argument("--max-steps", type=int, default=60, help="the adapter's SFT steps ([tasks] max_steps)")
-    ap.add_argument("--rehearse", type=float, default=1.0, help="the lineage's own rows per task row ([tasks] rehearse)")
+    ap.add_argument("--rehearse", type=float, nargs="+", default=[1.0, 0.0],
+                    help="the lineage's own rows per task row ([tasks] rehearse): one adapter for each value")
     ap.add_argument("--base", help="an HF checkpoint instead of the embedded model")
     ap.add_argument("--curriculum", help="a curriculum folder instead of the repository's")
     ap.add_argument("--toml", help="an evolution.toml for the rest of the settings")
     args = ap.parse_args()
     started, contention = time.time(), report.Contention()
     r = run(args)
-    w, wo, tr = r["with"], r["without"], r["training"]
+    wo = r["without"]
     f = lambda v: "–" if v is None else f"{v:.3f}"  # noqa: E731
-    body = [f"A task `ticket` taught {r['rows']} transcripts (bug report → `TICKET: … | PRIORITY: … | OWNER: …`), with "
-            f"{r['rehearsed']} rows of the curriculum's own SFT data beside them; the adapter trained as the age-up's "
-            f"`tasks` stage trains it ({tr['steps']} steps, LoRA rank {r['settings']['lora_r']}, lr "
-            f"{r['settings']['lr']}: {r['train_s']} s, loss {f(tr['loss_first'])} → {f(tr['loss_last'])}; "
-            f"{r['adapter_bytes'] / 1e6:.1f} MB as GGUF) and gated as it gates ({r['gate_s']} s). Baseline: the "
-            "generation alone, asked the same in the same run.", "",
-            "| | with the adapter | the generation alone |", "|---|---|---|",
-            f"| taught replies (mean ROUGE-L) | {f(w['taught_similarity'])} | {f(wo['taught_similarity'])} |",
-            f"| held-out reports in the TICKET form ({len(HELD_OUT)}) | {f(w['probe_recall'])} | "
-            f"{f(wo['probe_recall'])} |",
-            f"| the curriculum's recall ({r['recall_items']} items) | {f(w['recall'])} | {f(wo['recall'])} |", "",
-            f"Gate verdict: **{r['verdict']}**" + (f" ({'; '.join(r['reasons'])})" if r["reasons"] else "") + "."]
-    print(f"[tasks] taught {f(w['taught_similarity'])} vs {f(wo['taught_similarity'])}, held-out form "
-          f"{f(w['probe_recall'])} vs {f(wo['probe_recall'])}, recall {f(w['recall'])} vs {f(wo['recall'])}; "
-          f"train {r['train_s']} s, gate {r['gate_s']} s; {r['verdict']}")
+    body = [f"A task `ticket` taught {r['rows']} transcripts (bug report → `TICKET: … | PRIORITY: … | OWNER: …`); one "
+            f"adapter per `[tasks] rehearse` value, each trained as the age-up's `tasks` stage trains it (LoRA rank "
+            f"{r['settings']['lora_r']}, lr {r['settings']['lr']}, {r['settings']['epochs']} epochs up to "
+            f"{r['settings']['max_steps']} steps) on the generation's merged weights and gated as it gates. Baseline: "
+            "the generation alone, asked the same in the same run. Here the generation is the base model (`--base`, "
+            "else the embedded SmolLM2-135M-Instruct, which knows none of the curriculum's persona): rehearsed rows "
+            "then teach it some of the persona too, which a child that already knows them would not gain.", "",
+            "| | " + " | ".join(f"rehearse {x['rehearse']:g} ({x['rehearsed']} rows)" for x in r["runs"])
+            + " | the generation alone |", "|---" * (len(r["runs"]) + 2) + "|",
+            *(f"| {label} | " + " | ".join(f(x["with"][k]) for x in r["runs"]) + f" | {f(wo[k])} |"
+              for label, k in (("taught replies (mean ROUGE-L)", "taught_similarity"),
+                               (f"held-out reports in the TICKET form ({len(HELD_OUT)})", "probe_recall"),
+                               (f"the curriculum's recall ({r['recall_items']} items)", "recall"))),
+            "| training: steps, s, loss first → last | " + " | ".join(
+                f"{x['training']['steps']}, {x['train_s']} s, {f(x['training']['loss_first'])} → "
+                f"{f(x['training']['loss_last'])}" for x in r["runs"]) + " | – |",
+            "| gate: seconds, verdict | " + " | ".join(f"{x['gate_s']} s, **{x['verdict']}**" for x in r["runs"])
+            + " | – |", "",
+            f"An adapter is {r['runs'][0]['adapter_bytes'] / 1e6:.1f} MB as GGUF. A first held-out reply with the "
+            f"adapter: `{(r['runs'][0]['held_out_replies'] or [{}])[0].get('reply', '–')}`; without: "
+            f"`{(r['without_held_out_replies'] or [{}])[0].get('reply', '–')[:120]}`."]
+    for x in r["runs"]:
+        print(f"[tasks] rehearse {x['rehearse']:g}: taught {f(x['with']['taught_similarity'])} vs "
+              f"{f(wo['taught_similarity'])}, held-out form {f(x['with']['probe_recall'])} vs "
+              f"{f(wo['probe_recall'])}, recall {f(x['with']['recall'])} vs {f(wo['recall'])}; train {x['train_s']} s, "
+              f"gate {x['gate_s']} s; {x['verdict']}")
     print("report:", report.write("tasks", "Task adapters: learning a task, keeping the lineage", body, r, contention,
                                   started))
 
