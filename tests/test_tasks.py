@@ -176,6 +176,14 @@ def test_the_served_generation_answers_a_task_with_its_adapter_and_captures_the_
         assert "Arr" in task.json()["choices"][0]["message"]["content"]
         assert "Arr" not in plain.json()["choices"][0]["message"]["content"]
         assert task.json()["model"] == "evolution-gen-0002:pirate" and plain.json()["model"] == "evolution-gen-0002"
+        streamed = c.post("/v1/chat/completions", json={"model": "evolution:pirate", "stream": True, "temperature": 0,
+                                                         "max_tokens": 12,
+                                                         "messages": [{"role": "user", "content": "Do you like ships?"}]})
+        chunks = [json.loads(line[6:]) for line in streamed.text.splitlines()
+                  if line.startswith("data: {")]
+        assert {ch["model"] for ch in chunks} == {"evolution-gen-0002:pirate"}
+        assert "".join((ch["choices"][0].get("delta") or {}).get("content") or "" for ch in chunks) == \
+            task.json()["choices"][0]["message"]["content"]
         # "terse" has no adapter yet: the generation alone answers, and the chat is the task's (what trains one)
         terse = _ask(c, "evolution:terse", "Do you like ships?")
         assert terse.status_code == 200 and terse.json()["choices"][0]["message"] == plain.json()["choices"][0]["message"]
