@@ -91,7 +91,7 @@ def run(args) -> dict:
             t.rehearse = rehearse
             adapter = tmp / f"ticket-{i}.gguf"
             t0 = time.perf_counter()
-            training = tasks._train(hf, recs, own, cfg, tmp / f"work-{i}", adapter, "ticket", None)
+            training = tasks.train_adapter(hf, recs, own, cfg, tmp / f"work-{i}", adapter, "ticket", None)
             train_s = time.perf_counter() - t0
             t0 = time.perf_counter()
             passed, reasons, with_, without = tasks.gate(tmp / "model.gguf", adapter, items, t,

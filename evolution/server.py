@@ -431,21 +431,22 @@ def create_app(daemon: Service) -> FastAPI:
 
     def _check_task(asked: str, task: str, lineage: str, alias: str) -> tuple[None, str]:
         """``evolution[-LINEAGE]:TASK``: the served generation with ``task``'s adapters, if this lineage has it."""
+        shown = repr(f"{asked}:{task}"[:120])  # the name as asked (untrusted: cut short)
         ours = parse_model(asked)
         if ours is not None and ours[0] != lineage:
-            raise ApiError(404, f"model '{asked}:{task}' is not served here: this daemon serves lineage {lineage!r} "
+            raise ApiError(404, f"model {shown} is not served here: this daemon serves lineage {lineage!r} "
                                 f"({alias}:TASK names its tasks)", code="model_not_found", param="model")
         if asked != alias:
-            raise ApiError(400, f"model '{asked}:{task}': a task is asked of the served generation, as "
-                                f"'{alias}:{task}' (not of a generation by number)", param="model")
+            raise ApiError(400, f"model {shown}: a task is asked of the served generation, as "
+                                f"'{alias}:{task[:60]}' (not of a generation by number)", param="model")
         names = daemon.cfg.tasks.names
         if task not in names:
-            raise ApiError(404, f"model '{asked}:{task}': lineage {lineage!r} has no task {task!r}; its tasks: "
+            raise ApiError(404, f"model {shown}: lineage {lineage!r} has no task {task[:60]!r}; its tasks: "
                                 f"{', '.join(names) or 'none ([tasks] names in evolution.toml)'}",
                            code="model_not_found", param="model")
         problem = daemon.task_problem(task)
         if problem is not None:
-            raise ApiError(409, f"model '{asked}:{task}': {problem}", code="not_servable", param="model")
+            raise ApiError(409, f"model {shown}: {problem}", code="not_servable", param="model")
         return None, task
 
     def _by_name(gen: int | None, call):

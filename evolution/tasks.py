@@ -163,7 +163,7 @@ def rehearsal(own: list[dict], n_task: int, share: float, seed: int) -> list[dic
     return random.Random(seed).sample(own, k) if k else []
 
 
-def _train(hf: Path, recs: list[dict], own: list[dict], cfg: AgeUpConfig, work: Path, out: Path, task: str,
+def train_adapter(hf: Path, recs: list[dict], own: list[dict], cfg: AgeUpConfig, work: Path, out: Path, task: str,
            progress) -> dict:
     """SFT a fresh LoRA on ``hf`` (the child's merged weights) on the task's ``recs`` and ``[tasks] rehearse`` rows
     of the child's own (``own``); write it as a GGUF LoRA at ``out``."""
@@ -212,7 +212,7 @@ def build(staging: Path, gguf: Path, hf: Path, child: int, parent: int, root_dir
             fresh = work / "adapter.gguf"
             if not fresh.is_file():
                 log.info("task %s: training an adapter on %d taught rows", task, len(recs))
-                out.training = _train(hf, recs, own_sft, cfg, work / "train", fresh, task, progress)
+                out.training = train_adapter(hf, recs, own_sft, cfg, work / "train", fresh, task, progress)
             candidates.append(("trained", fresh, child, len(recs)))
         elif not prev:
             out.reasons.append(f"{len(recs)} taught row(s), {tcfg.min_rows} needed (tasks.min_rows) for a first "
