@@ -1,6 +1,6 @@
 """Task-adapter benchmark: does a task adapter learn its task and leave the lineage as it was (issue 30, item 1)?
 
-    python bench/task_bench.py [--rows 16] [--max-steps 60] [--rehearse 1.0 0] [--base DIR] [--curriculum DIR]
+    python bench/task_bench.py [--rows 16] [--max-steps 60] [--rehearse 8 0] [--base DIR] [--curriculum DIR]
                                [--toml FILE]
 
 On the embedded SmolLM2-135M-Instruct (or ``--base``): a task ``ticket`` taught ``--rows`` transcripts that turn a
@@ -112,7 +112,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rows", type=int, default=16, help=f"taught transcripts (at most {len(TAUGHT)})")
     ap.add_argument("--max-steps", type=int, default=60, help="the adapter's SFT steps ([tasks] max_steps)")
-    ap.add_argument("--rehearse", type=float, nargs="+", default=[1.0, 0.0],
+    ap.add_argument("--rehearse", type=float, nargs="+", default=[8.0, 0.0],
                     help="the lineage's own rows per task row ([tasks] rehearse): one adapter for each value")
     ap.add_argument("--base", help="an HF checkpoint instead of the embedded model")
     ap.add_argument("--curriculum", help="a curriculum folder instead of the repository's")

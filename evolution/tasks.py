@@ -242,6 +242,7 @@ def build(staging: Path, gguf: Path, hf: Path, child: int, parent: int, root_dir
         failed = [f"{t['adapter']} adapter: {'; '.join(t['reasons'])}" for t in out.tried if not t["passed"]]
         if out.verdict == ev.FAIL:
             out.reasons = failed
+            out.trained_on = out.tried[-1]["trained_on"]  # the last adapter gated (none passed: none is served)
         elif failed:  # passed with the adapter carried from an earlier generation: say why not a new one
             out.reasons = failed + [f"carried the adapter trained on generation {out.trained_on}"]
         out.seconds = round(time.perf_counter() - t0, 3)

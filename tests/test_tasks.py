@@ -38,7 +38,8 @@ def _task_cfg(home):
     cfg = make_daemon_cfg(make_tiny_cfg(make_tiny_curriculum(home.parent / f"{home.name}-curriculum")))
     cfg.train.lora_r, cfg.train.lora_alpha = 16, 32
     t = cfg.tasks
-    t.names, t.min_rows, t.max_steps, t.epochs, t.lr, t.recall_tolerance = ["pirate", "terse"], 3, 200, 500.0, 5e-3, 1.0
+    t.names, t.min_rows, t.max_steps, t.epochs, t.lr, t.rehearse, t.recall_tolerance = \
+        ["pirate", "terse"], 3, 200, 500.0, 5e-3, 1.0, 1.0
     return cfg
 
 
