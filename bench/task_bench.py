@@ -126,9 +126,10 @@ def main() -> None:
             f"adapter per `[tasks] rehearse` value, each trained as the age-up's `tasks` stage trains it (LoRA rank "
             f"{r['settings']['lora_r']}, lr {r['settings']['lr']}, {r['settings']['epochs']} epochs up to "
             f"{r['settings']['max_steps']} steps) on the generation's merged weights and gated as it gates. Baseline: "
-            "the generation alone, asked the same in the same run. Here the generation is the base model (`--base`, "
-            "else the embedded SmolLM2-135M-Instruct, which knows none of the curriculum's persona): rehearsed rows "
-            "then teach it some of the persona too, which a child that already knows them would not gain.", "",
+            "the generation alone, asked the same in the same run. "
+            + (f"The generation: `{args.base}`." if args.base else "The generation: the embedded "
+               "SmolLM2-135M-Instruct base, which knows none of the curriculum's persona: rehearsed rows then teach it "
+               "some of the persona too, which a child that already knows them would not gain."), "",
             "| | " + " | ".join(f"rehearse {x['rehearse']:g} ({x['rehearsed']} rows)" for x in r["runs"])
             + " | the generation alone |", "|---" * (len(r["runs"]) + 2) + "|",
             *(f"| {label} | " + " | ".join(f(x["with"][k]) for x in r["runs"]) + f" | {f(wo[k])} |"
