@@ -39,6 +39,16 @@ class Live:
     """When the daemon started (Unix time)."""
 
 
+def _tasks(ledger: Ledger, intake: Intake, served: int | None) -> dict:
+    """Each task with rows or an adapter on the served generation: its taught rows, probes, and that adapter."""
+    from evolution import tasks
+
+    adapters = tasks.served_adapters(ledger, served) if served is not None else {}
+    return {t: {"taught_rows": len(tasks.records(intake, t)), "probes": len(intake.probes.items(t)),
+                "adapter": {"generation": served, "sha256": adapters[t]["sha256"]} if t in adapters else None}
+            for t in sorted(set(intake.tasks()) | set(adapters))}
+
+
 def read(root: DataRoot, ledger: Ledger, intake: Intake, live: Live | None = None,
          retrieval: dict | None = None, staleness: dict | None = None) -> dict:
     """The lineage's state as ``/status`` shows it; ``live``: the running daemon's part (None: none runs here,
@@ -73,6 +83,7 @@ def read(root: DataRoot, ledger: Ledger, intake: Intake, live: Live | None = Non
             staleness = {"enabled": None, "note": str(exc)}
     out |= {"karma": intake.karma.state().to_dict(), "paused": paused_reason(ledger)} | intake.counts()
     out["retrieval"], out["staleness"] = retrieval, staleness
+    out["tasks"] = _tasks(ledger, intake, out["served"] and out["served"]["generation"])
     if live is None:
         return out | {"last_error": None}
     return out | {"swaps": live.swaps, "last_swap": live.last_swap, "last_error": live.last_error,

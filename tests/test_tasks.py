@@ -112,6 +112,8 @@ def test_the_ledger_show_and_the_dashboard_list_a_generations_task_adapters(task
 
     root, _, _, second = task_lineage
     monkeypatch.setenv("EVOLUTION_HOME", str(root.root))
+    status = CliRunner().invoke(main, ["status"], catch_exceptions=False).output
+    assert "task pirate:" in status and "8 taught rows, 1 probes; adapter: generation 2's (" in status
     shown = CliRunner().invoke(main, ["ledger", "show", "2"], catch_exceptions=False, env={"COLUMNS": "400"}).output
     assert "task adapters" in shown and "pirate" in shown and "tasks.min_gain" in shown
     assert "carried the adapter trained on generation 1" in shown
@@ -193,6 +195,9 @@ def test_the_served_generation_answers_a_task_with_its_adapter_and_captures_the_
         c.post("/feedback", json={"completion_id": terse.json()["id"], "label": "good"})
         assert len(d.intake.experiences.labelled(task="terse").examples) == 1
         assert d.intake.experiences.labelled().examples == []  # not the lineage's own
+        now = c.get("/status").json()["tasks"]
+        assert now["pirate"]["taught_rows"] == 8 and now["pirate"]["adapter"]["generation"] == 2
+        assert now["terse"] == {"taught_rows": 1, "probes": 0, "adapter": None}  # the rated chat above
         models = {m["id"]: m for m in c.get("/v1/models").json()["data"]}
         sha = json.loads((root.gen_dir(2) / "generation.json").read_text())["tasks"]["pirate"]["sha256"]
         assert models["evolution:pirate"]["adapters"] == [{"task": "pirate", "sha256": sha}]

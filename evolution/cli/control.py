@@ -45,6 +45,7 @@ def status(as_json: bool) -> None:
             "ageup": now["ageup"]["progress"],
             "retrieval": now["retrieval"],
             "staleness": now["staleness"],
+            "tasks": now["tasks"],
         }
         last = ledger.entries(kind=ev.GATE_RESULT)
         if last:
@@ -80,6 +81,10 @@ def status(as_json: bool) -> None:
     x = info["experiences"]
     click.echo(f"experiences:      {x['experiences']} kept ({x['good']} good, {x['bad']} bad, "
                f"{x['unrated']} unrated); {x['labelled_conversations']} labelled conversations")
+    for name, t in info["tasks"].items():  # [tasks]: each task's rows, and the adapter it is served with
+        a = t["adapter"]
+        click.echo(f"task {name + ':':<12}{t['taught_rows']} taught rows, {t['probes']} probes; adapter: "
+                   + (f"generation {a['generation']}'s ({a['sha256'][:12]})" if a else "none yet"))
     r = info["retrieval"]
     if r.get("enabled") is False:
         click.echo("retrieval:        off ([retrieval] enabled = false)")

@@ -60,6 +60,15 @@ class Intake:
                             conversations_since=conversations_since, ratings_since=ratings_since,
                             probes=[p["question"] for p in self.probes.items(task)])
 
+    def tasks(self) -> list[str]:
+        """The tasks the lineage's rows name (transcripts, served chats, probes; ``[tasks]``), sorted."""
+        found: set[str] = set()
+        with self.ledger.reading() as conn:
+            for table in ("conversations", "experiences", "probes"):
+                found |= {r[0] for r in self.probes.tables.run(
+                    conn, f"SELECT DISTINCT task FROM {self.probes.tables.of(table)} WHERE task IS NOT NULL")}
+        return sorted(found)
+
     def counts(self) -> dict:
         """What the status shows of it: transcripts stored (and the newest id), experiences by label, probes."""
         n, last = self.conversations.count()
