@@ -439,11 +439,9 @@ def create_app(daemon: Service) -> FastAPI:
         if asked != alias:
             raise ApiError(400, f"model {shown}: a task is asked of the served generation, as "
                                 f"'{alias}:{task[:60]}' (not of a generation by number)", param="model")
-        names = daemon.cfg.tasks.names
-        if task not in names:
+        if task not in daemon.cfg.tasks.names:
             raise ApiError(404, f"model {shown}: lineage {lineage!r} has no task {task[:60]!r}; its tasks: "
-                                f"{', '.join(names) or 'none ([tasks] names in evolution.toml)'}",
-                           code="model_not_found", param="model")
+                                f"{_task_names()}", code="model_not_found", param="model")
         problem = daemon.task_problem(task)
         if problem is not None:
             raise ApiError(409, f"model {shown}: {problem}", code="not_servable", param="model")
@@ -567,10 +565,12 @@ def create_app(daemon: Service) -> FastAPI:
         """A posted transcript's or probe's ``task`` (``[tasks] names``), checked; None: the lineage's own."""
         task = body.get("task")
         if task is not None and task not in daemon.cfg.tasks.names:
-            names = daemon.cfg.tasks.names
-            raise ApiError(400, f"unknown task {str(task)[:60]!r}; this lineage's tasks: "
-                                f"{', '.join(names) or 'none ([tasks] names in evolution.toml)'}", param="task")
+            raise ApiError(400, f"unknown task {str(task)[:60]!r}; this lineage's tasks: {_task_names()}", param="task")
         return task
+
+    def _task_names() -> str:
+        """What an unknown task's error lists: the lineage's ``[tasks] names``, or where to set them."""
+        return ", ".join(daemon.cfg.tasks.names) or "none ([tasks] names in evolution.toml)"
 
     @app.post("/feedback")
     @_counted

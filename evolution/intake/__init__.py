@@ -33,7 +33,9 @@ from evolution.intake.experiences import DEFAULT_CAPTURE_MAX, ExperienceStore
 from evolution.intake.inbox import Example, Inbox, Labelled, Pair
 from evolution.intake.karma import Karma
 from evolution.intake.probes import ProbeStore
+from evolution.intake.tables import Tables
 from evolution.ledger import Ledger
+from evolution.ledger.migrations import TASK_TABLES
 
 
 class Intake:
@@ -63,10 +65,10 @@ class Intake:
     def tasks(self) -> list[str]:
         """The tasks the lineage's rows name (transcripts, served chats, probes; ``[tasks]``), sorted."""
         found: set[str] = set()
+        t = Tables(self.ledger)
         with self.ledger.reading() as conn:
-            for table in ("conversations", "experiences", "probes"):
-                found |= {r[0] for r in self.probes.tables.run(
-                    conn, f"SELECT DISTINCT task FROM {self.probes.tables.of(table)} WHERE task IS NOT NULL")}
+            for table in TASK_TABLES:
+                found |= {r[0] for r in t.run(conn, f"SELECT DISTINCT task FROM {t.of(table)} WHERE task IS NOT NULL")}
         return sorted(found)
 
     def counts(self) -> dict:
