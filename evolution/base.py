@@ -35,6 +35,9 @@ class BaseInfo:
     name: str
     source: str
     source_sha256: str | None
+    tokenizer: dict | None = None
+    """For a base whose tokenizer ``evolve tokenizer extend`` extended (``evolution.vocab``): tokens added, the
+    vocabulary before and after, tokens per word before and after; None for a base used as it is."""
 
 
 def embedded_gguf() -> Path:
@@ -113,7 +116,14 @@ def _resave_local(base: Path, out_dir: Path) -> BaseInfo:
     save_tokenizer(tokenizer, base, out_dir)
     single = single_weights(base)
     digest = sha256_file(single) if single is not None else None
-    return BaseInfo(name=base.name, source=str(base.resolve()), source_sha256=digest)
+    from evolution import vocab
+
+    ext = vocab.read(base)
+    if ext is None:
+        return BaseInfo(name=base.name, source=str(base.resolve()), source_sha256=digest)
+    summary = {k: ext[k] for k in ("added", "vocab_before", "vocab_after", "tokens_per_word")}
+    return BaseInfo(name=f"{ext['base']} + {ext['added']} lineage tokens", source=str(base.resolve()),
+                    source_sha256=digest, tokenizer=summary)
 
 
 def single_weights(base: Path) -> Path | None:

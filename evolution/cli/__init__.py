@@ -32,7 +32,7 @@ def main(verbose: bool) -> None:
 
 def _register() -> None:
     from evolution.cli import (ageup, backup, control, curriculum, daemon, experiences, export, feedback, karma, prune,
-                               ui)
+                               tokenizer, ui)
 
     main.add_command(ageup.age_up)
     main.add_command(daemon.daemon)
@@ -47,6 +47,7 @@ def _register() -> None:
     main.add_command(backup.restore)
     main.add_command(prune.prune)
     main.add_command(export.export)
+    main.add_command(tokenizer.tokenizer)
 
     from evolution.cli import ledger as ledger_cli
 
