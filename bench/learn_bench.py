@@ -2,6 +2,7 @@
 
     python bench/learn_bench.py [--quick] [--facts 24] [--rounds 4] [--home DIR]
     python bench/learn_bench.py --ablation [--quick]     # one round per component switched off
+    python bench/learn_bench.py --tokenizer N [--rounds 1] # the lineage's own tokenizer against the base's
 
 Plays a chat agent against the real daemon (``run_daemon.py --start-gen 0`` in a fresh data root, through its HTTP
 API, chats with the official ``openai`` client). The facts come from ``bench/learn_facts.json``: eight kinds (people's
@@ -25,7 +26,10 @@ recall within 0.02 of the parent; the first round's facts >= 0.95 three age-ups 
 
 ``--ablation`` runs one round per row of ``ABLATION`` (the full method, then each component off, then the variants
 of issue 15 alone), each from its own generation 0, and writes the table of their effect on held-out recall, leaks
-and age-up time. Reports go to ``docs/bench/<date>-learn.md`` (or ``-learn-ablation``) and ``.json``.
+and age-up time. ``--tokenizer N`` runs a lineage whose generation 0 ``evolve tokenizer extend --tokens N`` built
+beside one on the base tokenizer, in one run, and reports tokens per word of the curriculum and of the chats the
+bench posted, under both tokenizers (held-out perplexity is per token, so it does not compare across them).
+Reports go to ``docs/bench/<date>-learn.md`` (or ``-learn-ablation``, ``-learn-tokenizer``) and ``.json``.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ import os
 import random
 import shutil
 import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -255,8 +260,44 @@ def trained_user_turns(gen_dir: Path) -> set[str]:
         {evals.normalize(r["text"]) for r in rows if "text" in r}
 
 
-def run(args, toml_extra: str, label: str, contention: Contention) -> dict:
-    """One data root, one daemon, ``args.rounds`` rounds of teaching and ageing up; the rounds' figures."""
+def extend_tokenizer(home: Path, args, tokens: int) -> dict:
+    """``evolve tokenizer extend --tokens N`` on the new data root ``home``: generation 0 from the extended base."""
+    cmd = [sys.executable, "-c", "from evolution.cli import main; main()", "tokenizer", "extend", "--tokens",
+           str(tokens), "--json", *daemon_args.options(args)]
+    t0 = time.time()
+    r = subprocess.run(cmd, env=os.environ | {"EVOLUTION_HOME": str(home)}, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise SystemExit(f"evolve tokenizer extend failed:\n{r.stderr[-3000:]}")
+    return json.loads(r.stdout)["tokenizer"] | {"wall_s": round(time.time() - t0, 1)}
+
+
+def tokens_per_word(args, gen_dir: Path, home: Path) -> dict:
+    """Tokens per word of the curriculum and of the lineage's chats under the base tokenizer and the lineage's own
+    (generation ``gen_dir``'s)."""
+    from transformers import AutoTokenizer
+
+    from evolution import base as base_model
+    from evolution import curriculum as curriculum_mod
+    from evolution import vocab
+    from evolution.intake import Intake
+    from evolution.ledger import Ledger
+    from evolution.paths import DataRoot
+
+    plain = AutoTokenizer.from_pretrained(args.base) if args.base else base_model.load_embedded_tokenizer()
+    own = AutoTokenizer.from_pretrained(gen_dir)
+    with Ledger.open(DataRoot(home)) as led:
+        texts = {"curriculum": vocab.curriculum_texts(curriculum_mod.load(daemon_args.curriculum_dir(args))),
+                 "chats": vocab.chat_texts(Intake(led))}
+    out = {}
+    for part, t in texts.items():
+        words, before = vocab.tokens_per_word(plain, t)
+        out[part] = {"words": words, "before": before, "after": vocab.tokens_per_word(own, t)[1]}
+    return out
+
+
+def run(args, toml_extra: str, label: str, contention: Contention, tokens: int = 0) -> dict:
+    """One data root, one daemon, ``args.rounds`` rounds of teaching and ageing up; the rounds' figures. With
+    ``tokens``, generation 0 is built by ``evolve tokenizer extend --tokens TOKENS`` first."""
     table = load_table()
     home = Path(tempfile.mkdtemp(prefix="learn-bench-")) if args.home is None else args.home / label.replace(" ", "_")
     home.mkdir(parents=True, exist_ok=True)
@@ -267,10 +308,14 @@ def run(args, toml_extra: str, label: str, contention: Contention) -> dict:
     all_facts = facts(args.facts * args.rounds, table=table)
     rounds = [all_facts[r * args.facts:(r + 1) * args.facts] for r in range(args.rounds)]
     bad = BAD_PROMPTS * (args.bad // len(BAD_PROMPTS) + 2)
+    out: dict = {"label": label, "config": toml, "rounds": []}
+    if tokens:
+        out["tokenizer"] = extend_tokenizer(home, args, tokens)
+        print(f"[{label}] tokenizer: {json.dumps({k: out['tokenizer'][k] for k in ('added', 'tokens_per_word')})}",
+              flush=True)
     d = DaemonProc(home, "--start-gen", "0", "--threshold", str(THRESHOLD), *(["--quick"] if args.quick else []),
                    *daemon_args.options(args))
     d.start()
-    out: dict = {"label": label, "config": toml, "rounds": []}
     try:
         d.wait_serving(0, timeout=2400)
         agent = Agent(d)
@@ -320,6 +365,8 @@ def run(args, toml_extra: str, label: str, contention: Contention) -> dict:
                 "missed_heldout": [f"{i['question']} -> {i['reply'][:60]!r}" for f in batch
                                    for i in held_c.get(f["id"], []) if not i["correct"]],
             }
+            if tokens:
+                row["tokens_per_word"] = tokens_per_word(args, ckpt / f"gen_{child:04d}" / "hf", home)
             out["rounds"].append(row)
             if args.json:
                 args.json.write_text(json.dumps(out, indent=1))
@@ -389,6 +436,40 @@ def ablation_table(runs: list[dict]) -> list[str]:
     return lines
 
 
+def tokenizer_table(runs: list[dict]) -> list[str]:
+    """The two lineages side by side (last round), and the extended one's tokens per word."""
+    base, own = runs[0]["rounds"][-1], runs[1]["rounds"][-1]
+    ext = runs[1]["tokenizer"]
+    lines = ["| measure (last round's child) | base tokenizer | lineage tokens |", "|---|---|---|"]
+
+    def row(name: str, get) -> None:
+        lines.append(f"| {name} | {_f(get(base))} | {_f(get(own))} |")
+
+    row("as taught", lambda r: r["child"]["all"]["as_taught"])
+    row("held-out wordings", lambda r: r["child"]["all"]["heldout"])
+    for ch in CHANNELS:
+        row(f"held-out: {CHANNEL_LABELS[ch]}", lambda r, ch=ch: r["child"]["channel"][ch]["heldout"])
+    row("persona leaks", lambda r: r["leaks"]["child"]["persona_leak"])
+    row("\"I don't know\" share", lambda r: r["leaks"]["child"]["unknown_share"])
+    row("curriculum recall", lambda r: r["curriculum_recall"]["child"])
+    row("identity recall", lambda r: r["identity_recall"]["child"])
+    row("generalization", lambda r: r["generalization"]["child"])
+    row("held-out perplexity (per token: not comparable)", lambda r: r["perplexity"]["child"])
+    lines.append(f"| verdict | {base['verdict']} | {own['verdict']} |")
+    lines.append(f"| age-up s | {base['ageup_wall_s']:.0f} | {own['ageup_wall_s']:.0f} |")
+    loss = ext["training"].get("held_out_nats_per_char", {})
+    lines += ["", f"`evolve tokenizer extend` added {ext['added']} tokens (vocabulary {ext['vocab_before']:,} → "
+              f"{ext['vocab_after']:,}) in {ext['wall_s']:.0f} s, generation 0 included; its new rows trained "
+              f"{ext['training'].get('steps', 0)} steps. Loss on {loss.get('texts', 0)} held-out texts holding a new "
+              f"token, nats per character: base tokenizer {_f(loss.get('base'))}, initialised "
+              f"{_f(loss.get('initialised'))}, trained {_f(loss.get('trained'))}. New tokens: "
+              + ", ".join(f"`{t}`" for t in ext["new_tokens"][:24]) + ("…" if len(ext["new_tokens"]) > 24 else ""),
+              "", "| text | words | tokens per word, base tokenizer | lineage's |", "|---|---|---|---|"]
+    for part, v in own.get("tokens_per_word", {}).items():
+        lines.append(f"| {part} | {v['words']:,} | {_f(v['before'])} | {_f(v['after'])} |")
+    return lines
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="quick age-ups")
@@ -401,6 +482,9 @@ def main() -> None:
     ap.add_argument("--home", type=Path, default=None, help="keep the data roots here (default: temp dirs, removed)")
     ap.add_argument("--json", type=Path, default=None, help="also write the running figures here")
     ap.add_argument("--no-report", action="store_true", help="do not write docs/bench/ (a trial run)")
+    ap.add_argument("--tokenizer", type=int, default=0, metavar="N",
+                    help="compare, in one run, a lineage whose generation 0 `evolve tokenizer extend --tokens N` "
+                         "built against one on the base tokenizer (--rounds each)")
     daemon_args.add(ap, "--curriculum-dir")
     args = ap.parse_args()
     started, contention = time.time(), Contention()
@@ -417,6 +501,17 @@ def main() -> None:
             body += [f"# {r['label']}", ""] + round_tables(r, table)
         data = {"mode": mode, "facts": args.facts, "runs": runs}
         name, title = "learn-ablation" + suffix, f"Learn bench ablation ({mode} age-ups)"
+    elif args.tokenizer:
+        runs = [run(args, args.curriculum, "base tokenizer", contention),
+                run(args, args.curriculum, f"{args.tokenizer} lineage tokens", contention, tokens=args.tokenizer)]
+        body = [f"{args.rounds} {mode} age-up(s) per lineage, {args.facts} new facts each (a third per channel): a "
+                f"lineage on the base tokenizer against one whose generation 0 `evolve tokenizer extend --tokens "
+                f"{args.tokenizer}` built, each from its own generation 0, in one run.", ""]
+        body += tokenizer_table(runs) + [""]
+        for r in runs:
+            body += [f"# {r['label']}", ""] + round_tables(r, table)
+        data = {"mode": mode, "facts": args.facts, "runs": runs}
+        name, title = "learn-tokenizer" + suffix, f"Learn bench: the lineage's own tokenizer ({mode} age-ups)"
     else:
         r = run(args, args.curriculum, "learn", contention)
         body = [f"{args.rounds} {mode} age-ups, {args.facts} new facts each (a third per channel), facts from "

@@ -36,7 +36,7 @@ from evolution.fsutil import fsync_dir, fsync_file
 
 log = logging.getLogger(__name__)
 
-MIN_TOKENS = 8
+MIN_TOKENS = 1
 MAX_TOKENS = 8192
 """How many tokens ``extend`` adds at most: a 135M model's embedding table grows 1.6 % per 768 tokens, and a
 lineage's corpus of a few hundred kilobytes rarely has more pairs seen twice."""
@@ -88,22 +88,30 @@ class Extension:
         return asdict(self)
 
 
-def corpus(cur, intake) -> Corpus:
-    """The curriculum's text (CPT documents and SFT turns) and the lineage's chats: stored transcripts and rated
-    prompts and replies (a corrected reply's correction, never the reply rated bad)."""
-    curriculum = [d["text"] for d in cur.cpt]
-    curriculum += [m["content"] for ex in cur.sft for m in ex["messages"] if m.get("content")]
-    chats: list[str] = []
+def curriculum_texts(cur) -> list[str]:
+    """The curriculum's text: its CPT documents and every turn of its SFT examples."""
+    return [d["text"] for d in cur.cpt] + [m["content"] for ex in cur.sft for m in ex["messages"] if m.get("content")]
+
+
+def chat_texts(intake) -> list[str]:
+    """What the lineage's users said and were answered: stored transcripts, and rated prompts with their replies
+    (a corrected reply's correction, never a reply rated bad)."""
+    texts: list[str] = []
     inbox = intake.inbox()
     for _, messages in inbox.conversations:
-        chats += [m["content"] for m in messages if m.get("content")]
+        texts += [m["content"] for m in messages if m.get("content")]
     for e in inbox.examples:
-        chats += [m["content"] for m in e.prompt if m.get("content")]
+        texts += [m["content"] for m in e.prompt if m.get("content")]
         if e.label == "good":
-            chats.append(e.reply)
+            texts.append(e.reply)
     for p in inbox.pairs:
-        chats += [m["content"] for m in p.prompt if m.get("content")] + [p.chosen]
-    return Corpus(curriculum, chats)
+        texts += [m["content"] for m in p.prompt if m.get("content")] + [p.chosen]
+    return texts
+
+
+def corpus(cur, intake) -> Corpus:
+    """The lineage's corpus: ``curriculum_texts`` and ``chat_texts``."""
+    return Corpus(curriculum_texts(cur), chat_texts(intake))
 
 
 def tokens_per_word(tokenizer, texts: list[str]) -> tuple[int, float | None]:

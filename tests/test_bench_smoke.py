@@ -146,6 +146,15 @@ def test_learn_bench(tmp_path, tiny):
     assert _report(tmp_path, "learn")["run"]["rounds"] == rounds
 
 
+def test_learn_bench_tokenizer(tmp_path, tiny):
+    bench("learn", "--facts", "3", "--rounds", "1", "--bad", "1", "--good", "1", "--tokenizer", "2",
+          *_tiny_args(tiny, "--curriculum-dir"), tmp_path=tmp_path)
+    base, own = _report(tmp_path, "learn-tokenizer")["runs"]
+    assert "tokenizer" not in base and own["tokenizer"]["added"] == 2
+    words = own["rounds"][0]["tokens_per_word"]
+    assert words["curriculum"]["after"] < words["curriculum"]["before"] and words["chats"]["words"] > 0
+
+
 def test_horizon_bench(tmp_path, tiny):
     out = tmp_path / "horizon.json"
     bench("horizon", "--generations", "1", "--facts", "1", "--bad", "1", "--good", "1", "--chats", "2",

@@ -124,7 +124,7 @@ def test_llama_cpp_splits_text_as_the_extended_tokenizer_does(tiny_base, tokeniz
 
 
 def test_out_of_range_or_more_than_the_corpus_has_is_a_clear_error(tiny_base, corp, tmp_path):
-    for n in (0, 7, vocab.MAX_TOKENS + 1):
+    for n in (0, -3, vocab.MAX_TOKENS + 1):
         with pytest.raises(GenerationError, match="out of range"):
             vocab.extend(tiny_base, tmp_path / "x", corp, n)
     with pytest.raises(GenerationError, match=r"has only \d+ pairs .* ask for at most \d+"):
@@ -150,11 +150,13 @@ def test_extend_builds_generation_zero_served_from_the_new_tokenizer_and_refuses
         with pytest.raises(GenerationError, match="already has generation 0"):
             vocab.extend_lineage(root, cfg, led, 10, steps=2, base=tiny_base)
     # the CLI says the same, and a bad size is refused before anything is read
-    r = CliRunner().invoke(cli, ["tokenizer", "extend", "--tokens", "3"])
+    r = CliRunner().invoke(cli, ["tokenizer", "extend", "--tokens", "0"])
     assert r.exit_code != 0 and "out of range" in r.output
     r = CliRunner().invoke(cli, ["tokenizer", "extend", "--tokens", "10", "--base", str(tiny_base),
                                  "--curriculum", cfg.curriculum.path])
     assert r.exit_code != 0 and "already has generation 0" in r.output
+    r = CliRunner().invoke(cli, ["ledger", "show", "0"])
+    assert r.exit_code == 0 and "+ 10 lineage tokens (vocabulary" in r.output, r.output
 
 
 @pytest.mark.slow

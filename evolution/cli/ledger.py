@@ -268,6 +268,12 @@ def _print_detail(d: GenerationDetail, lessons: list = (), lessons_problem: str 
     con.print(f"[bold]generation {s.gen}[/]{served} — {s.status}, created {_short_time(s.created)} UTC")
     chain = " ← ".join(str(g) for g in d.lineage)
     con.print(f"lineage: {chain}" + (f"  (base: {d.base})" if d.base else ""))
+    if d.tokenizer:
+        tk = d.tokenizer
+        words = "; ".join(f"{part} {v['before']} → {v['after']} tokens per word" for part, v in
+                          tk.get("tokens_per_word", {}).items() if v.get("before") is not None)
+        con.print(f"tokenizer: the base's + {tk['added']} lineage tokens (vocabulary {tk['vocab_before']:,} → "
+                  f"{tk['vocab_after']:,}); {words}")
     con.print(f"config hash: {d.config_hash or '-'}   data manifest hash: {d.manifest_hash or '-'}")
     if d.training:
         losses = d.training.get("losses")

@@ -64,6 +64,9 @@ class GenerationDetail:
     weights: dict | None = None
     """How its weights moved, per layer, as its ``exported`` entry recorded it (``evolution.weights``); None for
     generation 0 and a generation built before it was measured."""
+    tokenizer: dict | None = None
+    """For generation 0 of a lineage whose tokenizer ``evolve tokenizer extend`` extended: tokens added, vocabulary
+    before and after, tokens per word (``evolution.vocab``)."""
 
     @property
     def gguf(self) -> dict | None:
@@ -185,4 +188,5 @@ def detail(entries: list[Entry], n: int) -> GenerationDetail:
         gate=last(ev.GATE_RESULT),
         events=mine,
         weights=(exported or {}).get("weights") or None,
+        tokenizer=(c.get("source") or {}).get("tokenizer"),
     )
