@@ -344,7 +344,7 @@ def extend(base_hf: Path, out_dir: Path, corp: Corpus, n: int, *, steps: int = D
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     model = AutoModelForCausalLM.from_pretrained(base_hf, dtype=torch.float32, local_files_only=True)
-    base_tok.save_pretrained(tmp)
+    base_tok.save_pretrained(tmp)  # a tokenizer: JSON files, no pickle
     merges, left_out = _keep_converter_happy(tmp, base_tok, merges)
     tok, new = _write_tokenizer(tmp, merges)
     first_new = len(vocab)
@@ -378,7 +378,7 @@ def extend(base_hf: Path, out_dir: Path, corp: Corpus, n: int, *, steps: int = D
         words[part] = {"words": count, "before": None if before is None else round(before, 4),
                        "after": None if after is None else round(after, 4)}
     model.save_pretrained(tmp, safe_serialization=True)
-    tok.save_pretrained(tmp)
+    tok.save_pretrained(tmp)  # the tokenizer: JSON files
     ext = Extension(base=base_name or str(base_hf), requested=n, added=len(new), merges=[list(m) for m in merges],
                     new_tokens=[tok.convert_tokens_to_string([t]) for t in new], vocab_before=first_new,
                     vocab_after=first_new + len(new), tokens_per_word=words, training=training, left_out=left_out,
