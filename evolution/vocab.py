@@ -190,6 +190,17 @@ def learn(tokenizer, texts: list[str], n: int, min_frequency: int = 2) -> list[t
     return merges
 
 
+def learnable(tokenizer, texts: list[str], n: int) -> list[tuple[str, str]]:
+    """``learn``'s merges, or a clear error when ``texts`` cannot give ``n`` new tokens."""
+    merges = learn(tokenizer, texts, n)
+    found = len({a + b for a, b in merges} - set(tokenizer.get_vocab()))
+    if found < n:
+        raise GenerationError(
+            f"the lineage's corpus ({sum(len(t.split()) for t in texts):,} words) has only {found} pairs of tokens "
+            f"seen at least twice that are not tokens yet; ask for at most {found} (--tokens), or add to the curriculum")
+    return merges
+
+
 def _extended_json(tokenizer_json: dict, merges: list[tuple[str, str]]) -> tuple[dict, list[str]]:
     """``tokenizer.json`` with ``merges`` appended and each new token given the next id; the new tokens."""
     model = tokenizer_json["model"]
@@ -333,13 +344,8 @@ def extend(base_hf: Path, out_dir: Path, corp: Corpus, n: int, *, steps: int = D
     check_count(n)
     t0 = time.perf_counter()
     base_tok = AutoTokenizer.from_pretrained(base_hf, local_files_only=True)
-    merges = learn(base_tok, corp.texts, n)
+    merges = learnable(base_tok, corp.texts, n)
     vocab = base_tok.get_vocab()
-    found = len({a + b for a, b in merges} - set(vocab))
-    if found < n:
-        raise GenerationError(
-            f"the lineage's corpus ({sum(len(t.split()) for t in corp.texts):,} words) has only {found} pairs of tokens "
-            f"seen at least twice that are not tokens yet; ask for at most {found} (--tokens), or add to the curriculum")
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -404,6 +410,16 @@ def read(hf_dir: Path) -> dict | None:
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
 
 
+def _base_tokenizer(base: Path | None):
+    from transformers import AutoTokenizer
+
+    from evolution import base as base_model
+
+    if base is None:
+        return base_model.load_embedded_tokenizer()
+    return AutoTokenizer.from_pretrained(base, local_files_only=True)
+
+
 def extend_lineage(root, cfg, ledger, n: int, *, steps: int = DEFAULT_STEPS, base: Path | None = None,
                    stage_cb=lambda stage, what: None):
     """Extend the base's tokenizer with ``n`` tokens learned from the lineage's corpus, then build generation 0
@@ -428,6 +444,7 @@ def extend_lineage(root, cfg, ledger, n: int, *, steps: int = DEFAULT_STEPS, bas
     if not resuming:
         cur = curriculum_mod.load(cfg.curriculum.path, cfg.curriculum.phases)
         corp = corpus(cur, Intake(ledger))
+        learnable(_base_tokenizer(base), corp.texts, n)  # a count the corpus cannot give: said before any work
         plain = root.home / "tokenizer" / "plain.tmp"
         shutil.rmtree(plain, ignore_errors=True)
         stage_cb("base", "start")

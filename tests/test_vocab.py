@@ -149,6 +149,11 @@ def test_extend_builds_generation_zero_served_from_the_new_tokenizer_and_refuses
         llm.close()
         with pytest.raises(GenerationError, match="already has generation 0"):
             vocab.extend_lineage(root, cfg, led, 10, steps=2, base=tiny_base)
+    other = root.for_lineage("other").prepare()
+    with Ledger.open(other) as led:  # more tokens than the corpus can give: said before the base is even copied
+        with pytest.raises(GenerationError, match=r"ask for at most \d+"):
+            vocab.extend_lineage(other, cfg, led, 4000, base=tiny_base)
+    assert not (other.home / "tokenizer").exists()
     # the CLI says the same, and a bad size is refused before anything is read
     r = CliRunner().invoke(cli, ["tokenizer", "extend", "--tokens", "0"])
     assert r.exit_code != 0 and "out of range" in r.output
