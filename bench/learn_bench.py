@@ -283,16 +283,10 @@ def tokens_per_word(args, gen_dir: Path, home: Path) -> dict:
     from evolution.ledger import Ledger
     from evolution.paths import DataRoot
 
-    plain = AutoTokenizer.from_pretrained(args.base) if args.base else base_model.load_embedded_tokenizer()
-    own = AutoTokenizer.from_pretrained(gen_dir)
     with Ledger.open(DataRoot(home)) as led:
         texts = {"curriculum": vocab.curriculum_texts(curriculum_mod.load(daemon_args.curriculum_dir(args))),
                  "chats": vocab.chat_texts(Intake(led))}
-    out = {}
-    for part, t in texts.items():
-        words, before = vocab.tokens_per_word(plain, t)
-        out[part] = {"words": words, "before": before, "after": vocab.tokens_per_word(own, t)[1]}
-    return out
+    return vocab.compare_per_word(base_model.load_tokenizer(args.base), AutoTokenizer.from_pretrained(gen_dir), texts)
 
 
 def run(args, toml_extra: str, label: str, contention: Contention, tokens: int = 0) -> dict:

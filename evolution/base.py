@@ -62,6 +62,16 @@ def load_embedded_tokenizer():
     return AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
 
 
+def load_tokenizer(base: Path | None = None):
+    """The tokenizer of ``materialize(out, base)``'s result, without materializing it: the embedded model's for
+    None, else the local checkpoint's."""
+    if base is None:
+        return load_embedded_tokenizer()
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(base, local_files_only=True)
+
+
 def _dequantize_embedded(out_dir: Path) -> BaseInfo:
     import torch
     from transformers import AutoModelForCausalLM

@@ -123,6 +123,18 @@ def tokens_per_word(tokenizer, texts: list[str]) -> tuple[int, float | None]:
     return words, tokens / words
 
 
+def compare_per_word(before, after, parts: dict[str, list[str]]) -> dict:
+    """``{part: {"words", "before", "after"}}``: tokens per word of each part's texts under tokenizer ``before``
+    and ``after``."""
+    out = {}
+    for part, texts in parts.items():
+        words, old = tokens_per_word(before, texts)
+        new = tokens_per_word(after, texts)[1]
+        out[part] = {"words": words, "before": None if old is None else round(old, 4),
+                     "after": None if new is None else round(new, 4)}
+    return out
+
+
 def _converter_probe_text() -> str | None:
     """The text llama.cpp's converter tokenises to recognise a BPE pre-tokenizer (it refuses one it does not
     know), read from the installed converter; None if it cannot be found there."""
@@ -238,21 +250,19 @@ def _keep_converter_happy(hf_dir: Path, base_tokenizer, merges: list[tuple[str, 
         log.warning("llama.cpp's converter probe text was not found; the GGUF export will check the tokenizer")
         return merges, []
     want = base_tokenizer(probe, add_special_tokens=False)["input_ids"]
+    base_vocab = base_tokenizer.get_vocab()
     left_out: list[str] = []
+    scratch = hf_dir / ".probe"
     for _ in range(8):
-        scratch = hf_dir / ".probe"
         shutil.rmtree(scratch, ignore_errors=True)
-        scratch.mkdir()
-        shutil.copy(hf_dir / "tokenizer.json", scratch / "tokenizer.json")
-        for f in ("tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
-            if (hf_dir / f).is_file():
-                shutil.copy(hf_dir / f, scratch / f)
+        base_tokenizer.save_pretrained(scratch)  # the tokenizer only: JSON files
         tok, _ = _write_tokenizer(scratch, merges)
-        got = tok.convert_ids_to_tokens(tok(probe, add_special_tokens=False)["input_ids"])
         shutil.rmtree(scratch, ignore_errors=True)
-        if tok(probe, add_special_tokens=False)["input_ids"] == want:
+        ids = tok(probe, add_special_tokens=False)["input_ids"]
+        if ids == want:
             return merges, left_out
-        bad = {t for t in got if t not in base_tokenizer.get_vocab() or t in {a + b for a, b in merges}}
+        made = {a + b for a, b in merges}
+        bad = {t for t in tok.convert_ids_to_tokens(ids) if t not in base_vocab or t in made}
         keep = []
         for a, b in merges:  # a merge built on a dropped token goes too
             if a + b in bad or a in bad or b in bad:
@@ -357,6 +367,9 @@ def extend(base_hf: Path, out_dir: Path, corp: Corpus, n: int, *, steps: int = D
     if min(tok.convert_tokens_to_ids(new), default=first_new) < first_new:
         raise GenerationError("the base tokenizer's ids are not contiguous; it cannot be extended")
 
+    held, rest = _held_out(tok, corp.texts, first_new, seed)
+    loss = {"texts": len(held), "base": nats_per_char(model, base_tok, held)}  # the base model, not yet resized
+
     # Initialise: each new token's rows are the mean of the rows of the base tokens it joins.
     model.resize_token_embeddings(first_new + len(new), mean_resizing=False)
     emb = model.get_input_embeddings().weight
@@ -368,21 +381,12 @@ def extend(base_hf: Path, out_dir: Path, corp: Corpus, n: int, *, steps: int = D
             emb[i] = emb[pieces].mean(0)
             if out is not None and out.weight is not emb:
                 out.weight[i] = out.weight[pieces].mean(0)
-    held, rest = _held_out(tok, corp.texts, first_new, seed)
-    base_model = AutoModelForCausalLM.from_pretrained(base_hf, dtype=torch.float32, local_files_only=True)
-    loss = {"texts": len(held), "base": nats_per_char(base_model, base_tok, held)}
-    del base_model
     loss["initialised"] = nats_per_char(model, tok, held)
     training = _train_rows(model, tok, rest, first_new, steps, lr, block, batch, seed)
     loss["trained"] = nats_per_char(model, tok, held) if training["steps"] else loss["initialised"]
     training["held_out_nats_per_char"] = loss
 
-    words = {}
-    for part, part_texts in (("curriculum", corp.curriculum), ("chats", corp.chats)):
-        count, before = tokens_per_word(base_tok, part_texts)
-        _, after = tokens_per_word(tok, part_texts)
-        words[part] = {"words": count, "before": None if before is None else round(before, 4),
-                       "after": None if after is None else round(after, 4)}
+    words = compare_per_word(base_tok, tok, {"curriculum": corp.curriculum, "chats": corp.chats})
     model.save_pretrained(tmp, safe_serialization=True)
     tok.save_pretrained(tmp)  # the tokenizer: JSON files
     ext = Extension(base=base_name or str(base_hf), requested=n, added=len(new), merges=[list(m) for m in merges],
@@ -410,16 +414,6 @@ def read(hf_dir: Path) -> dict | None:
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
 
 
-def _base_tokenizer(base: Path | None):
-    from transformers import AutoTokenizer
-
-    from evolution import base as base_model
-
-    if base is None:
-        return base_model.load_embedded_tokenizer()
-    return AutoTokenizer.from_pretrained(base, local_files_only=True)
-
-
 def extend_lineage(root, cfg, ledger, n: int, *, steps: int = DEFAULT_STEPS, base: Path | None = None,
                    stage_cb=lambda stage, what: None):
     """Extend the base's tokenizer with ``n`` tokens learned from the lineage's corpus, then build generation 0
@@ -444,7 +438,7 @@ def extend_lineage(root, cfg, ledger, n: int, *, steps: int = DEFAULT_STEPS, bas
     if not resuming:
         cur = curriculum_mod.load(cfg.curriculum.path, cfg.curriculum.phases)
         corp = corpus(cur, Intake(ledger))
-        learnable(_base_tokenizer(base), corp.texts, n)  # a count the corpus cannot give: said before any work
+        learnable(base_model.load_tokenizer(base), corp.texts, n)  # a count the corpus cannot give: said before any work
         plain = root.home / "tokenizer" / "plain.tmp"
         shutil.rmtree(plain, ignore_errors=True)
         stage_cb("base", "start")
