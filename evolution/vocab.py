@@ -405,7 +405,7 @@ def extend(base_hf: Path, out_dir: Path, corp: Corpus, n: int, *, steps: int = D
 def check_count(n: int) -> None:
     if not MIN_TOKENS <= n <= MAX_TOKENS:
         raise GenerationError(f"--tokens {n}: out of range; add between {MIN_TOKENS} and {MAX_TOKENS} tokens "
-                              "(a few hundred suit a curriculum of this size)")
+                              "(the default curriculum gives at most 58; a lineage's chats add more)")
 
 
 def read(hf_dir: Path) -> dict | None:

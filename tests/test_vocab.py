@@ -196,3 +196,15 @@ def test_killed_while_generation_zero_exports_it_resumes_with_the_same_tokenizer
         tok = AutoTokenizer.from_pretrained(root.gen_dir(1) / "hf")
         assert len(tok) == json.loads((root.home / vocab.BASE_DIR / vocab.STATS_FILE).read_text())["vocab_after"]
         assert child.gen == 1 and led.verify(artifacts=True).ok
+
+
+def test_the_default_token_count_is_one_the_repositorys_curriculum_can_give(tokenizer):
+    """`evolve tokenizer extend` with no --tokens works on the curriculum a new user starts with."""
+    from evolution import curriculum
+    from evolution.cli.tokenizer import extend as extend_cmd
+    from evolution.config import AgeUpConfig
+
+    default = next(p.default for p in extend_cmd.params if p.name == "n")
+    texts = vocab.curriculum_texts(curriculum.load(AgeUpConfig().curriculum.path))
+    merges = vocab.learnable(tokenizer, texts, default)
+    assert len({a + b for a, b in merges} - set(tokenizer.get_vocab())) == default

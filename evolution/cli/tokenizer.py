@@ -29,7 +29,7 @@ def _per_word(v: dict) -> str:
 
 
 @tokenizer.command("extend")
-@click.option("--tokens", "n", type=int, default=64, show_default=True,
+@click.option("--tokens", "n", type=int, default=48, show_default=True,
               help=f"New tokens to learn ({vocab.MIN_TOKENS} to {vocab.MAX_TOKENS}).")
 @click.option("--steps", type=click.IntRange(min=0), default=vocab.DEFAULT_STEPS, show_default=True,
               help="Training steps of the new tokens' embeddings (every other weight frozen).")
