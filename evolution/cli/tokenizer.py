@@ -14,7 +14,7 @@ import click
 from evolution import config, promotion, vocab
 from evolution.cli.lineage import lineage_option
 from evolution.ledger import Ledger
-from evolution.paths import DataRoot
+from evolution.paths import MAIN, DataRoot
 
 
 @click.group("tokenizer")
@@ -82,4 +82,5 @@ def extend(n: int, steps: int, base: Path | None, curriculum_path: Path | None, 
                    f"new tokens initialised {loss['initialised']}, after {t['steps']} training steps {loss['trained']}")
     shown = ", ".join(repr(s) for s in ext["new_tokens"][:12])
     click.echo(f"  new tokens: {shown}{' …' if len(ext['new_tokens']) > 12 else ''}")
-    click.echo(f"generation 0 built from it: {fate}; start the daemon with `python run_daemon.py --start-gen 0`")
+    which = "" if root.lineage == MAIN else f" --lineage {root.lineage}"
+    click.echo(f"generation 0 built from it: {fate}; start the daemon with `python run_daemon.py{which} --start-gen 0`")
