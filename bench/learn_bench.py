@@ -1,7 +1,7 @@
 """Does a fact the chat agent's user told it reach the next generation, asked in words nobody trained on, and stay?
 
     python bench/learn_bench.py [--quick] [--facts 24] [--rounds 4] [--home DIR]
-    python bench/learn_bench.py --ablation [--quick]     # one round per component switched off
+    python bench/learn_bench.py --ablation [--quick] [--rows 1,2]  # one round per component switched off
     python bench/learn_bench.py --tokenizer N [--rounds 1] # the lineage's own tokenizer against the base's
 
 Plays a chat agent against the real daemon (``run_daemon.py --start-gen 0`` in a fresh data root, through its HTTP
@@ -26,7 +26,7 @@ recall within 0.02 of the parent; the first round's facts >= 0.95 three age-ups 
 
 ``--ablation`` runs one round per row of ``ABLATION`` (the full method, then each component off, then the variants
 of issue 15 alone), each from its own generation 0, and writes the table of their effect on held-out recall, leaks
-and age-up time. ``--tokenizer N`` runs a lineage whose generation 0 ``evolve tokenizer extend --tokens N`` built
+and age-up time; ``--rows`` runs some of them (numbered from 1, "full" first: keep it, it is the baseline). ``--tokenizer N`` runs a lineage whose generation 0 ``evolve tokenizer extend --tokens N`` built
 beside one on the base tokenizer, in one run, and reports tokens per word of the curriculum and of the chats the
 bench posted, under both tokenizers (held-out perplexity is per token, so it does not compare across them).
 Reports go to ``docs/bench/<date>-learn.md`` (or ``-learn-ablation``, ``-learn-tokenizer``) and ``.json``.
@@ -415,10 +415,26 @@ def round_tables(run_: dict, table: dict) -> list[str]:
     return lines
 
 
-def ablation_table(runs: list[dict]) -> list[str]:
+def ablation_rows(spec: str) -> list[tuple[str, str, str]]:
+    """The rows of ``ABLATION`` that ``--rows`` names ("1,3": numbered from 1; empty: every row), in table order."""
+    if not spec.strip():
+        return list(ABLATION)
+    try:
+        wanted = {int(x) for x in spec.split(",") if x.strip()}
+    except ValueError:
+        raise SystemExit(f"--rows {spec!r}: give row numbers separated by commas, e.g. --rows 1,2") from None
+    bad = sorted(n for n in wanted if not 1 <= n <= len(ABLATION))
+    if bad or not wanted:
+        raise SystemExit(f"--rows {spec!r}: the ablation has rows 1 to {len(ABLATION)} "
+                         f"({', '.join(f'{i}: {r[0]}' for i, r in enumerate(ABLATION, 1))})")
+    return [r for i, r in enumerate(ABLATION, 1) if i in wanted]
+
+
+def ablation_table(runs: list[dict], rows: list[tuple[str, str, str]]) -> list[str]:
     lines = ["| row | switched off | held-out: corrections | rated | unrated | as taught | persona leaks | "
-             "\"I don't know\" | identity recall | age-up s |", "|---|---|---|---|---|---|---|---|---|---|"]
-    for run_, (label, off, _) in zip(runs, ABLATION):
+             "\"I don't know\" | curriculum recall | identity recall | verdict | age-up s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for run_, (label, off, _) in zip(runs, rows):
         if not run_["rounds"]:
             continue
         row = run_["rounds"][0]
@@ -426,7 +442,8 @@ def ablation_table(runs: list[dict]) -> list[str]:
         lines.append(f"| {label} | {off} | {_f(ch['correction']['heldout'])} | {_f(ch['rated']['heldout'])} | "
                      f"{_f(ch['unrated']['heldout'])} | {_f(row['child']['all']['as_taught'])} | "
                      f"{_f(row['leaks']['child']['persona_leak'])} | {_f(row['leaks']['child']['unknown_share'])} | "
-                     f"{_f(row['identity_recall']['child'])} | {row['ageup_wall_s']:.0f} |")
+                     f"{_f(row['curriculum_recall']['child'])} | {_f(row['identity_recall']['child'])} | {row['verdict']} | "
+                     f"{row['ageup_wall_s']:.0f} |")
     return lines
 
 
@@ -472,6 +489,7 @@ def main() -> None:
     ap.add_argument("--bad", type=int, default=20, help="other replies rated bad per round")
     ap.add_argument("--good", type=int, default=10, help="other replies rated good per round")
     ap.add_argument("--ablation", action="store_true", help="one round per row of the ablation table")
+    ap.add_argument("--rows", default="", help="with --ablation: the rows to run, numbered from 1 (default: all)")
     ap.add_argument("--curriculum", default="", help="extra [curriculum] settings (TOML lines) for every run")
     ap.add_argument("--home", type=Path, default=None, help="keep the data roots here (default: temp dirs, removed)")
     ap.add_argument("--json", type=Path, default=None, help="also write the running figures here")
@@ -487,10 +505,14 @@ def main() -> None:
     suffix = "-quick" if args.quick else ""  # a quick run's report beside the default one, not over it
     if args.ablation:
         args.rounds = 1
-        runs = [run(args, extra + args.curriculum, label, contention) for label, _, extra in ABLATION]
+        rows = ablation_rows(args.rows)
+        runs = [run(args, extra + args.curriculum, label, contention) for label, _, extra in rows]
         body = [f"One {mode} age-up of generation 0 per row, {args.facts} facts each (a third per channel), each row "
                 "from its own generation 0. Held-out recall is of wordings no training code reads.", ""]
-        body += ablation_table(runs) + [""]
+        if len(rows) < len(ABLATION):
+            body += [f"Rows run: {len(rows)} of {len(ABLATION)} (`--rows {args.rows}`); not run: "
+                     + ", ".join(r[0] for r in ABLATION if r not in rows) + ".", ""]
+        body += ablation_table(runs, rows) + [""]
         for r in runs:
             body += [f"# {r['label']}", ""] + round_tables(r, table)
         data = {"mode": mode, "facts": args.facts, "runs": runs}
