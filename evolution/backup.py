@@ -9,6 +9,8 @@ A backup is a folder::
     checkpoints/gen_NNNN/...   every generation the snapshot's ledger knows: metadata, data, eval reports,
                                and the weights (GGUF, merged safetensors, adapter) unless ``models=False``
     lineages/NAME/checkpoints/gen_NNNN/...   the same for every other lineage of the ledger
+    tokenizer/base/...         a lineage's own tokenizer and the base it extended (``evolve tokenizer extend``,
+                               ``evolution.vocab``): generation 0 is remade from it; lineages/NAME/tokenizer/ likewise
 
 Consistency: the ledger is copied first, as one snapshot; a generation directory is complete
 and read-only before its ``exported`` event is recorded (it is renamed into place, then
@@ -44,7 +46,7 @@ from pathlib import Path
 
 from sqlalchemy.engine import make_url
 
-from evolution import faults
+from evolution import faults, vocab
 from evolution.errors import BackupError, DiskFull
 from evolution.fsutil import (atomic_write_json, free_space, fsync_dir, is_disk_full, make_tree_read_only,
                               sha256_file)
@@ -59,6 +61,8 @@ log = logging.getLogger(__name__)
 MANIFEST = "MANIFEST.json"
 FORMAT = 1
 PG_DUMP = "ledger/ledger.dump"
+TOKENIZER = vocab.BASE_DIR.split("/")[0]
+"""The main lineage's folder of its own tokenizer, under the data root (``evolution.vocab``)."""
 MODEL_SUFFIXES = (".gguf", ".safetensors")
 """Weights: what ``models=False`` leaves out (the GGUF, the merged HF weights, the adapter)."""
 
@@ -276,6 +280,7 @@ def _build(root: DataRoot, url: str | None, work: Path, models: bool) -> BackupR
         files[f"ledger/{HEAD_NAME}"] = sha256_file(work / "ledger" / HEAD_NAME)
     left_out: dict[str, str] = {}
     copied, others = [], {}
+    folders = []
     for lineage, n in sorted(gens):
         src = root.for_lineage(lineage).gen_dir(n)
         if not src.is_dir():
@@ -284,12 +289,17 @@ def _build(root: DataRoot, url: str | None, work: Path, models: bool) -> BackupR
             copied.append(n)
         else:
             others.setdefault(lineage, []).append(n)
+        folders.append(src)
+    # A lineage's own tokenizer: the base its generation 0 was built from, and remade from (it is no generation).
+    folders += [t for t in (root.for_lineage(name).home / vocab.BASE_DIR
+                            for name in sorted({name for name, _ in gens} | {root.lineage})) if t.is_dir()]
+    for src in folders:
         for p in sorted(src.rglob("*")):
             if not p.is_file():
                 continue
             rel = p.relative_to(root.root).as_posix()
             if not models and _is_model(rel):
-                left_out[rel] = artifacts.get(rel, "")
+                left_out[rel] = artifacts.get(rel) or sha256_file(p)  # so a forced restore can keep it
                 continue
             files[rel] = _copy_file(p, work / rel)
     manifest = {
@@ -418,13 +428,13 @@ def restore(src: Path, root: DataRoot, *, url: str | None = None, force: bool = 
 def _swap_in(root: DataRoot, stage: Path, m: dict) -> Path | None:
     """Move the data root's ledger/ and checkpoints/ aside (if any) and the staged ones into place."""
     moved = None
-    for name in ("ledger", "checkpoints", "lineages", "daemon.json"):
+    for name in ("ledger", "checkpoints", "lineages", TOKENIZER, "daemon.json"):
         if (root.root / name).exists():
             if moved is None:
                 moved = root.root / f".before-restore-{datetime.now(timezone.utc):%Y%m%dT%H%M%S}"
                 moved.mkdir()
             (root.root / name).rename(moved / name)
-    for name in ("ledger", "checkpoints", "lineages"):
+    for name in ("ledger", "checkpoints", "lineages", TOKENIZER):
         if (stage / name).exists():
             (stage / name).rename(root.root / name)
     root.prepare()

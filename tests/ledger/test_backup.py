@@ -14,6 +14,7 @@ import pytest
 from click.testing import CliRunner
 
 from evolution import backup as bk
+from evolution import vocab
 from evolution.cli import main
 from evolution.errors import BackupError
 from evolution.fsutil import sha256_file
@@ -130,6 +131,37 @@ def test_no_models_leaves_out_the_weights_and_a_forced_restore_keeps_those_that_
     assert (r.moved_aside / "ledger" / "ledger.db").is_file()  # what was replaced is kept, not deleted
     with Ledger.open(data_root) as led:
         assert led.verify().ok and led.last().seq == res.head.seq
+
+
+def test_a_lineages_own_tokenizer_is_backed_up_and_restored_with_its_weights_kept_or_reclaimed(
+        lineage, data_root, tmp_path, backend):
+    """``evolve tokenizer extend`` keeps the base generation 0 was built from in ``tokenizer/base/``: no generation,
+    yet retention remakes generation 0 from it, so a backup that left it out could not be restored whole."""
+    if backend != "sqlite":
+        pytest.skip("files only")
+    own = data_root.home / vocab.BASE_DIR
+    own.mkdir(parents=True)
+    (own / "tokenizer.json").write_text('{"model": {"merges": []}}')
+    (own / "model.safetensors").write_bytes(os.urandom(4096))
+    (own / vocab.STATS_FILE).write_text('{"added": 2}')
+    want = {p.relative_to(data_root.root).as_posix(): sha256_file(p) for p in own.iterdir()}
+
+    res = bk.backup(data_root, tmp_path / "bk")
+    manifest = json.loads((tmp_path / "bk" / bk.MANIFEST).read_text())
+    assert {k: v for k, v in manifest["files"].items() if k.startswith("tokenizer/")} == want
+    r = bk.restore(tmp_path / "bk", DataRoot(tmp_path / "elsewhere"))
+    assert r.served == 3 and not r.missing
+    assert {k: sha256_file(tmp_path / "elsewhere" / k) for k in want} == want
+
+    res = bk.backup(data_root, tmp_path / "bk-light", models=False)  # the base's weights are weights too
+    assert "tokenizer/base/model.safetensors" in res.left_out
+    assert not (tmp_path / "bk-light" / "tokenizer/base/model.safetensors").exists()
+    assert (tmp_path / "bk-light" / "tokenizer/base/tokenizer.json").is_file()
+    lineage.close()
+    r = bk.restore(tmp_path / "bk-light", data_root, force=True)  # kept from the replaced root: it hashes right
+    assert "tokenizer/base/model.safetensors" in r.kept and not r.missing
+    assert {k: sha256_file(data_root.root / k) for k in want} == want
+    assert (r.moved_aside / "tokenizer/base/model.safetensors").is_file()  # what was replaced is kept aside
 
 
 def test_a_tampered_backup_is_refused_naming_the_file(lineage, data_root, tmp_path, backend):
