@@ -29,7 +29,7 @@ from evolution import base as base_model
 from evolution import curriculum as curriculum_mod
 from evolution import export, gate, promotion, replay, retention, tasks, train, weights
 from evolution import progress as progress_mod
-from evolution.config import AgeUpConfig
+from evolution.config import AgeUpConfig, RetrievalConfig
 from evolution.errors import AgeUpsPaused, DiskFull, EvolutionError, GenerationError, IntegrityError
 from evolution.export import GGUF_NAME, HF_DIR, Artifact
 from evolution.fsutil import (
@@ -220,6 +220,29 @@ def _probe_record(sample: probe_sample.Sample, result: gate.GateResult, limit: f
     return sample.record([r["id"] for r in child if r["correct"]], power)
 
 
+def _with_retrieval(root: DataRoot, ledger: Ledger, parent: int, gguf: Path, es: gate.EvalSet,
+                    result: gate.GateResult, rcfg: RetrievalConfig, max_tokens: int) -> dict:
+    """The child's probes asked with the lessons retrieval would still hold once it is served (for information:
+    ``evolution.retrieval.figure``); empty without probes. It never fails the age-up: an error is logged."""
+    asked = result.child.details.get("probe_recall", {}).get("items", [])
+    if not asked:
+        return {}
+    from evolution.retrieval import figure
+    from evolution.retrieval import items as lessons
+
+    try:
+        pending = figure.lessons_after(lessons.taught(Intake(ledger)), lessons.learned(root, ledger, parent),
+                                       result.child.details.get("experience_similarity", {}).get("items", []))
+        out = figure.probe_recall(gguf, es.probes, asked, pending, rcfg, max_tokens, _answers(root))
+    except Exception as exc:  # noqa: BLE001 — a figure for information: the verdict stands without it
+        log.warning("gate: the probes with retrieval could not be measured (%s); the report has the weights' "
+                    "figure alone", exc)
+        return {}
+    log.info("gate: probe recall with retrieval %.3f, on the weights alone %.3f (%d of %d probes found notes, %.1f s)",
+             out["probe_recall"], out["without"], out["with_notes"], out["probes"], out["seconds"])
+    return out
+
+
 def _gate_info(result: gate.GateResult) -> dict:
     return result.summary()
 
@@ -291,13 +314,17 @@ def select_parent(root: DataRoot, ledger: Ledger) -> int:
 
 def age_up(root: DataRoot, cfg: AgeUpConfig, ledger: Ledger, base: Path | None = None,
            progress: train.ProgressFn | None = None, stage_cb: StageFn = _noop,
-           train_callbacks: list | None = None, restart: bool = False) -> GenerationSummary:
+           train_callbacks: list | None = None, restart: bool = False,
+           retrieval: RetrievalConfig | None = None) -> GenerationSummary:
     """Build the next generation: bootstrap generation 0 if needed, then train, merge, export and gate a child.
 
     The child is numbered after every generation on disk or in the ledger (rejected and discarded ones
     included) and trained from the served one. It ends with the child's ``exported`` and
     ``gate_result`` recorded; ``promotion.decide`` serves or rejects it. A child that an earlier
     age-up finished but that is still undecided is returned instead of building another.
+
+    ``retrieval``: the lineage's ``[retrieval]`` settings, where chat serves with it; the gate then also reports its
+    probes asked with retrieval, for information (``evolution.retrieval.figure``).
     """
     # Validate the curriculum before anything is created or trained.
     cur = curriculum_mod.load(cfg.curriculum.path, cfg.curriculum.phases)
@@ -305,7 +332,7 @@ def age_up(root: DataRoot, cfg: AgeUpConfig, ledger: Ledger, base: Path | None =
         log.warning("curriculum: %s", w)
     with _tracked(root, _expected_seconds(root)) as tracker:
         summary = _age_up_locked(root, cfg, ledger, cur, base, _tee(progress, tracker.step),
-                                 _tee(stage_cb, tracker.stage), train_callbacks, restart, tracker)
+                                 _tee(stage_cb, tracker.stage), train_callbacks, restart, tracker, retrieval)
         tracker.end("done", gen=summary.gen, verdict=(summary.gate or {}).get("verdict", "measured"))
         return summary
 
@@ -381,7 +408,7 @@ def _expected_seconds(root: DataRoot) -> dict[str, float]:
 
 
 def _age_up_locked(root: DataRoot, cfg: AgeUpConfig, ledger: Ledger, cur, base, progress, stage_cb,
-                   train_callbacks, restart, tracker) -> GenerationSummary:
+                   train_callbacks, restart, tracker, retrieval: RetrievalConfig | None = None) -> GenerationSummary:
     waiting = [n for n in promotion.record_finished(root, ledger) if n > 0]
     if waiting:  # the last age-up built its child and stopped before it was decided: that child is this one's
         log.warning("%s was finished by an age-up that stopped before it was promoted or rejected; it is this "
@@ -477,6 +504,9 @@ def _age_up_locked(root: DataRoot, cfg: AgeUpConfig, ledger: Ledger, cur, base, 
                           lineage=anchor_history(root, ledger, parent), gen0_gguf=_gen0_gguf(root, ledger),
                           answers=_answers(root))
         result.probes = _probe_record(sample, result, cfg.gate.probe_forgotten_max)
+        if retrieval is not None and retrieval.enabled:
+            result.retrieval = _with_retrieval(root, ledger, parent, staging / GGUF_NAME, es, result, retrieval,
+                                               cfg.gate.answer_max_tokens)
         gate.write_report(result, staging)
         state.info["gate"] = _gate_info(result)
 

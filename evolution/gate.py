@@ -35,6 +35,7 @@ from evolution.ledger.events import FAIL, PASS
 from evolution.metrics import TABLE, Check, EvalSet, Inputs, Measured, Metric, Models
 from evolution.metrics.common import N_CTX, Anchor, Lesson
 from evolution.metrics import probe_sample
+from evolution.retrieval.figure import report_lines as retrieval_lines
 from evolution.untrusted import markdown_cell
 
 log = logging.getLogger(__name__)
@@ -110,6 +111,9 @@ class GateResult:
     """Per metric, the fixed anchors the child was bounded against: ``{"gen0" | "best": {"gen", "value"}}``."""
     probes: dict = field(default_factory=dict)
     """Which probes the gate asked (``evolution.metrics.probe_sample.Sample.record``); empty: not recorded."""
+    retrieval: dict = field(default_factory=dict)
+    """For information, the probes asked with retrieval as chat would serve the child (``evolution.retrieval.figure``);
+    empty: not measured (retrieval off, or no probes)."""
 
     def metrics(self) -> dict[str, float | None]:
         return self.child.metrics | self.versus_parent
@@ -124,7 +128,8 @@ class GateResult:
                 "parent": self.parent.gen if self.parent else None, "thresholds": self.thresholds,
                 "checks": [asdict(c) for c in self.checks], "metric_versions": dict(self.child.versions),
                 "anchors": self.anchors, "fingerprints": dict(self.child.fingerprints)} | \
-            ({"probes": self.probes} if self.probes else {})
+            ({"probes": self.probes} if self.probes else {}) | \
+            ({"retrieval": {k: v for k, v in self.retrieval.items() if k != "items"}} if self.retrieval else {})
 
 
 def eval_set(cur: Curriculum, ancestor_data_dirs: list[Path], probes: Sequence[dict] = (),
@@ -445,6 +450,7 @@ def write_report(result: GateResult, out_dir: Path, table: Sequence[Metric] = TA
     lines += [f"| {name.replace('_', ' ')} | {v:.3f} | - |" for name, v in result.versus_parent.items()]
     lines.append("")
     lines += probe_sample.report_lines(result.probes) if result.probes else []
+    lines += retrieval_lines(result.retrieval) if result.retrieval else []
     lines += _anchor_lines(result)
     for u, cm, _ in units:
         if cm.value is not None:

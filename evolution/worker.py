@@ -79,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m evolution.worker", description=__doc__.splitlines()[0])
     p.add_argument("--config", required=True, type=Path, help="resolved AgeUpConfig as JSON")
     p.add_argument("--base", type=Path)
+    p.add_argument("--retrieval", type=Path, help="the lineage's [retrieval] settings as JSON (the gate's figure)")
     p.add_argument("--bootstrap", action="store_true", help="only build generation 0")
     p.add_argument("--nice", type=int, default=10)
     p.add_argument("--threads", type=int)
@@ -93,12 +94,13 @@ def main(argv: list[str] | None = None) -> int:
     log = logging.getLogger("evolution.worker")
 
     from evolution import ageup
-    from evolution.config import AgeUpConfig
+    from evolution.config import AgeUpConfig, RetrievalConfig
     from evolution.errors import AgeUpsPaused, EvolutionError
     from evolution.ledger import Ledger
     from evolution.paths import DataRoot
 
     cfg = AgeUpConfig.from_dict(json.loads(args.config.read_text()))
+    retrieval = RetrievalConfig(**json.loads(args.retrieval.read_text())) if args.retrieval else None
     if args.threads:
         cfg.train.threads = args.threads
     stop = GracefulStop()
@@ -110,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
                 ageup.ensure_generation_zero(root, cfg, ledger, args.base, stop.on_stage)
             else:
                 s = ageup.age_up(root, cfg, ledger, args.base, stage_cb=stop.on_stage,
-                                 train_callbacks=[stop.callback()])
+                                 train_callbacks=[stop.callback()], retrieval=retrieval)
                 log.info("generation %d built: %s", s.gen, s.verdict)
     except KeyboardInterrupt:
         log.warning("interrupted; the age-up resumes from its last checkpoint")

@@ -395,3 +395,33 @@ def test_a_gate_asks_the_probes_its_lineage_is_due_to_ask_and_the_ledger_keeps_w
     assert [r["id"] for r in report["child"]["details"]["probe_recall"]["items"]] == ids[6:]
     assert "Probes: 6 of 12 posted were asked: 6 no gate of the lineage had asked" in \
         (root.gen_dir(2) / "eval.md").read_text()
+
+
+def test_the_gate_also_reports_its_probes_asked_with_retrieval_for_information(tiny_base, tiny_cfg, ledger):
+    """Issue 29: the verdict is on the weights alone; the report adds the probes asked as chat would serve the child,
+    with the lessons retrieval would still hold: only a probe that finds notes is asked again."""
+    from evolution.config import RetrievalConfig
+    from evolution.intake import Intake
+
+    root = DataRoot.from_env()
+    grow(root, tiny_cfg, ledger, base=tiny_base)
+    intake = Intake(ledger)
+    intake.conversations.add([{"role": "user", "content": "What is my dog called?"},
+                              {"role": "assistant", "content": "Your dog is called Bramble."}])
+    dog = f"probe-{intake.probes.add('Can you remind me what my dog is called?', ['Bramble']).id}"
+    other = f"probe-{intake.probes.add('How many legs does a spider have?', ['eight']).id}"
+    tiny_cfg.gate.min_probe_items = 1
+    s2 = grow(root, tiny_cfg, ledger, retrieval=RetrievalConfig())
+
+    fig = ledger.entries(gen=s2.gen, kind="gate_result")[-1].payload["retrieval"]
+    assert (fig["probes"], fig["with_notes"], fig["lessons"], fig["backend"]) == (2, 1, 1, "fts5")
+    assert "items" not in fig  # the replies stay in eval.json
+    report = json.loads((root.gen_dir(s2.gen) / "eval.json").read_text())
+    gate_replies = {r["id"]: r["reply"] for r in report["child"]["details"]["probe_recall"]["items"]}
+    rows = {r["id"]: r for r in report["retrieval"]["items"]}
+    assert rows[dog]["notes"] == ["conversation:1#0"] and rows[other]["notes"] == []
+    assert rows[other]["reply"] == gate_replies[other]  # no notes: chat's prompt is the gate's
+    assert "## With retrieval (for information" in (root.gen_dir(s2.gen) / "eval.md").read_text()
+
+    s3 = grow(root, tiny_cfg, ledger)  # without the lineage's settings (retrieval off): the gate's figure alone
+    assert "retrieval" not in ledger.entries(gen=s3.gen, kind="gate_result")[-1].payload

@@ -264,3 +264,50 @@ def test_the_budget_bounds_the_notes(daemon):
     notes = r.notes_for([{"role": "user", "content": "What grows in my garden beds?"}])
     assert 1 <= len(notes) < 5
     assert sum(len(note(n)) for n in notes) <= 100 * 3
+
+
+def test_the_gates_figure_asks_again_with_notes_only_what_retrieval_would_still_hold(tmp_path, monkeypatch):
+    """``retrieval.figure``: a lesson the child answered right at its gate leaves (the hand-over); a probe that finds
+    a note is asked with it, as chat asks, on a real model; one that finds none keeps the gate's reply; asked again,
+    the replies come from the answer book."""
+    from evolution import evals
+    from evolution.base import embedded_gguf
+    from evolution.config import RetrievalConfig
+    from evolution.retrieval import figure
+    from evolution.retrieval.items import CORRECTION, TRANSCRIPT, Item
+
+    dog = Item("completion:1", "What is my dog called?", "Your dog is called Bramble.", CORRECTION, 1)
+    aunt = Item("conversation:2#0", "Where does my aunt live?", "Your aunt lives in Tromsø.", TRANSCRIPT, 2)
+    learned = [{"prompt": "Where does my aunt live?", "reference": aunt.answer, "reply": "She lives in Tromsø."},
+               {"prompt": "What is my dog called?", "reference": dog.answer, "reply": "Your dog is called Rex."}]
+    pending = figure.lessons_after([dog, aunt], set(), learned)
+    assert pending == [dog]
+    probes = [{"id": "p1", "question": "Can you remind me what my dog is called?", "answers": ["Bramble"]},
+              {"id": "p2", "question": "Where does my aunt live these days?", "answers": ["Tromsø"]}]
+    asked = [{"id": "p1", "question": probes[0]["question"], "reply": "the gate's reply", "correct": False},
+             {"id": "p2", "question": probes[1]["question"], "reply": "In Tromsø.", "correct": True}]
+    prompts, real = [], evals.reply
+
+    def recording(llm, messages, max_tokens=64):
+        prompts.append(messages)
+        return real(llm, messages, max_tokens)
+
+    monkeypatch.setattr(figure.evals, "reply", recording)
+    fig = figure.probe_recall(embedded_gguf(), probes, asked, pending, RetrievalConfig(), 32, tmp_path / "answers")
+    rows = {r["id"]: r for r in fig["items"]}
+    assert rows["p1"]["notes"] == ["completion:1"] and rows["p2"]["notes"] == []  # the aunt's lesson left
+    assert rows["p2"]["reply"] == "In Tromsø." and rows["p2"]["correct"]
+    (messages,) = prompts  # only the probe with a note was asked, with the note and its reminder
+    assert messages[0]["role"] == "system" and 'the answer is "Your dog is called Bramble."' in messages[0]["content"]
+    assert messages[-1]["content"] == probes[0]["question"] + "\n\n(From your notes: Your dog is called Bramble.)"
+    assert rows["p1"]["reply"] != "the gate's reply"
+    assert rows["p1"]["correct"] == evals.is_correct(rows["p1"]["reply"], ["Bramble"])
+    assert (fig["probe_recall"], fig["without"], fig["with_notes"], fig["probes"]) == \
+        ((rows["p1"]["correct"] + 1) / 2, 0.5, 1, 2)
+    again = figure.probe_recall(embedded_gguf(), probes, asked, pending, RetrievalConfig(), 32, tmp_path / "answers")
+    assert again["items"] == fig["items"] and list((tmp_path / "answers").glob("*.jsonl"))
+    text = "\n".join(figure.report_lines(fig))
+    assert f"**{fig['probe_recall']:.3f}**, against 0.500 on the weights alone" in text
+    assert "1 of 2 probes found notes" in text
+    off = figure.probe_recall(embedded_gguf(), probes, asked, pending, RetrievalConfig(top_k=0), 32)
+    assert off["with_notes"] == 0 and off["probe_recall"] == off["without"] == 0.5

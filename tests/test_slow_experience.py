@@ -157,12 +157,16 @@ min_probe_items = 1
 
     report = json.loads((gen1 / "eval.json").read_text())
     assert report["verdict"] == "pass", report["reasons"]
+    fig = report["retrieval"]  # the daemon's worker got the lineage's [retrieval]: its probe asked as chat would ask
+    assert (fig["probes"], fig["backend"]) == (1, "fts5") and fig["without"] == \
+        float(report["child"]["details"]["probe_recall"]["items"][0]["correct"]), fig
     lessons = {i["prompt"]: i for i in report["child"]["details"]["experience_similarity"]["items"]}
     assert "bramble" in lessons["What is my dog called?"]["reply"].lower()
     md = (gen1 / "eval.md").read_text()
     assert "## Lessons: experience" in md and "## Lessons: probes" in md and "Bramble" in md
     shown = _show(1)
     assert "preference: kto, 4 steps" in shown and "rewards/chosen" in shown and "lessons: experience" in shown
+    assert "with retrieval (for information): probe recall" in shown
     shown_lessons = json.loads(_show(1, "--json"))["lessons"]
     dog = [x for x in shown_lessons["experience_similarity"] if x["asked"] == "What is my dog called?"]
     assert dog and "bramble" in dog[0]["child_reply"].lower() and dog[0]["outcome"] == "closer", dog

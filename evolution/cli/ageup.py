@@ -80,6 +80,7 @@ def age_up(quick, base, curriculum_path, phases, config_file, quantization, back
     if stages:
         overrides.setdefault("train", {})["stages"] = [s.strip() for s in stages.split(",")]
     cfg = config.resolve(quick=quick, config_file=config_file, overrides=overrides, home=root.home)
+    rcfg = config.resolve_retrieval(config_file, home=root.home)  # the gate's figure with retrieval
 
     console = Console(stderr=True)
     started: dict[str, float] = {}
@@ -121,7 +122,8 @@ def age_up(quick, base, curriculum_path, phases, config_file, quantization, back
     previous = signal.signal(signal.SIGTERM, on_sigterm)
     try:
         with Ledger.open(root) as ledger:
-            summary = ageup.age_up(root, cfg, ledger, base=base, progress=on_step, stage_cb=on_stage, restart=restart)
+            summary = ageup.age_up(root, cfg, ledger, base=base, progress=on_step, stage_cb=on_stage, restart=restart,
+                                   retrieval=rcfg)
             # A running daemon follows the ledger: it serves a promoted child within seconds.
             fate = promotion.decide(root, ledger, summary.gen, cfg.gate.stop_after)
     except KeyboardInterrupt:

@@ -297,6 +297,11 @@ def _print_detail(d: GenerationDetail, lessons: list = (), lessons_problem: str 
             rules += [f"[dim]skipped: {escape(why)}[/]" for why in r["skipped"]]
             t.add_row(name, _fmt(r["child"]), _fmt(r["parent"]), "\n".join(rules) or "-")
         con.print(t)
+        fig = g.get("retrieval") or {}
+        if fig.get("probes"):
+            con.print(f"with retrieval (for information): probe recall {_fmt(fig['probe_recall'])} against "
+                      f"{_fmt(fig['without'])} on the weights alone; {fig['with_notes']} of {fig['probes']} probes "
+                      f"found notes among {fig['lessons']} lessons still pending")
     _print_tasks([e.payload for e in d.events if e.kind == ev.TASK_ADAPTER and e.gen == s.gen])
     if s.reason:
         con.print(f"reason: {s.reason}")

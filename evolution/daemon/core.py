@@ -399,7 +399,8 @@ class Daemon:
             self._start_worker(req.id, bootstrap=False)
 
     def _start_worker(self, request_id: int | None, bootstrap: bool) -> None:
-        self.worker = workers.start(self.root, self.cfg, self.dcfg, self.base, request_id, bootstrap)
+        self.worker = workers.start(self.root, self.cfg, self.dcfg, self.base, request_id, bootstrap,
+                                    self.retrieval_cfg)
 
     def _collect_worker(self) -> None:
         w = self.worker

@@ -12,6 +12,7 @@ not be rotated under it.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import subprocess
@@ -22,7 +23,7 @@ from datetime import datetime
 from pathlib import Path
 
 from evolution import logsetup
-from evolution.config import AgeUpConfig, DaemonConfig
+from evolution.config import AgeUpConfig, DaemonConfig, RetrievalConfig
 from evolution.fsutil import atomic_write_json
 from evolution.paths import DataRoot
 from evolution.worker import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_PAUSED
@@ -82,13 +83,18 @@ def describe_exit(code: int) -> str:
 
 
 def start(root: DataRoot, cfg: AgeUpConfig, dcfg: DaemonConfig, base: Path | None, request_id: int | None,
-          bootstrap: bool) -> Worker:
-    """Start ``python -m evolution.worker`` for one age-up (or the generation-0 bootstrap)."""
+          bootstrap: bool, retrieval: RetrievalConfig | None = None) -> Worker:
+    """Start ``python -m evolution.worker`` for one age-up (or the generation-0 bootstrap); ``retrieval``: the
+    lineage's settings, for the gate's figure with retrieval."""
     cfg_file = root.logs / "worker-config.json"
     root.logs.mkdir(parents=True, exist_ok=True)
     atomic_write_json(cfg_file, cfg.to_dict(), sync_dir=False)
     cmd = [sys.executable, "-m", "evolution.worker", "--config", str(cfg_file), "--nice",
            str(dcfg.train_nice), "--parent-pid", str(os.getpid())]
+    if retrieval is not None:
+        retrieval_file = root.logs / "worker-retrieval.json"
+        atomic_write_json(retrieval_file, dataclasses.asdict(retrieval), sync_dir=False)
+        cmd += ["--retrieval", str(retrieval_file)]
     if base is not None:
         cmd += ["--base", str(base)]
     if bootstrap:

@@ -93,6 +93,21 @@ def choose(hits: list[tuple[Item, float]], question: str, top_k: int, max_tokens
     return chosen, withheld
 
 
+def last_question(messages: list[dict]) -> str:
+    """The text of a chat's last user turn (what retrieval looks up)."""
+    last = next((m for m in reversed(messages) if m["role"] == "user"), None)
+    return _text(last["content"]) if last else ""
+
+
+def lookup(index, cfg: RetrievalConfig, question: str) -> tuple[list[Item], int]:
+    """The notes ``index`` gives ``question`` under ``cfg`` (``choose``), and how many were withheld; none for a
+    question without content words. Raises what the index raises."""
+    words = query_words(question)
+    if not words:
+        return [], 0
+    return choose(index.search(words, cfg.top_k * 2, question=question), question, cfg.top_k, cfg.max_tokens)
+
+
 def query_words(text: str) -> list[str]:
     """The words of a question that say what it is about (function words, "name", "favourite" left out): what the
     index is searched for. "Who are you?" has none, so questions about the model find no notes."""
@@ -236,19 +251,16 @@ class Retrieval:
         ``top_k`` and ``max_tokens``. Never raises: without an index, none."""
         if not self.cfg.enabled:
             return []
-        last = next((m for m in reversed(messages) if m["role"] == "user"), None)
-        question = _text(last["content"]) if last else ""
-        words = query_words(question)
-        if not words:
+        question = last_question(messages)
+        if not query_words(question):
             return []
         self.counts["lookups"] += 1
         try:
-            hits = self.index.search(words, self.cfg.top_k * 2, question=question)
+            chosen, withheld = lookup(self.index, self.cfg, question)
         except Exception as exc:  # noqa: BLE001 — a missing or broken index: answered without; the tick rebuilds
             self._seen = None
             log.warning("retrieval: lookup failed (%s); answering without notes", exc)
             return []
-        chosen, withheld = choose(hits, question, self.cfg.top_k, self.cfg.max_tokens)
         self.counts["withheld"] += withheld
         self.counts["notes"] += len(chosen)
         return chosen
@@ -276,5 +288,5 @@ def summary(root: DataRoot, cfg: RetrievalConfig) -> dict:
             "by_source": meta.get("by_source"), "served": meta.get("served"), "built": meta.get("built")}
 
 
-__all__ = ["HEADER", "REMINDER", "Item", "Retrieval", "about", "choose", "note", "query_words", "same_subject",
-           "summary", "with_notes"]
+__all__ = ["HEADER", "REMINDER", "Item", "Retrieval", "about", "choose", "last_question", "lookup", "note",
+           "query_words", "same_subject", "summary", "with_notes"]

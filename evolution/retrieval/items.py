@@ -99,11 +99,15 @@ def learned(root: DataRoot, ledger: Ledger, served: int | None) -> set[tuple[str
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
             log.warning("retrieval: cannot read %s (%s); its generation's lessons stay in retrieval", path, exc)
             continue
-        for r in (measured.details.get("items") or []) if measured is not None else []:
-            if isinstance(r, dict) and answers_right(str(r.get("reply", "")), str(r.get("prompt", "")),
-                                                      str(r.get("reference", ""))):
-                out.add(_key(str(r["prompt"]), str(r["reference"])))
+        out |= answered_right((measured.details.get("items") or []) if measured is not None else [])
     return out
+
+
+def answered_right(experience: list) -> set[tuple[str, str]]:
+    """The (question, answer) keys among a gate's ``experience_similarity`` items that its child answered right."""
+    return {_key(str(r["prompt"]), str(r["reference"])) for r in experience
+            if isinstance(r, dict) and answers_right(str(r.get("reply", "")), str(r.get("prompt", "")),
+                                                     str(r.get("reference", "")))}
 
 
 def pending(items: list[Item], carried: set[tuple[str, str]]) -> list[Item]:
