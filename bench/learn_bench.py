@@ -235,6 +235,18 @@ def _share(values: list[bool]) -> float | None:
     return round(sum(values) / len(values), 3) if values else None
 
 
+def heldout_with_retrieval(ev: dict, batch: list[dict]) -> dict | None:
+    """The gate's figure with retrieval (``evolution.retrieval.figure``, for information) on this round's held-out
+    wordings: the share right with the notes chat would add once the child is served, and on the weights alone."""
+    fig = ev.get("retrieval") or {}
+    rows = {evals.normalize(i["question"]): i for i in fig.get("items", [])}
+    mine = [rows[evals.normalize(h)] for f in batch for h in f["heldout"] if evals.normalize(h) in rows]
+    if not mine:
+        return None
+    return {"with": _share([i["correct"] for i in mine]), "without": _share([i["without"] for i in mine]),
+            "with_notes": sum(bool(i["notes"]) for i in mine), "asked": len(mine), "seconds": fig.get("seconds")}
+
+
 def breakdown(batch: list[dict], taught: dict[str, dict], heldout: dict[str, list[dict]], table: dict) -> dict:
     """Recall as taught and in held-out wordings: overall, per kind and per channel."""
     def scores(fs: list[dict]) -> dict:
@@ -352,6 +364,7 @@ def run(args, toml_extra: str, label: str, contention: Contention, tokens: int =
                 "train_stages": {k: {f: v.get(f) for f in ("steps", "tokens", "wall_s")}
                                  for k, v in summary["train"].items() if isinstance(v, dict)},
                 "heldout_in_training_data": in_training,
+                "heldout_with_retrieval": heldout_with_retrieval(ev, batch),
                 "first_round_on_served": breakdown(rounds[0], first_taught, heldout_replies(on_served, rounds[0]),
                                                    table)["all"],
                 "missed_as_taught": [f"{f['question']} -> {taught_c[f['id']]['reply'][:60]!r}" for f in batch
@@ -407,6 +420,11 @@ def round_tables(run_: dict, table: dict) -> list[str]:
                   f"Held-out wordings found in the training data: {len(row['heldout_in_training_data'])}. "
                   f"The first round's facts on the served model: as taught {_f(row['first_round_on_served']['as_taught'])}"
                   f", held-out {_f(row['first_round_on_served']['heldout'])}.", ""]
+        wr = row.get("heldout_with_retrieval")
+        if wr:
+            lines += [f"With retrieval (the gate's figure, for information): held-out wordings {_f(wr['with'])} with the "
+                      f"notes chat would add once the child is served, {_f(wr['without'])} on the weights alone; "
+                      f"{wr['with_notes']} of {wr['asked']} found notes ({wr['seconds']} s of the gate).", ""]
         if lc["leaked"]:
             lines += ["Persona leaks (child):", ""] + [f"- {x}" for x in lc["leaked"]] + [""]
         if row["missed_heldout"]:
