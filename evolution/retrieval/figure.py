@@ -8,7 +8,7 @@ asked as chat would ask them after this child's promotion:
 - the lessons pending then: every lesson of the lineage (``items.taught``) less those this child or one of its
   ancestors answered right at its gate (``items.learned``: the hand-over), in a scratch FTS5 index;
 - each probe for which retrieval finds notes (``lookup``, under the lineage's ``[retrieval]`` settings) is asked
-  again with them (``with_notes``, folded for a template without a system role, as chat folds it); a probe with
+  again with them (``with_notes``; folded for a template without a system role, as chat folds it); a probe with
   none keeps the gate's own reply, which is what chat would give (the same prompt at temperature 0).
 
 Nothing here changes the verdict. It costs one reply per probe that has notes (about 0.3 s each on 2 cores), and
@@ -24,8 +24,6 @@ from pathlib import Path
 
 from evolution import evals
 from evolution.config import RetrievalConfig
-from evolution.llamacpp import template_formatter
-from evolution.messages import fold_system, takes_system
 from evolution.metrics.common import Models
 from evolution.retrieval import lookup, with_notes
 from evolution.retrieval import items as items_mod
@@ -61,7 +59,6 @@ def probe_recall(gguf: Path, probes: list[dict], asked: list[dict], lessons: lis
     with tempfile.TemporaryDirectory(prefix="evolution-gate-notes-") as tmp, Models(gguf, answers=answers) as models:
         index = Fts5Index(Path(tmp) / "notes.sqlite")
         index.write(lessons, {"for": "the gate's figure with retrieval"})
-        fold = None
         for probe in probes:
             before = gate_reply.get(probe["id"])
             if before is None:
@@ -69,12 +66,8 @@ def probe_recall(gguf: Path, probes: list[dict], asked: list[dict], lessons: lis
             notes, _ = lookup(index, cfg, probe["question"])
             row = {"id": probe["id"], "question": probe["question"], "notes": [n.key for n in notes],
                    "without": bool(before["correct"]), "reply": before["reply"], "correct": bool(before["correct"])}
-            if notes:
-                messages = with_notes(_messages(probe), notes)
-                if fold is None:
-                    fmt = template_formatter(models.llm)
-                    fold = fmt is not None and not takes_system(lambda m: fmt(messages=m))
-                row["reply"] = evals.reply(models.llm, fold_system(messages) if fold else messages, max_tokens)
+            if notes:  # (a template without a system role folds the notes' turn: ``llamacpp.open_llama``)
+                row["reply"] = evals.reply(models.llm, with_notes(_messages(probe), notes), max_tokens)
                 row["correct"] = evals.is_correct(row["reply"], probe["answers"])
             rows.append(row)
     n = len(rows)
