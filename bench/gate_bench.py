@@ -14,9 +14,10 @@ on the embedded model's GGUF (or ``--gguf``), as an age-up's gate measures it, n
    replayed), one metric at a time, so the report says where the time goes, with an empty answer book as an
    age-up's gate gives the child (a question two metrics ask is answered once);
 3. the parent on the same eval set with what it answered at its own gate remembered (``evolution.metrics.answers``):
-   it is asked only the probes and experience its own gate did not ask.
+   it is asked only the probes and experience its own gate did not ask;
+4. 2 and 3 side by side, as ``gate.run`` measures them in an age-up (each on half the cores).
 
-The gate is 2 + 3 (plus loading the models). The probes are questions of the learn bench's shape about made-up
+2 + 3 is the gate one side after the other (the baseline); 4 is the gate as it runs. The probes are questions of the learn bench's shape about made-up
 facts; the model's answers are not scored here, only timed. Writes ``docs/bench/<date>-gate.md``.
 """
 
@@ -25,6 +26,7 @@ from __future__ import annotations
 import argparse
 import math
 import random
+import shutil
 import sys
 import tempfile
 import time
@@ -72,6 +74,8 @@ def main() -> None:
     ap.add_argument("--experiences", type=int, default=500, help="rated replies over the lineage's life")
     ap.add_argument("--gguf", type=Path, help="the child to measure [default: the embedded model]")
     ap.add_argument("--no-report", action="store_true", help="print only")
+    ap.add_argument("--skip-every-probe", action="store_true",
+                    help="leave out step 1's baseline, every probe asked (about 7 minutes at 1,000 probes)")
     ap.add_argument("--curriculum", type=Path, help="the curriculum directory [default: the repository's]")
     ap.add_argument("--toml", type=Path, help="an evolution.toml with the [gate] and [curriculum] settings")
     args = ap.parse_args()
@@ -113,23 +117,37 @@ def main() -> None:
                  "experiences_asked": len(child_exp), "sample": {"asked": len(sample.items), "new": sample.new,
                                                                  "due": sample.due, "drawn": sample.drawn},
                  "probe_sample": g.probe_sample, "probe_every": g.probe_every}
-    out["probes_all_s"] = timed(es_all, (ProbeRecall(),))
-    print(f"  probe_recall, every probe: {out['probes_all_s']:7.1f} s", flush=True)
+    out["probes_all_s"] = None if args.skip_every_probe else timed(es_all, (ProbeRecall(),))
+    if out["probes_all_s"] is not None:
+        print(f"  probe_recall, every probe: {out['probes_all_s']:7.1f} s", flush=True)
     out["probes_sample_s"] = timed(es_child, (ProbeRecall(),))
     print(f"  probe_recall, the sample:  {out['probes_sample_s']:7.1f} s", flush=True)
-    out["ratio_sample"] = round(out["probes_sample_s"] / max(out["probes_all_s"], 0.1), 3)
+    out["ratio_sample"] = None if out["probes_all_s"] is None else \
+        round(out["probes_sample_s"] / max(out["probes_all_s"], 0.1), 3)
     with tempfile.TemporaryDirectory() as book:  # the child's own book, empty: within one gate a question
         # asked twice (persona_leak asks the probes about the user again) is answered once, as in an age-up
         out["child_by_metric_s"] = {u.name: timed(es_child, (u,), Path(book)) for u in TABLE}
     out["child_s"] = round(sum(out["child_by_metric_s"].values()), 1)
     print("  the child, by metric: " + ", ".join(f"{k} {v} s" for k, v in out["child_by_metric_s"].items()), flush=True)
     with tempfile.TemporaryDirectory() as tmp:
-        timed(es_parent, TABLE, Path(tmp))  # the parent's own gate, remembered
-        out["parent_s"] = timed(es_child, TABLE, Path(tmp))
+        book, side = Path(tmp, "parent"), Path(tmp, "side-by-side")
+        timed(es_parent, TABLE, book)  # the parent's own gate, remembered
+        shutil.copytree(book, side / "parent")
+        out["parent_s"] = timed(es_child, TABLE, book)
+        # the gate as an age-up measures it (``gate.run``): child and parent at once, each on half the cores
+        t0 = time.perf_counter()
+        gate._side_by_side(lambda threads: gate.measure(gguf, 1, es_child, g, cfg.export.smoke_prompt, TABLE,
+                                                        answers=side / "child", threads=threads),
+                           lambda threads: gate.measure(gguf, 0, es_child, g, cfg.export.smoke_prompt, TABLE,
+                                                        answers=side / "parent", threads=threads))
+        busy.tick()
+        out["side_by_side_s"] = round(time.perf_counter() - t0, 1)
     out["gate_s"] = round(out["child_s"] + out["parent_s"], 1)
+    out["ratio_side_by_side"] = round(out["side_by_side_s"] / max(out["gate_s"], 0.1), 3)
     out["others_cpu"] = round(busy.others(), 3)
-    print(f"probes: sample / all = {out['ratio_sample']:.3f}; child {out['child_s']} s + parent (remembered) "
-          f"{out['parent_s']} s = gate {out['gate_s']} s (target <= 60 s); other processes' CPU meanwhile: "
+    print(f"probes: sample / all = {out['ratio_sample']}; child {out['child_s']} s + parent (remembered) "
+          f"{out['parent_s']} s = {out['gate_s']} s one after the other; side by side {out['side_by_side_s']} s "
+          f"({out['ratio_side_by_side']:.2f}x; target <= 60 s); other processes' CPU meanwhile: "
           f"{out['others_cpu']:.0%}", flush=True)
     if args.no_report:
         return
@@ -137,13 +155,17 @@ def main() -> None:
     body = [f"A lineage with {args.probes} probes posted over {args.gates} earlier gates and {args.experiences} "
             f"rated replies over its life; the child's gate on `{gguf.name}`, nothing else running.", "",
             "| | seconds |", "| --- | --- |",
-            f"| probe_recall, every probe ({args.probes}: the gate before the sample, the baseline) | {out['probes_all_s']} |",
+            f"| probe_recall, every probe ({args.probes}: the gate before the sample, the baseline) | "
+            f"{'not measured (--skip-every-probe)' if out['probes_all_s'] is None else out['probes_all_s']} |",
             f"| probe_recall, the sample ({len(sample.items)}: {sample.new} new, {sample.due} due, {sample.drawn} drawn) "
             f"| {out['probes_sample_s']} |",
-            f"| ratio, sample / every probe | {out['ratio_sample']} |",
+            f"| ratio, sample / every probe | {'-' if out['ratio_sample'] is None else out['ratio_sample']} |",
             f"| the child, every metric ({len(child_exp)} experience items) | {out['child_s']} |",
             f"| the parent, its own gate's answers remembered | {out['parent_s']} |",
-            f"| **gate** (child + parent) | **{out['gate_s']}** |", "",
+            f"| gate, child then parent (the sum of the two rows above) | {out['gate_s']} |",
+            f"| **gate as an age-up runs it: child and parent side by side** (each on half the cores) | "
+            f"**{out['side_by_side_s']}** |",
+            f"| ratio, side by side / one after the other | {out['ratio_side_by_side']} |", "",
             "Where the child's time goes: " + ", ".join(f"{k} {v} s" for k, v in slowest), ""]
     print(report.write("gate", "Gate bench: a gate late in a lineage's life", body, out, busy, started))
 

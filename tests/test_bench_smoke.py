@@ -180,4 +180,6 @@ def test_retrieval_bench_backends(tmp_path):
 def test_gate_bench(tmp_path, tiny):
     printed = bench("gate", "--probes", "12", "--gates", "2", "--experiences", "6", "--curriculum", str(tiny.curriculum),
                     "--toml", str(tiny.toml), tmp_path=tmp_path)
-    assert _report(tmp_path, "gate")["sample"]["asked"] <= 12 and "probe_recall" in printed
+    figures = _report(tmp_path, "gate")
+    assert figures["sample"]["asked"] <= 12 and "probe_recall" in printed
+    assert figures["side_by_side_s"] > 0 and "side by side" in printed

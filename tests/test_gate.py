@@ -675,3 +675,33 @@ def test_experience_similarity_allows_a_drop_within_the_noise_of_its_items_not_b
     assert rule.passed is False and "by more than 0.243 (2 x its paired standard error 0.121" in rule.message
     # values without items (a report of values only): the margin alone
     assert ExperienceSimilarity().rules(Measured(0.5), Measured(0.6), GateConfig())[0].passed is False
+
+
+def test_child_and_parent_are_measured_side_by_side_on_half_the_cores_each(monkeypatch):
+    """``gate._side_by_side``: both measurements run at once, the child on the larger half of the cores; one core
+    measures one after the other."""
+    import threading
+    import time as time_mod
+
+    both = threading.Barrier(2, timeout=10)  # passes only if the two sides run at the same time
+
+    def side(name):
+        def measure(threads):
+            both.wait()
+            return name, threads
+        return measure
+
+    monkeypatch.setattr(gate.os, "cpu_count", lambda: 5)
+    assert gate._side_by_side(side("child"), side("parent")) == (("child", 3), ("parent", 2))
+    monkeypatch.setattr(gate.os, "cpu_count", lambda: 1)
+    order = []
+
+    def alone(name):
+        def measure(threads):
+            order.append(name)
+            time_mod.sleep(0.01)
+            return name, threads
+        return measure
+
+    assert gate._side_by_side(alone("child"), alone("parent")) == (("child", None), ("parent", None))
+    assert order == ["child", "parent"]

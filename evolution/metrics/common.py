@@ -134,8 +134,8 @@ class Models:
     before, at an earlier gate, is not asked again.
     """
 
-    def __init__(self, gguf: Path, n_ctx: int = N_CTX, answers: Path | None = None):
-        self.gguf, self.n_ctx = gguf, n_ctx
+    def __init__(self, gguf: Path, n_ctx: int = N_CTX, answers: Path | None = None, n_threads: int | None = None):
+        self.gguf, self.n_ctx, self.n_threads = gguf, n_ctx, n_threads
         self._llm = self._scorer = None
         self.book = AnswerBook(answers, gguf, n_ctx) if answers is not None else None
 
@@ -147,14 +147,14 @@ class Models:
     def _open_llm(self):
         if self._llm is None:
             self.close()
-            self._llm = open_llama(self.gguf, n_ctx=self.n_ctx, seed=0)
+            self._llm = open_llama(self.gguf, n_ctx=self.n_ctx, n_threads=self.n_threads, seed=0)
         return self._llm
 
     @property
     def scorer(self):
         if self._scorer is None:
             self.close()
-            self._scorer = open_llama(self.gguf, n_ctx=self.n_ctx, seed=0, logits_all=True)
+            self._scorer = open_llama(self.gguf, n_ctx=self.n_ctx, n_threads=self.n_threads, seed=0, logits_all=True)
         return self._scorer
 
     def close(self) -> None:
