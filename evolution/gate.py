@@ -22,8 +22,8 @@ import json
 import logging
 import math
 import os
+import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -371,9 +371,27 @@ def _side_by_side(child, parent) -> tuple[ModelEval, ModelEval]:
     cores = os.cpu_count() or 1
     if cores < 2:
         return child(None), parent(None)
-    with ThreadPoolExecutor(2, thread_name_prefix="gate") as pool:  # llama.cpp runs without the GIL
-        c, p = pool.submit(child, cores - cores // 2), pool.submit(parent, cores // 2)
-        return c.result(), p.result()
+    done: dict[str, tuple[bool, object]] = {}
+
+    def side(name: str, measure, threads: int) -> None:
+        try:
+            done[name] = (True, measure(threads))
+        except BaseException as exc:  # noqa: BLE001 — raised again in the calling thread
+            done[name] = (False, exc)
+
+    # Daemon threads (llama.cpp runs without the GIL): a SIGTERM's KeyboardInterrupt in the calling thread stops the
+    # worker at once, as it did before, instead of waiting for both sides to finish.
+    sides = [threading.Thread(target=side, args=("child", child, cores - cores // 2), name="gate-child", daemon=True),
+             threading.Thread(target=side, args=("parent", parent, cores // 2), name="gate-parent", daemon=True)]
+    for t in sides:
+        t.start()
+    for t in sides:
+        t.join()
+    for name in ("child", "parent"):
+        ok, value = done[name]
+        if not ok:
+            raise value
+    return done["child"][1], done["parent"][1]
 
 
 def _gen0_remeasured(history: list[ModelEval], child: ModelEval, gguf: Path, es: EvalSet, cfg: GateConfig,

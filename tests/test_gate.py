@@ -693,6 +693,12 @@ def test_child_and_parent_are_measured_side_by_side_on_half_the_cores_each(monke
 
     monkeypatch.setattr(gate.os, "cpu_count", lambda: 5)
     assert gate._side_by_side(side("child"), side("parent")) == (("child", 3), ("parent", 2))
+
+    def broken(threads):
+        raise ValueError("the parent's GGUF cannot be loaded")
+
+    with pytest.raises(ValueError, match="cannot be loaded"):  # a side's error reaches the caller
+        gate._side_by_side(lambda threads: "child", broken)
     monkeypatch.setattr(gate.os, "cpu_count", lambda: 1)
     order = []
 
