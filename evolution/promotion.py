@@ -49,8 +49,8 @@ def record_built(root: DataRoot, ledger: Ledger, s: GenerationSummary) -> None:
         ledger.record(ev.gate_result(s.parent, s.gen, g["metrics"], g["thresholds"], g["verdict"],
                                      parent_metrics=g["parent_metrics"], reasons=g["reasons"],
                                      # a generation gated before the metric table has neither:
-                                     **{k: g[k] for k in ("checks", "metric_versions", "anchors", "fingerprints", "probes")
-                                        if k in g}))
+                                     **{k: g[k] for k in ("checks", "metric_versions", "anchors", "fingerprints", "probes",
+                                                          "retrieval") if k in g}))
     if s.tasks:
         from evolution import tasks  # its gate's llama.cpp and ROUGE only where a generation has task adapters
 

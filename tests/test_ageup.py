@@ -410,7 +410,7 @@ def test_the_gate_also_reports_its_probes_asked_with_retrieval_for_information(t
                               {"role": "assistant", "content": "Your dog is called Bramble."}])
     dog = f"probe-{intake.probes.add('Can you remind me what my dog is called?', ['Bramble']).id}"
     other = f"probe-{intake.probes.add('How many legs does a spider have?', ['eight']).id}"
-    tiny_cfg.gate.min_probe_items = 1
+    tiny_cfg.gate.min_probe_items, tiny_cfg.gate.stop_after = 1, 100  # the tiny model never gains recall
     s2 = grow(root, tiny_cfg, ledger, retrieval=RetrievalConfig())
 
     fig = ledger.entries(gen=s2.gen, kind="gate_result")[-1].payload["retrieval"]
@@ -422,6 +422,12 @@ def test_the_gate_also_reports_its_probes_asked_with_retrieval_for_information(t
     assert rows[dog]["notes"] == ["conversation:1#0"] and rows[other]["notes"] == []
     assert rows[other]["reply"] == gate_replies[other]  # no notes: chat's prompt is the gate's
     assert "## With retrieval (for information" in (root.gen_dir(s2.gen) / "eval.md").read_text()
+    from click.testing import CliRunner
+
+    from evolution.cli import main
+
+    shown = CliRunner().invoke(main, ["ledger", "show", str(s2.gen)], catch_exceptions=False).output
+    assert "with retrieval (for information): probe recall" in shown and "1 of 2 probes found notes" in shown
 
     s3 = grow(root, tiny_cfg, ledger)  # without the lineage's settings (retrieval off): the gate's figure alone
     assert "retrieval" not in ledger.entries(gen=s3.gen, kind="gate_result")[-1].payload
