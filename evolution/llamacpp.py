@@ -13,11 +13,18 @@ conversation training rendered too (``evolution.messages.fold_system``).
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import Generator, Iterator
 from pathlib import Path
 
 from evolution.messages import fold_system, takes_system
+
+
+LOADING = threading.Lock()
+"""Held while llama-cpp-python builds a model: with ``verbose=False`` it points the process's stdout and stderr at
+/dev/null for the load and back after, and two loads at once (the gate's child and parent, side by side) can
+restore /dev/null for good — the worker's log went silent after its gate. One load at a time."""
 
 
 def open_llama(path: str | Path, *, n_ctx: int, n_threads: int | None = None, logits_all: bool = False,
@@ -35,8 +42,9 @@ def open_llama(path: str | Path, *, n_ctx: int, n_threads: int | None = None, lo
 
     threads = n_threads or os.cpu_count() or 1
     extra = ({} if seed is None else {"seed": seed}) | ({} if lora is None else {"lora_path": str(lora)})
-    llm = Llama(model_path=str(path), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads,
-                logits_all=logits_all, verbose=False, **extra)
+    with LOADING:
+        llm = Llama(model_path=str(path), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads,
+                    logits_all=logits_all, verbose=False, **extra)
     formatter = template_formatter(llm)
     if formatter is not None and not _takes_system(formatter):  # else llama-cpp-python's own choice of handler
         handler = formatter.to_chat_handler()
@@ -49,9 +57,10 @@ def open_embedder(path: str | Path, *, n_threads: int = 1, n_ctx: int = 512):
     retrieval's ``gguf`` embeddings (``evolution.retrieval.chroma``)."""
     import llama_cpp
 
-    return llama_cpp.Llama(model_path=str(path), embedding=True, n_ctx=n_ctx,
-                           pooling_type=llama_cpp.LLAMA_POOLING_TYPE_MEAN, n_threads=n_threads,
-                           n_threads_batch=n_threads, verbose=False)
+    with LOADING:
+        return llama_cpp.Llama(model_path=str(path), embedding=True, n_ctx=n_ctx,
+                               pooling_type=llama_cpp.LLAMA_POOLING_TYPE_MEAN, n_threads=n_threads,
+                               n_threads_batch=n_threads, verbose=False)
 
 
 def template_formatter(llm):
