@@ -17,7 +17,6 @@ what the child was asked is remembered with its other answers (``evolution.metri
 
 from __future__ import annotations
 
-import logging
 import tempfile
 import time
 from pathlib import Path
@@ -29,8 +28,6 @@ from evolution.retrieval import lookup, with_notes
 from evolution.retrieval import items as items_mod
 from evolution.retrieval.fts import Fts5Index
 from evolution.retrieval.items import Item
-
-log = logging.getLogger(__name__)
 
 BACKEND = "fts5"
 """The scratch index is FTS5 whatever the lineage's backend (a Chroma store with model embeddings would take a
