@@ -35,6 +35,7 @@ from evolution.fsutil import atomic_write_json, atomic_write_text
 from evolution.generation import HELDOUT_FILE
 from evolution.ledger.events import FAIL, PASS
 from evolution.metrics import TABLE, Check, EvalSet, Inputs, Measured, Metric, Models
+from evolution.metrics.answers import AnswerBook
 from evolution.metrics.common import N_CTX, Anchor, Lesson
 from evolution.metrics import probe_sample
 from evolution.retrieval.figure import report_lines as retrieval_lines
@@ -43,8 +44,8 @@ from evolution.untrusted import markdown_cell
 log = logging.getLogger(__name__)
 
 __all__ = ["FAIL", "PASS", "EvalSet", "GateResult", "ModelEval", "anchors", "cached_eval", "decide", "eval_set",
-           "evalset_hash", "lessons", "lineage_evals", "measure", "report_lessons", "run", "save_recall_items",
-           "write_report"]
+           "evalset_hash", "lessons", "lineage_evals", "measure", "measure_all", "report_lessons", "run",
+           "save_recall_items", "write_report"]
 
 RECALL_FILE = "eval_recall.jsonl"  # in gen_NNNN/data/: the recall items this generation was gated on
 REPORT_LAYOUT = 2  # eval.json: 1 had fixed fields per metric (recall, perplexity, ...), 2 the metric table
@@ -218,19 +219,132 @@ def _read_jsonl(path: Path) -> list[dict]:
 
 def measure(gguf: Path, gen: int, es: EvalSet, cfg: GateConfig, smoke_prompt: str,
             table: Sequence[Metric] = TABLE, answers: Path | None = None, threads: int | None = None) -> ModelEval:
-    """Every metric of ``table`` on one GGUF (about a minute for the embedded model on 2 cores). With ``answers``
-    (a folder: ``checkpoints/.answers``) a question this GGUF answered at an earlier gate is not asked again
-    (``evolution.metrics.answers``). ``threads``: llama.cpp's (None: every core)."""
+    """Every metric of ``table`` on one GGUF (``measure_all`` with one side). ``threads``: the cores to use (None:
+    every core)."""
+    return measure_all([(gguf, gen)], es, cfg, smoke_prompt, table, answers, threads)[0]
+
+
+def measure_all(sides: Sequence[tuple[Path, int]], es: EvalSet, cfg: GateConfig, smoke_prompt: str,
+                table: Sequence[Metric] = TABLE, answers: Path | None = None, cores: int | None = None,
+                workers: int | None = None, books: Sequence[AnswerBook | None] | None = None) -> list[ModelEval]:
+    """Every metric of ``table`` on each ``(gguf, generation)`` of ``sides`` (the child and its parent), one
+    ``ModelEval`` each. With ``answers`` (a folder: ``checkpoints/.answers``) a question a GGUF answered at an earlier
+    gate is not asked again (``evolution.metrics.answers``).
+
+    The (GGUF, metric) pairs are shared out over two threads of one llama.cpp core each (where there are two or
+    more cores), the costliest first (``Metric.cost``), a unit never before those it reads answers from
+    (``Metric.after``) on the same GGUF. A small model's replies, one token at a time, do not keep several cores busy
+    with one llama.cpp context: on the 2-core machine, 40 probes to a quick child took 18.0 s at 2 threads and 9.2 s
+    at 1; child and parent one after the other at 2 threads each 65.8 s, side by side at 1 thread each 21.1 s (the
+    same replies), and a pool of their metrics finishes both sides together where side by side waited for the
+    slower one. Each thread holds one model at a time (at most two in memory, as a swap holds); one answer book per
+    GGUF is shared by both threads. ``cores``: how many to use (None: all); ``workers``: threads (None: two where
+    there are two cores or more; 1: one context on every core, each metric in turn, as the gate measured before);
+    ``books``: each side's answer book instead of ``answers``' (a bench measures one GGUF as both sides)."""
     t0 = time.perf_counter()
     inputs = Inputs(es, cfg, smoke_prompt)
-    with Models(gguf, answers=answers, n_threads=threads) as models:
-        measured = {u.name: u.measure(models, inputs) for u in table}
-    if models.book is not None and models.book.hits:
-        log.info("gate: generation %d answered %d question(s) from its earlier gates, asked %d", gen,
-                 models.book.hits, models.book.misses)
-    return ModelEval.of(gen, measured, table, seconds=time.perf_counter() - t0,
-                        evalset_hash=evalset_hash(es, cfg, smoke_prompt, table),
-                        fingerprints={u.name: u.fingerprint(inputs) for u in table})
+    cores = cores or os.cpu_count() or 1
+    workers = max(1, min(workers or 2, cores))
+    if books is None:
+        books = [AnswerBook(answers, gguf, N_CTX) if answers is not None else None for gguf, _ in sides]
+    jobs = sorted(((i, u) for u in table for i in range(len(sides))), key=lambda j: -j[1].cost(inputs))
+    pool = _Pool(jobs)
+    measured: dict[tuple[int, str], tuple[Measured, float]] = {}
+
+    def work(n_threads: int) -> None:
+        held: tuple[int, Models] | None = None
+        try:
+            while (job := pool.take()) is not None:
+                i, unit = job
+                if held is None or held[0] != i:  # one model at a time per thread
+                    if held is not None:
+                        held[1].close()
+                    held = (i, Models(sides[i][0], n_threads=n_threads, book=books[i]))
+                started = time.perf_counter()
+                try:
+                    measured[i, unit.name] = (unit.measure(held[1], inputs), time.perf_counter() - started)
+                except BaseException:
+                    pool.abort()  # the other thread takes nothing more: the error reaches the caller at once
+                    raise
+                finally:
+                    pool.done(job)
+        finally:
+            if held is not None:
+                held[1].close()
+
+    _run_threads([cores - (workers - 1) * (cores // workers)] + [cores // workers] * (workers - 1), work)
+    out = []
+    for i, (gguf, gen) in enumerate(sides):
+        book = books[i]
+        if book is not None and book.hits:
+            log.info("gate: generation %d answered %d question(s) from its earlier gates, asked %d", gen, book.hits,
+                     book.misses)
+        out.append(ModelEval.of(gen, {u.name: measured[i, u.name][0] for u in table}, table,
+                                seconds=round(sum(measured[i, u.name][1] for u in table), 1),
+                                evalset_hash=evalset_hash(es, cfg, smoke_prompt, table),
+                                fingerprints={u.name: u.fingerprint(inputs) for u in table}))
+    log.info("gate: %d metric(s) on %d model(s) in %.1f s on %d thread(s)", len(table), len(sides),
+             time.perf_counter() - t0, workers)
+    return out
+
+
+class _Pool:
+    """The (side, unit) jobs in the order given; ``take`` hands out the first whose ``after`` units are done on its
+    side (None: nothing is left), waiting while only such blocked jobs remain."""
+
+    def __init__(self, jobs: list[tuple[int, Metric]]):
+        self._left, self._running = list(jobs), set()
+        self._cond = threading.Condition()
+
+    def _ready(self, job: tuple[int, Metric]) -> bool:
+        i, unit = job
+        pending = {u.name for j, u in [*self._left, *self._running] if j == i} - {unit.name}
+        return not set(unit.after) & pending
+
+    def take(self) -> tuple[int, Metric] | None:
+        with self._cond:
+            while self._left:
+                job = next((j for j in self._left if self._ready(j)), None)
+                if job is not None:
+                    self._left.remove(job)
+                    self._running.add(job)
+                    return job
+                self._cond.wait()
+            return None
+
+    def done(self, job: tuple[int, Metric]) -> None:
+        with self._cond:
+            self._running.discard(job)
+            self._cond.notify_all()
+
+    def abort(self) -> None:
+        with self._cond:
+            self._left.clear()
+            self._cond.notify_all()
+
+
+def _run_threads(threads: Sequence[int], work) -> None:
+    """``work(n_threads)`` on one thread per entry of ``threads`` (the llama.cpp threads each gets), at once; the
+    first error is raised again here. Daemon threads (llama.cpp runs without the GIL): a SIGTERM's KeyboardInterrupt
+    in the calling thread stops the worker at once, instead of waiting for every job to finish."""
+    if len(threads) == 1:
+        work(threads[0])
+        return
+    errors: list[BaseException] = []
+
+    def run(n: int) -> None:
+        try:
+            work(n)
+        except BaseException as exc:  # noqa: BLE001 — raised again in the calling thread
+            errors.append(exc)
+
+    started = [threading.Thread(target=run, args=(n,), name=f"gate-{k}", daemon=True) for k, n in enumerate(threads)]
+    for t in started:
+        t.start()
+    for t in started:
+        t.join()
+    if errors:
+        raise errors[0]
 
 
 def lineage_evals(gate_results: dict[int, dict | None], gen0_dir: Path | None = None) -> list[ModelEval]:
@@ -338,10 +452,8 @@ def run(child_gguf: Path, child_gen: int, parent_gguf: Path | None, parent_gen: 
         if parent is not None:
             log.info("gate: reusing generation %s's own measurements (same eval set)", parent_gen)
     if parent_gguf is not None and parent is None:
-        child, parent = _side_by_side(lambda threads: measure(child_gguf, child_gen, es, cfg, smoke_prompt, table,
-                                                              answers, threads),
-                                      lambda threads: measure(parent_gguf, parent_gen, es, cfg, smoke_prompt, table,
-                                                              answers, threads))
+        child, parent = measure_all([(child_gguf, child_gen), (parent_gguf, parent_gen)], es, cfg, smoke_prompt,
+                                    table, answers)
     else:
         child = measure(child_gguf, child_gen, es, cfg, smoke_prompt, table, answers)
     history = [e for e in lineage if parent is None or e.gen != parent.gen] + ([parent] if parent else [])
@@ -360,38 +472,6 @@ def run(child_gguf: Path, child_gen: int, parent_gguf: Path | None, parent_gen: 
     return GateResult(verdict=verdict, reasons=reasons, child=child, parent=parent, thresholds=asdict(cfg),
                       checks=check(child, parent, cfg, table, anchored, no_anchor), versus_parent=versus,
                       anchors={m: {k: asdict(a) for k, a in v.items()} for m, v in anchored.items()})
-
-
-def _side_by_side(child, parent) -> tuple[ModelEval, ModelEval]:
-    """``child(threads)`` and ``parent(threads)`` measured at once, each on half the cores (the child the larger
-    half), where there are two or more. A small model's replies, one token at a time, do not keep several cores
-    busy with one llama.cpp context: on the 2-core machine, 40 probes to a child and to its parent took 65.8 s one
-    after the other at 2 threads each and 21.1 s side by side at 1 thread each (3.1x, the same replies; 2 threads
-    answered slower than 1 there). Each side holds its own model: two models in memory, as a swap holds."""
-    cores = os.cpu_count() or 1
-    if cores < 2:
-        return child(None), parent(None)
-    done: dict[str, tuple[bool, object]] = {}
-
-    def side(name: str, measure, threads: int) -> None:
-        try:
-            done[name] = (True, measure(threads))
-        except BaseException as exc:  # noqa: BLE001 — raised again in the calling thread
-            done[name] = (False, exc)
-
-    # Daemon threads (llama.cpp runs without the GIL): a SIGTERM's KeyboardInterrupt in the calling thread stops the
-    # worker at once, as it did before, instead of waiting for both sides to finish.
-    sides = [threading.Thread(target=side, args=("child", child, cores - cores // 2), name="gate-child", daemon=True),
-             threading.Thread(target=side, args=("parent", parent, cores // 2), name="gate-parent", daemon=True)]
-    for t in sides:
-        t.start()
-    for t in sides:
-        t.join()
-    for name in ("child", "parent"):
-        ok, value = done[name]
-        if not ok:
-            raise value
-    return done["child"][1], done["parent"][1]
 
 
 def _gen0_remeasured(history: list[ModelEval], child: ModelEval, gguf: Path, es: EvalSet, cfg: GateConfig,

@@ -182,4 +182,4 @@ def test_gate_bench(tmp_path, tiny):
                     "--toml", str(tiny.toml), tmp_path=tmp_path)
     figures = _report(tmp_path, "gate")
     assert figures["sample"]["asked"] <= 12 and "probe_recall" in printed
-    assert figures["side_by_side_s"] > 0 and "side by side" in printed
+    assert figures["as_run_s"] > 0 and "as the gate runs" in printed

@@ -677,37 +677,78 @@ def test_experience_similarity_allows_a_drop_within_the_noise_of_its_items_not_b
     assert ExperienceSimilarity().rules(Measured(0.5), Measured(0.6), GateConfig())[0].passed is False
 
 
-def test_child_and_parent_are_measured_side_by_side_on_half_the_cores_each(monkeypatch):
-    """``gate._side_by_side``: both measurements run at once, the child on the larger half of the cores; one core
-    measures one after the other."""
+def test_the_gate_shares_the_metrics_of_child_and_parent_out_over_two_threads(monkeypatch):
+    """``gate.measure_all``: every (GGUF, metric) pair measured once, on two threads at once (the larger share of the
+    cores to the first), the costliest first, a unit never before those it reads answers from on the same GGUF,
+    each thread holding one model at a time; an error stops the pool and reaches the caller; one core: one thread."""
     import threading
     import time as time_mod
 
-    both = threading.Barrier(2, timeout=10)  # passes only if the two sides run at the same time
+    from evolution.metrics import EvalSet
 
-    def side(name):
-        def measure(threads):
-            both.wait()
-            return name, threads
-        return measure
+    log, live, most = [], [0], [0]
+    lock = threading.Lock()
 
+    class FakeModels:  # what a thread holds: counted, never opened
+        def __init__(self, gguf, n_threads=None, book=None):
+            self.gguf, self.n_threads = gguf, n_threads
+            with lock:
+                live[0] += 1
+                most[0] = max(most[0], live[0])
+
+        def close(self):
+            with lock:
+                live[0] -= 1
+
+    both = threading.Barrier(2, timeout=10)  # passes only if the two costliest jobs run at the same time
+
+    def unit(name, cost, after=(), fail=False):
+        class U(Metric):
+            def measure(self, models, inputs):
+                with lock:
+                    log.append(("start", str(models.gguf), self.name, models.n_threads, threading.current_thread().name))
+                if self.name == "big":
+                    both.wait()
+                time_mod.sleep(0.01)
+                if fail:
+                    raise ValueError("the parent's GGUF cannot be loaded")
+                with lock:
+                    log.append(("end", str(models.gguf), self.name))
+                return Measured(float(cost))
+
+            def cost(self, inputs):
+                return cost
+        U.name, U.after = name, after
+        return U()
+
+    monkeypatch.setattr(gate, "Models", FakeModels)
     monkeypatch.setattr(gate.os, "cpu_count", lambda: 5)
-    assert gate._side_by_side(side("child"), side("parent")) == (("child", 3), ("parent", 2))
+    es = EvalSet([], [], [], [], [])
+    table = [unit("small", 1), unit("reads_big", 2, after=("big",)), unit("big", 100), unit("mid", 10)]
+    child, parent = gate.measure_all([(Path("child.gguf"), 1), (Path("parent.gguf"), 0)], es, GateConfig(), "hi", table)
+    assert child.gen == 1 and parent.gen == 0 and child.metrics == parent.metrics == \
+        {"small": 1.0, "reads_big": 2.0, "big": 100.0, "mid": 10.0}
+    starts = [e for e in log if e[0] == "start"]
+    assert sorted((e[1], e[2]) for e in starts) == sorted((g, u.name) for g in ("child.gguf", "parent.gguf")
+                                                         for u in table)  # each pair exactly once
+    assert {e[2] for e in starts[:2]} == {"big"} and {e[3] for e in starts} == {3, 2}  # costliest first, 3 + 2 cores
+    assert len({e[4] for e in starts}) == 2 and most[0] <= 2 and live[0] == 0  # two threads, one model each, closed
+    for g in ("child.gguf", "parent.gguf"):  # "reads_big" only once "big" is done on that GGUF
+        assert log.index(("end", g, "big")) < next(i for i, e in enumerate(log) if e[:3] == ("start", g, "reads_big"))
 
-    def broken(threads):
-        raise ValueError("the parent's GGUF cannot be loaded")
+    log.clear()
+    table = [unit("big", 100), unit("broken", 50, fail=True)] + [unit(f"u{i}", 1) for i in range(20)]
+    both = threading.Barrier(1)
+    with pytest.raises(ValueError, match="cannot be loaded"):  # an error reaches the caller...
+        gate.measure_all([(Path("child.gguf"), 1)], es, GateConfig(), "hi", table)
+    assert len([e for e in log if e[0] == "start"]) <= 4  # ...and the pool hands out nothing more
 
-    with pytest.raises(ValueError, match="cannot be loaded"):  # a side's error reaches the caller
-        gate._side_by_side(lambda threads: "child", broken)
+    log.clear()
     monkeypatch.setattr(gate.os, "cpu_count", lambda: 1)
-    order = []
+    table = [unit("small", 1), unit("mid", 10)]
+    gate.measure_all([(Path("child.gguf"), 1), (Path("parent.gguf"), 0)], es, GateConfig(), "hi", table)
+    starts = [e for e in log if e[0] == "start"]
+    assert len({e[4] for e in starts}) == 1 and {e[3] for e in starts} == {1}
+    assert [(e[1], e[2]) for e in starts] == [("child.gguf", "mid"), ("parent.gguf", "mid"), ("child.gguf", "small"),
+                                              ("parent.gguf", "small")]
 
-    def alone(name):
-        def measure(threads):
-            order.append(name)
-            time_mod.sleep(0.01)
-            return name, threads
-        return measure
-
-    assert gate._side_by_side(alone("child"), alone("parent")) == (("child", None), ("parent", None))
-    assert order == ["child", "parent"]

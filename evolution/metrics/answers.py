@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import threading
 from pathlib import Path
 
 from evolution.fsutil import sha256_file
@@ -42,7 +43,8 @@ def _llama_cpp_version() -> str:
 
 
 class AnswerBook:
-    """The remembered replies of the GGUF at ``gguf`` (hashed on first use), kept in ``folder``."""
+    """The remembered replies of the GGUF at ``gguf`` (hashed on first use), kept in ``folder``. Several threads
+    may share one (the gate's pool measures one GGUF's metrics on two at once)."""
 
     def __init__(self, folder: Path, gguf: Path, n_ctx: int):
         self.folder, self.gguf, self.n_ctx = Path(folder), Path(gguf), n_ctx
@@ -50,6 +52,7 @@ class AnswerBook:
         self._replies: dict[str, dict] | None = None
         self._path: Path | None = None
         self._writable = True
+        self._lock = threading.Lock()
         self.hits = self.misses = 0
 
     def key(self, request: dict) -> str:
@@ -71,25 +74,27 @@ class AnswerBook:
         return self._replies
 
     def get(self, key: str) -> dict | None:
-        found = self._load().get(key)
-        if found is None:
-            self.misses += 1
-        else:
-            self.hits += 1
-        return found
+        with self._lock:
+            found = self._load().get(key)
+            if found is None:
+                self.misses += 1
+            else:
+                self.hits += 1
+            return found
 
     def put(self, key: str, response: dict) -> None:
-        self._load()[key] = response
-        if not self._writable:
-            return
-        try:
-            self.folder.mkdir(parents=True, exist_ok=True)
-            with open(self._path, "a", encoding="utf-8") as f:
-                f.write(json.dumps({"key": key, "response": response}, ensure_ascii=False) + "\n")
-        except OSError as e:
-            self._writable = False
-            log.warning("answers: cannot write %s (%s): this gate measures without remembering its answers",
-                        self._path, e)
+        with self._lock:
+            self._load()[key] = response
+            if not self._writable:
+                return
+            try:
+                self.folder.mkdir(parents=True, exist_ok=True)
+                with open(self._path, "a", encoding="utf-8") as f:
+                    f.write(json.dumps({"key": key, "response": response}, ensure_ascii=False) + "\n")
+            except OSError as e:
+                self._writable = False
+                log.warning("answers: cannot write %s (%s): this gate measures without remembering its answers",
+                            self._path, e)
 
 
 class Remembering:

@@ -134,10 +134,11 @@ class Models:
     before, at an earlier gate, is not asked again.
     """
 
-    def __init__(self, gguf: Path, n_ctx: int = N_CTX, answers: Path | None = None, n_threads: int | None = None):
+    def __init__(self, gguf: Path, n_ctx: int = N_CTX, answers: Path | None = None, n_threads: int | None = None,
+                 book: AnswerBook | None = None):
         self.gguf, self.n_ctx, self.n_threads = gguf, n_ctx, n_threads
         self._llm = self._scorer = None
-        self.book = AnswerBook(answers, gguf, n_ctx) if answers is not None else None
+        self.book = book if book is not None else AnswerBook(answers, gguf, n_ctx) if answers is not None else None
 
     @property
     def llm(self):
@@ -226,6 +227,9 @@ class Metric:
     better: str | None = None
     """'higher' or 'lower': which way is better, for the rules against fixed anchors (generation 0, the lineage's
     best); None: the metric has no anchor rules."""
+    after: tuple[str, ...] = ()
+    """Units whose answers this one asks again (from the model's answer book): the gate measures it on a GGUF only
+    once those are done on it, so that two threads never ask one model the same questions at once."""
     reads: tuple[str, ...] = ()
     """The ``EvalSet`` fields its value depends on: two generations measured on equal ones (and the same version
     and settings) have comparable values (``fingerprint``). Empty: the whole eval set."""
@@ -249,6 +253,11 @@ class Metric:
 
     def measure(self, models: Models, inputs: Inputs) -> Measured:
         raise NotImplementedError(f"metric {self.name!r} has no measure()")
+
+    def cost(self, inputs: Inputs) -> float:
+        """About how many replies ``measure`` asks for: the gate hands the costliest units out first
+        (``gate.measure_all``), so that its threads finish together. Default: one."""
+        return 1.0
 
     def rules(self, child: Measured, parent: Measured | None, cfg) -> list[Check]:
         """Each rule set in ``cfg``, applied to a measured child (``parent`` None: not gated against one)."""

@@ -76,6 +76,9 @@ class ExperienceSimilarity(Metric):
     def settings(self, inputs: Inputs) -> dict:
         return {"answer_max_tokens": inputs.cfg.answer_max_tokens, "min_items": inputs.cfg.min_experience_items}
 
+    def cost(self, inputs: Inputs) -> float:
+        return len(inputs.es.experiences)
+
     def measure(self, models: Models, inputs: Inputs) -> Measured:
         items, least = inputs.es.experiences, inputs.cfg.min_experience_items
         if len(items) < least:

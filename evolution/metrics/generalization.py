@@ -38,6 +38,9 @@ class Generalization(Metric):
     def settings(self, inputs: Inputs) -> dict:
         return {"answer_max_tokens": inputs.cfg.answer_max_tokens}
 
+    def cost(self, inputs: Inputs) -> float:
+        return len(inputs.es.generalization)
+
     def measure(self, models: Models, inputs: Inputs) -> Measured:
         if not inputs.es.generalization:
             return Measured(None, note="no held-out questions in eval/generalization.jsonl")

@@ -63,12 +63,16 @@ class PersonaLeak(Metric):
     config = PersonaLeakConfig
     label = "persona leaks"
     reads = ("probes", "about_user", "persona", "taught")
+    after = ("probe_recall",)
     lessons_title = "questions about the user (a persona fact in the reply is a leak; 'nobody answered' wants " \
                     "\"I don't know\")"
     lessons_columns = ("question", "accepted answers", "no leak")
 
     def settings(self, inputs: Inputs) -> dict:
         return {"answer_max_tokens": inputs.cfg.answer_max_tokens, "min_items": inputs.cfg.min_persona_items}
+
+    def cost(self, inputs: Inputs) -> float:
+        return len(inputs.es.about_user)  # its probes about the user come from probe_recall's answers (``after``)
 
     def measure(self, models: Models, inputs: Inputs) -> Measured:
         facts = inputs.es.persona

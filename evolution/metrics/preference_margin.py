@@ -75,6 +75,9 @@ class PreferenceMargin(Metric):
     def settings(self, inputs: Inputs) -> dict:
         return {"min_items": inputs.cfg.min_preference_items, "answer_max_tokens": inputs.cfg.answer_max_tokens}
 
+    def cost(self, inputs: Inputs) -> float:
+        return len(inputs.es.preference_heldout)
+
     def measure(self, models: Models, inputs: Inputs) -> Measured:
         replies, least = scored_replies(inputs.es.preference_heldout), inputs.cfg.min_preference_items
         kinds = {good for _, _, good in replies}

@@ -67,6 +67,9 @@ class ProbeRecall(Metric):
     def settings(self, inputs: Inputs) -> dict:
         return {"answer_max_tokens": inputs.cfg.answer_max_tokens, "min_items": inputs.cfg.min_probe_items}
 
+    def cost(self, inputs: Inputs) -> float:
+        return len(inputs.es.probes)
+
     def measure(self, models: Models, inputs: Inputs) -> Measured:
         items, least = inputs.es.probes, inputs.cfg.min_probe_items
         if len(items) < least:

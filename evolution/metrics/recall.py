@@ -51,6 +51,9 @@ class Recall(Metric):
     def settings(self, inputs: Inputs) -> dict:
         return {"answer_max_tokens": inputs.cfg.answer_max_tokens}
 
+    def cost(self, inputs: Inputs) -> float:
+        return len(inputs.es.recall)
+
     def measure(self, models: Models, inputs: Inputs) -> Measured:
         items = inputs.es.recall
         score, results = evals.recall(models.llm, items, inputs.cfg.answer_max_tokens)

@@ -34,6 +34,9 @@ class StyleDrift(Metric):
     def settings(self, inputs: Inputs) -> dict:
         return {"max_tokens": inputs.cfg.answer_max_tokens * 2}
 
+    def cost(self, inputs: Inputs) -> float:
+        return 2 * len(inputs.es.style_prompts)  # replies twice as long as an answer's
+
     def measure(self, models: Models, inputs: Inputs) -> Measured:
         es = inputs.es
         if not es.style_prompts:
