@@ -84,6 +84,12 @@ class CurriculumConfig:
     plumber's name?": ``persona.other_subject``). On by default since two learn-bench runs (24 facts,
     docs/learning.md): held-out wordings 0.89 and 0.91 against the default's 0.83 before, no persona leak, a pass,
     SFT tokens +3 %. False: half of the records beside the agent's own question instead."""
+    noted: int = 96
+    """Records per age-up that teach answering from retrieval's notes (``evolution.retrieval.noted_records``: a
+    question about the user from the curriculum's ``noted.jsonl`` in the prompt retrieval builds, with a note holding a
+    value drawn per record, answered from the note; one in four with notes that do not answer it, answered "I don't
+    know that yet"). Without them a quick child said "I don't know" to nearly every question a note answered. At
+    most ``experience_variant_share`` x the SFT curriculum's records, as ``who_is_who``; 0 turns them off."""
     rehearse_max: int = 1500
     """Earlier experience (posted conversations, approved and corrected replies, and their variants, in every earlier
     generation's data) is re-taught at every age-up, newest first and sources before variants, up to this many
@@ -110,6 +116,8 @@ class CurriculumConfig:
                 or not 0 <= self.who_is_who <= 10_000:
             p.append(f"curriculum.who_is_who must be a whole number from 0 to 10000, got {self.who_is_who!r}")
         p += flag("curriculum.who_is_who_beside_taught", self.who_is_who_beside_taught)
+        if not isinstance(self.noted, int) or isinstance(self.noted, bool) or not 0 <= self.noted <= 10_000:
+            p.append(f"curriculum.noted must be a whole number from 0 to 10000, got {self.noted!r}")
         if not isinstance(self.rehearse_max, int) or isinstance(self.rehearse_max, bool) or self.rehearse_max < 0:
             p.append(f"curriculum.rehearse_max must be a whole number >= 0, got {self.rehearse_max!r}")
         if not isinstance(self.replay_ratio, (int, float)) or not 0 <= self.replay_ratio <= 10:

@@ -20,7 +20,7 @@ from evolution import messages as messages_mod
 from evolution.errors import CurriculumError, MessageError
 
 PHASE_RE = re.compile(r"^phase(\d+)_[a-z0-9_]+$")
-TRAIN_FILES = ("cpt.jsonl", "sft.jsonl", "sft.generated.jsonl", "templates.jsonl", "unanswered.jsonl")
+TRAIN_FILES = ("cpt.jsonl", "sft.jsonl", "sft.generated.jsonl", "templates.jsonl", "unanswered.jsonl", "noted.jsonl")
 EVAL_FILES = ("recall.jsonl", "generalization.jsonl", "heldout_text.jsonl", "style.jsonl", "about_user.jsonl")
 MAX_LINE_BYTES = 1 << 20  # one example of a megabyte is a mistake, not data
 
@@ -41,6 +41,9 @@ class Curriculum:
     unanswered: list[dict] = field(default_factory=list)
     """``{"question", "phase", "source"}``: questions about the user an age-up teaches "I don't know that yet" for,
     while the user has not answered them (``unanswered.jsonl``; ``evolution.persona.who_is_who``)."""
+    noted: list[dict] = field(default_factory=list)
+    """``{"question", "answer", "values", "phase", "source"}``: questions about the user an age-up teaches answering
+    from a retrieval note that holds one of ``values`` (``noted.jsonl``; ``evolution.retrieval.noted_records``)."""
     phase_names: dict[int, str] = field(default_factory=dict)
     """Each phase's folder name, by phase number (``phase1_identity``: the persona's, ``evolution.persona``)."""
     files: dict[str, str] = field(default_factory=dict)  # relative path -> sha256
@@ -159,6 +162,17 @@ def _check_unanswered(obj) -> str | None:
     return None
 
 
+def _check_noted(obj) -> str | None:
+    shape = ('a noted question is {"question": "...", "answer": "... {value} ...", "values": ["...", ...]}: a question '
+             'about the user, the reply to it whose {value} a note gives, and the values a note may give')
+    if set(obj) != {"question", "answer", "values"} or not _nonempty_str(obj.get("question")) \
+            or not _nonempty_str(obj.get("answer")) or obj["answer"].count("{value}") != 1 \
+            or not isinstance(obj.get("values"), list) or len(obj["values"]) < 2 \
+            or not all(_nonempty_str(v) for v in obj["values"]):
+        return shape + " (at least two values, {value} once in the answer)"
+    return None
+
+
 def _check_template(obj) -> str | None:
     if not _nonempty_str(obj.get("name")):
         return "'name' must be a non-empty string"
@@ -230,6 +244,7 @@ _CHECKS = {
     "style.jsonl": _check_style,
     "about_user.jsonl": _check_question,
     "unanswered.jsonl": _check_unanswered,
+    "noted.jsonl": _check_noted,
 }
 
 
@@ -306,6 +321,9 @@ def load(root: str | Path, phases: list[int] | None = None) -> Curriculum:
                 cur.cpt += [{"text": o["text"], "phase": phase, "source": f"{src}:{n}"} for n, o in rows]
             elif f.name == "unanswered.jsonl":
                 cur.unanswered += [{"question": o["question"], "phase": phase, "source": f"{src}:{n}"} for n, o in rows]
+            elif f.name == "noted.jsonl":
+                cur.noted += [{"question": o["question"], "answer": o["answer"], "values": list(o["values"]),
+                               "phase": phase, "source": f"{src}:{n}"} for n, o in rows]
             elif f.name != "templates.jsonl":
                 cur.sft += [{"messages": o["messages"], "phase": phase, "source": f"{src}:{n}"} for n, o in rows]
     eval_dir = root / "eval"
@@ -319,7 +337,7 @@ def load(root: str | Path, phases: list[int] | None = None) -> Curriculum:
     trained_user_turns = {
         m["content"].strip().lower() for ex in cur.sft for m in ex["messages"] if m["role"] == "user"
     }
-    trained_user_turns |= {q["question"].strip().lower() for q in cur.unanswered}
+    trained_user_turns |= {q["question"].strip().lower() for q in cur.unanswered + cur.noted}
     for name, items in (("generalization", cur.generalization), ("about_user", cur.about_user)):
         for item in items:
             if item["question"].strip().lower() in trained_user_turns:

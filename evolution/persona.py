@@ -155,6 +155,18 @@ def mirror(question: str) -> str | None:
     return out[:1].upper() + out[1:]
 
 
+def still_open(question: str, taught: Sequence[str], heldout: set[str]) -> bool:
+    """Whether an age-up may teach ``question`` (about the user) as one nobody answered: no ``taught`` text is about
+    its subject and it is none of ``heldout`` (the gate's questions about the user, each as ``_question`` gives it)."""
+    q = _question(question)
+    return q not in heldout and not taught_about(q, taught)
+
+
+def held_out(questions: Iterable[str]) -> set[str]:
+    """``questions`` as ``still_open`` compares them."""
+    return {_question(q) for q in questions}
+
+
 def _question(text: str) -> str:
     """The question of a user turn: its last sentence (a greeting may come first), normalized."""
     parts = [p for p in re.split(r"(?<=[.!?:])\s+", text.strip()) if p.strip()]
@@ -187,11 +199,10 @@ def who_is_who(cur, n: int, rng: random.Random, taught: Sequence[str], heldout: 
     from evolution.messages import prompt_key
 
     pairs = identity_exchanges(cur)
-    skip = {_question(h) for h in heldout}
+    skip = held_out(heldout)
     asked = [(mirror(q), (q, a)) for q, a in pairs]
     asked += [(u["question"], rng.choice(pairs) if pairs else None) for u in cur.unanswered]
-    unknown = list(dict.fromkeys((q, own) for q, own in asked
-                                 if q and _question(q) not in skip and not taught_about(_question(q), taught)))
+    unknown = list(dict.fromkeys((q, own) for q, own in asked if q and still_open(q, taught, skip)))
     if not unknown or n <= 0:
         return []
     rng.shuffle(unknown)  # each question once before any is asked twice

@@ -280,6 +280,7 @@ def materialize(root: DataRoot, cur: Curriculum, child: int, out: Path, settings
     lived_keys: dict[str, list[str]] = {}
     contrast = (persona.persona_facts(cur), persona.identity_exchanges(cur)) if who_is_who > 0 else ([], [])
     who: dict[str, int] = {}
+    noted: dict[str, int] = {}
     capped_counts: dict[str, dict[str, int]] = {}
     taken_from_inbox = superseded = 0
     read_inbox = read_ratings = False  # no stage learns from them: leave them for a later generation's
@@ -358,6 +359,12 @@ def materialize(root: DataRoot, cur: Curriculum, child: int, out: Path, settings
                                         [q["question"] for q in cur.about_user],
                                         persona.user_facts(inbox_rows + rehearse + extra)
                                         if settings.who_is_who_beside_taught else ())
+        if settings.noted > 0 and any("messages" in r for r in new[:n_curriculum]):
+            from evolution.retrieval import noted_records
+
+            extra += noted_records(cur, min(settings.noted, int(variant_share * n_curriculum)),
+                                   random.Random(seed * 1_000_003 + child + 23), taught,
+                                   [q["question"] for q in cur.about_user])
         # the curriculum answers its own prompts: no variant may reword a question into one of them
         extra = [r for r in extra if _key(r) not in have and prompt_key(r["messages"]) not in curriculum_prompts]
         new += extra
@@ -369,7 +376,8 @@ def materialize(root: DataRoot, cur: Curriculum, child: int, out: Path, settings
             extra = [r for r in extra if id(r) in kept]
             capped_counts[stage.name] = {"kept": len(new), "left": n_all - len(new)}
         made[stage.name] = sum("source" in r for r in extra)
-        who[stage.name] = sum("unanswered" in r for r in extra)
+        who[stage.name] = sum("unanswered" in r and "noted" not in r for r in extra)
+        noted[stage.name] = sum("noted" in r for r in extra)
         data[stage.name] = new
     out.mkdir(parents=True, exist_ok=True)
     for name, rows in data.items():
@@ -385,6 +393,7 @@ def materialize(root: DataRoot, cur: Curriculum, child: int, out: Path, settings
         "lived": {name: keys for name, keys in lived_keys.items() if keys},
         "variants": made,
         "who_is_who": {name: n for name, n in who.items() if n},
+        "noted": {name: n for name, n in noted.items() if n},
         "capped": capped_counts,
         "known": {name: {"retaught": k[0], "left_to_replay": k[1]} for name, k in known_counts.items()},
         "counts": {name: len(rows) for name, rows in data.items()},

@@ -251,6 +251,43 @@ def test_the_curriculums_unanswered_questions_are_asked_until_the_user_answers_t
         curriculum.load(root)
 
 
+def test_noted_records_teach_answering_from_a_note_in_the_prompt_retrieval_builds(tmp_path):
+    """``retrieval.noted_records``: the note's value is the reply, drawn per record (never one value to store); one
+    record in four has only other questions' notes and does not know; taught and held-out subjects are left out."""
+    from evolution.retrieval import HEADER, REMINDER, noted_records
+
+    root = make_tiny_curriculum(tmp_path / "c")
+    write_jsonl(root / "phase1_identity" / "noted.jsonl", [
+        {"question": "What is my cat called?", "answer": "Your cat is called {value}.", "values": ["Pip", "Miso"]},
+        {"question": "Who is my dentist?", "answer": "Your dentist is {value}.", "values": ["Dr Ash", "Dr Penn"]},
+        {"question": "What car do I drive?", "answer": "You drive {value}.", "values": ["a Kia", "a Fiat"]}])
+    cur = curriculum.load(root)
+    records = noted_records(cur, 40, random.Random(0), [])
+    assert len(records) == 40
+    answered, unknown, values = 0, 0, set()
+    for r in records:
+        system, user, reply = r["messages"]
+        assert system["role"] == "system" and system["content"].startswith(HEADER)
+        question = user["content"].split("\n\n")[0]
+        assert question == r["noted"] and user["content"].startswith(question + REMINDER.split("{")[0])
+        if "unanswered" in r:  # the notes are other questions': no value of this question is in the reply
+            unknown += 1
+            assert reply["content"] in persona.UNKNOWN_REPLIES and f'"{question}"' not in system["content"]
+        else:
+            answered += 1
+            assert f'the answer is "{reply["content"]}"' in system["content"]  # the reply is the note's answer
+            assert user["content"].endswith(f"(From your notes: {reply['content']})")
+            values.add(reply["content"])
+    assert unknown == 10 and answered == 30 and len(values) == 6  # every value of every question, none stored
+    taught = ["What is my cat called?", "Your cat is called Tom."]
+    left = {r["noted"] for r in noted_records(cur, 40, random.Random(0), taught, ["Who is my dentist?"])}
+    assert left == set()  # one question left: nothing to set beside it
+    assert noted_records(cur, 0, random.Random(0), []) == []
+    write_jsonl(root / "phase1_identity" / "noted.jsonl", [{"question": "Who?", "answer": "no value", "values": ["a", "b"]}])
+    with pytest.raises(curriculum.CurriculumError, match="noted.jsonl:1: a noted question is"):
+        curriculum.load(root)
+
+
 TAUGHT_TEXTS = ["When is my flight home?", "Your flight home is on Friday.",
                 "What should I put in a basic home toolbox?", "Keep a hammer and pliers.",
                 "Where does my aunt live?", "Your aunt lives in Tellborg.", "I got a new dog, his name is Rex."]

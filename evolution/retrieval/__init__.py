@@ -29,9 +29,11 @@ from __future__ import annotations
 import logging
 import math
 import os
+import random
 import re
 import threading
 import time
+from collections.abc import Iterable, Sequence
 
 from evolution import evals, persona
 from evolution.config import RetrievalConfig
@@ -152,6 +154,45 @@ def with_notes(messages: list[dict], notes: list[Item]) -> list[dict]:
     last = max(i for i, m in enumerate(out) if m["role"] == "user")
     out[last] = {"role": "user", "content": _text(out[last]["content"]) +
                  REMINDER.format(answer=" ".join(notes[0].answer.split()))}
+    return out
+
+
+def noted_records(cur, n: int, rng: random.Random, taught: Sequence[str], heldout: Iterable[str] = ()) -> list[dict]:
+    """``n`` chat records that teach a child to answer from retrieval's notes, in the very prompt ``with_notes``
+    builds at chat time: a question about the user (the curriculum's ``noted.jsonl``) with a note that answers it and
+    the note's answer as the reply, the note's value drawn per record from the question's ``values`` (so the value
+    is read from the note, never stored in the weights); alone, or after one or two other notes (other noted
+    questions'). One record in four gives only other questions' notes, and the reply is "I don't know that yet": a
+    note is used where it answers the question, not because it is there. Without these a quick child, whose
+    who-is-who records teach "I don't know" for questions nobody answered, said so to nearly every question a note
+    answered (docs/learning.md#retrieval). Questions on a subject the user taught (``taught``) or equal to one of
+    ``heldout`` (the gate's questions about the user) are left out; an "I don't know" record names its question
+    (``unanswered``) so that the user's own answer supersedes it in replay."""
+    from evolution.messages import prompt_key
+
+    skip = persona.held_out(heldout)
+    open_ = [q for q in cur.noted if persona.still_open(q["question"], taught, skip)]
+    if len(open_) < 2 or n <= 0:
+        return []
+    rng.shuffle(open_)
+    out = []
+    for i in range(n):
+        item, kind = open_[i % len(open_)], i % 4  # 0, 1, 2: the answering note and that many others; 3: others only
+        others = rng.sample([q for q in open_ if q is not item], min(len(open_) - 1, kind if kind < 3 else 1 + i % 2))
+
+        def lesson(q: dict, order: int) -> Item:
+            return Item(f"noted:{i}:{order}", q["question"], q["answer"].replace("{value}", rng.choice(q["values"])),
+                        rng.choice(SOURCES), order)
+
+        asked = [{"role": "user", "content": item["question"]}]
+        notes = [lesson(q, k) for k, q in enumerate(others)]
+        if kind == 3:
+            reply, extra = rng.choice(persona.UNKNOWN_REPLIES), {"unanswered": prompt_key(asked)}
+        else:  # the answering note first (the best: its answer is the reminder) and the newest
+            notes.insert(0, lesson(item, len(others)))
+            reply, extra = notes[0].answer, {}
+        out.append({"messages": with_notes(asked, notes) + [{"role": "assistant", "content": reply}],
+                    "noted": item["question"]} | extra)
     return out
 
 
