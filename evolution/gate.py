@@ -491,11 +491,12 @@ def _gen0_remeasured(history: list[ModelEval], child: ModelEval, gguf: Path, es:
 
 def lessons(child: ModelEval, parent: ModelEval | None,
             table: Sequence[Metric] = TABLE) -> list[tuple[Metric, list[Lesson]]]:
-    """Each metric's lessons (its items, child beside parent), for the metrics that measured any, in table order."""
+    """Each metric's lessons (its items, child beside parent), for the metrics that measured any, in table order (a
+    metric with too few items to count may still have asked them: ``experience_similarity``)."""
     out = []
     for u in table:
         c = child.measured(u.name)
-        if c is None or c.value is None:
+        if c is None:
             continue
         found = u.lessons(c, parent.measured(u.name) if parent is not None else None)
         if found:

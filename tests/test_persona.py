@@ -327,3 +327,25 @@ def test_a_taught_name_is_set_beside_the_same_question_about_someone_nobody_name
         assert len(unknown) == 1
         asked = r["messages"][r["messages"].index(unknown[0]) - 1]["content"]
         assert asked.startswith("What is my ") and asked.endswith("'s name?") and "brother" not in asked
+
+
+def test_too_few_taught_replies_to_count_are_still_asked_so_retrieval_can_hand_them_over():
+    """``experience_similarity`` with fewer items than ``min_experience_items`` has no value (its rules are skipped) but
+    keeps each reply: a new user's three corrections the child answers right leave retrieval at promotion
+    (``retrieval.items.learned``), and the report lists them."""
+    from evolution.metrics.experience_similarity import ExperienceSimilarity
+    from evolution.retrieval.items import answered_right
+
+    es = _es(experiences=[{"prompt": [{"role": "user", "content": "What is my dog called?"}],
+                           "reference": "Your dog is called Bramble."},
+                          {"prompt": [{"role": "user", "content": "Where was I born?"}],
+                           "reference": "You were born in Quillhaven."}])
+    m = ExperienceSimilarity().measure(_Opened({"What is my dog called?": "Your dog is called Bramble.",
+                                                "Where was I born?": "I don't know that yet."}),
+                                       Inputs(es, GateConfig(), "hi"))
+    assert m.value is None and "at least 5 needed" in m.note
+    assert [r["reply"] for r in m.details["items"]] == ["Your dog is called Bramble.", "I don't know that yet."]
+    assert len(answered_right(m.details["items"])) == 1  # the dog leaves retrieval, the birthplace stays
+    child = gate.ModelEval(1, {"experience_similarity": None}, {"experience_similarity": m.details})
+    [(unit, lessons)] = gate.lessons(child, None, [ExperienceSimilarity()])
+    assert [lesson.asked for lesson in lessons] == ["What is my dog called?", "Where was I born?"]

@@ -81,14 +81,15 @@ class ExperienceSimilarity(Metric):
 
     def measure(self, models: Models, inputs: Inputs) -> Measured:
         items, least = inputs.es.experiences, inputs.cfg.min_experience_items
-        if len(items) < least:
-            return Measured(None, note=f"{len(items)} approved or corrected replies trained on, at least {least} "
-                                       "needed (gate.min_experience_items)")
         rows = []
-        for item in items:
+        for item in items:  # asked even when too few to count: retrieval hands what was answered right to the weights
             reply = evals.reply(models.llm, item["prompt"], inputs.cfg.answer_max_tokens)
             rows.append({"prompt": item["prompt"][-1]["content"], "reference": item["reference"], "reply": reply,
                          "score": rouge_l(reply, item["reference"])})
+        if len(items) < least:
+            return Measured(None, {"items": rows} if rows else {},
+                            note=f"{len(items)} approved or corrected replies trained on, at least {least} needed "
+                                 "(gate.min_experience_items)")
         return Measured(sum(r["score"] for r in rows) / len(rows), {"items": rows})
 
     def rules(self, child: Measured, parent: Measured | None, cfg: ExperienceSimilarityConfig) -> list[Check]:
