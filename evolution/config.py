@@ -84,12 +84,14 @@ class CurriculumConfig:
     plumber's name?": ``persona.other_subject``). On by default since two learn-bench runs (24 facts,
     docs/learning.md): held-out wordings 0.89 and 0.91 against the default's 0.83 before, no persona leak, a pass,
     SFT tokens +3 %. False: half of the records beside the agent's own question instead."""
-    noted: int = 96
+    noted: int = 0
     """Records per age-up that teach answering from retrieval's notes (``evolution.retrieval.noted_records``: a
     question about the user from the curriculum's ``noted.jsonl`` in the prompt retrieval builds, with a note holding a
     value drawn per record, answered from the note; one in four with notes that do not answer it, answered "I don't
-    know that yet"). Without them a quick child said "I don't know" to nearly every question a note answered. At
-    most ``experience_variant_share`` x the SFT curriculum's records, as ``who_is_who``; 0 turns them off."""
+    know that yet"). At most ``experience_variant_share`` x the SFT curriculum's records, as ``who_is_who``; 0 turns
+    them off. Off by default: a default child follows the notes without them (0.89 of held-out wordings, docs/
+    learning.md) and its learn bench with them is not measured yet; the quick preset sets 96 (a quick child without
+    them said "I don't know" to nearly every question a note answered: 0.27 -> 0.74 with them)."""
     rehearse_max: int = 1500
     """Earlier experience (posted conversations, approved and corrected replies, and their variants, in every earlier
     generation's data) is re-taught at every age-up, newest first and sources before variants, up to this many
@@ -607,7 +609,10 @@ QUICK: dict = {
     # was rejected on style drift (2.06 > 2.0): in 100 steps its many "I don't know" replies outweigh the style.
     # Beside taught questions off (the default is on): one quick learn-bench run with it on kept curriculum recall at
     # 0.77 against 0.92 with it off (docs/bench/2026-12-07-learn-quick-trial-beside.md); 100 steps have no room for it.
-    "curriculum": {"who_is_who": 192, "who_is_who_beside_taught": False},
+    # Notes in training: a quick child without them declined what its notes answered (retrieval bench, held-out
+    # wordings 0.27 -> 0.74 with 96); with 24 facts they cost the weights (learn bench: held-out 0.53 -> 0.37, leaks
+    # 0.057 -> 0.15, both rejected; docs/learning.md): in 100 steps they take rows from the facts' variants.
+    "curriculum": {"who_is_who": 192, "who_is_who_beside_taught": False, "noted": 96},
     # Preference steps are capped too: each runs the parent beside the child (a reference forward).
     "train": {"cpt": {"max_steps": 6}, "sft": {"max_steps": 100, "epochs": 1.0}, "preference": {"max_steps": 20},
               "save_steps": 20},
