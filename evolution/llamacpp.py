@@ -12,6 +12,8 @@ conversation training rendered too (``evolution.messages.fold_system``).
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import threading
 import time
@@ -20,11 +22,32 @@ from pathlib import Path
 
 from evolution.messages import fold_system, takes_system
 
+log = logging.getLogger(__name__)
+
 
 LOADING = threading.Lock()
 """Held while llama-cpp-python builds a model: with ``verbose=False`` it points the process's stdout and stderr at
 /dev/null for the load and back after, and two loads at once (the gate's child and parent, side by side) can
 restore /dev/null for good — the worker's log went silent after its gate. One load at a time."""
+
+
+@contextlib.contextmanager
+def _loading() -> Iterator[None]:
+    """``LOADING``, with llama-cpp-python's two /dev/null files open.
+
+    For a quiet load it sets ``sys.stdout``/``sys.stderr`` to two files it opens once, at import. Whatever another
+    thread creates on ``sys.stderr`` meanwhile keeps that file: a logging handler made by an import (absl's, through
+    rouge-score) did, and closed it when uvicorn's logging set-up closed every handler, after which every load in the
+    process failed with "I/O operation on closed file". Where one is closed it is opened again, and said.
+    """
+    from llama_cpp import _utils
+
+    with LOADING:
+        for name in ("outnull_file", "errnull_file"):
+            if getattr(_utils, name).closed:
+                log.warning("llama-cpp-python's %s was closed by another part of this process; opened again", name)
+                setattr(_utils, name, open(os.devnull, "w"))  # noqa: SIM115 — held for the process, as llama_cpp does
+        yield
 
 
 def open_llama(path: str | Path, *, n_ctx: int, n_threads: int | None = None, logits_all: bool = False,
@@ -42,7 +65,7 @@ def open_llama(path: str | Path, *, n_ctx: int, n_threads: int | None = None, lo
 
     threads = n_threads or os.cpu_count() or 1
     extra = ({} if seed is None else {"seed": seed}) | ({} if lora is None else {"lora_path": str(lora)})
-    with LOADING:
+    with _loading():
         llm = Llama(model_path=str(path), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads,
                     logits_all=logits_all, verbose=False, **extra)
     formatter = template_formatter(llm)
@@ -57,7 +80,7 @@ def open_embedder(path: str | Path, *, n_threads: int = 1, n_ctx: int = 512):
     retrieval's ``gguf`` embeddings (``evolution.retrieval.chroma``)."""
     import llama_cpp
 
-    with LOADING:
+    with _loading():
         return llama_cpp.Llama(model_path=str(path), embedding=True, n_ctx=n_ctx,
                                pooling_type=llama_cpp.LLAMA_POOLING_TYPE_MEAN, n_threads=n_threads,
                                n_threads_batch=n_threads, verbose=False)

@@ -18,20 +18,20 @@ from __future__ import annotations
 import statistics
 from dataclasses import dataclass
 
+# Imported here, not on first use: the gate measures on two threads, and rouge-score's import creates absl's
+# logging handler on whatever ``sys.stderr`` is then. Imported in one thread while the other loads a model,
+# that was llama-cpp-python's /dev/null file (``evolution.llamacpp.LOADING``), which the handler later closed.
+from rouge_score import rouge_scorer
+
 from evolution import evals
 from evolution.checks import positive_int, share_or_unset
 from evolution.metrics.common import Check, Inputs, Lesson, Measured, Metric, Models, change, pair_items
 
-_SCORER = None
+_SCORER = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
 
 
 def rouge_l(reply: str, reference: str) -> float:
     """ROUGE-L F1 of ``reply`` against ``reference`` (rouge-score's tokenizer: lower case, words only)."""
-    global _SCORER
-    if _SCORER is None:
-        from rouge_score import rouge_scorer
-
-        _SCORER = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
     return _SCORER.score(reference, reply)["rougeL"].fmeasure
 
 
