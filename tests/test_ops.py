@@ -254,3 +254,20 @@ def test_a_tick_skipped_while_the_last_still_runs_is_no_warning_other_scheduler_
         assert "maximum number of running instances" not in caplog.text and "was missed by" in caplog.text
     finally:
         sched.removeFilter(logsetup._overlapping_tick)
+
+
+def test_info_lines_are_written_after_every_module_an_entry_point_imports():
+    """An import that logs through absl (rouge-score's scorer did, made at import) sets up the root logger at WARNING
+    before ``logsetup.configure`` runs, whose ``basicConfig`` then does nothing: the daemon's "stopped cleanly" and a
+    training rank's lines went unwritten (CI)."""
+    script = ("import logging\n"
+              "import evolution.cli, evolution.daemon, evolution.gate, evolution.metrics, evolution.tasks, evolution.worker\n"
+              "from evolution import logsetup\n"
+              "assert not logging.getLogger().handlers, logging.getLogger().handlers\n"
+              "logsetup.configure()\n"
+              "logging.getLogger('evolution.test').info('an info line')\n")
+    import subprocess
+
+    out = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "INFO evolution.test: an info line" in out.stderr

@@ -21,13 +21,16 @@ from dataclasses import dataclass
 # Imported here, not on first use: the gate measures on two threads, and rouge-score's import creates absl's
 # logging handler on whatever ``sys.stderr`` is then. Imported in one thread while the other loads a model,
 # that was llama-cpp-python's /dev/null file (``evolution.llamacpp.LOADING``), which the handler later closed.
-from rouge_score import rouge_scorer
+from rouge_score import rouge_scorer, tokenizers
 
 from evolution import evals
 from evolution.checks import positive_int, share_or_unset
 from evolution.metrics.common import Check, Inputs, Lesson, Measured, Metric, Models, change, pair_items
 
-_SCORER = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+# Its tokenizer given, as the default one it would make: made without one, it logs that through absl, whose first
+# log line sets up the root logger at WARNING (``logging.basicConfig``) before an entry point's own set-up, at
+# import, and every INFO line of the process (the daemon's, a training rank's) went unwritten.
+_SCORER = rouge_scorer.RougeScorer(["rougeL"], tokenizer=tokenizers.DefaultTokenizer(use_stemmer=False))
 
 
 def rouge_l(reply: str, reference: str) -> float:
