@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -266,8 +267,6 @@ def test_info_lines_are_written_after_every_module_an_entry_point_imports():
               "assert not logging.getLogger().handlers, logging.getLogger().handlers\n"
               "logsetup.configure()\n"
               "logging.getLogger('evolution.test').info('an info line')\n")
-    import subprocess
-
     out = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "INFO evolution.test: an info line" in out.stderr
