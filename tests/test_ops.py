@@ -99,7 +99,6 @@ def _skip_or_fail(why: str) -> None:
 
 def test_the_systemd_unit_passes_systemd_analyze_verify(tmp_path):
     import shutil
-    import subprocess
 
     if shutil.which("systemd-analyze") is None:
         _skip_or_fail("systemd-analyze is not installed (apt-get install systemd; .ci/system-tools.sh does)")
