@@ -191,3 +191,16 @@ def test_untrusted_text_helpers():
     assert terminal("\x1b]0;title\x07\u2028end") == "\\x1b]0;title\\x07\\u2028end"
     assert markdown_cell("a|b `c` <i>&") == "a\\|b \\`c\\` &lt;i&gt;&amp;"
     assert markdown_cell("~~s~~ _e_ \\") == "\\~\\~s\\~\\~ \\_e\\_ \\\\"
+
+
+def test_lessons_of_a_metric_with_too_few_items_to_count_are_shown(result, ledger):
+    """experience_similarity with fewer than ``min_experience_items`` asks its items but has no value: eval.json and
+    the ledger both hold None, which is agreement, not a mismatch (the new-user walk's ``ledger show 1`` hid them)."""
+    result.child.metrics["experience_similarity"] = None
+    gen_dir = DataRoot.from_env().gen_dir(1)
+    gen_dir.mkdir(parents=True)
+    gate.write_report(result, gen_dir, TABLE)
+    _record(ledger, result, gen_dir)
+    data = json.loads(CliRunner().invoke(main, ["ledger", "show", "1", "--json"], catch_exceptions=False).output)
+    assert data["lessons_problem"] is None
+    assert data["lessons"]["experience_similarity"][0]["child_reply"] == DOG
